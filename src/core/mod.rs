@@ -1,0 +1,18 @@
+//! Protocol and domain logic with no I/O and no clock.
+//!
+//! Everything here takes the current time as a value and returns decisions,
+//! so it can be tested exhaustively without sockets or sleeps. Nothing in this
+//! module may read the system clock, touch the network or the disk, or spawn
+//! tasks.
+
+pub mod channel_uri;
+pub mod ids;
+pub mod lifecycle;
+pub mod record;
+pub mod time;
+
+pub use channel_uri::{ChannelUri, ChannelUriError, UriPolicy};
+pub use ids::{DeviceId, IdError, Pfn, ProviderId};
+pub use lifecycle::{DeadReason, LifecycleState, Thresholds};
+pub use record::{DeadMark, DeviceRecord};
+pub use time::UnixTime;

@@ -1,0 +1,11 @@
+//! wnsgate: a push gateway for Windows device management.
+//!
+//! Layers, from the inside out (see `README.md`, "Layout"):
+//! - [`core`]: protocol and lifecycle logic with no I/O and no clock;
+//! - [`registry`]: every device's channel record in memory, shared by all shards;
+//! - [`store`]: durability on disk, group-committed on a dedicated thread;
+//! - [`shard`]: one thread and runtime per core, each accepting its own connections;
+//! - [`api`]: the HTTP API served by every shard;
+//! - [`config`], [`telemetry`]: configuration, metrics and logs.
+
+pub mod core;
