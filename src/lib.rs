@@ -9,3 +9,5 @@
 //! - [`config`], [`telemetry`]: configuration, metrics and logs.
 
 pub mod core;
+pub mod registry;
+pub mod store;

@@ -1,0 +1,55 @@
+//! Durability: every device mutation is on disk before it is acknowledged.
+//!
+//! Owns: the [`Store`] interface (apply a batch durably; scan at start; page
+//! in id order), its embedded fjall implementation, the on-disk record
+//! encoding, and the group-commit thread that batches mutations from every
+//! shard into one sync.
+//! Must not touch: the registry (the committer calls back after a batch is
+//! durable), the network.
+
+use crate::core::{DeviceId, DeviceRecord};
+
+/// One change to the durable state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mutation {
+    Put(DeviceRecord),
+    Delete(DeviceId),
+}
+
+/// A store failure. Callers answer 503 and change nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("stored record {key:?} is corrupt: {why}")]
+    Corrupt { key: String, why: String },
+}
+
+/// One page of records in device-id order.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub records: Vec<DeviceRecord>,
+    /// Where the next page starts (the last device id examined), if the
+    /// scan did not reach the end.
+    pub next_after: Option<String>,
+}
+
+/// The narrow interface every durable backend implements.
+pub trait Store: Send + Sync + 'static {
+    /// Applies `batch` atomically, in order, and returns once it is durable
+    /// (synced to stable storage).
+    fn apply(&self, batch: &[Mutation]) -> Result<(), StoreError>;
+
+    /// Visits every stored record, in any order. Returns the count.
+    fn scan_all(&self, visit: &mut dyn FnMut(DeviceRecord)) -> Result<u64, StoreError>;
+
+    /// Up to `limit` records with a device id greater than `after` that pass
+    /// `filter`, in id order, examining at most `budget` records.
+    fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        budget: usize,
+        filter: &dyn Fn(&DeviceRecord) -> bool,
+    ) -> Result<Page, StoreError>;
+}
