@@ -14,5 +14,5 @@ pub mod time;
 pub use channel_uri::{ChannelUri, ChannelUriError, UriPolicy};
 pub use ids::{DeviceId, IdError, Pfn, ProviderId};
 pub use lifecycle::{DeadReason, LifecycleState, Thresholds};
-pub use record::{DeadMark, DeviceRecord};
+pub use record::{merge_registration, DeadMark, DeviceRecord, Registration};
 pub use time::UnixTime;

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Registry, store and restart figures (performance.md P3, P4, P5) on this
+# machine, each with its reference measured in the same run.
+#
+#   loadtest/registry.sh [DEVICES] [PUT_RATE] [PUT_SECONDS]
+#
+# Starts a local gateway on a fresh data directory, imports a synthetic fleet
+# of DEVICES (default 1,000,000: 36-character ids, ~190-byte channel URIs)
+# through POST /v1/devices:import, then reports:
+#   P3  RSS per device (whole process, and above the empty process)
+#       reference: the raw bytes of id + channel URI per device
+#   P4  durable import rate (every batch fsync'd before it is acknowledged)
+#       and single-PUT latency at PUT_RATE req/s (default 10000) for
+#       PUT_SECONDS (default 10); reference: a bare fsync on the same disk
+#   P5  restart until /readyz answers 200;
+#       reference: reading the data directory's bytes once (cold page cache
+#       is not forced; both read the same warm files)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-1000000}
+PUT_RATE=${2:-10000}
+PUT_SECONDS=${3:-10}
+
+cargo build --release --quiet --bins
+BIN=target/release/wnsgate
+LOAD=target/release/wnsgate-load
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/wnsgate-load.XXXXXX")
+PID=""
+cleanup() {
+  [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+start_server() {
+  "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" >"$WORK/out" 2>"$WORK/err" &
+  PID=$!
+  for _ in $(seq 1 6000); do
+    ADDR=$(sed -n 's#^listening on http://##p' "$WORK/out" | head -1)
+    [ -n "$ADDR" ] && break
+    kill -0 "$PID" 2>/dev/null || { cat "$WORK/err"; exit 1; }
+    sleep 0.01
+  done
+}
+wait_ready() {
+  until curl -fsS "http://$ADDR/readyz" >/dev/null 2>&1; do sleep 0.01; done
+}
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+echo "# wnsgate registry load test: $N devices, $(nproc) cores, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
+"$LOAD" fleet --devices "$N" >"$WORK/fleet.ndjson"
+RAW=$(head -1000 "$WORK/fleet.ndjson" | python3 -c '
+import sys, json
+n = t = 0
+for l in sys.stdin:
+    d = json.loads(l); n += 1; t += len(d["device_id"]) + len(d["channel_uri"])
+print(t // n)')
+
+start_server
+wait_ready
+EMPTY_KB=$(rss_kb "$PID")
+IMPORT_OUT=$("$BIN" import "$WORK/fleet.ndjson" --url "http://$ADDR")
+echo "import: $IMPORT_OUT"
+sleep 1
+FULL_KB=$(rss_kb "$PID")
+python3 - "$N" "$EMPTY_KB" "$FULL_KB" "$RAW" <<'PY'
+import sys
+n, empty, full, raw = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+print(f"P3 memory: RSS {full/1024:.0f} MiB with {n} devices, {empty/1024:.0f} MiB empty")
+print(f"P3 memory: {full*1024/n:.0f} B/device whole process, {(full-empty)*1024/n:.0f} B/device above the empty process "
+      f"(reference: {raw} B/device of raw id + channel URI; target <= 256)")
+PY
+RATE=$(echo "$IMPORT_OUT" | sed -n 's/.*(\([0-9]*\) devices\/s).*/\1/p')
+FSYNC_US=$(python3 - "$WORK" <<'PY'
+import os, sys, time
+p = os.path.join(sys.argv[1], "fsync.probe")
+fd = os.open(p, os.O_WRONLY | os.O_CREAT)
+ts = []
+for i in range(200):
+    os.write(fd, b"x" * 4096)
+    t = time.perf_counter(); os.fsync(fd); ts.append(time.perf_counter() - t)
+ts.sort()
+print(f"{ts[len(ts)//2]*1e6:.0f}")
+PY
+)
+echo "P4 import: $RATE devices/s durable (target >= 100000; reference: one bare 4 KiB write+fsync takes ${FSYNC_US} us here)"
+PUT_OUT=$("$LOAD" put --url "http://$ADDR" --rate "$PUT_RATE" --duration "$PUT_SECONDS" --connections 64 --devices "$N")
+echo "P4 single PUT at $PUT_RATE/s: $PUT_OUT (target p99 <= 5 ms)"
+
+kill -TERM "$PID"; wait "$PID" || true; PID=""
+DATA_BYTES=$(du -sb "$WORK/data" | cut -f1)
+T0=$(date +%s.%N)
+find "$WORK/data" -type f -exec cat {} + >/dev/null
+T1=$(date +%s.%N)
+start_server
+wait_ready
+T2=$(date +%s.%N)
+python3 - "$T0" "$T1" "$T2" "$DATA_BYTES" "$N" <<'PY'
+import sys
+t0, t1, t2, size, n = map(float, sys.argv[1:])
+print(f"P5 restart: ready in {t2-t1:.2f} s with {int(n)} devices (target <= 10 s at 10M; "
+      f"reference: reading the {size/2**20:.0f} MiB data directory once took {t1-t0:.2f} s)")
+PY
+kill -TERM "$PID"; wait "$PID" || true; PID=""

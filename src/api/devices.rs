@@ -1,0 +1,234 @@
+//! Device endpoints: register, read, delete, list, stats.
+
+use super::body::{read_limited, require_content_type};
+use super::error::{json_error, ApiError};
+use super::response::{json_response, no_content, Resp};
+use super::view::DeviceView;
+use crate::core::{
+    merge_registration, ChannelUri, DeviceId, DeviceRecord, LifecycleState, Pfn, ProviderId, Registration, UnixTime,
+};
+use crate::gateway::Gateway;
+use crate::store::Mutation;
+use http::{HeaderMap, StatusCode};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How far in the future an `issued_at` may be (clock skew), seconds.
+pub const MAX_CLOCK_SKEW_SECS: u32 = 300;
+/// Largest page of `GET /v1/devices`.
+pub const MAX_PAGE_LIMIT: usize = 1000;
+/// Default page size of `GET /v1/devices`.
+pub const DEFAULT_PAGE_LIMIT: usize = 100;
+/// Records one listing request examines at most before it answers with a
+/// cursor, so a rare state filter cannot turn one request into a full scan.
+pub const PAGE_SCAN_BUDGET: usize = 20_000;
+
+/// The body of `PUT /v1/devices/{id}/channel`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelBody {
+    pub pfn: String,
+    pub channel_uri: String,
+    #[serde(default)]
+    pub issued_at: Option<String>,
+    #[serde(default)]
+    pub provider_id: Option<String>,
+}
+
+/// Validates a registration for `device_id` at `now`.
+pub fn validate_registration(gw: &Gateway, device_id: &str, body: ChannelBody, now: UnixTime) -> Result<Registration, ApiError> {
+    let device_id = parse_device_id(device_id)?;
+    let pfn = Pfn::parse(&body.pfn).map_err(|e| ApiError::unprocessable("invalid_pfn", e.to_string()))?;
+    let known = &gw.settings.known_pfns;
+    if !known.is_empty() && !known.iter().any(|k| k == pfn.as_str()) {
+        return Err(ApiError::unprocessable(
+            "unknown_pfn",
+            format!("pfn {} is not one of the configured WNS apps ({})", pfn.as_str(), known.join(", ")),
+        ));
+    }
+    let channel_uri = ChannelUri::parse(&body.channel_uri, &gw.settings.uri_policy)
+        .map_err(|e| ApiError::unprocessable("invalid_channel_uri", e.to_string()))?;
+    let provider_id = body
+        .provider_id
+        .as_deref()
+        .map(ProviderId::parse)
+        .transpose()
+        .map_err(|e| ApiError::unprocessable("invalid_provider_id", e.to_string()))?;
+    let issued_at = match body.issued_at.as_deref() {
+        None => None,
+        Some(s) => {
+            let t = UnixTime::parse_rfc3339(s)
+                .map_err(|e| ApiError::unprocessable("invalid_issued_at", format!("issued_at: {e}")))?;
+            if t.secs() > now.secs().saturating_add(MAX_CLOCK_SKEW_SECS) {
+                return Err(ApiError::unprocessable(
+                    "issued_at_in_future",
+                    format!("issued_at {s} is in the future (now is {now})"),
+                ));
+            }
+            Some(t)
+        }
+    };
+    Ok(Registration {
+        device_id,
+        pfn,
+        channel_uri,
+        provider_id,
+        issued_at,
+    })
+}
+
+pub fn parse_device_id(s: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::parse(s).map_err(|e| ApiError::bad_request("invalid_device_id", e.to_string()))
+}
+
+/// `PUT /v1/devices/{id}/channel`: answers once the record is durable.
+pub async fn put_channel(gw: Arc<Gateway>, device_id: String, headers: HeaderMap, mut body: Incoming) -> Result<Resp, ApiError> {
+    parse_device_id(&device_id)?;
+    require_content_type(&headers, &["application/json"])?;
+    let idle = Duration::from_secs(gw.settings.request_timeout_secs);
+    let bytes = read_limited(&mut body, &headers, gw.settings.max_body_bytes, idle).await?;
+    let parsed: ChannelBody = serde_json::from_slice(&bytes).map_err(|e| json_error(&e))?;
+    let now = gw.now();
+    let reg = validate_registration(&gw, &device_id, parsed, now)?;
+    let existing = gw.registry.get(reg.device_id.as_str());
+    let record = merge_registration(existing.as_ref(), reg, now);
+    gw.commits.submit(vec![Mutation::Put(record.clone())])?.await?;
+    let status = if existing.is_some() { StatusCode::OK } else { StatusCode::CREATED };
+    Ok(json_response(status, &DeviceView::new(&record, &gw.settings.thresholds, now)))
+}
+
+/// `GET /v1/devices/{id}`.
+pub fn get_device(gw: &Gateway, device_id: &str) -> Result<Resp, ApiError> {
+    parse_device_id(device_id)?;
+    let rec = gw.registry.get(device_id).ok_or_else(|| unknown_device(device_id))?;
+    Ok(json_response(StatusCode::OK, &DeviceView::new(&rec, &gw.settings.thresholds, gw.now())))
+}
+
+/// `DELETE /v1/devices/{id}`: 204 once the removal is durable.
+pub async fn delete_device(gw: Arc<Gateway>, device_id: String) -> Result<Resp, ApiError> {
+    let id = parse_device_id(&device_id)?;
+    if gw.registry.get(id.as_str()).is_none() {
+        return Err(unknown_device(&device_id));
+    }
+    gw.commits.submit(vec![Mutation::Delete(id)])?.await?;
+    Ok(no_content())
+}
+
+pub fn unknown_device(device_id: &str) -> ApiError {
+    ApiError::not_found("unknown_device", format!("no device {device_id:?} is registered"))
+}
+
+#[derive(Serialize)]
+struct PageView<'a> {
+    devices: Vec<DeviceView<'a>>,
+    next_cursor: Option<String>,
+}
+
+/// `GET /v1/devices?state=&limit=&cursor=`: pages in device-id order.
+pub async fn list_devices(gw: Arc<Gateway>, query: Option<String>) -> Result<Resp, ApiError> {
+    let mut state = None;
+    let mut limit = DEFAULT_PAGE_LIMIT;
+    let mut after = None;
+    for (k, v) in super::query_pairs(query.as_deref().unwrap_or("")) {
+        match k.as_str() {
+            "state" => {
+                state = Some(LifecycleState::parse(&v).ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_state",
+                        format!(
+                            "state must be one of {}",
+                            LifecycleState::ALL.map(|s| s.as_str()).join(", ")
+                        ),
+                    )
+                })?)
+            }
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE_LIMIT).contains(n))
+                    .ok_or_else(|| ApiError::bad_request("invalid_limit", format!("limit must be 1 to {MAX_PAGE_LIMIT}")))?
+            }
+            "cursor" => after = Some(decode_cursor(&v)?),
+            other => {
+                return Err(ApiError::bad_request("unknown_parameter", format!("unknown query parameter {other:?}")))
+            }
+        }
+    }
+    let now = gw.now();
+    let th = gw.settings.thresholds;
+    let store = gw.store.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        let filter = move |r: &DeviceRecord| state.is_none_or(|s| r.state_at(&th, now).state == s);
+        store.page(after.as_deref(), limit, PAGE_SCAN_BUDGET, &filter)
+    })
+    .await
+    .map_err(|_| ApiError::unavailable("internal", "listing task failed"))??;
+    let view = PageView {
+        devices: page.records.iter().map(|r| DeviceView::new(r, &th, now)).collect(),
+        next_cursor: page.next_after.as_deref().map(encode_cursor),
+    };
+    Ok(json_response(StatusCode::OK, &view))
+}
+
+/// Cursors are the hex of the last device id examined: opaque to callers,
+/// safe in a query string.
+fn encode_cursor(id: &str) -> String {
+    id.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_cursor(s: &str) -> Result<String, ApiError> {
+    let bad = || ApiError::bad_request("invalid_cursor", "cursor is not one this gateway returned");
+    if s.len() % 2 != 0 || s.len() > 2 * crate::core::ids::MAX_DEVICE_ID_LEN {
+        return Err(bad());
+    }
+    let bytes = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| bad())?;
+    String::from_utf8(bytes).map_err(|_| bad())
+}
+
+#[derive(Serialize)]
+struct StatsView {
+    devices: u64,
+    by_state: std::collections::BTreeMap<&'static str, u64>,
+    store_queue_depth: usize,
+    ready: bool,
+}
+
+/// `GET /v1/stats`.
+pub fn stats(gw: &Gateway) -> Resp {
+    let counts = gw.registry.state_counts(&gw.settings.thresholds, gw.now());
+    let by_state = LifecycleState::ALL
+        .iter()
+        .zip(counts)
+        .map(|(s, n)| (s.as_str(), n))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &StatsView {
+            devices: gw.registry.len() as u64,
+            by_state,
+            store_queue_depth: gw.commits.queue_depth(),
+            ready: gw.is_ready(),
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip() {
+        for id in ["a", "{6F1C}", "x&y=z+1"] {
+            assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
+        }
+        assert!(decode_cursor("zz").is_err());
+        assert!(decode_cursor("abc").is_err());
+    }
+}

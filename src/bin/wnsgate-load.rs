@@ -1,0 +1,131 @@
+//! `wnsgate-load`: load generation against a running gateway.
+//!
+//! - `fleet`: print a synthetic fleet as NDJSON (for `wnsgate import` or
+//!   `POST /v1/devices:import`);
+//! - `put`: register devices one `PUT` at a time at a fixed rate over
+//!   keep-alive connections and report the latency distribution, measured
+//!   from each request's scheduled send time (no coordinated omission).
+
+use clap::{Parser, Subcommand};
+use std::io::{BufWriter, Write};
+use std::time::{Duration, Instant};
+use wnsgate::client::Client;
+use wnsgate::core::UnixTime;
+use wnsgate::fleet::{self, AgeMix};
+
+#[derive(Parser)]
+#[command(name = "wnsgate-load", about = "Load generation against a wnsgate deployment")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Print devices [start, start+devices) of the synthetic fleet as NDJSON.
+    Fleet {
+        #[arg(long)]
+        devices: u64,
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+    },
+    /// PUT registrations at a fixed rate and report latency percentiles.
+    Put {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, env = "WNSGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Requests per second, all connections together.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u64,
+        /// Device ids used (cycled).
+        #[arg(long, default_value_t = 100_000)]
+        devices: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Fleet { devices, start } => {
+            let now = UnixTime(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)?
+                    .as_secs() as u32,
+            );
+            let mut out = BufWriter::with_capacity(1 << 20, std::io::stdout().lock());
+            for i in start..start + devices {
+                out.write_all(fleet::ndjson_line(i, now, AgeMix::default()).as_bytes())?;
+            }
+            out.flush()?;
+        }
+        Cmd::Put {
+            url,
+            token,
+            rate,
+            duration,
+            connections,
+            devices,
+        } => put(&url, token, rate, duration, connections, devices)?,
+    }
+    Ok(())
+}
+
+fn put(url: &str, token: Option<String>, rate: u64, duration: u64, connections: u64, devices: u64) -> anyhow::Result<()> {
+    anyhow::ensure!(rate > 0 && connections > 0 && devices > 0, "rate, connections and devices must be positive");
+    let per_conn = Duration::from_secs_f64(connections as f64 / rate as f64);
+    let total_per_conn = rate * duration / connections;
+    let start = Instant::now() + Duration::from_millis(200);
+    let threads: Vec<_> = (0..connections)
+        .map(|c| {
+            let url = url.to_owned();
+            let token = token.clone();
+            std::thread::spawn(move || -> anyhow::Result<(Vec<u32>, u64)> {
+                let mut client = Client::new(&url)?.with_token(token);
+                let mut lat_us = Vec::with_capacity(total_per_conn as usize);
+                let mut errors = 0;
+                let offset = per_conn.mul_f64(c as f64 / connections as f64);
+                for k in 0..total_per_conn {
+                    let due = start + offset + per_conn.mul_f64(k as f64);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    let i = (c + k * connections) % devices;
+                    let body = serde_json::json!({"pfn": fleet::DEMO_PFN, "channel_uri": fleet::channel_uri(i, k)});
+                    match client.send_json("PUT", &format!("/v1/devices/{}/channel", fleet::device_id(i)), &body) {
+                        Ok(r) if r.status < 300 => {}
+                        _ => errors += 1,
+                    }
+                    lat_us.push(due.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
+                Ok((lat_us, errors))
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in threads {
+        let (l, e) = t.join().map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+        all.extend(l);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+    println!(
+        "put: {} requests in {elapsed:.1} s ({:.0}/s, target {rate}/s), errors {errors}, latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
+        all.len(),
+        all.len() as f64 / elapsed,
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        pct(0.999),
+        all.last().copied().unwrap_or(0) as f64 / 1000.0
+    );
+    Ok(())
+}

@@ -1,0 +1,96 @@
+//! The commands behind `wnsgate serve` and `wnsgate import`.
+
+use crate::client::Client;
+use crate::config::Settings;
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+use std::sync::mpsc;
+
+/// Runs the gateway until SIGTERM or SIGINT, then shuts down cleanly. A
+/// second signal during shutdown exits at once.
+pub fn serve(settings: Settings) -> anyhow::Result<()> {
+    crate::telemetry::logging::init(settings.log.format, &settings.log.level);
+    let first_signal = spawn_signal_watcher()?;
+    let running = crate::server::start(settings)?;
+    println!("listening on http://{}", running.local_addr);
+    let _ = first_signal.recv();
+    tracing::info!("shutting down: draining requests and flushing the store");
+    running.shutdown();
+    Ok(())
+}
+
+/// A thread that reports the first SIGTERM/SIGINT and exits the process on
+/// the second.
+fn spawn_signal_watcher() -> anyhow::Result<mpsc::Receiver<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = mpsc::channel();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("cannot start the signal watcher")?;
+    let (mut term, mut int) = rt.block_on(async {
+        Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+    })?;
+    std::thread::Builder::new()
+        .name("wnsgate-signals".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let mut seen = 0;
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    seen += 1;
+                    if seen == 1 {
+                        let _ = tx.send(());
+                    } else {
+                        eprintln!("wnsgate: second signal, exiting now");
+                        std::process::exit(130);
+                    }
+                }
+            })
+        })?;
+    Ok(rx)
+}
+
+/// Streams an NDJSON file to a gateway's `POST /v1/devices:import`, with a
+/// progress bar, and prints the gateway's report.
+pub fn import(file: &Path, url: &str, token: Option<String>) -> anyhow::Result<()> {
+    let mut f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut client = Client::new(url)?
+        .with_token(token)
+        .with_timeout(std::time::Duration::from_secs(300));
+    let bar = ProgressBar::new(size).with_style(
+        ProgressStyle::with_template("{spinner} importing [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let resp = client
+        .request_streaming("POST", "/v1/devices:import", "application/x-ndjson", &mut f, &mut |n| bar.set_position(n))
+        .with_context(|| format!("import to {url} failed"))?;
+    bar.finish_and_clear();
+    let body = resp.json();
+    if resp.status != 200 {
+        anyhow::bail!("gateway answered {}: {}", resp.status, resp.text());
+    }
+    let accepted = body["accepted"].as_u64().unwrap_or(0);
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "imported {accepted} devices, rejected {} lines, in {secs:.1} s ({:.0} devices/s)",
+        body["rejected"].as_u64().unwrap_or(0),
+        accepted as f64 / secs.max(1e-9)
+    );
+    if let Some(errors) = body["errors"].as_array() {
+        for e in errors.iter().take(20) {
+            println!("  line {}: {} ({})", e["line"], e["message"].as_str().unwrap_or(""), e["code"].as_str().unwrap_or(""));
+        }
+        if errors.len() > 20 || body["errors_truncated"].as_bool() == Some(true) {
+            println!("  ...");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,560 @@
+//! Configuration: one TOML file, every key overridable by an environment
+//! variable `WNSGATE_SECTION__KEY` (e.g. `WNSGATE_API__LISTEN`).
+//!
+//! [`Config`] is what the file says; [`Settings`] is the validated, resolved
+//! form the rest of the program runs on (addresses parsed, durations in
+//! seconds, secrets read from the environment or files). Every validation
+//! error names the key at fault.
+
+use crate::core::time::parse_duration_secs;
+use crate::core::{Pfn, Thresholds, UriPolicy};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "WNSGATE_";
+
+/// The configuration file, as written.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub api: ApiConfig,
+    pub store: StoreConfig,
+    pub server: ServerConfig,
+    pub wns: WnsConfig,
+    pub lifecycle: LifecycleConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// `IP:port` to listen on.
+    pub listen: String,
+    /// Bearer tokens accepted from MDM servers.
+    pub tokens: Vec<Secret>,
+    /// A file with one accepted bearer token per line (`#` comments allowed).
+    pub tokens_file: Option<PathBuf>,
+    /// Largest JSON request body, bytes.
+    pub max_body_bytes: u64,
+    /// Largest NDJSON import body, bytes.
+    pub max_import_bytes: u64,
+    /// Requests a shard serves at once before answering 503.
+    pub max_inflight_per_shard: usize,
+    /// Time allowed to receive a request's headers or body, seconds.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: "127.0.0.1:8080".into(),
+            tokens: Vec::new(),
+            tokens_file: None,
+            max_body_bytes: 64 * 1024,
+            max_import_bytes: 4 * 1024 * 1024 * 1024,
+            max_inflight_per_shard: 8192,
+            request_timeout_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    /// Block cache of the embedded store, MiB.
+    pub cache_mb: u64,
+    /// Submissions waiting for the group-commit thread before writes get 503.
+    pub queue_capacity: usize,
+    /// Most mutations written under one sync.
+    pub max_batch_mutations: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("./wnsgate-data"),
+            cache_mb: 64,
+            queue_capacity: 65_536,
+            max_batch_mutations: 16_384,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Shard threads; 0 means one per available core.
+    pub shards: usize,
+    /// Network backend of the shards: `auto` or `epoll`.
+    pub io: IoBackend,
+}
+
+/// Which network backend the shards run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoBackend {
+    /// The best backend this build and kernel support.
+    #[default]
+    Auto,
+    /// tokio on epoll.
+    Epoll,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WnsConfig {
+    pub token_url: String,
+    /// `host:port` to dial instead of each channel's host (SNI and
+    /// `:authority` unchanged). Empty: dial the channel's host.
+    pub connect_to: String,
+    /// Extra trusted root certificates, PEM. Empty: none.
+    pub ca_file: String,
+    pub allowed_host_suffix: String,
+    /// Longest channel URI accepted at registration, bytes.
+    pub max_channel_uri_bytes: usize,
+    pub apps: Vec<WnsApp>,
+}
+
+impl Default for WnsConfig {
+    fn default() -> Self {
+        WnsConfig {
+            token_url: "https://login.live.com/accesstoken.srf".into(),
+            connect_to: String::new(),
+            ca_file: String::new(),
+            allowed_host_suffix: "notify.windows.com".into(),
+            max_channel_uri_bytes: crate::core::channel_uri::DEFAULT_MAX_URI_LEN,
+            apps: Vec::new(),
+        }
+    }
+}
+
+/// One WNS app credential (one per PFN).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WnsApp {
+    pub pfn: String,
+    pub package_sid: String,
+    pub client_secret: Secret,
+    /// Name of an environment variable holding the client secret.
+    pub client_secret_env: String,
+    /// A file holding the client secret.
+    pub client_secret_file: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    pub renewal_due_after: String,
+    pub expire_after: String,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            renewal_due_after: "15d".into(),
+            expire_after: "30d".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `wnsgate=debug`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A string that is never printed: `Debug` and `Display` show `***`.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+/// A configuration problem, naming the key and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("config file {path}: {msg}")]
+    Parse { path: String, msg: String },
+    #[error("environment variable {var}: {msg}")]
+    Env { var: String, msg: String },
+    #[error("{key}: {msg}")]
+    Invalid { key: String, msg: String },
+}
+
+fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        msg: msg.into(),
+    }
+}
+
+impl Config {
+    /// Reads `path` (if given), then applies `WNSGATE_*` overrides from `env`.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let (mut table, origin) = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|err| ConfigError::Read {
+                    path: p.to_owned(),
+                    err,
+                })?;
+                let t: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: p.display().to_string(),
+                    msg: e.to_string(),
+                })?;
+                (t, p.display().to_string())
+            }
+            None => (toml::Table::new(), "(defaults)".to_owned()),
+        };
+        let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if !rest.contains("__") {
+                continue;
+            }
+            let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
+            apply_override(&mut table, &defaults, &keys, &value).map_err(|msg| ConfigError::Env {
+                var: var.clone(),
+                msg,
+            })?;
+        }
+        toml::Value::Table(table)
+            .try_into::<Config>()
+            .map_err(|e| ConfigError::Parse {
+                path: origin,
+                msg: e.to_string(),
+            })
+    }
+}
+
+/// Sets `keys` in `table` to `raw`, typed like the default value at the same
+/// place (a string default keeps the text as is; anything else is read as a
+/// TOML value, so `WNSGATE_API__TOKENS='["a","b"]'` works).
+fn apply_override(
+    table: &mut toml::Table,
+    defaults: &toml::Table,
+    keys: &[String],
+    raw: &str,
+) -> Result<(), String> {
+    let (last, parents) = keys.split_last().ok_or("empty key")?;
+    let mut t = table;
+    let mut d = Some(defaults);
+    for k in parents {
+        d = d.and_then(|d| d.get(k)).and_then(|v| v.as_table());
+        let entry = t
+            .entry(k.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{k} is not a section"))?;
+    }
+    let default = d.and_then(|d| d.get(last));
+    let value = match default {
+        Some(toml::Value::String(_)) => toml::Value::String(raw.to_owned()),
+        _ => match format!("v = {raw}").parse::<toml::Table>() {
+            Ok(mut parsed) => parsed.remove("v").ok_or("no value")?,
+            Err(_) => toml::Value::String(raw.to_owned()),
+        },
+    };
+    t.insert(last.clone(), value);
+    Ok(())
+}
+
+/// The validated configuration the program runs on.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub tokens: Vec<Secret>,
+    pub max_body_bytes: u64,
+    pub max_import_bytes: u64,
+    pub max_inflight_per_shard: usize,
+    pub request_timeout_secs: u64,
+    pub store: StoreConfig,
+    pub shards: usize,
+    pub io: IoBackend,
+    pub uri_policy: UriPolicy,
+    pub thresholds: Thresholds,
+    /// PFNs of the configured WNS apps; when non-empty, registrations must
+    /// name one of them.
+    pub known_pfns: Vec<String>,
+    pub wns: WnsConfig,
+    pub log: LogConfig,
+}
+
+impl Settings {
+    /// Validates `cfg`, reading token and secret files and environment
+    /// variables it points to.
+    pub fn resolve(cfg: &Config) -> Result<Settings, ConfigError> {
+        let listen: SocketAddr = cfg
+            .api
+            .listen
+            .parse()
+            .map_err(|_| invalid("api.listen", format!("{:?} is not an IP:port address (e.g. 127.0.0.1:8080 or [::1]:8080)", cfg.api.listen)))?;
+
+        let mut tokens: Vec<Secret> = cfg.api.tokens.iter().filter(|t| !t.0.is_empty()).cloned().collect();
+        if let Some(path) = &cfg.api.tokens_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                invalid("api.tokens_file", format!("cannot read {}: {e}", path.display()))
+            })?;
+            tokens.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(|l| Secret(l.to_owned())),
+            );
+        }
+        if let Some(short) = tokens.iter().find(|t| t.0.len() < 16) {
+            let _ = short;
+            return Err(invalid("api.tokens", "every bearer token must be at least 16 characters"));
+        }
+        if !listen.ip().is_loopback() && tokens.is_empty() {
+            return Err(invalid(
+                "api.listen",
+                format!(
+                    "{listen} is reachable from other hosts but no API tokens are configured; \
+                     set api.tokens or api.tokens_file (or WNSGATE_API__TOKENS), or listen on 127.0.0.1"
+                ),
+            ));
+        }
+        if cfg.api.max_body_bytes == 0 || cfg.api.max_import_bytes == 0 {
+            return Err(invalid("api.max_body_bytes", "body limits must be positive"));
+        }
+        if cfg.api.max_inflight_per_shard == 0 {
+            return Err(invalid("api.max_inflight_per_shard", "must be positive"));
+        }
+        if cfg.api.request_timeout_secs == 0 {
+            return Err(invalid("api.request_timeout_secs", "must be positive"));
+        }
+        if cfg.store.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", "must not be empty"));
+        }
+        if cfg.store.queue_capacity == 0 || cfg.store.max_batch_mutations == 0 {
+            return Err(invalid("store.queue_capacity", "queue capacity and batch size must be positive"));
+        }
+
+        let renewal = duration_key("lifecycle.renewal_due_after", &cfg.lifecycle.renewal_due_after)?;
+        let expire = duration_key("lifecycle.expire_after", &cfg.lifecycle.expire_after)?;
+        if expire <= renewal {
+            return Err(invalid("lifecycle.expire_after", "must be longer than lifecycle.renewal_due_after"));
+        }
+
+        let suffix = cfg.wns.allowed_host_suffix.trim().to_ascii_lowercase();
+        if suffix.is_empty() || suffix.starts_with('.') || suffix.contains(['/', ':', '@']) {
+            return Err(invalid("wns.allowed_host_suffix", "must be a host name such as notify.windows.com"));
+        }
+        if !(64..=65_535).contains(&cfg.wns.max_channel_uri_bytes) {
+            return Err(invalid("wns.max_channel_uri_bytes", "must be between 64 and 65535"));
+        }
+
+        let mut known_pfns = Vec::new();
+        for (i, app) in cfg.wns.apps.iter().enumerate() {
+            let key = format!("wns.apps[{i}]");
+            Pfn::parse(&app.pfn).map_err(|e| invalid(&format!("{key}.pfn"), e.to_string()))?;
+            if !app.package_sid.starts_with("ms-app://") {
+                return Err(invalid(&format!("{key}.package_sid"), "must start with ms-app://"));
+            }
+            resolve_secret(&key, app)?;
+            if known_pfns.contains(&app.pfn) {
+                return Err(invalid(&format!("{key}.pfn"), format!("{} is configured twice", app.pfn)));
+            }
+            known_pfns.push(app.pfn.clone());
+        }
+        if !cfg.wns.ca_file.is_empty() && !Path::new(&cfg.wns.ca_file).is_file() {
+            return Err(invalid("wns.ca_file", format!("{} is not a readable file", cfg.wns.ca_file)));
+        }
+
+        Ok(Settings {
+            listen,
+            tokens,
+            max_body_bytes: cfg.api.max_body_bytes,
+            max_import_bytes: cfg.api.max_import_bytes,
+            max_inflight_per_shard: cfg.api.max_inflight_per_shard,
+            request_timeout_secs: cfg.api.request_timeout_secs,
+            store: cfg.store.clone(),
+            shards: cfg.server.shards,
+            io: cfg.server.io,
+            uri_policy: UriPolicy {
+                allowed_host_suffix: suffix,
+                max_len: cfg.wns.max_channel_uri_bytes,
+            },
+            thresholds: Thresholds {
+                renewal_due_after: renewal,
+                expire_after: expire,
+            },
+            known_pfns,
+            wns: cfg.wns.clone(),
+            log: cfg.log.clone(),
+        })
+    }
+
+    /// Shard threads to run.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+fn duration_key(key: &str, s: &str) -> Result<u32, ConfigError> {
+    parse_duration_secs(s)
+        .filter(|&v| v > 0)
+        .and_then(|v| u32::try_from(v).ok())
+        .ok_or_else(|| invalid(key, format!("{s:?} is not a duration such as 15d, 36h, 90m or 3600s")))
+}
+
+/// The client secret of `app`, from exactly one of its three sources.
+pub fn resolve_secret(key: &str, app: &WnsApp) -> Result<Secret, ConfigError> {
+    let sources = [!app.client_secret.0.is_empty(), !app.client_secret_env.is_empty(), !app.client_secret_file.is_empty()];
+    match sources.iter().filter(|s| **s).count() {
+        0 => return Err(invalid(&format!("{key}.client_secret"), "set one of client_secret, client_secret_env or client_secret_file")),
+        1 => {}
+        _ => return Err(invalid(&format!("{key}.client_secret"), "set only one of client_secret, client_secret_env or client_secret_file")),
+    }
+    if !app.client_secret.0.is_empty() {
+        return Ok(app.client_secret.clone());
+    }
+    if !app.client_secret_env.is_empty() {
+        return std::env::var(&app.client_secret_env)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(Secret)
+            .ok_or_else(|| invalid(&format!("{key}.client_secret_env"), format!("environment variable {} is not set", app.client_secret_env)));
+    }
+    std::fs::read_to_string(&app.client_secret_file)
+        .map(|s| Secret(s.trim().to_owned()))
+        .map_err(|e| invalid(&format!("{key}.client_secret_file"), format!("cannot read {}: {e}", app.client_secret_file)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let s = Settings::resolve(&Config::load(None, env(&[])).unwrap()).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.store.path, PathBuf::from("./wnsgate-data"));
+        assert_eq!(s.thresholds, Thresholds::default());
+        assert_eq!(s.uri_policy.allowed_host_suffix, "notify.windows.com");
+        assert!(s.tokens.is_empty());
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[api]\nlisten = \"127.0.0.1:9000\"\n[store]\npath = \"/tmp/x\"\n[lifecycle]\nexpire_after = \"20d\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(
+            Some(&path),
+            env(&[
+                ("WNSGATE_API__LISTEN", "0.0.0.0:9001"),
+                ("WNSGATE_API__TOKENS", r#"["0123456789abcdef0123"]"#),
+                ("WNSGATE_STORE__QUEUE_CAPACITY", "12"),
+                ("WNSGATE_UNRELATED", "x"),
+                ("OTHER__THING", "y"),
+            ]),
+        )
+        .unwrap();
+        let s = Settings::resolve(&cfg).unwrap();
+        assert_eq!(s.listen.to_string(), "0.0.0.0:9001");
+        assert_eq!(s.tokens.len(), 1);
+        assert_eq!(s.store.queue_capacity, 12);
+        assert_eq!(s.store.path, PathBuf::from("/tmp/x"));
+        assert_eq!(s.thresholds.expire_after, 20 * 86_400);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("WNSGATE_API__LISTEN", "localhost")], "api.listen"),
+            (&[("WNSGATE_API__LISTEN", "0.0.0.0:8080")], "no API tokens"),
+            (&[("WNSGATE_LIFECYCLE__EXPIRE_AFTER", "10d")], "lifecycle.expire_after"),
+            (&[("WNSGATE_LIFECYCLE__RENEWAL_DUE_AFTER", "soon")], "lifecycle.renewal_due_after"),
+            (&[("WNSGATE_WNS__CA_FILE", "/nonexistent.pem")], "wns.ca_file"),
+            (&[("WNSGATE_API__TOKENS", r#"["short"]"#)], "16 characters"),
+        ];
+        for (vars, want) in cases {
+            let err = Config::load(None, env(vars))
+                .map_err(|e| e.to_string())
+                .and_then(|c| Settings::resolve(&c).map_err(|e| e.to_string()))
+                .unwrap_err();
+            assert!(err.contains(want), "{vars:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[api]\nlisen = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::load(Some(&path), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn secrets_resolve_and_never_print() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let mut app = WnsApp {
+            pfn: "Contoso.MDM_8wekyb3d8bbwe".into(),
+            package_sid: "ms-app://S-1-15-2-1".into(),
+            client_secret_file: file.display().to_string(),
+            ..WnsApp::default()
+        };
+        assert_eq!(resolve_secret("k", &app).unwrap().expose(), "from-file");
+        app.client_secret = Secret("inline-secret".into());
+        assert!(resolve_secret("k", &app).unwrap_err().to_string().contains("only one"));
+        assert!(!format!("{app:?}").contains("inline-secret"));
+    }
+}

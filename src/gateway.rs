@@ -1,0 +1,72 @@
+//! The state every shard shares: settings, the registry, the store and its
+//! group-commit handle, and readiness.
+
+use crate::config::Settings;
+use crate::core::UnixTime;
+use crate::registry::Registry;
+use crate::store::committer::CommitHandle;
+use crate::store::Store;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Shared gateway state. Cheap to clone behind an `Arc`.
+pub struct Gateway {
+    pub settings: Settings,
+    pub registry: Arc<Registry>,
+    pub store: Arc<dyn Store>,
+    pub commits: CommitHandle,
+    pub metrics: &'static PrometheusHandle,
+    /// Store recovered and listeners up.
+    ready: AtomicBool,
+    /// Set once shutdown begins: new writes are refused.
+    draining: AtomicBool,
+    /// Name of the network backend in use, for `/metrics` and logs.
+    pub io_backend: &'static str,
+}
+
+impl Gateway {
+    pub fn new(
+        settings: Settings,
+        registry: Arc<Registry>,
+        store: Arc<dyn Store>,
+        commits: CommitHandle,
+        metrics: &'static PrometheusHandle,
+        io_backend: &'static str,
+    ) -> Gateway {
+        Gateway {
+            settings,
+            registry,
+            store,
+            commits,
+            metrics,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            io_backend,
+        }
+    }
+
+    /// The current wall-clock time. The only place the API reads the clock.
+    pub fn now(&self) -> UnixTime {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        UnixTime(u32::try_from(secs).unwrap_or(u32::MAX))
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+        metrics::gauge!(crate::telemetry::metrics::READY).set(1.0);
+    }
+
+    /// Marks the gateway as shutting down: `/readyz` fails, writes get 503.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        metrics::gauge!(crate::telemetry::metrics::READY).set(0.0);
+    }
+}

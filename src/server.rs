@@ -1,0 +1,107 @@
+//! Starting and stopping a gateway: open the store, start the group-commit
+//! thread, bind the shards, load the store into the registry, turn ready;
+//! and in reverse on shutdown.
+
+use crate::config::{IoBackend, Settings};
+use crate::gateway::Gateway;
+use crate::registry::Registry;
+use crate::shard::ShardSet;
+use crate::store::committer::{Committer, CommitterConfig, CommitterJoin};
+use crate::store::fjall_store::{FjallOptions, FjallStore};
+use crate::store::{Mutation, Store};
+use crate::telemetry::metrics as m;
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A running gateway.
+pub struct Running {
+    pub gateway: Arc<Gateway>,
+    pub local_addr: SocketAddr,
+    shards: ShardSet,
+    committer: CommitterJoin,
+}
+
+/// Applies a durable batch to the registry, in order.
+pub fn apply_to_registry(registry: &Registry, batch: &[Mutation]) {
+    for m in batch {
+        match m {
+            Mutation::Put(rec) => {
+                registry.upsert(rec);
+            }
+            Mutation::Delete(id) => {
+                registry.remove(id.as_str());
+            }
+        }
+    }
+}
+
+/// Picks the network backend. Only epoll is built in this version; `auto`
+/// resolves to it.
+fn resolve_io(io: IoBackend) -> &'static str {
+    match io {
+        IoBackend::Auto | IoBackend::Epoll => "epoll",
+    }
+}
+
+/// Starts a gateway and returns once it is ready (store loaded).
+pub fn start(settings: Settings) -> anyhow::Result<Running> {
+    let metrics = crate::telemetry::metrics::install();
+    let path = settings.store.path.clone();
+    std::fs::create_dir_all(&path).with_context(|| format!("cannot create the data directory {}", path.display()))?;
+    let store = FjallStore::open(
+        &path,
+        FjallOptions {
+            cache_bytes: settings.store.cache_mb.saturating_mul(1024 * 1024),
+            ..FjallOptions::default()
+        },
+    )
+    .with_context(|| format!("cannot open the store in {}", path.display()))?;
+    let store: Arc<dyn Store> = Arc::new(store);
+    let registry = Arc::new(Registry::new());
+    let reg = registry.clone();
+    let (commits, committer) = Committer::start(
+        store.clone(),
+        Box::new(move |batch: &[Mutation]| apply_to_registry(&reg, batch)),
+        CommitterConfig {
+            queue_capacity: settings.store.queue_capacity,
+            max_batch_mutations: settings.store.max_batch_mutations,
+        },
+    );
+    let io = resolve_io(settings.io);
+    let listen = settings.listen;
+    let shard_count = settings.shard_count();
+    let gateway = Arc::new(Gateway::new(settings, registry.clone(), store.clone(), commits, metrics, io));
+    let shards = ShardSet::start(gateway.clone(), listen, shard_count)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let local_addr = shards.local_addr;
+    tracing::info!(%local_addr, shards = shard_count, io, data = %path.display(), "listening; loading the store");
+
+    let t = Instant::now();
+    let loaded = store
+        .scan_all(&mut |rec| {
+            registry.upsert(&rec);
+        })
+        .context("cannot load the store")?;
+    let secs = t.elapsed().as_secs_f64();
+    metrics::gauge!(m::RECOVERY_SECONDS).set(secs);
+    gateway.set_ready();
+    tracing::info!(devices = loaded, seconds = format!("{secs:.2}"), "ready");
+    Ok(Running {
+        gateway,
+        local_addr,
+        shards,
+        committer,
+    })
+}
+
+impl Running {
+    /// Stops accepting, drains open requests, flushes the store.
+    pub fn shutdown(self) {
+        self.gateway.begin_drain();
+        self.shards.shutdown();
+        self.committer.shutdown();
+        tracing::info!("stopped");
+    }
+}

@@ -1,0 +1,22 @@
+//! Log set-up: human-readable text by default, JSON on request.
+//!
+//! Channel URIs are logged only through
+//! [`crate::core::channel_uri::redact_uri`]; secrets are wrapped in
+//! [`crate::config::Secret`], whose `Debug` prints `***`.
+
+use crate::config::LogFormat;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global tracing subscriber. `RUST_LOG` overrides `level`.
+pub fn init(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

@@ -1,0 +1,71 @@
+//! The Prometheus recorder and the metric names used across the gateway.
+//!
+//! Names follow Prometheus conventions: a `wnsgate_` prefix, `_total` for
+//! counters, `_seconds` and `_bytes` units, and no unbounded label values
+//! (never a device id or a channel URI).
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+/// API requests, by `route` and `status`.
+pub const API_REQUESTS: &str = "wnsgate_api_requests_total";
+/// API request latency, by `route`.
+pub const API_DURATION: &str = "wnsgate_api_request_duration_seconds";
+/// Requests refused because a shard was at its in-flight limit.
+pub const API_OVERLOAD: &str = "wnsgate_api_overload_total";
+/// Devices in the registry, by `state`.
+pub const DEVICES: &str = "wnsgate_devices";
+/// Registrations imported through NDJSON, by `result` (accepted, rejected).
+pub const IMPORT_LINES: &str = "wnsgate_import_lines_total";
+/// Mutations per group commit.
+pub const STORE_BATCH: &str = "wnsgate_store_batch_mutations";
+/// Time to write and sync one group commit.
+pub const STORE_SYNC: &str = "wnsgate_store_sync_seconds";
+/// Seconds the last start spent loading the store into the registry.
+pub const RECOVERY_SECONDS: &str = "wnsgate_recovery_seconds";
+/// Build information (`version`) and the network backend in use (`io`).
+pub const BUILD_INFO: &str = "wnsgate_build_info";
+/// 1 when the gateway is ready to serve.
+pub const READY: &str = "wnsgate_ready";
+
+/// Latency buckets for API requests and store syncs, seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Buckets for store batch sizes, mutations.
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder once and returns its
+/// handle; later calls return the same handle.
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("latency buckets are non-empty")
+            .set_buckets_for_metric(Matcher::Full(STORE_BATCH.into()), BATCH_BUCKETS)
+            .expect("batch buckets are non-empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed (tests in one process);
+        // then this handle renders only what it owns, which is acceptable.
+        let _ = metrics::set_global_recorder(recorder);
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(API_REQUESTS, "API requests served, by route and status.");
+    describe_histogram!(API_DURATION, Unit::Seconds, "API request latency, by route.");
+    describe_counter!(API_OVERLOAD, "API requests refused with 503 because a shard was at its in-flight limit.");
+    describe_gauge!(DEVICES, "Registered devices, by lifecycle state.");
+    describe_counter!(IMPORT_LINES, "NDJSON import lines, by result.");
+    describe_histogram!(STORE_BATCH, "Mutations written under one store sync.");
+    describe_histogram!(STORE_SYNC, Unit::Seconds, "Time to write and sync one group commit.");
+    describe_gauge!(RECOVERY_SECONDS, Unit::Seconds, "Time the last start spent loading the store.");
+    describe_gauge!(BUILD_INFO, "Build information; always 1.");
+    describe_gauge!(READY, "1 when the gateway serves the API.");
+}

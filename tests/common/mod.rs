@@ -1,0 +1,135 @@
+//! Starting a real `wnsgate serve` process on an ephemeral loopback port
+//! with its own data directory, for the integration tests.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use wnsgate::client::Client;
+
+pub const PFN: &str = "Contoso.MDM_8wekyb3d8bbwe";
+
+pub fn uri(token: &str) -> String {
+    format!("https://db5.notify.windows.com/?token={token}")
+}
+
+/// A gateway process. Killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    pub data: PathBuf,
+    pub stderr_log: PathBuf,
+}
+
+impl Server {
+    /// Starts `wnsgate serve` on `data` with extra environment variables and
+    /// waits until `/readyz` answers 200.
+    pub fn start(data: &Path, env: &[(&str, &str)]) -> Server {
+        let stderr_log = data.with_extension("stderr.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wnsgate"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--shards", "2"])
+            .arg("--data")
+            .arg(data)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).expect("stderr log"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start wnsgate");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(a) = line.strip_prefix("listening on http://") {
+                        break a.trim().to_owned();
+                    }
+                }
+                _ => {
+                    let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+                    panic!("wnsgate exited before listening: {log}");
+                }
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let server = Server {
+            child,
+            addr,
+            data: data.to_owned(),
+            stderr_log,
+        };
+        server.wait_ready();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url()).expect("client")
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut c) = Client::new(&self.url()) {
+                if let Ok(r) = c.get("/readyz") {
+                    if r.status == 200 {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "gateway not ready within 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id() as i32;
+        unsafe_kill(pid, 15);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "gateway did not stop within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+/// A registration body.
+pub fn channel_body(uri: &str) -> serde_json::Value {
+    serde_json::json!({ "pfn": PFN, "channel_uri": uri })
+}
