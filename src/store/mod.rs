@@ -7,6 +7,8 @@
 //! Must not touch: the registry (the committer calls back after a batch is
 //! durable), the network.
 
+pub mod codec;
+
 use crate::core::{DeviceId, DeviceRecord};
 
 /// One change to the durable state.
@@ -17,7 +19,7 @@ pub enum Mutation {
 }
 
 /// A store failure. Callers answer 503 and change nothing.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store I/O failed: {0}")]
     Io(String),
