@@ -8,8 +8,10 @@
 //! durable), the network.
 
 pub mod codec;
+pub mod committer;
 pub mod fjall_store;
 
+pub use committer::{CommitHandle, Committer, CommitterConfig, CommitterJoin, SubmitError, Ticket};
 pub use fjall_store::{FjallOptions, FjallStore};
 
 use crate::core::{DeviceId, DeviceRecord};
