@@ -135,6 +135,12 @@ impl FjallStore {
         self.devices.approximate_len()
     }
 
+    /// Memtable flushes queued plus compactions running in fjall's
+    /// background threads (zero when the store is idle).
+    pub fn background_jobs(&self) -> usize {
+        self.db.outstanding_flushes() + self.db.active_compactions()
+    }
+
     /// Bytes on disk (tables and journals).
     pub fn disk_space(&self) -> Result<u64, StoreError> {
         self.db.disk_space().map_err(io("disk space"))
