@@ -7,6 +7,13 @@
 //! Must not touch: the registry (the committer calls back after a batch is
 //! durable), the network.
 
+pub mod codec;
+pub mod committer;
+pub mod fjall_store;
+
+pub use committer::{CommitHandle, Committer, CommitterConfig, CommitterJoin, SubmitError, Ticket};
+pub use fjall_store::{FjallOptions, FjallStore};
+
 use crate::core::{DeviceId, DeviceRecord};
 
 /// One change to the durable state.
@@ -17,7 +24,7 @@ pub enum Mutation {
 }
 
 /// A store failure. Callers answer 503 and change nothing.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store I/O failed: {0}")]
     Io(String),
@@ -42,6 +49,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// Visits every stored record, in any order. Returns the count.
     fn scan_all(&self, visit: &mut dyn FnMut(DeviceRecord)) -> Result<u64, StoreError>;
+
+    /// Visits every stored record using up to `threads` threads, calling
+    /// `visit` concurrently from them, in any order. Returns the count.
+    ///
+    /// This is what recovery uses to load the registry at start (P5 asks
+    /// for 10M devices in 10 s). The provided implementation runs
+    /// [`Store::scan_all`] on the calling thread; backends that can split
+    /// their key space override it.
+    fn scan_all_parallel(
+        &self,
+        threads: usize,
+        visit: &(dyn Fn(DeviceRecord) + Sync),
+    ) -> Result<u64, StoreError> {
+        let _ = threads;
+        self.scan_all(&mut |r| visit(r))
+    }
 
     /// Up to `limit` records with a device id greater than `after` that pass
     /// `filter`, in id order, examining at most `budget` records.

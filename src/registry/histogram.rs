@@ -1,0 +1,118 @@
+//! Devices counted by the minute their channel was issued, so that the
+//! number of devices in each age-based state is a walk over minutes, not
+//! over devices.
+//!
+//! Records with a dead mark are counted apart: they are `expired` whatever
+//! their age. The counts are split over shards chosen by a hash of the
+//! device id, so concurrent upserts of different devices rarely meet on a
+//! lock, and a device's own increments and decrements always land on the
+//! same shard (at rest, every count is then the true number of devices).
+
+use super::record::CompactRecord;
+use super::StateCounts;
+use crate::core::{LifecycleState, Thresholds, UnixTime};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+
+const SHARDS: usize = 16;
+
+/// Where one record is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bucket {
+    /// No dead mark: counted under the minute of `issued_at`.
+    Live { minute: u32 },
+    /// Dead-marked: counted as expired.
+    Dead,
+}
+
+impl Bucket {
+    pub(crate) fn of(rec: &CompactRecord) -> Bucket {
+        match rec.dead() {
+            Some(_) => Bucket::Dead,
+            None => Bucket::Live {
+                minute: rec.issued_at().0 / 60,
+            },
+        }
+    }
+}
+
+#[derive(Default)]
+struct Shard {
+    /// Devices per minute; signed because a racing remove's decrement may
+    /// be applied before the matching insert's increment. Zero counts are
+    /// removed.
+    minutes: BTreeMap<u32, i64>,
+    dead: i64,
+}
+
+impl Shard {
+    fn add(&mut self, b: Bucket, n: i64) {
+        match b {
+            Bucket::Dead => self.dead += n,
+            Bucket::Live { minute } => {
+                let c = self.minutes.entry(minute).or_insert(0);
+                *c += n;
+                if *c == 0 {
+                    self.minutes.remove(&minute);
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the line between shards' locks off one cache line each.
+#[repr(align(128))]
+struct Padded(Mutex<Shard>);
+
+pub(crate) struct Histogram {
+    shards: Box<[Padded]>,
+}
+
+impl Histogram {
+    pub(crate) fn new() -> Histogram {
+        Histogram {
+            shards: (0..SHARDS)
+                .map(|_| Padded(Mutex::new(Shard::default())))
+                .collect(),
+        }
+    }
+
+    /// Moves a device from bucket `from` (where it was counted before, if
+    /// anywhere) to `to` (where it is counted now, if anywhere). `spread` is
+    /// the device's [`RecordKey::spread`](super::RecordKey::spread).
+    pub(crate) fn shift(&self, spread: u32, from: Option<Bucket>, to: Option<Bucket>) {
+        if from == to {
+            return;
+        }
+        let mut shard = self.shards[spread as usize % SHARDS].0.lock();
+        if let Some(b) = from {
+            shard.add(b, -1);
+        }
+        if let Some(b) = to {
+            shard.add(b, 1);
+        }
+    }
+
+    /// Devices by state at `now`. Each minute is classified by its first
+    /// second, so a device is counted exactly unless a threshold falls
+    /// between the start of its minute and its `issued_at`.
+    pub(crate) fn counts(&self, th: &Thresholds, now: UnixTime) -> StateCounts {
+        let mut sums = [0i64; 5];
+        for shard in self.shards.iter() {
+            let shard = shard.0.lock();
+            sums[index(LifecycleState::Expired)] += shard.dead;
+            for (&minute, &n) in &shard.minutes {
+                let start = UnixTime(minute * 60);
+                sums[index(th.state_at(start, None, now).state)] += n;
+            }
+        }
+        sums.map(|n| u64::try_from(n).unwrap_or(0))
+    }
+}
+
+fn index(s: LifecycleState) -> usize {
+    LifecycleState::ALL
+        .iter()
+        .position(|&x| x == s)
+        .unwrap_or(0)
+}

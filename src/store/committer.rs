@@ -1,0 +1,724 @@
+//! The group-commit thread: the only place that writes and syncs the store.
+//!
+//! Shards hand mutations to a [`CommitHandle`] (never blocking: a full queue
+//! is an immediate [`SubmitError::Overloaded`], which the API answers with
+//! 503) and get a [`Ticket`] that resolves once the mutations are durable.
+//! The thread takes the first queued submission, drains whatever else is
+//! queued up to [`CommitterConfig::max_batch_mutations`], applies the whole
+//! batch with one [`Store::apply`] (one sync), calls `on_durable` with the
+//! batch (the caller updates the in-memory registry there), and only then
+//! completes every ticket of the batch. So a caller that sees its ticket
+//! resolve `Ok` also sees its change in the registry.
+//!
+//! A submission is all-or-nothing: it is never split across two syncs, even
+//! when it alone is larger than `max_batch_mutations` (it is then applied as
+//! a batch of its own). If `apply` fails, every ticket of that batch gets the
+//! error and `on_durable` is not called.
+//!
+//! Metrics (handles are taken when the thread starts, so install the
+//! recorder before [`Committer::start`]):
+//! - `wnsgate_store_batch_mutations` (histogram): mutations per batch;
+//! - `wnsgate_store_sync_seconds` (histogram): time in `Store::apply`,
+//!   that is writing the batch and syncing it;
+//! - `wnsgate_store_batches_total` (counter): batches applied (ok or not);
+//! - `wnsgate_store_errors_total` (counter): batches whose apply failed;
+//! - `wnsgate_store_queue_depth` (gauge): submissions waiting, sampled each
+//!   time a batch is taken.
+
+use super::{Mutation, Store, StoreError};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use tokio::sync::oneshot;
+
+/// Default bound of the submission queue, in submissions.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 1024;
+/// Default bound of mutations applied (and synced) together.
+pub const DEFAULT_MAX_BATCH_MUTATIONS: usize = 8192;
+
+/// Suggested histogram buckets for `wnsgate_store_sync_seconds`.
+pub const SYNC_SECONDS_BUCKETS: &[f64] = &[
+    0.000_25, 0.000_5, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0,
+];
+/// Suggested histogram buckets for `wnsgate_store_batch_mutations`.
+pub const BATCH_MUTATIONS_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+];
+
+const METRIC_BATCH_MUTATIONS: &str = "wnsgate_store_batch_mutations";
+const METRIC_SYNC_SECONDS: &str = "wnsgate_store_sync_seconds";
+const METRIC_BATCHES: &str = "wnsgate_store_batches_total";
+const METRIC_ERRORS: &str = "wnsgate_store_errors_total";
+const METRIC_QUEUE_DEPTH: &str = "wnsgate_store_queue_depth";
+
+/// Registers help texts and units of the committer's metrics with the
+/// installed recorder.
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_histogram!(
+        METRIC_BATCH_MUTATIONS,
+        Unit::Count,
+        "Mutations applied by one store batch (one sync)"
+    );
+    describe_histogram!(
+        METRIC_SYNC_SECONDS,
+        Unit::Seconds,
+        "Time to write and sync one store batch"
+    );
+    describe_counter!(METRIC_BATCHES, "Store batches applied");
+    describe_counter!(METRIC_ERRORS, "Store batches that failed to apply");
+    describe_gauge!(
+        METRIC_QUEUE_DEPTH,
+        "Submissions waiting for the store committer (sampled)"
+    );
+}
+
+/// Bounds of the committer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitterConfig {
+    /// Submissions that may wait in the queue before `submit` answers
+    /// [`SubmitError::Overloaded`]. The memory this bounds is
+    /// `queue_capacity` times the largest submission the API accepts.
+    pub queue_capacity: usize,
+    /// Mutations applied together in one batch and one sync (a single
+    /// larger submission is applied alone, never split).
+    pub max_batch_mutations: usize,
+}
+
+impl Default for CommitterConfig {
+    fn default() -> Self {
+        CommitterConfig {
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            max_batch_mutations: DEFAULT_MAX_BATCH_MUTATIONS,
+        }
+    }
+}
+
+/// Why a submission was not queued. Nothing was changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full: the store is not keeping up. Answer 503.
+    #[error("the store is overloaded: its commit queue is full")]
+    Overloaded,
+    /// The committer has shut down (or died).
+    #[error("the store is shut down")]
+    Closed,
+}
+
+type Completion = Result<(), StoreError>;
+
+/// Called on the committer thread with each batch once it is durable.
+pub type OnDurable = Box<dyn FnMut(&[Mutation]) + Send>;
+
+struct Submission {
+    mutations: Vec<Mutation>,
+    done: oneshot::Sender<Completion>,
+}
+
+enum Msg {
+    Submit(Submission),
+    Shutdown,
+}
+
+/// The group-commit thread's entry point.
+pub struct Committer;
+
+impl Committer {
+    /// Starts the committer thread on `store`. `on_durable` is called on
+    /// that thread with every batch after it is durable and before its
+    /// tickets complete, in submission order.
+    ///
+    /// # Panics
+    ///
+    /// If the thread cannot be spawned.
+    pub fn start(
+        store: Arc<dyn Store>,
+        on_durable: OnDurable,
+        cfg: CommitterConfig,
+    ) -> (CommitHandle, CommitterJoin) {
+        let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity.max(1));
+        let closed = Arc::new(AtomicBool::new(false));
+        let max_batch = cfg.max_batch_mutations.max(1);
+        let thread = std::thread::Builder::new()
+            .name("wnsgate-store-commit".into())
+            .spawn(move || CommitLoop::new(store, on_durable, max_batch).run(&rx))
+            .expect("spawning the store committer thread");
+        (
+            CommitHandle {
+                tx: tx.clone(),
+                closed: closed.clone(),
+            },
+            CommitterJoin {
+                tx,
+                closed,
+                thread: Some(thread),
+            },
+        )
+    }
+}
+
+/// Submits mutations to the committer. Cheap to clone; usable from any
+/// thread or task.
+#[derive(Clone)]
+pub struct CommitHandle {
+    tx: Sender<Msg>,
+    closed: Arc<AtomicBool>,
+}
+
+impl CommitHandle {
+    /// Queues `mutations` to be applied atomically and durably. Never
+    /// blocks. The returned ticket resolves once they are synced (and
+    /// `on_durable` has seen them), or with the store's error.
+    pub fn submit(&self, mutations: Vec<Mutation>) -> Result<Ticket, SubmitError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(SubmitError::Closed);
+        }
+        let (done, rx) = oneshot::channel();
+        match self
+            .tx
+            .try_send(Msg::Submit(Submission { mutations, done }))
+        {
+            Ok(()) => Ok(Ticket { rx }),
+            Err(TrySendError::Full(_)) => Err(SubmitError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Closed),
+        }
+    }
+
+    /// Submissions currently waiting in the queue.
+    pub fn queue_len(&self) -> usize {
+        self.tx.len()
+    }
+}
+
+/// Resolves when a submission is durable (`Ok`) or failed (`Err`; nothing
+/// of it was applied).
+///
+/// Await it from async code, or call [`Ticket::wait_blocking`] from a plain
+/// thread.
+#[must_use = "a ticket tells whether the mutations became durable"]
+pub struct Ticket {
+    rx: oneshot::Receiver<Completion>,
+}
+
+impl Ticket {
+    /// Blocks the current thread until the submission completes.
+    ///
+    /// # Panics
+    ///
+    /// If called from within an asynchronous execution context (await the
+    /// ticket there instead).
+    pub fn wait_blocking(self) -> Result<(), StoreError> {
+        self.rx.blocking_recv().unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+impl Future for Ticket {
+    type Output = Result<(), StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or_else(|_| Err(stopped())))
+    }
+}
+
+/// The error of a ticket whose submission was dropped unapplied: the
+/// committer stopped (it died, or the submission raced with shutdown).
+fn stopped() -> StoreError {
+    StoreError::Io("the store committer stopped before applying the mutation".into())
+}
+
+/// Owns the committer thread. [`CommitterJoin::shutdown`] stops it cleanly;
+/// dropping it does the same.
+pub struct CommitterJoin {
+    tx: Sender<Msg>,
+    closed: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl CommitterJoin {
+    /// Stops accepting submissions (`submit` answers
+    /// [`SubmitError::Closed`]), applies and syncs everything already
+    /// queued, completing its tickets, and joins the thread.
+    ///
+    /// Fails only if the committer thread panicked (for example inside
+    /// `on_durable`); tickets it left behind resolve with an error.
+    pub fn shutdown(mut self) -> Result<(), StoreError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), StoreError> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        self.closed.store(true, Ordering::Release);
+        // Blocks while the queue is full; the thread is draining it. Fails
+        // only if the thread is gone, which the join reports.
+        let _ = self.tx.send(Msg::Shutdown);
+        thread
+            .join()
+            .map_err(|_| StoreError::Io("the store committer thread panicked".into()))
+    }
+}
+
+impl Drop for CommitterJoin {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
+/// State of the committer thread.
+struct CommitLoop {
+    store: Arc<dyn Store>,
+    on_durable: OnDurable,
+    max_batch: usize,
+    /// A submission taken from the queue that did not fit the last batch.
+    carried: Option<Submission>,
+    shutting_down: bool,
+    /// Reused across batches.
+    batch: Vec<Mutation>,
+    subs: Vec<Submission>,
+    m_batch_mutations: metrics::Histogram,
+    m_sync_seconds: metrics::Histogram,
+    m_batches: metrics::Counter,
+    m_errors: metrics::Counter,
+    m_queue_depth: metrics::Gauge,
+}
+
+impl CommitLoop {
+    fn new(store: Arc<dyn Store>, on_durable: OnDurable, max_batch: usize) -> CommitLoop {
+        CommitLoop {
+            store,
+            on_durable,
+            max_batch,
+            carried: None,
+            shutting_down: false,
+            batch: Vec::new(),
+            subs: Vec::new(),
+            m_batch_mutations: metrics::histogram!(METRIC_BATCH_MUTATIONS),
+            m_sync_seconds: metrics::histogram!(METRIC_SYNC_SECONDS),
+            m_batches: metrics::counter!(METRIC_BATCHES),
+            m_errors: metrics::counter!(METRIC_ERRORS),
+            m_queue_depth: metrics::gauge!(METRIC_QUEUE_DEPTH),
+        }
+    }
+
+    fn run(mut self, rx: &Receiver<Msg>) {
+        while let Some(first) = self.next_first(rx) {
+            self.gather(first, rx);
+            self.m_queue_depth.set(rx.len() as f64);
+            self.commit();
+        }
+        // Returning drops `rx`: a submission that raced with shutdown past
+        // the last drain is dropped, and its ticket resolves with an error.
+    }
+
+    /// The first submission of the next batch; `None` once shut down and
+    /// drained (or every sender is gone).
+    fn next_first(&mut self, rx: &Receiver<Msg>) -> Option<Submission> {
+        if let Some(s) = self.carried.take() {
+            return Some(s);
+        }
+        loop {
+            let msg = if self.shutting_down {
+                rx.try_recv().ok()?
+            } else {
+                rx.recv().ok()?
+            };
+            match msg {
+                Msg::Submit(s) => return Some(s),
+                Msg::Shutdown => self.shutting_down = true,
+            }
+        }
+    }
+
+    /// Adds queued submissions to `first` while they fit `max_batch`.
+    fn gather(&mut self, first: Submission, rx: &Receiver<Msg>) {
+        let mut n = first.mutations.len();
+        self.subs.push(first);
+        while n < self.max_batch {
+            match rx.try_recv() {
+                Ok(Msg::Submit(s)) => {
+                    if n + s.mutations.len() > self.max_batch {
+                        self.carried = Some(s);
+                        break;
+                    }
+                    n += s.mutations.len();
+                    self.subs.push(s);
+                }
+                Ok(Msg::Shutdown) => self.shutting_down = true,
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+    }
+
+    /// Applies the gathered submissions as one batch and completes them.
+    fn commit(&mut self) {
+        self.batch.clear();
+        for s in &mut self.subs {
+            self.batch.append(&mut s.mutations);
+        }
+        let result = if self.batch.is_empty() {
+            // Only empty submissions: everything before them is already
+            // durable, so there is nothing to sync.
+            Ok(())
+        } else {
+            let started = Instant::now();
+            let result = self.store.apply(&self.batch);
+            self.m_sync_seconds.record(started.elapsed().as_secs_f64());
+            self.m_batch_mutations.record(self.batch.len() as f64);
+            self.m_batches.increment(1);
+            result
+        };
+        match result {
+            Ok(()) => {
+                if !self.batch.is_empty() {
+                    (self.on_durable)(&self.batch);
+                }
+                for s in self.subs.drain(..) {
+                    // The submitter may have stopped waiting; that is fine.
+                    let _ = s.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                self.m_errors.increment(1);
+                tracing::error!(
+                    error = %e,
+                    mutations = self.batch.len(),
+                    submissions = self.subs.len(),
+                    "store batch failed; its submissions are refused"
+                );
+                for s in self.subs.drain(..) {
+                    let _ = s.done.send(Err(e.clone()));
+                }
+            }
+        }
+        self.batch.clear();
+        // One oversized submission must not pin its memory forever.
+        self.batch.shrink_to(self.max_batch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{ChannelUri, DeviceId, DeviceRecord, Pfn, UnixTime};
+    use crate::store::{FjallOptions, FjallStore, Page};
+    use crossbeam_channel as chan;
+    use std::collections::HashSet;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    fn put(id: &str) -> Mutation {
+        Mutation::Put(DeviceRecord {
+            device_id: DeviceId::parse(id).unwrap(),
+            pfn: Pfn::parse("Contoso.MDM_8wekyb3d8bbwe").unwrap(),
+            channel_uri: ChannelUri::from_trusted(format!(
+                "https://db5.notify.windows.com/?token=AwYAAAD{id}"
+            ))
+            .unwrap(),
+            provider_id: None,
+            issued_at: UnixTime(1_800_000_000),
+            dead: None,
+        })
+    }
+
+    fn id_of(m: &Mutation) -> &str {
+        match m {
+            Mutation::Put(r) => r.device_id.as_str(),
+            Mutation::Delete(id) => id.as_str(),
+        }
+    }
+
+    /// A store that records batch sizes and can block or fail on demand,
+    /// optionally writing through to a real store.
+    #[derive(Default)]
+    struct TestStore {
+        inner: Option<FjallStore>,
+        batches: Mutex<Vec<usize>>,
+        /// When set, `apply` reports entering and then waits for a permit.
+        gate: Option<(chan::Sender<()>, chan::Receiver<()>)>,
+        fail: bool,
+        delay: Option<Duration>,
+    }
+
+    impl Store for TestStore {
+        fn apply(&self, batch: &[Mutation]) -> Result<(), StoreError> {
+            self.batches.lock().unwrap().push(batch.len());
+            if let Some((entered, permit)) = &self.gate {
+                entered.send(()).unwrap();
+                permit.recv().unwrap();
+            }
+            if let Some(d) = self.delay {
+                std::thread::sleep(d);
+            }
+            if self.fail {
+                return Err(StoreError::Io("disk on fire".into()));
+            }
+            match &self.inner {
+                Some(s) => s.apply(batch),
+                None => Ok(()),
+            }
+        }
+        fn scan_all(&self, visit: &mut dyn FnMut(DeviceRecord)) -> Result<u64, StoreError> {
+            self.inner.as_ref().unwrap().scan_all(visit)
+        }
+        fn page(
+            &self,
+            _: Option<&str>,
+            _: usize,
+            _: usize,
+            _: &dyn Fn(&DeviceRecord) -> bool,
+        ) -> Result<Page, StoreError> {
+            unimplemented!()
+        }
+    }
+
+    fn gated() -> (TestStore, chan::Receiver<()>, chan::Sender<()>) {
+        let (entered_tx, entered_rx) = chan::unbounded();
+        let (permit_tx, permit_rx) = chan::unbounded();
+        let store = TestStore {
+            gate: Some((entered_tx, permit_rx)),
+            ..TestStore::default()
+        };
+        (store, entered_rx, permit_tx)
+    }
+
+    type Log = Arc<Mutex<Vec<String>>>;
+
+    fn logging() -> (Log, OnDurable) {
+        let log: Log = Arc::default();
+        let l = log.clone();
+        let f = Box::new(move |b: &[Mutation]| {
+            l.lock()
+                .unwrap()
+                .extend(b.iter().map(|m| id_of(m).to_owned()));
+        });
+        (log, f)
+    }
+
+    fn cfg(queue_capacity: usize, max_batch_mutations: usize) -> CommitterConfig {
+        CommitterConfig {
+            queue_capacity,
+            max_batch_mutations,
+        }
+    }
+
+    #[test]
+    fn concurrent_submitters_are_group_committed_in_order() {
+        const THREADS: usize = 6;
+        const SUBMISSIONS: usize = 150;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(TestStore {
+            inner: Some(FjallStore::open(dir.path(), FjallOptions::default()).unwrap()),
+            ..TestStore::default()
+        });
+        let durable: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let (log, log_fn) = logging();
+        let d = durable.clone();
+        let mut log_fn = log_fn;
+        let on_durable = Box::new(move |b: &[Mutation]| {
+            d.lock()
+                .unwrap()
+                .extend(b.iter().map(|m| id_of(m).to_owned()));
+            log_fn(b);
+        });
+        let (handle, join) = Committer::start(store.clone(), on_durable, cfg(4096, 500));
+        let submitted = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let (handle, durable, submitted) = (handle.clone(), &durable, &submitted);
+                s.spawn(move || {
+                    // Even threads submit everything, then wait; odd threads
+                    // wait for each ticket before the next submission.
+                    let mut pending = Vec::new();
+                    for i in 0..SUBMISSIONS {
+                        let ids: Vec<String> =
+                            (0..1 + i % 3).map(|k| format!("t{t}-{i:04}-{k}")).collect();
+                        let ticket = handle
+                            .submit(ids.iter().map(|id| put(id)).collect())
+                            .unwrap();
+                        submitted.fetch_add(1, Ordering::Relaxed);
+                        if t % 2 == 0 {
+                            pending.push((ids, ticket));
+                        } else {
+                            ticket.wait_blocking().unwrap();
+                            let d = durable.lock().unwrap();
+                            assert!(ids.iter().all(|id| d.contains(id)));
+                        }
+                    }
+                    for (ids, ticket) in pending {
+                        ticket.wait_blocking().unwrap();
+                        let d = durable.lock().unwrap();
+                        assert!(
+                            ids.iter().all(|id| d.contains(id)),
+                            "acked before on_durable"
+                        );
+                    }
+                });
+            }
+        });
+        join.shutdown().unwrap();
+
+        let log = log.lock().unwrap();
+        let total: usize = (0..SUBMISSIONS).map(|i| 1 + i % 3).sum::<usize>() * THREADS;
+        assert_eq!(log.len(), total, "every mutation exactly once");
+        assert_eq!(log.iter().collect::<HashSet<_>>().len(), total);
+        for t in 0..THREADS {
+            let mine: Vec<&String> = log
+                .iter()
+                .filter(|id| id.starts_with(&format!("t{t}-")))
+                .collect();
+            assert!(mine.windows(2).all(|w| w[0] < w[1]), "order of t{t}");
+        }
+        let syncs = store.batches.lock().unwrap().len();
+        let submissions = submitted.into_inner();
+        assert!(syncs < submissions, "{syncs} syncs for {submissions}");
+        assert!(store.batches.lock().unwrap().iter().all(|&n| n <= 500));
+
+        // And it is all on disk.
+        let mut n = 0;
+        store.scan_all(&mut |_| n += 1).unwrap();
+        assert_eq!(n, total);
+    }
+
+    #[test]
+    fn full_queue_is_overloaded_not_blocking() {
+        let (store, entered, permit) = gated();
+        let store = Arc::new(store);
+        let (log, on_durable) = logging();
+        let (handle, join) = Committer::start(store.clone(), on_durable, cfg(2, 100));
+        let first = handle.submit(vec![put("a")]).unwrap();
+        entered.recv().unwrap(); // the thread holds "a" inside apply
+        let queued: Vec<Ticket> = ["b", "c"]
+            .iter()
+            .map(|id| handle.submit(vec![put(id)]).unwrap())
+            .collect();
+        assert_eq!(handle.queue_len(), 2);
+        assert_eq!(
+            handle.submit(vec![put("d")]).err(),
+            Some(SubmitError::Overloaded)
+        );
+        permit.send(()).unwrap();
+        first.wait_blocking().unwrap();
+        entered.recv().unwrap();
+        permit.send(()).unwrap();
+        for t in queued {
+            t.wait_blocking().unwrap();
+        }
+        join.shutdown().unwrap();
+        assert_eq!(*log.lock().unwrap(), ["a", "b", "c"]);
+        assert_eq!(*store.batches.lock().unwrap(), [1, 2]);
+    }
+
+    #[test]
+    fn failed_apply_fails_every_ticket_and_skips_on_durable() {
+        let (mut store, entered, permit) = gated();
+        store.fail = true;
+        let (log, on_durable) = logging();
+        let (handle, join) = Committer::start(Arc::new(store), on_durable, cfg(16, 100));
+        let first = handle.submit(vec![put("a")]).unwrap();
+        entered.recv().unwrap();
+        let rest: Vec<Ticket> = ["b", "c"]
+            .iter()
+            .map(|id| handle.submit(vec![put(id)]).unwrap())
+            .collect();
+        permit.send(()).unwrap();
+        permit.send(()).unwrap();
+        for t in std::iter::once(first).chain(rest) {
+            let err = t.wait_blocking().unwrap_err();
+            assert!(err.to_string().contains("disk on fire"), "{err}");
+        }
+        join.shutdown().unwrap();
+        assert!(log.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn submissions_are_never_split_across_batches() {
+        let (store, entered, permit) = gated();
+        let store = Arc::new(store);
+        let (log, on_durable) = logging();
+        let (handle, join) = Committer::start(store.clone(), on_durable, cfg(16, 10));
+        let many = |p: &str, n: usize| (0..n).map(|i| put(&format!("{p}{i:02}"))).collect();
+        let a = handle.submit(many("a", 3)).unwrap();
+        entered.recv().unwrap();
+        let tickets = [
+            handle.submit(many("b", 25)).unwrap(),
+            handle.submit(many("c", 4)).unwrap(),
+            handle.submit(many("d", 4)).unwrap(),
+            handle.submit(many("e", 3)).unwrap(),
+        ];
+        for _ in 0..4 {
+            permit.send(()).unwrap();
+        }
+        a.wait_blocking().unwrap();
+        for t in tickets {
+            t.wait_blocking().unwrap();
+        }
+        join.shutdown().unwrap();
+        // [a], then b alone (over the limit), then c+d (8), then e (8+3 > 10).
+        assert_eq!(*store.batches.lock().unwrap(), [3, 25, 8, 3]);
+        assert_eq!(log.lock().unwrap().len(), 39);
+    }
+
+    #[test]
+    fn shutdown_drains_the_queue_then_refuses() {
+        let store = Arc::new(TestStore {
+            delay: Some(Duration::from_millis(2)),
+            ..TestStore::default()
+        });
+        let (log, on_durable) = logging();
+        let (handle, join) = Committer::start(store.clone(), on_durable, cfg(256, 3));
+        let tickets: Vec<Ticket> = (0..60)
+            .map(|i| handle.submit(vec![put(&format!("x{i:02}"))]).unwrap())
+            .collect();
+        join.shutdown().unwrap();
+        assert_eq!(log.lock().unwrap().len(), 60);
+        for t in tickets {
+            t.wait_blocking().unwrap();
+        }
+        assert_eq!(
+            handle.submit(vec![put("late")]).err(),
+            Some(SubmitError::Closed)
+        );
+        assert!(store.batches.lock().unwrap().len() >= 20);
+    }
+
+    #[test]
+    fn tickets_are_futures_and_empty_submissions_complete() {
+        let store = Arc::new(TestStore::default());
+        let (log, on_durable) = logging();
+        let (handle, join) = Committer::start(store.clone(), on_durable, cfg(8, 8));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            handle.submit(vec![put("a")]).unwrap().await.unwrap();
+            handle.submit(Vec::new()).unwrap().await.unwrap();
+        });
+        drop(join);
+        assert_eq!(*log.lock().unwrap(), ["a"]);
+        assert_eq!(*store.batches.lock().unwrap(), [1]);
+        assert_eq!(handle.submit(vec![]).err(), Some(SubmitError::Closed));
+    }
+
+    #[test]
+    fn a_panicking_on_durable_closes_the_committer() {
+        let store = Arc::new(TestStore::default());
+        let (handle, join) = Committer::start(
+            store,
+            Box::new(|_: &[Mutation]| panic!("registry bug")),
+            cfg(8, 8),
+        );
+        let err = handle.submit(vec![put("a")]).unwrap().wait_blocking();
+        assert!(err.is_err());
+        assert!(join.shutdown().is_err());
+        assert_eq!(handle.submit(vec![]).err(), Some(SubmitError::Closed));
+    }
+}
