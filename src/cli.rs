@@ -30,7 +30,10 @@ fn spawn_signal_watcher() -> anyhow::Result<mpsc::Receiver<()>> {
         .build()
         .context("cannot start the signal watcher")?;
     let (mut term, mut int) = rt.block_on(async {
-        Ok::<_, std::io::Error>((signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?))
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
     })?;
     std::thread::Builder::new()
         .name("wnsgate-signals".into())
@@ -58,19 +61,28 @@ fn spawn_signal_watcher() -> anyhow::Result<mpsc::Receiver<()>> {
 /// Streams an NDJSON file to a gateway's `POST /v1/devices:import`, with a
 /// progress bar, and prints the gateway's report.
 pub fn import(file: &Path, url: &str, token: Option<String>) -> anyhow::Result<()> {
-    let mut f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let mut f =
+        std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
     let size = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut client = Client::new(url)?
         .with_token(token)
         .with_timeout(std::time::Duration::from_secs(300));
     let bar = ProgressBar::new(size).with_style(
-        ProgressStyle::with_template("{spinner} importing [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} importing [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     let started = std::time::Instant::now();
     let resp = client
-        .request_streaming("POST", "/v1/devices:import", "application/x-ndjson", &mut f, &mut |n| bar.set_position(n))
+        .request_streaming(
+            "POST",
+            "/v1/devices:import",
+            "application/x-ndjson",
+            &mut f,
+            &mut |n| bar.set_position(n),
+        )
         .with_context(|| format!("import to {url} failed"))?;
     bar.finish_and_clear();
     let body = resp.json();
@@ -86,7 +98,12 @@ pub fn import(file: &Path, url: &str, token: Option<String>) -> anyhow::Result<(
     );
     if let Some(errors) = body["errors"].as_array() {
         for e in errors.iter().take(20) {
-            println!("  line {}: {} ({})", e["line"], e["message"].as_str().unwrap_or(""), e["code"].as_str().unwrap_or(""));
+            println!(
+                "  line {}: {} ({})",
+                e["line"],
+                e["message"].as_str().unwrap_or(""),
+                e["code"].as_str().unwrap_or("")
+            );
         }
         if errors.len() > 20 || body["errors_truncated"].as_bool() == Some(true) {
             println!("  ...");

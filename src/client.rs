@@ -62,10 +62,9 @@ impl Client {
                 format!("{base}: expected http://host:port"),
             ));
         }
-        let addr = hostport
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{hostport}: no address")))?;
+        let addr = hostport.to_socket_addrs()?.next().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{hostport}: no address"))
+        })?;
         Ok(Client {
             addr,
             host: hostport.to_owned(),
@@ -92,14 +91,25 @@ impl Client {
     }
 
     /// A request with a JSON body.
-    pub fn send_json(&mut self, method: &str, path: &str, body: &serde_json::Value) -> io::Result<HttpResponse> {
+    pub fn send_json(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> io::Result<HttpResponse> {
         let bytes = serde_json::to_vec(body).map_err(io::Error::other)?;
         self.request(method, path, Some("application/json"), &bytes)
     }
 
     /// A request with a fully buffered body. A connection the server closed
     /// while idle is re-opened once.
-    pub fn request(&mut self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> io::Result<HttpResponse> {
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> io::Result<HttpResponse> {
         let reused = self.conn.is_some();
         match self.try_request(method, path, content_type, body) {
             Err(e) if reused && is_stale(&e) => {
@@ -110,7 +120,13 @@ impl Client {
         }
     }
 
-    fn try_request(&mut self, method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> io::Result<HttpResponse> {
+    fn try_request(
+        &mut self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> io::Result<HttpResponse> {
         let head = self.head(method, path, content_type, Some(body.len() as u64));
         let conn = self.connection()?;
         let w = conn.get_mut();
@@ -153,7 +169,13 @@ impl Client {
         self.read_response()
     }
 
-    fn head(&self, method: &str, path: &str, content_type: Option<&str>, len: Option<u64>) -> String {
+    fn head(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        len: Option<u64>,
+    ) -> String {
         let mut h = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.host);
         if let Some(t) = &self.token {
             h.push_str(&format!("Authorization: Bearer {t}\r\n"));
@@ -193,7 +215,10 @@ impl Client {
 fn is_stale(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
     )
 }
 
@@ -207,7 +232,10 @@ fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<(HttpResponse, bool
     loop {
         let n = r.read_until(b'\n', &mut head)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before a response",
+            ));
         }
         if head.ends_with(b"\r\n\r\n") || head == b"\r\n" {
             break;
@@ -226,17 +254,29 @@ fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<(HttpResponse, bool
     let headers: Vec<(String, String)> = resp
         .headers
         .iter()
-        .map(|h| (h.name.to_owned(), String::from_utf8_lossy(h.value).into_owned()))
+        .map(|h| {
+            (
+                h.name.to_owned(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
         .collect();
-    let find = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone());
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
     let keep = !find("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-    let chunked = find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    let chunked =
+        find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
     let mut body = Vec::new();
     if chunked {
         loop {
             let mut line = String::new();
             r.read_line(&mut line)?;
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16).map_err(|_| bad("bad chunk size"))?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .map_err(|_| bad("bad chunk size"))?;
             if body.len() + size > MAX_RESPONSE_BYTES {
                 return Err(bad("response too large"));
             }
@@ -260,7 +300,21 @@ fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<(HttpResponse, bool
         r.read_exact(&mut body)?;
     } else if status != 204 && status != 304 {
         r.take(MAX_RESPONSE_BYTES as u64).read_to_end(&mut body)?;
-        return Ok((HttpResponse { status, headers, body }, false));
+        return Ok((
+            HttpResponse {
+                status,
+                headers,
+                body,
+            },
+            false,
+        ));
     }
-    Ok((HttpResponse { status, headers, body }, keep))
+    Ok((
+        HttpResponse {
+            status,
+            headers,
+            body,
+        },
+        keep,
+    ))
 }

@@ -236,10 +236,12 @@ impl Config {
                     path: p.to_owned(),
                     err,
                 })?;
-                let t: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: p.display().to_string(),
-                    msg: e.to_string(),
-                })?;
+                let t: toml::Table =
+                    text.parse()
+                        .map_err(|e: toml::de::Error| ConfigError::Parse {
+                            path: p.display().to_string(),
+                            msg: e.to_string(),
+                        })?;
                 (t, p.display().to_string())
             }
             None => (toml::Table::new(), "(defaults)".to_owned()),
@@ -253,9 +255,11 @@ impl Config {
                 continue;
             }
             let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
-            apply_override(&mut table, &defaults, &keys, &value).map_err(|msg| ConfigError::Env {
-                var: var.clone(),
-                msg,
+            apply_override(&mut table, &defaults, &keys, &value).map_err(|msg| {
+                ConfigError::Env {
+                    var: var.clone(),
+                    msg,
+                }
             })?;
         }
         toml::Value::Table(table)
@@ -325,16 +329,29 @@ impl Settings {
     /// Validates `cfg`, reading token and secret files and environment
     /// variables it points to.
     pub fn resolve(cfg: &Config) -> Result<Settings, ConfigError> {
-        let listen: SocketAddr = cfg
-            .api
-            .listen
-            .parse()
-            .map_err(|_| invalid("api.listen", format!("{:?} is not an IP:port address (e.g. 127.0.0.1:8080 or [::1]:8080)", cfg.api.listen)))?;
+        let listen: SocketAddr = cfg.api.listen.parse().map_err(|_| {
+            invalid(
+                "api.listen",
+                format!(
+                    "{:?} is not an IP:port address (e.g. 127.0.0.1:8080 or [::1]:8080)",
+                    cfg.api.listen
+                ),
+            )
+        })?;
 
-        let mut tokens: Vec<Secret> = cfg.api.tokens.iter().filter(|t| !t.0.is_empty()).cloned().collect();
+        let mut tokens: Vec<Secret> = cfg
+            .api
+            .tokens
+            .iter()
+            .filter(|t| !t.0.is_empty())
+            .cloned()
+            .collect();
         if let Some(path) = &cfg.api.tokens_file {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                invalid("api.tokens_file", format!("cannot read {}: {e}", path.display()))
+                invalid(
+                    "api.tokens_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
             })?;
             tokens.extend(
                 text.lines()
@@ -345,7 +362,10 @@ impl Settings {
         }
         if let Some(short) = tokens.iter().find(|t| t.0.len() < 16) {
             let _ = short;
-            return Err(invalid("api.tokens", "every bearer token must be at least 16 characters"));
+            return Err(invalid(
+                "api.tokens",
+                "every bearer token must be at least 16 characters",
+            ));
         }
         if !listen.ip().is_loopback() && tokens.is_empty() {
             return Err(invalid(
@@ -357,7 +377,10 @@ impl Settings {
             ));
         }
         if cfg.api.max_body_bytes == 0 || cfg.api.max_import_bytes == 0 {
-            return Err(invalid("api.max_body_bytes", "body limits must be positive"));
+            return Err(invalid(
+                "api.max_body_bytes",
+                "body limits must be positive",
+            ));
         }
         if cfg.api.max_inflight_per_shard == 0 {
             return Err(invalid("api.max_inflight_per_shard", "must be positive"));
@@ -369,21 +392,36 @@ impl Settings {
             return Err(invalid("store.path", "must not be empty"));
         }
         if cfg.store.queue_capacity == 0 || cfg.store.max_batch_mutations == 0 {
-            return Err(invalid("store.queue_capacity", "queue capacity and batch size must be positive"));
+            return Err(invalid(
+                "store.queue_capacity",
+                "queue capacity and batch size must be positive",
+            ));
         }
 
-        let renewal = duration_key("lifecycle.renewal_due_after", &cfg.lifecycle.renewal_due_after)?;
+        let renewal = duration_key(
+            "lifecycle.renewal_due_after",
+            &cfg.lifecycle.renewal_due_after,
+        )?;
         let expire = duration_key("lifecycle.expire_after", &cfg.lifecycle.expire_after)?;
         if expire <= renewal {
-            return Err(invalid("lifecycle.expire_after", "must be longer than lifecycle.renewal_due_after"));
+            return Err(invalid(
+                "lifecycle.expire_after",
+                "must be longer than lifecycle.renewal_due_after",
+            ));
         }
 
         let suffix = cfg.wns.allowed_host_suffix.trim().to_ascii_lowercase();
         if suffix.is_empty() || suffix.starts_with('.') || suffix.contains(['/', ':', '@']) {
-            return Err(invalid("wns.allowed_host_suffix", "must be a host name such as notify.windows.com"));
+            return Err(invalid(
+                "wns.allowed_host_suffix",
+                "must be a host name such as notify.windows.com",
+            ));
         }
         if !(64..=65_535).contains(&cfg.wns.max_channel_uri_bytes) {
-            return Err(invalid("wns.max_channel_uri_bytes", "must be between 64 and 65535"));
+            return Err(invalid(
+                "wns.max_channel_uri_bytes",
+                "must be between 64 and 65535",
+            ));
         }
 
         let mut known_pfns = Vec::new();
@@ -391,16 +429,25 @@ impl Settings {
             let key = format!("wns.apps[{i}]");
             Pfn::parse(&app.pfn).map_err(|e| invalid(&format!("{key}.pfn"), e.to_string()))?;
             if !app.package_sid.starts_with("ms-app://") {
-                return Err(invalid(&format!("{key}.package_sid"), "must start with ms-app://"));
+                return Err(invalid(
+                    &format!("{key}.package_sid"),
+                    "must start with ms-app://",
+                ));
             }
             resolve_secret(&key, app)?;
             if known_pfns.contains(&app.pfn) {
-                return Err(invalid(&format!("{key}.pfn"), format!("{} is configured twice", app.pfn)));
+                return Err(invalid(
+                    &format!("{key}.pfn"),
+                    format!("{} is configured twice", app.pfn),
+                ));
             }
             known_pfns.push(app.pfn.clone());
         }
         if !cfg.wns.ca_file.is_empty() && !Path::new(&cfg.wns.ca_file).is_file() {
-            return Err(invalid("wns.ca_file", format!("{} is not a readable file", cfg.wns.ca_file)));
+            return Err(invalid(
+                "wns.ca_file",
+                format!("{} is not a readable file", cfg.wns.ca_file),
+            ));
         }
 
         Ok(Settings {
@@ -441,16 +488,35 @@ fn duration_key(key: &str, s: &str) -> Result<u32, ConfigError> {
     parse_duration_secs(s)
         .filter(|&v| v > 0)
         .and_then(|v| u32::try_from(v).ok())
-        .ok_or_else(|| invalid(key, format!("{s:?} is not a duration such as 15d, 36h, 90m or 3600s")))
+        .ok_or_else(|| {
+            invalid(
+                key,
+                format!("{s:?} is not a duration such as 15d, 36h, 90m or 3600s"),
+            )
+        })
 }
 
 /// The client secret of `app`, from exactly one of its three sources.
 pub fn resolve_secret(key: &str, app: &WnsApp) -> Result<Secret, ConfigError> {
-    let sources = [!app.client_secret.0.is_empty(), !app.client_secret_env.is_empty(), !app.client_secret_file.is_empty()];
+    let sources = [
+        !app.client_secret.0.is_empty(),
+        !app.client_secret_env.is_empty(),
+        !app.client_secret_file.is_empty(),
+    ];
     match sources.iter().filter(|s| **s).count() {
-        0 => return Err(invalid(&format!("{key}.client_secret"), "set one of client_secret, client_secret_env or client_secret_file")),
+        0 => {
+            return Err(invalid(
+                &format!("{key}.client_secret"),
+                "set one of client_secret, client_secret_env or client_secret_file",
+            ))
+        }
         1 => {}
-        _ => return Err(invalid(&format!("{key}.client_secret"), "set only one of client_secret, client_secret_env or client_secret_file")),
+        _ => {
+            return Err(invalid(
+                &format!("{key}.client_secret"),
+                "set only one of client_secret, client_secret_env or client_secret_file",
+            ))
+        }
     }
     if !app.client_secret.0.is_empty() {
         return Ok(app.client_secret.clone());
@@ -460,11 +526,21 @@ pub fn resolve_secret(key: &str, app: &WnsApp) -> Result<Secret, ConfigError> {
             .ok()
             .filter(|v| !v.is_empty())
             .map(Secret)
-            .ok_or_else(|| invalid(&format!("{key}.client_secret_env"), format!("environment variable {} is not set", app.client_secret_env)));
+            .ok_or_else(|| {
+                invalid(
+                    &format!("{key}.client_secret_env"),
+                    format!("environment variable {} is not set", app.client_secret_env),
+                )
+            });
     }
     std::fs::read_to_string(&app.client_secret_file)
         .map(|s| Secret(s.trim().to_owned()))
-        .map_err(|e| invalid(&format!("{key}.client_secret_file"), format!("cannot read {}: {e}", app.client_secret_file)))
+        .map_err(|e| {
+            invalid(
+                &format!("{key}.client_secret_file"),
+                format!("cannot read {}: {e}", app.client_secret_file),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -472,7 +548,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -518,9 +597,18 @@ mod tests {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("WNSGATE_API__LISTEN", "localhost")], "api.listen"),
             (&[("WNSGATE_API__LISTEN", "0.0.0.0:8080")], "no API tokens"),
-            (&[("WNSGATE_LIFECYCLE__EXPIRE_AFTER", "10d")], "lifecycle.expire_after"),
-            (&[("WNSGATE_LIFECYCLE__RENEWAL_DUE_AFTER", "soon")], "lifecycle.renewal_due_after"),
-            (&[("WNSGATE_WNS__CA_FILE", "/nonexistent.pem")], "wns.ca_file"),
+            (
+                &[("WNSGATE_LIFECYCLE__EXPIRE_AFTER", "10d")],
+                "lifecycle.expire_after",
+            ),
+            (
+                &[("WNSGATE_LIFECYCLE__RENEWAL_DUE_AFTER", "soon")],
+                "lifecycle.renewal_due_after",
+            ),
+            (
+                &[("WNSGATE_WNS__CA_FILE", "/nonexistent.pem")],
+                "wns.ca_file",
+            ),
             (&[("WNSGATE_API__TOKENS", r#"["short"]"#)], "16 characters"),
         ];
         for (vars, want) in cases {
@@ -554,7 +642,10 @@ mod tests {
         };
         assert_eq!(resolve_secret("k", &app).unwrap().expose(), "from-file");
         app.client_secret = Secret("inline-secret".into());
-        assert!(resolve_secret("k", &app).unwrap_err().to_string().contains("only one"));
+        assert!(resolve_secret("k", &app)
+            .unwrap_err()
+            .to_string()
+            .contains("only one"));
         assert!(!format!("{app:?}").contains("inline-secret"));
     }
 }

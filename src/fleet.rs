@@ -5,7 +5,16 @@
 use crate::core::UnixTime;
 
 /// WNS front-end hosts seen in real channel URIs.
-pub const HOSTS: &[&str] = &["db5", "bn1", "hk2", "am3p", "cloud", "wns2-by3p", "sg2p", "ch1"];
+pub const HOSTS: &[&str] = &[
+    "db5",
+    "bn1",
+    "hk2",
+    "am3p",
+    "cloud",
+    "wns2-by3p",
+    "sg2p",
+    "ch1",
+];
 /// The PFN the synthetic fleet registers with.
 pub const DEMO_PFN: &str = "Contoso.MDM_8wekyb3d8bbwe";
 
@@ -22,7 +31,14 @@ pub fn device_id(i: u64) -> String {
     let a = mix(i);
     let b = mix(i ^ 0xA5A5_A5A5_A5A5_A5A5);
     let h = format!("{a:016x}{b:016x}");
-    format!("{}-{}-4{}-a{}-{}", &h[0..8], &h[8..12], &h[13..16], &h[17..20], &h[20..32])
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
 }
 
 /// A channel URI of real length (about 190 bytes) for device `i`, with the
@@ -78,7 +94,10 @@ pub fn issued_at(i: u64, now: UnixTime, ages: AgeMix) -> UnixTime {
     } else {
         31 * DAY + jitter * 2
     };
-    UnixTime(now.secs().saturating_sub(age.min(u64::from(u32::MAX)) as u32))
+    UnixTime(
+        now.secs()
+            .saturating_sub(age.min(u64::from(u32::MAX)) as u32),
+    )
 }
 
 /// One NDJSON registration line for device `i` (with a trailing newline).
@@ -117,7 +136,9 @@ mod tests {
         let th = crate::core::Thresholds::default();
         let mut counts = [0u32; 5];
         for i in 0..10_000 {
-            let st = th.state_at(issued_at(i, now, AgeMix::default()), None, now).state;
+            let st = th
+                .state_at(issued_at(i, now, AgeMix::default()), None, now)
+                .state;
             counts[st as usize] += 1;
         }
         assert!((6_500..7_500).contains(&counts[0]), "{counts:?}");

@@ -8,16 +8,16 @@
 //! - [`api`]: the HTTP API served by every shard;
 //! - [`config`], [`telemetry`]: configuration, metrics and logs.
 
+pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod core;
-pub mod registry;
-pub mod store;
-pub mod telemetry;
-pub mod api;
-pub mod client;
 pub mod demo;
 pub mod fleet;
 pub mod gateway;
+pub mod registry;
 pub mod server;
 pub mod shard;
+pub mod store;
+pub mod telemetry;

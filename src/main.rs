@@ -9,7 +9,11 @@ use wnsgate::config::{Config, IoBackend, LogFormat, Settings};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "wnsgate", version, about = "Push gateway for Windows device management (WNS wake-ups for OMA-DM servers)")]
+#[command(
+    name = "wnsgate",
+    version,
+    about = "Push gateway for Windows device management (WNS wake-ups for OMA-DM servers)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -86,10 +90,16 @@ fn main() -> ExitCode {
                 overrides.push(("WNSGATE_SERVER__SHARDS".into(), v.to_string()));
             }
             if let Some(v) = io {
-                overrides.push(("WNSGATE_SERVER__IO".into(), format!("\"{}\"", enum_name(&v))));
+                overrides.push((
+                    "WNSGATE_SERVER__IO".into(),
+                    format!("\"{}\"", enum_name(&v)),
+                ));
             }
             if let Some(v) = log_format {
-                overrides.push(("WNSGATE_LOG__FORMAT".into(), format!("\"{}\"", enum_name(&v))));
+                overrides.push((
+                    "WNSGATE_LOG__FORMAT".into(),
+                    format!("\"{}\"", enum_name(&v)),
+                ));
             }
             load_settings(config.as_deref(), overrides).and_then(wnsgate::cli::serve)
         }
@@ -119,10 +129,15 @@ fn main() -> ExitCode {
 }
 
 fn enum_name<T: clap::ValueEnum>(v: &T) -> String {
-    v.to_possible_value().map(|p| p.get_name().to_owned()).unwrap_or_default()
+    v.to_possible_value()
+        .map(|p| p.get_name().to_owned())
+        .unwrap_or_default()
 }
 
-fn load_settings(file: Option<&std::path::Path>, overrides: Vec<(String, String)>) -> anyhow::Result<Settings> {
+fn load_settings(
+    file: Option<&std::path::Path>,
+    overrides: Vec<(String, String)>,
+) -> anyhow::Result<Settings> {
     let env = std::env::vars().chain(overrides);
     let cfg = Config::load(file, env)?;
     Ok(Settings::resolve(&cfg)?)

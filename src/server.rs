@@ -49,7 +49,8 @@ fn resolve_io(io: IoBackend) -> &'static str {
 pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let metrics = crate::telemetry::metrics::install();
     let path = settings.store.path.clone();
-    std::fs::create_dir_all(&path).with_context(|| format!("cannot create the data directory {}", path.display()))?;
+    std::fs::create_dir_all(&path)
+        .with_context(|| format!("cannot create the data directory {}", path.display()))?;
     let store = FjallStore::open(
         &path,
         FjallOptions {
@@ -72,7 +73,14 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let io = resolve_io(settings.io);
     let listen = settings.listen;
     let shard_count = settings.shard_count();
-    let gateway = Arc::new(Gateway::new(settings, registry.clone(), store.clone(), commits, metrics, io));
+    let gateway = Arc::new(Gateway::new(
+        settings,
+        registry.clone(),
+        store.clone(),
+        commits,
+        metrics,
+        io,
+    ));
     let shards = ShardSet::start(gateway.clone(), listen, shard_count)
         .with_context(|| format!("cannot listen on {listen}"))?;
     let local_addr = shards.local_addr;
@@ -101,7 +109,9 @@ impl Running {
     pub fn shutdown(self) {
         self.gateway.begin_drain();
         self.shards.shutdown();
-        self.committer.shutdown();
-        tracing::info!("stopped");
+        match self.committer.shutdown() {
+            Ok(()) => tracing::info!("stopped"),
+            Err(e) => tracing::error!(error = %e, "the final store flush failed"),
+        }
     }
 }

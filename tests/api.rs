@@ -30,7 +30,8 @@ fn health_readiness_and_metrics() {
     let mut c = s.client();
     assert_eq!(c.get("/healthz").unwrap().status, 200);
     assert_eq!(c.get("/readyz").unwrap().json()["status"], "ready");
-    c.send_json("PUT", "/v1/devices/m1/channel", &channel_body(&uri("m1"))).unwrap();
+    c.send_json("PUT", "/v1/devices/m1/channel", &channel_body(&uri("m1")))
+        .unwrap();
     let m = c.get("/metrics").unwrap();
     assert_eq!(m.status, 200);
     let text = m.text();
@@ -44,7 +45,10 @@ fn health_readiness_and_metrics() {
     ] {
         assert!(text.contains(name), "metrics lack {name}:\n{text}");
     }
-    assert!(!text.contains("token=m1"), "a channel URI leaked into metrics");
+    assert!(
+        !text.contains("token=m1"),
+        "a channel URI leaked into metrics"
+    );
 }
 
 #[test]
@@ -69,19 +73,33 @@ fn register_read_update_list_delete() {
 
     let got = c.get("/v1/devices/dev-1").unwrap();
     assert_eq!(got.status, 200);
-    assert_eq!(got.json()["channel_uri"], u1.as_str(), "URI must come back byte-exact");
+    assert_eq!(
+        got.json()["channel_uri"],
+        u1.as_str(),
+        "URI must come back byte-exact"
+    );
 
     // A new URI: fresh life, active.
     let u2 = uri("second");
-    let r = c.send_json("PUT", "/v1/devices/dev-1/channel", &channel_body(&u2)).unwrap();
+    let r = c
+        .send_json("PUT", "/v1/devices/dev-1/channel", &channel_body(&u2))
+        .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["state"], "active");
     assert_eq!(r.json()["channel_uri"], u2.as_str());
 
     // States by age.
-    for (id, age, state) in [("old", 40, "expired"), ("mid", 20, "renewal_due"), ("new", 1, "active")] {
+    for (id, age, state) in [
+        ("old", 40, "expired"),
+        ("mid", 20, "renewal_due"),
+        ("new", 1, "active"),
+    ] {
         let r = c
-            .send_json("PUT", &format!("/v1/devices/{id}/channel"), &json!({"pfn": PFN, "channel_uri": uri(id), "issued_at": days_ago(age)}))
+            .send_json(
+                "PUT",
+                &format!("/v1/devices/{id}/channel"),
+                &json!({"pfn": PFN, "channel_uri": uri(id), "issued_at": days_ago(age)}),
+            )
             .unwrap();
         assert_eq!(r.status, 201);
         assert_eq!(r.json()["state"], state, "{id}");
@@ -97,7 +115,12 @@ fn register_read_update_list_delete() {
 
     // Listing: filter and paging.
     let expired = c.get("/v1/devices?state=expired").unwrap().json();
-    let ids: Vec<_> = expired["devices"].as_array().unwrap().iter().map(|d| d["device_id"].clone()).collect();
+    let ids: Vec<_> = expired["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["device_id"].clone())
+        .collect();
     assert_eq!(ids, vec![json!("old")]);
     let mut seen = Vec::new();
     let mut path = "/v1/devices?limit=1".to_owned();
@@ -113,7 +136,12 @@ fn register_read_update_list_delete() {
     }
     assert_eq!(seen, vec!["dev-1", "mid", "new", "old"]);
 
-    assert_eq!(c.request("DELETE", "/v1/devices/mid", None, b"").unwrap().status, 204);
+    assert_eq!(
+        c.request("DELETE", "/v1/devices/mid", None, b"")
+            .unwrap()
+            .status,
+        204
+    );
     assert_eq!(c.get("/v1/devices/mid").unwrap().status, 404);
     let again = c.request("DELETE", "/v1/devices/mid", None, b"").unwrap();
     assert_eq!(again.status, 404);
@@ -126,19 +154,44 @@ fn percent_encoded_guid_ids() {
     let (_d, s) = start();
     let mut c = s.client();
     let r = c
-        .send_json("PUT", "/v1/devices/%7B6F1C2A9E-3B1D-4C55-9A0E-2F6F0D7B8C11%7D/channel", &channel_body(&uri("g")))
+        .send_json(
+            "PUT",
+            "/v1/devices/%7B6F1C2A9E-3B1D-4C55-9A0E-2F6F0D7B8C11%7D/channel",
+            &channel_body(&uri("g")),
+        )
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(r.json()["device_id"], "{6F1C2A9E-3B1D-4C55-9A0E-2F6F0D7B8C11}");
-    assert_eq!(c.get("/v1/devices/%7B6F1C2A9E-3B1D-4C55-9A0E-2F6F0D7B8C11%7D").unwrap().status, 200);
+    assert_eq!(
+        r.json()["device_id"],
+        "{6F1C2A9E-3B1D-4C55-9A0E-2F6F0D7B8C11}"
+    );
+    assert_eq!(
+        c.get("/v1/devices/%7B6F1C2A9E-3B1D-4C55-9A0E-2F6F0D7B8C11%7D")
+            .unwrap()
+            .status,
+        200
+    );
 }
 
 /// Sends `body` raw and returns (status, error code).
-fn put_raw(c: &mut wnsgate::client::Client, id: &str, ct: Option<&str>, body: &[u8]) -> (u16, String) {
-    let r = c.request("PUT", &format!("/v1/devices/{id}/channel"), ct, body).unwrap();
+fn put_raw(
+    c: &mut wnsgate::client::Client,
+    id: &str,
+    ct: Option<&str>,
+    body: &[u8],
+) -> (u16, String) {
+    let r = c
+        .request("PUT", &format!("/v1/devices/{id}/channel"), ct, body)
+        .unwrap();
     let code = r.json()["error"]["code"].as_str().unwrap_or("").to_owned();
     if r.status >= 400 {
-        assert!(!r.json()["error"]["message"].as_str().unwrap_or("").is_empty(), "error without a message");
+        assert!(
+            !r.json()["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .is_empty(),
+            "error without a message"
+        );
         assert_eq!(r.header("content-type"), Some("application/json"));
     }
     (r.status, code)
@@ -150,49 +203,204 @@ fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let mut c = s.client();
     let json_ct = Some("application/json");
     let good = uri("good");
+    let long_id = "x".repeat(129);
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("d1", b"not json".to_vec(), 400, "invalid_json"),
-        ("d1", br#"{"pfn": "Contoso.MDM_8wekyb3d8bbwe", "channel_uri": "#.to_vec(), 400, "invalid_json"),
-        ("d1", br#"{"pfn": "Contoso.MDM_8wekyb3d8bbwe"}"#.to_vec(), 422, "invalid_request"),
-        ("d1", json!({"pfn": PFN, "channel_uri": good, "chanel": 1}).to_string().into_bytes(), 422, "invalid_request"),
-        ("d1", json!({"pfn": 5, "channel_uri": good}).to_string().into_bytes(), 422, "invalid_request"),
-        ("d1", json!({"pfn": "nope", "channel_uri": good}).to_string().into_bytes(), 422, "invalid_pfn"),
-        ("d1", json!({"pfn": PFN, "channel_uri": "http://db5.notify.windows.com/?token=a"}).to_string().into_bytes(), 422, "invalid_channel_uri"),
-        ("d1", json!({"pfn": PFN, "channel_uri": "https://evil.example/"}).to_string().into_bytes(), 422, "invalid_channel_uri"),
-        ("d1", json!({"pfn": PFN, "channel_uri": "https://notify.windows.com.evil.example/"}).to_string().into_bytes(), 422, "invalid_channel_uri"),
-        ("d1", json!({"pfn": PFN, "channel_uri": "https://u:p@db5.notify.windows.com/"}).to_string().into_bytes(), 422, "invalid_channel_uri"),
-        ("d1", json!({"pfn": PFN, "channel_uri": "https://db5.notify.windows.com:8443/"}).to_string().into_bytes(), 422, "invalid_channel_uri"),
-        ("d1", json!({"pfn": PFN, "channel_uri": uri(&"A".repeat(3000))}).to_string().into_bytes(), 422, "invalid_channel_uri"),
-        ("d1", json!({"pfn": PFN, "channel_uri": good, "issued_at": "yesterday"}).to_string().into_bytes(), 422, "invalid_issued_at"),
-        ("d1", json!({"pfn": PFN, "channel_uri": good, "issued_at": "2999-01-01T00:00:00Z"}).to_string().into_bytes(), 422, "invalid_issued_at"),
-        ("d1", json!({"pfn": PFN, "channel_uri": good, "provider_id": "a/b"}).to_string().into_bytes(), 422, "invalid_provider_id"),
-        ("", json!({"pfn": PFN, "channel_uri": good}).to_string().into_bytes(), 400, "invalid_device_id"),
-        (&"x".repeat(129), json!({"pfn": PFN, "channel_uri": good}).to_string().into_bytes(), 400, "invalid_device_id"),
-        ("a%20b", json!({"pfn": PFN, "channel_uri": good}).to_string().into_bytes(), 400, "invalid_device_id"),
+        (
+            "d1",
+            br#"{"pfn": "Contoso.MDM_8wekyb3d8bbwe", "channel_uri": "#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "d1",
+            br#"{"pfn": "Contoso.MDM_8wekyb3d8bbwe"}"#.to_vec(),
+            422,
+            "invalid_request",
+        ),
+        (
+            "d1",
+            json!({"pfn": PFN, "channel_uri": good, "chanel": 1})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_request",
+        ),
+        (
+            "d1",
+            json!({"pfn": 5, "channel_uri": good})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_request",
+        ),
+        (
+            "d1",
+            json!({"pfn": "nope", "channel_uri": good})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_pfn",
+        ),
+        (
+            "d1",
+            json!({"pfn": PFN, "channel_uri": "http://db5.notify.windows.com/?token=a"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_channel_uri",
+        ),
+        (
+            "d1",
+            json!({"pfn": PFN, "channel_uri": "https://evil.example/"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_channel_uri",
+        ),
+        (
+            "d1",
+            json!({"pfn": PFN, "channel_uri": "https://notify.windows.com.evil.example/"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_channel_uri",
+        ),
+        (
+            "d1",
+            json!({"pfn": PFN, "channel_uri": "https://u:p@db5.notify.windows.com/"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_channel_uri",
+        ),
+        (
+            "d1",
+            json!({"pfn": PFN, "channel_uri": "https://db5.notify.windows.com:8443/"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_channel_uri",
+        ),
+        (
+            "d1",
+            json!({"pfn": PFN, "channel_uri": uri(&"A".repeat(3000))})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_channel_uri",
+        ),
+        (
+            "d1",
+            json!({"pfn": PFN, "channel_uri": good, "issued_at": "yesterday"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_issued_at",
+        ),
+        (
+            "d1",
+            json!({"pfn": PFN, "channel_uri": good, "issued_at": "2999-01-01T00:00:00Z"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_issued_at",
+        ),
+        (
+            "d1",
+            json!({"pfn": PFN, "channel_uri": good, "provider_id": "a/b"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "invalid_provider_id",
+        ),
+        (
+            "",
+            json!({"pfn": PFN, "channel_uri": good})
+                .to_string()
+                .into_bytes(),
+            400,
+            "invalid_device_id",
+        ),
+        (
+            &long_id,
+            json!({"pfn": PFN, "channel_uri": good})
+                .to_string()
+                .into_bytes(),
+            400,
+            "invalid_device_id",
+        ),
+        (
+            "a%20b",
+            json!({"pfn": PFN, "channel_uri": good})
+                .to_string()
+                .into_bytes(),
+            400,
+            "invalid_device_id",
+        ),
     ];
     for (id, body, status, code) in &cases {
         let got = put_raw(&mut c, id, json_ct, body);
-        assert_eq!(got, (*status, code.to_string()), "id {id:?} body {}", String::from_utf8_lossy(body));
+        assert_eq!(
+            got,
+            (*status, code.to_string()),
+            "id {id:?} body {}",
+            String::from_utf8_lossy(body)
+        );
     }
     let future = json!({"pfn": PFN, "channel_uri": good, "issued_at": days_ago(-1)}).to_string();
-    assert_eq!(put_raw(&mut c, "d1", json_ct, future.as_bytes()), (422, "issued_at_in_future".into()));
+    assert_eq!(
+        put_raw(&mut c, "d1", json_ct, future.as_bytes()),
+        (422, "issued_at_in_future".into())
+    );
     let form = json!({"pfn": PFN, "channel_uri": good}).to_string();
-    assert_eq!(put_raw(&mut c, "d1", Some("application/x-www-form-urlencoded"), form.as_bytes()), (415, "unsupported_media_type".into()));
-    assert_eq!(c.get("/v1/stats").unwrap().json()["devices"], 0, "a bad request changed state");
+    assert_eq!(
+        put_raw(
+            &mut c,
+            "d1",
+            Some("application/x-www-form-urlencoded"),
+            form.as_bytes()
+        ),
+        (415, "unsupported_media_type".into())
+    );
+    assert_eq!(
+        c.get("/v1/stats").unwrap().json()["devices"],
+        0,
+        "a bad request changed state"
+    );
 
-    assert_eq!(c.get("/v1/devices/nobody").unwrap().json()["error"]["code"], "unknown_device");
-    assert_eq!(c.get("/v1/devices?state=zombie").unwrap().json()["error"]["code"], "invalid_state");
-    assert_eq!(c.get("/v1/devices?limit=0").unwrap().json()["error"]["code"], "invalid_limit");
-    assert_eq!(c.get("/v1/devices?cursor=zz").unwrap().json()["error"]["code"], "invalid_cursor");
+    assert_eq!(
+        c.get("/v1/devices/nobody").unwrap().json()["error"]["code"],
+        "unknown_device"
+    );
+    assert_eq!(
+        c.get("/v1/devices?state=zombie").unwrap().json()["error"]["code"],
+        "invalid_state"
+    );
+    assert_eq!(
+        c.get("/v1/devices?limit=0").unwrap().json()["error"]["code"],
+        "invalid_limit"
+    );
+    assert_eq!(
+        c.get("/v1/devices?cursor=zz").unwrap().json()["error"]["code"],
+        "invalid_cursor"
+    );
     assert_eq!(c.get("/v1/nothing").unwrap().status, 404);
-    assert_eq!(c.request("POST", "/v1/devices/d1", None, b"").unwrap().status, 405);
+    assert_eq!(
+        c.request("POST", "/v1/devices/d1", None, b"")
+            .unwrap()
+            .status,
+        405
+    );
 }
 
 #[test]
 fn a_100_mb_body_is_refused_without_reading_it() {
     let (_d, s) = start();
     let mut stream = TcpStream::connect(&s.addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let head = format!(
         "PUT /v1/devices/big/channel HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         100 * 1024 * 1024
@@ -209,7 +417,13 @@ fn a_100_mb_body_is_refused_without_reading_it() {
     let mut c = s.client();
     let mut big = std::io::repeat(b' ').take(10 * 1024 * 1024);
     let r = c
-        .request_streaming("PUT", "/v1/devices/big/channel", "application/json", &mut big, &mut |_| {})
+        .request_streaming(
+            "PUT",
+            "/v1/devices/big/channel",
+            "application/json",
+            &mut big,
+            &mut |_| {},
+        )
         .map(|r| r.status);
     assert!(matches!(r, Ok(413)) || r.is_err(), "{r:?}");
     assert_eq!(s.client().get("/v1/devices/big").unwrap().status, 404);
@@ -222,22 +436,46 @@ fn ndjson_import_stores_good_lines_and_reports_bad_ones() {
     let mut body = String::new();
     for i in 0..2500 {
         match i {
-            10 => body.push_str("{not json\n"),
+            10 => body.push_str("{not json"),
             20 => body.push_str(&json!({"device_id": "x", "pfn": PFN, "channel_uri": "https://evil.example/"}).to_string()),
             30 => body.push_str(&json!({"device_id": "", "pfn": PFN, "channel_uri": uri("e")}).to_string()),
-            40 => body.push_str("\r"),
+            40 => body.push('\r'),
             _ => body.push_str(&json!({"device_id": format!("imp-{i}"), "pfn": PFN, "channel_uri": uri(&format!("t{i}"))}).to_string()),
         }
         body.push('\n');
     }
-    body.push_str(&format!("{{\"device_id\":\"long\",\"pfn\":\"{}\",\"channel_uri\":\"{}\"}}\n", "p".repeat(20_000), uri("l")));
-    body.push_str(&json!({"device_id": "last-no-newline", "pfn": PFN, "channel_uri": uri("last")}).to_string());
-    let r = c.request("POST", "/v1/devices:import", Some("application/x-ndjson"), body.as_bytes()).unwrap();
+    body.push_str(&format!(
+        "{{\"device_id\":\"long\",\"pfn\":\"{}\",\"channel_uri\":\"{}\"}}\n",
+        "p".repeat(20_000),
+        uri("l")
+    ));
+    body.push_str(
+        &json!({"device_id": "last-no-newline", "pfn": PFN, "channel_uri": uri("last")})
+            .to_string(),
+    );
+    let r = c
+        .request(
+            "POST",
+            "/v1/devices:import",
+            Some("application/x-ndjson"),
+            body.as_bytes(),
+        )
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let rep = r.json();
     assert_eq!(rep["accepted"], 2497, "{rep}");
     assert_eq!(rep["rejected"], 4, "{rep}");
-    let lines: Vec<_> = rep["errors"].as_array().unwrap().iter().map(|e| (e["line"].as_u64().unwrap(), e["code"].as_str().unwrap().to_owned())).collect();
+    let lines: Vec<_> = rep["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["line"].as_u64().unwrap(),
+                e["code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
     assert_eq!(
         lines,
         vec![
@@ -248,18 +486,29 @@ fn ndjson_import_stores_good_lines_and_reports_bad_ones() {
         ]
     );
     assert_eq!(c.get("/v1/stats").unwrap().json()["devices"], 2497);
-    assert_eq!(c.get("/v1/devices/imp-2499").unwrap().json()["channel_uri"], uri("t2499").as_str());
+    assert_eq!(
+        c.get("/v1/devices/imp-2499").unwrap().json()["channel_uri"],
+        uri("t2499").as_str()
+    );
     assert_eq!(c.get("/v1/devices/last-no-newline").unwrap().status, 200);
 }
 
 #[test]
 fn import_over_the_size_limit_is_413() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(&dir.path().join("data"), &[("WNSGATE_API__MAX_IMPORT_BYTES", "100000")]);
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[("WNSGATE_API__MAX_IMPORT_BYTES", "100000")],
+    );
     let mut c = s.client();
     let line = json!({"device_id": "a", "pfn": PFN, "channel_uri": uri("a")}).to_string() + "\n";
     let body = line.repeat(200_000 / line.len());
-    let r = c.request("POST", "/v1/devices:import", Some("application/x-ndjson"), body.as_bytes());
+    let r = c.request(
+        "POST",
+        "/v1/devices:import",
+        Some("application/x-ndjson"),
+        body.as_bytes(),
+    );
     if let Ok(r) = r {
         assert_eq!(r.status, 413);
         assert_eq!(r.json()["error"]["code"], "body_too_large");
@@ -270,13 +519,18 @@ fn import_over_the_size_limit_is_413() {
 fn bearer_tokens_are_required_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     let token = "0123456789abcdef-secret";
-    let s = Server::start(&dir.path().join("data"), &[("WNSGATE_API__TOKENS", &format!("[\"{token}\"]"))]);
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[("WNSGATE_API__TOKENS", &format!("[\"{token}\"]"))],
+    );
     let mut anon = s.client();
     assert_eq!(anon.get("/healthz").unwrap().status, 200);
     let r = anon.get("/v1/stats").unwrap();
     assert_eq!(r.status, 401);
     assert_eq!(r.header("www-authenticate"), Some("Bearer"));
-    let mut wrong = s.client().with_token(Some("0123456789abcdef-wrong!".into()));
+    let mut wrong = s
+        .client()
+        .with_token(Some("0123456789abcdef-wrong!".into()));
     assert_eq!(wrong.get("/v1/stats").unwrap().status, 401);
     let mut ok = s.client().with_token(Some(token.into()));
     assert_eq!(ok.get("/v1/stats").unwrap().status, 200);
@@ -301,12 +555,24 @@ fn check_config_reports_the_key_at_fault() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("bad.toml");
     std::fs::write(&f, "[lifecycle]\nexpire_after = \"banana\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wnsgate")).arg("check-config").arg(&f).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wnsgate"))
+        .arg("check-config")
+        .arg(&f)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("lifecycle.expire_after"));
     std::fs::write(&f, "[api]\nlisten = \"127.0.0.1:9999\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wnsgate")).arg("check-config").arg(&f).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wnsgate"))
+        .arg("check-config")
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("127.0.0.1:9999"));
 }
 
@@ -317,7 +583,13 @@ fn graceful_restart_keeps_everything() {
     let s = Server::start(&data, &[]);
     let mut c = s.client();
     for i in 0..50 {
-        let r = c.send_json("PUT", &format!("/v1/devices/g{i}/channel"), &channel_body(&uri(&format!("g{i}")))).unwrap();
+        let r = c
+            .send_json(
+                "PUT",
+                &format!("/v1/devices/g{i}/channel"),
+                &channel_body(&uri(&format!("g{i}"))),
+            )
+            .unwrap();
         assert_eq!(r.status, 201);
     }
     let status = s.terminate();
@@ -325,7 +597,10 @@ fn graceful_restart_keeps_everything() {
     let s = Server::start(&data, &[]);
     let mut c = s.client();
     assert_eq!(c.get("/v1/stats").unwrap().json()["devices"], 50);
-    assert_eq!(c.get("/v1/devices/g49").unwrap().json()["channel_uri"], uri("g49").as_str());
+    assert_eq!(
+        c.get("/v1/devices/g49").unwrap().json()["channel_uri"],
+        uri("g49").as_str()
+    );
 }
 
 #[test]
@@ -340,5 +615,8 @@ fn port_in_use_is_a_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&addr) && err.to_lowercase().contains("in use"), "{err}");
+    assert!(
+        err.contains(&addr) && err.to_lowercase().contains("in use"),
+        "{err}"
+    );
 }

@@ -23,16 +23,26 @@ fn every_acknowledged_registration_survives_sigkill() {
         .map(|w| {
             let (url, stop, acked) = (url.clone(), stop.clone(), acked.clone());
             std::thread::spawn(move || {
-                let mut c = wnsgate::client::Client::new(&url).unwrap().with_timeout(Duration::from_secs(5));
+                let mut c = wnsgate::client::Client::new(&url)
+                    .unwrap()
+                    .with_timeout(Duration::from_secs(5));
                 let mut log: Log = HashMap::new();
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     // Every third write updates an earlier device with a new URI.
-                    let dev = if i % 3 == 2 { format!("w{w}-{}", i / 2) } else { format!("w{w}-{i}") };
+                    let dev = if i % 3 == 2 {
+                        format!("w{w}-{}", i / 2)
+                    } else {
+                        format!("w{w}-{i}")
+                    };
                     let u = uri(&format!("{dev}-gen{i}"));
                     let entry = log.entry(dev.clone()).or_default();
                     entry.0.push(u.clone());
-                    match c.send_json("PUT", &format!("/v1/devices/{dev}/channel"), &channel_body(&u)) {
+                    match c.send_json(
+                        "PUT",
+                        &format!("/v1/devices/{dev}/channel"),
+                        &channel_body(&u),
+                    ) {
                         Ok(r) if r.status == 200 || r.status == 201 => {
                             entry.1 = entry.0.len();
                             acked.fetch_add(1, Ordering::Relaxed);
@@ -68,12 +78,21 @@ fn every_acknowledged_registration_survives_sigkill() {
                 }
                 continue;
             }
-            assert_eq!(r.status, 200, "acknowledged device {dev} is missing after SIGKILL");
+            assert_eq!(
+                r.status, 200,
+                "acknowledged device {dev} is missing after SIGKILL"
+            );
             let got = r.json()["channel_uri"].as_str().unwrap().to_owned();
             // The last acknowledged URI, or one sent after it whose answer was lost.
-            assert!(sent[acked_n - 1..].contains(&got), "{dev}: {got} is older than the last acknowledged URI");
+            assert!(
+                sent[acked_n - 1..].contains(&got),
+                "{dev}: {got} is older than the last acknowledged URI"
+            );
             checked += 1;
         }
     }
-    assert!(checked >= 300, "only {checked} acknowledged devices checked");
+    assert!(
+        checked >= 300,
+        "only {checked} acknowledged devices checked"
+    );
 }

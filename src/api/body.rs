@@ -46,7 +46,12 @@ pub fn check_declared_length(headers: &http::HeaderMap, limit: u64) -> Result<()
 
 /// Reads the whole body, refusing more than `limit` bytes and giving up when
 /// a frame takes longer than `idle`.
-pub async fn read_limited(body: &mut Incoming, headers: &http::HeaderMap, limit: u64, idle: Duration) -> Result<Bytes, ApiError> {
+pub async fn read_limited(
+    body: &mut Incoming,
+    headers: &http::HeaderMap,
+    limit: u64,
+    idle: Duration,
+) -> Result<Bytes, ApiError> {
     check_declared_length(headers, limit)?;
     let mut buf = BytesMut::new();
     while let Some(chunk) = next_chunk(body, idle).await? {
@@ -71,7 +76,10 @@ pub async fn next_chunk(body: &mut Incoming, idle: Duration) -> Result<Option<By
             }
             Ok(None) => return Ok(None),
             Ok(Some(Err(e))) => {
-                return Err(ApiError::bad_request("body_read_failed", format!("could not read the request body: {e}")))
+                return Err(ApiError::bad_request(
+                    "body_read_failed",
+                    format!("could not read the request body: {e}"),
+                ))
             }
             Ok(Some(Ok(frame))) => frame,
         };

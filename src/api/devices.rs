@@ -5,7 +5,8 @@ use super::error::{json_error, ApiError};
 use super::response::{json_response, no_content, Resp};
 use super::view::DeviceView;
 use crate::core::{
-    merge_registration, ChannelUri, DeviceId, DeviceRecord, LifecycleState, Pfn, ProviderId, Registration, UnixTime,
+    merge_registration, ChannelUri, DeviceId, DeviceRecord, LifecycleState, Pfn, ProviderId,
+    Registration, UnixTime,
 };
 use crate::gateway::Gateway;
 use crate::store::Mutation;
@@ -38,14 +39,24 @@ pub struct ChannelBody {
 }
 
 /// Validates a registration for `device_id` at `now`.
-pub fn validate_registration(gw: &Gateway, device_id: &str, body: ChannelBody, now: UnixTime) -> Result<Registration, ApiError> {
+pub fn validate_registration(
+    gw: &Gateway,
+    device_id: &str,
+    body: ChannelBody,
+    now: UnixTime,
+) -> Result<Registration, ApiError> {
     let device_id = parse_device_id(device_id)?;
-    let pfn = Pfn::parse(&body.pfn).map_err(|e| ApiError::unprocessable("invalid_pfn", e.to_string()))?;
+    let pfn =
+        Pfn::parse(&body.pfn).map_err(|e| ApiError::unprocessable("invalid_pfn", e.to_string()))?;
     let known = &gw.settings.known_pfns;
     if !known.is_empty() && !known.iter().any(|k| k == pfn.as_str()) {
         return Err(ApiError::unprocessable(
             "unknown_pfn",
-            format!("pfn {} is not one of the configured WNS apps ({})", pfn.as_str(), known.join(", ")),
+            format!(
+                "pfn {} is not one of the configured WNS apps ({})",
+                pfn.as_str(),
+                known.join(", ")
+            ),
         ));
     }
     let channel_uri = ChannelUri::parse(&body.channel_uri, &gw.settings.uri_policy)
@@ -59,8 +70,9 @@ pub fn validate_registration(gw: &Gateway, device_id: &str, body: ChannelBody, n
     let issued_at = match body.issued_at.as_deref() {
         None => None,
         Some(s) => {
-            let t = UnixTime::parse_rfc3339(s)
-                .map_err(|e| ApiError::unprocessable("invalid_issued_at", format!("issued_at: {e}")))?;
+            let t = UnixTime::parse_rfc3339(s).map_err(|e| {
+                ApiError::unprocessable("invalid_issued_at", format!("issued_at: {e}"))
+            })?;
             if t.secs() > now.secs().saturating_add(MAX_CLOCK_SKEW_SECS) {
                 return Err(ApiError::unprocessable(
                     "issued_at_in_future",
@@ -84,7 +96,12 @@ pub fn parse_device_id(s: &str) -> Result<DeviceId, ApiError> {
 }
 
 /// `PUT /v1/devices/{id}/channel`: answers once the record is durable.
-pub async fn put_channel(gw: Arc<Gateway>, device_id: String, headers: HeaderMap, mut body: Incoming) -> Result<Resp, ApiError> {
+pub async fn put_channel(
+    gw: Arc<Gateway>,
+    device_id: String,
+    headers: HeaderMap,
+    mut body: Incoming,
+) -> Result<Resp, ApiError> {
     parse_device_id(&device_id)?;
     require_content_type(&headers, &["application/json"])?;
     let idle = Duration::from_secs(gw.settings.request_timeout_secs);
@@ -94,16 +111,31 @@ pub async fn put_channel(gw: Arc<Gateway>, device_id: String, headers: HeaderMap
     let reg = validate_registration(&gw, &device_id, parsed, now)?;
     let existing = gw.registry.get(reg.device_id.as_str());
     let record = merge_registration(existing.as_ref(), reg, now);
-    gw.commits.submit(vec![Mutation::Put(record.clone())])?.await?;
-    let status = if existing.is_some() { StatusCode::OK } else { StatusCode::CREATED };
-    Ok(json_response(status, &DeviceView::new(&record, &gw.settings.thresholds, now)))
+    gw.commits
+        .submit(vec![Mutation::Put(record.clone())])?
+        .await?;
+    let status = if existing.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok(json_response(
+        status,
+        &DeviceView::new(&record, &gw.settings.thresholds, now),
+    ))
 }
 
 /// `GET /v1/devices/{id}`.
 pub fn get_device(gw: &Gateway, device_id: &str) -> Result<Resp, ApiError> {
     parse_device_id(device_id)?;
-    let rec = gw.registry.get(device_id).ok_or_else(|| unknown_device(device_id))?;
-    Ok(json_response(StatusCode::OK, &DeviceView::new(&rec, &gw.settings.thresholds, gw.now())))
+    let rec = gw
+        .registry
+        .get(device_id)
+        .ok_or_else(|| unknown_device(device_id))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &DeviceView::new(&rec, &gw.settings.thresholds, gw.now()),
+    ))
 }
 
 /// `DELETE /v1/devices/{id}`: 204 once the removal is durable.
@@ -117,7 +149,10 @@ pub async fn delete_device(gw: Arc<Gateway>, device_id: String) -> Result<Resp, 
 }
 
 pub fn unknown_device(device_id: &str) -> ApiError {
-    ApiError::not_found("unknown_device", format!("no device {device_id:?} is registered"))
+    ApiError::not_found(
+        "unknown_device",
+        format!("no device {device_id:?} is registered"),
+    )
 }
 
 #[derive(Serialize)]
@@ -149,11 +184,19 @@ pub async fn list_devices(gw: Arc<Gateway>, query: Option<String>) -> Result<Res
                     .parse::<usize>()
                     .ok()
                     .filter(|n| (1..=MAX_PAGE_LIMIT).contains(n))
-                    .ok_or_else(|| ApiError::bad_request("invalid_limit", format!("limit must be 1 to {MAX_PAGE_LIMIT}")))?
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_limit",
+                            format!("limit must be 1 to {MAX_PAGE_LIMIT}"),
+                        )
+                    })?
             }
             "cursor" => after = Some(decode_cursor(&v)?),
             other => {
-                return Err(ApiError::bad_request("unknown_parameter", format!("unknown query parameter {other:?}")))
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!("unknown query parameter {other:?}"),
+                ))
             }
         }
     }
@@ -167,7 +210,11 @@ pub async fn list_devices(gw: Arc<Gateway>, query: Option<String>) -> Result<Res
     .await
     .map_err(|_| ApiError::unavailable("internal", "listing task failed"))??;
     let view = PageView {
-        devices: page.records.iter().map(|r| DeviceView::new(r, &th, now)).collect(),
+        devices: page
+            .records
+            .iter()
+            .map(|r| DeviceView::new(r, &th, now))
+            .collect(),
         next_cursor: page.next_after.as_deref().map(encode_cursor),
     };
     Ok(json_response(StatusCode::OK, &view))
@@ -213,7 +260,7 @@ pub fn stats(gw: &Gateway) -> Resp {
         &StatsView {
             devices: gw.registry.len() as u64,
             by_state,
-            store_queue_depth: gw.commits.queue_depth(),
+            store_queue_depth: gw.commits.queue_len(),
             ready: gw.is_ready(),
         },
     )

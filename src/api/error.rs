@@ -79,8 +79,10 @@ impl ApiError {
                 .insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
         }
         if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
         }
         resp
     }
@@ -103,7 +105,10 @@ impl From<SubmitError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store operation failed");
-        ApiError::unavailable("store_unavailable", "the store could not complete the operation; nothing was changed")
+        ApiError::unavailable(
+            "store_unavailable",
+            "the store could not complete the operation; nothing was changed",
+        )
     }
 }
 
@@ -112,9 +117,10 @@ impl From<StoreError> for ApiError {
 pub fn json_error(e: &serde_json::Error) -> ApiError {
     use serde_json::error::Category;
     match e.classify() {
-        Category::Syntax | Category::Eof | Category::Io => {
-            ApiError::bad_request("invalid_json", format!("request body is not valid JSON: {e}"))
-        }
+        Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(
+            "invalid_json",
+            format!("request body is not valid JSON: {e}"),
+        ),
         Category::Data => ApiError::unprocessable("invalid_request", e.to_string()),
     }
 }

@@ -102,7 +102,11 @@ impl Importer {
         match validate_registration(&self.gw, &parsed.device_id, body, now) {
             Ok(reg) => {
                 let existing = self.gw.registry.get(reg.device_id.as_str());
-                self.chunk.push(Mutation::Put(merge_registration(existing.as_ref(), reg, now)));
+                self.chunk.push(Mutation::Put(merge_registration(
+                    existing.as_ref(),
+                    reg,
+                    now,
+                )));
                 if self.chunk.len() >= IMPORT_CHUNK {
                     self.flush().await?;
                 }
@@ -110,6 +114,16 @@ impl Importer {
             Err(e) => self.reject(e),
         }
         Ok(())
+    }
+
+    /// A complete line, refused when over [`MAX_LINE_BYTES`].
+    async fn bounded_line(&mut self, raw: &[u8]) -> Result<(), ApiError> {
+        if raw.len() > MAX_LINE_BYTES {
+            self.line_no += 1;
+            self.reject(line_too_long());
+            return Ok(());
+        }
+        self.line(raw).await
     }
 
     /// Hands the current chunk to the store, waiting for room when the
@@ -159,8 +173,20 @@ impl Importer {
 }
 
 /// `POST /v1/devices:import`.
-pub async fn import(gw: Arc<Gateway>, headers: HeaderMap, mut body: Incoming) -> Result<Resp, ApiError> {
-    require_content_type(&headers, &["application/x-ndjson", "application/jsonl", "application/json", "text/plain"])?;
+pub async fn import(
+    gw: Arc<Gateway>,
+    headers: HeaderMap,
+    mut body: Incoming,
+) -> Result<Resp, ApiError> {
+    require_content_type(
+        &headers,
+        &[
+            "application/x-ndjson",
+            "application/jsonl",
+            "application/json",
+            "text/plain",
+        ],
+    )?;
     let limit = gw.settings.max_import_bytes;
     check_declared_length(&headers, limit)?;
     let idle = Duration::from_secs(gw.settings.request_timeout_secs);
@@ -180,7 +206,10 @@ pub async fn import(gw: Arc<Gateway>, headers: HeaderMap, mut body: Incoming) ->
             imp.flush().await?;
             while imp.settle_oldest().await? {}
             let mut err = ApiError::body_too_large(limit);
-            err.message = format!("{}; {} registrations before it were stored", err.message, imp.report.accepted);
+            err.message = format!(
+                "{}; {} registrations before it were stored",
+                err.message, imp.report.accepted
+            );
             return Err(err);
         }
         let mut rest: &[u8] = &data;
@@ -193,16 +222,11 @@ pub async fn import(gw: Arc<Gateway>, headers: HeaderMap, mut body: Incoming) ->
                 continue;
             }
             if carry.is_empty() {
-                imp.line(line).await?;
+                imp.bounded_line(line).await?;
             } else {
                 carry.extend_from_slice(line);
                 let whole = std::mem::take(&mut carry);
-                if whole.len() > MAX_LINE_BYTES {
-                    imp.line_no += 1;
-                    imp.reject(line_too_long());
-                } else {
-                    imp.line(&whole).await?;
-                }
+                imp.bounded_line(&whole).await?;
             }
         }
         if !skipping_long_line {
@@ -217,7 +241,7 @@ pub async fn import(gw: Arc<Gateway>, headers: HeaderMap, mut body: Incoming) ->
     }
     if !carry.is_empty() && !skipping_long_line {
         let last = std::mem::take(&mut carry);
-        imp.line(&last).await?;
+        imp.bounded_line(&last).await?;
     }
     imp.flush().await?;
     while imp.settle_oldest().await? {}

@@ -35,21 +35,30 @@ impl Drop for InflightGuard<'_> {
 }
 
 /// Serves one request. Never fails: every error becomes a JSON response.
-pub async fn serve(gw: Arc<Gateway>, inflight: Arc<InflightGauge>, req: Request<Incoming>) -> Result<Resp, Infallible> {
+pub async fn serve(
+    gw: Arc<Gateway>,
+    inflight: Arc<InflightGauge>,
+    req: Request<Incoming>,
+) -> Result<Resp, Infallible> {
     let started = Instant::now();
     let n = inflight.0.fetch_add(1, Ordering::Relaxed);
     let _guard = InflightGuard(&inflight);
     let route = route_name(req.method(), req.uri().path());
     let resp = if n >= gw.settings.max_inflight_per_shard {
         metrics::counter!(m::API_OVERLOAD).increment(1);
-        ApiError::unavailable("overloaded", "the gateway is at its concurrent request limit; retry shortly").into_response()
+        ApiError::unavailable(
+            "overloaded",
+            "the gateway is at its concurrent request limit; retry shortly",
+        )
+        .into_response()
     } else {
         match dispatch(gw, req).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         }
     };
-    metrics::counter!(m::API_REQUESTS, "route" => route, "status" => status_label(resp.status())).increment(1);
+    metrics::counter!(m::API_REQUESTS, "route" => route, "status" => status_label(resp.status()))
+        .increment(1);
     metrics::histogram!(m::API_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
     Ok(resp)
 }
@@ -129,26 +138,44 @@ async fn dispatch(gw: Arc<Gateway>, req: Request<Incoming>) -> Result<Resp, ApiE
     let route = split_route(req.uri().path());
     let method = req.method().clone();
     match (&method, &route) {
-        (&Method::GET, Route::Health) => return Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))),
+        (&Method::GET, Route::Health) => {
+            return Ok(json_response(
+                StatusCode::OK,
+                &serde_json::json!({"status": "ok"}),
+            ))
+        }
         (&Method::GET, Route::Ready) => {
             return Ok(if gw.is_ready() {
                 json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
             } else {
-                ApiError::unavailable("not_ready", "the gateway is starting or shutting down").into_response()
+                ApiError::unavailable("not_ready", "the gateway is starting or shutting down")
+                    .into_response()
             })
         }
         (&Method::GET, Route::Metrics) => {
-            return Ok(text_response(StatusCode::OK, "text/plain; version=0.0.4", render_metrics(&gw)))
+            return Ok(text_response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                render_metrics(&gw),
+            ))
         }
-        (_, Route::Health | Route::Ready | Route::Metrics) => return Err(method_not_allowed("GET")),
+        (_, Route::Health | Route::Ready | Route::Metrics) => {
+            return Err(method_not_allowed("GET"))
+        }
         _ => {}
     }
     if matches!(route, Route::Unknown) {
-        return Err(ApiError::not_found("not_found", format!("no such endpoint: {}", req.uri().path())));
+        return Err(ApiError::not_found(
+            "not_found",
+            format!("no such endpoint: {}", req.uri().path()),
+        ));
     }
     authorize(&gw, req.headers())?;
     if !gw.is_ready() {
-        return Err(ApiError::unavailable("not_ready", "the gateway is starting or shutting down"));
+        return Err(ApiError::unavailable(
+            "not_ready",
+            "the gateway is starting or shutting down",
+        ));
     }
     let query = req.uri().query().map(str::to_owned);
     let (parts, body) = req.into_parts();
@@ -158,7 +185,9 @@ async fn dispatch(gw: Arc<Gateway>, req: Request<Incoming>) -> Result<Resp, ApiE
         (Method::POST, Route::Import) => import::import(gw, parts.headers, body).await,
         (Method::GET, Route::Device(id)) => devices::get_device(&gw, &id),
         (Method::DELETE, Route::Device(id)) => devices::delete_device(gw, id).await,
-        (Method::PUT, Route::Channel(id)) => devices::put_channel(gw, id, parts.headers, body).await,
+        (Method::PUT, Route::Channel(id)) => {
+            devices::put_channel(gw, id, parts.headers, body).await
+        }
         (_, Route::Stats | Route::Devices) => Err(method_not_allowed("GET")),
         (_, Route::Import) => Err(method_not_allowed("POST")),
         (_, Route::Device(_)) => Err(method_not_allowed("GET, DELETE")),
@@ -184,7 +213,10 @@ fn authorize(gw: &Gateway, headers: &http::HeaderMap) -> Result<(), ApiError> {
     let presented = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim);
     let Some(presented) = presented else {
         return Err(ApiError::new(
@@ -200,7 +232,11 @@ fn authorize(gw: &Gateway, headers: &http::HeaderMap) -> Result<(), ApiError> {
     if ok {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "the bearer token is not accepted"))
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the bearer token is not accepted",
+        ))
     }
 }
 
@@ -216,7 +252,8 @@ fn render_metrics(gw: &Gateway) -> String {
     for (state, n) in crate::core::LifecycleState::ALL.iter().zip(counts) {
         metrics::gauge!(m::DEVICES, "state" => state.as_str()).set(n as f64);
     }
-    metrics::gauge!(m::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "io" => gw.io_backend).set(1.0);
+    metrics::gauge!(m::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "io" => gw.io_backend)
+        .set(1.0);
     gw.metrics.render()
 }
 
@@ -224,7 +261,10 @@ fn render_metrics(gw: &Gateway) -> String {
 pub fn query_pairs(q: &str) -> impl Iterator<Item = (String, String)> + '_ {
     q.split('&').filter(|p| !p.is_empty()).map(|p| {
         let (k, v) = p.split_once('=').unwrap_or((p, ""));
-        (percent_decode(&k.replace('+', " ")), percent_decode(&v.replace('+', " ")))
+        (
+            percent_decode(&k.replace('+', " ")),
+            percent_decode(&v.replace('+', " ")),
+        )
     })
 }
 
@@ -275,8 +315,13 @@ mod tests {
     #[test]
     fn routes() {
         assert!(matches!(split_route("/v1/devices/abc"), Route::Device(id) if id == "abc"));
-        assert!(matches!(split_route("/v1/devices/abc/channel"), Route::Channel(id) if id == "abc"));
-        assert!(matches!(split_route("/v1/devices/abc/other"), Route::Unknown));
+        assert!(
+            matches!(split_route("/v1/devices/abc/channel"), Route::Channel(id) if id == "abc")
+        );
+        assert!(matches!(
+            split_route("/v1/devices/abc/other"),
+            Route::Unknown
+        ));
         assert!(matches!(split_route("/v1/devices/"), Route::Device(id) if id.is_empty()));
         assert!(matches!(split_route("/v1/devices:import"), Route::Import));
     }

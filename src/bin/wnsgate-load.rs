@@ -14,7 +14,10 @@ use wnsgate::core::UnixTime;
 use wnsgate::fleet::{self, AgeMix};
 
 #[derive(Parser)]
-#[command(name = "wnsgate-load", about = "Load generation against a wnsgate deployment")]
+#[command(
+    name = "wnsgate-load",
+    about = "Load generation against a wnsgate deployment"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -76,8 +79,18 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn put(url: &str, token: Option<String>, rate: u64, duration: u64, connections: u64, devices: u64) -> anyhow::Result<()> {
-    anyhow::ensure!(rate > 0 && connections > 0 && devices > 0, "rate, connections and devices must be positive");
+fn put(
+    url: &str,
+    token: Option<String>,
+    rate: u64,
+    duration: u64,
+    connections: u64,
+    devices: u64,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        rate > 0 && connections > 0 && devices > 0,
+        "rate, connections and devices must be positive"
+    );
     let per_conn = Duration::from_secs_f64(connections as f64 / rate as f64);
     let total_per_conn = rate * duration / connections;
     let start = Instant::now() + Duration::from_millis(200);
@@ -110,13 +123,20 @@ fn put(url: &str, token: Option<String>, rate: u64, duration: u64, connections: 
     let mut all = Vec::new();
     let mut errors = 0;
     for t in threads {
-        let (l, e) = t.join().map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+        let (l, e) = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
         all.extend(l);
         errors += e;
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_unstable();
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
     println!(
         "put: {} requests in {elapsed:.1} s ({:.0}/s, target {rate}/s), errors {errors}, latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
         all.len(),

@@ -52,7 +52,11 @@ pub struct Registration {
 /// - The same channel URI again is idempotent: it keeps the known issue time
 ///   (unless a time is given) and keeps a WNS verdict, because a URI that
 ///   WNS declared dead does not come back to life by being reported again.
-pub fn merge_registration(existing: Option<&DeviceRecord>, reg: Registration, now: UnixTime) -> DeviceRecord {
+pub fn merge_registration(
+    existing: Option<&DeviceRecord>,
+    reg: Registration,
+    now: UnixTime,
+) -> DeviceRecord {
     match existing {
         Some(old) if old.channel_uri == reg.channel_uri => DeviceRecord {
             issued_at: reg.issued_at.unwrap_or(old.issued_at),

@@ -14,8 +14,16 @@ use tokio::sync::watch;
 pub const H2_MAX_STREAMS: u32 = 256;
 
 /// Runs one shard until `stop` turns true, then drains its connections.
-pub fn run_shard(index: usize, listener: std::net::TcpListener, gw: Arc<Gateway>, stop: watch::Receiver<bool>) {
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+pub fn run_shard(
+    index: usize,
+    listener: std::net::TcpListener,
+    gw: Arc<Gateway>,
+    stop: watch::Receiver<bool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(shard = index, error = %e, "cannot start shard runtime");
@@ -25,7 +33,12 @@ pub fn run_shard(index: usize, listener: std::net::TcpListener, gw: Arc<Gateway>
     rt.block_on(serve(index, listener, gw, stop));
 }
 
-async fn serve(index: usize, listener: std::net::TcpListener, gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+async fn serve(
+    index: usize,
+    listener: std::net::TcpListener,
+    gw: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {

@@ -13,12 +13,17 @@ pub const LISTEN_BACKLOG: i32 = 4096;
 /// process that also set it; so the address is first probed with an
 /// exclusive bind, which fails with "address in use" if anyone holds it.
 pub fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<TcpListener>> {
-    let probe = TcpListener::bind(addr).map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    let probe = TcpListener::bind(addr)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
     let mut target = probe.local_addr()?;
     drop(probe);
     let mut out: Vec<TcpListener> = Vec::with_capacity(count);
     for _ in 0..count {
-        let sock = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))?;
+        let sock = Socket::new(
+            Domain::for_address(target),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
         sock.set_reuse_address(true)?;
         sock.set_reuse_port(true)?;
         sock.set_nodelay(true)?;

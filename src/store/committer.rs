@@ -125,6 +125,15 @@ enum Msg {
     Shutdown,
 }
 
+impl Msg {
+    fn into_mutations(self) -> Vec<Mutation> {
+        match self {
+            Msg::Submit(s) => s.mutations,
+            Msg::Shutdown => Vec::new(),
+        }
+    }
+}
+
 /// The group-commit thread's entry point.
 pub struct Committer;
 
@@ -175,8 +184,17 @@ impl CommitHandle {
     /// blocks. The returned ticket resolves once they are synced (and
     /// `on_durable` has seen them), or with the store's error.
     pub fn submit(&self, mutations: Vec<Mutation>) -> Result<Ticket, SubmitError> {
+        self.try_submit(mutations).map_err(|(e, _)| e)
+    }
+
+    /// Like [`CommitHandle::submit`], but a refused submission hands the
+    /// mutations back so the caller can retry without copying them.
+    pub fn try_submit(
+        &self,
+        mutations: Vec<Mutation>,
+    ) -> Result<Ticket, (SubmitError, Vec<Mutation>)> {
         if self.closed.load(Ordering::Acquire) {
-            return Err(SubmitError::Closed);
+            return Err((SubmitError::Closed, mutations));
         }
         let (done, rx) = oneshot::channel();
         match self
@@ -184,8 +202,10 @@ impl CommitHandle {
             .try_send(Msg::Submit(Submission { mutations, done }))
         {
             Ok(()) => Ok(Ticket { rx }),
-            Err(TrySendError::Full(_)) => Err(SubmitError::Overloaded),
-            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Closed),
+            Err(TrySendError::Full(msg)) => Err((SubmitError::Overloaded, msg.into_mutations())),
+            Err(TrySendError::Disconnected(msg)) => {
+                Err((SubmitError::Closed, msg.into_mutations()))
+            }
         }
     }
 

@@ -30,10 +30,13 @@ pub const READY: &str = "wnsgate_ready";
 
 /// Latency buckets for API requests and store syncs, seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 /// Buckets for store batch sizes, mutations.
-pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0];
+pub const BATCH_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0,
+];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -59,13 +62,28 @@ pub fn install() -> &'static PrometheusHandle {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(API_REQUESTS, "API requests served, by route and status.");
-    describe_histogram!(API_DURATION, Unit::Seconds, "API request latency, by route.");
-    describe_counter!(API_OVERLOAD, "API requests refused with 503 because a shard was at its in-flight limit.");
+    describe_histogram!(
+        API_DURATION,
+        Unit::Seconds,
+        "API request latency, by route."
+    );
+    describe_counter!(
+        API_OVERLOAD,
+        "API requests refused with 503 because a shard was at its in-flight limit."
+    );
     describe_gauge!(DEVICES, "Registered devices, by lifecycle state.");
     describe_counter!(IMPORT_LINES, "NDJSON import lines, by result.");
     describe_histogram!(STORE_BATCH, "Mutations written under one store sync.");
-    describe_histogram!(STORE_SYNC, Unit::Seconds, "Time to write and sync one group commit.");
-    describe_gauge!(RECOVERY_SECONDS, Unit::Seconds, "Time the last start spent loading the store.");
+    describe_histogram!(
+        STORE_SYNC,
+        Unit::Seconds,
+        "Time to write and sync one group commit."
+    );
+    describe_gauge!(
+        RECOVERY_SECONDS,
+        Unit::Seconds,
+        "Time the last start spent loading the store."
+    );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     describe_gauge!(READY, "1 when the gateway serves the API.");
 }

@@ -103,7 +103,10 @@ impl Server {
             if let Some(st) = self.child.try_wait().expect("wait") {
                 return st;
             }
-            assert!(Instant::now() < deadline, "gateway did not stop within 30 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not stop within 30 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
