@@ -224,31 +224,45 @@ fn generation_rate(n: usize) -> f64 {
 
 // ---------------------------------------------------------------- phases
 
+/// Bare fsync cost on this disk, two ways: appending to a growing file, and
+/// writing into a file whose length was set beforehand (what fjall's journal
+/// does: it sets each journal to 64 MiB, then writes into it).
 fn fsync_reference(dir: &Path, rounds: usize) {
     use std::io::Write;
-    for (label, size) in [("4 KiB", 4096usize), ("1 MiB", 1 << 20)] {
-        let path = dir.join("fsync-probe");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let buf = vec![0xa5u8; size];
-        let mut lat = Vec::with_capacity(rounds);
-        let start = Instant::now();
-        let rounds = if size > 4096 { rounds / 3 + 1 } else { rounds };
-        for _ in 0..rounds {
-            let t = Instant::now();
-            f.write_all(&buf).unwrap();
-            f.sync_all().unwrap();
-            lat.push(t.elapsed());
+    for preallocated in [false, true] {
+        for (label, size) in [("4 KiB", 4096usize), ("1 MiB", 1 << 20)] {
+            let path = dir.join("fsync-probe");
+            let mut f = std::fs::File::create(&path).unwrap();
+            if preallocated {
+                f.set_len(64 << 20).unwrap();
+                f.sync_all().unwrap();
+            }
+            let buf = vec![0xa5u8; size];
+            let rounds = if size > 4096 { rounds / 3 + 1 } else { rounds };
+            let mut lat = Vec::with_capacity(rounds);
+            let start = Instant::now();
+            for _ in 0..rounds {
+                let t = Instant::now();
+                f.write_all(&buf).unwrap();
+                f.sync_all().unwrap();
+                lat.push(t.elapsed());
+            }
+            let total = start.elapsed();
+            drop(f);
+            std::fs::remove_file(&path).unwrap();
+            lat.sort();
+            println!(
+                "reference: {} {label} + fsync, {rounds} rounds: p50 {}, p99 {}, {:.0} fsyncs/s",
+                if preallocated {
+                    "write into a set_len(64 MiB) file"
+                } else {
+                    "append"
+                },
+                ms(pct(&lat, 50.0)),
+                ms(pct(&lat, 99.0)),
+                rounds as f64 / total.as_secs_f64()
+            );
         }
-        let total = start.elapsed();
-        drop(f);
-        std::fs::remove_file(&path).unwrap();
-        lat.sort();
-        println!(
-            "reference: append {label} + fsync, {rounds} rounds: p50 {}, p99 {}, {:.0} fsyncs/s",
-            ms(pct(&lat, 50.0)),
-            ms(pct(&lat, 99.0)),
-            rounds as f64 / total.as_secs_f64()
-        );
     }
 }
 
