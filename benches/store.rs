@@ -7,6 +7,7 @@
 //! WNSGATE_BENCH_N=10000000 ... # record count (default 1M)
 //! WNSGATE_BENCH_DIR=/path ...  # where the store is created (default: temp dir)
 //! WNSGATE_BENCH_BLOCK_KIB=64 ... # data block size to try (default: the store's)
+//! WNSGATE_BENCH_MEMTABLE_MIB=64 ... # memtable size to try (default: the store's)
 //! ```
 //!
 //! Records look like production: 36-char UUID device ids, ~190-byte channel
@@ -48,6 +49,7 @@ fn main() {
     let dir = base.path().join("store");
 
     println!("wnsgate store bench: N={n}, dir={}", base.path().display());
+    println!("load average at start: {}", loadavg());
     println!(
         "machine: {} cores, kernel {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -61,6 +63,12 @@ fn main() {
         .and_then(|v| v.parse::<u32>().ok())
     {
         opts.data_block_bytes = kib << 10;
+    }
+    if let Some(mib) = std::env::var("WNSGATE_BENCH_MEMTABLE_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        opts.memtable_bytes = mib << 20;
     }
     println!(
         "fjall: cache {} MiB, memtable {} MiB, journal bound {} MiB, data blocks {} KiB",
@@ -99,6 +107,8 @@ fn main() {
     println!();
 
     scans(&dir, &opts, n);
+    println!();
+    println!("load average at end: {}", loadavg());
 }
 
 /// A store that counts `apply` calls (= syncs) and times them.
@@ -214,31 +224,45 @@ fn generation_rate(n: usize) -> f64 {
 
 // ---------------------------------------------------------------- phases
 
+/// Bare fsync cost on this disk, two ways: appending to a growing file, and
+/// writing into a file whose length was set beforehand (what fjall's journal
+/// does: it sets each journal to 64 MiB, then writes into it).
 fn fsync_reference(dir: &Path, rounds: usize) {
     use std::io::Write;
-    for (label, size) in [("4 KiB", 4096usize), ("1 MiB", 1 << 20)] {
-        let path = dir.join("fsync-probe");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let buf = vec![0xa5u8; size];
-        let mut lat = Vec::with_capacity(rounds);
-        let start = Instant::now();
-        let rounds = if size > 4096 { rounds / 3 + 1 } else { rounds };
-        for _ in 0..rounds {
-            let t = Instant::now();
-            f.write_all(&buf).unwrap();
-            f.sync_all().unwrap();
-            lat.push(t.elapsed());
+    for preallocated in [false, true] {
+        for (label, size) in [("4 KiB", 4096usize), ("1 MiB", 1 << 20)] {
+            let path = dir.join("fsync-probe");
+            let mut f = std::fs::File::create(&path).unwrap();
+            if preallocated {
+                f.set_len(64 << 20).unwrap();
+                f.sync_all().unwrap();
+            }
+            let buf = vec![0xa5u8; size];
+            let rounds = if size > 4096 { rounds / 3 + 1 } else { rounds };
+            let mut lat = Vec::with_capacity(rounds);
+            let start = Instant::now();
+            for _ in 0..rounds {
+                let t = Instant::now();
+                f.write_all(&buf).unwrap();
+                f.sync_all().unwrap();
+                lat.push(t.elapsed());
+            }
+            let total = start.elapsed();
+            drop(f);
+            std::fs::remove_file(&path).unwrap();
+            lat.sort();
+            println!(
+                "reference: {} {label} + fsync, {rounds} rounds: p50 {}, p99 {}, {:.0} fsyncs/s",
+                if preallocated {
+                    "write into a set_len(64 MiB) file"
+                } else {
+                    "append"
+                },
+                ms(pct(&lat, 50.0)),
+                ms(pct(&lat, 99.0)),
+                rounds as f64 / total.as_secs_f64()
+            );
         }
-        let total = start.elapsed();
-        drop(f);
-        std::fs::remove_file(&path).unwrap();
-        lat.sort();
-        println!(
-            "reference: append {label} + fsync, {rounds} rounds: p50 {}, p99 {}, {:.0} fsyncs/s",
-            ms(pct(&lat, 50.0)),
-            ms(pct(&lat, 99.0)),
-            rounds as f64 / total.as_secs_f64()
-        );
     }
 }
 
@@ -260,6 +284,7 @@ fn import(store: &Arc<Counting>, n: usize) {
     });
     let chunks = Mutex::new(pregenerated.map(|v| v.into_iter()));
     let syncs0 = store.syncs();
+    let cpu0 = cpu_secs();
     let t = Instant::now();
     std::thread::scope(|s| {
         for th in 0..IMPORT_THREADS {
@@ -302,11 +327,13 @@ fn import(store: &Arc<Counting>, n: usize) {
     });
     let elapsed = t.elapsed();
     join.shutdown().unwrap();
+    let cpu = cpu_secs() - cpu0;
     let syncs = store.syncs() - syncs0;
     assert_eq!(applied.load(Ordering::Relaxed), n as u64);
     println!(
         "import: {n} records, {SUBMISSION}-record submissions from {IMPORT_THREADS} threads{}: \
-         {:.2} s, {}, {syncs} syncs ({:.0}/s, {:.0} records/sync)",
+         {:.2} s, {}, {syncs} syncs ({:.0}/s, {:.0} records/sync), \
+         process CPU {:.2} us/record (incl. generation and fjall background work)",
         if n <= PREGENERATE_MAX {
             " (pregenerated)"
         } else {
@@ -316,6 +343,7 @@ fn import(store: &Arc<Counting>, n: usize) {
         per_sec(n as f64 / elapsed.as_secs_f64()),
         syncs as f64 / elapsed.as_secs_f64(),
         n as f64 / syncs.max(1) as f64,
+        cpu * 1e6 / n as f64,
     );
     println!(
         "  {}; RSS after import: {}",
@@ -467,7 +495,7 @@ fn scans(dir: &Path, opts: &FjallOptions, n: usize) {
             println!("  ({jobs} fjall background jobs running during this scan)");
         }
 
-        let t = Instant::now();
+        let (t, cpu0) = (Instant::now(), cpu_secs());
         let mut count = 0u64;
         let mut bytes = 0usize;
         let got = store
@@ -476,14 +504,15 @@ fn scans(dir: &Path, opts: &FjallOptions, n: usize) {
                 bytes += r.channel_uri.as_str().len();
             })
             .unwrap();
-        let single = t.elapsed();
+        let (single, cpu) = (t.elapsed(), cpu_secs() - cpu0);
         assert_eq!((got, count), (n as u64, n as u64));
         println!(
-            "{label}: reopen {}; scan_all (1 thread): {} records in {:.2} s, {}",
+            "{label}: reopen {}; scan_all (1 thread): {} records in {:.2} s, {}, CPU {:.2} us/record",
             ms(opened),
             got,
             single.as_secs_f64(),
-            per_sec(n as f64 / single.as_secs_f64())
+            per_sec(n as f64 / single.as_secs_f64()),
+            cpu * 1e6 / n as f64
         );
         drop(store);
         if cold && !evict_from_page_cache(dir) {
@@ -491,19 +520,21 @@ fn scans(dir: &Path, opts: &FjallOptions, n: usize) {
         }
         let store = FjallStore::open(dir, opts.clone()).expect("reopen");
         for threads in [2, 4] {
-            let t = Instant::now();
+            let (t, cpu0) = (Instant::now(), cpu_secs());
             let got = store
                 .scan_all_parallel(threads, &|r| {
                     std::hint::black_box(&r);
                 })
                 .unwrap();
-            let el = t.elapsed();
+            let (el, cpu) = (t.elapsed(), cpu_secs() - cpu0);
             assert_eq!(got, n as u64);
             println!(
-                "{label}: scan_all_parallel ({threads} threads): {} records in {:.2} s, {}",
+                "{label}: scan_all_parallel ({threads} threads): {} records in {:.2} s, {}, \
+                 CPU {:.2} us/record",
                 got,
                 el.as_secs_f64(),
-                per_sec(n as f64 / el.as_secs_f64())
+                per_sec(n as f64 / el.as_secs_f64()),
+                cpu * 1e6 / n as f64
             );
             if cold {
                 break; // the second pass would be warm
@@ -541,6 +572,30 @@ fn evict_from_page_cache(dir: &Path) -> bool {
     let mut ok = true;
     walk(dir, &mut ok);
     ok
+}
+
+/// User + system CPU seconds of this process, all threads (10 ms ticks).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // Fields 14 and 15 of proc(5), counted from the state field (3).
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {

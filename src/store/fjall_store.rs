@@ -146,8 +146,8 @@ impl FjallStore {
         self.db.disk_space().map_err(io("disk space"))
     }
 
-    /// [`Store::scan_all_parallel`] for fjall: all threads read one
-    /// snapshot. The key space between the first and last id is cut into
+    /// [`Store::scan_all_parallel`] for fjall: the calling thread and
+    /// `threads - 1` scoped threads read one snapshot. The key space between the first and last id is cut into
     /// `threads x 64` ranges by interpolating the ids' bytes, and threads
     /// take ranges from a shared queue until none is left, so a skewed id
     /// distribution still keeps every thread busy. On the first error every
@@ -183,42 +183,54 @@ impl FjallStore {
         let stop = AtomicBool::new(false);
         let failure: Mutex<Option<StoreError>> = Mutex::new(None);
         let total = AtomicUsize::new(0);
-        std::thread::scope(|s| {
-            for i in 0..threads {
-                let (snapshot, devices) = (&snapshot, &self.devices);
-                let (next, stop, failure, total, splits) =
-                    (&next, &stop, &failure, &total, &splits);
-                std::thread::Builder::new()
-                    .name(format!("wnsgate-scan-{i}"))
-                    .spawn_scoped(s, move || loop {
-                        let r = next.fetch_add(1, Ordering::Relaxed);
-                        if r > splits.len() || stop.load(Ordering::Relaxed) {
-                            return;
-                        }
-                        let lo = match r {
-                            0 => Bound::Unbounded,
-                            _ => Bound::Included(splits[r - 1].as_slice()),
-                        };
-                        let hi = match splits.get(r) {
-                            Some(s) => Bound::Excluded(s.as_slice()),
-                            None => Bound::Unbounded,
-                        };
-                        match scan_range(snapshot, devices, lo, hi, &mut |r| visit(r), Some(stop)) {
-                            Ok(n) => {
-                                total.fetch_add(n as usize, Ordering::Relaxed);
-                            }
-                            Err(e) => {
-                                stop.store(true, Ordering::Relaxed);
-                                failure
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .get_or_insert(e);
-                                return;
-                            }
-                        }
-                    })
-                    .expect("spawning a scan thread");
+        // Takes ranges from the shared queue until none is left.
+        let worker = || loop {
+            let r = next.fetch_add(1, Ordering::Relaxed);
+            if r > splits.len() || stop.load(Ordering::Relaxed) {
+                return;
             }
+            let lo = match r {
+                0 => Bound::Unbounded,
+                _ => Bound::Included(splits[r - 1].as_slice()),
+            };
+            let hi = match splits.get(r) {
+                Some(s) => Bound::Excluded(s.as_slice()),
+                None => Bound::Unbounded,
+            };
+            match scan_range(
+                &snapshot,
+                &self.devices,
+                lo,
+                hi,
+                &mut |r| visit(r),
+                Some(&stop),
+            ) {
+                Ok(n) => {
+                    total.fetch_add(n as usize, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    failure
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                    return;
+                }
+            }
+        };
+        std::thread::scope(|s| {
+            // The calling thread is one of the `threads`; if a thread cannot
+            // be spawned the scan goes on with those that were.
+            for i in 1..threads {
+                let spawned = std::thread::Builder::new()
+                    .name(format!("wnsgate-scan-{i}"))
+                    .spawn_scoped(s, worker);
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "store scan runs with {i} threads");
+                    break;
+                }
+            }
+            worker();
         });
         match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),

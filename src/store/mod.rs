@@ -6,12 +6,18 @@
 //! shard into one sync.
 //! Must not touch: the registry (the committer calls back after a batch is
 //! durable), the network.
+//!
+//! Files: [`codec`] (record encoding), [`fjall_store`] (the embedded
+//! backend), [`committer`] (the group-commit thread, the only caller of
+//! [`Store::apply`] and so the only place that syncs).
 
 pub mod codec;
 pub mod committer;
 pub mod fjall_store;
 
-pub use committer::{CommitHandle, Committer, CommitterConfig, CommitterJoin, SubmitError, Ticket};
+pub use committer::{
+    CommitHandle, Committer, CommitterConfig, CommitterJoin, OnDurable, SubmitError, Ticket,
+};
 pub use fjall_store::{FjallOptions, FjallStore};
 
 use crate::core::{DeviceId, DeviceRecord};
@@ -44,7 +50,10 @@ pub struct Page {
 /// The narrow interface every durable backend implements.
 pub trait Store: Send + Sync + 'static {
     /// Applies `batch` atomically, in order, and returns once it is durable
-    /// (synced to stable storage).
+    /// (synced to stable storage). An empty batch only syncs.
+    ///
+    /// Only the [`Committer`] thread calls this: it is the one place that
+    /// may block on a sync.
     fn apply(&self, batch: &[Mutation]) -> Result<(), StoreError>;
 
     /// Visits every stored record, in any order. Returns the count.
@@ -68,6 +77,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Up to `limit` records with a device id greater than `after` that pass
     /// `filter`, in id order, examining at most `budget` records.
+    ///
+    /// `next_after` is the last id examined (passing `filter` or not) when
+    /// the page stopped because of `limit` or `budget` and more records
+    /// follow; it is `None` once the end is reached. Passing it back as
+    /// `after` continues without skipping or repeating a record. A `limit`
+    /// or `budget` of 0 is treated as 1.
     fn page(
         &self,
         after: Option<&str>,
