@@ -79,7 +79,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("./wnsgate-data"),
             cache_mb: 64,
             queue_capacity: 65_536,
-            max_batch_mutations: 16_384,
+            max_batch_mutations: 4_096,
         }
     }
 }

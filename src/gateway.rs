@@ -24,6 +24,8 @@ pub struct Gateway {
     draining: AtomicBool,
     /// Name of the network backend in use, for `/metrics` and logs.
     pub io_backend: &'static str,
+    /// NDJSON imports running now (bounded by `MAX_CONCURRENT_IMPORTS`).
+    pub imports_running: std::sync::atomic::AtomicUsize,
 }
 
 impl Gateway {
@@ -44,6 +46,7 @@ impl Gateway {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             io_backend,
+            imports_running: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 

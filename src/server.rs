@@ -88,7 +88,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
 
     let t = Instant::now();
     let loaded = store
-        .scan_all(&mut |rec| {
+        .scan_all_parallel(shard_count, &|rec| {
             registry.upsert(&rec);
         })
         .context("cannot load the store")?;

@@ -98,3 +98,44 @@ fn a_stalled_body_times_out_with_408() {
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("body_timeout"), "{text}");
 }
+
+#[test]
+fn concurrent_imports_are_bounded_with_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]);
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut c = TcpStream::connect(&s.addr).unwrap();
+            c.write_all(b"POST /v1/devices:import HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let line = serde_json::json!({"device_id": "i1", "pfn": common::PFN, "channel_uri": uri("i1")})
+        .to_string();
+    let r = s
+        .client()
+        .request(
+            "POST",
+            "/v1/devices:import",
+            Some("application/x-ndjson"),
+            line.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "too_many_imports");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = s
+        .client()
+        .request(
+            "POST",
+            "/v1/devices:import",
+            Some("application/x-ndjson"),
+            line.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["accepted"], 1);
+}

@@ -18,6 +18,7 @@ use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,9 @@ pub const IMPORT_CHUNK: usize = 1024;
 pub const IMPORT_INFLIGHT_CHUNKS: usize = 8;
 /// Longest NDJSON line, bytes.
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
+/// Imports the gateway runs at once; more get 429. Each holds at most
+/// `IMPORT_CHUNK * (IMPORT_INFLIGHT_CHUNKS + 1)` registrations in memory.
+pub const MAX_CONCURRENT_IMPORTS: usize = 4;
 /// Line errors reported in the answer (all are counted).
 pub const MAX_REPORTED_ERRORS: usize = 100;
 
@@ -189,6 +193,7 @@ pub async fn import(
     )?;
     let limit = gw.settings.max_import_bytes;
     check_declared_length(&headers, limit)?;
+    let _slot = ImportSlot::acquire(&gw)?;
     let idle = Duration::from_secs(gw.settings.request_timeout_secs);
     let mut imp = Importer {
         gw,
@@ -249,6 +254,32 @@ pub async fn import(
         metrics::counter!(m::IMPORT_LINES, "result" => "rejected").increment(imp.report.rejected);
     }
     Ok(json_response(StatusCode::OK, &imp.report))
+}
+
+/// One of the [`MAX_CONCURRENT_IMPORTS`] import slots, released on drop.
+struct ImportSlot(Arc<Gateway>);
+
+impl ImportSlot {
+    fn acquire(gw: &Arc<Gateway>) -> Result<ImportSlot, ApiError> {
+        let running = gw.imports_running.fetch_add(1, Ordering::AcqRel);
+        let slot = ImportSlot(gw.clone());
+        if running >= MAX_CONCURRENT_IMPORTS {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_imports",
+                format!(
+                    "{MAX_CONCURRENT_IMPORTS} imports are already running; retry when one finishes"
+                ),
+            ));
+        }
+        Ok(slot)
+    }
+}
+
+impl Drop for ImportSlot {
+    fn drop(&mut self) {
+        self.0.imports_running.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn line_too_long() -> ApiError {

@@ -53,7 +53,7 @@ pub const BATCH_MUTATIONS_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
 
-const METRIC_BATCH_MUTATIONS: &str = "wnsgate_store_batch_mutations";
+pub const METRIC_BATCH_MUTATIONS: &str = "wnsgate_store_batch_mutations";
 const METRIC_SYNC_SECONDS: &str = "wnsgate_store_sync_seconds";
 const METRIC_BATCHES: &str = "wnsgate_store_batches_total";
 const METRIC_ERRORS: &str = "wnsgate_store_errors_total";

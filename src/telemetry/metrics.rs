@@ -17,10 +17,6 @@ pub const API_OVERLOAD: &str = "wnsgate_api_overload_total";
 pub const DEVICES: &str = "wnsgate_devices";
 /// Registrations imported through NDJSON, by `result` (accepted, rejected).
 pub const IMPORT_LINES: &str = "wnsgate_import_lines_total";
-/// Mutations per group commit.
-pub const STORE_BATCH: &str = "wnsgate_store_batch_mutations";
-/// Time to write and sync one group commit.
-pub const STORE_SYNC: &str = "wnsgate_store_sync_seconds";
 /// Seconds the last start spent loading the store into the registry.
 pub const RECOVERY_SECONDS: &str = "wnsgate_recovery_seconds";
 /// Build information (`version`) and the network backend in use (`io`).
@@ -33,10 +29,6 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
-/// Buckets for store batch sizes, mutations.
-pub const BATCH_BUCKETS: &[f64] = &[
-    1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0,
-];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -47,7 +39,10 @@ pub fn install() -> &'static PrometheusHandle {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
             .expect("latency buckets are non-empty")
-            .set_buckets_for_metric(Matcher::Full(STORE_BATCH.into()), BATCH_BUCKETS)
+            .set_buckets_for_metric(
+                Matcher::Full(crate::store::committer::METRIC_BATCH_MUTATIONS.into()),
+                crate::store::committer::BATCH_MUTATIONS_BUCKETS,
+            )
             .expect("batch buckets are non-empty")
             .build_recorder();
         let handle = recorder.handle();
@@ -73,12 +68,7 @@ fn describe() {
     );
     describe_gauge!(DEVICES, "Registered devices, by lifecycle state.");
     describe_counter!(IMPORT_LINES, "NDJSON import lines, by result.");
-    describe_histogram!(STORE_BATCH, "Mutations written under one store sync.");
-    describe_histogram!(
-        STORE_SYNC,
-        Unit::Seconds,
-        "Time to write and sync one group commit."
-    );
+    crate::store::committer::describe_metrics();
     describe_gauge!(
         RECOVERY_SECONDS,
         Unit::Seconds,

@@ -28,8 +28,11 @@ impl Server {
     pub fn start(data: &Path, env: &[(&str, &str)]) -> Server {
         let stderr_log = data.with_extension("stderr.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wnsgate"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--shards", "2"])
-            .arg("--data")
+        cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+        if !env.iter().any(|(k, _)| *k == "WNSGATE_SERVER__SHARDS") {
+            cmd.args(["--shards", "2"]);
+        }
+        cmd.arg("--data")
             .arg(data)
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
