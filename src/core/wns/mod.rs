@@ -1,0 +1,18 @@
+//! The WNS sender's protocol core: no I/O, no clock.
+//!
+//! Owns everything the sender must know about WNS (protocol.md sections 2 to
+//! 4) as plain functions and state machines fed inputs and the current time:
+//!
+//! - [`classify`]: a push response (status + headers) to an [`Outcome`],
+//! - [`retry`]: what to do next with a push, and per-credential throttling
+//!   and pacing,
+//! - [`token`]: access-token requests, responses and the per-credential
+//!   token cache,
+//! - [`request`]: the wake-up request's body and headers.
+//!
+//! It must not touch sockets, timers, the system clock or randomness: the
+//! sender passes in `now` and random numbers, and carries decisions out.
+
+pub mod classify;
+
+pub use classify::{classify, Classified, DeviceConnection, Outcome, WnsMeta};
