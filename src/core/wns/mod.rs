@@ -14,5 +14,10 @@
 //! sender passes in `now` and random numbers, and carries decisions out.
 
 pub mod classify;
+pub mod retry;
 
 pub use classify::{classify, Classified, DeviceConnection, Outcome, WnsMeta};
+pub use retry::{
+    CredentialSignal, CredentialThrottle, Decision, FinalFailure, Pacer, PushAttempt, RetryPolicy,
+    Verdict,
+};
