@@ -15,9 +15,14 @@
 
 pub mod classify;
 pub mod retry;
+pub mod token;
 
 pub use classify::{classify, Classified, DeviceConnection, Outcome, WnsMeta};
 pub use retry::{
     CredentialSignal, CredentialThrottle, Decision, FinalFailure, Pacer, PushAttempt, RetryPolicy,
     Verdict,
+};
+pub use token::{
+    parse_token_response, token_request, AccessToken, RefreshTicket, TokenCache, TokenCacheConfig,
+    TokenError, TokenFlow, TokenPoll, TokenRequest,
 };
