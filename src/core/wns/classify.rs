@@ -65,10 +65,16 @@ pub enum Outcome {
     /// 406 (and 429): this sender is throttled; slow the whole credential.
     /// `retry_after` is the server's advice when it gave one, clamped to
     /// [`MAX_RETRY_AFTER`].
-    SenderThrottled { retry_after: Option<Duration> },
+    SenderThrottled {
+        /// The wait WNS asked for, if it said.
+        retry_after: Option<Duration>,
+    },
     /// 410: the channel expired, or was revoked (`X-WNS-Error-Description:
     /// Revoked channel URL`). Either way it is dead.
-    ChannelExpired { revoked: bool },
+    ChannelExpired {
+        /// The description said the channel was revoked.
+        revoked: bool,
+    },
     /// 410 with `X-WNS-Error-Description` saying `Domain Blocked`: WNS has
     /// blocked this sender. Stop and alert; the channel itself may be fine.
     DomainBlocked,
@@ -77,12 +83,17 @@ pub enum Outcome {
     /// 500 to 599: WNS failed or is unavailable; worth retrying.
     /// `retry_after` as for [`Outcome::SenderThrottled`].
     ServerError {
+        /// The 5xx status, for logs.
         status: u16,
+        /// The wait WNS asked for, if it said.
         retry_after: Option<Duration>,
     },
     /// Any other status (1xx, 2xx other than 200, 3xx, other 4xx, >= 600).
     /// Not documented by WNS, so never retried.
-    Unexpected { status: u16 },
+    Unexpected {
+        /// The status received.
+        status: u16,
+    },
 }
 
 impl Outcome {

@@ -71,15 +71,24 @@ pub enum FinalFailure {
     /// 413: body too large. Alert: a bug.
     PayloadTooLarge,
     /// A status WNS does not document.
-    Unexpected { status: u16 },
+    Unexpected {
+        /// The status received.
+        status: u16,
+    },
     /// 401 again after the one token refresh.
     TokenRejectedTwice,
     /// 410 Domain Blocked: WNS blocked this sender. Alert.
     DomainBlocked,
     /// The attempt budget ran out; `last` is the label of the final outcome.
-    AttemptsExhausted { last: &'static str },
+    AttemptsExhausted {
+        /// [`Outcome::label`] of the last answer.
+        last: &'static str,
+    },
     /// WNS asked for a wait longer than [`RetryPolicy::max_retry_after`].
-    RetryAfterTooLong { retry_after: Duration },
+    RetryAfterTooLong {
+        /// The wait WNS asked for.
+        retry_after: Duration,
+    },
 }
 
 impl FinalFailure {
@@ -142,7 +151,10 @@ impl Decision {
 pub enum CredentialSignal {
     /// 406/429: pause every push under this credential for `pause` (feed it
     /// to [`CredentialThrottle::on_sender_throttled`]).
-    Throttle { pause: Duration },
+    Throttle {
+        /// How long: `Retry-After`, or the policy's default.
+        pause: Duration,
+    },
     /// 410 Domain Blocked: stop sending under this credential and alert
     /// ([`CredentialThrottle::on_blocked`]).
     Blocked,

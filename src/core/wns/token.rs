@@ -42,7 +42,10 @@ pub enum TokenFlow {
     /// Microsoft Entra ID for `tenant` with scope
     /// `https://wns.windows.com/.default`; `client_id` is the Entra
     /// application id.
-    Entra { tenant: String },
+    Entra {
+        /// Tenant id or domain, e.g. `contoso.onmicrosoft.com`.
+        tenant: String,
+    },
 }
 
 impl TokenFlow {
@@ -227,16 +230,25 @@ pub enum TokenError {
     /// The endpoint answered an OAuth error (`error`, `error_description`).
     #[error("token endpoint refused (HTTP {status}): {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
     OAuth {
+        /// HTTP status of the answer.
         status: u16,
+        /// The OAuth `error` code, e.g. `invalid_client` (bounded text).
         error: String,
+        /// `error_description`, when given (bounded text).
         description: Option<String>,
     },
     /// A non-success status without OAuth error fields.
     #[error("token endpoint answered HTTP {status}")]
-    Http { status: u16 },
+    Http {
+        /// HTTP status of the answer.
+        status: u16,
+    },
     /// A success status whose body is not a JSON object.
     #[error("token endpoint answered HTTP {status} with a body that is not a JSON object")]
-    NotJson { status: u16 },
+    NotJson {
+        /// HTTP status of the answer.
+        status: u16,
+    },
     /// `access_token` missing, empty, or not usable in a header.
     #[error("token answer has no usable access_token")]
     BadAccessToken,
@@ -417,10 +429,16 @@ pub enum TokenPoll {
     MustRefresh(RefreshTicket),
     /// No valid token; a refresh is running. Poll again when it reports, or
     /// at `until_ms` at the latest (when it would be abandoned).
-    WaitForRefresh { until_ms: u64 },
+    WaitForRefresh {
+        /// When the running refresh will be abandoned.
+        until_ms: u64,
+    },
     /// No valid token; the last refresh failed. No new refresh before
     /// `retry_at_ms`; see [`TokenCache::last_error`].
-    Backoff { retry_at_ms: u64 },
+    Backoff {
+        /// Earliest time of the next refresh.
+        retry_at_ms: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
