@@ -10,6 +10,7 @@ pub mod ids;
 pub mod lifecycle;
 pub mod record;
 pub mod time;
+pub mod wns;
 
 pub use channel_uri::{ChannelUri, ChannelUriError, UriPolicy};
 pub use ids::{DeviceId, IdError, Pfn, ProviderId};

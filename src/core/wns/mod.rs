@@ -1,0 +1,35 @@
+//! The WNS sender's protocol core: no I/O, no clock.
+//!
+//! Owns everything the sender must know about WNS (protocol.md sections 2 to
+//! 4) as plain functions and state machines fed inputs and the current time:
+//!
+//! - [`classify`](mod@classify): a push response (status + headers) to an [`Outcome`],
+//! - [`retry`]: what to do next with a push, and per-credential throttling
+//!   and pacing,
+//! - [`token`]: access-token requests, responses and the per-credential
+//!   token cache,
+//! - [`request`]: the wake-up request's body and headers.
+//!
+//! It must not touch sockets, timers, the system clock or randomness: the
+//! sender passes in `now` and random numbers, and carries decisions out.
+
+#![deny(missing_docs)]
+
+pub mod classify;
+pub mod request;
+pub mod retry;
+pub mod token;
+
+pub use classify::{classify, Classified, DeviceConnection, Outcome, WnsMeta};
+pub use request::{
+    check_body, new_cv, new_cv_header, wake_headers, write_wake_headers, BodyError, MAX_BODY,
+    WAKE_BODY,
+};
+pub use retry::{
+    CredentialSignal, CredentialThrottle, Decision, FinalFailure, Pacer, PushAttempt, RetryPolicy,
+    Verdict,
+};
+pub use token::{
+    parse_token_response, token_request, AccessToken, RefreshTicket, TokenCache, TokenCacheConfig,
+    TokenError, TokenFlow, TokenPoll, TokenRequest,
+};
