@@ -9,6 +9,8 @@ mod histogram;
 pub mod interner;
 pub mod key;
 pub mod record;
+#[cfg(test)]
+mod tests;
 mod uri;
 
 pub use key::{KeyBuf, RecordKey};
