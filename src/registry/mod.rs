@@ -23,22 +23,23 @@
 //!
 //! Measured with `cargo bench --bench registry` (2 cores, mimalloc, 1M
 //! records with UUID ids and 190-byte URIs, the same compact records in both
-//! maps; RSS growth per record, two-thread rates as median of 5 interleaved
-//! rounds on a shared, noisy VM):
+//! maps; RSS growth per record; two-thread rates as the median of 5
+//! interleaved rounds, two runs on a shared, noisy VM):
 //!
-//! | map | bytes/record (grown / presized) | upserts/s | lookups/s |
+//! | map | bytes/record (grown / presized) | upserts/s (run 1, 2) | lookups/s (run 1, 2) |
 //! |---|---|---|---|
-//! | dashmap | 182.5 / 182.5 | 2.16M | 3.17M |
-//! | papaya, blocking resize | 216.1 / 188.8 | 1.28M | 3.01M |
-//! | papaya, default incremental resize | | 0.55M | 1.01M |
+//! | dashmap | 182.5 / 182.5 | 2.16M, 1.21M | 3.17M, 1.78M |
+//! | papaya, blocking resize | 216.1 / 188.8 | 1.28M, 1.32M | 3.01M, 1.52M |
+//! | papaya, default incremental resize | | 0.55M, 0.40M | 1.01M, 0.49M |
 //!
 //! Memory weighs most, and dashmap is smaller: papaya puts every entry in
 //! its own boxed `Entry` (one more allocation per device) behind the table
-//! pointer, and a grown papaya map kept more memory. Lookups were on par
-//! (papaya lock-free, dashmap one uncontended read lock per lookup with 8
-//! shards on 2 cores); upserts were faster on dashmap. The papaya
-//! figures need its blocking resize mode: a map grown with the default
-//! incremental mode stayed three times slower.
+//! pointer, and a grown papaya map kept more memory. The rates were within
+//! this machine's noise of each other (papaya lock-free; dashmap one
+//! uncontended shard lock per operation, 8 shards on 2 cores), dashmap
+//! ahead on lookups in both runs. The papaya figures need its blocking
+//! resize mode: a map grown with the default incremental mode stayed two
+//! to three times slower.
 //!
 //! The whole registry (map, interners, histogram) measured 186.7 bytes of
 //! RSS per device at 1M and 177.5 at 10M (P3's bound is 256).
