@@ -14,7 +14,14 @@ use crate::core::{LifecycleState, Thresholds, UnixTime};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 
-const SHARDS: usize = 16;
+/// Shards: twice the cores, at least 4 and at most 32. Every shard holds
+/// its own entry for each minute its devices were issued in, so more shards
+/// cost memory (about 20 bytes per minute per shard) as well as saving
+/// contention.
+fn shard_count() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (2 * cores).next_power_of_two().clamp(4, 32)
+}
 
 /// Where one record is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +78,7 @@ pub(crate) struct Histogram {
 impl Histogram {
     pub(crate) fn new() -> Histogram {
         Histogram {
-            shards: (0..SHARDS)
+            shards: (0..shard_count())
                 .map(|_| Padded(Mutex::new(Shard::default())))
                 .collect(),
         }
@@ -84,7 +91,7 @@ impl Histogram {
         if from == to {
             return;
         }
-        let mut shard = self.shards[spread as usize % SHARDS].0.lock();
+        let mut shard = self.shards[spread as usize % self.shards.len()].0.lock();
         if let Some(b) = from {
             shard.add(b, -1);
         }

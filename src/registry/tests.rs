@@ -1,0 +1,402 @@
+//! Behaviour of the registry as a whole: round trips, replace and remove
+//! semantics, state counts, concurrency, interner fallback.
+
+use super::*;
+use crate::core::{
+    ChannelUri, DeadMark, DeadReason, DeviceId, LifecycleState, Pfn, ProviderId, UriPolicy,
+};
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+const DAY: u32 = 86_400;
+const T0: u32 = 1_795_000_000;
+
+fn uri(s: &str) -> ChannelUri {
+    ChannelUri::parse(s, &UriPolicy::default()).unwrap()
+}
+
+fn rec(id: &str, issued_at: u32) -> DeviceRecord {
+    DeviceRecord {
+        device_id: DeviceId::parse(id).unwrap(),
+        pfn: Pfn::parse("Contoso.MDM_8wekyb3d8bbwe").unwrap(),
+        channel_uri: uri("https://db5.notify.windows.com/?token=AwYAAAD8sUbJZq5PGQ2%2bT4nW1y%3d"),
+        provider_id: Some(ProviderId::parse("Contoso-MDM").unwrap()),
+        issued_at: UnixTime(issued_at),
+        dead: None,
+    }
+}
+
+fn dead(at: u32) -> Option<DeadMark> {
+    Some(DeadMark {
+        reason: DeadReason::Wns410,
+        at: UnixTime(at),
+    })
+}
+
+/// Counts by visiting every record, classified by its own `issued_at`.
+fn brute_counts(reg: &Registry, th: &Thresholds, now: UnixTime) -> StateCounts {
+    let mut c = [0u64; 5];
+    reg.for_each(|r| {
+        let st = r.state_at(th, now).state;
+        c[LifecycleState::ALL.iter().position(|&s| s == st).unwrap()] += 1;
+    });
+    c
+}
+
+// --- strategies -------------------------------------------------------------
+
+fn device_id() -> impl Strategy<Value = DeviceId> {
+    prop_oneof![
+        "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+        "[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}",
+        "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+        "\\{[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\\}",
+        "[!-~]{1,128}",
+    ]
+    .prop_filter_map("valid device id", |s| DeviceId::parse(&s).ok())
+}
+
+fn channel_uri() -> impl Strategy<Value = ChannelUri> {
+    let host = prop_oneof![
+        Just("db5.notify.windows.com"),
+        Just("BN2.Notify.Windows.Com"),
+        Just("wns2-by3p.notify.windows.com"),
+        Just("notify.windows.com"),
+    ];
+    let tail = prop_oneof![
+        // Packable token.
+        "[A-Za-z0-9%]{0,250}".prop_map(|t| format!("/?token={t}")),
+        // Token with other characters (no '#').
+        "[!-\"$-~]{0,250}".prop_map(|t| format!("/?token={t}")),
+        // No token at all, or a token not right after the path.
+        "/[a-z0-9/]{0,20}(\\?[a-z=&]{0,30})?",
+        "/w/[A-Za-z0-9%]{0,40}\\?token=[A-Za-z0-9%]{0,40}",
+    ];
+    (host, tail).prop_map(|(h, t)| uri(&format!("https://{h}{t}")))
+}
+
+/// Shapes only `ChannelUri::from_trusted` lets through (e.g. loaded from the
+/// store): non-ASCII bytes, an odd scheme case, no path.
+fn trusted_uri() -> impl Strategy<Value = ChannelUri> {
+    "\\PC{0,40}".prop_filter_map("https-shaped", |t| {
+        ChannelUri::from_trusted(format!("HTTPS://db5.notify.windows.com{t}"))
+    })
+}
+
+fn record() -> impl Strategy<Value = DeviceRecord> {
+    (
+        device_id(),
+        "[A-Za-z0-9.-]{3,50}_[a-z0-9]{13}",
+        prop_oneof![3 => channel_uri(), 1 => trusted_uri()],
+        proptest::option::of("[A-Za-z0-9._-]{1,64}"),
+        any::<u32>(),
+        proptest::option::of((1u8..=3, any::<u32>())),
+    )
+        .prop_map(
+            |(device_id, pfn, channel_uri, provider, issued, dead)| DeviceRecord {
+                device_id,
+                pfn: Pfn::parse(&pfn).unwrap(),
+                channel_uri,
+                provider_id: provider.map(|p| ProviderId::parse(&p).unwrap()),
+                issued_at: UnixTime(issued),
+                dead: dead.map(|(code, at)| DeadMark {
+                    reason: DeadReason::from_code(code).unwrap(),
+                    at: UnixTime(at),
+                }),
+            },
+        )
+}
+
+// --- unit tests -------------------------------------------------------------
+
+#[test]
+fn upsert_get_replace_remove() {
+    let reg = Registry::new();
+    assert!(reg.is_empty());
+    let id = "6f1c2a9e-3b1d-4c55-9a0e-2f6f0d7b8c11";
+    let a = rec(id, T0);
+    assert!(reg.upsert(&a));
+    assert_eq!(reg.len(), 1);
+    assert_eq!(reg.get(id), Some(a.clone()));
+    assert_eq!(reg.get("6F1C2A9E-3B1D-4C55-9A0E-2F6F0D7B8C11"), None);
+
+    let mut b = rec(id, T0 + 10);
+    b.channel_uri = uri("https://bn2.notify.windows.com/?token=other");
+    b.provider_id = None;
+    assert!(!reg.upsert(&b), "replacing returns false");
+    assert_eq!(reg.len(), 1);
+    assert_eq!(reg.get(id), Some(b));
+
+    assert!(reg.remove(id));
+    assert!(!reg.remove(id));
+    assert_eq!(reg.get(id), None);
+    assert!(reg.is_empty());
+    assert!(!reg.remove(&"x".repeat(500)));
+    assert_eq!(reg.get(&"x".repeat(500)), None);
+    assert_eq!(reg.get(""), None);
+}
+
+#[test]
+fn counts_move_on_replace_and_remove() {
+    let th = Thresholds::default();
+    let now = UnixTime(T0 + 20 * DAY + 30);
+    let reg = Registry::new();
+    let idx = |s: LifecycleState| LifecycleState::ALL.iter().position(|&x| x == s).unwrap();
+    let (active, due, expired) = (
+        idx(LifecycleState::Active),
+        idx(LifecycleState::RenewalDue),
+        idx(LifecycleState::Expired),
+    );
+
+    reg.upsert(&rec("a", T0 + 20 * DAY)); // active
+    reg.upsert(&rec("b", T0)); // renewal due
+    reg.upsert(&rec("c", T0 - 20 * DAY)); // expired by age
+    let mut d = rec("d", T0 + 20 * DAY);
+    d.dead = dead(T0);
+    reg.upsert(&d); // expired by verdict
+    assert_eq!(reg.state_counts(&th, now), [1, 1, 2, 0, 0]);
+
+    // Renewal: "b" gets a new channel.
+    reg.upsert(&rec("b", T0 + 20 * DAY));
+    assert_eq!(reg.state_counts(&th, now), [2, 0, 2, 0, 0]);
+    // WNS declares "a" dead.
+    let mut a = rec("a", T0 + 20 * DAY);
+    a.dead = dead(T0 + 20 * DAY + 1);
+    reg.upsert(&a);
+    assert_eq!(reg.state_counts(&th, now), [1, 0, 3, 0, 0]);
+    // A new registration clears the dead mark.
+    reg.upsert(&rec("d", T0 + 5 * DAY));
+    let c = reg.state_counts(&th, now);
+    assert_eq!((c[active], c[due], c[expired]), (1, 1, 2));
+    // Same record again: nothing moves.
+    reg.upsert(&rec("d", T0 + 5 * DAY));
+    assert_eq!(reg.state_counts(&th, now), c);
+
+    for (id, left) in [("a", 3), ("b", 2), ("c", 1), ("d", 0)] {
+        assert!(reg.remove(id));
+        assert_eq!(reg.state_counts(&th, now).iter().sum::<u64>(), left);
+    }
+    assert_eq!(reg.state_counts(&th, now), [0; 5]);
+    assert_eq!(reg.state_counts(&th, UnixTime::MAX), [0; 5]);
+}
+
+#[test]
+fn counts_classify_minutes_by_their_start() {
+    let th = Thresholds {
+        renewal_due_after: 600,
+        expire_after: 1200,
+    };
+    let reg = Registry::new();
+    // Issued at second 30 of a minute: the device itself is due at 60 630,
+    // its minute's bucket (starting at 60 000) at 60 600.
+    reg.upsert(&rec("a", 60 * 1000 + 30));
+    let counts = |now: u32| reg.state_counts(&th, UnixTime(now));
+    assert_eq!(counts(60_599), [1, 0, 0, 0, 0]);
+    // In between, the count runs ahead of the device by under a minute.
+    assert_eq!(counts(60_600), [0, 1, 0, 0, 0]);
+    assert_eq!(counts(60_630), [0, 1, 0, 0, 0]);
+    assert_eq!(counts(61_199), [0, 1, 0, 0, 0]);
+    assert_eq!(counts(61_200), [0, 0, 1, 0, 0]);
+}
+
+#[test]
+fn full_interners_fall_back_to_inline() {
+    let reg = Registry::with_parts(0, RecordCodec::with_interner_capacity(2));
+    let mut all = Vec::new();
+    for i in 0..20u32 {
+        let mut r = rec(&format!("dev-{i}"), T0 + i);
+        r.pfn = Pfn::parse(&format!("App{i}.Name_8wekyb3d8bbwe")).unwrap();
+        r.provider_id = Some(ProviderId::parse(&format!("Prov{i}")).unwrap());
+        r.channel_uri = uri(&format!("https://h{i}.notify.windows.com/?token=T{i}%2b"));
+        assert!(reg.upsert(&r));
+        all.push(r);
+    }
+    assert_eq!(reg.codec.interned(), [2, 2, 2]);
+    for r in &all {
+        assert_eq!(reg.get(r.device_id.as_str()).as_ref(), Some(r));
+    }
+    // An interned string still interns after the interner filled up.
+    let mut r = rec("again", T0);
+    r.pfn = all[1].pfn.clone();
+    reg.upsert(&r);
+    assert_eq!(reg.get("again"), Some(r));
+}
+
+#[test]
+fn for_each_visits_every_record_once() {
+    let reg = Registry::with_capacity(100);
+    for i in 0..100 {
+        reg.upsert(&rec(&format!("d{i}"), T0 + i));
+    }
+    let mut seen = Vec::new();
+    reg.for_each(|r| seen.push(r.issued_at.0 - T0));
+    seen.sort_unstable();
+    assert_eq!(seen, (0..100).collect::<Vec<_>>());
+}
+
+/// Insert, replace and remove many times against a model; the records'
+/// allocations are created and freed all along (this is the test to run
+/// under Miri).
+#[test]
+fn heavy_churn_matches_a_model() {
+    let n_ops = if cfg!(miri) { 600 } else { 20_000 };
+    let reg = Registry::new();
+    let mut model: HashMap<String, DeviceRecord> = HashMap::new();
+    let mut x = 0x1234_5678_u64;
+    let th = Thresholds::default();
+    for _ in 0..n_ops {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let id = match x % 3 {
+            0 => format!("{:08x}-0000-4000-8000-{:012x}", x % 97, x % 5),
+            1 => format!("{:08X}-0000-4000-8000-{:012X}", x % 97, x % 5),
+            _ => format!("raw-{}", x % 97),
+        };
+        if (x >> 8) % 4 == 0 {
+            assert_eq!(reg.remove(&id), model.remove(&id).is_some());
+        } else {
+            let mut r = rec(&id, T0 - ((x >> 16) % (40 * 86_400 / 60)) as u32 * 60);
+            if (x >> 40) % 7 == 0 {
+                r.dead = dead(T0);
+            }
+            if (x >> 44) % 2 == 0 {
+                r.channel_uri = uri(&format!("https://bn2.notify.windows.com/x?t={x}+y"));
+            }
+            assert_eq!(
+                reg.upsert(&r),
+                model.insert(id.clone(), r.clone()).is_none()
+            );
+        }
+        assert_eq!(reg.get(&id).as_ref(), model.get(&id));
+        assert_eq!(reg.len(), model.len());
+    }
+    for (id, r) in &model {
+        assert_eq!(reg.get(id).as_ref(), Some(r));
+    }
+    // issued_at values are whole minutes, so the counts are exact.
+    for now in [T0, T0 + 16 * DAY, T0 + 40 * DAY] {
+        assert_eq!(
+            reg.state_counts(&th, UnixTime(now)),
+            brute_counts(&reg, &th, UnixTime(now))
+        );
+    }
+}
+
+#[test]
+fn two_threads_on_overlapping_keys_end_consistent() {
+    let (per_thread, keys) = if cfg!(miri) { (200, 16) } else { (50_000, 500) };
+    let reg = Registry::new();
+    let th = Thresholds::default();
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let reg = &reg;
+            s.spawn(move || {
+                let mut x = 0x9e37_79b9_u64 + t;
+                for _ in 0..per_thread {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let id = format!("dev-{}", x % keys);
+                    if x % 3 == 0 {
+                        reg.remove(&id);
+                    } else {
+                        // Whole minutes spread over 40 days: exact counts.
+                        let mut r = rec(&id, T0 - ((x >> 20) % 57_600) as u32 * 60);
+                        if (x >> 50) % 5 == 0 {
+                            r.dead = dead(T0);
+                        }
+                        reg.upsert(&r);
+                    }
+                }
+            });
+        }
+    });
+    let present = (0..keys)
+        .filter(|k| reg.get(&format!("dev-{k}")).is_some())
+        .count();
+    assert_eq!(reg.len(), present);
+    for now in [T0, T0 + 20 * DAY, T0 + 50 * DAY] {
+        let counts = reg.state_counts(&th, UnixTime(now));
+        assert_eq!(counts.iter().sum::<u64>(), present as u64);
+        assert_eq!(counts, brute_counts(&reg, &th, UnixTime(now)));
+    }
+}
+
+// --- properties -------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: if cfg!(miri) { 8 } else { 256 },
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn every_field_round_trips(r in record()) {
+        let reg = Registry::new();
+        prop_assert!(reg.upsert(&r));
+        prop_assert_eq!(reg.get(r.device_id.as_str()), Some(r.clone()));
+        let codec = RecordCodec::new();
+        let c = codec.encode(&r);
+        prop_assert_eq!(c.issued_at(), r.issued_at);
+        prop_assert_eq!(c.dead(), r.dead);
+        prop_assert_eq!(codec.decode(&c), Some(r));
+    }
+
+    #[test]
+    fn uris_round_trip_byte_exact(u in prop_oneof![channel_uri(), trusted_uri()]) {
+        let reg = Registry::new();
+        let mut r = rec("d", T0);
+        r.channel_uri = u.clone();
+        reg.upsert(&r);
+        let back = reg.get("d").unwrap().channel_uri;
+        prop_assert_eq!(back.as_str().as_bytes(), u.as_str().as_bytes());
+        prop_assert_eq!(back, u);
+    }
+
+    #[test]
+    fn replace_keeps_only_the_last(rs in proptest::collection::vec(record(), 1..20)) {
+        let reg = Registry::new();
+        let mut model = HashMap::new();
+        for r in &rs {
+            prop_assert_eq!(
+                reg.upsert(r),
+                model.insert(r.device_id.clone(), r.clone()).is_none()
+            );
+        }
+        prop_assert_eq!(reg.len(), model.len());
+        for (id, r) in &model {
+            prop_assert_eq!(reg.get(id.as_str()), Some(r.clone()));
+        }
+    }
+
+    /// Counts are exact for every record whose minute does not straddle a
+    /// threshold; such records are left out of the fleet here.
+    #[test]
+    fn state_counts_are_exact_away_from_minute_boundaries(
+        issued in proptest::collection::vec((0u32..60 * DAY, 0u8..20), 0..200),
+        due in 1u32..20 * DAY,
+        extra in 0u32..20 * DAY,
+        now_off in 0u32..60 * DAY,
+    ) {
+        let th = Thresholds { renewal_due_after: due, expire_after: due + extra };
+        let now = T0 + now_off;
+        let cuts = [now.saturating_sub(due) / 60, now.saturating_sub(due + extra) / 60];
+        let reg = Registry::new();
+        for (i, &(off, d)) in issued.iter().enumerate() {
+            let at = T0 + off - 30 * DAY;
+            if cuts.contains(&(at / 60)) {
+                continue;
+            }
+            let mut r = rec(&format!("dev-{i}"), at);
+            if d == 0 {
+                r.dead = dead(at);
+            }
+            reg.upsert(&r);
+        }
+        prop_assert_eq!(
+            reg.state_counts(&th, UnixTime(now)),
+            brute_counts(&reg, &th, UnixTime(now))
+        );
+    }
+}
