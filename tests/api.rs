@@ -625,8 +625,15 @@ fn port_in_use_is_a_clear_error() {
 fn the_example_config_is_valid() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wnsgate"))
         .arg("check-config")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/wnsgate.example.toml"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/wnsgate.example.toml"
+        ))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
