@@ -60,7 +60,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     )
     .with_context(|| format!("cannot open the store in {}", path.display()))?;
     let store: Arc<dyn Store> = Arc::new(store);
-    let registry = Arc::new(Registry::new());
+    let registry = Arc::new(Registry::with_capacity(store.approximate_len()));
     let reg = registry.clone();
     let (commits, committer) = Committer::start(
         store.clone(),

@@ -130,11 +130,6 @@ impl FjallStore {
         &self.path
     }
 
-    /// Record count, approximate after deletes (O(1)).
-    pub fn approximate_len(&self) -> usize {
-        self.devices.approximate_len()
-    }
-
     /// Memtable flushes queued plus compactions running in fjall's
     /// background threads (zero when the store is idle).
     pub fn background_jobs(&self) -> usize {
@@ -276,6 +271,11 @@ impl Store for FjallStore {
             visit,
             None,
         )
+    }
+
+    /// Record count, approximate after deletes (O(1)).
+    fn approximate_len(&self) -> usize {
+        self.devices.approximate_len()
     }
 
     fn scan_all_parallel(

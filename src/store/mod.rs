@@ -59,6 +59,12 @@ pub trait Store: Send + Sync + 'static {
     /// Visits every stored record, in any order. Returns the count.
     fn scan_all(&self, visit: &mut dyn FnMut(DeviceRecord)) -> Result<u64, StoreError>;
 
+    /// About how many records the store holds (cheap; used to size the
+    /// registry before recovery). The provided implementation says 0.
+    fn approximate_len(&self) -> usize {
+        0
+    }
+
     /// Visits every stored record using up to `threads` threads, calling
     /// `visit` concurrently from them, in any order. Returns the count.
     ///
