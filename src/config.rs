@@ -71,6 +71,12 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// Most mutations written under one sync.
     pub max_batch_mutations: usize,
+    /// Memtable size of the embedded store, MiB (applies when the store is
+    /// created).
+    pub memtable_mb: u64,
+    /// Threads the embedded store uses for flushes and compaction; 0 = its
+    /// default (min(cores, 4)).
+    pub background_threads: usize,
 }
 
 impl Default for StoreConfig {
@@ -80,6 +86,8 @@ impl Default for StoreConfig {
             cache_mb: 64,
             queue_capacity: 65_536,
             max_batch_mutations: 4_096,
+            memtable_mb: 16,
+            background_threads: 0,
         }
     }
 }
