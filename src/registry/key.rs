@@ -146,34 +146,36 @@ pub(crate) fn write_key(id: &str, out: &mut Vec<u8>) {
 /// An id with no hex letters at all is canonical in both cases; it gets the
 /// lowercase tag so that the choice is a function of the id.
 fn parse_uuid(b: &[u8]) -> Option<(u8, [u8; 16])> {
+    /// The hex digit runs of `8-4-4-4-12`.
+    const RUNS: [(usize, usize); 5] = [(0, 8), (9, 13), (14, 18), (19, 23), (24, 36)];
     if b.len() != UUID_LEN || HYPHENS.iter().any(|&i| b[i] != b'-') {
         return None;
     }
-    let (mut lower, mut upper) = (false, false);
+    // Bit 0: a lowercase letter was seen; bit 1: an uppercase one.
+    let mut cases = 0u8;
     let mut raw = [0u8; 16];
     let mut n = 0;
-    for (i, &c) in b.iter().enumerate() {
-        if HYPHENS.contains(&i) {
-            continue;
+    for (start, end) in RUNS {
+        for &c in &b[start..end] {
+            let v = match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' => {
+                    cases |= 1;
+                    c - b'a' + 10
+                }
+                b'A'..=b'F' => {
+                    cases |= 2;
+                    c - b'A' + 10
+                }
+                _ => return None,
+            };
+            raw[n / 2] |= v << (4 * (1 - n % 2));
+            n += 1;
         }
-        let v = match c {
-            b'0'..=b'9' => c - b'0',
-            b'a'..=b'f' => {
-                lower = true;
-                c - b'a' + 10
-            }
-            b'A'..=b'F' => {
-                upper = true;
-                c - b'A' + 10
-            }
-            _ => return None,
-        };
-        raw[n / 2] |= if n % 2 == 0 { v << 4 } else { v };
-        n += 1;
     }
-    match (lower, upper) {
-        (true, true) => None,
-        (false, true) => Some((TAG_UUID_UPPER, raw)),
+    match cases {
+        3 => None,
+        2 => Some((TAG_UUID_UPPER, raw)),
         _ => Some((TAG_UUID_LOWER, raw)),
     }
 }
