@@ -17,6 +17,7 @@ pub mod demo;
 pub mod fleet;
 pub mod gateway;
 pub mod registry;
+pub mod sender;
 pub mod server;
 pub mod shard;
 pub mod store;

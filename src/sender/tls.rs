@@ -29,13 +29,21 @@ pub fn client_config(extra_ca: Option<&Path>, alpn: Alpn) -> anyhow::Result<Arc<
         for cert in CertificateDer::pem_file_iter(path)
             .with_context(|| format!("wns.ca_file: cannot read {}", path.display()))?
         {
-            let cert = cert.with_context(|| format!("wns.ca_file: {} is not valid PEM", path.display()))?;
-            roots
-                .add(cert)
-                .with_context(|| format!("wns.ca_file: a certificate in {} is not a usable CA", path.display()))?;
+            let cert =
+                cert.with_context(|| format!("wns.ca_file: {} is not valid PEM", path.display()))?;
+            roots.add(cert).with_context(|| {
+                format!(
+                    "wns.ca_file: a certificate in {} is not a usable CA",
+                    path.display()
+                )
+            })?;
             added += 1;
         }
-        anyhow::ensure!(added > 0, "wns.ca_file: {} holds no certificate", path.display());
+        anyhow::ensure!(
+            added > 0,
+            "wns.ca_file: {} holds no certificate",
+            path.display()
+        );
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ClientConfig::builder_with_provider(provider)

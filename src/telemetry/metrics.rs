@@ -19,6 +19,8 @@ pub const DEVICES: &str = "wnsgate_devices";
 pub const IMPORT_LINES: &str = "wnsgate_import_lines_total";
 /// Seconds the last start spent loading the store into the registry.
 pub const RECOVERY_SECONDS: &str = "wnsgate_recovery_seconds";
+/// Connections opened to WNS, by `protocol` (h2, http1).
+pub const WNS_CONNECTIONS_OPENED: &str = "wnsgate_wns_connections_opened_total";
 /// Build information (`version`) and the network backend in use (`io`).
 pub const BUILD_INFO: &str = "wnsgate_build_info";
 /// 1 when the gateway is ready to serve.
@@ -73,6 +75,10 @@ fn describe() {
         RECOVERY_SECONDS,
         Unit::Seconds,
         "Time the last start spent loading the store."
+    );
+    describe_counter!(
+        WNS_CONNECTIONS_OPENED,
+        "Connections opened to WNS, by protocol."
     );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     describe_gauge!(READY, "1 when the gateway serves the API.");

@@ -1,0 +1,223 @@
+//! One connection to a WNS front end: TCP, TLS with the channel's host as
+//! SNI, then HTTP/2 or HTTP/1.1, whichever the server picked by ALPN.
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Time limits of every network step.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub tls: Duration,
+    /// From sending a request to its response head.
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            tls: Duration::from_secs(5),
+            request: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The application protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    H2,
+    Http1,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::H2 => "h2",
+            Protocol::Http1 => "http1",
+        }
+    }
+}
+
+/// Why a request got no HTTP answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnError {
+    #[error("connect to {0} failed: {1}")]
+    Connect(String, String),
+    #[error("TLS handshake with {0} failed: {1}")]
+    Tls(String, String),
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    /// The connection closed, was reset or sent GOAWAY before answering: the
+    /// request may be sent again on another connection.
+    #[error("connection lost before an answer: {0}")]
+    Lost(String),
+    #[error("HTTP protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ConnError {
+    /// True when the request surely or probably never reached the
+    /// application, so resending it does not count as an attempt.
+    pub fn is_retryable_elsewhere(&self) -> bool {
+        matches!(
+            self,
+            ConnError::Lost(_) | ConnError::Connect(..) | ConnError::Tls(..)
+        )
+    }
+}
+
+/// The status and headers of an answer (WNS bodies carry nothing we use).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+}
+
+/// An open connection.
+pub enum Conn {
+    H2(h2::client::SendRequest<Bytes>),
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+}
+
+impl Conn {
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            Conn::H2(_) => Protocol::H2,
+            Conn::Http1(_) => Protocol::Http1,
+        }
+    }
+}
+
+/// Opens a connection to `dial` (`host:port`), presenting `sni` and
+/// verifying the certificate for it.
+pub async fn connect(
+    dial: &str,
+    sni: &str,
+    tls: Arc<ClientConfig>,
+    t: &Timeouts,
+) -> Result<Conn, ConnError> {
+    let tcp = tokio::time::timeout(t.connect, TcpStream::connect(dial))
+        .await
+        .map_err(|_| ConnError::Timeout("connect"))?
+        .map_err(|e| ConnError::Connect(dial.to_owned(), e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    let name = ServerName::try_from(sni.to_owned())
+        .map_err(|e| ConnError::Tls(sni.to_owned(), e.to_string()))?;
+    let stream = tokio::time::timeout(t.tls, TlsConnector::from(tls).connect(name, tcp))
+        .await
+        .map_err(|_| ConnError::Timeout("TLS handshake"))?
+        .map_err(|e| ConnError::Tls(sni.to_owned(), e.to_string()))?;
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    if h2 {
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(1 << 24)
+            .handshake::<_, Bytes>(stream)
+            .await
+            .map_err(|e| ConnError::Protocol(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "WNS h2 connection ended");
+            }
+        });
+        Ok(Conn::H2(send))
+    } else {
+        let (send, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| ConnError::Protocol(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "WNS HTTP/1.1 connection ended");
+            }
+        });
+        Ok(Conn::Http1(send))
+    }
+}
+
+/// Sends one POST on an h2 connection and waits for the answer.
+pub async fn post_h2(
+    send: &h2::client::SendRequest<Bytes>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Reply, ConnError> {
+    let mut req = Request::new(());
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    let mut send = send.clone().ready().await.map_err(lost)?;
+    let (resp, mut stream) = send.send_request(req, false).map_err(lost)?;
+    stream.send_data(body, true).map_err(lost)?;
+    let resp = tokio::time::timeout(timeout, resp)
+        .await
+        .map_err(|_| ConnError::Timeout("WNS request"))?
+        .map_err(lost)?;
+    let (parts, mut body) = resp.into_parts();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(lost)?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Ok(Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+    })
+}
+
+/// Sends one POST on an HTTP/1.1 connection and waits for the answer.
+pub async fn post_http1(
+    send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Reply, ConnError> {
+    send.ready()
+        .await
+        .map_err(|e| ConnError::Lost(e.to_string()))?;
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = http::Method::POST;
+    // HTTP/1.1 sends origin-form; Host comes from the authority.
+    let host = uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default();
+    *req.uri_mut() = uri.path_and_query().map_or_else(
+        || Uri::from_static("/"),
+        |pq| Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
+    );
+    *req.headers_mut() = headers;
+    if let Ok(v) = http::HeaderValue::from_str(&host) {
+        req.headers_mut().insert(http::header::HOST, v);
+    }
+    let resp = tokio::time::timeout(timeout, send.send_request(req))
+        .await
+        .map_err(|_| ConnError::Timeout("WNS request"))?
+        .map_err(|e| ConnError::Lost(e.to_string()))?;
+    let (parts, body) = resp.into_parts();
+    body.collect()
+        .await
+        .map_err(|e| ConnError::Lost(e.to_string()))?;
+    Ok(Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+    })
+}
+
+fn lost(e: h2::Error) -> ConnError {
+    if e.is_go_away() || e.is_io() || e.is_reset() || e.is_remote() {
+        ConnError::Lost(e.to_string())
+    } else {
+        ConnError::Protocol(e.to_string())
+    }
+}

@@ -1,0 +1,11 @@
+//! The WNS sender: connections to WNS front ends, per shard and per
+//! authority, over TLS with HTTP/2 or HTTP/1.1.
+//!
+//! Owns: TLS configuration, connection establishment, connection pools with
+//! stream permits. Protocol decisions (how to read an answer, whether to
+//! retry, token lifetimes) live in [`crate::core::wns`]; this layer only
+//! moves requests and answers.
+
+pub mod conn;
+pub mod pool;
+pub mod tls;

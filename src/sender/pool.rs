@@ -1,0 +1,219 @@
+//! Connections to one WNS authority (one front-end host), owned by one
+//! shard: HTTP/2 connections carrying many streams each, bounded by the
+//! peer's SETTINGS_MAX_CONCURRENT_STREAMS and our own limit, or HTTP/1.1
+//! keep-alive connections carrying one request at a time.
+//!
+//! A connection that dies (GOAWAY, reset, close) is retired; the requests it
+//! carried fail with [`ConnError::Lost`] so the caller can send them again.
+
+use super::conn::{self, Conn, ConnError, Protocol, Reply, Timeouts};
+use bytes::Bytes;
+use http::{HeaderMap, Uri};
+use http_body_util::Full;
+use parking_lot::Mutex;
+use rustls::ClientConfig;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// Bounds of one pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    /// Connections open or opening at once.
+    pub max_connections: usize,
+    /// Streams per HTTP/2 connection at once (the peer's limit also applies).
+    pub max_streams_per_conn: usize,
+}
+
+impl Default for PoolLimits {
+    fn default() -> Self {
+        PoolLimits {
+            max_connections: 4,
+            max_streams_per_conn: 100,
+        }
+    }
+}
+
+type H1Send = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+struct H2Slot {
+    id: u64,
+    send: h2::client::SendRequest<Bytes>,
+    inflight: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    h2: Vec<H2Slot>,
+    h1_idle: Vec<H1Send>,
+    h1_busy: usize,
+    connecting: usize,
+    next_id: u64,
+}
+
+impl Inner {
+    fn open(&self) -> usize {
+        self.h2.len() + self.h1_idle.len() + self.h1_busy + self.connecting
+    }
+}
+
+enum Lease {
+    H2 {
+        id: u64,
+        send: h2::client::SendRequest<Bytes>,
+    },
+    Http1(H1Send),
+    Connect,
+    Wait,
+}
+
+/// The connections of one shard to one authority.
+pub struct AuthorityPool {
+    /// Host presented as SNI and `:authority` (the channel URI's host).
+    authority: Arc<str>,
+    /// `host:port` dialled.
+    dial: Arc<str>,
+    tls: Arc<ClientConfig>,
+    limits: PoolLimits,
+    timeouts: Timeouts,
+    inner: Mutex<Inner>,
+    freed: Notify,
+}
+
+impl AuthorityPool {
+    pub fn new(
+        authority: &str,
+        dial: &str,
+        tls: Arc<ClientConfig>,
+        limits: PoolLimits,
+        timeouts: Timeouts,
+    ) -> AuthorityPool {
+        AuthorityPool {
+            authority: authority.into(),
+            dial: dial.into(),
+            tls,
+            limits,
+            timeouts,
+            inner: Mutex::new(Inner::default()),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Connections currently open, by protocol.
+    pub fn open_connections(&self) -> (usize, usize) {
+        let g = self.inner.lock();
+        (g.h2.len(), g.h1_idle.len() + g.h1_busy)
+    }
+
+    fn lease(&self) -> Lease {
+        let mut g = self.inner.lock();
+        let cap = self.limits.max_streams_per_conn;
+        if let Some(slot) =
+            g.h2.iter_mut()
+                .filter(|s| s.inflight < cap.min(s.send.current_max_send_streams()).max(1))
+                .min_by_key(|s| s.inflight)
+        {
+            slot.inflight += 1;
+            return Lease::H2 {
+                id: slot.id,
+                send: slot.send.clone(),
+            };
+        }
+        while let Some(send) = g.h1_idle.pop() {
+            if !send.is_closed() {
+                g.h1_busy += 1;
+                return Lease::Http1(send);
+            }
+        }
+        if g.open() < self.limits.max_connections {
+            g.connecting += 1;
+            return Lease::Connect;
+        }
+        Lease::Wait
+    }
+
+    /// POSTs `body` to `uri` with `headers` on some connection of this pool,
+    /// opening one when all are busy and the limit allows, otherwise
+    /// waiting for a free stream or connection.
+    pub async fn post(
+        &self,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<(Reply, Protocol), ConnError> {
+        loop {
+            let waiter = self.freed.notified();
+            match self.lease() {
+                Lease::H2 { id, send } => {
+                    let r = conn::post_h2(&send, uri, headers, body, self.timeouts.request).await;
+                    self.release_h2(id, matches!(r, Err(ConnError::Lost(_))));
+                    return r.map(|reply| (reply, Protocol::H2));
+                }
+                Lease::Http1(mut send) => {
+                    let r = conn::post_http1(&mut send, uri, headers, body, self.timeouts.request)
+                        .await;
+                    self.release_h1(send, r.is_ok());
+                    return r.map(|reply| (reply, Protocol::Http1));
+                }
+                Lease::Connect => {
+                    let opened = conn::connect(
+                        &self.dial,
+                        &self.authority,
+                        self.tls.clone(),
+                        &self.timeouts,
+                    )
+                    .await;
+                    let mut g = self.inner.lock();
+                    g.connecting -= 1;
+                    match opened {
+                        Ok(Conn::H2(send)) => {
+                            let id = g.next_id;
+                            g.next_id += 1;
+                            g.h2.push(H2Slot {
+                                id,
+                                send,
+                                inflight: 0,
+                            });
+                            metrics::counter!(crate::telemetry::metrics::WNS_CONNECTIONS_OPENED, "protocol" => "h2").increment(1);
+                        }
+                        Ok(Conn::Http1(send)) => {
+                            g.h1_idle.push(send);
+                            metrics::counter!(crate::telemetry::metrics::WNS_CONNECTIONS_OPENED, "protocol" => "http1").increment(1);
+                        }
+                        Err(e) => {
+                            drop(g);
+                            self.freed.notify_one();
+                            return Err(e);
+                        }
+                    }
+                    drop(g);
+                    self.freed.notify_waiters();
+                }
+                Lease::Wait => waiter.await,
+            }
+        }
+    }
+
+    fn release_h2(&self, id: u64, lost: bool) {
+        let mut g = self.inner.lock();
+        if let Some(pos) = g.h2.iter().position(|s| s.id == id) {
+            if lost {
+                // Retire it: every stream still on it fails as lost too.
+                g.h2.swap_remove(pos);
+            } else {
+                g.h2[pos].inflight -= 1;
+            }
+        }
+        drop(g);
+        self.freed.notify_one();
+    }
+
+    fn release_h1(&self, send: H1Send, reusable: bool) {
+        let mut g = self.inner.lock();
+        g.h1_busy -= 1;
+        if reusable && !send.is_closed() {
+            g.h1_idle.push(send);
+        }
+        drop(g);
+        self.freed.notify_one();
+    }
+}
