@@ -958,7 +958,9 @@ async fn goaway_every_n_retires_h2_connections_gracefully() {
     }))
     .await;
     // The client saw the GOAWAY: the connection ended cleanly.
-    conn.await
+    tokio::time::timeout(Duration::from_secs(30), conn)
+        .await
+        .expect("the server retires the connection")
         .unwrap()
         .expect("connection closes without error");
     let answered = results.iter().filter(|r| r.is_ok()).count();

@@ -273,14 +273,70 @@ fn bad(description: &'static str) -> Verdict {
     Verdict::new(Outcome::BadRequest, description)
 }
 
-/// The only value of a header; `Err` when repeated.
-fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a [u8]>, ()> {
-    let mut it = headers.get_all(name).iter();
-    let first = it.next().map(HeaderValue::as_bytes);
-    if it.next().is_some() {
-        return Err(());
+/// The request headers the push rules look at, gathered in one pass.
+#[derive(Clone, Copy, Default)]
+pub struct PushHeaders<'a> {
+    /// `Authorization`.
+    pub authorization: Option<&'a HeaderValue>,
+    /// `MS-CV`, echoed in the answer.
+    pub ms_cv: Option<&'a HeaderValue>,
+    wns_type: Slot<'a>,
+    content_type: Slot<'a>,
+    content_length: Slot<'a>,
+    cache_policy: Slot<'a>,
+    ttl: Slot<'a>,
+    request_for_status: Slot<'a>,
+    expect: bool,
+    transfer_encoding: bool,
+}
+
+/// A header that may appear once.
+#[derive(Clone, Copy, Default)]
+enum Slot<'a> {
+    #[default]
+    Absent,
+    One(&'a [u8]),
+    Repeated,
+}
+
+impl<'a> Slot<'a> {
+    fn put(&mut self, v: &'a HeaderValue) {
+        *self = match self {
+            Slot::Absent => Slot::One(v.as_bytes()),
+            _ => Slot::Repeated,
+        };
     }
-    Ok(first)
+}
+
+impl<'a> PushHeaders<'a> {
+    /// Gathers the headers of a request.
+    pub fn scan(headers: &'a HeaderMap) -> PushHeaders<'a> {
+        let mut h = PushHeaders::default();
+        for (name, value) in headers {
+            if name == http::header::AUTHORIZATION {
+                h.authorization = Some(value);
+            } else if name == CONTENT_TYPE {
+                h.content_type.put(value);
+            } else if name == CONTENT_LENGTH {
+                h.content_length.put(value);
+            } else if name == http::header::EXPECT {
+                h.expect = true;
+            } else if name == http::header::TRANSFER_ENCODING {
+                h.transfer_encoding = true;
+            } else if *name == X_WNS_TYPE {
+                h.wns_type.put(value);
+            } else if *name == X_WNS_CACHE_POLICY {
+                h.cache_policy.put(value);
+            } else if *name == X_WNS_TTL {
+                h.ttl.put(value);
+            } else if *name == X_WNS_REQUEST_FOR_STATUS {
+                h.request_for_status.put(value);
+            } else if *name == MS_CV {
+                h.ms_cv = Some(value);
+            }
+        }
+        h
+    }
 }
 
 fn media_type(v: &[u8]) -> &[u8] {
@@ -295,54 +351,56 @@ fn media_type(v: &[u8]) -> &[u8] {
 /// bodies. A declared `Content-Length` above the limit answers 413 before
 /// the body is read.
 pub fn check_headers(
-    headers: &HeaderMap,
+    h: &PushHeaders<'_>,
     has_authority: bool,
     http1: bool,
 ) -> Result<PushOptions, Verdict> {
     if !has_authority {
         return Err(bad("Missing host"));
     }
-    if http1 {
-        if headers.contains_key(http::header::EXPECT) {
-            return Err(bad("Expect is not supported"));
-        }
-        if headers.contains_key(http::header::TRANSFER_ENCODING) {
-            return Err(bad("Chunked transfer encoding is not supported"));
-        }
+    if http1 && h.expect {
+        return Err(bad("Expect is not supported"));
     }
-    let wns_type = single(headers, &X_WNS_TYPE)
-        .map_err(|_| bad("Conflicting X-WNS-Type headers"))?
-        .ok_or_else(|| bad("Missing X-WNS-Type"))?;
+    if http1 && h.transfer_encoding {
+        return Err(bad("Chunked transfer encoding is not supported"));
+    }
+    let wns_type = match h.wns_type {
+        Slot::Absent => return Err(bad("Missing X-WNS-Type")),
+        Slot::Repeated => return Err(bad("Conflicting X-WNS-Type headers")),
+        Slot::One(v) => v,
+    };
     if !WNS_TYPES.iter().any(|t| t.as_bytes() == wns_type) {
         return Err(bad("Invalid X-WNS-Type"));
     }
     if wns_type == b"wns/raw" {
-        let ct = single(headers, &CONTENT_TYPE).map_err(|_| bad("Conflicting Content-Type"))?;
-        if !ct.is_some_and(|v| media_type(v).eq_ignore_ascii_case(b"application/octet-stream")) {
+        let ok = matches!(h.content_type,
+            Slot::One(v) if media_type(v).eq_ignore_ascii_case(b"application/octet-stream"));
+        if !ok {
             return Err(bad(
                 "Content-Type must be application/octet-stream for wns/raw",
             ));
         }
     }
-    match single(headers, &X_WNS_CACHE_POLICY) {
-        Ok(None) => {}
-        Ok(Some(v)) if v.eq_ignore_ascii_case(b"cache") || v.eq_ignore_ascii_case(b"no-cache") => {}
+    match h.cache_policy {
+        Slot::Absent => {}
+        Slot::One(v) if v.eq_ignore_ascii_case(b"cache") || v.eq_ignore_ascii_case(b"no-cache") => {
+        }
         _ => return Err(bad("Invalid X-WNS-Cache-Policy")),
     }
-    match single(headers, &X_WNS_TTL) {
-        Ok(None) => {}
-        Ok(Some(v)) if !v.is_empty() && v.len() <= 10 && v.iter().all(u8::is_ascii_digit) => {}
+    match h.ttl {
+        Slot::Absent => {}
+        Slot::One(v) if !v.is_empty() && v.len() <= 10 && v.iter().all(u8::is_ascii_digit) => {}
         _ => return Err(bad("Invalid X-WNS-TTL")),
     }
-    let request_for_status = match single(headers, &X_WNS_REQUEST_FOR_STATUS) {
-        Ok(None) => false,
-        Ok(Some(v)) if v.eq_ignore_ascii_case(b"true") => true,
-        Ok(Some(v)) if v.eq_ignore_ascii_case(b"false") => false,
+    let request_for_status = match h.request_for_status {
+        Slot::Absent => false,
+        Slot::One(v) if v.eq_ignore_ascii_case(b"true") => true,
+        Slot::One(v) if v.eq_ignore_ascii_case(b"false") => false,
         _ => return Err(bad("Invalid X-WNS-RequestForStatus")),
     };
-    match single(headers, &CONTENT_LENGTH) {
-        Ok(None) => {}
-        Ok(Some(v)) => match std::str::from_utf8(v)
+    match h.content_length {
+        Slot::Absent => {}
+        Slot::One(v) => match std::str::from_utf8(v)
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
         {
@@ -350,7 +408,7 @@ pub fn check_headers(
             Some(_) => {}
             None => return Err(bad("Invalid Content-Length")),
         },
-        Err(()) => return Err(bad("Conflicting Content-Length")),
+        Slot::Repeated => return Err(bad("Conflicting Content-Length")),
     }
     Ok(PushOptions { request_for_status })
 }
@@ -383,7 +441,11 @@ pub fn response_headers(
             h.insert(X_WNS_DEVICE_STATUS.clone(), HeaderValue::from_static(s));
         }
     }
-    h.insert(X_WNS_MSG_ID.clone(), hex16(msg_id));
+    // Unique per answer: marked sensitive so the h2 encoder does not churn
+    // its dynamic table with it.
+    let mut id = hex16(msg_id);
+    id.set_sensitive(true);
+    h.insert(X_WNS_MSG_ID.clone(), id);
     h.insert(X_WNS_DEBUG_TRACE.clone(), debug_trace);
     if let Some(cv) = ms_cv {
         h.insert(MS_CV.clone(), cv.clone());
@@ -446,7 +508,11 @@ mod tests {
         let ok = |extra: &[(&str, &str)], http1: bool| {
             let mut all = RAW.to_vec();
             all.extend_from_slice(extra);
-            code(check_headers(&headers(&all), true, http1))
+            code(check_headers(
+                &PushHeaders::scan(&headers(&all)),
+                true,
+                http1,
+            ))
         };
         assert_eq!(ok(&[], false), 200);
         assert_eq!(
@@ -469,22 +535,41 @@ mod tests {
         assert_eq!(ok(&[("transfer-encoding", "chunked")], true), 400);
         assert_eq!(ok(&[("content-length", "5001")], false), 413);
         assert_eq!(ok(&[("content-length", "5000")], false), 200);
-        assert_eq!(code(check_headers(&headers(&RAW), false, false)), 400);
+        assert_eq!(
+            code(check_headers(
+                &PushHeaders::scan(&headers(&RAW)),
+                false,
+                false
+            )),
+            400
+        );
         let no_type = headers(&[("content-type", "application/octet-stream")]);
-        assert_eq!(code(check_headers(&no_type, true, false)), 400);
+        assert_eq!(
+            code(check_headers(&PushHeaders::scan(&no_type), true, false)),
+            400
+        );
         let bad_type = headers(&[("x-wns-type", "wns/push")]);
-        assert_eq!(code(check_headers(&bad_type, true, false)), 400);
+        assert_eq!(
+            code(check_headers(&PushHeaders::scan(&bad_type), true, false)),
+            400
+        );
         let raw_xml = headers(&[("x-wns-type", "wns/raw"), ("content-type", "text/xml")]);
-        assert_eq!(code(check_headers(&raw_xml, true, false)), 400);
+        assert_eq!(
+            code(check_headers(&PushHeaders::scan(&raw_xml), true, false)),
+            400
+        );
         let toast = headers(&[("x-wns-type", "wns/toast"), ("content-type", "text/xml")]);
-        assert_eq!(code(check_headers(&toast, true, false)), 200);
+        assert_eq!(
+            code(check_headers(&PushHeaders::scan(&toast), true, false)),
+            200
+        );
         let with_params = headers(&[
             ("x-wns-type", "wns/raw"),
             ("content-type", "Application/Octet-Stream; x=1"),
             ("x-wns-requestforstatus", "true"),
         ]);
         assert!(
-            check_headers(&with_params, true, false)
+            check_headers(&PushHeaders::scan(&with_params), true, false)
                 .unwrap()
                 .request_for_status
         );

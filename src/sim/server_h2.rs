@@ -33,33 +33,51 @@ where
     let mut inflight = FuturesUnordered::new();
     let mut taken = 0u64;
     let mut goaway_sent = false;
-    loop {
-        let next = poll_fn(|cx| {
-            while let Poll::Ready(Some(())) = inflight.poll_next_unpin(cx) {}
-            conn.poll_accept(cx)
-        })
-        .await;
-        let Some(Ok((req, respond))) = next else {
-            // Closed, or a connection error: streams still in flight die
-            // with it.
-            return;
-        };
-        taken += 1;
-        match conn_action(&w.faults(), taken, goaway_sent) {
-            ConnAction::Reset => {
-                w.counters.conn(ConnEvent::Reset);
-                ctl.reset();
-                return;
+    // One poll: take every stream that is ready, then run the handlers, and
+    // drive the connection again only if some answered, so answers to many
+    // streams leave in one write.
+    let end = poll_fn(|cx| loop {
+        loop {
+            match conn.poll_accept(cx) {
+                Poll::Ready(Some(Ok((req, respond)))) => {
+                    taken += 1;
+                    match conn_action(&w.faults(), taken, goaway_sent) {
+                        ConnAction::Reset => return Poll::Ready(End::Reset),
+                        ConnAction::ServeThenGoAway => {
+                            goaway_sent = true;
+                            w.counters.conn(ConnEvent::GoAway);
+                            conn.graceful_shutdown();
+                        }
+                        ConnAction::Serve => {}
+                    }
+                    inflight.push(stream(w, req, respond));
+                }
+                // Closed, or a connection error: streams still in flight
+                // die with it.
+                Poll::Ready(_) => return Poll::Ready(End::Closed),
+                Poll::Pending => break,
             }
-            ConnAction::ServeThenGoAway => {
-                goaway_sent = true;
-                w.counters.conn(ConnEvent::GoAway);
-                conn.graceful_shutdown();
-            }
-            ConnAction::Serve => {}
         }
-        inflight.push(stream(w, req, respond));
+        let mut answered = false;
+        while let Poll::Ready(Some(())) = inflight.poll_next_unpin(cx) {
+            answered = true;
+        }
+        if !answered {
+            return Poll::Pending;
+        }
+    })
+    .await;
+    if end == End::Reset {
+        w.counters.conn(ConnEvent::Reset);
+        ctl.reset();
     }
+}
+
+/// Why a connection's loop ended.
+#[derive(PartialEq, Eq)]
+enum End {
+    Closed,
+    Reset,
 }
 
 async fn stream(w: &Worker, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {

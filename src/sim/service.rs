@@ -5,11 +5,11 @@
 //! and a [`Reply`] out.
 
 use super::behaviour::{channel_token, Behaviour};
-use super::push::{self, PushOptions, Verdict, MAX_PAYLOAD_BYTES, MS_CV};
+use super::push::{self, PushHeaders, PushOptions, Verdict, MAX_PAYLOAD_BYTES};
 use super::state::{channel_hash, Worker};
 use super::token::{self, Flow, TokenInfo, MAX_TOKEN_REQUEST_BYTES};
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{Method, StatusCode};
 use rand::Rng;
 use std::sync::Arc;
@@ -179,15 +179,16 @@ pub(crate) async fn serve<B: BodySource>(
 fn before_body(
     w: &Worker,
     head: &Head<'_>,
+    headers: &PushHeaders<'_>,
     now: Instant,
 ) -> Result<(PushOptions, Arc<TokenInfo>), Verdict> {
     push::check_method(head.method)?;
-    let authorization = head.headers.get(AUTHORIZATION);
-    let info = authorization
+    let info = headers
+        .authorization
         .and_then(|v| token::bearer(v.as_bytes()))
         .and_then(|b| w.token(b));
-    let info = push::check_token(authorization.is_some(), info, now)?;
-    let opts = push::check_headers(head.headers, !head.authority.is_empty(), head.http1)?;
+    let info = push::check_token(headers.authorization.is_some(), info, now)?;
+    let opts = push::check_headers(headers, !head.authority.is_empty(), head.http1)?;
     Ok((opts, info))
 }
 
@@ -232,7 +233,8 @@ async fn push<B: BodySource>(w: &Worker, head: &Head<'_>, body: &mut B) -> Optio
     let faults = w.faults();
     let hash = (w.shared.stats.channel_stats() || w.has_bindings())
         .then(|| channel_hash(head.authority, head.path_and_query));
-    let (verdict, opts) = match before_body(w, head, now) {
+    let headers = PushHeaders::scan(head.headers);
+    let (verdict, opts) = match before_body(w, head, &headers, now) {
         Err(v) => (v, PushOptions::default()),
         Ok((opts, token)) => {
             let v = match read_body(body, MAX_PAYLOAD_BYTES).await {
@@ -260,14 +262,12 @@ async fn push<B: BodySource>(w: &Worker, head: &Head<'_>, body: &mut B) -> Optio
             .stats
             .channel_push(&w.counters, h, verdict.outcome == push::Outcome::Received);
     }
-    let trace = format!("WNSGATESIM.{}.{}", w.index, w.next_seq());
     let headers = push::response_headers(
         &verdict,
         opts,
-        head.headers.get(&MS_CV),
+        headers.ms_cv,
         rand::rng().random(),
-        HeaderValue::from_maybe_shared(Bytes::from(trace))
-            .unwrap_or_else(|_| HeaderValue::from_static("WNSGATESIM")),
+        w.debug_trace.clone(),
     );
     Some(Reply {
         status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),

@@ -9,7 +9,7 @@ use super::hash::{hash64, BuildIdentity};
 use super::stats::{Stats, ThreadCounters};
 use super::token::{TokenInfo, TokenStore};
 use parking_lot::{Mutex, RwLock};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -126,8 +126,9 @@ struct View {
 pub(crate) struct Worker {
     pub shared: Arc<Shared>,
     pub counters: Arc<ThreadCounters>,
-    pub index: usize,
-    seq: Cell<u64>,
+    /// `X-WNS-Debug-Trace` of this thread's answers: like WNS, it names the
+    /// front end that answered, not the message (that is `X-WNS-Msg-ID`).
+    pub debug_trace: http::HeaderValue,
     view: RefCell<View>,
 }
 
@@ -143,8 +144,8 @@ impl Worker {
         Worker {
             shared,
             counters,
-            index,
-            seq: Cell::new(0),
+            debug_trace: http::HeaderValue::from_str(&format!("WNSGATESIM{index:03}"))
+                .expect("ASCII header value"),
             view: RefCell::new(view),
         }
     }
@@ -192,13 +193,6 @@ impl Worker {
         }
         v.tokens.insert(hash, t.clone());
         Some(t)
-    }
-
-    /// A per-thread sequence number for debug traces.
-    pub fn next_seq(&self) -> u64 {
-        let s = self.seq.get() + 1;
-        self.seq.set(s);
-        s
     }
 }
 
