@@ -77,6 +77,7 @@ impl SimArgs {
 /// Runs the simulator until SIGINT or SIGTERM. Prints one line,
 /// `sim listening on ADDR (MODE, CA in FILE)`, once it accepts connections.
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
+    crate::telemetry::logging::init(crate::config::LogFormat::Text, "warn");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()

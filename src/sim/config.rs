@@ -64,8 +64,8 @@ impl std::fmt::Debug for AppCredential {
 impl std::str::FromStr for AppCredential {
     type Err = String;
 
-    /// Parses `SID=SECRET`. The SID may itself contain `=`-free text only;
-    /// the secret is everything after the first `=`.
+    /// Parses `SID=SECRET`, split at the first `=` (package SIDs have none;
+    /// a secret may).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.split_once('=') {
             Some((sid, secret)) if !sid.is_empty() && !secret.is_empty() => Ok(AppCredential {
