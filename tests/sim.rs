@@ -1205,7 +1205,6 @@ async fn threads_share_the_port() {
     }
     let s = sim.stats();
     assert_eq!((s.connections, s.outcome("received")), (8, 8));
-    sim.shutdown();
 }
 
 #[test]
@@ -1249,4 +1248,40 @@ fn cli_prints_its_address_and_stops_on_sigterm() {
         .unwrap();
     assert!(kill.success());
     assert!(child.wait().unwrap().success());
+}
+
+#[tokio::test]
+async fn shutdown_answers_what_it_took_then_closes() {
+    let sim = start(SimConfig::default());
+    let (io, _) = connect(&sim, HOST, &[b"h2"]).await;
+    let (send, conn) = h2::client::handshake(io).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let c = H2 { send };
+    let t = c.classic_token().await;
+    sim.set_faults(Faults {
+        latency_ms: Some("300-300".parse().unwrap()),
+        ..Faults::default()
+    })
+    .unwrap();
+    let push = {
+        let (c, t) = (c.clone(), t.clone());
+        tokio::spawn(async move {
+            let req = Push::new(&channel("AwYAAAD1"), &t).build();
+            c.send(req, Bytes::from_static(b"wake")).await
+        })
+    };
+    // Let the push reach the simulator, then stop it while it waits.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped = tokio::task::spawn_blocking(move || sim.shutdown());
+    let r = push
+        .await
+        .unwrap()
+        .expect("the push taken before the stop is answered");
+    assert_eq!(r.status, 200);
+    tokio::time::timeout(Duration::from_secs(30), conn)
+        .await
+        .expect("the connection is retired")
+        .unwrap()
+        .expect("with a GOAWAY, not an error");
+    stopped.await.unwrap();
 }

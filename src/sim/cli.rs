@@ -74,7 +74,8 @@ impl SimArgs {
     }
 }
 
-/// Runs the simulator until SIGINT or SIGTERM. Prints one line,
+/// Runs the simulator until SIGINT or SIGTERM, then drains open connections
+/// (a second signal exits at once). Prints one line,
 /// `sim listening on ADDR (MODE, CA in FILE)`, once it accepts connections.
 pub fn run(args: SimArgs) -> anyhow::Result<()> {
     crate::telemetry::logging::init(crate::config::LogFormat::Text, "warn");
@@ -103,6 +104,21 @@ pub fn run(args: SimArgs) -> anyhow::Result<()> {
             _ = int.recv() => {}
         }
     });
-    sim.shutdown();
+    // Drain in the background; a second signal exits at once.
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("wnsgate-sim-stop".into())
+        .spawn(move || {
+            sim.shutdown();
+            let _ = done_tx.send(());
+        })
+        .context("cannot start the shutdown thread")?;
+    rt.block_on(async {
+        tokio::select! {
+            _ = done_rx => {}
+            _ = term.recv() => std::process::exit(130),
+            _ = int.recv() => std::process::exit(130),
+        }
+    });
     Ok(())
 }

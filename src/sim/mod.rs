@@ -58,6 +58,7 @@ pub use behaviour::Behaviour;
 pub use config::{AppCredential, Mode, SimConfig};
 pub use control::ChannelBehaviour;
 pub use faults::{Faults, LatencyRange};
+pub use server::SHUTDOWN_DRAIN;
 pub use stats::SimStats;
 
 use anyhow::Context;
@@ -177,19 +178,25 @@ impl SimHandle {
         format!("{}/{tenant}/oauth2/v2.0/token", self.base_url())
     }
 
-    /// Stops the simulator: no new connections, open ones dropped, threads
-    /// joined.
+    /// Stops the simulator gracefully: no new connections; open ones finish
+    /// what they have taken (h2 GOAWAY, HTTP/1.1 close after the answer),
+    /// for at most [`SHUTDOWN_DRAIN`]; then the threads are joined.
+    /// Blocks: call it where it does not stall the clients' own I/O (in a
+    /// single-threaded test runtime, from `spawn_blocking`), or the drain
+    /// waits for its time limit.
     pub fn shutdown(mut self) {
         if let Some(w) = self.workers.take() {
-            w.stop();
+            w.stop(server::Stop::Drain);
         }
     }
 }
 
 impl Drop for SimHandle {
+    /// Dropping a running simulator stops it at once: open connections are
+    /// dropped without GOAWAY.
     fn drop(&mut self) {
         if let Some(w) = self.workers.take() {
-            w.stop();
+            w.stop(server::Stop::Now);
         }
     }
 }

@@ -8,13 +8,14 @@ use super::server_h2;
 use super::state::{Shared, Worker};
 use super::stats::ConnEvent;
 use anyhow::Context;
+use std::cell::Cell;
 use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_rustls::TlsAcceptor;
 
 /// Time allowed for a TLS handshake, the h2 preface and SETTINGS exchange,
@@ -22,17 +23,33 @@ use tokio_rustls::TlsAcceptor;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (for example out of file descriptors).
 pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// On stop, how long open connections get to finish (h2 GOAWAY, HTTP/1.1
+/// close after the current answer) before they are dropped.
+pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+/// The worker threads' run state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// Serving.
+    Running,
+    /// Stopping gracefully.
+    Drain,
+    /// Stopping at once.
+    Now,
+}
 
 /// The running worker threads.
 pub(crate) struct Workers {
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<Stop>,
     threads: Vec<JoinHandle<()>>,
 }
 
 impl Workers {
-    /// Stops accepting, drops every connection, and joins the threads.
-    pub fn stop(self) {
-        let _ = self.stop.send(true);
+    /// Stops accepting and joins the threads. With [`Stop::Drain`], open
+    /// connections first finish what they have taken (up to
+    /// [`SHUTDOWN_DRAIN`]); with [`Stop::Now`] they are dropped at once.
+    pub fn stop(self, how: Stop) {
+        let _ = self.stop.send(how);
         for t in self.threads {
             let _ = t.join();
         }
@@ -45,7 +62,7 @@ pub(crate) fn spawn(
     shared: Arc<Shared>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> anyhow::Result<Workers> {
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(Stop::Running);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let count = listeners.len();
     let mut workers = Workers {
@@ -65,7 +82,7 @@ pub(crate) fn spawn(
         match spawned {
             Ok(t) => workers.threads.push(t),
             Err(e) => {
-                workers.stop();
+                workers.stop(Stop::Now);
                 return Err(e).context("cannot start a simulator thread");
             }
         }
@@ -75,11 +92,11 @@ pub(crate) fn spawn(
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                workers.stop();
+                workers.stop(Stop::Now);
                 anyhow::bail!("simulator thread failed to start: {e}");
             }
             Err(_) => {
-                workers.stop();
+                workers.stop(Stop::Now);
                 anyhow::bail!("simulator thread exited during start");
             }
         }
@@ -92,7 +109,7 @@ fn run_worker(
     listener: std::net::TcpListener,
     shared: Arc<Shared>,
     tls: Option<Arc<rustls::ServerConfig>>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<Stop>,
     ready: std::sync::mpsc::Sender<Result<(), String>>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -116,22 +133,25 @@ fn run_worker(
         };
         let worker = Rc::new(Worker::new(index, shared));
         let acceptor = tls.map(TlsAcceptor::from);
+        let live = Rc::new(Live::default());
         let _ = ready.send(Ok(()));
         loop {
             tokio::select! {
                 biased;
                 r = stop.changed() => {
-                    if r.is_err() || *stop.borrow() {
+                    if r.is_err() || *stop.borrow() != Stop::Running {
                         break;
                     }
                 }
                 r = listener.accept() => match r {
                     Ok((tcp, _)) => {
                         worker.counters.conn(ConnEvent::Accepted);
+                        let ctl = ConnCtl::new(&tcp, stop.clone(), live.clone());
                         tokio::task::spawn_local(serve_connection(
                             tcp,
                             worker.clone(),
                             acceptor.clone(),
+                            ctl,
                         ));
                     }
                     Err(e) => {
@@ -141,20 +161,47 @@ fn run_worker(
                 }
             }
         }
+        drop(listener);
+        if *stop.borrow() == Stop::Drain {
+            let _ = tokio::time::timeout(SHUTDOWN_DRAIN, live.idle()).await;
+        }
     });
-    // Dropping the LocalSet here drops every connection task.
+    // Dropping the LocalSet here drops the connections still open.
 }
 
-/// A second handle on a connection's socket, so the connection can be
-/// ended with a TCP reset whatever layers (TLS, h2) own the stream.
+/// Connections open on one worker thread.
+#[derive(Default)]
+struct Live {
+    count: Cell<usize>,
+    idle: Notify,
+}
+
+impl Live {
+    /// Waits until no connection is open.
+    async fn idle(&self) {
+        while self.count.get() > 0 {
+            self.idle.notified().await;
+        }
+    }
+}
+
+/// Per-connection control: a second handle on the socket, so the
+/// connection can be ended with a TCP reset whatever layers (TLS, h2) own
+/// the stream; the simulator's stop signal; and its place in the count of
+/// open connections.
 pub(crate) struct ConnCtl {
     fd: Option<OwnedFd>,
+    stop: watch::Receiver<Stop>,
+    live: Rc<Live>,
 }
 
 impl ConnCtl {
-    fn new(tcp: &TcpStream) -> ConnCtl {
+    fn new(tcp: &TcpStream, stop: watch::Receiver<Stop>, live: Rc<Live>) -> ConnCtl {
+        live.count.set(live.count.get() + 1);
         ConnCtl {
             fd: tcp.as_fd().try_clone_to_owned().ok(),
+            stop,
+            live,
         }
     }
 
@@ -165,11 +212,33 @@ impl ConnCtl {
             let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
         }
     }
+
+    /// Resolves when the simulator is stopping: time to retire the
+    /// connection gracefully.
+    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + 'static {
+        let mut stop = self.stop.clone();
+        async move {
+            while *stop.borrow_and_update() == Stop::Running {
+                if stop.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
-async fn serve_connection(tcp: TcpStream, w: Rc<Worker>, tls: Option<TlsAcceptor>) {
+impl Drop for ConnCtl {
+    fn drop(&mut self) {
+        let n = self.live.count.get() - 1;
+        self.live.count.set(n);
+        if n == 0 {
+            self.live.idle.notify_waiters();
+        }
+    }
+}
+
+async fn serve_connection(tcp: TcpStream, w: Rc<Worker>, tls: Option<TlsAcceptor>, ctl: ConnCtl) {
     let _ = tcp.set_nodelay(true);
-    let ctl = ConnCtl::new(&tcp);
     match tls {
         Some(acceptor) => {
             let Ok(Ok(stream)) =

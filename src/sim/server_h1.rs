@@ -49,9 +49,18 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .serve_connection(TokioIo::new(io), svc);
-    tokio::select! {
-        _ = conn => {}
-        _ = state.kill.notified() => ctl.reset(),
+    let mut conn = std::pin::pin!(conn);
+    let mut stopping = std::pin::pin!(ctl.stopping());
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = state.kill.notified() => return ctl.reset(),
+            _ = stopping.as_mut(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
     }
 }
 

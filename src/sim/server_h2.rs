@@ -12,7 +12,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -33,10 +33,16 @@ where
     let mut inflight = FuturesUnordered::new();
     let mut taken = 0u64;
     let mut goaway_sent = false;
+    let mut stopping = std::pin::pin!(ctl.stopping());
+    let mut draining = false;
     // One poll: take every stream that is ready, then run the handlers, and
     // drive the connection again only if some answered, so answers to many
     // streams leave in one write.
     let end = poll_fn(|cx| loop {
+        if !draining && stopping.as_mut().poll(cx).is_ready() {
+            draining = true;
+            conn.graceful_shutdown();
+        }
         loop {
             match conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, respond)))) => {

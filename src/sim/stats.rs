@@ -164,7 +164,9 @@ impl ChannelCounts {
 
     /// Records one push; false when the channel could not be tracked.
     fn record(&self, hash: u64, delivered: bool) -> bool {
-        let shard = &self.shards[(hash >> 58) as usize % CHANNEL_SHARDS];
+        // Middle bits pick the shard: the map inside uses the low bits for
+        // the bucket and the top bits for its tag, so those must still vary.
+        let shard = &self.shards[(hash >> 32) as usize % CHANNEL_SHARDS];
         let mut map = shard.0.lock();
         let full = map.len() >= MAX_TRACKED_CHANNELS / CHANNEL_SHARDS;
         let c = match map.get_mut(&hash) {
