@@ -277,6 +277,37 @@ mod tests {
         check_request(Flow::Classic, FORM, body.as_bytes(), apps)
     }
 
+    fn encode_component(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
+                    (b as char).to_string()
+                }
+                b' ' => "+".to_owned(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn form_round_trips(pairs in proptest::collection::btree_map("\\PC{1,12}", "\\PC{0,24}", 0..6)) {
+            let body = pairs
+                .iter()
+                .map(|(k, v)| format!("{}={}", encode_component(k), encode_component(v)))
+                .collect::<Vec<_>>()
+                .join("&");
+            let parsed = parse_form(body.as_bytes()).unwrap();
+            let want: Vec<(String, String)> = pairs.into_iter().collect();
+            proptest::prop_assert_eq!(parsed, want);
+        }
+
+        #[test]
+        fn form_parser_never_panics(body in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = parse_form(&body);
+        }
+    }
+
     #[test]
     fn form_decoding() {
         let f = parse_form(b"a=b%3Dc&d=e+f&g=&h").unwrap();
