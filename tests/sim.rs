@@ -976,6 +976,7 @@ async fn goaway_every_n_retires_h2_connections_gracefully() {
     assert!(answered >= 4, "{answered} answered");
     // Every stream the server accepted was answered.
     let s = sim.stats();
+    assert_eq!(s.requests_received, s.requests_total);
     assert_eq!(s.goaways_sent, 1);
     assert_eq!(s.outcome("received") as usize, answered);
     assert_eq!(s.status(200) as usize, answered + 1);
@@ -1017,7 +1018,7 @@ async fn reset_every_n_drops_connections_with_requests_unanswered() {
     let t = c.classic_token().await;
     sim.set_faults(Faults {
         reset_every: Some(6),
-        latency_ms: Some("50-50".parse().unwrap()),
+        latency_ms: Some("500-500".parse().unwrap()),
         ..Faults::default()
     })
     .unwrap();
@@ -1030,12 +1031,14 @@ async fn reset_every_n_drops_connections_with_requests_unanswered() {
     }))
     .await;
     let failed = results.iter().filter(|r| r.is_err()).count();
-    // The sixth stream arrives while the first five wait out their latency:
-    // none of the ten is answered.
-    assert!(failed >= 5, "{failed} failed");
+    // The token request was the first on this connection; the sixth (the
+    // fifth push) arrives while the pushes before it wait out their
+    // latency: none of the ten is answered.
+    assert!(failed >= 6, "{failed} failed");
     let s = sim.stats();
     assert_eq!(s.connection_resets, 1);
     assert_eq!(s.pushes_total as usize, 10 - failed);
+    assert_eq!(s.requests_received, 6);
 
     // HTTP/1.1: the third request on a connection gets no answer.
     sim.set_faults(Faults {
@@ -1098,6 +1101,7 @@ async fn stats_are_exact_for_a_known_sequence() {
         http1_connections: 0,
         goaways_sent: 0,
         connection_resets: 0,
+        requests_received: 8,
         channel_stats: true,
         distinct_channels: 4,
         max_pushes_per_channel: 3,
@@ -1108,11 +1112,18 @@ async fn stats_are_exact_for_a_known_sequence() {
         untracked_pushes: 0,
     };
     assert_eq!(sim.stats(), want);
-    // The same over HTTP; control requests are not counted.
+    // The same over HTTP: control requests are not answers of WNS, only
+    // requests the connection received.
     let r = c.control(Method::GET, "/_sim/stats", "").await;
     assert_eq!(r.status, 200);
     let served: SimStats = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(served, want);
+    assert_eq!(
+        served,
+        SimStats {
+            requests_received: 9,
+            ..want
+        }
+    );
 
     assert_eq!(c.control(Method::POST, "/_sim/reset", "").await.status, 204);
     let s = sim.stats();
@@ -1270,8 +1281,10 @@ async fn shutdown_answers_what_it_took_then_closes() {
             c.send(req, Bytes::from_static(b"wake")).await
         })
     };
-    // Let the push reach the simulator, then stop it while it waits.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Once the simulator has taken the push, stop it while the push waits.
+    while sim.stats().requests_received < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let stopped = tokio::task::spawn_blocking(move || sim.shutdown());
     let r = push
         .await

@@ -67,6 +67,7 @@ where
 async fn answer(w: &Worker, state: &ConnState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let n = state.taken.get() + 1;
     state.taken.set(n);
+    w.counters.conn(ConnEvent::Request);
     let action = conn_action(&w.faults(), n, state.goaway_sent.get());
     if action == ConnAction::Reset {
         w.counters.conn(ConnEvent::Reset);

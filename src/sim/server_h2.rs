@@ -47,6 +47,7 @@ where
             match conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, respond)))) => {
                     taken += 1;
+                    w.counters.conn(ConnEvent::Request);
                     match conn_action(&w.faults(), taken, goaway_sent) {
                         ConnAction::Reset => return Poll::Ready(End::Reset),
                         ConnAction::ServeThenGoAway => {

@@ -36,9 +36,11 @@ pub enum ConnEvent {
     GoAway,
     /// It was reset for `reset_every`.
     Reset,
+    /// It took a request (any path; answered or not).
+    Request,
 }
 
-const N_CONN: usize = 5;
+const N_CONN: usize = 6;
 
 /// Adds one to a counter that only the calling thread writes: a plain load
 /// and store, no locked instruction.
@@ -269,6 +271,7 @@ impl Stats {
             http1_connections: d(now.conn[2], base.conn[2]),
             goaways_sent: d(now.conn[3], base.conn[3]),
             connection_resets: d(now.conn[4], base.conn[4]),
+            requests_received: d(now.conn[5], base.conn[5]),
             ..SimStats::default()
         };
         for (code, (a, b)) in now.status.iter().zip(&base.status).enumerate() {
@@ -312,7 +315,7 @@ impl Stats {
 }
 
 /// A snapshot of the counters, as served by `GET /_sim/stats`. Control-API
-/// requests (`/_sim/...`) are not counted.
+/// requests (`/_sim/...`) are counted only in `requests_received`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimStats {
     /// Requests answered (token and push endpoints), = the sum of `by_status`.
@@ -340,6 +343,10 @@ pub struct SimStats {
     pub goaways_sent: u64,
     /// Connections reset by `reset_every`.
     pub connection_resets: u64,
+    /// Requests taken off connections, answered or not, control API
+    /// included: what `goaway_every` and `reset_every` count. Minus the
+    /// answered ones, it shows requests in flight or dropped by a reset.
+    pub requests_received: u64,
     /// Whether the per-channel figures below are counted.
     pub channel_stats: bool,
     /// Channels that got at least one push (any answer).
