@@ -6,6 +6,7 @@
 //! - [`store`]: durability on disk, group-committed on a dedicated thread;
 //! - [`shard`]: one thread and runtime per core, each accepting its own connections;
 //! - [`api`]: the HTTP API served by every shard;
+//! - [`sim`]: a WNS simulator (`wnsgate sim`) for tests, the demo and load tests;
 //! - [`config`], [`telemetry`]: configuration, metrics and logs.
 
 pub mod api;
@@ -20,5 +21,6 @@ pub mod registry;
 pub mod sender;
 pub mod server;
 pub mod shard;
+pub mod sim;
 pub mod store;
 pub mod telemetry;

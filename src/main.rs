@@ -64,6 +64,8 @@ enum Cmd {
         #[arg(long, default_value_t = 100_000)]
         devices: u64,
     },
+    /// Run a WNS simulator (token and push endpoints, scripted behaviours, faults).
+    Sim(wnsgate::sim::cli::SimArgs),
     /// Print the version.
     Version,
 }
@@ -114,6 +116,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Import { file, url, token } => wnsgate::cli::import(&file, &url, token),
         Cmd::Demo { devices } => wnsgate::demo::run(devices),
+        Cmd::Sim(args) => wnsgate::sim::cli::run(args),
         Cmd::Version => {
             println!("wnsgate {}", env!("CARGO_PKG_VERSION"));
             Ok(())

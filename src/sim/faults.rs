@@ -1,0 +1,347 @@
+//! Injected faults: server errors, sender throttling, latency and
+//! connection retirement. The decisions are plain functions of their inputs
+//! (a random draw, the current time) so they are tested without a socket.
+
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// Longest injectable latency, in milliseconds.
+pub const MAX_LATENCY_MS: u64 = 60_000;
+
+/// Senders (app SIDs) whose rate is tracked at once; beyond this the oldest
+/// buckets are forgotten (a forgotten sender starts again with a full bucket).
+pub const MAX_TRACKED_SENDERS: usize = 4096;
+
+/// `Retry-After` on injected 500 and 503 answers, in seconds.
+pub const SERVER_ERROR_RETRY_AFTER_SECS: u64 = 1;
+
+/// The faults in force. Every field off by default. Settable at start, by
+/// [`SimHandle::set_faults`](super::SimHandle::set_faults) and by
+/// `PUT /_sim/faults` (the whole object is replaced; missing fields are off).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Share of pushes (0.0..=1.0) answered 500 or 503 (half each) with
+    /// `Retry-After: 1`.
+    pub error_ratio: f64,
+    /// Pushes per second one sender (app SID) may make; beyond it: 406 with
+    /// `Retry-After`. A token bucket holding one second's worth.
+    pub sender_rate: Option<u32>,
+    /// Uniform per-push delay before answering, in milliseconds.
+    pub latency_ms: Option<LatencyRange>,
+    /// Retire a connection gracefully after this many requests on it: h2
+    /// GOAWAY (streams already accepted are answered), HTTP/1.1
+    /// `Connection: close` on the Nth answer.
+    pub goaway_every: Option<u64>,
+    /// Abruptly close a connection (TCP reset) when its Nth request arrives;
+    /// that request and any other in flight stay unanswered.
+    pub reset_every: Option<u64>,
+}
+
+impl Faults {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.error_ratio) {
+            return Err("error_ratio must be within 0.0..=1.0".to_owned());
+        }
+        if self.sender_rate == Some(0) {
+            return Err("sender_rate must be at least 1".to_owned());
+        }
+        if self.goaway_every == Some(0) || self.reset_every == Some(0) {
+            return Err("goaway_every and reset_every must be at least 1".to_owned());
+        }
+        if let Some(l) = self.latency_ms {
+            l.validate()?;
+        }
+        Ok(())
+    }
+
+    /// Whether a push is answered with an injected server error, given a
+    /// uniform draw in `0.0..1.0` for the ratio and a coin for 500 vs 503.
+    pub fn server_error(&self, draw: f64, coin: bool) -> Option<ServerError> {
+        if draw < self.error_ratio {
+            Some(if coin {
+                ServerError::Internal
+            } else {
+                ServerError::Unavailable
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// An injected server failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerError {
+    /// 500.
+    Internal,
+    /// 503.
+    Unavailable,
+}
+
+/// An inclusive range of milliseconds, written `MIN-MAX` (or `N` for a fixed
+/// delay).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LatencyRange {
+    /// Shortest delay.
+    pub min_ms: u64,
+    /// Longest delay.
+    pub max_ms: u64,
+}
+
+impl LatencyRange {
+    fn validate(&self) -> Result<(), String> {
+        if self.min_ms > self.max_ms {
+            return Err("latency MIN must not exceed MAX".to_owned());
+        }
+        if self.max_ms > MAX_LATENCY_MS {
+            return Err(format!("latency must not exceed {MAX_LATENCY_MS} ms"));
+        }
+        Ok(())
+    }
+
+    /// The delay for a uniform draw in `0.0..1.0`.
+    pub fn pick(&self, draw: f64) -> Duration {
+        let span = (self.max_ms - self.min_ms) as f64;
+        let ms = self.min_ms + ((span + 1.0) * draw).floor().min(span) as u64;
+        Duration::from_millis(ms)
+    }
+}
+
+impl std::str::FromStr for LatencyRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let num = |t: &str| {
+            t.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("bad latency {s:?}: expected MIN-MAX in milliseconds"))
+        };
+        let r = match s.split_once('-') {
+            Some((a, b)) => LatencyRange {
+                min_ms: num(a)?,
+                max_ms: num(b)?,
+            },
+            None => {
+                let v = num(s)?;
+                LatencyRange {
+                    min_ms: v,
+                    max_ms: v,
+                }
+            }
+        };
+        r.validate()?;
+        Ok(r)
+    }
+}
+
+impl TryFrom<String> for LatencyRange {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<LatencyRange> for String {
+    fn from(r: LatencyRange) -> String {
+        format!("{}-{}", r.min_ms, r.max_ms)
+    }
+}
+
+/// A token bucket: `rate` tokens per second, holding at most `rate`.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: u32, now: Instant) -> TokenBucket {
+        TokenBucket {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            at: now,
+        }
+    }
+
+    /// Takes one token, or says how long until one is available.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+/// Per-sender token buckets for `sender_rate`.
+#[derive(Debug, Default)]
+pub struct SenderLimiter {
+    rate: Option<u32>,
+    buckets: HashMap<String, TokenBucket>,
+}
+
+impl SenderLimiter {
+    /// Applies a new rate, forgetting all buckets when it changed.
+    pub fn set_rate(&mut self, rate: Option<u32>) {
+        if self.rate != rate {
+            self.rate = rate;
+            self.buckets.clear();
+        }
+    }
+
+    /// Admits one push from `sender`, or answers the `Retry-After` in whole
+    /// seconds (at least 1).
+    pub fn admit(&mut self, sender: &str, now: Instant) -> Result<(), u64> {
+        let Some(rate) = self.rate else {
+            return Ok(());
+        };
+        if !self.buckets.contains_key(sender) && self.buckets.len() >= MAX_TRACKED_SENDERS {
+            self.buckets.clear();
+        }
+        let bucket = self
+            .buckets
+            .entry(sender.to_owned())
+            .or_insert_with(|| TokenBucket::new(rate, now));
+        bucket
+            .take(now)
+            .map_err(|wait| wait.as_secs_f64().ceil().max(1.0) as u64)
+    }
+}
+
+/// What a connection does when it has taken its `n`th request (1-based),
+/// under the faults in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnAction {
+    /// Serve it.
+    Serve,
+    /// Serve it, and retire the connection gracefully.
+    ServeThenGoAway,
+    /// Drop the connection now, without answering.
+    Reset,
+}
+
+/// Decides the connection-level fault for the `n`th request (1-based).
+/// A reset wins over a GOAWAY that falls on the same request; a GOAWAY is
+/// only sent once per connection.
+pub fn conn_action(faults: &Faults, n: u64, goaway_sent: bool) -> ConnAction {
+    if faults.reset_every.is_some_and(|k| n % k == 0) {
+        return ConnAction::Reset;
+    }
+    if !goaway_sent && faults.goaway_every.is_some_and(|k| n >= k) {
+        return ConnAction::ServeThenGoAway;
+    }
+    ConnAction::Serve
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_parses_ranges_and_single_values() {
+        assert_eq!(
+            "5-20".parse::<LatencyRange>(),
+            Ok(LatencyRange {
+                min_ms: 5,
+                max_ms: 20
+            })
+        );
+        assert_eq!(
+            "7".parse::<LatencyRange>(),
+            Ok(LatencyRange {
+                min_ms: 7,
+                max_ms: 7
+            })
+        );
+        assert!("20-5".parse::<LatencyRange>().is_err());
+        assert!("a-b".parse::<LatencyRange>().is_err());
+        assert!("0-60001".parse::<LatencyRange>().is_err());
+    }
+
+    #[test]
+    fn latency_pick_covers_the_inclusive_range() {
+        let r = LatencyRange {
+            min_ms: 10,
+            max_ms: 12,
+        };
+        assert_eq!(r.pick(0.0), Duration::from_millis(10));
+        assert_eq!(r.pick(0.5), Duration::from_millis(11));
+        assert_eq!(r.pick(0.999_999), Duration::from_millis(12));
+    }
+
+    #[test]
+    fn server_error_follows_the_ratio_and_the_coin() {
+        let f = Faults {
+            error_ratio: 0.25,
+            ..Faults::default()
+        };
+        assert_eq!(f.server_error(0.1, true), Some(ServerError::Internal));
+        assert_eq!(f.server_error(0.1, false), Some(ServerError::Unavailable));
+        assert_eq!(f.server_error(0.25, true), None);
+        assert_eq!(Faults::default().server_error(0.0, true), None);
+    }
+
+    #[test]
+    fn bucket_allows_a_burst_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(2, t0);
+        assert!(b.take(t0).is_ok());
+        assert!(b.take(t0).is_ok());
+        let wait = b.take(t0).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(500));
+        assert!(b.take(t0 + Duration::from_millis(500)).is_ok());
+        assert!(b.take(t0 + Duration::from_millis(500)).is_err());
+    }
+
+    #[test]
+    fn limiter_is_per_sender_and_answers_whole_seconds() {
+        let t0 = Instant::now();
+        let mut l = SenderLimiter::default();
+        assert_eq!(l.admit("a", t0), Ok(()));
+        l.set_rate(Some(1));
+        assert_eq!(l.admit("a", t0), Ok(()));
+        assert_eq!(l.admit("a", t0), Err(1));
+        assert_eq!(l.admit("b", t0), Ok(()));
+        l.set_rate(None);
+        assert_eq!(l.admit("a", t0), Ok(()));
+    }
+
+    #[test]
+    fn conn_action_resets_every_nth_and_goes_away_once() {
+        let f = Faults {
+            goaway_every: Some(3),
+            reset_every: Some(4),
+            ..Faults::default()
+        };
+        assert_eq!(conn_action(&f, 1, false), ConnAction::Serve);
+        assert_eq!(conn_action(&f, 3, false), ConnAction::ServeThenGoAway);
+        assert_eq!(conn_action(&f, 3, true), ConnAction::Serve);
+        assert_eq!(conn_action(&f, 4, true), ConnAction::Reset);
+        assert_eq!(
+            conn_action(&Faults::default(), 1000, false),
+            ConnAction::Serve
+        );
+    }
+
+    #[test]
+    fn faults_json_round_trips_and_rejects_unknown_fields() {
+        let f: Faults =
+            serde_json::from_str(r#"{"error_ratio":0.1,"latency_ms":"1-5","goaway_every":10}"#)
+                .unwrap();
+        assert_eq!(f.latency_ms.unwrap().max_ms, 5);
+        let back: Faults = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+        assert_eq!(back, f);
+        assert!(serde_json::from_str::<Faults>(r#"{"error_rate":0.1}"#).is_err());
+        assert!(serde_json::from_str::<Faults>(r#"{"latency_ms":"9-1"}"#).is_err());
+    }
+}

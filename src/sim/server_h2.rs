@@ -1,0 +1,121 @@
+//! The h2 server, on the `h2` crate directly: each connection is one task
+//! that accepts streams and polls their handlers itself (no task per
+//! stream), so many streams share one wake-up and one flush.
+
+use super::faults::{conn_action, ConnAction};
+use super::server::{ConnCtl, HANDSHAKE_TIMEOUT};
+use super::service::{self, BodySource, Head};
+use super::state::Worker;
+use super::stats::ConnEvent;
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Request, Response};
+use std::future::{poll_fn, Future};
+use std::task::Poll;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Serves one h2 connection until it closes, is retired by GOAWAY, or is
+/// reset by a fault.
+pub(crate) async fn serve<T>(io: T, w: &Worker, ctl: &ConnCtl)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    w.counters.conn(ConnEvent::H2);
+    let mut builder = h2::server::Builder::new();
+    builder.max_concurrent_streams(w.shared.max_concurrent_streams);
+    let Ok(Ok(mut conn)) =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, builder.handshake::<_, Bytes>(io)).await
+    else {
+        return;
+    };
+    let mut inflight = FuturesUnordered::new();
+    let mut taken = 0u64;
+    let mut goaway_sent = false;
+    let mut stopping = std::pin::pin!(ctl.stopping());
+    let mut draining = false;
+    // One poll: take every stream that is ready, then run the handlers, and
+    // drive the connection again only if some answered, so answers to many
+    // streams leave in one write.
+    let end = poll_fn(|cx| loop {
+        if !draining && stopping.as_mut().poll(cx).is_ready() {
+            draining = true;
+            conn.graceful_shutdown();
+        }
+        loop {
+            match conn.poll_accept(cx) {
+                Poll::Ready(Some(Ok((req, respond)))) => {
+                    taken += 1;
+                    w.counters.conn(ConnEvent::Request);
+                    match conn_action(&w.faults(), taken, goaway_sent) {
+                        ConnAction::Reset => return Poll::Ready(End::Reset),
+                        ConnAction::ServeThenGoAway => {
+                            goaway_sent = true;
+                            w.counters.conn(ConnEvent::GoAway);
+                            conn.graceful_shutdown();
+                        }
+                        ConnAction::Serve => {}
+                    }
+                    inflight.push(stream(w, req, respond));
+                }
+                // Closed, or a connection error: streams still in flight
+                // die with it.
+                Poll::Ready(_) => return Poll::Ready(End::Closed),
+                Poll::Pending => break,
+            }
+        }
+        let mut answered = false;
+        while let Poll::Ready(Some(())) = inflight.poll_next_unpin(cx) {
+            answered = true;
+        }
+        if !answered {
+            return Poll::Pending;
+        }
+    })
+    .await;
+    if end == End::Reset {
+        w.counters.conn(ConnEvent::Reset);
+        ctl.reset();
+    }
+}
+
+/// Why a connection's loop ended.
+#[derive(PartialEq, Eq)]
+enum End {
+    Closed,
+    Reset,
+}
+
+async fn stream(w: &Worker, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+    let (parts, body) = req.into_parts();
+    let head = Head::new(&parts, false);
+    let Some(reply) = service::serve(w, &head, &mut H2Body(body)).await else {
+        return;
+    };
+    let mut resp = Response::new(());
+    *resp.status_mut() = reply.status;
+    *resp.headers_mut() = reply.headers;
+    if reply.body.is_empty() {
+        let _ = respond.send_response(resp, true);
+    } else if let Ok(mut send) = respond.send_response(resp, false) {
+        let _ = send.send_data(reply.body, true);
+    }
+}
+
+struct H2Body(RecvStream);
+
+impl BodySource for H2Body {
+    async fn chunk(&mut self) -> Option<Result<Bytes, ()>> {
+        if self.0.is_end_stream() {
+            return None;
+        }
+        match self.0.data().await? {
+            Ok(b) => {
+                let _ = self.0.flow_control().release_capacity(b.len());
+                Some(Ok(b))
+            }
+            Err(_) => Some(Err(())),
+        }
+    }
+}
