@@ -6,30 +6,22 @@
 use super::behaviour::Behaviour;
 use super::faults::{ServerError, SERVER_ERROR_RETRY_AFTER_SECS};
 use super::token::TokenInfo;
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use http::Method;
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Largest payload WNS accepts; larger answers 413.
+pub(crate) use crate::core::wns::headers::{
+    MS_CV, X_WNS_CACHE_POLICY, X_WNS_DEBUG_TRACE, X_WNS_DEVICE_CONNECTION_STATUS,
+    X_WNS_ERROR_DESCRIPTION, X_WNS_MSG_ID, X_WNS_REQUEST_FOR_STATUS, X_WNS_STATUS, X_WNS_TTL,
+    X_WNS_TYPE,
+};
+
 pub const MAX_PAYLOAD_BYTES: usize = 5000;
 
 /// The notification types WNS knows.
 pub const WNS_TYPES: [&str; 4] = ["wns/raw", "wns/toast", "wns/tile", "wns/badge"];
-
-pub(crate) static X_WNS_TYPE: HeaderName = HeaderName::from_static("x-wns-type");
-pub(crate) static X_WNS_STATUS: HeaderName = HeaderName::from_static("x-wns-status");
-pub(crate) static X_WNS_MSG_ID: HeaderName = HeaderName::from_static("x-wns-msg-id");
-pub(crate) static X_WNS_DEBUG_TRACE: HeaderName = HeaderName::from_static("x-wns-debug-trace");
-pub(crate) static X_WNS_ERROR_DESCRIPTION: HeaderName =
-    HeaderName::from_static("x-wns-error-description");
-pub(crate) static X_WNS_DEVICE_STATUS: HeaderName =
-    HeaderName::from_static("x-wns-deviceconnectionstatus");
-pub(crate) static X_WNS_REQUEST_FOR_STATUS: HeaderName =
-    HeaderName::from_static("x-wns-requestforstatus");
-pub(crate) static X_WNS_CACHE_POLICY: HeaderName = HeaderName::from_static("x-wns-cache-policy");
-pub(crate) static X_WNS_TTL: HeaderName = HeaderName::from_static("x-wns-ttl");
-pub(crate) static MS_CV: HeaderName = HeaderName::from_static("ms-cv");
 
 /// The result of one request to the push endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -438,7 +430,10 @@ pub fn response_headers(
     }
     if opts.request_for_status {
         if let Some(s) = v.outcome.device_status() {
-            h.insert(X_WNS_DEVICE_STATUS.clone(), HeaderValue::from_static(s));
+            h.insert(
+                X_WNS_DEVICE_CONNECTION_STATUS.clone(),
+                HeaderValue::from_static(s),
+            );
         }
     }
     // Unique per answer: marked sensitive so the h2 encoder does not churn
@@ -487,7 +482,7 @@ mod tests {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
             h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
                 HeaderValue::from_str(v).unwrap(),
             );
         }

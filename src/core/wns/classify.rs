@@ -25,17 +25,10 @@ pub const MAX_META_LEN: usize = 256;
 /// arithmetic far from overflow whatever the server sends.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
 
-pub(crate) const X_WNS_STATUS: HeaderName = HeaderName::from_static("x-wns-status");
-pub(crate) const X_WNS_NOTIFICATION_STATUS: HeaderName =
-    HeaderName::from_static("x-wns-notificationstatus");
-pub(crate) const X_WNS_MSG_ID: HeaderName = HeaderName::from_static("x-wns-msg-id");
-pub(crate) const X_WNS_DEBUG_TRACE: HeaderName = HeaderName::from_static("x-wns-debug-trace");
-pub(crate) const MS_CV: HeaderName = HeaderName::from_static("ms-cv");
-pub(crate) const X_WNS_ERROR_DESCRIPTION: HeaderName =
-    HeaderName::from_static("x-wns-error-description");
-pub(crate) const X_WNS_DEVICE_CONNECTION_STATUS: HeaderName =
-    HeaderName::from_static("x-wns-deviceconnectionstatus");
-pub(crate) const X_WNS_CONTINUE_AFTER: HeaderName = HeaderName::from_static("x-wns-continue-after");
+use super::headers::{
+    MS_CV, X_WNS_CONTINUE_AFTER, X_WNS_DEBUG_TRACE, X_WNS_DEVICE_CONNECTION_STATUS,
+    X_WNS_ERROR_DESCRIPTION, X_WNS_MSG_ID, X_WNS_NOTIFICATION_STATUS, X_WNS_STATUS,
+};
 
 /// What one WNS response means for the push that caused it.
 ///

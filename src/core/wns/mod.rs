@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod classify;
+pub mod headers;
 pub mod request;
 pub mod retry;
 pub mod token;

@@ -13,7 +13,8 @@
 //! `Authorization` value is built once per token ([`AccessToken`]), and
 //! [`write_wake_headers`] fills a reused `HeaderMap` in place.
 
-use super::classify::MS_CV;
+use super::headers::MS_CV;
+pub use super::headers::{X_WNS_CACHE_POLICY, X_WNS_REQUEST_FOR_STATUS, X_WNS_TTL, X_WNS_TYPE};
 use super::token::AccessToken;
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE,
@@ -23,15 +24,6 @@ use http::header::{
 pub const WAKE_BODY: &[u8] = b"wake";
 /// Largest body WNS accepts, in bytes (it answers 413 above).
 pub const MAX_BODY: usize = 5000;
-
-/// `X-WNS-Type`.
-pub const X_WNS_TYPE: HeaderName = HeaderName::from_static("x-wns-type");
-/// `X-WNS-Cache-Policy`.
-pub const X_WNS_CACHE_POLICY: HeaderName = HeaderName::from_static("x-wns-cache-policy");
-/// `X-WNS-TTL`.
-pub const X_WNS_TTL: HeaderName = HeaderName::from_static("x-wns-ttl");
-/// `X-WNS-RequestForStatus`.
-pub const X_WNS_REQUEST_FOR_STATUS: HeaderName = HeaderName::from_static("x-wns-requestforstatus");
 
 const OCTET_STREAM: HeaderValue = HeaderValue::from_static("application/octet-stream");
 const WNS_RAW: HeaderValue = HeaderValue::from_static("wns/raw");
