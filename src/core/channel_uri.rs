@@ -50,6 +50,8 @@ pub enum ChannelUriError {
     Fragment,
     #[error("channel_uri may only contain visible ASCII characters")]
     Chars,
+    #[error("channel_uri is not a valid URI: {0}")]
+    Syntax(String),
 }
 
 /// A validated channel URI, byte-exact as the device reported it.
@@ -95,6 +97,11 @@ impl ChannelUri {
         }
         if tail.contains('#') {
             return Err(ChannelUriError::Fragment);
+        }
+        // The sender hands the URI to an HTTP stack as it is; refuse here
+        // what that stack would refuse at send time (e.g. `{`, `|`, `"`).
+        if let Err(e) = http::Uri::try_from(s) {
+            return Err(ChannelUriError::Syntax(e.to_string()));
         }
         Ok(ChannelUri {
             raw: s.to_owned(),
@@ -238,6 +245,10 @@ mod tests {
             ("https://db5.notify.windows.com/#frag", Fragment),
             ("https://db5.notify.windows.com/?token=a b", Chars),
             ("https://db5.notify.windows.com/?token=é", Chars),
+            (
+                "https://db5.notify.windows.com/?token=<a>",
+                Syntax("invalid uri character".into()),
+            ),
         ];
         for (uri, want) in cases {
             assert_eq!(p(uri).unwrap_err(), *want, "{uri}");
