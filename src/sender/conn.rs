@@ -75,11 +75,14 @@ impl ConnError {
     }
 }
 
-/// The status and headers of an answer (WNS bodies carry nothing we use).
+/// An answer. Push answers' bodies carry nothing WNS documents, so on h2
+/// the body is drained and dropped (`body` is empty); HTTP/1.1 answers keep
+/// it (token responses are read from it).
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
     pub headers: HeaderMap,
+    pub body: Bytes,
 }
 
 /// An open connection.
@@ -171,8 +174,12 @@ pub async fn post_h2(
     Ok(Reply {
         status: parts.status.as_u16(),
         headers: parts.headers,
+        body: Bytes::new(),
     })
 }
+
+/// Largest answer body read on HTTP/1.1.
+pub const MAX_REPLY_BODY: usize = 64 * 1024;
 
 /// Sends one POST on an HTTP/1.1 connection and waits for the answer.
 pub async fn post_http1(
@@ -205,12 +212,15 @@ pub async fn post_http1(
         .map_err(|_| ConnError::Timeout("WNS request"))?
         .map_err(|e| ConnError::Lost(e.to_string()))?;
     let (parts, body) = resp.into_parts();
-    body.collect()
+    let body = http_body_util::Limited::new(body, MAX_REPLY_BODY)
+        .collect()
         .await
-        .map_err(|e| ConnError::Lost(e.to_string()))?;
+        .map_err(|e| ConnError::Lost(e.to_string()))?
+        .to_bytes();
     Ok(Reply {
         status: parts.status.as_u16(),
         headers: parts.headers,
+        body,
     })
 }
 

@@ -9,3 +9,4 @@
 pub mod conn;
 pub mod pool;
 pub mod tls;
+pub mod tokens;

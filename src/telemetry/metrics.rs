@@ -21,6 +21,8 @@ pub const IMPORT_LINES: &str = "wnsgate_import_lines_total";
 pub const RECOVERY_SECONDS: &str = "wnsgate_recovery_seconds";
 /// Connections opened to WNS, by `protocol` (h2, http1).
 pub const WNS_CONNECTIONS_OPENED: &str = "wnsgate_wns_connections_opened_total";
+/// WNS token refreshes, by `result` (ok, or the error kind).
+pub const WNS_TOKEN_REFRESHES: &str = "wnsgate_wns_token_refreshes_total";
 /// Build information (`version`) and the network backend in use (`io`).
 pub const BUILD_INFO: &str = "wnsgate_build_info";
 /// 1 when the gateway is ready to serve.

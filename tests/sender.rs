@@ -1,0 +1,161 @@
+//! The sender's connections and token handling against the WNS simulator,
+//! over real TLS.
+
+use bytes::Bytes;
+use http::HeaderMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wnsgate::config::Secret;
+use wnsgate::core::wns::request::{new_cv, wake_headers, WAKE_BODY};
+use wnsgate::core::wns::token::TokenFlow;
+use wnsgate::sender::conn::Timeouts;
+use wnsgate::sender::pool::{AuthorityPool, PoolLimits};
+use wnsgate::sender::tls::{client_config, Alpn};
+use wnsgate::sender::tokens::{TokenEndpoint, TokenSource};
+use wnsgate::sim::{self, SimConfig};
+
+const CHANNEL: &str = "https://db5.notify.windows.com/?token=AwYAAADsender%2btest%3d";
+
+fn headers_for(token: &wnsgate::core::wns::AccessToken, i: u64) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in wake_headers(
+        token,
+        None,
+        false,
+        &new_cv(u128::from(i) << 64 | 7),
+        WAKE_BODY.len(),
+    ) {
+        h.insert(k, v);
+    }
+    h
+}
+
+fn start_sim(lifetime: Duration, mode: sim::Mode) -> sim::SimHandle {
+    sim::start(SimConfig {
+        token_lifetime: lifetime,
+        mode,
+        ..SimConfig::default()
+    })
+    .expect("start the simulator")
+}
+
+fn token_source(s: &sim::SimHandle) -> Arc<TokenSource> {
+    let endpoint =
+        TokenEndpoint::new(&s.token_url(), Some(&s.ca_pem_path), Timeouts::default()).unwrap();
+    TokenSource::new(
+        "Contoso.MDM_8wekyb3d8bbwe",
+        TokenFlow::Classic,
+        "ms-app://S-1-15-2-1",
+        Secret("secret".into()),
+        endpoint,
+    )
+}
+
+/// Tokens that live one second, pushes every 10 ms from 4 tasks for 12 s:
+/// no push fails for a stale token, and the simulator issues about one token
+/// per expiry, not one per push.
+#[test]
+fn token_renewal_across_many_expiries() {
+    let s = start_sim(Duration::from_secs(1), sim::Mode::Tls);
+    let tokens = token_source(&s);
+    let tls = client_config(Some(&s.ca_pem_path), Alpn::H2AndHttp1).unwrap();
+    let pool = Arc::new(AuthorityPool::new(
+        "db5.notify.windows.com",
+        &s.addr.to_string(),
+        tls,
+        PoolLimits::default(),
+        Timeouts::default(),
+    ));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let run = Duration::from_secs(12);
+    let (pushes, failures) = rt.block_on(async {
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..4u64 {
+            let (tokens, pool) = (tokens.clone(), pool.clone());
+            tasks.push(tokio::spawn(async move {
+                let (mut n, mut failed) = (0u64, Vec::new());
+                while started.elapsed() < run {
+                    let token = tokens.token().await.expect("a token");
+                    let (reply, _) = pool
+                        .post(
+                            CHANNEL.parse().unwrap(),
+                            headers_for(&token, t * 1_000_000 + n),
+                            Bytes::from_static(WAKE_BODY),
+                        )
+                        .await
+                        .expect("an answer");
+                    if reply.status != 200 {
+                        failed.push(reply.status);
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                (n, failed)
+            }));
+        }
+        let mut total = 0;
+        let mut failures = Vec::new();
+        for t in tasks {
+            let (n, f) = t.await.unwrap();
+            total += n;
+            failures.extend(f);
+        }
+        (total, failures)
+    });
+    let stats = s.stats();
+    assert!(pushes > 1000, "only {pushes} pushes");
+    assert!(failures.is_empty(), "pushes failed with {failures:?}");
+    // Refreshed at 80% of a 1 s life over 12 s: about 15 tokens.
+    assert!(
+        (10..=20).contains(&stats.tokens_issued),
+        "{} tokens issued for {pushes} pushes over {run:?}",
+        stats.tokens_issued
+    );
+    assert_eq!(stats.tokens_issued, tokens.refreshes_started());
+}
+
+/// The pool speaks h2 when offered and HTTP/1.1 against an h1-only server.
+#[test]
+fn pools_speak_h2_or_http1_as_the_server_chooses() {
+    for (mode, want) in [(sim::Mode::Tls, "h2"), (sim::Mode::H1, "http1")] {
+        let s = start_sim(Duration::from_secs(3600), mode);
+        let tokens = token_source(&s);
+        let tls = client_config(Some(&s.ca_pem_path), Alpn::H2AndHttp1).unwrap();
+        let pool = AuthorityPool::new(
+            "db5.notify.windows.com",
+            &s.addr.to_string(),
+            tls,
+            PoolLimits::default(),
+            Timeouts::default(),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let token = tokens.token().await.unwrap();
+            for i in 0..20 {
+                let (reply, proto) = pool
+                    .post(
+                        CHANNEL.parse().unwrap(),
+                        headers_for(&token, i),
+                        Bytes::from_static(WAKE_BODY),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(reply.status, 200);
+                assert_eq!(proto.label(), want);
+                let status = reply
+                    .headers
+                    .get("x-wns-status")
+                    .and_then(|v| v.to_str().ok());
+                assert_eq!(status, Some("received"));
+            }
+        });
+        assert_eq!(s.stats().pushes_total, 20);
+    }
+}
