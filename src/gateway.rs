@@ -24,6 +24,10 @@ pub struct Gateway {
     draining: AtomicBool,
     /// Name of the network backend in use, for `/metrics` and logs.
     pub io_backend: &'static str,
+    /// The WNS sender.
+    pub sender: Arc<crate::sender::wake::WnsSender>,
+    /// Wake-ups in progress, by device id (for coalescing).
+    pub pending_wakes: dashmap::DashMap<String, crate::api::push::PendingWake>,
     /// NDJSON imports running now (bounded by `MAX_CONCURRENT_IMPORTS`).
     pub imports_running: std::sync::atomic::AtomicUsize,
 }
@@ -36,6 +40,7 @@ impl Gateway {
         commits: CommitHandle,
         metrics: &'static PrometheusHandle,
         io_backend: &'static str,
+        sender: Arc<crate::sender::wake::WnsSender>,
     ) -> Gateway {
         Gateway {
             settings,
@@ -47,6 +52,8 @@ impl Gateway {
             draining: AtomicBool::new(false),
             io_backend,
             imports_running: std::sync::atomic::AtomicUsize::new(0),
+            sender,
+            pending_wakes: dashmap::DashMap::new(),
         }
     }
 

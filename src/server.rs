@@ -87,6 +87,10 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let io = resolve_io(settings.io);
     let listen = settings.listen;
     let shard_count = settings.shard_count();
+    let sender = Arc::new(
+        crate::sender::wake::WnsSender::new(&settings, shard_count)
+            .context("cannot set up the WNS sender")?,
+    );
     let gateway = Arc::new(Gateway::new(
         settings,
         registry.clone(),
@@ -94,6 +98,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         commits,
         metrics,
         io,
+        sender,
     ));
     let shards = ShardSet::start(gateway.clone(), listen, shard_count)
         .with_context(|| format!("cannot listen on {listen}"))?;

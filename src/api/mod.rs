@@ -8,6 +8,7 @@ pub mod body;
 pub mod devices;
 pub mod error;
 pub mod import;
+pub mod push;
 pub mod response;
 pub mod view;
 
@@ -37,6 +38,7 @@ impl Drop for InflightGuard<'_> {
 /// Serves one request. Never fails: every error becomes a JSON response.
 pub async fn serve(
     gw: Arc<Gateway>,
+    shard: usize,
     inflight: Arc<InflightGauge>,
     req: Request<Incoming>,
 ) -> Result<Resp, Infallible> {
@@ -52,7 +54,7 @@ pub async fn serve(
         )
         .into_response()
     } else {
-        match dispatch(gw, req).await {
+        match dispatch(gw, shard, req).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         }
@@ -74,6 +76,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (_, Route::Devices) => "list_devices",
         (&Method::PUT, Route::Channel(_)) => "put_channel",
         (&Method::DELETE, Route::Device(_)) => "delete_device",
+        (_, Route::Push(_)) => "push_device",
         (_, Route::Device(_)) => "get_device",
         _ => "other",
     }
@@ -111,6 +114,7 @@ enum Route {
     Import,
     Device(String),
     Channel(String),
+    Push(String),
     Unknown,
 }
 
@@ -130,11 +134,16 @@ fn split_route(path: &str) -> Route {
     match rest.split_once('/') {
         None => Route::Device(percent_decode(rest)),
         Some((id, "channel")) => Route::Channel(percent_decode(id)),
+        Some((id, "push")) => Route::Push(percent_decode(id)),
         _ => Route::Unknown,
     }
 }
 
-async fn dispatch(gw: Arc<Gateway>, req: Request<Incoming>) -> Result<Resp, ApiError> {
+async fn dispatch(
+    gw: Arc<Gateway>,
+    shard: usize,
+    req: Request<Incoming>,
+) -> Result<Resp, ApiError> {
     let route = split_route(req.uri().path());
     let method = req.method().clone();
     match (&method, &route) {
@@ -192,6 +201,8 @@ async fn dispatch(gw: Arc<Gateway>, req: Request<Incoming>) -> Result<Resp, ApiE
         (_, Route::Import) => Err(method_not_allowed("POST")),
         (_, Route::Device(_)) => Err(method_not_allowed("GET, DELETE")),
         (_, Route::Channel(_)) => Err(method_not_allowed("PUT")),
+        (Method::POST, Route::Push(id)) => push::push_device(gw, shard, id, query).await,
+        (_, Route::Push(_)) => Err(method_not_allowed("POST")),
         _ => Err(ApiError::not_found("not_found", "no such endpoint")),
     }
 }

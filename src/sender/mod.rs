@@ -10,3 +10,4 @@ pub mod conn;
 pub mod pool;
 pub mod tls;
 pub mod tokens;
+pub mod wake;

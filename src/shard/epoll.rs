@@ -64,7 +64,7 @@ async fn serve(
                 let _ = stream.set_nodelay(true);
                 let gw = gw.clone();
                 let inflight = inflight.clone();
-                let svc = service_fn(move |req| api::serve(gw.clone(), inflight.clone(), req));
+                let svc = service_fn(move |req| api::serve(gw.clone(), index, inflight.clone(), req));
                 let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {

@@ -23,6 +23,18 @@ pub const RECOVERY_SECONDS: &str = "wnsgate_recovery_seconds";
 pub const WNS_CONNECTIONS_OPENED: &str = "wnsgate_wns_connections_opened_total";
 /// WNS token refreshes, by `result` (ok, or the error kind).
 pub const WNS_TOKEN_REFRESHES: &str = "wnsgate_wns_token_refreshes_total";
+/// Wake-ups finished, by `result` (delivered, channel_dead, dropped, ...).
+pub const PUSHES: &str = "wnsgate_pushes_total";
+/// Time from the start of a wake-up to its final result, retries included.
+pub const PUSH_DURATION: &str = "wnsgate_push_duration_seconds";
+/// WNS answers, by `outcome` and HTTP `status`.
+pub const WNS_RESPONSES: &str = "wnsgate_wns_responses_total";
+/// WNS request latency (request sent to answer head).
+pub const WNS_LATENCY: &str = "wnsgate_wns_request_duration_seconds";
+/// Wake-ups in progress.
+pub const WNS_INFLIGHT: &str = "wnsgate_wns_inflight_pushes";
+/// Requests sent again, by `reason`.
+pub const WNS_RESENDS: &str = "wnsgate_wns_resends_total";
 /// Build information (`version`) and the network backend in use (`io`).
 pub const BUILD_INFO: &str = "wnsgate_build_info";
 /// 1 when the gateway is ready to serve.

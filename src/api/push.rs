@@ -1,0 +1,164 @@
+//! `POST /v1/devices/{id}/push`: wake one device.
+//!
+//! A wake already pending for the device is coalesced: the caller gets the
+//! same push id (and, with `?wait=true`, the same final result). A channel
+//! WNS declares dead is marked so durably before the result is published.
+
+use super::devices::{parse_device_id, unknown_device};
+use super::error::ApiError;
+use super::response::{json_response, Resp};
+use crate::core::{DeadMark, DeviceRecord};
+use crate::gateway::Gateway;
+use crate::sender::wake::WakeReport;
+use crate::store::Mutation;
+use http::StatusCode;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// A wake in progress for one device.
+#[derive(Clone)]
+pub struct PendingWake {
+    pub push_id: String,
+    result: watch::Receiver<Option<Arc<WakeReport>>>,
+}
+
+#[derive(Serialize)]
+struct Accepted<'a> {
+    push_id: &'a str,
+    device_id: &'a str,
+    /// True when this request joined a wake already pending.
+    coalesced: bool,
+}
+
+#[derive(Serialize)]
+struct Finished<'a> {
+    push_id: &'a str,
+    device_id: &'a str,
+    coalesced: bool,
+    #[serde(flatten)]
+    report: &'a WakeReport,
+}
+
+fn next_push_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("p{:x}-{n}", rand::random::<u32>())
+}
+
+/// `POST /v1/devices/{id}/push[?wait=true]`.
+pub async fn push_device(
+    gw: Arc<Gateway>,
+    shard: usize,
+    device_id: String,
+    query: Option<String>,
+) -> Result<Resp, ApiError> {
+    let id = parse_device_id(&device_id)?;
+    let mut wait = false;
+    for (k, v) in super::query_pairs(query.as_deref().unwrap_or("")) {
+        match (k.as_str(), v.as_str()) {
+            ("wait", "true" | "1") => wait = true,
+            ("wait", "false" | "0") => wait = false,
+            ("wait", _) => {
+                return Err(ApiError::bad_request(
+                    "invalid_wait",
+                    "wait must be true or false",
+                ))
+            }
+            (other, _) => {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!("unknown query parameter {other:?}"),
+                ))
+            }
+        }
+    }
+    let record = gw
+        .registry
+        .get(id.as_str())
+        .ok_or_else(|| unknown_device(&device_id))?;
+    let (pending, coalesced) = join_or_start(&gw, shard, record);
+    if !wait {
+        return Ok(json_response(
+            StatusCode::ACCEPTED,
+            &Accepted {
+                push_id: &pending.push_id,
+                device_id: id.as_str(),
+                coalesced,
+            },
+        ));
+    }
+    let mut rx = pending.result.clone();
+    let report = loop {
+        if let Some(r) = rx.borrow_and_update().clone() {
+            break r;
+        }
+        if rx.changed().await.is_err() {
+            return Err(ApiError::unavailable(
+                "push_abandoned",
+                "the wake-up was abandoned (shutting down)",
+            ));
+        }
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &Finished {
+            push_id: &pending.push_id,
+            device_id: id.as_str(),
+            coalesced,
+            report: &report,
+        },
+    ))
+}
+
+/// The pending wake for the device, or a new one started now.
+fn join_or_start(gw: &Arc<Gateway>, shard: usize, record: DeviceRecord) -> (PendingWake, bool) {
+    use dashmap::mapref::entry::Entry;
+    let key = record.device_id.as_str().to_owned();
+    let (tx, rx) = watch::channel(None);
+    let pending = match gw.pending_wakes.entry(key.clone()) {
+        Entry::Occupied(e) => return (e.get().clone(), true),
+        Entry::Vacant(e) => e
+            .insert(PendingWake {
+                push_id: next_push_id(),
+                result: rx,
+            })
+            .clone(),
+    };
+    let gw = gw.clone();
+    tokio::spawn(async move {
+        let report = gw
+            .sender
+            .wake(shard, &record.channel_uri, record.pfn.as_str(), || gw.now())
+            .await;
+        if let Some(reason) = report.dead {
+            mark_dead(&gw, &record, reason).await;
+        }
+        gw.pending_wakes.remove(&key);
+        let _ = tx.send(Some(Arc::new(report)));
+    });
+    (pending, false)
+}
+
+/// Marks the channel dead, durably, unless the device registered a new
+/// channel URI meanwhile.
+async fn mark_dead(gw: &Gateway, pushed: &DeviceRecord, reason: crate::core::DeadReason) {
+    let Some(mut current) = gw.registry.get(pushed.device_id.as_str()) else {
+        return;
+    };
+    if current.channel_uri != pushed.channel_uri || current.dead.is_some() {
+        return;
+    }
+    current.dead = Some(DeadMark {
+        reason,
+        at: gw.now(),
+    });
+    let result = match gw.commits.submit(vec![Mutation::Put(current)]) {
+        Ok(ticket) => ticket.await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = result {
+        tracing::error!(device = %pushed.device_id, error = %e, "could not record a dead channel");
+    }
+}

@@ -1,0 +1,207 @@
+//! Waking devices end to end: a gateway process sends to the WNS simulator
+//! over real TLS, and every outcome lands on the device record.
+
+mod common;
+
+use common::{Server, PFN};
+use serde_json::{json, Value};
+use std::time::Duration;
+use wnsgate::sim::{self, Faults, SimConfig};
+
+fn start() -> (tempfile::TempDir, sim::SimHandle, Server) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sim::start(SimConfig::default()).unwrap();
+    let apps = format!("[{{pfn = \"{PFN}\", package_sid = \"ms-app://S-1-15-2-7\", client_secret = \"sim-secret\"}}]");
+    let token_url = s.token_url();
+    let connect_to = s.addr.to_string();
+    let ca = s.ca_pem_path.display().to_string();
+    let gw = Server::start(
+        &dir.path().join("data"),
+        &[
+            ("WNSGATE_WNS__TOKEN_URL", token_url.as_str()),
+            ("WNSGATE_WNS__CONNECT_TO", connect_to.as_str()),
+            ("WNSGATE_WNS__CA_FILE", ca.as_str()),
+            ("WNSGATE_WNS__APPS", apps.as_str()),
+        ],
+    );
+    (dir, s, gw)
+}
+
+fn register(gw: &Server, id: &str, token: &str) {
+    let uri = format!("https://db5.notify.windows.com/?token={token}");
+    let r = gw
+        .client()
+        .send_json(
+            "PUT",
+            &format!("/v1/devices/{id}/channel"),
+            &json!({"pfn": PFN, "channel_uri": uri}),
+        )
+        .unwrap();
+    assert!(r.status == 201 || r.status == 200, "{}", r.text());
+}
+
+fn push_wait(gw: &Server, id: &str) -> Value {
+    let r = gw
+        .client()
+        .request(
+            "POST",
+            &format!("/v1/devices/{id}/push?wait=true"),
+            None,
+            b"",
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+#[test]
+fn every_wns_answer_lands_on_the_device() {
+    let (_d, s, gw) = start();
+    let cases = [
+        ("ok", "AwYAAADgood", "delivered", "received", "active", None),
+        (
+            "gone",
+            "x410AwYAAAD",
+            "channel_dead",
+            "channel_expired",
+            "expired",
+            Some("wns410"),
+        ),
+        (
+            "revoked",
+            "xrevokedAwY",
+            "channel_dead",
+            "channel_expired",
+            "expired",
+            Some("wns410"),
+        ),
+        (
+            "unknown",
+            "x404AwYAAAD",
+            "channel_dead",
+            "channel_not_found",
+            "expired",
+            Some("wns404"),
+        ),
+        (
+            "wrongapp",
+            "x403AwYAAAD",
+            "channel_dead",
+            "credential_mismatch",
+            "expired",
+            Some("credential_mismatch"),
+        ),
+        (
+            "dropped",
+            "xdropAwYAAA",
+            "dropped",
+            "dropped",
+            "active",
+            None,
+        ),
+    ];
+    for (id, token, result, outcome, state, reason) in cases {
+        register(&gw, id, token);
+        let r = push_wait(&gw, id);
+        assert_eq!(r["result"], result, "{id}: {r}");
+        assert_eq!(r["wns_outcome"], outcome, "{id}: {r}");
+        assert_eq!(r["attempts"], 1, "{id}: {r}");
+        assert!(
+            r["msg_id"].as_str().is_some_and(|m| m.len() == 16),
+            "{id}: {r}"
+        );
+        assert!(r["ms_cv"].as_str().is_some(), "{id}: {r}");
+        let dev = gw
+            .client()
+            .get(&format!("/v1/devices/{id}"))
+            .unwrap()
+            .json();
+        assert_eq!(dev["state"], state, "{id}: {dev}");
+        assert_eq!(
+            dev["state_reason"],
+            reason.map_or(Value::Null, Value::from),
+            "{id}: {dev}"
+        );
+    }
+    // A dead mark is durable and cleared by a new channel URI.
+    register(&gw, "gone", "AwYAAADfresh");
+    let dev = gw.client().get("/v1/devices/gone").unwrap().json();
+    assert_eq!(dev["state"], "active");
+    assert_eq!(s.stats().pushes_total, 6);
+    assert_eq!(s.stats().tokens_issued, 1, "one token serves every push");
+}
+
+#[test]
+fn server_errors_are_retried_within_the_attempt_budget() {
+    let (_d, s, gw) = start();
+    register(&gw, "flaky", "AwYAAADflaky");
+    s.set_faults(Faults {
+        error_ratio: 1.0,
+        ..Faults::default()
+    })
+    .unwrap();
+    let r = push_wait(&gw, "flaky");
+    assert_eq!(r["result"], "attempts_exhausted", "{r}");
+    assert_eq!(r["attempts"], 4, "{r}");
+    assert_eq!(
+        s.stats().pushes_total,
+        4,
+        "sent more often than the retry policy allows"
+    );
+    s.set_faults(Faults::default()).unwrap();
+    let r = push_wait(&gw, "flaky");
+    assert_eq!(r["result"], "delivered", "{r}");
+}
+
+#[test]
+fn pending_wakes_for_one_device_are_coalesced() {
+    let (_d, s, gw) = start();
+    register(&gw, "slow", "AwYAAADslow");
+    s.set_faults(Faults {
+        latency_ms: Some(sim::LatencyRange {
+            min_ms: 800,
+            max_ms: 800,
+        }),
+        ..Faults::default()
+    })
+    .unwrap();
+    let mut c = gw.client();
+    let first = c
+        .request("POST", "/v1/devices/slow/push", None, b"")
+        .unwrap();
+    assert_eq!(first.status, 202, "{}", first.text());
+    let second = c
+        .request("POST", "/v1/devices/slow/push", None, b"")
+        .unwrap();
+    assert_eq!(second.status, 202);
+    assert_eq!(first.json()["coalesced"], false);
+    assert_eq!(second.json()["coalesced"], true);
+    assert_eq!(first.json()["push_id"], second.json()["push_id"]);
+    let waited = push_wait(&gw, "slow");
+    assert_eq!(waited["push_id"], first.json()["push_id"]);
+    assert_eq!(waited["result"], "delivered");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        s.stats().pushes_total,
+        1,
+        "coalesced wakes were sent more than once"
+    );
+}
+
+#[test]
+fn push_bad_input() {
+    let (_d, _s, gw) = start();
+    let mut c = gw.client();
+    let r = c
+        .request("POST", "/v1/devices/nobody/push", None, b"")
+        .unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "unknown_device");
+    register(&gw, "d", "AwYAAADd");
+    let r = c
+        .request("POST", "/v1/devices/d/push?wait=maybe", None, b"")
+        .unwrap();
+    assert_eq!(r.json()["error"]["code"], "invalid_wait");
+    let r = c.request("GET", "/v1/devices/d/push", None, b"").unwrap();
+    assert_eq!(r.status, 405);
+}
