@@ -28,6 +28,8 @@ pub struct Gateway {
     pub sender: Arc<crate::sender::wake::WnsSender>,
     /// Wake-ups in progress, by device id (for coalescing).
     pub pending_wakes: dashmap::DashMap<String, crate::api::push::PendingWake>,
+    /// Bulk wakes, running and recently finished.
+    pub jobs: dashmap::DashMap<String, Arc<crate::api::jobs::Job>>,
     /// NDJSON imports running now (bounded by `MAX_CONCURRENT_IMPORTS`).
     pub imports_running: std::sync::atomic::AtomicUsize,
 }
@@ -54,6 +56,7 @@ impl Gateway {
             imports_running: std::sync::atomic::AtomicUsize::new(0),
             sender,
             pending_wakes: dashmap::DashMap::new(),
+            jobs: dashmap::DashMap::new(),
         }
     }
 

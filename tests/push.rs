@@ -205,3 +205,147 @@ fn push_bad_input() {
     let r = c.request("GET", "/v1/devices/d/push", None, b"").unwrap();
     assert_eq!(r.status, 405);
 }
+
+fn create_job(gw: &Server, body: &Value) -> wnsgate::client::HttpResponse {
+    gw.client().send_json("POST", "/v1/pushes", body).unwrap()
+}
+
+fn wait_job(gw: &Server, id: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = gw.client().get(&format!("/v1/pushes/{id}")).unwrap().json();
+        if v["state"] == "done" || v["state"] == "cancelled" {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job did not finish: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bulk_wake_counts_every_outcome_and_sends_each_device_once() {
+    let (_d, s, gw) = start();
+    let mut body = String::new();
+    for i in 0..300 {
+        let token = match i % 20 {
+            0 => format!("x410b{i}"),
+            1 => format!("xdropb{i}"),
+            _ => format!("AwYAAADb{i}"),
+        };
+        body.push_str(&json!({"device_id": format!("b{i:04}"), "pfn": PFN, "channel_uri": format!("https://db5.notify.windows.com/?token={token}")}).to_string());
+        body.push('\n');
+    }
+    let r = gw
+        .client()
+        .request(
+            "POST",
+            "/v1/devices:import",
+            Some("application/x-ndjson"),
+            body.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.json()["accepted"], 300);
+
+    let r = create_job(&gw, &json!({"all": true}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let job = wait_job(&gw, r.json()["job_id"].as_str().unwrap());
+    assert_eq!(job["total"], 300, "{job}");
+    assert_eq!(job["received"], 270, "{job}");
+    assert_eq!(job["expired"], 15, "{job}");
+    assert_eq!(job["dropped"], 15, "{job}");
+    assert_eq!(job["failed"], 0, "{job}");
+    assert_eq!(job["pending"], 0, "{job}");
+    let st = s.stats();
+    assert_eq!(st.pushes_total, 300);
+    assert_eq!(st.distinct_channels, 300);
+    assert_eq!(st.max_pushes_per_channel, 1);
+    let stats = gw.client().get("/v1/stats").unwrap().json();
+    assert_eq!(stats["by_state"]["expired"], 15, "{stats}");
+
+    // By state: only the 15 expired ones.
+    let r = create_job(&gw, &json!({"state": "expired"}));
+    let job = wait_job(&gw, r.json()["job_id"].as_str().unwrap());
+    assert_eq!(job["total"], 15, "{job}");
+    assert_eq!(s.stats().pushes_total, 315);
+
+    // By ids, one of them unknown.
+    let r = create_job(&gw, &json!({"device_ids": ["b0002", "b0003", "nobody"]}));
+    let job = wait_job(&gw, r.json()["job_id"].as_str().unwrap());
+    assert_eq!(
+        (job["received"].as_u64(), job["failed"].as_u64()),
+        (Some(2), Some(1)),
+        "{job}"
+    );
+}
+
+#[test]
+fn bulk_wake_is_paced_and_can_be_cancelled() {
+    let (_d, _s, gw) = start();
+    for i in 0..40 {
+        register(&gw, &format!("c{i}"), &format!("AwYAAADc{i}"));
+    }
+    let r = create_job(&gw, &json!({"all": true, "rate_per_second": 10}));
+    let id = r.json()["job_id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(700));
+    let r = gw
+        .client()
+        .request("DELETE", &format!("/v1/pushes/{id}"), None, b"")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let job = wait_job(&gw, &id);
+    assert_eq!(job["state"], "cancelled", "{job}");
+    let sent = job["received"].as_u64().unwrap();
+    assert!(
+        (1..=15).contains(&sent),
+        "paced at 10/s for 0.7 s but sent {sent}: {job}"
+    );
+    assert_eq!(job["not_sent"].as_u64().unwrap() + sent, 40, "{job}");
+}
+
+#[test]
+fn bulk_wake_bad_input() {
+    let (_d, _s, gw) = start();
+    let cases = [
+        (json!({}), 422, "invalid_selection"),
+        (
+            json!({"all": true, "state": "active"}),
+            422,
+            "invalid_selection",
+        ),
+        (json!({"state": "zombie"}), 422, "invalid_state"),
+        (json!({"device_ids": []}), 422, "empty_job"),
+        (json!({"device_ids": ["a/b"]}), 422, "invalid_device_id"),
+        (
+            json!({"all": true, "rate_per_second": 0}),
+            422,
+            "invalid_rate",
+        ),
+        (json!({"all": true, "colour": 1}), 422, "invalid_request"),
+    ];
+    for (body, status, code) in cases {
+        let r = create_job(&gw, &body);
+        assert_eq!(
+            (r.status, r.json()["error"]["code"].clone()),
+            (status, json!(code)),
+            "{body}"
+        );
+    }
+    let ids: Vec<String> = (0..100_001).map(|i| format!("d{i}")).collect();
+    let r = create_job(&gw, &json!({ "device_ids": ids }));
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["error"]["code"], "job_too_large");
+    let r = gw
+        .client()
+        .request(
+            "POST",
+            "/v1/pushes",
+            Some("application/json"),
+            b"{\"all\": tru",
+        )
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert_eq!(gw.client().get("/v1/pushes/nope").unwrap().status, 404);
+}

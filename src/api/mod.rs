@@ -8,6 +8,7 @@ pub mod body;
 pub mod devices;
 pub mod error;
 pub mod import;
+pub mod jobs;
 pub mod push;
 pub mod response;
 pub mod view;
@@ -77,6 +78,8 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (&Method::PUT, Route::Channel(_)) => "put_channel",
         (&Method::DELETE, Route::Device(_)) => "delete_device",
         (_, Route::Push(_)) => "push_device",
+        (_, Route::Jobs) => "create_job",
+        (_, Route::Job(_)) => "job",
         (_, Route::Device(_)) => "get_device",
         _ => "other",
     }
@@ -115,6 +118,8 @@ enum Route {
     Device(String),
     Channel(String),
     Push(String),
+    Jobs,
+    Job(String),
     Unknown,
 }
 
@@ -126,7 +131,11 @@ fn split_route(path: &str) -> Route {
         "/v1/stats" => return Route::Stats,
         "/v1/devices" => return Route::Devices,
         "/v1/devices:import" => return Route::Import,
+        "/v1/pushes" => return Route::Jobs,
         _ => {}
+    }
+    if let Some(id) = path.strip_prefix("/v1/pushes/") {
+        return Route::Job(percent_decode(id));
     }
     let Some(rest) = path.strip_prefix("/v1/devices/") else {
         return Route::Unknown;
@@ -203,6 +212,11 @@ async fn dispatch(
         (_, Route::Channel(_)) => Err(method_not_allowed("PUT")),
         (Method::POST, Route::Push(id)) => push::push_device(gw, shard, id, query).await,
         (_, Route::Push(_)) => Err(method_not_allowed("POST")),
+        (Method::POST, Route::Jobs) => jobs::create(gw, shard, parts.headers, body).await,
+        (_, Route::Jobs) => Err(method_not_allowed("POST")),
+        (Method::GET, Route::Job(id)) => jobs::get(&gw, &id),
+        (Method::DELETE, Route::Job(id)) => jobs::cancel(&gw, &id),
+        (_, Route::Job(_)) => Err(method_not_allowed("GET, DELETE")),
         _ => Err(ApiError::not_found("not_found", "no such endpoint")),
     }
 }

@@ -112,8 +112,22 @@ pub async fn push_device(
     ))
 }
 
-/// The pending wake for the device, or a new one started now.
-fn join_or_start(gw: &Arc<Gateway>, shard: usize, record: DeviceRecord) -> (PendingWake, bool) {
+impl PendingWake {
+    /// Waits for the final result; `None` if the wake was abandoned.
+    pub async fn result(&self) -> Option<Arc<WakeReport>> {
+        let mut rx = self.result.clone();
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return Some(r);
+            }
+            rx.changed().await.ok()?;
+        }
+    }
+}
+
+/// The pending wake for the device, or a new one started now. The flag
+/// says whether it was already pending (coalesced).
+pub fn join_or_start(gw: &Arc<Gateway>, shard: usize, record: DeviceRecord) -> (PendingWake, bool) {
     use dashmap::mapref::entry::Entry;
     let key = record.device_id.as_str().to_owned();
     let (tx, rx) = watch::channel(None);

@@ -1,0 +1,362 @@
+//! Bulk wakes: `POST /v1/pushes`, `GET /v1/pushes/{id}`, `DELETE /v1/pushes/{id}`.
+//!
+//! A job streams through the store in device-id order a page at a time (or
+//! through the ids it was given), paces itself, keeps a bounded number of
+//! wakes in flight, and counts outcomes. Memory does not grow with the
+//! number of devices selected.
+
+use super::body::{read_limited, require_content_type};
+use super::devices::parse_device_id;
+use super::error::{json_error, ApiError};
+use super::push::join_or_start;
+use super::response::{json_response, Resp};
+use crate::core::wns::retry::Pacer;
+use crate::core::{DeviceRecord, LifecycleState};
+use crate::gateway::Gateway;
+use crate::sender::tokens::monotonic_ms;
+use crate::sender::wake::WakeReport;
+use http::{HeaderMap, StatusCode};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// Largest `POST /v1/pushes` body, bytes.
+pub const MAX_JOB_BODY: u64 = 8 * 1024 * 1024;
+/// Most device ids one job may list.
+pub const MAX_JOB_IDS: usize = 100_000;
+/// Jobs running at once; more get 429.
+pub const MAX_RUNNING_JOBS: usize = 8;
+/// Wakes one job keeps in flight.
+pub const JOB_INFLIGHT: usize = 2048;
+/// Finished jobs remembered for `GET /v1/pushes/{id}`.
+pub const MAX_REMEMBERED_JOBS: usize = 1000;
+/// Devices read from the store per page.
+const PAGE: usize = 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobRequest {
+    #[serde(default)]
+    device_ids: Option<Vec<String>>,
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    all: Option<bool>,
+    #[serde(default)]
+    rate_per_second: Option<u32>,
+}
+
+enum Selection {
+    Ids(Vec<String>),
+    Filter(Option<LifecycleState>),
+}
+
+/// Progress of one bulk wake.
+pub struct Job {
+    id: String,
+    created_at: String,
+    rate_per_second: Option<u32>,
+    selected: AtomicU64,
+    received: AtomicU64,
+    dropped: AtomicU64,
+    throttled: AtomicU64,
+    expired: AtomicU64,
+    failed: AtomicU64,
+    /// Selected but not sent because the job was cancelled.
+    not_sent: AtomicU64,
+    selection_done: AtomicBool,
+    cancelled: AtomicBool,
+    finished: AtomicBool,
+}
+
+#[derive(Serialize)]
+struct JobView<'a> {
+    job_id: &'a str,
+    state: &'static str,
+    created_at: &'a str,
+    rate_per_second: Option<u32>,
+    /// Devices selected so far (final once `state` is not `selecting`).
+    total: u64,
+    pending: u64,
+    received: u64,
+    dropped: u64,
+    throttled: u64,
+    expired: u64,
+    failed: u64,
+    not_sent: u64,
+    done: u64,
+}
+
+impl Job {
+    fn view(&self) -> JobView<'_> {
+        let get = |a: &AtomicU64| a.load(Ordering::Acquire);
+        let done = get(&self.received)
+            + get(&self.dropped)
+            + get(&self.throttled)
+            + get(&self.expired)
+            + get(&self.failed)
+            + get(&self.not_sent);
+        let total = get(&self.selected);
+        let state = if self.finished.load(Ordering::Acquire) {
+            if self.cancelled.load(Ordering::Acquire) {
+                "cancelled"
+            } else {
+                "done"
+            }
+        } else if self.cancelled.load(Ordering::Acquire) {
+            "cancelling"
+        } else if self.selection_done.load(Ordering::Acquire) {
+            "running"
+        } else {
+            "selecting"
+        };
+        JobView {
+            job_id: &self.id,
+            state,
+            created_at: &self.created_at,
+            rate_per_second: self.rate_per_second,
+            total,
+            pending: total.saturating_sub(done),
+            received: get(&self.received),
+            dropped: get(&self.dropped),
+            throttled: get(&self.throttled),
+            expired: get(&self.expired),
+            failed: get(&self.failed),
+            not_sent: get(&self.not_sent),
+            done,
+        }
+    }
+
+    fn count(&self, report: Option<&WakeReport>) {
+        let counter = match report.map(|r| (r.result, r.wns_outcome)) {
+            Some(("delivered", _)) => &self.received,
+            Some(("dropped", _)) => &self.dropped,
+            Some((_, Some("channel_throttled" | "sender_throttled"))) => &self.throttled,
+            Some(("channel_dead", _)) => &self.expired,
+            _ => &self.failed,
+        };
+        counter.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// `POST /v1/pushes`.
+pub async fn create(
+    gw: Arc<Gateway>,
+    shard: usize,
+    headers: HeaderMap,
+    mut body: Incoming,
+) -> Result<Resp, ApiError> {
+    require_content_type(&headers, &["application/json"])?;
+    let idle = Duration::from_secs(gw.settings.request_timeout_secs);
+    let bytes = read_limited(&mut body, &headers, MAX_JOB_BODY, idle).await?;
+    let req: JobRequest = serde_json::from_slice(&bytes).map_err(|e| json_error(&e))?;
+    let selection = match (req.device_ids, req.state, req.all) {
+        (Some(ids), None, None | Some(false)) => {
+            if ids.is_empty() {
+                return Err(ApiError::unprocessable("empty_job", "device_ids is empty"));
+            }
+            if ids.len() > MAX_JOB_IDS {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "job_too_large",
+                    format!("a job may list at most {MAX_JOB_IDS} device ids; use \"state\" or \"all\" for more"),
+                ));
+            }
+            for id in &ids {
+                parse_device_id(id).map_err(|e| {
+                    ApiError::unprocessable("invalid_device_id", format!("{id:?}: {}", e.message))
+                })?;
+            }
+            Selection::Ids(ids)
+        }
+        (None, Some(state), None | Some(false)) => {
+            Selection::Filter(Some(LifecycleState::parse(&state).ok_or_else(|| {
+                ApiError::unprocessable(
+                    "invalid_state",
+                    format!(
+                        "state must be one of {}",
+                        LifecycleState::ALL.map(|s| s.as_str()).join(", ")
+                    ),
+                )
+            })?))
+        }
+        (None, None, Some(true)) => Selection::Filter(None),
+        _ => {
+            return Err(ApiError::unprocessable(
+                "invalid_selection",
+                "give exactly one of \"device_ids\", \"state\" or \"all\": true",
+            ))
+        }
+    };
+    if req.rate_per_second == Some(0) {
+        return Err(ApiError::unprocessable(
+            "invalid_rate",
+            "rate_per_second must be positive",
+        ));
+    }
+    let running = gw
+        .jobs
+        .iter()
+        .filter(|j| !j.finished.load(Ordering::Acquire))
+        .count();
+    if running >= MAX_RUNNING_JOBS {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_jobs",
+            format!("{MAX_RUNNING_JOBS} bulk wakes are already running"),
+        ));
+    }
+    forget_old_jobs(&gw);
+    let job = Arc::new(Job {
+        id: format!("j{:x}{:x}", monotonic_ms(), rand::random::<u32>()),
+        created_at: gw.now().to_rfc3339(),
+        rate_per_second: req.rate_per_second,
+        selected: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+        throttled: AtomicU64::new(0),
+        expired: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        not_sent: AtomicU64::new(0),
+        selection_done: AtomicBool::new(false),
+        cancelled: AtomicBool::new(false),
+        finished: AtomicBool::new(false),
+    });
+    gw.jobs.insert(job.id.clone(), job.clone());
+    tokio::spawn(run(gw, shard, job.clone(), selection));
+    Ok(json_response(StatusCode::ACCEPTED, &job.view()))
+}
+
+/// `GET /v1/pushes/{id}`.
+pub fn get(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
+    let job = gw.jobs.get(id).ok_or_else(|| unknown_job(id))?;
+    Ok(json_response(StatusCode::OK, &job.view()))
+}
+
+/// `DELETE /v1/pushes/{id}`: stops sending; wakes in flight finish.
+pub fn cancel(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
+    let job = gw.jobs.get(id).ok_or_else(|| unknown_job(id))?;
+    job.cancelled.store(true, Ordering::Release);
+    Ok(json_response(StatusCode::OK, &job.view()))
+}
+
+fn unknown_job(id: &str) -> ApiError {
+    ApiError::not_found("unknown_job", format!("no bulk wake {id:?}"))
+}
+
+fn forget_old_jobs(gw: &Gateway) {
+    if gw.jobs.len() < MAX_REMEMBERED_JOBS {
+        return;
+    }
+    let mut finished: Vec<(String, String)> = gw
+        .jobs
+        .iter()
+        .filter(|j| j.finished.load(Ordering::Acquire))
+        .map(|j| (j.created_at.clone(), j.id.clone()))
+        .collect();
+    finished.sort();
+    for (_, id) in finished
+        .iter()
+        .take(gw.jobs.len() + 1 - MAX_REMEMBERED_JOBS)
+    {
+        gw.jobs.remove(id);
+    }
+}
+
+async fn run(gw: Arc<Gateway>, shard: usize, job: Arc<Job>, selection: Selection) {
+    let permits = Arc::new(Semaphore::new(JOB_INFLIGHT));
+    let mut pacer = job
+        .rate_per_second
+        .map(|r| Pacer::new(r, (r / 10).clamp(1, 1000), monotonic_ms()));
+    let th = gw.settings.thresholds;
+    match selection {
+        Selection::Ids(ids) => {
+            job.selected.store(ids.len() as u64, Ordering::Release);
+            job.selection_done.store(true, Ordering::Release);
+            for id in ids {
+                if job.cancelled.load(Ordering::Acquire) {
+                    break;
+                }
+                match gw.registry.get(&id) {
+                    Some(rec) => dispatch(&gw, shard, &job, &permits, &mut pacer, rec).await,
+                    None => job.count(None),
+                }
+            }
+        }
+        Selection::Filter(state) => {
+            let mut after: Option<String> = None;
+            loop {
+                if job.cancelled.load(Ordering::Acquire) {
+                    break;
+                }
+                let now = gw.now();
+                let store = gw.store.clone();
+                let cursor = after.clone();
+                let page = tokio::task::spawn_blocking(move || {
+                    let filter = move |r: &DeviceRecord| {
+                        state.is_none_or(|s| r.state_at(&th, now).state == s)
+                    };
+                    store.page(cursor.as_deref(), PAGE, PAGE * 16, &filter)
+                })
+                .await;
+                let page = match page {
+                    Ok(Ok(p)) => p,
+                    Ok(Err(e)) => {
+                        tracing::error!(job = %job.id, error = %e, "bulk wake stopped: the store could not be read");
+                        break;
+                    }
+                    Err(_) => break,
+                };
+                job.selected
+                    .fetch_add(page.records.len() as u64, Ordering::AcqRel);
+                for rec in page.records {
+                    if job.cancelled.load(Ordering::Acquire) {
+                        break;
+                    }
+                    dispatch(&gw, shard, &job, &permits, &mut pacer, rec).await;
+                }
+                match page.next_after {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            job.selection_done.store(true, Ordering::Release);
+        }
+    }
+    // Wait for the wakes still in flight.
+    let _all = permits.acquire_many(JOB_INFLIGHT as u32).await;
+    if job.cancelled.load(Ordering::Acquire) {
+        let v = job.view();
+        job.not_sent.fetch_add(v.pending, Ordering::AcqRel);
+    }
+    job.finished.store(true, Ordering::Release);
+    tracing::info!(job = %job.id, done = job.view().done, "bulk wake finished");
+}
+
+async fn dispatch(
+    gw: &Arc<Gateway>,
+    shard: usize,
+    job: &Arc<Job>,
+    permits: &Arc<Semaphore>,
+    pacer: &mut Option<Pacer>,
+    rec: DeviceRecord,
+) {
+    if let Some(p) = pacer {
+        while let Err(wait_ms) = p.take(monotonic_ms()) {
+            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+        }
+    }
+    let Ok(permit) = permits.clone().acquire_owned().await else {
+        return;
+    };
+    let (pending, _) = join_or_start(gw, shard, rec);
+    let job = job.clone();
+    tokio::spawn(async move {
+        let report = pending.result().await;
+        job.count(report.as_deref());
+        drop(permit);
+    });
+}
