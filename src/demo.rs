@@ -1,15 +1,39 @@
-//! `wnsgate demo`: a gateway on a temporary data directory, a synthetic
-//! fleet registered through the real HTTP API, lifecycle states computed,
-//! a restart that proves every acknowledged registration survived.
+//! `wnsgate demo`: the whole story on the embedded default, in one process.
+//!
+//! A WNS simulator and a gateway start on a temporary data directory; a
+//! synthetic fleet registers through the real HTTP API (fresh channels,
+//! channels past 15 days, channels past 30 days, and channels the simulator
+//! answers 410 for); one bulk wake reaches every device over TLS; WNS's
+//! answers mark dead channels; a restart proves every record survived.
 
 use crate::client::Client;
 use crate::config::{Config, Settings};
-use crate::core::UnixTime;
+use crate::core::{LifecycleState, Thresholds, UnixTime};
 use crate::fleet::{self, AgeMix};
 use anyhow::{ensure, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Read;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// One registration of the demo fleet. Channels past 30 days, and one in
+/// fifty of the others, get tokens the simulator answers 410 for, as WNS
+/// does for expired or revoked channels.
+fn demo_line(i: u64, now: UnixTime) -> String {
+    let issued = fleet::issued_at(i, now, AgeMix::default());
+    let aged_out =
+        Thresholds::default().state_at(issued, None, now).state == LifecycleState::Expired;
+    let mut uri = fleet::channel_uri(i, 0);
+    if aged_out || i % 50 == 7 {
+        uri = uri.replacen("token=", "token=x410", 1);
+    }
+    let line = serde_json::json!({
+        "device_id": fleet::device_id(i),
+        "pfn": fleet::DEMO_PFN,
+        "channel_uri": uri,
+        "issued_at": issued.to_rfc3339(),
+    });
+    format!("{line}\n")
+}
 
 /// Streams the NDJSON lines of devices `0..n` without holding them all.
 struct FleetReader {
@@ -27,9 +51,8 @@ impl Read for FleetReader {
             self.pos = 0;
             let end = (self.next + 1024).min(self.n);
             for i in self.next..end {
-                self.buf.extend_from_slice(
-                    fleet::ndjson_line(i, self.now, AgeMix::default()).as_bytes(),
-                );
+                self.buf
+                    .extend_from_slice(demo_line(i, self.now).as_bytes());
             }
             self.next = end;
         }
@@ -40,10 +63,34 @@ impl Read for FleetReader {
     }
 }
 
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let template =
+        format!("{what:<11} [{{bar:40}}] {{pos}}/{{len}} devices {{per_sec}} eta {{eta}}");
+    ProgressBar::new(len).with_style(
+        ProgressStyle::with_template(&template)
+            .expect("static template")
+            .progress_chars("=> "),
+    )
+}
+
+fn print_states(title: &str, stats: &serde_json::Value) {
+    println!("{title}");
+    for state in LifecycleState::ALL {
+        let n = stats["by_state"][state.as_str()].as_u64().unwrap_or(0);
+        println!("  {:<16} {n:>10}", state.as_str());
+    }
+}
+
 /// Runs the demonstration with a fleet of `devices`.
 pub fn run(devices: u64) -> anyhow::Result<()> {
     ensure!(devices > 0, "--devices must be at least 1");
     let dir = tempfile::tempdir().context("cannot create a temporary data directory")?;
+    let sim = crate::sim::start(crate::sim::SimConfig::default())
+        .context("cannot start the WNS simulator")?;
+    let apps = format!(
+        "[{{pfn = \"{}\", package_sid = \"ms-app://S-1-15-2-2026\", client_secret = \"demo-secret\"}}]",
+        fleet::DEMO_PFN
+    );
     let env = vec![
         ("WNSGATE_API__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
         (
@@ -51,6 +98,13 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
             dir.path().display().to_string(),
         ),
         ("WNSGATE_LOG__LEVEL".to_owned(), "warn".to_owned()),
+        ("WNSGATE_WNS__TOKEN_URL".to_owned(), sim.token_url()),
+        ("WNSGATE_WNS__CONNECT_TO".to_owned(), sim.addr.to_string()),
+        (
+            "WNSGATE_WNS__CA_FILE".to_owned(),
+            sim.ca_pem_path.display().to_string(),
+        ),
+        ("WNSGATE_WNS__APPS".to_owned(), apps),
     ];
     let settings = Settings::resolve(&Config::load(None, env)?)?;
     crate::telemetry::logging::init(settings.log.format, &settings.log.level);
@@ -59,6 +113,7 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
         "wnsgate demo: {devices} synthetic devices, data in {}",
         dir.path().display()
     );
+    println!("WNS simulator on {} (TLS; h2 and HTTP/1.1)", sim.addr);
     let running = crate::server::start(settings.clone())?;
     let url = format!("http://{}", running.local_addr);
     println!(
@@ -66,16 +121,10 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
         settings.shard_count()
     );
 
+    // Register the fleet.
     let now = running.gateway.now();
-    let mut client = Client::new(&url)?.with_timeout(std::time::Duration::from_secs(600));
-    let bar = ProgressBar::new(devices).with_style(
-        ProgressStyle::with_template(
-            "registering [{bar:40}] {pos}/{len} devices {per_sec} eta {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    let line_len = fleet::ndjson_line(0, now, AgeMix::default()).len() as u64;
+    let mut client = Client::new(&url)?.with_timeout(Duration::from_secs(600));
+    let line_len = demo_line(0, now).len() as u64;
     let mut reader = FleetReader {
         next: 0,
         n: devices,
@@ -83,15 +132,16 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
         buf: Vec::new(),
         pos: 0,
     };
+    let progress = bar(devices, "registering");
     let t = Instant::now();
     let resp = client.request_streaming(
         "POST",
         "/v1/devices:import",
         "application/x-ndjson",
         &mut reader,
-        &mut |sent| bar.set_position((sent / line_len).min(devices)),
+        &mut |sent| progress.set_position((sent / line_len).min(devices)),
     )?;
-    bar.finish_and_clear();
+    progress.finish_and_clear();
     let import_secs = t.elapsed().as_secs_f64();
     ensure!(
         resp.status == 200,
@@ -99,31 +149,70 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
         resp.status,
         resp.text()
     );
-    let report = resp.json();
-    let accepted = report["accepted"].as_u64().unwrap_or(0);
+    let accepted = resp.json()["accepted"].as_u64().unwrap_or(0);
     ensure!(
         accepted == devices,
-        "the gateway accepted {accepted} of {devices} devices: {report}"
+        "the gateway accepted {accepted} of {devices} devices"
     );
     println!(
         "registered {accepted} devices durably in {import_secs:.2} s ({:.0} devices/s, fsync'd group commits)",
         accepted as f64 / import_secs
     );
+    print_states(
+        "lifecycle states by channel age:",
+        &client.get("/v1/stats")?.json(),
+    );
 
-    let stats = client.get("/v1/stats")?.json();
-    println!("lifecycle states now:");
-    for (state, n) in stats["by_state"].as_object().into_iter().flatten() {
-        println!("  {state:<16} {n:>10}");
-    }
+    // Wake everyone.
+    let t = Instant::now();
+    let job = client.send_json("POST", "/v1/pushes", &serde_json::json!({"all": true}))?;
+    ensure!(
+        job.status == 202,
+        "bulk wake refused: {} {}",
+        job.status,
+        job.text()
+    );
+    let job_id = job.json()["job_id"].as_str().unwrap_or_default().to_owned();
+    let progress = bar(devices, "waking");
+    let done = loop {
+        let p = client.get(&format!("/v1/pushes/{job_id}"))?.json();
+        progress.set_position(p["done"].as_u64().unwrap_or(0));
+        if p["state"] == "done" {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    progress.finish_and_clear();
+    let wake_secs = t.elapsed().as_secs_f64();
+    let woken = done["done"].as_u64().unwrap_or(0);
+    println!(
+        "woke {woken} devices through WNS in {wake_secs:.2} s ({:.0} pushes/s): {} received, {} found dead (410), {} dropped, {} throttled, {} failed",
+        woken as f64 / wake_secs,
+        done["received"],
+        done["expired"],
+        done["dropped"],
+        done["throttled"],
+        done["failed"],
+    );
+    let st = sim.stats();
+    println!(
+        "the simulator saw {} pushes to {} distinct channels (at most {} per channel) and issued {} access token(s)",
+        st.pushes_total, st.distinct_channels, st.max_pushes_per_channel, st.tokens_issued
+    );
+    print_states(
+        "lifecycle states after the wake (WNS verdicts included):",
+        &client.get("/v1/stats")?.json(),
+    );
 
     let sample = client
-        .get(&format!("/v1/devices/{}", fleet::device_id(0)))?
+        .get(&format!("/v1/devices/{}", fleet::device_id(7)))?
         .json();
     println!(
-        "one device record:\n{}",
+        "a device WNS declared dead:\n{}",
         serde_json::to_string_pretty(&sample)?
     );
 
+    // Restart on the same data.
     println!("restarting the gateway on the same data directory...");
     running.shutdown();
     let t = Instant::now();
@@ -137,17 +226,24 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
         after["devices"]
     );
     let again = client
-        .get(&format!("/v1/devices/{}", fleet::device_id(0)))?
+        .get(&format!("/v1/devices/{}", fleet::device_id(7)))?
         .json();
     ensure!(
-        again["channel_uri"] == sample["channel_uri"],
-        "device 0 changed across the restart"
+        again == sample || again["channel_uri"] == sample["channel_uri"],
+        "device 7 changed across the restart"
     );
-    println!("ready again after {restart_secs:.2} s with all {devices} devices, byte-exact");
+    ensure!(
+        again["state_reason"] == sample["state_reason"],
+        "the WNS verdict on device 7 was lost in the restart"
+    );
+    println!("ready again after {restart_secs:.2} s with all {devices} devices and every WNS verdict, byte-exact");
     running.shutdown();
+    sim.shutdown();
     println!(
-        "summary: {devices} registered at {:.0}/s, restart {restart_secs:.2} s",
-        devices as f64 / import_secs
+        "summary: {devices} registered at {:.0}/s, woken at {:.0}/s, {} channels found dead by WNS, restart {restart_secs:.2} s",
+        devices as f64 / import_secs,
+        woken as f64 / wake_secs,
+        done["expired"],
     );
     Ok(())
 }
