@@ -4,3 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 bash loadtest/registry.sh 20000 500 2
+bash loadtest/sender.sh 5000 1
