@@ -159,8 +159,12 @@ pub async fn post_h2(
     *req.method_mut() = http::Method::POST;
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
-    let mut send = send.clone().ready().await.map_err(lost)?;
-    let (resp, mut stream) = send.send_request(req, false).map_err(lost)?;
+    // Until the request is handed over, nothing reached the server: any
+    // failure here (a connection going away, closed, or refusing new
+    // streams) means "send it on another connection".
+    let not_sent = |e: h2::Error| ConnError::Lost(format!("not sent: {e}"));
+    let mut send = send.clone().ready().await.map_err(not_sent)?;
+    let (resp, mut stream) = send.send_request(req, false).map_err(not_sent)?;
     stream.send_data(body, true).map_err(lost)?;
     let resp = tokio::time::timeout(timeout, resp)
         .await
