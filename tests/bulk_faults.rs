@@ -92,7 +92,7 @@ fn check(job: &Value, st: &sim::SimStats) {
     assert!(job["received"].as_u64().unwrap() >= DEVICES - 50, "{job}");
     assert_eq!(
         st.distinct_channels, DEVICES,
-        "the simulator did not see every channel: {st:?}"
+        "the simulator did not see every channel: {st:?}\njob: {job}"
     );
     assert!(
         st.max_pushes_per_channel <= MAX_PER_CHANNEL,
