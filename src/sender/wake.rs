@@ -10,7 +10,7 @@ use super::pool::{AuthorityPool, PoolLimits};
 use super::tls::{self, Alpn};
 use super::tokens::{monotonic_ms, TokenEndpoint, TokenSource};
 use crate::config::{resolve_secret, Settings};
-use crate::core::wns::request::{new_cv, write_wake_headers, WAKE_BODY};
+use crate::core::wns::request::{new_cv_header, write_wake_headers, WAKE_BODY};
 use crate::core::wns::retry::{
     CredentialSignal, CredentialThrottle, Decision, PushAttempt, RetryPolicy,
 };
@@ -214,9 +214,7 @@ impl WnsSender {
                 }
             };
             let mut headers = HeaderMap::with_capacity(8);
-            let cv = new_cv(rand::random::<u128>());
-            let cv = http::HeaderValue::from_str(&cv)
-                .unwrap_or(http::HeaderValue::from_static("AAAAAAAAAAAAAAAA.0"));
+            let cv = new_cv_header(rand::random::<u128>());
             write_wake_headers(&mut headers, &token, None, false, cv, body.len());
             let sent = Instant::now();
             let (reply, protocol) = match pool.post(target.clone(), headers, body.clone()).await {

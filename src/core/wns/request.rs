@@ -107,7 +107,7 @@ fn entries(
         HeaderValue::from(body_len)
     };
     [
-        Some((AUTHORIZATION, token.authorization().clone())),
+        Some((AUTHORIZATION, token.wire_authorization().clone())),
         Some((CONTENT_TYPE, OCTET_STREAM)),
         Some((CONTENT_LENGTH, content_length)),
         Some((X_WNS_TYPE, WNS_RAW)),
@@ -200,7 +200,8 @@ mod tests {
             v(0),
             "Bearer EgAcAQMAAAAALYAAY/c+Huwi3Fv4Ck10UrKNmtxRO6Njk2MgA="
         );
-        assert!(h[0].1.is_sensitive());
+        // Indexable by HPACK: sent once per h2 connection, not per push.
+        assert!(!h[0].1.is_sensitive());
         assert_eq!(v(1), "application/octet-stream");
         assert_eq!(v(2), "4");
         assert_eq!(v(3), "wns/raw");

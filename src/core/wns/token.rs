@@ -163,6 +163,7 @@ fn push_pct(b: u8, out: &mut String) {
 pub struct AccessToken {
     value: Arc<str>,
     authorization: HeaderValue,
+    wire_authorization: HeaderValue,
     lifetime: Duration,
 }
 
@@ -179,10 +180,12 @@ impl AccessToken {
         }
         let mut authorization = HeaderValue::from_str(&format!("Bearer {value}"))
             .map_err(|_| TokenError::BadAccessToken)?;
+        let wire_authorization = authorization.clone();
         authorization.set_sensitive(true);
         Ok(AccessToken {
             value: Arc::from(value),
             authorization,
+            wire_authorization,
             lifetime,
         })
     }
@@ -201,6 +204,16 @@ impl AccessToken {
     /// indexed by HPACK). Cloning it does not allocate.
     pub fn authorization(&self) -> &HeaderValue {
         &self.authorization
+    }
+
+    /// The same `Bearer <token>`, not marked sensitive, for the requests
+    /// that carry it to WNS: HPACK may index it, so on h2 it crosses the
+    /// wire once per connection instead of once per push. Safe because a
+    /// WNS connection carries only headers this gateway chose (no
+    /// attacker-controlled value shares the compression context), so no
+    /// compression oracle can be built against it. Never log it.
+    pub fn wire_authorization(&self) -> &HeaderValue {
+        &self.wire_authorization
     }
 }
 
