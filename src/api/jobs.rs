@@ -8,7 +8,7 @@
 use super::body::{read_limited, require_content_type};
 use super::devices::parse_device_id;
 use super::error::{json_error, ApiError};
-use super::push::join_or_start;
+use super::push::start_or_join;
 use super::response::{json_response, Resp};
 use crate::core::wns::retry::Pacer;
 use crate::core::{DeviceRecord, LifecycleState};
@@ -352,11 +352,14 @@ async fn dispatch(
     let Ok(permit) = permits.clone().acquire_owned().await else {
         return;
     };
-    let (pending, _) = join_or_start(gw, shard, rec);
     let job = job.clone();
-    tokio::spawn(async move {
-        let report = pending.result().await;
-        job.count(report.as_deref());
-        drop(permit);
-    });
+    start_or_join(
+        gw,
+        shard,
+        rec,
+        Some(Box::new(move |report: Option<&WakeReport>| {
+            job.count(report);
+            drop(permit);
+        })),
+    );
 }

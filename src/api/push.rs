@@ -125,21 +125,47 @@ impl PendingWake {
     }
 }
 
+/// Called once with the final result of a wake.
+pub type OnDone = Box<dyn FnOnce(Option<&WakeReport>) + Send>;
+
 /// The pending wake for the device, or a new one started now. The flag
 /// says whether it was already pending (coalesced).
 pub fn join_or_start(gw: &Arc<Gateway>, shard: usize, record: DeviceRecord) -> (PendingWake, bool) {
+    start_or_join(gw, shard, record, None)
+}
+
+/// Like [`join_or_start`], and calls `on_done` with the final result: from
+/// the task that sends the wake (no extra task) when this call started it,
+/// or from a small waiting task when it joined a pending one.
+pub fn start_or_join(
+    gw: &Arc<Gateway>,
+    shard: usize,
+    record: DeviceRecord,
+    on_done: Option<OnDone>,
+) -> (PendingWake, bool) {
     use dashmap::mapref::entry::Entry;
     let key = record.device_id.as_str().to_owned();
-    let (tx, rx) = watch::channel(None);
     let pending = match gw.pending_wakes.entry(key.clone()) {
-        Entry::Occupied(e) => return (e.get().clone(), true),
-        Entry::Vacant(e) => e
-            .insert(PendingWake {
+        Entry::Occupied(e) => {
+            let pending = e.get().clone();
+            drop(e);
+            if let Some(done) = on_done {
+                let joined = pending.clone();
+                tokio::spawn(async move { done(joined.result().await.as_deref()) });
+            }
+            return (pending, true);
+        }
+        Entry::Vacant(e) => {
+            let (tx, rx) = watch::channel(None);
+            let pending = PendingWake {
                 push_id: next_push_id(),
                 result: rx,
-            })
-            .clone(),
+            };
+            e.insert(pending.clone());
+            (pending, tx)
+        }
     };
+    let (pending, tx) = pending;
     let gw = gw.clone();
     tokio::spawn(async move {
         let report = gw
@@ -150,6 +176,9 @@ pub fn join_or_start(gw: &Arc<Gateway>, shard: usize, record: DeviceRecord) -> (
             mark_dead(&gw, &record, reason).await;
         }
         gw.pending_wakes.remove(&key);
+        if let Some(done) = on_done {
+            done(Some(&report));
+        }
         let _ = tx.send(Some(Arc::new(report)));
     });
     (pending, false)
