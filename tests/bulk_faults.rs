@@ -4,9 +4,8 @@
 
 mod common;
 
-use common::{Server, PFN};
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use wnsgate::sim::{self, Faults, Mode, SimConfig};
 
 const DEVICES: u64 = 20_000;
@@ -17,8 +16,7 @@ const MAX_PER_CHANNEL: u64 = 7;
 /// 10% server errors and a sender rate limit, plus `goaway_every` and
 /// `reset_every` (counted per connection, so whichever is smaller decides).
 fn run(mode: Mode, goaway_every: Option<u64>, reset_every: Option<u64>) -> (Value, sim::SimStats) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = sim::start(SimConfig {
+    let (_dir, s, gw) = common::start_with_sim(SimConfig {
         mode,
         faults: Faults {
             error_ratio: 0.1,
@@ -28,56 +26,19 @@ fn run(mode: Mode, goaway_every: Option<u64>, reset_every: Option<u64>) -> (Valu
             ..Faults::default()
         },
         ..SimConfig::default()
-    })
-    .unwrap();
-    let apps = format!(
-        "[{{pfn = \"{PFN}\", package_sid = \"ms-app://S-1-15-2-9\", client_secret = \"s\"}}]"
+    });
+    let devices = (0..DEVICES).map(|i| (format!("f{i:06}"), format!("AwYAAADf{i}")));
+    assert_eq!(
+        common::import_tokens(&gw, "bn1.notify.windows.com", devices),
+        DEVICES
     );
-    let (token_url, connect_to, ca) = (
-        s.token_url(),
-        s.addr.to_string(),
-        s.ca_pem_path.display().to_string(),
-    );
-    let gw = Server::start(
-        &dir.path().join("data"),
-        &[
-            ("WNSGATE_WNS__TOKEN_URL", token_url.as_str()),
-            ("WNSGATE_WNS__CONNECT_TO", connect_to.as_str()),
-            ("WNSGATE_WNS__CA_FILE", ca.as_str()),
-            ("WNSGATE_WNS__APPS", apps.as_str()),
-        ],
-    );
-    let mut body = String::new();
-    for i in 0..DEVICES {
-        let line = json!({"device_id": format!("f{i:06}"), "pfn": PFN, "channel_uri": format!("https://bn1.notify.windows.com/?token=AwYAAADf{i}")});
-        body.push_str(&line.to_string());
-        body.push('\n');
-    }
-    let r = gw
-        .client()
-        .request(
-            "POST",
-            "/v1/devices:import",
-            Some("application/x-ndjson"),
-            body.as_bytes(),
-        )
-        .unwrap();
-    assert_eq!(r.json()["accepted"], DEVICES);
     let r = gw
         .client()
         .send_json("POST", "/v1/pushes", &json!({"all": true}))
         .unwrap();
     assert_eq!(r.status, 202, "{}", r.text());
     let id = r.json()["job_id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let job = loop {
-        let v = gw.client().get(&format!("/v1/pushes/{id}")).unwrap().json();
-        if v["state"] == "done" {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "bulk wake did not finish: {v}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let job = common::wait_job(&gw, &id, Duration::from_secs(300));
     (job, s.stats())
 }
 

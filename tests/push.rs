@@ -9,22 +9,7 @@ use std::time::Duration;
 use wnsgate::sim::{self, Faults, SimConfig};
 
 fn start() -> (tempfile::TempDir, sim::SimHandle, Server) {
-    let dir = tempfile::tempdir().unwrap();
-    let s = sim::start(SimConfig::default()).unwrap();
-    let apps = format!("[{{pfn = \"{PFN}\", package_sid = \"ms-app://S-1-15-2-7\", client_secret = \"sim-secret\"}}]");
-    let token_url = s.token_url();
-    let connect_to = s.addr.to_string();
-    let ca = s.ca_pem_path.display().to_string();
-    let gw = Server::start(
-        &dir.path().join("data"),
-        &[
-            ("WNSGATE_WNS__TOKEN_URL", token_url.as_str()),
-            ("WNSGATE_WNS__CONNECT_TO", connect_to.as_str()),
-            ("WNSGATE_WNS__CA_FILE", ca.as_str()),
-            ("WNSGATE_WNS__APPS", apps.as_str()),
-        ],
-    );
-    (dir, s, gw)
+    common::start_with_sim(SimConfig::default())
 }
 
 fn register(gw: &Server, id: &str, token: &str) {
@@ -211,43 +196,24 @@ fn create_job(gw: &Server, body: &Value) -> wnsgate::client::HttpResponse {
 }
 
 fn wait_job(gw: &Server, id: &str) -> Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let v = gw.client().get(&format!("/v1/pushes/{id}")).unwrap().json();
-        if v["state"] == "done" || v["state"] == "cancelled" {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "job did not finish: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_job(gw, id, Duration::from_secs(60))
 }
 
 #[test]
 fn bulk_wake_counts_every_outcome_and_sends_each_device_once() {
     let (_d, s, gw) = start();
-    let mut body = String::new();
-    for i in 0..300 {
+    let devices = (0..300).map(|i| {
         let token = match i % 20 {
             0 => format!("x410b{i}"),
             1 => format!("xdropb{i}"),
             _ => format!("AwYAAADb{i}"),
         };
-        body.push_str(&json!({"device_id": format!("b{i:04}"), "pfn": PFN, "channel_uri": format!("https://db5.notify.windows.com/?token={token}")}).to_string());
-        body.push('\n');
-    }
-    let r = gw
-        .client()
-        .request(
-            "POST",
-            "/v1/devices:import",
-            Some("application/x-ndjson"),
-            body.as_bytes(),
-        )
-        .unwrap();
-    assert_eq!(r.json()["accepted"], 300);
+        (format!("b{i:04}"), token)
+    });
+    assert_eq!(
+        common::import_tokens(&gw, "db5.notify.windows.com", devices),
+        300
+    );
 
     let r = create_job(&gw, &json!({"all": true}));
     assert_eq!(r.status, 202, "{}", r.text());

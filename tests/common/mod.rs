@@ -139,3 +139,70 @@ fn unsafe_kill(pid: i32, sig: i32) {
 pub fn channel_body(uri: &str) -> serde_json::Value {
     serde_json::json!({ "pfn": PFN, "channel_uri": uri })
 }
+
+/// A WNS simulator with `cfg`, and a gateway process configured to send to
+/// it (token URL, connect-to, CA, one app for [`PFN`]).
+pub fn start_with_sim(
+    cfg: wnsgate::sim::SimConfig,
+) -> (tempfile::TempDir, wnsgate::sim::SimHandle, Server) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = wnsgate::sim::start(cfg).expect("start the simulator");
+    let apps = format!("[{{pfn = \"{PFN}\", package_sid = \"ms-app://S-1-15-2-7\", client_secret = \"sim-secret\"}}]");
+    let (token_url, connect_to, ca) = (
+        s.token_url(),
+        s.addr.to_string(),
+        s.ca_pem_path.display().to_string(),
+    );
+    let gw = Server::start(
+        &dir.path().join("data"),
+        &[
+            ("WNSGATE_WNS__TOKEN_URL", token_url.as_str()),
+            ("WNSGATE_WNS__CONNECT_TO", connect_to.as_str()),
+            ("WNSGATE_WNS__CA_FILE", ca.as_str()),
+            ("WNSGATE_WNS__APPS", apps.as_str()),
+        ],
+    );
+    (dir, s, gw)
+}
+
+/// Registers `(device_id, channel token)` pairs through the NDJSON import
+/// and returns how many were accepted.
+pub fn import_tokens(
+    gw: &Server,
+    host: &str,
+    devices: impl Iterator<Item = (String, String)>,
+) -> u64 {
+    let mut body = String::new();
+    for (id, token) in devices {
+        let line = serde_json::json!({"device_id": id, "pfn": PFN, "channel_uri": format!("https://{host}/?token={token}")});
+        body.push_str(&line.to_string());
+        body.push('\n');
+    }
+    let r = gw
+        .client()
+        .request(
+            "POST",
+            "/v1/devices:import",
+            Some("application/x-ndjson"),
+            body.as_bytes(),
+        )
+        .expect("import");
+    r.json()["accepted"].as_u64().unwrap_or(0)
+}
+
+/// Polls a bulk wake until it is done or cancelled (at most `limit`).
+pub fn wait_job(gw: &Server, id: &str, limit: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let v = gw
+            .client()
+            .get(&format!("/v1/pushes/{id}"))
+            .expect("job")
+            .json();
+        if v["state"] == "done" || v["state"] == "cancelled" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "bulk wake did not finish: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
