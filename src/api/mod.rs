@@ -60,7 +60,7 @@ pub async fn serve(
             Err(e) => e.into_response(),
         }
     };
-    metrics::counter!(m::API_REQUESTS, "route" => route, "status" => status_label(resp.status()))
+    metrics::counter!(m::API_REQUESTS, "route" => route, "status" => m::status_label(resp.status().as_u16()))
         .increment(1);
     metrics::histogram!(m::API_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
     Ok(resp)
@@ -81,29 +81,6 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (_, Route::Jobs) => "create_job",
         (_, Route::Job(_)) => "job",
         (_, Route::Device(_)) => "get_device",
-        _ => "other",
-    }
-}
-
-fn status_label(s: StatusCode) -> &'static str {
-    match s.as_u16() {
-        200 => "200",
-        201 => "201",
-        202 => "202",
-        204 => "204",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        409 => "409",
-        413 => "413",
-        415 => "415",
-        422 => "422",
-        429 => "429",
-        503 => "503",
-        500..=599 => "5xx",
         _ => "other",
     }
 }

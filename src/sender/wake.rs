@@ -236,7 +236,7 @@ impl WnsSender {
             metrics::histogram!(m::WNS_LATENCY).record(sent.elapsed().as_secs_f64());
             let classified = classify(reply.status, &reply.headers, now());
             let label = classified.outcome.label();
-            metrics::counter!(m::WNS_RESPONSES, "outcome" => label, "status" => status_label(reply.status)).increment(1);
+            metrics::counter!(m::WNS_RESPONSES, "outcome" => label, "status" => m::status_label(reply.status)).increment(1);
             let verdict =
                 attempt.on_outcome(&classified.outcome, &self.policy, rand::random::<u64>());
             match verdict.credential {
@@ -333,23 +333,5 @@ fn transport_label(e: &ConnError) -> &'static str {
         ConnError::Timeout(_) => "timeout",
         ConnError::Lost(_) => "connection_lost",
         ConnError::Protocol(_) => "protocol_error",
-    }
-}
-
-fn status_label(s: u16) -> &'static str {
-    match s {
-        200 => "200",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        406 => "406",
-        410 => "410",
-        413 => "413",
-        429 => "429",
-        500 => "500",
-        503 => "503",
-        _ => "other",
     }
 }

@@ -48,6 +48,34 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// An HTTP status as a bounded label value: the statuses the API and WNS
+/// use by name, other 5xx as `5xx`, anything else as `other`.
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        204 => "204",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        406 => "406",
+        408 => "408",
+        409 => "409",
+        410 => "410",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        501..=599 => "5xx",
+        _ => "other",
+    }
+}
+
 /// Installs the process-wide Prometheus recorder once and returns its
 /// handle; later calls return the same handle.
 pub fn install() -> &'static PrometheusHandle {
