@@ -151,6 +151,15 @@ pub struct WnsApp {
     pub client_secret_env: String,
     /// A file holding the client secret.
     pub client_secret_file: String,
+    /// Entra (Azure AD) tenant: set it to use the Entra token flow instead
+    /// of the classic login.live.com one.
+    pub entra_tenant: String,
+    /// Client id for the token request; empty means `package_sid` (the
+    /// classic flow's client id). Entra apps use their application id.
+    pub client_id: String,
+    /// Token endpoint of this app; empty means `wns.token_url` for the
+    /// classic flow and the tenant's Entra endpoint for the Entra flow.
+    pub token_url: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -436,6 +445,23 @@ impl Settings {
         for (i, app) in cfg.wns.apps.iter().enumerate() {
             let key = format!("wns.apps[{i}]");
             Pfn::parse(&app.pfn).map_err(|e| invalid(&format!("{key}.pfn"), e.to_string()))?;
+            if !app.entra_tenant.is_empty()
+                && !app
+                    .entra_tenant
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'))
+            {
+                return Err(invalid(
+                    &format!("{key}.entra_tenant"),
+                    "must be a tenant id or domain name",
+                ));
+            }
+            if !app.token_url.is_empty() && !app.token_url.starts_with("https://") {
+                return Err(invalid(
+                    &format!("{key}.token_url"),
+                    "must be an https:// URL",
+                ));
+            }
             if !app.package_sid.starts_with("ms-app://") {
                 return Err(invalid(
                     &format!("{key}.package_sid"),
@@ -618,6 +644,13 @@ mod tests {
                 "wns.ca_file",
             ),
             (&[("WNSGATE_API__TOKENS", r#"["short"]"#)], "16 characters"),
+            (
+                &[(
+                    "WNSGATE_WNS__APPS",
+                    r#"[{pfn = "Contoso.MDM_8wekyb3d8bbwe", package_sid = "ms-app://S-1", client_secret = "s", entra_tenant = "a/b"}]"#,
+                )],
+                "wns.apps[0].entra_tenant",
+            ),
         ];
         for (vars, want) in cases {
             let err = Config::load(None, env(vars))

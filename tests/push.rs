@@ -315,3 +315,28 @@ fn bulk_wake_bad_input() {
     assert_eq!(r.status, 400);
     assert_eq!(gw.client().get("/v1/pushes/nope").unwrap().status, 404);
 }
+
+#[test]
+fn an_entra_app_gets_its_token_from_the_tenant_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = sim::start(SimConfig::default()).unwrap();
+    let apps = format!(
+        "[{{pfn = \"{PFN}\", package_sid = \"ms-app://S-1-15-2-7\", client_id = \"6f1c2a9e-3b1d-4c55-9a0e-2f6f0d7b8c11\", \
+         client_secret = \"entra-secret\", entra_tenant = \"contoso.onmicrosoft.com\", token_url = \"{}\"}}]",
+        s.entra_token_url("contoso.onmicrosoft.com")
+    );
+    let (connect_to, ca) = (s.addr.to_string(), s.ca_pem_path.display().to_string());
+    let gw = Server::start(
+        &dir.path().join("data"),
+        &[
+            ("WNSGATE_WNS__CONNECT_TO", connect_to.as_str()),
+            ("WNSGATE_WNS__CA_FILE", ca.as_str()),
+            ("WNSGATE_WNS__APPS", apps.as_str()),
+        ],
+    );
+    register(&gw, "entra", "AwYAAADentra");
+    let r = push_wait(&gw, "entra");
+    assert_eq!(r["result"], "delivered", "{r}");
+    let st = s.stats();
+    assert_eq!((st.token_requests, st.tokens_issued), (1, 1), "{st:?}");
+}

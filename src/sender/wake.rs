@@ -108,14 +108,26 @@ impl WnsSender {
         let mut apps = HashMap::new();
         for (i, app) in settings.wns.apps.iter().enumerate() {
             let secret = resolve_secret(&format!("wns.apps[{i}]"), app)?;
-            let endpoint = TokenEndpoint::new(&settings.wns.token_url, ca, timeouts)?;
-            let tokens = TokenSource::new(
-                &app.pfn,
-                TokenFlow::Classic,
-                &app.package_sid,
-                secret,
-                endpoint,
-            );
+            let flow = if app.entra_tenant.is_empty() {
+                TokenFlow::Classic
+            } else {
+                TokenFlow::Entra {
+                    tenant: app.entra_tenant.clone(),
+                }
+            };
+            let url = match (&flow, app.token_url.as_str()) {
+                (_, url) if !url.is_empty() => url.to_owned(),
+                (TokenFlow::Classic, _) => settings.wns.token_url.clone(),
+                (TokenFlow::Entra { .. }, _) => flow.endpoint(),
+            };
+            let client_id = if app.client_id.is_empty() {
+                &app.package_sid
+            } else {
+                &app.client_id
+            };
+            let endpoint =
+                TokenEndpoint::new(&url, ca, timeouts).with_context(|| format!("wns.apps[{i}]"))?;
+            let tokens = TokenSource::new(&app.pfn, flow, client_id, secret, endpoint);
             apps.insert(
                 app.pfn.clone(),
                 App {
