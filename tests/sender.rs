@@ -51,6 +51,18 @@ fn token_source(s: &sim::SimHandle) -> Arc<TokenSource> {
     )
 }
 
+/// A pool for `db5.notify.windows.com` that dials the simulator.
+fn pool_to(s: &sim::SimHandle) -> AuthorityPool {
+    let tls = client_config(Some(&s.ca_pem_path), Alpn::H2AndHttp1).unwrap();
+    AuthorityPool::new(
+        "db5.notify.windows.com",
+        &s.addr.to_string(),
+        tls,
+        PoolLimits::default(),
+        Timeouts::default(),
+    )
+}
+
 /// Tokens that live one second, pushes every 10 ms from 4 tasks for 12 s:
 /// no push fails for a stale token, and the simulator issues about one token
 /// per expiry, not one per push.
@@ -58,14 +70,7 @@ fn token_source(s: &sim::SimHandle) -> Arc<TokenSource> {
 fn token_renewal_across_many_expiries() {
     let s = start_sim(Duration::from_secs(1), sim::Mode::Tls);
     let tokens = token_source(&s);
-    let tls = client_config(Some(&s.ca_pem_path), Alpn::H2AndHttp1).unwrap();
-    let pool = Arc::new(AuthorityPool::new(
-        "db5.notify.windows.com",
-        &s.addr.to_string(),
-        tls,
-        PoolLimits::default(),
-        Timeouts::default(),
-    ));
+    let pool = Arc::new(pool_to(&s));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -124,14 +129,7 @@ fn pools_speak_h2_or_http1_as_the_server_chooses() {
     for (mode, want) in [(sim::Mode::Tls, "h2"), (sim::Mode::H1, "http1")] {
         let s = start_sim(Duration::from_secs(3600), mode);
         let tokens = token_source(&s);
-        let tls = client_config(Some(&s.ca_pem_path), Alpn::H2AndHttp1).unwrap();
-        let pool = AuthorityPool::new(
-            "db5.notify.windows.com",
-            &s.addr.to_string(),
-            tls,
-            PoolLimits::default(),
-            Timeouts::default(),
-        );
+        let pool = pool_to(&s);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
