@@ -126,6 +126,7 @@ fn record(i: u64) -> DeviceRecord {
             reason: DeadReason::Wns410,
             at: UnixTime(1_795_000_000),
         }),
+        refresh: None,
     }
 }
 

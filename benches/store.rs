@@ -162,6 +162,18 @@ impl Store for Counting {
     ) -> Result<Page, StoreError> {
         self.inner.page(after, limit, budget, filter)
     }
+    fn issued_between(
+        &self,
+        from: UnixTime,
+        to: UnixTime,
+        after: Option<(UnixTime, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(UnixTime, wnsgate::core::DeviceId)>, StoreError> {
+        self.inner.issued_between(from, to, after, limit)
+    }
+    fn scan_jobs(&self, visit: &mut dyn FnMut(wnsgate::core::Job)) -> Result<u64, StoreError> {
+        self.inner.scan_jobs(visit)
+    }
 }
 
 // ---------------------------------------------------------------- records
@@ -205,6 +217,7 @@ fn record(i: u64, version: u64) -> DeviceRecord {
         provider_id: (i % 2 == 0).then(|| ProviderId::parse("Contoso-MDM").unwrap()),
         issued_at: UnixTime(1_780_000_000 + (i % 2_592_000) as u32),
         dead: None,
+        refresh: None,
     }
 }
 

@@ -47,6 +47,8 @@ pub struct Client {
     token: Option<String>,
     timeout: Duration,
     conn: Option<BufReader<TcpStream>>,
+    /// Sent with every request (name, value).
+    extra_headers: Vec<(String, String)>,
 }
 
 impl Client {
@@ -71,6 +73,7 @@ impl Client {
             token: None,
             timeout: DEFAULT_TIMEOUT,
             conn: None,
+            extra_headers: Vec::new(),
         })
     }
 
@@ -83,6 +86,12 @@ impl Client {
     pub fn with_timeout(mut self, t: Duration) -> Client {
         self.timeout = t;
         self
+    }
+
+    /// Sets the headers sent with every following request (besides Host,
+    /// Authorization, Content-Type and Content-Length).
+    pub fn set_headers(&mut self, headers: Vec<(String, String)>) {
+        self.extra_headers = headers;
     }
 
     /// `GET path`.
@@ -179,6 +188,9 @@ impl Client {
         let mut h = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.host);
         if let Some(t) = &self.token {
             h.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        for (k, v) in &self.extra_headers {
+            h.push_str(&format!("{k}: {v}\r\n"));
         }
         if let Some(ct) = content_type {
             h.push_str(&format!("Content-Type: {ct}\r\n"));

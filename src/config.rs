@@ -25,6 +25,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub wns: WnsConfig,
     pub lifecycle: LifecycleConfig,
+    pub refresh: RefreshConfig,
     pub log: LogConfig,
 }
 
@@ -176,6 +177,209 @@ impl Default for LifecycleConfig {
             expire_after: "30d".into(),
         }
     }
+}
+
+/// The refresh queue: PFN-replacement jobs for devices whose channel died.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RefreshConfig {
+    /// DMClient provider id used in the SyncML when the device was
+    /// registered without one. Set it to your MDM's provider id.
+    pub provider_id: String,
+    /// `same`: send the device's PFN again; `rotate`: the next configured
+    /// WNS app's PFN on each attempt.
+    pub pfn_choice: String,
+    /// `replace` (the node was set at enrollment) or `add`.
+    pub pfn_verb: String,
+    /// How long after a delivery to wait for a new channel URI.
+    pub confirm_within: String,
+    /// Retry backoff: first wait and cap (doubles per attempt, jittered).
+    pub backoff_base: String,
+    pub backoff_cap: String,
+    /// Deliveries before a device is given up as `unreachable`.
+    pub max_attempts: u64,
+    /// Time since the job opened after which it is given up.
+    pub give_up_after: String,
+    /// Lease length when the caller gives none, and the longest granted.
+    pub default_lease: String,
+    pub max_lease: String,
+    /// Pace of lease and webhook hand-outs, and leased jobs at most at once.
+    pub jobs_per_second: u64,
+    pub max_outstanding: u64,
+    /// How often expiry is swept and leases and deliveries are checked.
+    pub sweep_interval: String,
+    /// Devices examined per sweep step (one store read and one batch).
+    pub sweep_batch: u64,
+    /// Optional: POST due jobs to this http:// URL.
+    pub webhook_url: String,
+    /// HMAC-SHA256 key for the `X-Wnsgate-Signature` header; one of the
+    /// three when `webhook_url` is set.
+    pub webhook_secret: Secret,
+    pub webhook_secret_env: String,
+    pub webhook_secret_file: String,
+    /// Timeout of one webhook call.
+    pub webhook_timeout: String,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        RefreshConfig {
+            provider_id: "wnsgate".into(),
+            pfn_choice: "same".into(),
+            pfn_verb: "replace".into(),
+            confirm_within: "1d".into(),
+            backoff_base: "1h".into(),
+            backoff_cap: "1d".into(),
+            max_attempts: 5,
+            give_up_after: "14d".into(),
+            default_lease: "5m".into(),
+            max_lease: "1h".into(),
+            jobs_per_second: 50,
+            max_outstanding: 1000,
+            sweep_interval: "60s".into(),
+            sweep_batch: 1024,
+            webhook_url: String::new(),
+            webhook_secret: Secret::default(),
+            webhook_secret_env: String::new(),
+            webhook_secret_file: String::new(),
+            webhook_timeout: "10s".into(),
+        }
+    }
+}
+
+/// The validated refresh settings.
+#[derive(Debug, Clone)]
+pub struct RefreshSettings {
+    pub policy: crate::core::refresh::RefreshPolicy,
+    pub provider_id: crate::core::ProviderId,
+    pub rotate_pfn: bool,
+    pub verb_add: bool,
+    pub sweep_interval_secs: u32,
+    pub sweep_batch: usize,
+    pub webhook: Option<WebhookSettings>,
+}
+
+/// Where and how due jobs are posted, when a webhook is configured.
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    pub url: String,
+    pub secret: Secret,
+    pub timeout_secs: u32,
+}
+
+impl RefreshConfig {
+    fn resolve(&self) -> Result<RefreshSettings, ConfigError> {
+        let d = |k: &str, v: &str| duration_key(&format!("refresh.{k}"), v);
+        let count = |k: &str, v: u64, max: u64| {
+            if v == 0 || v > max {
+                Err(invalid(
+                    &format!("refresh.{k}"),
+                    format!("must be between 1 and {max}"),
+                ))
+            } else {
+                Ok(v)
+            }
+        };
+        let policy = crate::core::refresh::RefreshPolicy {
+            confirm_within: d("confirm_within", &self.confirm_within)?,
+            backoff_base: d("backoff_base", &self.backoff_base)?,
+            backoff_cap: d("backoff_cap", &self.backoff_cap)?,
+            max_attempts: count("max_attempts", self.max_attempts, 1000)? as u16,
+            give_up_after: d("give_up_after", &self.give_up_after)?,
+            default_lease: d("default_lease", &self.default_lease)?,
+            max_lease: d("max_lease", &self.max_lease)?,
+            jobs_per_second: count("jobs_per_second", self.jobs_per_second, 1_000_000)? as u32,
+            max_outstanding: count("max_outstanding", self.max_outstanding, 10_000_000)? as u32,
+        };
+        if policy.default_lease > policy.max_lease {
+            return Err(invalid(
+                "refresh.default_lease",
+                "must not be longer than refresh.max_lease",
+            ));
+        }
+        let provider_id = crate::core::ProviderId::parse(self.provider_id.trim())
+            .map_err(|e| invalid("refresh.provider_id", e.to_string()))?;
+        let rotate_pfn = match self.pfn_choice.as_str() {
+            "same" => false,
+            "rotate" => true,
+            _ => return Err(invalid("refresh.pfn_choice", "must be same or rotate")),
+        };
+        let verb_add = match self.pfn_verb.as_str() {
+            "replace" => false,
+            "add" => true,
+            _ => return Err(invalid("refresh.pfn_verb", "must be replace or add")),
+        };
+        let webhook = if self.webhook_url.is_empty() {
+            None
+        } else {
+            let url = self.webhook_url.trim();
+            if !url.starts_with("http://") || url.parse::<http::Uri>().is_err() {
+                return Err(invalid(
+                    "refresh.webhook_url",
+                    "must be an http:// URL (for https, put a TLS proxy in front of the endpoint)",
+                ));
+            }
+            let secret = secret_from(
+                "refresh.webhook_secret",
+                &self.webhook_secret,
+                &self.webhook_secret_env,
+                &self.webhook_secret_file,
+            )?;
+            Some(WebhookSettings {
+                url: url.to_owned(),
+                secret,
+                timeout_secs: d("webhook_timeout", &self.webhook_timeout)?,
+            })
+        };
+        Ok(RefreshSettings {
+            policy,
+            provider_id,
+            rotate_pfn,
+            verb_add,
+            sweep_interval_secs: d("sweep_interval", &self.sweep_interval)?,
+            sweep_batch: count("sweep_batch", self.sweep_batch, 1_000_000)? as usize,
+            webhook,
+        })
+    }
+}
+
+/// A secret from exactly one of an inline value, an environment variable or
+/// a file; `key` names the inline key in errors.
+fn secret_from(key: &str, inline: &Secret, env: &str, file: &str) -> Result<Secret, ConfigError> {
+    let sources = [!inline.0.is_empty(), !env.is_empty(), !file.is_empty()];
+    match sources.iter().filter(|s| **s).count() {
+        1 => {}
+        0 => {
+            return Err(invalid(
+                key,
+                format!("set one of {key}, {key}_env or {key}_file"),
+            ))
+        }
+        _ => {
+            return Err(invalid(
+                key,
+                format!("set only one of {key}, {key}_env or {key}_file"),
+            ))
+        }
+    }
+    if !inline.0.is_empty() {
+        return Ok(inline.clone());
+    }
+    if !env.is_empty() {
+        return std::env::var(env)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(Secret)
+            .ok_or_else(|| {
+                invalid(
+                    &format!("{key}_env"),
+                    format!("environment variable {env} is not set"),
+                )
+            });
+    }
+    std::fs::read_to_string(file)
+        .map(|s| Secret(s.trim().to_owned()))
+        .map_err(|e| invalid(&format!("{key}_file"), format!("cannot read {file}: {e}")))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -339,6 +543,7 @@ pub struct Settings {
     /// name one of them.
     pub known_pfns: Vec<String>,
     pub wns: WnsConfig,
+    pub refresh: RefreshSettings,
     pub log: LogConfig,
 }
 
@@ -504,6 +709,7 @@ impl Settings {
             },
             known_pfns,
             wns: cfg.wns.clone(),
+            refresh: cfg.refresh.resolve()?,
             log: cfg.log.clone(),
         })
     }

@@ -32,9 +32,13 @@ pub struct Gateway {
     pub jobs: dashmap::DashMap<String, Arc<crate::api::jobs::Job>>,
     /// NDJSON imports running now (bounded by `MAX_CONCURRENT_IMPORTS`).
     pub imports_running: std::sync::atomic::AtomicUsize,
+    /// Expiry sweeps and the refresh queue.
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
 
 impl Gateway {
+    /// Every shared part, built by `server::start`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
         registry: Arc<Registry>,
@@ -43,6 +47,7 @@ impl Gateway {
         metrics: &'static PrometheusHandle,
         io_backend: &'static str,
         sender: Arc<crate::sender::wake::WnsSender>,
+        lifecycle: Arc<crate::lifecycle::Lifecycle>,
     ) -> Gateway {
         Gateway {
             settings,
@@ -57,6 +62,7 @@ impl Gateway {
             sender,
             pending_wakes: dashmap::DashMap::new(),
             jobs: dashmap::DashMap::new(),
+            lifecycle,
         }
     }
 

@@ -17,6 +17,7 @@ pub mod core;
 pub mod demo;
 pub mod fleet;
 pub mod gateway;
+pub mod lifecycle;
 pub mod registry;
 pub mod sender;
 pub mod server;

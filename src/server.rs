@@ -21,6 +21,7 @@ pub struct Running {
     pub local_addr: SocketAddr,
     shards: ShardSet,
     committer: CommitterJoin,
+    lifecycle: Option<crate::lifecycle::LifecycleThread>,
 }
 
 /// Applies a durable batch to the registry, in order.
@@ -33,6 +34,10 @@ pub fn apply_to_registry(registry: &Registry, batch: &[Mutation]) {
             Mutation::Delete(id) => {
                 registry.remove(id.as_str());
             }
+            Mutation::Guard { .. }
+            | Mutation::Unindex { .. }
+            | Mutation::PutJob(_)
+            | Mutation::DeleteJob(_) => {}
         }
     }
 }
@@ -76,9 +81,11 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let store: Arc<dyn Store> = Arc::new(store);
     let registry = Arc::new(Registry::with_capacity(store.approximate_len()));
     let reg = registry.clone();
-    let (commits, committer) = Committer::start(
+    let reg_lookup = registry.clone();
+    let (commits, committer) = Committer::start_with_lookup(
         store.clone(),
         Box::new(move |batch: &[Mutation]| apply_to_registry(&reg, batch)),
+        Box::new(move |id| reg_lookup.get(id.as_str()).map(|r| r.channel_uri)),
         CommitterConfig {
             queue_capacity: settings.store.queue_capacity,
             max_batch_mutations: settings.store.max_batch_mutations,
@@ -91,6 +98,20 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         crate::sender::wake::WnsSender::new(&settings, shard_count)
             .context("cannot set up the WNS sender")?,
     );
+    let apps = settings
+        .wns
+        .apps
+        .iter()
+        .filter_map(|a| crate::core::Pfn::parse(&a.pfn).ok())
+        .collect();
+    let lifecycle = Arc::new(crate::lifecycle::Lifecycle::new(
+        settings.refresh.clone(),
+        settings.thresholds,
+        apps,
+        registry.clone(),
+        store.clone(),
+        commits.clone(),
+    ));
     let gateway = Arc::new(Gateway::new(
         settings,
         registry.clone(),
@@ -99,6 +120,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         metrics,
         io,
         sender,
+        lifecycle.clone(),
     ));
     let shards = ShardSet::start(gateway.clone(), listen, shard_count)
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -111,22 +133,37 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
             registry.upsert(&rec);
         })
         .context("cannot load the store")?;
+    let jobs = lifecycle
+        .restore()
+        .context("cannot load the refresh queue")?;
     let secs = t.elapsed().as_secs_f64();
     metrics::gauge!(m::RECOVERY_SECONDS).set(secs);
+    let gw = gateway.clone();
+    let lifecycle_thread = crate::lifecycle::LifecycleThread::start(lifecycle, move || gw.now())
+        .context("cannot start the lifecycle thread")?;
     gateway.set_ready();
-    tracing::info!(devices = loaded, seconds = format!("{secs:.2}"), "ready");
+    tracing::info!(
+        devices = loaded,
+        refresh_jobs = jobs,
+        seconds = format!("{secs:.2}"),
+        "ready"
+    );
     Ok(Running {
         gateway,
         local_addr,
         shards,
         committer,
+        lifecycle: Some(lifecycle_thread),
     })
 }
 
 impl Running {
     /// Stops accepting, drains open requests, flushes the store.
-    pub fn shutdown(self) {
+    pub fn shutdown(mut self) {
         self.gateway.begin_drain();
+        if let Some(l) = self.lifecycle.take() {
+            l.stop();
+        }
         self.shards.shutdown();
         match self.committer.shutdown() {
             Ok(()) => tracing::info!("stopped"),

@@ -49,7 +49,7 @@ fn every_wns_answer_lands_on_the_device() {
             "x410AwYAAAD",
             "channel_dead",
             "channel_expired",
-            "expired",
+            "refresh_pending",
             Some("wns410"),
         ),
         (
@@ -57,7 +57,7 @@ fn every_wns_answer_lands_on_the_device() {
             "xrevokedAwY",
             "channel_dead",
             "channel_expired",
-            "expired",
+            "refresh_pending",
             Some("wns410"),
         ),
         (
@@ -65,7 +65,7 @@ fn every_wns_answer_lands_on_the_device() {
             "x404AwYAAAD",
             "channel_dead",
             "channel_not_found",
-            "expired",
+            "refresh_pending",
             Some("wns404"),
         ),
         (
@@ -73,7 +73,7 @@ fn every_wns_answer_lands_on_the_device() {
             "x403AwYAAAD",
             "channel_dead",
             "credential_mismatch",
-            "expired",
+            "refresh_pending",
             Some("credential_mismatch"),
         ),
         (
@@ -229,10 +229,12 @@ fn bulk_wake_counts_every_outcome_and_sends_each_device_once() {
     assert_eq!(st.distinct_channels, 300);
     assert_eq!(st.max_pushes_per_channel, 1);
     let stats = gw.client().get("/v1/stats").unwrap().json();
-    assert_eq!(stats["by_state"]["expired"], 15, "{stats}");
+    // A dead channel is expired and at once in the refresh queue.
+    assert_eq!(stats["by_state"]["refresh_pending"], 15, "{stats}");
+    assert_eq!(stats["refresh_queue"]["queued"], 15, "{stats}");
 
-    // By state: only the 15 expired ones.
-    let r = create_job(&gw, &json!({"state": "expired"}));
+    // By state: only the 15 whose channel died.
+    let r = create_job(&gw, &json!({"state": "refresh_pending"}));
     let job = wait_job(&gw, r.json()["job_id"].as_str().unwrap());
     assert_eq!(job["total"], 15, "{job}");
     assert_eq!(s.stats().pushes_total, 315);

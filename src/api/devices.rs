@@ -114,6 +114,15 @@ pub async fn put_channel(
     gw.commits
         .submit(vec![Mutation::Put(record.clone())])?
         .await?;
+    gw.lifecycle.registered_aged(record.issued_at, now);
+    if existing
+        .as_ref()
+        .is_some_and(|e| e.refresh.is_some() && record.refresh.is_none())
+    {
+        gw.lifecycle
+            .registered(record.device_id.as_str(), now)
+            .await;
+    }
     let status = if existing.is_some() {
         StatusCode::OK
     } else {
@@ -134,7 +143,8 @@ pub fn get_device(gw: &Gateway, device_id: &str) -> Result<Resp, ApiError> {
         .ok_or_else(|| unknown_device(device_id))?;
     Ok(json_response(
         StatusCode::OK,
-        &DeviceView::new(&rec, &gw.settings.thresholds, gw.now()),
+        &DeviceView::new(&rec, &gw.settings.thresholds, gw.now())
+            .with_job(gw.lifecycle.job_of(device_id)),
     ))
 }
 
@@ -144,7 +154,10 @@ pub async fn delete_device(gw: Arc<Gateway>, device_id: String) -> Result<Resp, 
     if gw.registry.get(id.as_str()).is_none() {
         return Err(unknown_device(&device_id));
     }
-    gw.commits.submit(vec![Mutation::Delete(id)])?.await?;
+    gw.commits
+        .submit(vec![Mutation::Delete(id.clone())])?
+        .await?;
+    gw.lifecycle.removed(id.as_str(), gw.now()).await;
     Ok(no_content())
 }
 
@@ -244,7 +257,30 @@ struct StatsView {
     devices: u64,
     by_state: std::collections::BTreeMap<&'static str, u64>,
     store_queue_depth: usize,
+    refresh_queue: RefreshStats,
     ready: bool,
+}
+
+#[derive(Serialize)]
+struct RefreshStats {
+    queued: u64,
+    due_now: u64,
+    leased: u64,
+    delivered: u64,
+    /// Seconds since the oldest due job's channel expired.
+    oldest_due_age_seconds: Option<u32>,
+}
+
+impl RefreshStats {
+    fn from(s: crate::core::refresh::QueueStats, now: crate::core::UnixTime) -> RefreshStats {
+        RefreshStats {
+            queued: s.queued,
+            due_now: s.due_now,
+            leased: s.leased,
+            delivered: s.delivered,
+            oldest_due_age_seconds: s.oldest_expired_at.map(|t| now.saturating_since(t)),
+        }
+    }
 }
 
 /// `GET /v1/stats`.
@@ -261,6 +297,7 @@ pub fn stats(gw: &Gateway) -> Resp {
             devices: gw.registry.len() as u64,
             by_state,
             store_queue_depth: gw.commits.queue_len(),
+            refresh_queue: RefreshStats::from(gw.lifecycle.stats(gw.now()), gw.now()),
             ready: gw.is_ready(),
         },
     )

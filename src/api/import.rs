@@ -9,7 +9,7 @@ use super::body::{check_declared_length, next_chunk, require_content_type};
 use super::devices::{validate_registration, ChannelBody};
 use super::error::{json_error, ApiError};
 use super::response::{json_response, Resp};
-use crate::core::merge_registration;
+use crate::core::{merge_registration, DeviceId};
 use crate::gateway::Gateway;
 use crate::store::committer::{SubmitError, Ticket};
 use crate::store::Mutation;
@@ -66,6 +66,8 @@ struct Importer {
     report: ImportReport,
     chunk: Vec<Mutation>,
     inflight: VecDeque<(Ticket, u64)>,
+    /// Devices whose new channel URI closes an open refresh job.
+    closes: Vec<DeviceId>,
     line_no: u64,
 }
 
@@ -106,11 +108,12 @@ impl Importer {
         match validate_registration(&self.gw, &parsed.device_id, body, now) {
             Ok(reg) => {
                 let existing = self.gw.registry.get(reg.device_id.as_str());
-                self.chunk.push(Mutation::Put(merge_registration(
-                    existing.as_ref(),
-                    reg,
-                    now,
-                )));
+                let rec = merge_registration(existing.as_ref(), reg, now);
+                if existing.is_some_and(|e| e.refresh.is_some() && rec.refresh.is_none()) {
+                    self.closes.push(rec.device_id.clone());
+                }
+                self.gw.lifecycle.registered_aged(rec.issued_at, now);
+                self.chunk.push(Mutation::Put(rec));
                 if self.chunk.len() >= IMPORT_CHUNK {
                     self.flush().await?;
                 }
@@ -194,12 +197,14 @@ pub async fn import(
     let limit = gw.settings.max_import_bytes;
     check_declared_length(&headers, limit)?;
     let _slot = ImportSlot::acquire(&gw)?;
+    let gw_for_closes = gw.clone();
     let idle = Duration::from_secs(gw.settings.request_timeout_secs);
     let mut imp = Importer {
         gw,
         report: ImportReport::default(),
         chunk: Vec::with_capacity(IMPORT_CHUNK),
         inflight: VecDeque::new(),
+        closes: Vec::new(),
         line_no: 0,
     };
     let mut carry: Vec<u8> = Vec::new();
@@ -250,6 +255,12 @@ pub async fn import(
     }
     imp.flush().await?;
     while imp.settle_oldest().await? {}
+    for id in std::mem::take(&mut imp.closes) {
+        gw_for_closes
+            .lifecycle
+            .registered(id.as_str(), gw_for_closes.now())
+            .await;
+    }
     if imp.report.rejected > 0 {
         metrics::counter!(m::IMPORT_LINES, "result" => "rejected").increment(imp.report.rejected);
     }

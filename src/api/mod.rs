@@ -10,6 +10,7 @@ pub mod error;
 pub mod import;
 pub mod jobs;
 pub mod push;
+pub mod refresh;
 pub mod response;
 pub mod view;
 
@@ -80,6 +81,10 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (_, Route::Push(_)) => "push_device",
         (_, Route::Jobs) => "create_job",
         (_, Route::Job(_)) => "job",
+        (_, Route::CheckIn(_)) => "refresh_check_in",
+        (_, Route::Lease) => "refresh_lease",
+        (_, Route::Complete(_)) => "refresh_complete",
+        (_, Route::RefreshJob(_)) => "refresh_job",
         (_, Route::Device(_)) => "get_device",
         _ => "other",
     }
@@ -97,6 +102,10 @@ enum Route {
     Push(String),
     Jobs,
     Job(String),
+    CheckIn(String),
+    Lease,
+    Complete(String),
+    RefreshJob(String),
     Unknown,
 }
 
@@ -109,7 +118,15 @@ fn split_route(path: &str) -> Route {
         "/v1/devices" => return Route::Devices,
         "/v1/devices:import" => return Route::Import,
         "/v1/pushes" => return Route::Jobs,
+        "/v1/refresh:lease" => return Route::Lease,
         _ => {}
+    }
+    if let Some(rest) = path.strip_prefix("/v1/refresh/") {
+        return match rest.strip_suffix(":complete") {
+            Some(id) => Route::Complete(percent_decode(id)),
+            None if !rest.contains('/') => Route::RefreshJob(percent_decode(rest)),
+            None => Route::Unknown,
+        };
     }
     if let Some(id) = path.strip_prefix("/v1/pushes/") {
         return Route::Job(percent_decode(id));
@@ -121,6 +138,7 @@ fn split_route(path: &str) -> Route {
         None => Route::Device(percent_decode(rest)),
         Some((id, "channel")) => Route::Channel(percent_decode(id)),
         Some((id, "push")) => Route::Push(percent_decode(id)),
+        Some((id, "refresh")) => Route::CheckIn(percent_decode(id)),
         _ => Route::Unknown,
     }
 }
@@ -194,6 +212,14 @@ async fn dispatch(
         (Method::GET, Route::Job(id)) => jobs::get(&gw, &id),
         (Method::DELETE, Route::Job(id)) => jobs::cancel(&gw, &id),
         (_, Route::Job(_)) => Err(method_not_allowed("GET, DELETE")),
+        (Method::GET, Route::CheckIn(id)) => refresh::check_in(gw, id, query).await,
+        (_, Route::CheckIn(_)) => Err(method_not_allowed("GET")),
+        (Method::POST, Route::Lease) => refresh::lease(gw, parts.headers, body).await,
+        (_, Route::Lease) => Err(method_not_allowed("POST")),
+        (Method::POST, Route::Complete(id)) => refresh::complete(gw, id, parts.headers, body).await,
+        (_, Route::Complete(_)) => Err(method_not_allowed("POST")),
+        (Method::GET, Route::RefreshJob(id)) => refresh::get(&gw, &id),
+        (_, Route::RefreshJob(_)) => Err(method_not_allowed("GET")),
         _ => Err(ApiError::not_found("not_found", "no such endpoint")),
     }
 }

@@ -7,10 +7,9 @@
 use super::devices::{parse_device_id, unknown_device};
 use super::error::ApiError;
 use super::response::{json_response, Resp};
-use crate::core::{DeadMark, DeviceRecord};
+use crate::core::DeviceRecord;
 use crate::gateway::Gateway;
 use crate::sender::wake::WakeReport;
-use crate::store::Mutation;
 use http::StatusCode;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -184,24 +183,8 @@ pub fn start_or_join(
     (pending, false)
 }
 
-/// Marks the channel dead, durably, unless the device registered a new
-/// channel URI meanwhile.
+/// Marks the channel dead and opens its refresh job, durably, unless the
+/// device registered a new channel URI meanwhile.
 async fn mark_dead(gw: &Gateway, pushed: &DeviceRecord, reason: crate::core::DeadReason) {
-    let Some(mut current) = gw.registry.get(pushed.device_id.as_str()) else {
-        return;
-    };
-    if current.channel_uri != pushed.channel_uri || current.dead.is_some() {
-        return;
-    }
-    current.dead = Some(DeadMark {
-        reason,
-        at: gw.now(),
-    });
-    let result = match gw.commits.submit(vec![Mutation::Put(current)]) {
-        Ok(ticket) => ticket.await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    if let Err(e) = result {
-        tracing::error!(device = %pushed.device_id, error = %e, "could not record a dead channel");
-    }
+    gw.lifecycle.channel_dead(pushed, reason, gw.now()).await;
 }

@@ -22,7 +22,34 @@ pub struct DeviceView<'a> {
     /// The last wake-up outcome; none until a push was sent.
     pub last_push: Option<()>,
     /// The open PFN-replacement job; none while the channel is healthy.
-    pub refresh_job: Option<()>,
+    pub refresh_job: Option<RefreshSummary>,
+    /// Set when refresh gave up: since when the device is unreachable.
+    pub unreachable_since: Option<String>,
+}
+
+/// A device's open refresh job, in short (the SyncML is at
+/// `GET /v1/devices/{id}/refresh`).
+#[derive(Debug, Serialize)]
+pub struct RefreshSummary {
+    pub job_id: String,
+    pub state: &'static str,
+    pub attempts: u16,
+    pub reason: LeaveReason,
+    pub created_at: String,
+    pub until: Option<String>,
+}
+
+impl From<crate::lifecycle::JobView> for RefreshSummary {
+    fn from(v: crate::lifecycle::JobView) -> Self {
+        RefreshSummary {
+            job_id: v.job_id,
+            state: v.state,
+            attempts: v.attempts,
+            reason: v.reason,
+            created_at: v.created_at,
+            until: v.until,
+        }
+    }
 }
 
 impl<'a> DeviceView<'a> {
@@ -41,6 +68,16 @@ impl<'a> DeviceView<'a> {
             state_since: st.since.map(|(_, t)| t.to_rfc3339()),
             last_push: None,
             refresh_job: None,
+            unreachable_since: rec
+                .refresh
+                .filter(|m| m.state == crate::core::RefreshState::Unreachable)
+                .map(|m| m.since.to_rfc3339()),
         }
+    }
+
+    /// Adds the device's open refresh job.
+    pub fn with_job(mut self, job: Option<crate::lifecycle::JobView>) -> Self {
+        self.refresh_job = job.map(Into::into);
+        self
     }
 }

@@ -1,7 +1,7 @@
 //! A channel's lifecycle state, computed from its age and from what WNS said
 //! about it, at a time the caller passes in.
 
-use super::record::DeadMark;
+use super::record::{DeadMark, RefreshMark, RefreshState};
 use super::time::UnixTime;
 use serde::Serialize;
 
@@ -131,6 +131,29 @@ impl Thresholds {
         issued_at.saturating_add(u64::from(self.expire_after))
     }
 
+    /// The state of a device at `now`: `unreachable` or `refresh_pending`
+    /// when the refresh queue says so, else [`Thresholds::state_at`]. The
+    /// reason and time the device left `active` are those of its channel.
+    pub fn state_with_refresh(
+        &self,
+        issued_at: UnixTime,
+        dead: Option<DeadMark>,
+        refresh: Option<RefreshMark>,
+        now: UnixTime,
+    ) -> StateAt {
+        let by_channel = self.state_at(issued_at, dead, now);
+        match refresh {
+            None => by_channel,
+            Some(m) => StateAt {
+                state: match m.state {
+                    RefreshState::Pending => LifecycleState::RefreshPending,
+                    RefreshState::Unreachable => LifecycleState::Unreachable,
+                },
+                since: by_channel.since,
+            },
+        }
+    }
+
     /// The state of a channel at `now`, from its age and any WNS verdict.
     ///
     /// A WNS verdict wins over age; among ages, expiry wins over renewal.
@@ -200,6 +223,30 @@ mod tests {
         let s = th.state_at(t0, Some(dead), UnixTime(t0.0 + 200));
         assert_eq!(s.state, LifecycleState::Expired);
         assert_eq!(s.since, Some((LeaveReason::Wns410, UnixTime(t0.0 + 100))));
+    }
+
+    #[test]
+    fn refresh_state_wins_and_keeps_the_channel_reason() {
+        let th = Thresholds::default();
+        let t0 = UnixTime(1_700_000_000);
+        let now = UnixTime(t0.0 + 31 * DAY);
+        for (st, want) in [
+            (RefreshState::Pending, LifecycleState::RefreshPending),
+            (RefreshState::Unreachable, LifecycleState::Unreachable),
+        ] {
+            let mark = RefreshMark {
+                state: st,
+                since: now,
+                job: 1,
+            };
+            let s = th.state_with_refresh(t0, None, Some(mark), now);
+            assert_eq!(s.state, want);
+            assert_eq!(s.since, Some((LeaveReason::Age, UnixTime(t0.0 + 30 * DAY))));
+        }
+        assert_eq!(
+            th.state_with_refresh(t0, None, None, now),
+            th.state_at(t0, None, now)
+        );
     }
 
     #[test]

@@ -12,6 +12,42 @@ pub struct DeadMark {
     pub at: UnixTime,
 }
 
+/// Where a device stands in the refresh queue, kept on the device so that
+/// its state is known without the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefreshState {
+    /// A PFN-replacement job is open for the device.
+    Pending,
+    /// Refresh attempts were exhausted: a person must look.
+    Unreachable,
+}
+
+impl RefreshState {
+    pub fn code(self) -> u8 {
+        match self {
+            RefreshState::Pending => 1,
+            RefreshState::Unreachable => 2,
+        }
+    }
+
+    pub fn from_code(c: u8) -> Option<RefreshState> {
+        match c {
+            1 => Some(RefreshState::Pending),
+            2 => Some(RefreshState::Unreachable),
+            _ => None,
+        }
+    }
+}
+
+/// The device's refresh state, since when, and the job it belongs to (the
+/// open job while `Pending`; the job that gave up for `Unreachable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RefreshMark {
+    pub state: RefreshState,
+    pub since: UnixTime,
+    pub job: u64,
+}
+
 /// One device's channel registration, fully decoded.
 ///
 /// The registry keeps a compact encoding of this; the store keeps a
@@ -25,12 +61,16 @@ pub struct DeviceRecord {
     pub issued_at: UnixTime,
     /// Set when WNS declared the channel dead; cleared by a new registration.
     pub dead: Option<DeadMark>,
+    /// Set while a refresh job is open, or once refresh gave up; cleared by
+    /// a new registration.
+    pub refresh: Option<RefreshMark>,
 }
 
 impl DeviceRecord {
-    /// The lifecycle state at `now`.
+    /// The lifecycle state at `now`: the refresh state when there is one,
+    /// else the state by WNS verdict and age.
     pub fn state_at(&self, th: &Thresholds, now: UnixTime) -> StateAt {
-        th.state_at(self.issued_at, self.dead, now)
+        th.state_with_refresh(self.issued_at, self.dead, self.refresh, now)
     }
 }
 
@@ -61,6 +101,7 @@ pub fn merge_registration(
         Some(old) if old.channel_uri == reg.channel_uri => DeviceRecord {
             issued_at: reg.issued_at.unwrap_or(old.issued_at),
             dead: old.dead,
+            refresh: old.refresh,
             device_id: reg.device_id,
             pfn: reg.pfn,
             channel_uri: reg.channel_uri,
@@ -69,6 +110,7 @@ pub fn merge_registration(
         _ => DeviceRecord {
             issued_at: reg.issued_at.unwrap_or(now),
             dead: None,
+            refresh: None,
             device_id: reg.device_id,
             pfn: reg.pfn,
             channel_uri: reg.channel_uri,
@@ -108,6 +150,7 @@ mod tests {
         let r2 = merge_registration(Some(&old), reg(B, Some(500_000)), now);
         assert_eq!(r2.issued_at, UnixTime(500_000));
         assert_eq!(r2.dead, None);
+        assert_eq!(r2.refresh, None);
         assert_eq!(r2.channel_uri.as_str(), B);
     }
 
@@ -118,9 +161,15 @@ mod tests {
             reason: DeadReason::Wns404,
             at: UnixTime(150),
         });
+        old.refresh = Some(RefreshMark {
+            state: RefreshState::Pending,
+            since: UnixTime(160),
+            job: 7,
+        });
         let again = merge_registration(Some(&old), reg(A, None), UnixTime(10_000));
         assert_eq!(again.issued_at, UnixTime(100));
         assert_eq!(again.dead, old.dead);
+        assert_eq!(again.refresh, old.refresh);
         let with_time = merge_registration(Some(&old), reg(A, Some(120)), UnixTime(10_000));
         assert_eq!(with_time.issued_at, UnixTime(120));
     }

@@ -10,7 +10,7 @@
 
 use super::record::CompactRecord;
 use super::StateCounts;
-use crate::core::{LifecycleState, Thresholds, UnixTime};
+use crate::core::{LifecycleState, RefreshState, Thresholds, UnixTime};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 
@@ -30,10 +30,15 @@ pub(crate) enum Bucket {
     Live { minute: u32 },
     /// Dead-marked: counted as expired.
     Dead,
+    /// In the refresh queue, or given up: counted by that state.
+    Refresh(RefreshState),
 }
 
 impl Bucket {
     pub(crate) fn of(rec: &CompactRecord) -> Bucket {
+        if let Some(m) = rec.refresh() {
+            return Bucket::Refresh(m.state);
+        }
         match rec.dead() {
             Some(_) => Bucket::Dead,
             None => Bucket::Live {
@@ -50,12 +55,16 @@ struct Shard {
     /// removed.
     minutes: BTreeMap<u32, i64>,
     dead: i64,
+    pending: i64,
+    unreachable: i64,
 }
 
 impl Shard {
     fn add(&mut self, b: Bucket, n: i64) {
         match b {
             Bucket::Dead => self.dead += n,
+            Bucket::Refresh(RefreshState::Pending) => self.pending += n,
+            Bucket::Refresh(RefreshState::Unreachable) => self.unreachable += n,
             Bucket::Live { minute } => {
                 let c = self.minutes.entry(minute).or_insert(0);
                 *c += n;
@@ -108,6 +117,8 @@ impl Histogram {
         for shard in self.shards.iter() {
             let shard = shard.0.lock();
             sums[index(LifecycleState::Expired)] += shard.dead;
+            sums[index(LifecycleState::RefreshPending)] += shard.pending;
+            sums[index(LifecycleState::Unreachable)] += shard.unreachable;
             for (&minute, &n) in &shard.minutes {
                 let start = UnixTime(minute * 60);
                 sums[index(th.state_at(start, None, now).state)] += n;

@@ -9,9 +9,9 @@
 //!
 //! Each device is one [`CompactRecord`]: an 8-byte thin pointer to a single
 //! allocation holding the encoded device id (17 bytes for a UUID), issued-at,
-//! dead mark, interned PFN, provider id and channel URI prefix (2 bytes
+//! dead mark, refresh mark, interned PFN, provider id and channel URI prefix (2 bytes
 //! each), and the rest of the URI (the token, packed at 6 bits per
-//! character). A UUID device with a 190-byte URI takes 146 bytes, served
+//! character). A UUID device with a 190-byte URI takes 148 bytes, served
 //! from the allocator's 160-byte class; `record.rs` has the byte layout.
 //!
 //! The map is a `DashMap<CompactRecord, ()>`: a record hashes and compares
@@ -148,10 +148,10 @@ impl Registry {
     /// Devices by state at `now`, exact to the minute, without visiting
     /// every record.
     ///
-    /// Counts `active`, `renewal_due` and `expired` (age, or a dead mark);
-    /// `refresh_pending` and `unreachable` are 0 until the lifecycle
-    /// component owns them. A device is counted by the first second of the
-    /// minute its channel was issued in.
+    /// A device with a refresh mark counts as `refresh_pending` or
+    /// `unreachable`; one with a dead mark as `expired`; any other by its
+    /// age, classified by the first second of the minute its channel was
+    /// issued in.
     pub fn state_counts(&self, th: &Thresholds, now: UnixTime) -> StateCounts {
         self.histogram.counts(th, now)
     }

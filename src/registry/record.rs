@@ -10,6 +10,9 @@
 //! u32   issued_at
 //! u8    dead_code        0: not dead; else DeadReason::code()
 //! u32   dead_at          only when dead_code != 0
+//! u8    refresh_code     0: none; else RefreshState::code()
+//! u32   refresh_since    only when refresh_code != 0
+//! leb   refresh_job      only when refresh_code != 0
 //! u16   pfn              interned id, or INLINE
 //! u16   provider         interned id, INLINE, or NONE
 //! u16   prefix           interned channel URI prefix id, or INLINE
@@ -21,7 +24,7 @@
 //!
 //! A device with a UUID id, no dead mark, and a 190-byte channel URI whose
 //! prefix is the usual 38-byte `https://<host>/?token=` takes
-//! 1 + 17 + 1 + (4 + 1 + 6 + 2 + 114) = 146 bytes (152 token characters
+//! 1 + 17 + 2 + (4 + 1 + 1 + 6 + 2 + 114) = 148 bytes (152 token characters
 //! packed into 114 bytes), which the allocator serves from its 160-byte size
 //! class.
 
@@ -29,7 +32,8 @@ use super::interner::{Interner, DEFAULT_CAPACITY};
 use super::key::{self, RecordKey};
 use super::uri;
 use crate::core::{
-    ChannelUri, DeadMark, DeadReason, DeviceId, DeviceRecord, Pfn, ProviderId, UnixTime,
+    ChannelUri, DeadMark, DeadReason, DeviceId, DeviceRecord, Pfn, ProviderId, RefreshMark,
+    RefreshState, UnixTime,
 };
 use std::borrow::Borrow;
 use std::cell::RefCell;
@@ -120,6 +124,16 @@ impl CompactRecord {
         let at = UnixTime(c.u32()?);
         let reason = DeadReason::from_code(code)?;
         Some(DeadMark { reason, at })
+    }
+
+    /// The refresh mark, if the device is in the refresh queue or gave up.
+    pub fn refresh(&self) -> Option<RefreshMark> {
+        let mut c = self.fields()?;
+        c.u32()?;
+        if c.u8()? != 0 {
+            c.u32()?;
+        }
+        read_refresh(&mut c)?
     }
 
     /// A cursor at `issued_at`.
@@ -230,6 +244,14 @@ impl RecordCodec {
                 fields.extend_from_slice(&d.at.0.to_le_bytes());
             }
         }
+        match rec.refresh {
+            None => fields.push(0),
+            Some(m) => {
+                fields.push(m.state.code());
+                fields.extend_from_slice(&m.since.0.to_le_bytes());
+                write_leb(fields, m.job as usize);
+            }
+        }
         let (prefix, rest) = uri::split(&rec.channel_uri);
         let pfn = rec.pfn.as_str();
         let provider = rec.provider_id.as_ref().map(|p| p.as_str());
@@ -287,6 +309,7 @@ impl RecordCodec {
                 })
             }
         };
+        let refresh = read_refresh(&mut c)?;
         let (pfn_ref, provider_ref, prefix_ref) = (c.u16()?, c.u16()?, c.u16()?);
         let rest_word = c.leb()?;
         let (rest_chars, packed) = (rest_word >> 1, rest_word & 1 == 1);
@@ -317,6 +340,7 @@ impl RecordCodec {
             provider_id,
             issued_at,
             dead,
+            refresh,
         })
     }
 
@@ -335,6 +359,22 @@ impl Interner {
                 std::str::from_utf8(inline.take(n)?).ok()
             }
             id => self.resolve(id),
+        }
+    }
+}
+
+/// Reads a refresh mark: `Some(None)` for none, `None` if malformed.
+fn read_refresh(c: &mut Cursor<'_>) -> Option<Option<RefreshMark>> {
+    match c.u8()? {
+        0 => Some(None),
+        code => {
+            let since = UnixTime(c.u32()?);
+            let job = u64::try_from(c.leb()?).ok()?;
+            Some(Some(RefreshMark {
+                state: RefreshState::from_code(code)?,
+                since,
+                job,
+            }))
         }
     }
 }
@@ -436,6 +476,7 @@ mod tests {
             provider_id: provider.map(|p| ProviderId::parse(p).unwrap()),
             issued_at: UnixTime(1_700_000_123),
             dead: None,
+            refresh: None,
         }
     }
 
@@ -459,7 +500,7 @@ mod tests {
         let codec = RecordCodec::new();
         let r = record(UUID, &uri, None);
         let c = codec.encode(&r);
-        assert_eq!(c.heap_len(), 146);
+        assert_eq!(c.heap_len(), 148);
         assert_eq!(std::mem::size_of::<CompactRecord>(), 8);
         assert_eq!(std::mem::size_of::<Option<CompactRecord>>(), 8);
         assert_eq!(codec.decode(&c), Some(r));
@@ -478,9 +519,15 @@ mod tests {
             at: UnixTime(u32::MAX),
         });
         r.issued_at = UnixTime(0);
+        r.refresh = Some(RefreshMark {
+            state: RefreshState::Unreachable,
+            since: UnixTime(77),
+            job: u64::from(u32::MAX) + 5,
+        });
         let c = codec.encode(&r);
         assert_eq!(c.issued_at(), r.issued_at);
         assert_eq!(c.dead(), r.dead);
+        assert_eq!(c.refresh(), r.refresh);
         assert_eq!(codec.decode(&c), Some(r.clone()));
         let c2 = c.clone();
         assert_eq!(c2.as_bytes(), c.as_bytes());

@@ -23,6 +23,7 @@ fn rec(id: &str, issued_at: u32) -> DeviceRecord {
         provider_id: Some(ProviderId::parse("Contoso-MDM").unwrap()),
         issued_at: UnixTime(issued_at),
         dead: None,
+        refresh: None,
     }
 }
 
@@ -92,9 +93,10 @@ fn record() -> impl Strategy<Value = DeviceRecord> {
         proptest::option::of("[A-Za-z0-9._-]{1,64}"),
         any::<u32>(),
         proptest::option::of((1u8..=3, any::<u32>())),
+        proptest::option::of((1u8..=2, any::<u32>(), any::<u64>())),
     )
         .prop_map(
-            |(device_id, pfn, channel_uri, provider, issued, dead)| DeviceRecord {
+            |(device_id, pfn, channel_uri, provider, issued, dead, refresh)| DeviceRecord {
                 device_id,
                 pfn: Pfn::parse(&pfn).unwrap(),
                 channel_uri,
@@ -103,6 +105,11 @@ fn record() -> impl Strategy<Value = DeviceRecord> {
                 dead: dead.map(|(code, at)| DeadMark {
                     reason: DeadReason::from_code(code).unwrap(),
                     at: UnixTime(at),
+                }),
+                refresh: refresh.map(|(code, since, job)| crate::core::RefreshMark {
+                    state: crate::core::RefreshState::from_code(code).unwrap(),
+                    since: UnixTime(since),
+                    job,
                 }),
             },
         )

@@ -21,6 +21,7 @@
 //! | 3   | `provider_id` | UTF-8 bytes                               | optional |
 //! | 4   | `issued_at`   | u32 little-endian, seconds since epoch    | required |
 //! | 5   | `dead`        | reason code u8, then u32 LE time          | optional |
+//! | 6   | `refresh`     | state code u8, u32 LE since, u64 LE job   | optional |
 //!
 //! Every field says what it is and how long it is, so a value can be read
 //! (and dumped) without knowing the record layout, and a later version can
@@ -35,7 +36,8 @@
 
 use super::StoreError;
 use crate::core::{
-    ChannelUri, DeadMark, DeadReason, DeviceId, DeviceRecord, Pfn, ProviderId, UnixTime,
+    ChannelUri, DeadMark, DeadReason, DeviceId, DeviceRecord, Pfn, ProviderId, RefreshMark,
+    RefreshState, UnixTime,
 };
 
 /// The value format this build writes.
@@ -46,6 +48,7 @@ const TAG_CHANNEL_URI: u8 = 2;
 const TAG_PROVIDER_ID: u8 = 3;
 const TAG_ISSUED_AT: u8 = 4;
 const TAG_DEAD: u8 = 5;
+const TAG_REFRESH: u8 = 6;
 
 /// Largest field payload the format can describe (three LEB128 bytes capped
 /// at `u16::MAX`; channel URIs are bounded far below this).
@@ -64,7 +67,10 @@ pub fn key(id: &DeviceId) -> &[u8] {
 /// If a string field is longer than [`MAX_FIELD_LEN`], which validated
 /// records never are (ids are at most 128 bytes and URIs at most 65 535).
 pub fn encode_value_into(rec: &DeviceRecord, out: &mut Vec<u8>) {
-    let count = 3 + u8::from(rec.provider_id.is_some()) + u8::from(rec.dead.is_some());
+    let count = 3
+        + u8::from(rec.provider_id.is_some())
+        + u8::from(rec.dead.is_some())
+        + u8::from(rec.refresh.is_some());
     out.push(FORMAT_VERSION);
     out.push(count);
     put_field(out, TAG_PFN, rec.pfn.as_str().as_bytes());
@@ -78,6 +84,13 @@ pub fn encode_value_into(rec: &DeviceRecord, out: &mut Vec<u8>) {
         payload[0] = d.reason.code();
         payload[1..].copy_from_slice(&d.at.secs().to_le_bytes());
         put_field(out, TAG_DEAD, &payload);
+    }
+    if let Some(m) = rec.refresh {
+        let mut payload = [0u8; 13];
+        payload[0] = m.state.code();
+        payload[1..5].copy_from_slice(&m.since.secs().to_le_bytes());
+        payload[5..].copy_from_slice(&m.job.to_le_bytes());
+        put_field(out, TAG_REFRESH, &payload);
     }
 }
 
@@ -96,6 +109,7 @@ fn encoded_len_hint(rec: &DeviceRecord) -> usize {
         + rec.provider_id.as_ref().map_or(0, |p| 3 + p.as_str().len())
         + 7
         + 8
+        + 15
 }
 
 fn put_field(out: &mut Vec<u8>, tag: u8, payload: &[u8]) {
@@ -194,6 +208,21 @@ pub fn decode_record(key: &[u8], value: &[u8]) -> Result<DeviceRecord, DecodeErr
         }),
         Some(_) => return Err(DecodeError::FieldLen("dead")),
     };
+    let refresh = match f.refresh {
+        None => None,
+        Some(b) => {
+            let b: &[u8; 13] = b.try_into().map_err(|_| DecodeError::FieldLen("refresh"))?;
+            let mut since = [0u8; 4];
+            since.copy_from_slice(&b[1..5]);
+            let mut job = [0u8; 8];
+            job.copy_from_slice(&b[5..]);
+            Some(RefreshMark {
+                state: RefreshState::from_code(b[0]).ok_or(DecodeError::Invalid("refresh"))?,
+                since: UnixTime(u32::from_le_bytes(since)),
+                job: u64::from_le_bytes(job),
+            })
+        }
+    };
     Ok(DeviceRecord {
         device_id,
         pfn,
@@ -201,6 +230,7 @@ pub fn decode_record(key: &[u8], value: &[u8]) -> Result<DeviceRecord, DecodeErr
         provider_id,
         issued_at,
         dead,
+        refresh,
     })
 }
 
@@ -211,6 +241,7 @@ struct Fields<'a> {
     provider_id: Option<&'a [u8]>,
     issued_at: Option<&'a [u8]>,
     dead: Option<&'a [u8]>,
+    refresh: Option<&'a [u8]>,
 }
 
 fn decode_fields(value: &[u8]) -> Result<Fields<'_>, DecodeError> {
@@ -243,6 +274,7 @@ fn decode_fields(value: &[u8]) -> Result<Fields<'_>, DecodeError> {
             TAG_PROVIDER_ID => &mut fields.provider_id,
             TAG_ISSUED_AT => &mut fields.issued_at,
             TAG_DEAD => &mut fields.dead,
+            TAG_REFRESH => &mut fields.refresh,
             // An optional field from a later writer: skip it.
             _ => continue,
         };
@@ -297,6 +329,11 @@ mod tests {
             dead: dead.then_some(DeadMark {
                 reason: DeadReason::Wns410,
                 at: UnixTime(1_795_700_000),
+            }),
+            refresh: dead.then_some(RefreshMark {
+                state: RefreshState::Pending,
+                since: UnixTime(1_795_700_001),
+                job: 1 << 40,
             }),
         }
     }
@@ -460,18 +497,26 @@ mod tests {
             proptest::option::of("[A-Za-z0-9._-]{1,64}"),
             any::<u32>(),
             proptest::option::of((1u8..=3, any::<u32>())),
+            proptest::option::of((1u8..=2, any::<u32>(), any::<u64>())),
         )
-            .prop_map(|(id, pfn, uri, provider, issued, dead)| DeviceRecord {
-                device_id: DeviceId::parse(&id).unwrap(),
-                pfn: Pfn::parse(&pfn).unwrap(),
-                channel_uri: ChannelUri::from_trusted(uri).unwrap(),
-                provider_id: provider.map(|p| ProviderId::parse(&p).unwrap()),
-                issued_at: UnixTime(issued),
-                dead: dead.map(|(c, at)| DeadMark {
-                    reason: DeadReason::from_code(c).unwrap(),
-                    at: UnixTime(at),
-                }),
-            })
+            .prop_map(
+                |(id, pfn, uri, provider, issued, dead, refresh)| DeviceRecord {
+                    device_id: DeviceId::parse(&id).unwrap(),
+                    pfn: Pfn::parse(&pfn).unwrap(),
+                    channel_uri: ChannelUri::from_trusted(uri).unwrap(),
+                    provider_id: provider.map(|p| ProviderId::parse(&p).unwrap()),
+                    issued_at: UnixTime(issued),
+                    dead: dead.map(|(c, at)| DeadMark {
+                        reason: DeadReason::from_code(c).unwrap(),
+                        at: UnixTime(at),
+                    }),
+                    refresh: refresh.map(|(c, since, job)| RefreshMark {
+                        state: RefreshState::from_code(c).unwrap(),
+                        since: UnixTime(since),
+                        job,
+                    }),
+                },
+            )
     }
 
     proptest! {

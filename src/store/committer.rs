@@ -26,7 +26,9 @@
 //!   time a batch is taken.
 
 use super::{Mutation, Store, StoreError};
+use crate::core::{ChannelUri, DeviceId};
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,6 +120,11 @@ type Completion = Result<(), StoreError>;
 /// Called on the committer thread with each batch once it is durable.
 pub type OnDurable = Box<dyn FnMut(&[Mutation]) + Send>;
 
+/// Answers a device's current channel URI (`None`: absent) for
+/// [`Mutation::Guard`]s, from state that reflects every batch already made
+/// durable (the registry, which `on_durable` updates).
+pub type Lookup = Box<dyn Fn(&DeviceId) -> Option<ChannelUri> + Send>;
+
 struct Submission {
     mutations: Vec<Mutation>,
     done: oneshot::Sender<Completion>,
@@ -153,12 +160,26 @@ impl Committer {
         on_durable: OnDurable,
         cfg: CommitterConfig,
     ) -> (CommitHandle, CommitterJoin) {
+        Self::start_with_lookup(store, on_durable, Box::new(|_| None), cfg)
+    }
+
+    /// [`Committer::start`] with the lookup that evaluates guards.
+    ///
+    /// # Panics
+    ///
+    /// If the thread cannot be spawned.
+    pub fn start_with_lookup(
+        store: Arc<dyn Store>,
+        on_durable: OnDurable,
+        lookup: Lookup,
+        cfg: CommitterConfig,
+    ) -> (CommitHandle, CommitterJoin) {
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity.max(1));
         let closed = Arc::new(AtomicBool::new(false));
         let max_batch = cfg.max_batch_mutations.max(1);
         let thread = std::thread::Builder::new()
             .name("wnsgate-store-commit".into())
-            .spawn(move || CommitLoop::new(store, on_durable, max_batch).run(&rx))
+            .spawn(move || CommitLoop::new(store, on_durable, lookup, max_batch).run(&rx))
             .expect("spawning the store committer thread");
         (
             CommitHandle {
@@ -299,6 +320,7 @@ impl Drop for CommitterJoin {
 struct CommitLoop {
     store: Arc<dyn Store>,
     on_durable: OnDurable,
+    lookup: Lookup,
     max_batch: usize,
     /// A submission taken from the queue that did not fit the last batch.
     carried: Option<Submission>,
@@ -314,10 +336,16 @@ struct CommitLoop {
 }
 
 impl CommitLoop {
-    fn new(store: Arc<dyn Store>, on_durable: OnDurable, max_batch: usize) -> CommitLoop {
+    fn new(
+        store: Arc<dyn Store>,
+        on_durable: OnDurable,
+        lookup: Lookup,
+        max_batch: usize,
+    ) -> CommitLoop {
         CommitLoop {
             store,
             on_durable,
+            lookup,
             max_batch,
             carried: None,
             shutting_down: false,
@@ -383,6 +411,7 @@ impl CommitLoop {
     /// Applies the gathered submissions as one batch and completes them.
     fn commit(&mut self) {
         self.batch.clear();
+        let conflicts = self.check_guards();
         for s in &mut self.subs {
             self.batch.append(&mut s.mutations);
         }
@@ -403,9 +432,13 @@ impl CommitLoop {
                 if !self.batch.is_empty() {
                     (self.on_durable)(&self.batch);
                 }
-                for s in self.subs.drain(..) {
+                for (i, s) in self.subs.drain(..).enumerate() {
+                    let result = match conflicts.iter().find(|(at, _)| *at == i) {
+                        Some((_, id)) => Err(StoreError::Conflict(id.clone())),
+                        None => Ok(()),
+                    };
                     // The submitter may have stopped waiting; that is fine.
-                    let _ = s.done.send(Ok(()));
+                    let _ = s.done.send(result);
                 }
             }
             Err(e) => {
@@ -424,6 +457,51 @@ impl CommitLoop {
         self.batch.clear();
         // One oversized submission must not pin its memory forever.
         self.batch.shrink_to(self.max_batch);
+    }
+}
+
+impl CommitLoop {
+    /// Evaluates the guard of every gathered submission that starts with
+    /// one, in order, against the durable state plus the submissions before
+    /// it in this batch. A submission whose guard fails is emptied. Returns
+    /// the failed submissions' indexes with their device ids.
+    fn check_guards(&mut self) -> Vec<(usize, String)> {
+        let guarded = |s: &Submission| matches!(s.mutations.first(), Some(Mutation::Guard { .. }));
+        if !self.subs.iter().any(guarded) {
+            return Vec::new();
+        }
+        // Channel URIs written by earlier submissions of this batch.
+        let mut overlay: HashMap<DeviceId, Option<ChannelUri>> = HashMap::new();
+        let mut conflicts = Vec::new();
+        for (i, s) in self.subs.iter_mut().enumerate() {
+            if let Some(Mutation::Guard {
+                device_id,
+                channel_uri,
+            }) = s.mutations.first()
+            {
+                let current = match overlay.get(device_id) {
+                    Some(c) => c.clone(),
+                    None => (self.lookup)(device_id),
+                };
+                if current != *channel_uri {
+                    conflicts.push((i, device_id.as_str().to_owned()));
+                    s.mutations.clear();
+                    continue;
+                }
+            }
+            for m in &s.mutations {
+                match m {
+                    Mutation::Put(r) => {
+                        overlay.insert(r.device_id.clone(), Some(r.channel_uri.clone()));
+                    }
+                    Mutation::Delete(id) => {
+                        overlay.insert(id.clone(), None);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        conflicts
     }
 }
 
@@ -449,6 +527,7 @@ mod tests {
             provider_id: None,
             issued_at: UnixTime(1_800_000_000),
             dead: None,
+            refresh: None,
         })
     }
 
@@ -456,6 +535,11 @@ mod tests {
         match m {
             Mutation::Put(r) => r.device_id.as_str(),
             Mutation::Delete(id) => id.as_str(),
+            Mutation::Guard { device_id, .. } | Mutation::Unindex { device_id, .. } => {
+                device_id.as_str()
+            }
+            Mutation::PutJob(j) => j.device_id.as_str(),
+            Mutation::DeleteJob(_) => "",
         }
     }
 
@@ -499,6 +583,21 @@ mod tests {
             _: usize,
             _: &dyn Fn(&DeviceRecord) -> bool,
         ) -> Result<Page, StoreError> {
+            unimplemented!()
+        }
+        fn issued_between(
+            &self,
+            _: crate::core::UnixTime,
+            _: crate::core::UnixTime,
+            _: Option<(crate::core::UnixTime, &str)>,
+            _: usize,
+        ) -> Result<Vec<(crate::core::UnixTime, DeviceId)>, StoreError> {
+            unimplemented!()
+        }
+        fn scan_jobs(
+            &self,
+            _: &mut dyn FnMut(crate::core::refresh::Job),
+        ) -> Result<u64, StoreError> {
             unimplemented!()
         }
     }
@@ -743,5 +842,78 @@ mod tests {
         assert!(err.is_err());
         assert!(join.shutdown().is_err());
         assert_eq!(handle.submit(vec![]).err(), Some(SubmitError::Closed));
+    }
+
+    #[test]
+    fn guards_apply_only_when_the_channel_is_unchanged() {
+        let (log, log_fn) = logging();
+        // The durable state: dev-a has token A.
+        let current = put("a");
+        let Mutation::Put(rec_a) = current.clone() else {
+            unreachable!()
+        };
+        let uri_a = rec_a.channel_uri.clone();
+        let lookup_uri = uri_a.clone();
+        let (h, join) = Committer::start_with_lookup(
+            Arc::new(TestStore::default()),
+            log_fn,
+            Box::new(move |id: &DeviceId| (id.as_str() == "a").then(|| lookup_uri.clone())),
+            cfg(16, 1024),
+        );
+        let guard = |uri: Option<ChannelUri>| Mutation::Guard {
+            device_id: DeviceId::parse("a").unwrap(),
+            channel_uri: uri,
+        };
+        // Holds against the durable state.
+        let ok = h
+            .submit(vec![guard(Some(uri_a.clone())), put("x")])
+            .unwrap();
+        assert!(ok.wait_blocking().is_ok());
+        // Fails against it: nothing of the submission applies.
+        let bad = h.submit(vec![guard(None), put("y")]).unwrap();
+        assert!(matches!(bad.wait_blocking(), Err(StoreError::Conflict(id)) if id == "a"));
+        join.shutdown().unwrap();
+        let seen: Vec<String> = log.lock().unwrap().clone();
+        assert!(seen.contains(&"x".to_owned()), "{seen:?}");
+        assert!(!seen.contains(&"y".to_owned()), "{seen:?}");
+    }
+
+    #[test]
+    fn a_guard_sees_earlier_submissions_of_the_same_batch() {
+        let (store, entered, permit) = gated();
+        let (log, log_fn) = logging();
+        let (h, join) = Committer::start_with_lookup(
+            Arc::new(store),
+            log_fn,
+            Box::new(|_: &DeviceId| None),
+            cfg(16, 1024),
+        );
+        // Hold the committer in a first batch so that the next three
+        // submissions are gathered into one batch.
+        let first = h.submit(vec![put("first")]).unwrap();
+        entered.recv().unwrap();
+        let Mutation::Put(rec) = put("a") else {
+            unreachable!()
+        };
+        let uri = rec.channel_uri.clone();
+        let t1 = h.submit(vec![Mutation::Put(rec)]).unwrap();
+        let guard = |u: Option<ChannelUri>| Mutation::Guard {
+            device_id: DeviceId::parse("a").unwrap(),
+            channel_uri: u,
+        };
+        // Absent in the durable state, but written just before: this guard
+        // on "absent" fails and the one on the new URI holds.
+        let t2 = h.submit(vec![guard(None), put("stale")]).unwrap();
+        let t3 = h.submit(vec![guard(Some(uri)), put("fresh")]).unwrap();
+        permit.send(()).unwrap();
+        permit.send(()).unwrap();
+        first.wait_blocking().unwrap();
+        t1.wait_blocking().unwrap();
+        assert!(matches!(t2.wait_blocking(), Err(StoreError::Conflict(_))));
+        t3.wait_blocking().unwrap();
+        drop(permit);
+        join.shutdown().unwrap();
+        let seen: Vec<String> = log.lock().unwrap().clone();
+        assert!(seen.contains(&"fresh".to_owned()) && !seen.contains(&"stale".to_owned()));
     }
 }

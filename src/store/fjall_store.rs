@@ -1,7 +1,16 @@
-//! The embedded store: one fjall keyspace of device records.
+//! The embedded store: fjall keyspaces for device records, the issued-at
+//! index, and refresh jobs.
 //!
-//! Keys are device ids and values the [`codec`](super::codec) encoding, so
-//! fjall's key order is device-id order and `page` is a range scan.
+//! - `devices`: keys are device ids and values the [`codec`](super::codec)
+//!   encoding, so fjall's key order is device-id order and `page` is a range
+//!   scan.
+//! - `issued`: keys are `issued_at` (u32 big-endian) then the device id,
+//!   values empty. Every `Put` writes its entry in the same atomic batch;
+//!   entries of deleted or re-registered devices go stale and are dropped by
+//!   the sweep that reaches them. An index missing from an older store is
+//!   rebuilt when the store is opened.
+//! - `jobs`: keys are refresh job ids (u64 big-endian), values the
+//!   [`job_codec`](super::job_codec) encoding.
 //!
 //! Memory: fjall's footprint is bounded by [`FjallOptions`] and does not grow
 //! with the number of devices except for the block indexes it keeps pinned:
@@ -17,8 +26,9 @@
 //! store is created; later opens use the stored values. `cache_bytes`,
 //! `max_journal_bytes` and `worker_threads` apply on every open.
 
-use super::{codec, Mutation, Page, Store, StoreError};
-use crate::core::DeviceRecord;
+use super::{codec, job_codec, Mutation, Page, Store, StoreError};
+use crate::core::refresh::Job;
+use crate::core::{DeviceId, DeviceRecord, UnixTime};
 use fjall::config::{BlockSizePolicy, FilterPolicy};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 use std::ops::Bound;
@@ -28,6 +38,10 @@ use std::sync::Mutex;
 
 /// Name of the keyspace holding device records.
 const DEVICES_KEYSPACE: &str = "devices";
+/// Name of the keyspace holding the issued-at index.
+const ISSUED_KEYSPACE: &str = "issued";
+/// Name of the keyspace holding refresh jobs.
+const JOBS_KEYSPACE: &str = "jobs";
 
 /// Default block cache size: 64 MiB.
 pub const DEFAULT_CACHE_BYTES: u64 = 64 << 20;
@@ -79,7 +93,17 @@ impl Default for FjallOptions {
 pub struct FjallStore {
     db: Database,
     devices: Keyspace,
+    issued: Keyspace,
+    jobs: Keyspace,
     path: PathBuf,
+}
+
+/// The issued-at index key of a device.
+fn issued_key(at: UnixTime, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + id.len());
+    k.extend_from_slice(&at.0.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
 }
 
 impl FjallStore {
@@ -117,12 +141,52 @@ impl FjallStore {
                     .filter_policy(FilterPolicy::disabled())
             })
             .map_err(|e| StoreError::Io(format!("cannot open keyspace in {shown}: {e}")))?;
+        let index_existed = db.keyspace_exists(ISSUED_KEYSPACE);
+        let small = || {
+            KeyspaceCreateOptions::default()
+                .max_memtable_size((opts.memtable_bytes / 4).max(1 << 20))
+                .filter_policy(FilterPolicy::disabled())
+        };
+        let issued = db
+            .keyspace(ISSUED_KEYSPACE, small)
+            .map_err(|e| StoreError::Io(format!("cannot open keyspace in {shown}: {e}")))?;
+        let jobs = db
+            .keyspace(JOBS_KEYSPACE, small)
+            .map_err(|e| StoreError::Io(format!("cannot open keyspace in {shown}: {e}")))?;
 
-        Ok(FjallStore {
+        let store = FjallStore {
             db,
             devices,
+            issued,
+            jobs,
             path: path.to_owned(),
-        })
+        };
+        if !index_existed {
+            store.rebuild_issued_index()?;
+        }
+        Ok(store)
+    }
+
+    /// Writes the issued-at entry of every stored device (a store written
+    /// before the index existed).
+    fn rebuild_issued_index(&self) -> Result<(), StoreError> {
+        let mut wb = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), 4096);
+        let mut n = 0u64;
+        self.scan_all(&mut |rec| {
+            wb.insert(
+                &self.issued,
+                issued_key(rec.issued_at, rec.device_id.as_str()),
+                b"",
+            );
+            n += 1;
+        })?;
+        if n > 0 {
+            wb.durability(Some(PersistMode::SyncAll))
+                .commit()
+                .map_err(io("index rebuild"))?;
+            tracing::info!(devices = n, "rebuilt the issued-at index");
+        }
+        Ok(())
     }
 
     /// The data directory.
@@ -254,8 +318,24 @@ impl Store for FjallStore {
                         codec::key(&rec.device_id),
                         scratch.as_slice(),
                     );
+                    wb.insert(
+                        &self.issued,
+                        issued_key(rec.issued_at, rec.device_id.as_str()),
+                        b"",
+                    );
                 }
                 Mutation::Delete(id) => wb.remove(&self.devices, codec::key(id)),
+                Mutation::Guard { .. } => {}
+                Mutation::Unindex {
+                    issued_at,
+                    device_id,
+                } => wb.remove(&self.issued, issued_key(*issued_at, device_id.as_str())),
+                Mutation::PutJob(job) => {
+                    scratch.clear();
+                    job_codec::encode_into(job, &mut scratch);
+                    wb.insert(&self.jobs, job.id.to_be_bytes(), scratch.as_slice());
+                }
+                Mutation::DeleteJob(id) => wb.remove(&self.jobs, id.to_be_bytes()),
             }
         }
         wb.commit().map_err(io("write batch"))
@@ -314,6 +394,54 @@ impl Store for FjallStore {
             last_key = Some(k);
         }
         Ok(page)
+    }
+
+    fn issued_between(
+        &self,
+        from: UnixTime,
+        to: UnixTime,
+        after: Option<(UnixTime, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(UnixTime, DeviceId)>, StoreError> {
+        let lo_key = match after {
+            Some((at, id)) if at >= from => Bound::Excluded(issued_key(at, id)),
+            _ => Bound::Included(from.0.to_be_bytes().to_vec()),
+        };
+        let hi_key = Bound::Excluded(to.0.to_be_bytes().to_vec());
+        if to <= from {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for guard in self.issued.range::<Vec<u8>, _>((lo_key, hi_key)) {
+            if out.len() >= limit.max(1) {
+                break;
+            }
+            let k = guard.key().map_err(io("index scan"))?;
+            let (at, id) = k.split_at_checked(4).ok_or_else(|| StoreError::Corrupt {
+                key: format!("{:?}", &k[..]),
+                why: "issued-at index key shorter than 4 bytes".into(),
+            })?;
+            let at = UnixTime(u32::from_be_bytes([at[0], at[1], at[2], at[3]]));
+            let id = std::str::from_utf8(id)
+                .ok()
+                .and_then(|s| DeviceId::parse(s).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    why: "issued-at index key holds no valid device id".into(),
+                })?;
+            out.push((at, id));
+        }
+        Ok(out)
+    }
+
+    fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for guard in self.jobs.iter() {
+            let (k, v) = guard.into_inner().map_err(io("job scan"))?;
+            visit(job_codec::decode(&k, &v)?);
+            n += 1;
+        }
+        Ok(n)
     }
 }
 
@@ -405,6 +533,11 @@ mod tests {
             dead: (issued % 3 == 0).then_some(DeadMark {
                 reason: DeadReason::Wns404,
                 at: UnixTime(issued + 1),
+            }),
+            refresh: (issued % 5 == 0).then_some(crate::core::RefreshMark {
+                state: crate::core::RefreshState::Pending,
+                since: UnixTime(issued + 2),
+                job: u64::from(issued),
             }),
         }
     }

@@ -14,19 +14,42 @@
 pub mod codec;
 pub mod committer;
 pub mod fjall_store;
+pub mod job_codec;
 
 pub use committer::{
     CommitHandle, Committer, CommitterConfig, CommitterJoin, OnDurable, SubmitError, Ticket,
 };
 pub use fjall_store::{FjallOptions, FjallStore};
 
-use crate::core::{DeviceId, DeviceRecord};
+use crate::core::refresh::{Job, JobId};
+use crate::core::{ChannelUri, DeviceId, DeviceRecord, UnixTime};
 
 /// One change to the durable state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mutation {
+    /// Writes a device record, and its entry in the issued-at index.
     Put(DeviceRecord),
+    /// Forgets a device. Its issued-at index entry goes stale and is
+    /// dropped by the next sweep that reaches it.
     Delete(DeviceId),
+    /// A precondition, first in a submission: the rest of the submission
+    /// applies only if the device's current channel URI is `channel_uri`
+    /// (`None`: the device is absent). Otherwise nothing of it applies and
+    /// its ticket fails with [`StoreError::Conflict`]. Evaluated by the
+    /// committer, the one writer, so no other write can slip in between.
+    Guard {
+        device_id: DeviceId,
+        channel_uri: Option<ChannelUri>,
+    },
+    /// Drops a stale issued-at index entry.
+    Unindex {
+        issued_at: UnixTime,
+        device_id: DeviceId,
+    },
+    /// Writes a refresh job.
+    PutJob(Job),
+    /// Deletes a refresh job.
+    DeleteJob(JobId),
 }
 
 /// A store failure. Callers answer 503 and change nothing.
@@ -36,6 +59,9 @@ pub enum StoreError {
     Io(String),
     #[error("stored record {key:?} is corrupt: {why}")]
     Corrupt { key: String, why: String },
+    /// A [`Mutation::Guard`] did not hold: the device changed meanwhile.
+    #[error("device {0} changed meanwhile; nothing was applied")]
+    Conflict(String),
 }
 
 /// One page of records in device-id order.
@@ -96,4 +122,22 @@ pub trait Store: Send + Sync + 'static {
         budget: usize,
         filter: &dyn Fn(&DeviceRecord) -> bool,
     ) -> Result<Page, StoreError>;
+
+    /// Up to `limit` entries of the issued-at index with `from <= issued_at
+    /// < to`, in (issued_at, device id) order, starting after `after` when
+    /// given. Entries may be stale (the device was deleted or re-registered
+    /// since); the caller checks them against the registry and drops stale
+    /// ones with [`Mutation::Unindex`]. Reading costs what is returned, not
+    /// the fleet: this is what makes an expiry sweep proportional to what
+    /// is due.
+    fn issued_between(
+        &self,
+        from: UnixTime,
+        to: UnixTime,
+        after: Option<(UnixTime, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(UnixTime, DeviceId)>, StoreError>;
+
+    /// Visits every stored refresh job. Returns the count.
+    fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError>;
 }

@@ -35,6 +35,28 @@ pub const WNS_LATENCY: &str = "wnsgate_wns_request_duration_seconds";
 pub const WNS_INFLIGHT: &str = "wnsgate_wns_inflight_pushes";
 /// Requests sent again, by `reason`.
 pub const WNS_RESENDS: &str = "wnsgate_wns_resends_total";
+/// Open refresh jobs, by `state` (queued, leased, delivered).
+pub const REFRESH_JOBS: &str = "wnsgate_refresh_jobs";
+/// Queued refresh jobs due now (the backlog the MDM tier has not taken).
+pub const REFRESH_DUE: &str = "wnsgate_refresh_queue_due";
+/// Age of the oldest channel expiry among due refresh jobs, seconds.
+pub const REFRESH_OLDEST_SECONDS: &str = "wnsgate_refresh_queue_oldest_seconds";
+/// Refresh jobs opened, by `reason` (age, wns_404, wns_410, credential_mismatch).
+pub const REFRESH_OPENED: &str = "wnsgate_refresh_jobs_opened_total";
+/// Refresh jobs closed (a new channel URI, or the device deleted).
+pub const REFRESH_CLOSED: &str = "wnsgate_refresh_jobs_closed_total";
+/// Refresh jobs given up: the device became unreachable.
+pub const REFRESH_GIVEUPS: &str = "wnsgate_refresh_giveups_total";
+/// Refresh jobs handed out, by `via` (check_in, lease, webhook).
+pub const REFRESH_HANDOUTS: &str = "wnsgate_refresh_handouts_total";
+/// Webhook calls, by `result` (ok, error).
+pub const REFRESH_WEBHOOK_CALLS: &str = "wnsgate_refresh_webhook_calls_total";
+/// Devices leaving `active`, by `to` (expired, unreachable) and `reason`.
+pub const LIFECYCLE_TRANSITIONS: &str = "wnsgate_lifecycle_transitions_total";
+/// Duration of one expiry sweep.
+pub const LIFECYCLE_SWEEP_SECONDS: &str = "wnsgate_lifecycle_sweep_seconds";
+/// Issued-at index entries read by expiry sweeps.
+pub const LIFECYCLE_SWEEP_EXAMINED: &str = "wnsgate_lifecycle_sweep_examined_total";
 /// Build information (`version`) and the network backend in use (`io`).
 pub const BUILD_INFO: &str = "wnsgate_build_info";
 /// 1 when the gateway is ready to serve.

@@ -1,0 +1,196 @@
+//! The refresh queue's API: hand-out at check-in, leases, completion.
+//!
+//! - `GET /v1/devices/{id}/refresh[?first_cmd_id=N]`: the device opened an
+//!   OMA-DM session; answers its PFN-replacement job with the SyncML to put
+//!   into that session (`CmdID`s from `first_cmd_id`, default 1), and counts
+//!   the hand-out. 404 `no_refresh_job` when the device needs none.
+//! - `POST /v1/refresh:lease` `{"max": 1..1000, "lease_seconds": n}`: up to
+//!   `max` due jobs, oldest expiry first, within the configured pace and
+//!   bound on outstanding jobs; a lease that runs out returns its jobs to
+//!   the queue.
+//! - `POST /v1/refresh/{job_id}:complete` `{"outcome": "delivered" |
+//!   "failed", "status": DMClient Push/Status}`: records what happened.
+//! - `GET /v1/refresh/{job_id}`: one open job.
+
+use super::body::{read_limited, require_content_type};
+use super::devices::{parse_device_id, unknown_device};
+use super::error::{json_error, ApiError};
+use super::response::{json_response, Resp};
+use crate::core::refresh::{CompleteOutcome, Handout, QueueError};
+use crate::gateway::Gateway;
+use crate::lifecycle::parse_job_id;
+use http::{HeaderMap, StatusCode};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest lease batch.
+pub const MAX_LEASE: u32 = 1000;
+const MAX_BODY: u64 = 4096;
+
+fn no_job(device_id: &str) -> ApiError {
+    ApiError::not_found(
+        "no_refresh_job",
+        format!("device {device_id} has no open refresh job"),
+    )
+}
+
+fn unknown_job(job_id: &str) -> ApiError {
+    ApiError::not_found(
+        "unknown_refresh_job",
+        format!("no open refresh job {job_id} (it may have closed or given up)"),
+    )
+}
+
+/// `GET /v1/devices/{id}/refresh`.
+pub async fn check_in(
+    gw: Arc<Gateway>,
+    device_id: String,
+    query: Option<String>,
+) -> Result<Resp, ApiError> {
+    let id = parse_device_id(&device_id)?;
+    let mut first_cmd_id = 1u32;
+    for (k, v) in super::query_pairs(query.as_deref().unwrap_or("")) {
+        match k.as_str() {
+            "first_cmd_id" => {
+                first_cmd_id = v.parse().ok().filter(|&n| n >= 1).ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_query",
+                        "first_cmd_id must be a positive integer",
+                    )
+                })?
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_query",
+                    format!("unknown query parameter {k:?}"),
+                ))
+            }
+        }
+    }
+    if gw.registry.get(id.as_str()).is_none() {
+        return Err(unknown_device(&device_id));
+    }
+    match gw
+        .lifecycle
+        .check_in(id.as_str(), first_cmd_id, gw.now())
+        .await?
+    {
+        Some(view) => Ok(json_response(StatusCode::OK, &view)),
+        None => Err(no_job(&device_id)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LeaseRequest {
+    #[serde(default)]
+    max: Option<u32>,
+    #[serde(default)]
+    lease_seconds: Option<u32>,
+}
+
+/// `POST /v1/refresh:lease`.
+pub async fn lease(
+    gw: Arc<Gateway>,
+    headers: HeaderMap,
+    mut body: Incoming,
+) -> Result<Resp, ApiError> {
+    require_content_type(&headers, &["application/json"])?;
+    let idle = Duration::from_secs(gw.settings.request_timeout_secs);
+    let bytes = read_limited(&mut body, &headers, MAX_BODY, idle).await?;
+    let req: LeaseRequest = if bytes.is_empty() {
+        LeaseRequest {
+            max: None,
+            lease_seconds: None,
+        }
+    } else {
+        serde_json::from_slice(&bytes).map_err(|e| json_error(&e))?
+    };
+    let max = req.max.unwrap_or(100);
+    if !(1..=MAX_LEASE).contains(&max) {
+        return Err(ApiError::unprocessable(
+            "invalid_request",
+            format!("max must be between 1 and {MAX_LEASE}"),
+        ));
+    }
+    let policy = &gw.lifecycle.settings().policy;
+    if let Some(s) = req.lease_seconds {
+        if s == 0 || s > policy.max_lease {
+            return Err(ApiError::unprocessable(
+                "invalid_request",
+                format!(
+                    "lease_seconds must be between 1 and {} (refresh.max_lease)",
+                    policy.max_lease
+                ),
+            ));
+        }
+    }
+    let jobs = gw
+        .lifecycle
+        .lease(max, req.lease_seconds, Handout::Lease, gw.now())
+        .await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "jobs": jobs }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompleteRequest {
+    outcome: String,
+    #[serde(default)]
+    status: Option<u8>,
+}
+
+/// `POST /v1/refresh/{job_id}:complete`.
+pub async fn complete(
+    gw: Arc<Gateway>,
+    job_id: String,
+    headers: HeaderMap,
+    mut body: Incoming,
+) -> Result<Resp, ApiError> {
+    let id = parse_job_id(&job_id).ok_or_else(|| unknown_job(&job_id))?;
+    require_content_type(&headers, &["application/json"])?;
+    let idle = Duration::from_secs(gw.settings.request_timeout_secs);
+    let bytes = read_limited(&mut body, &headers, MAX_BODY, idle).await?;
+    let req: CompleteRequest = serde_json::from_slice(&bytes).map_err(|e| json_error(&e))?;
+    let outcome = match req.outcome.as_str() {
+        "delivered" => CompleteOutcome::Delivered,
+        "failed" => CompleteOutcome::Failed { status: req.status },
+        other => {
+            return Err(ApiError::unprocessable(
+                "invalid_request",
+                format!("outcome must be delivered or failed, not {other:?}"),
+            ))
+        }
+    };
+    match gw.lifecycle.complete(id, outcome, gw.now()).await? {
+        Ok(Some(view)) => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "job": view, "closed": false }),
+        )),
+        Ok(None) => Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({ "job": null, "closed": true,
+                "message": "the job gave up: the device is unreachable" }),
+        )),
+        Err(QueueError::UnknownJob) => Err(unknown_job(&job_id)),
+        Err(QueueError::NotHandedOut) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_handed_out",
+            format!("refresh job {job_id} is queued, not handed out: nothing to complete"),
+        )),
+    }
+}
+
+/// `GET /v1/refresh/{job_id}`.
+pub fn get(gw: &Gateway, job_id: &str) -> Result<Resp, ApiError> {
+    let id = parse_job_id(job_id).ok_or_else(|| unknown_job(job_id))?;
+    match gw.lifecycle.job(id) {
+        Some(view) => Ok(json_response(StatusCode::OK, &view)),
+        None => Err(unknown_job(job_id)),
+    }
+}

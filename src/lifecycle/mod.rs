@@ -1,0 +1,840 @@
+//! Channel lifecycle and the refresh queue, wired to the registry and the
+//! store: expiry sweeps, WNS verdicts, PFN-replacement jobs and their
+//! hand-out (check-in, lease, webhook).
+//!
+//! Owns: the in-memory [`RefreshQueue`] (the core state machine) behind one
+//! lock, the sweep cursor over the store's issued-at index, and the
+//! lifecycle thread (sweep, tick, webhook).
+//! Must not touch: sockets of the API (handlers call in here), the clock
+//! (callers pass `now`).
+//!
+//! # Consistency
+//!
+//! The device record carries its refresh mark (`refresh_pending` with the
+//! job id, or `unreachable`); the job lives in the store's `jobs` keyspace.
+//! Both change in one durable batch. Every batch that changes a device from
+//! here is guarded by the channel URI it was computed from
+//! ([`Mutation::Guard`]): if the device registered a new URI meanwhile, the
+//! batch applies nothing and the job opened for it is discarded. Queue
+//! changes are submitted while the queue lock is held, so the store sees
+//! them in the order the queue made them.
+//!
+//! Invariants (checked by `tests/refresh.rs` and the queue's own tests): at
+//! most one open job per device; a `refresh_pending` device has an open
+//! job; jobs survive a crash and restart as they were last acknowledged.
+
+pub mod webhook;
+
+use crate::config::RefreshSettings;
+use crate::core::refresh::{
+    pfn_to_send, Change, CompleteOutcome, Handout, Job, JobId, PfnChoice, QueueError, QueueStats,
+    RefreshQueue,
+};
+use crate::core::syncml::{pfn_replacement, PfnCommand, PfnVerb};
+use crate::core::{
+    DeadMark, DeadReason, DeviceId, DeviceRecord, LeaveReason, Pfn, RefreshMark, RefreshState,
+    Thresholds, UnixTime,
+};
+use crate::registry::Registry;
+use crate::store::committer::{CommitHandle, Ticket};
+use crate::store::{Mutation, Store, StoreError};
+use crate::telemetry::metrics as m;
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+/// What a sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Index entries read.
+    pub examined: u64,
+    /// Refresh jobs opened for devices expired by age.
+    pub opened: u64,
+    /// Stale index entries dropped (deleted or re-registered devices).
+    pub stale: u64,
+}
+
+/// A job as the API shows it, with its SyncML.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    pub job_id: String,
+    pub device_id: String,
+    pub pfn: String,
+    pub provider_id: String,
+    pub reason: LeaveReason,
+    pub expired_at: String,
+    pub created_at: String,
+    pub attempts: u16,
+    pub state: &'static str,
+    /// Lease end (leased) or end of the wait for a new URI (delivered).
+    pub until: Option<String>,
+    pub handed_out_via: Option<Handout>,
+    /// The commands to put into the device's OMA-DM session.
+    pub syncml: String,
+    pub cmd_ids: Vec<u32>,
+}
+
+/// The lifecycle engine. One per gateway.
+pub struct Lifecycle {
+    queue: Mutex<RefreshQueue>,
+    settings: RefreshSettings,
+    thresholds: Thresholds,
+    /// PFNs of the configured WNS apps, for `pfn_choice = rotate`.
+    apps: Vec<Pfn>,
+    registry: Arc<Registry>,
+    store: Arc<dyn Store>,
+    commits: CommitHandle,
+    /// The sweep has opened jobs for every device issued before this time
+    /// (seconds; the next sweep starts here).
+    swept_to: AtomicU32,
+    /// Lowest issued-at registered behind `swept_to` since the last sweep
+    /// (an aged channel imported late); `u32::MAX` when none.
+    rewind_to: AtomicU32,
+}
+
+/// Formats a job id for the API.
+pub fn job_id_string(id: JobId) -> String {
+    format!("r{id}")
+}
+
+/// Parses a job id from the API.
+pub fn parse_job_id(s: &str) -> Option<JobId> {
+    s.strip_prefix('r')?.parse().ok()
+}
+
+impl Lifecycle {
+    pub fn new(
+        settings: RefreshSettings,
+        thresholds: Thresholds,
+        apps: Vec<Pfn>,
+        registry: Arc<Registry>,
+        store: Arc<dyn Store>,
+        commits: CommitHandle,
+    ) -> Lifecycle {
+        describe_metrics();
+        Lifecycle {
+            queue: Mutex::new(RefreshQueue::new(settings.policy.clone())),
+            settings,
+            thresholds,
+            apps,
+            registry,
+            store,
+            commits,
+            swept_to: AtomicU32::new(0),
+            rewind_to: AtomicU32::new(u32::MAX),
+        }
+    }
+
+    pub fn settings(&self) -> &RefreshSettings {
+        &self.settings
+    }
+
+    /// Loads the stored jobs into the queue (at start, after the registry
+    /// is loaded). Returns how many were loaded.
+    pub fn restore(&self) -> Result<u64, StoreError> {
+        let mut q = self.queue.lock();
+        let mut fixes = Vec::new();
+        let n = self.store.scan_jobs(&mut |job| {
+            if let Some(c) = q.restore(job) {
+                fixes.push(c);
+            }
+        })?;
+        let tickets = self.persist_locked(&mut q, fixes, UnixTime(0));
+        drop(q);
+        for t in tickets {
+            t.wait_blocking()?;
+        }
+        self.publish_stats(UnixTime(0));
+        Ok(n)
+    }
+
+    /// Queue counts at `now`.
+    pub fn stats(&self, now: UnixTime) -> QueueStats {
+        self.queue.lock().stats(now)
+    }
+
+    /// Tells the sweep about a registration whose channel is already past
+    /// the expiry age (an aged fleet imported late), so that the next sweep
+    /// goes back for it.
+    pub fn registered_aged(&self, issued_at: UnixTime, now: UnixTime) {
+        let limit = now.0.saturating_sub(self.thresholds.expire_after);
+        if issued_at.0 <= limit {
+            self.rewind_to.fetch_min(issued_at.0, Ordering::Relaxed);
+        }
+    }
+
+    /// A device registered a new channel URI (its record, already durable,
+    /// has no refresh mark): its open job closes.
+    pub async fn registered(&self, device_id: &str, now: UnixTime) {
+        let tickets = self.close_part(device_id, now);
+        for t in tickets {
+            if let Err(e) = t.await {
+                tracing::error!(device = device_id, error = %e, "could not close a refresh job");
+            }
+        }
+    }
+
+    /// A device was deleted: its open job goes.
+    pub async fn removed(&self, device_id: &str, now: UnixTime) {
+        let tickets = self.close_part(device_id, now);
+        for t in tickets {
+            let _ = t.await;
+        }
+    }
+
+    fn close_part(&self, device_id: &str, now: UnixTime) -> Vec<Ticket> {
+        let mut q = self.queue.lock();
+        match q.registered(device_id, now) {
+            Some(c) => self.persist_locked(&mut q, vec![c], now),
+            None => Vec::new(),
+        }
+    }
+
+    /// WNS declared the channel `pushed` dead: marks the device (unless it
+    /// registered a new URI meanwhile) and opens its refresh job, in one
+    /// durable batch.
+    pub async fn channel_dead(&self, pushed: &DeviceRecord, reason: DeadReason, now: UnixTime) {
+        let Some(current) = self.registry.get(pushed.device_id.as_str()) else {
+            return;
+        };
+        if current.channel_uri != pushed.channel_uri {
+            return;
+        }
+        let mut rec = current;
+        let newly_dead = rec.dead.is_none();
+        if newly_dead {
+            rec.dead = Some(DeadMark { reason, at: now });
+        }
+        let Some((ticket, opened)) = self.dead_part(&mut rec, reason, newly_dead, pushed, now)
+        else {
+            return;
+        };
+        let result = match ticket {
+            Ok(t) => t.await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                if newly_dead {
+                    metrics::counter!(m::LIFECYCLE_TRANSITIONS, "to" => "expired", "reason" => reason_label(reason.into())).increment(1);
+                }
+                if opened.is_some() {
+                    metrics::counter!(m::REFRESH_OPENED, "reason" => reason_label(reason.into()))
+                        .increment(1);
+                }
+            }
+            Err(e) => {
+                self.discard(opened.as_ref());
+                if !matches!(e, StoreError::Conflict(_)) {
+                    tracing::error!(device = %pushed.device_id, error = %e, "could not record a dead channel");
+                }
+            }
+        }
+    }
+
+    fn dead_part(
+        &self,
+        rec: &mut DeviceRecord,
+        reason: DeadReason,
+        newly_dead: bool,
+        pushed: &DeviceRecord,
+        now: UnixTime,
+    ) -> Option<(Result<Ticket, StoreError>, Option<Job>)> {
+        let mut q = self.queue.lock();
+        let opened = if rec.refresh.is_none() {
+            self.open_locked(&mut q, rec, reason.into(), now, now)
+        } else {
+            None
+        };
+        if !newly_dead && opened.is_none() {
+            return None;
+        }
+        let ticket = self.submit_device(rec, opened.as_ref(), &pushed.channel_uri);
+        Some((ticket, opened))
+    }
+
+    /// Opens a job for `rec` and sets its refresh mark. `None` if the queue
+    /// already has one for the device.
+    fn open_locked(
+        &self,
+        q: &mut RefreshQueue,
+        rec: &mut DeviceRecord,
+        reason: LeaveReason,
+        expired_at: UnixTime,
+        now: UnixTime,
+    ) -> Option<Job> {
+        let choice = if self.settings.rotate_pfn {
+            PfnChoice::Rotate
+        } else {
+            PfnChoice::Same
+        };
+        let pfn = pfn_to_send(choice, &rec.pfn, &self.apps, 0);
+        let provider = rec
+            .provider_id
+            .clone()
+            .or_else(|| Some(self.settings.provider_id.clone()));
+        match q.open(
+            rec.device_id.clone(),
+            pfn,
+            provider,
+            reason,
+            expired_at,
+            now,
+        )? {
+            Change::Put(job) => {
+                rec.refresh = Some(RefreshMark {
+                    state: RefreshState::Pending,
+                    since: now,
+                    job: job.id,
+                });
+                Some(job)
+            }
+            _ => None,
+        }
+    }
+
+    /// Submits `rec` (and the job opened for it) guarded by `uri`.
+    fn submit_device(
+        &self,
+        rec: &DeviceRecord,
+        job: Option<&Job>,
+        uri: &crate::core::ChannelUri,
+    ) -> Result<Ticket, StoreError> {
+        let mut muts = vec![
+            Mutation::Guard {
+                device_id: rec.device_id.clone(),
+                channel_uri: Some(uri.clone()),
+            },
+            Mutation::Put(rec.clone()),
+        ];
+        if let Some(j) = job {
+            muts.push(Mutation::PutJob(j.clone()));
+        }
+        self.commits
+            .submit(muts)
+            .map_err(|e| StoreError::Io(e.to_string()))
+    }
+
+    /// Drops a job that never became durable.
+    fn discard(&self, job: Option<&Job>) {
+        if let Some(j) = job {
+            let mut q = self.queue.lock();
+            if q.job_for_device(j.device_id.as_str()).map(|x| x.id) == Some(j.id) {
+                q.remove_device(j.device_id.as_str());
+            }
+        }
+    }
+
+    /// Submits the store side of queue changes; call with the queue locked.
+    fn persist_locked(
+        &self,
+        _q: &mut RefreshQueue,
+        changes: Vec<Change>,
+        now: UnixTime,
+    ) -> Vec<Ticket> {
+        let mut plain = Vec::new();
+        let mut tickets = Vec::new();
+        for c in changes {
+            match c {
+                Change::Put(job) => plain.push(Mutation::PutJob(job)),
+                Change::Closed { id, .. } => {
+                    plain.push(Mutation::DeleteJob(id));
+                    metrics::counter!(m::REFRESH_CLOSED).increment(1);
+                }
+                Change::GaveUp { id, device_id } => {
+                    metrics::counter!(m::REFRESH_GIVEUPS).increment(1);
+                    let device = self.registry.get(device_id.as_str());
+                    match device {
+                        Some(mut rec) if rec.refresh.is_some_and(|r| r.job == id) => {
+                            let uri = rec.channel_uri.clone();
+                            rec.refresh = Some(RefreshMark {
+                                state: RefreshState::Unreachable,
+                                since: now,
+                                job: id,
+                            });
+                            let muts = vec![
+                                Mutation::Guard {
+                                    device_id: device_id.clone(),
+                                    channel_uri: Some(uri),
+                                },
+                                Mutation::DeleteJob(id),
+                                Mutation::Put(rec),
+                            ];
+                            match self.commits.submit(muts) {
+                                Ok(t) => tickets.push(t),
+                                Err(_) => plain.push(Mutation::DeleteJob(id)),
+                            }
+                            metrics::counter!(m::LIFECYCLE_TRANSITIONS, "to" => "unreachable", "reason" => "gave_up").increment(1);
+                        }
+                        _ => plain.push(Mutation::DeleteJob(id)),
+                    }
+                }
+            }
+        }
+        if !plain.is_empty() {
+            match self.commits.submit(plain) {
+                Ok(t) => tickets.push(t),
+                Err(e) => tracing::error!(error = %e, "could not persist refresh queue changes"),
+            }
+        }
+        tickets
+    }
+
+    /// Checks the job against the device's refresh mark; closes it if the
+    /// device moved on (registered meanwhile). True when the job is valid.
+    fn valid_locked(&self, q: &mut RefreshQueue, job: &Job, now: UnixTime) -> (bool, Vec<Ticket>) {
+        let ok = self
+            .registry
+            .get(job.device_id.as_str())
+            .and_then(|r| r.refresh)
+            .is_some_and(|m| m.state == RefreshState::Pending && m.job == job.id);
+        if ok {
+            return (true, Vec::new());
+        }
+        let changes = q
+            .remove_device(job.device_id.as_str())
+            .into_iter()
+            .collect();
+        (false, self.persist_locked(q, changes, now))
+    }
+
+    /// The device opened an OMA-DM session: its job, handed out now.
+    pub async fn check_in(
+        &self,
+        device_id: &str,
+        first_cmd_id: u32,
+        now: UnixTime,
+    ) -> Result<Option<JobView>, StoreError> {
+        let (job, tickets) = self.check_in_part(device_id, now);
+        for t in tickets {
+            t.await?;
+        }
+        Ok(job.map(|j| self.view(&j, first_cmd_id)))
+    }
+
+    fn check_in_part(&self, device_id: &str, now: UnixTime) -> (Option<Job>, Vec<Ticket>) {
+        let mut q = self.queue.lock();
+        let Some(job) = q.job_for_device(device_id).cloned() else {
+            return (None, Vec::new());
+        };
+        let (valid, tickets) = self.valid_locked(&mut q, &job, now);
+        if !valid {
+            return (None, tickets);
+        }
+        match q.check_in(device_id, now) {
+            Some((job, change)) => {
+                if change.is_some() {
+                    metrics::counter!(m::REFRESH_HANDOUTS, "via" => "check_in").increment(1);
+                }
+                let tickets = self.persist_locked(&mut q, change.into_iter().collect(), now);
+                (Some(job), tickets)
+            }
+            None => (None, Vec::new()),
+        }
+    }
+
+    /// Leases up to `max` due jobs (paced; oldest expiry first).
+    pub async fn lease(
+        &self,
+        max: u32,
+        lease_secs: Option<u32>,
+        via: Handout,
+        now: UnixTime,
+    ) -> Result<Vec<JobView>, StoreError> {
+        let (jobs, tickets) = self.lease_blocking_part(max, lease_secs, via, now);
+        for t in tickets {
+            t.await?;
+        }
+        Ok(jobs.iter().map(|j| self.view(j, 1)).collect())
+    }
+
+    fn lease_blocking_part(
+        &self,
+        max: u32,
+        lease_secs: Option<u32>,
+        via: Handout,
+        now: UnixTime,
+    ) -> (Vec<Job>, Vec<Ticket>) {
+        let mut q = self.queue.lock();
+        let (jobs, changes) = q.lease_via(via, max, lease_secs, now);
+        let mut tickets = self.persist_locked(&mut q, changes, now);
+        let mut valid = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let (ok, t) = self.valid_locked(&mut q, &job, now);
+            tickets.extend(t);
+            if ok {
+                valid.push(job);
+            }
+        }
+        let label = match via {
+            Handout::Lease => "lease",
+            Handout::Webhook => "webhook",
+            Handout::CheckIn => "check_in",
+        };
+        metrics::counter!(m::REFRESH_HANDOUTS, "via" => label).increment(valid.len() as u64);
+        (valid, tickets)
+    }
+
+    /// The MDM server reports a handed-out job's outcome.
+    pub async fn complete(
+        &self,
+        id: JobId,
+        outcome: CompleteOutcome,
+        now: UnixTime,
+    ) -> Result<Result<Option<JobView>, QueueError>, StoreError> {
+        let (result, tickets) = self.complete_part(id, outcome, now);
+        for t in tickets {
+            t.await?;
+        }
+        Ok(result)
+    }
+
+    fn complete_part(
+        &self,
+        id: JobId,
+        outcome: CompleteOutcome,
+        now: UnixTime,
+    ) -> (Result<Option<JobView>, QueueError>, Vec<Ticket>) {
+        let mut q = self.queue.lock();
+        match q.complete(id, outcome, now) {
+            Err(e) => (Err(e), Vec::new()),
+            Ok(change) => {
+                let view = match &change {
+                    Change::Put(job) => Some(self.view(job, 1)),
+                    _ => None,
+                };
+                let tickets = self.persist_locked(&mut q, vec![change], now);
+                (Ok(view), tickets)
+            }
+        }
+    }
+
+    /// One webhook round: leases due jobs for the webhook, posts them, and
+    /// records them delivered when the MDM server accepted them. A failed
+    /// call leaves them leased; the lease runs out and they are queued again.
+    /// Returns how many jobs were delivered.
+    pub fn webhook_round(&self, hook: &crate::config::WebhookSettings, now: UnixTime) -> usize {
+        let lease = hook.timeout_secs.saturating_add(60);
+        let (jobs, tickets) = self.lease_blocking_part(100, Some(lease), Handout::Webhook, now);
+        for t in tickets {
+            if t.wait_blocking().is_err() {
+                return 0;
+            }
+        }
+        if jobs.is_empty() {
+            return 0;
+        }
+        let views: Vec<JobView> = jobs.iter().map(|j| self.view(j, 1)).collect();
+        match webhook::post(hook, &views, now) {
+            Ok(()) => {
+                metrics::counter!(m::REFRESH_WEBHOOK_CALLS, "result" => "ok").increment(1);
+                let mut done = 0;
+                for j in &jobs {
+                    let (r, tickets) = self.complete_part(j.id, CompleteOutcome::Delivered, now);
+                    let durable = tickets.into_iter().all(|t| t.wait_blocking().is_ok());
+                    if r.is_ok() && durable {
+                        done += 1;
+                    }
+                }
+                done
+            }
+            Err(e) => {
+                metrics::counter!(m::REFRESH_WEBHOOK_CALLS, "result" => "error").increment(1);
+                tracing::warn!(error = %e, jobs = jobs.len(), "refresh webhook call failed; the jobs return to the queue when their lease ends");
+                0
+            }
+        }
+    }
+
+    /// The open job of a device, if any (no hand-out).
+    pub fn job_of(&self, device_id: &str) -> Option<JobView> {
+        let q = self.queue.lock();
+        q.job_for_device(device_id).map(|j| self.view(j, 1))
+    }
+
+    /// The job with `id`, if open.
+    pub fn job(&self, id: JobId) -> Option<JobView> {
+        let q = self.queue.lock();
+        q.get(id).map(|j| self.view(j, 1))
+    }
+
+    fn view(&self, job: &Job, first_cmd_id: u32) -> JobView {
+        use crate::core::refresh::JobState;
+        let provider = job
+            .provider_id
+            .as_ref()
+            .unwrap_or(&self.settings.provider_id)
+            .as_str()
+            .to_owned();
+        let frag = pfn_replacement(&PfnCommand {
+            provider_id: &provider,
+            pfn: job.pfn.as_str(),
+            verb: if self.settings.verb_add {
+                PfnVerb::Add
+            } else {
+                PfnVerb::Replace
+            },
+            first_cmd_id,
+        });
+        let (state, until, via) = match job.state {
+            JobState::Queued => ("queued", None, None),
+            JobState::Leased { until, via } => ("leased", Some(until), Some(via)),
+            JobState::Delivered { via, .. } => ("delivered", Some(job.next_at), Some(via)),
+        };
+        JobView {
+            job_id: job_id_string(job.id),
+            device_id: job.device_id.as_str().to_owned(),
+            pfn: job.pfn.as_str().to_owned(),
+            provider_id: provider,
+            reason: job.reason,
+            expired_at: job.expired_at.to_rfc3339(),
+            created_at: job.created_at.to_rfc3339(),
+            attempts: job.attempts,
+            state,
+            until: until.map(|u| u.to_rfc3339()),
+            handed_out_via: via,
+            syncml: frag.xml,
+            cmd_ids: frag.cmd_ids,
+        }
+    }
+
+    /// Advances the queue to `now`: expired leases, deliveries that saw no
+    /// new URI, give-ups. Blocks until durable.
+    pub fn tick(&self, now: UnixTime) -> Result<usize, StoreError> {
+        let tickets = {
+            let mut q = self.queue.lock();
+            let changes = q.tick(now);
+            if changes.is_empty() {
+                Vec::new()
+            } else {
+                self.persist_locked(&mut q, changes, now)
+            }
+        };
+        let n = tickets.len();
+        for t in tickets {
+            t.wait_blocking()?;
+        }
+        self.publish_stats(now);
+        Ok(n)
+    }
+
+    /// Opens a refresh job for every device whose channel expired by age
+    /// since the last sweep, reading only the issued-at index entries that
+    /// came due (P8). Blocks until durable.
+    pub fn sweep(&self, now: UnixTime) -> Result<SweepReport, StoreError> {
+        let started = std::time::Instant::now();
+        let to = UnixTime(
+            now.0
+                .saturating_sub(self.thresholds.expire_after)
+                .saturating_add(1),
+        );
+        let rewind = self.rewind_to.swap(u32::MAX, Ordering::Relaxed);
+        let from = UnixTime(self.swept_to.load(Ordering::Relaxed).min(rewind));
+        let mut report = SweepReport::default();
+        let mut after: Option<(UnixTime, DeviceId)> = None;
+        loop {
+            let page = self.store.issued_between(
+                from,
+                to,
+                after.as_ref().map(|(t, id)| (*t, id.as_str())),
+                self.settings.sweep_batch,
+            )?;
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            report.examined += page.len() as u64;
+            let mut stale = Vec::new();
+            let mut tickets = Vec::new();
+            {
+                let mut q = self.queue.lock();
+                for (at, id) in page.iter() {
+                    let Some(mut rec) = self.registry.get(id.as_str()) else {
+                        stale.push(Mutation::Unindex {
+                            issued_at: *at,
+                            device_id: id.clone(),
+                        });
+                        continue;
+                    };
+                    if rec.issued_at != *at {
+                        stale.push(Mutation::Unindex {
+                            issued_at: *at,
+                            device_id: id.clone(),
+                        });
+                        continue;
+                    }
+                    if rec.refresh.is_some() {
+                        continue;
+                    }
+                    let (reason, expired_at) = match rec.dead {
+                        Some(d) => (LeaveReason::from(d.reason), d.at),
+                        None => (LeaveReason::Age, self.thresholds.expires_at(rec.issued_at)),
+                    };
+                    let uri = rec.channel_uri.clone();
+                    if let Some(job) = self.open_locked(&mut q, &mut rec, reason, expired_at, now) {
+                        match self.submit_device(&rec, Some(&job), &uri) {
+                            Ok(t) => tickets.push((t, Some((job, reason)))),
+                            Err(e) => {
+                                q.remove_device(id.as_str());
+                                return Err(e);
+                            }
+                        }
+                    }
+                }
+                report.stale += stale.len() as u64;
+                if !stale.is_empty() {
+                    if let Ok(t) = self.commits.submit(stale) {
+                        tickets.push((t, None));
+                    }
+                }
+            }
+            for (t, opened) in tickets {
+                match (t.wait_blocking(), opened) {
+                    (Ok(()), Some((_, reason))) => {
+                        report.opened += 1;
+                        metrics::counter!(m::REFRESH_OPENED, "reason" => reason_label(reason))
+                            .increment(1);
+                        if reason == LeaveReason::Age {
+                            metrics::counter!(m::LIFECYCLE_TRANSITIONS, "to" => "expired", "reason" => "age").increment(1);
+                        }
+                    }
+                    (Ok(()), None) => {}
+                    (Err(StoreError::Conflict(_)), opened) => {
+                        self.discard(opened.as_ref().map(|(j, _)| j))
+                    }
+                    (Err(e), opened) => {
+                        self.discard(opened.as_ref().map(|(j, _)| j));
+                        return Err(e);
+                    }
+                }
+            }
+            after = Some(last);
+        }
+        self.swept_to.store(to.0, Ordering::Relaxed);
+        metrics::histogram!(m::LIFECYCLE_SWEEP_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::LIFECYCLE_SWEEP_EXAMINED).increment(report.examined);
+        self.publish_stats(now);
+        Ok(report)
+    }
+
+    fn publish_stats(&self, now: UnixTime) {
+        let s = self.queue.lock().stats(now);
+        metrics::gauge!(m::REFRESH_JOBS, "state" => "queued").set(s.queued as f64);
+        metrics::gauge!(m::REFRESH_JOBS, "state" => "leased").set(s.leased as f64);
+        metrics::gauge!(m::REFRESH_JOBS, "state" => "delivered").set(s.delivered as f64);
+        metrics::gauge!(m::REFRESH_DUE).set(s.due_now as f64);
+        let oldest = s
+            .oldest_expired_at
+            .map_or(0.0, |t| f64::from(now.0.saturating_sub(t.0)));
+        metrics::gauge!(m::REFRESH_OLDEST_SECONDS).set(if now.0 == 0 { 0.0 } else { oldest });
+    }
+}
+
+/// A bounded label for a leave reason.
+pub fn reason_label(r: LeaveReason) -> &'static str {
+    match r {
+        LeaveReason::Age => "age",
+        LeaveReason::Wns404 => "wns_404",
+        LeaveReason::Wns410 => "wns_410",
+        LeaveReason::CredentialMismatch => "credential_mismatch",
+    }
+}
+
+/// The lifecycle thread: ticks the queue every second, sweeps every
+/// `refresh.sweep_interval`, and runs the webhook when one is configured.
+pub struct LifecycleThread {
+    stop: crossbeam_channel::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LifecycleThread {
+    /// Starts the thread. `now` reads the wall clock.
+    pub fn start(
+        lc: Arc<Lifecycle>,
+        now: impl Fn() -> UnixTime + Send + 'static,
+    ) -> std::io::Result<LifecycleThread> {
+        let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("wnsgate-lifecycle".into())
+            .spawn(move || {
+                let interval = lc.settings.sweep_interval_secs.max(1);
+                let mut next_sweep = 0u32;
+                loop {
+                    let t = now();
+                    if t.0 >= next_sweep {
+                        match lc.sweep(t) {
+                            Ok(r) if r.opened > 0 || r.stale > 0 => tracing::info!(
+                                examined = r.examined,
+                                opened = r.opened,
+                                stale = r.stale,
+                                "expiry sweep"
+                            ),
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(error = %e, "expiry sweep failed"),
+                        }
+                        next_sweep = t.0.saturating_add(interval);
+                    }
+                    if let Err(e) = lc.tick(t) {
+                        tracing::error!(error = %e, "refresh queue tick failed");
+                    }
+                    if let Some(hook) = lc.settings.webhook.clone() {
+                        while lc.webhook_round(&hook, now()) > 0 {
+                            if stopped.try_recv().is_ok() {
+                                return;
+                            }
+                        }
+                    }
+                    match stopped.recv_timeout(std::time::Duration::from_secs(1)) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                }
+            })?;
+        Ok(LifecycleThread {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread after its current step.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for LifecycleThread {
+    fn drop(&mut self) {
+        let _ = self.stop.try_send(());
+    }
+}
+
+fn describe_metrics() {
+    metrics::describe_gauge!(m::REFRESH_JOBS, "Open refresh jobs, by state");
+    metrics::describe_gauge!(m::REFRESH_DUE, "Queued refresh jobs due now");
+    metrics::describe_gauge!(
+        m::REFRESH_OLDEST_SECONDS,
+        "Age of the oldest expiry among due refresh jobs, seconds"
+    );
+    metrics::describe_counter!(m::REFRESH_OPENED, "Refresh jobs opened, by reason");
+    metrics::describe_counter!(
+        m::REFRESH_CLOSED,
+        "Refresh jobs closed by a new registration or a deletion"
+    );
+    metrics::describe_counter!(
+        m::REFRESH_GIVEUPS,
+        "Refresh jobs given up (device unreachable)"
+    );
+    metrics::describe_counter!(m::REFRESH_HANDOUTS, "Refresh jobs handed out, by channel");
+    metrics::describe_counter!(
+        m::LIFECYCLE_TRANSITIONS,
+        "Devices leaving active, by new state and reason"
+    );
+    metrics::describe_histogram!(m::LIFECYCLE_SWEEP_SECONDS, "Duration of one expiry sweep");
+    metrics::describe_counter!(
+        m::LIFECYCLE_SWEEP_EXAMINED,
+        "Issued-at index entries read by expiry sweeps"
+    );
+}
