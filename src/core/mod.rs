@@ -9,11 +9,18 @@ pub mod channel_uri;
 pub mod ids;
 pub mod lifecycle;
 pub mod record;
+pub mod refresh;
+pub mod syncml;
 pub mod time;
 pub mod wns;
 
 pub use channel_uri::{ChannelUri, ChannelUriError, UriPolicy};
 pub use ids::{DeviceId, IdError, Pfn, ProviderId};
-pub use lifecycle::{DeadReason, LifecycleState, Thresholds};
+pub use lifecycle::{DeadReason, LeaveReason, LifecycleState, Thresholds};
 pub use record::{merge_registration, DeadMark, DeviceRecord, Registration};
+pub use refresh::{
+    pfn_to_send, Change, CompleteOutcome, Handout, Job, JobId, JobState, PfnChoice, QueueError,
+    QueueStats, RefreshPolicy, RefreshQueue,
+};
+pub use syncml::{pfn_replacement, PfnCommand, PfnVerb, SyncmlFragment};
 pub use time::UnixTime;
