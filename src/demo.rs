@@ -4,7 +4,10 @@
 //! synthetic fleet registers through the real HTTP API (fresh channels,
 //! channels past 15 days, channels past 30 days, and channels the simulator
 //! answers 410 for); one bulk wake reaches every device over TLS; WNS's
-//! answers mark dead channels; a restart proves every record survived.
+//! answers mark dead channels; expiry is found both by age (the sweep) and
+//! by WNS (410), each dead channel gets one refresh job, the simulated
+//! devices check in, take their PFN-replacement SyncML and re-register a
+//! fresh channel URI; a restart proves every record survived.
 
 use crate::client::Client;
 use crate::config::{Config, Settings};
@@ -105,6 +108,18 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
             sim.ca_pem_path.display().to_string(),
         ),
         ("WNSGATE_WNS__APPS".to_owned(), apps),
+        (
+            "WNSGATE_REFRESH__SWEEP_INTERVAL".to_owned(),
+            "1s".to_owned(),
+        ),
+        (
+            "WNSGATE_REFRESH__JOBS_PER_SECOND".to_owned(),
+            "1000".to_owned(),
+        ),
+        (
+            "WNSGATE_REFRESH__PROVIDER_ID".to_owned(),
+            "Contoso-MDM".to_owned(),
+        ),
     ];
     let settings = Settings::resolve(&Config::load(None, env)?)?;
     crate::telemetry::logging::init(settings.log.format, &settings.log.level);
@@ -163,6 +178,25 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
         &client.get("/v1/stats")?.json(),
     );
 
+    // The expiry sweep finds the channels past 30 days and opens their jobs.
+    let t = Instant::now();
+    loop {
+        let st = client.get("/v1/stats")?.json();
+        if st["by_state"]["expired"].as_u64() == Some(0) {
+            break;
+        }
+        ensure!(
+            t.elapsed() < Duration::from_secs(60),
+            "the expiry sweep did not finish within 60 s: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let by_age = opened_by(&mut client, "age")?;
+    println!(
+        "expiry sweep: {by_age} channels past 30 days found by age in {:.2} s, one refresh job each",
+        t.elapsed().as_secs_f64()
+    );
+
     // Wake everyone.
     let t = Instant::now();
     let job = client.send_json("POST", "/v1/pushes", &serde_json::json!({"all": true}))?;
@@ -204,12 +238,60 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
         &client.get("/v1/stats")?.json(),
     );
 
-    let sample = client
+    let by_wns = opened_by(&mut client, "wns_410")?;
+    println!("refresh jobs: {by_age} opened by age, {by_wns} opened by WNS 410 answers");
+    let dead = client
         .get(&format!("/v1/devices/{}", fleet::device_id(7)))?
         .json();
     println!(
-        "a device WNS declared dead:\n{}",
-        serde_json::to_string_pretty(&sample)?
+        "a device WNS declared dead, with its refresh job:\n{}",
+        serde_json::to_string_pretty(&dead)?
+    );
+    let leased = client.send_json(
+        "POST",
+        "/v1/refresh:lease",
+        &serde_json::json!({"max": 5, "lease_seconds": 60}),
+    )?;
+    ensure!(
+        leased.status == 200,
+        "lease refused: {} {}",
+        leased.status,
+        leased.text()
+    );
+    println!(
+        "an MDM server leasing jobs gets the oldest expiry first: {} job(s), the first for {} (expired {})",
+        leased.json()["jobs"].as_array().map_or(0, Vec::len),
+        leased.json()["jobs"][0]["device_id"],
+        leased.json()["jobs"][0]["expired_at"],
+    );
+
+    // The devices check in: each takes its SyncML and re-registers.
+    let pending = client.get("/v1/stats")?.json()["by_state"]["refresh_pending"]
+        .as_u64()
+        .unwrap_or(0);
+    let t = Instant::now();
+    let renewed = check_in_all(&mut client, pending)?;
+    let renew_secs = t.elapsed().as_secs_f64();
+    println!(
+        "{renewed} devices checked in, ran their PFN replacement and registered a fresh channel URI in {renew_secs:.2} s ({:.0} devices/s)",
+        renewed as f64 / renew_secs
+    );
+    let final_stats = client.get("/v1/stats")?.json();
+    print_states(
+        "lifecycle states after the devices re-registered:",
+        &final_stats,
+    );
+    ensure!(
+        final_stats["by_state"]["refresh_pending"].as_u64() == Some(0)
+            && final_stats["refresh_queue"]["queued"].as_u64() == Some(0),
+        "refresh jobs left open: {final_stats}"
+    );
+    let sample = client
+        .get(&format!("/v1/devices/{}", fleet::device_id(7)))?
+        .json();
+    ensure!(
+        sample["state"] == "active" && sample["channel_uri"] != dead["channel_uri"],
+        "device 7 did not come back: {sample}"
     );
 
     // Restart on the same data.
@@ -233,17 +315,70 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
         "device 7 changed across the restart"
     );
     ensure!(
-        again["state_reason"] == sample["state_reason"],
-        "the WNS verdict on device 7 was lost in the restart"
+        again["state"] == sample["state"],
+        "the state of device 7 changed across the restart"
     );
-    println!("ready again after {restart_secs:.2} s with all {devices} devices and every WNS verdict, byte-exact");
+    println!("ready again after {restart_secs:.2} s with all {devices} devices, byte-exact");
     running.shutdown();
     sim.shutdown();
     println!(
-        "summary: {devices} registered at {:.0}/s, woken at {:.0}/s, {} channels found dead by WNS, restart {restart_secs:.2} s",
+        "summary: {devices} registered at {:.0}/s, woken at {:.0}/s; {by_age} channels expired by age and {by_wns} found dead by WNS, each given one refresh job; {renewed} devices re-registered; restart {restart_secs:.2} s",
         devices as f64 / import_secs,
         woken as f64 / wake_secs,
-        done["expired"],
     );
     Ok(())
+}
+
+/// `wnsgate_refresh_jobs_opened_total{reason}` from `/metrics`.
+fn opened_by(client: &mut Client, reason: &str) -> anyhow::Result<u64> {
+    let text = client.get("/metrics")?.text();
+    let key = format!("wnsgate_refresh_jobs_opened_total{{reason=\"{reason}\"}} ");
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64))
+}
+
+/// Every `refresh_pending` device opens a session: the MDM server asks for
+/// its job (`GET /v1/devices/{id}/refresh`), runs the SyncML, and the device
+/// registers a fresh channel URI. Returns how many came back.
+fn check_in_all(client: &mut Client, pending: u64) -> anyhow::Result<u64> {
+    let progress = bar(pending, "checking in");
+    let mut renewed = 0u64;
+    loop {
+        // Re-registered devices leave the state, so the first page is
+        // always the next one.
+        let page = client
+            .get("/v1/devices?state=refresh_pending&limit=1000")?
+            .json();
+        let Some(devices) = page["devices"].as_array().filter(|d| !d.is_empty()) else {
+            break;
+        };
+        for d in devices {
+            let id = d["device_id"].as_str().unwrap_or_default();
+            let job = client.get(&format!("/v1/devices/{id}/refresh"))?;
+            ensure!(
+                job.status == 200 && job.json()["syncml"].as_str().is_some(),
+                "no refresh job for {id}: {} {}",
+                job.status,
+                job.text()
+            );
+            let seed = id.bytes().fold(0u64, |h, b| fleet::mix(h ^ u64::from(b)));
+            let put = client.send_json(
+                "PUT",
+                &format!("/v1/devices/{id}/channel"),
+                &serde_json::json!({"pfn": fleet::DEMO_PFN, "channel_uri": fleet::channel_uri(seed, 1)}),
+            )?;
+            ensure!(
+                put.status == 200,
+                "re-registration of {id} failed: {}",
+                put.text()
+            );
+            renewed += 1;
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+    Ok(renewed)
 }

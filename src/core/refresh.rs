@@ -74,7 +74,11 @@ pub enum JobState {
 /// One open PFN-replacement job.
 ///
 /// 104 bytes inline on 64-bit targets (see the `job_is_small` test) plus
-/// the heap bytes of the device id, PFN and provider id strings.
+/// the heap bytes of the device id, PFN and provider id strings. With the
+/// queue's maps and indexes, a million open jobs (36-character device ids,
+/// a provider id) took about 420 bytes each beyond the device id itself,
+/// measured with a counting allocator: about 420 MB after a mass expiry of
+/// a million devices.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
     pub id: JobId,
