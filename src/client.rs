@@ -77,6 +77,11 @@ impl Client {
         })
     }
 
+    /// `http://host:port` of the server this client talks to.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.host)
+    }
+
     /// Sends `Authorization: Bearer <token>` with every request.
     pub fn with_token(mut self, token: Option<String>) -> Client {
         self.token = token.filter(|t| !t.is_empty());

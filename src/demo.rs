@@ -342,43 +342,66 @@ fn opened_by(client: &mut Client, reason: &str) -> anyhow::Result<u64> {
 
 /// Every `refresh_pending` device opens a session: the MDM server asks for
 /// its job (`GET /v1/devices/{id}/refresh`), runs the SyncML, and the device
-/// registers a fresh channel URI. Returns how many came back.
+/// registers a fresh channel URI. Devices come back concurrently, as a
+/// fleet does, over 16 connections. Returns how many came back.
 fn check_in_all(client: &mut Client, pending: u64) -> anyhow::Result<u64> {
-    let progress = bar(pending, "checking in");
-    let mut renewed = 0u64;
+    // Collect the ids first: re-registered devices leave the state, which
+    // would shift the pages under the cursor.
+    let mut ids = Vec::with_capacity(pending as usize);
+    let mut cursor: Option<String> = None;
     loop {
-        // Re-registered devices leave the state, so the first page is
-        // always the next one.
-        let page = client
-            .get("/v1/devices?state=refresh_pending&limit=1000")?
-            .json();
-        let Some(devices) = page["devices"].as_array().filter(|d| !d.is_empty()) else {
-            break;
+        let path = match &cursor {
+            None => "/v1/devices?state=refresh_pending&limit=1000".to_owned(),
+            Some(c) => format!("/v1/devices?state=refresh_pending&limit=1000&cursor={c}"),
         };
-        for d in devices {
-            let id = d["device_id"].as_str().unwrap_or_default();
-            let job = client.get(&format!("/v1/devices/{id}/refresh"))?;
-            ensure!(
-                job.status == 200 && job.json()["syncml"].as_str().is_some(),
-                "no refresh job for {id}: {} {}",
-                job.status,
-                job.text()
-            );
-            let seed = id.bytes().fold(0u64, |h, b| fleet::mix(h ^ u64::from(b)));
-            let put = client.send_json(
-                "PUT",
-                &format!("/v1/devices/{id}/channel"),
-                &serde_json::json!({"pfn": fleet::DEMO_PFN, "channel_uri": fleet::channel_uri(seed, 1)}),
-            )?;
-            ensure!(
-                put.status == 200,
-                "re-registration of {id} failed: {}",
-                put.text()
-            );
-            renewed += 1;
-            progress.inc(1);
+        let page = client.get(&path)?.json();
+        for d in page["devices"].as_array().into_iter().flatten() {
+            ids.push(d["device_id"].as_str().unwrap_or_default().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
         }
     }
+    let progress = bar(ids.len() as u64, "checking in");
+    let base = client.base_url();
+    let chunk = ids.len().div_ceil(16).max(1);
+    let renewed = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let workers: Vec<_> = ids
+            .chunks(chunk)
+            .map(|part| {
+                let (base, progress, renewed) = (&base, &progress, &renewed);
+                s.spawn(move || -> anyhow::Result<()> {
+                    let mut c = Client::new(base)?.with_timeout(Duration::from_secs(60));
+                    for id in part {
+                        let job = c.get(&format!("/v1/devices/{id}/refresh"))?;
+                        ensure!(
+                            job.status == 200 && job.json()["syncml"].as_str().is_some(),
+                            "no refresh job for {id}: {} {}",
+                            job.status,
+                            job.text()
+                        );
+                        let seed = id.bytes().fold(0u64, |h, b| fleet::mix(h ^ u64::from(b)));
+                        let put = c.send_json(
+                            "PUT",
+                            &format!("/v1/devices/{id}/channel"),
+                            &serde_json::json!({"pfn": fleet::DEMO_PFN, "channel_uri": fleet::channel_uri(seed, 1)}),
+                        )?;
+                        ensure!(put.status == 200, "re-registration of {id} failed: {}", put.text());
+                        renewed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        progress.inc(1);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("a check-in worker panicked"))??;
+        }
+        Ok(())
+    })?;
     progress.finish_and_clear();
-    Ok(renewed)
+    Ok(renewed.into_inner())
 }
