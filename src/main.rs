@@ -105,7 +105,8 @@ fn main() -> ExitCode {
             }
             load_settings(config.as_deref(), overrides).and_then(wnsgate::cli::serve)
         }
-        Cmd::CheckConfig { file } => load_settings(file.as_deref(), Vec::new()).map(|s| {
+        Cmd::CheckConfig { file } => load_settings(file.as_deref(), Vec::new()).and_then(|s| {
+            let notes = wnsgate::server::preflight(&s)?;
             println!(
                 "configuration OK: listen {}, data {}, {} API token(s), {} WNS app(s)",
                 s.listen,
@@ -113,6 +114,10 @@ fn main() -> ExitCode {
                 s.tokens.len(),
                 s.known_pfns.len()
             );
+            for note in notes {
+                println!("note: {note}");
+            }
+            Ok(())
         }),
         Cmd::Import { file, url, token } => wnsgate::cli::import(&file, &url, token),
         Cmd::Demo { devices } => wnsgate::demo::run(devices),
