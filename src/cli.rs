@@ -133,3 +133,19 @@ pub fn import(file: &Path, url: &str, token: Option<String>) -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// `GET base_url + path` with a short timeout; Ok when the answer is 200.
+pub fn health(base_url: &str, path: &str) -> anyhow::Result<()> {
+    let mut client = Client::new(base_url)?.with_timeout(std::time::Duration::from_secs(3));
+    let resp = client
+        .get(path)
+        .with_context(|| format!("{base_url}{path}: no answer"))?;
+    anyhow::ensure!(
+        resp.status == 200,
+        "{base_url}{path} answered {}: {}",
+        resp.status,
+        resp.text().trim()
+    );
+    println!("{base_url}{path}: {}", resp.text().trim());
+    Ok(())
+}

@@ -66,6 +66,20 @@ enum Cmd {
     },
     /// Run a WNS simulator (token and push endpoints, scripted behaviours, faults).
     Sim(wnsgate::sim::cli::SimArgs),
+    /// Probe a running gateway's /readyz (or --path) and exit 0 when it
+    /// answers 200: a health check for images without curl.
+    Health {
+        /// Configuration file whose api.listen is probed (0.0.0.0 and [::]
+        /// are probed on loopback); WNSGATE_API__LISTEN applies too.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Base URL to probe instead of api.listen.
+        #[arg(long)]
+        url: Option<String>,
+        /// Path to probe.
+        #[arg(long, default_value = "/readyz")]
+        path: String,
+    },
     /// Print the version.
     Version,
 }
@@ -122,6 +136,9 @@ fn main() -> ExitCode {
         Cmd::Import { file, url, token } => wnsgate::cli::import(&file, &url, token),
         Cmd::Demo { devices } => wnsgate::demo::run(devices),
         Cmd::Sim(args) => wnsgate::sim::cli::run(args),
+        Cmd::Health { config, url, path } => {
+            health_url(config.as_deref(), url).and_then(|url| wnsgate::cli::health(&url, &path))
+        }
         Cmd::Version => {
             println!("wnsgate {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -149,4 +166,25 @@ fn load_settings(
     let env = std::env::vars().chain(overrides);
     let cfg = Config::load(file, env)?;
     Ok(Settings::resolve(&cfg)?)
+}
+
+/// The base URL `wnsgate health` probes: `--url`, or api.listen from the
+/// configuration with an unspecified address replaced by loopback.
+fn health_url(file: Option<&std::path::Path>, url: Option<String>) -> anyhow::Result<String> {
+    if let Some(url) = url {
+        return Ok(url);
+    }
+    let cfg = Config::load(file, std::env::vars())?;
+    let mut addr: std::net::SocketAddr = cfg
+        .api
+        .listen
+        .parse()
+        .map_err(|_| anyhow::anyhow!("api.listen: {:?} is not an IP:port", cfg.api.listen))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(format!("http://{addr}"))
 }
