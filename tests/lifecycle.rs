@@ -424,3 +424,32 @@ fn debug_logs_never_show_secrets_or_channel_tokens() {
         "an Authorization value is in the log:\n{log}"
     );
 }
+
+// ---- health -------------------------------------------------------------
+
+#[test]
+fn health_exits_zero_only_when_the_gateway_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Server::start(&dir.path().join("data"), &[]);
+    let url = gw.url();
+    let out = wnsgate(&["health", "--url", &url], &[]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // From the configuration: a wildcard api.listen is probed on loopback.
+    let port = gw.addr.rsplit_once(':').unwrap().1.to_owned();
+    let listen = format!("0.0.0.0:{port}");
+    let out = wnsgate(&["health"], &[("WNSGATE_API__LISTEN", &listen)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(gw);
+    let out = wnsgate(&["health", "--url", &url], &[]).output().unwrap();
+    assert_refused(&out, &[&url, "no answer"]);
+}
