@@ -453,3 +453,61 @@ fn health_exits_zero_only_when_the_gateway_is_ready() {
     let out = wnsgate(&["health", "--url", &url], &[]).output().unwrap();
     assert_refused(&out, &[&url, "no answer"]);
 }
+
+#[test]
+fn serve_flags_select_json_logs_and_the_backend() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data").display().to_string();
+    let err_path = dir.path().join("stderr.log");
+    let mut child = wnsgate(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            &data,
+            "--log-format",
+            "json",
+            "--io",
+            "epoll",
+        ],
+        &[],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::fs::File::create(&err_path).unwrap())
+    .spawn()
+    .unwrap();
+    let first = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .and_then(Result::ok)
+        .unwrap_or_default();
+    let log = || std::fs::read_to_string(&err_path).unwrap_or_default();
+    assert!(
+        first.starts_with("listening on http://"),
+        "{first:?}: {}",
+        log()
+    );
+    send_signal(child.id(), 15);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}: {}", log());
+    let log = log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 3, "{log}");
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"message\":\"ready\"") || l.contains("\"message\": \"ready\"")),
+        "{log}"
+    );
+    assert!(log.contains("\"io\":\"epoll\""), "{log}");
+}
