@@ -131,6 +131,47 @@ fn a_second_signal_exits_at_once() {
     assert!(gw.stderr().contains("second signal"), "{}", gw.stderr());
 }
 
+#[test]
+fn a_caller_waiting_for_a_wake_gets_its_result_during_shutdown() {
+    let (_dir, s, mut gw) = common::start_with_sim(SimConfig::default());
+    let mut c = gw.client();
+    let r = c
+        .send_json(
+            "PUT",
+            "/v1/devices/waiter/channel",
+            &channel_body(&uri("AwYAAADwaiter")),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201);
+    // A first wake fetches the access token, so the second is the only
+    // request in flight.
+    let r = c
+        .request("POST", "/v1/devices/waiter/push?wait=true", None, b"")
+        .unwrap();
+    assert_eq!(r.json()["result"], "delivered", "{}", r.text());
+    s.set_faults(slow_sim(1500)).unwrap();
+    let mut waiting = gw.client();
+    let caller = std::thread::spawn(move || {
+        waiting
+            .request("POST", "/v1/devices/waiter/push?wait=true", None, b"")
+            .unwrap()
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = c.get("/metrics").unwrap().text();
+        if m.lines().any(|l| l == "wnsgate_wns_inflight_pushes 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the wake never started: {m}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    send_signal(gw.child.id(), 15);
+    let r = caller.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["result"], "delivered", "{}", r.text());
+    assert!(wait_exit(&mut gw).success(), "{}", gw.stderr());
+}
+
 // ---- start-up problems ------------------------------------------------
 
 fn wnsgate(args: &[&str], env: &[(&str, &str)]) -> Command {
