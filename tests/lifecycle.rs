@@ -6,7 +6,7 @@
 mod common;
 
 use common::{channel_body, uri, Server, PFN};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use wnsgate::sim::{self, Faults, SimConfig};
@@ -222,13 +222,36 @@ fn euid() -> u32 {
         .expect("effective uid")
 }
 
-/// Runs `cmd` as an unprivileged user when the tests run as root (root
-/// reads and writes through any permission bits). Its supplementary
+/// `wnsgate args`, run as an unprivileged user when the tests run as root
+/// (root reads and writes through any permission bits). Its supplementary
 /// groups stay, so the files below give their group no more than others.
-fn unprivileged(cmd: &mut Command) -> &mut Command {
+/// Where that user cannot reach the built binary (a checkout under a
+/// private home directory), a copy in `dir` runs instead.
+fn unprivileged(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     use std::os::unix::process::CommandExt;
-    if euid() == 0 {
-        cmd.uid(65534).gid(65534);
+    if euid() != 0 {
+        return wnsgate(args, env);
+    }
+    let mut bin = PathBuf::from(env!("CARGO_BIN_EXE_wnsgate"));
+    let reachable = Command::new(&bin)
+        .arg("version")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !reachable {
+        use std::os::unix::fs::PermissionsExt;
+        let copy = dir.join("wnsgate-copy");
+        if !copy.exists() {
+            std::fs::copy(&bin, &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        bin = copy;
+    }
+    let mut cmd = Command::new(bin);
+    cmd.args(args).env_remove("RUST_LOG").uid(65534).gid(65534);
+    for (k, v) in env {
+        cmd.env(k, v);
     }
     cmd
 }
@@ -276,21 +299,22 @@ fn an_unwritable_data_directory_is_named() {
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o555)).unwrap();
     let data_s = data.display().to_string();
     let args = ["serve", "--listen", "127.0.0.1:0", "--data", &data_s];
-    let out = unprivileged(&mut wnsgate(&args, &[])).output().unwrap();
+    let out = unprivileged(dir.path(), &args, &[]).output().unwrap();
     assert_refused(&out, &[&data_s, "not writable"]);
 
     // A data directory that cannot be created.
     let below = data.join("below");
     let below_s = below.display().to_string();
     let args = ["serve", "--listen", "127.0.0.1:0", "--data", &below_s];
-    let out = unprivileged(&mut wnsgate(&args, &[])).output().unwrap();
+    let out = unprivileged(dir.path(), &args, &[]).output().unwrap();
     assert_refused(&out, &[&below_s, "cannot create the data directory"]);
 
     // check-config sees the same problem without starting.
-    let out = unprivileged(&mut wnsgate(
+    let out = unprivileged(
+        dir.path(),
         &["check-config"],
         &[("WNSGATE_STORE__PATH", &data_s)],
-    ))
+    )
     .output()
     .unwrap();
     assert_refused(&out, &["store.path", &data_s, "not writable"]);
@@ -332,10 +356,11 @@ fn a_missing_or_unusable_ca_file_is_named_by_serve_and_check_config() {
     std::fs::write(&locked, "-----BEGIN CERTIFICATE-----\n").unwrap();
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
     let locked_s = locked.display().to_string();
-    let out = unprivileged(&mut wnsgate(
+    let out = unprivileged(
+        dir.path(),
         &["check-config"],
         &[("WNSGATE_WNS__CA_FILE", &locked_s)],
-    ))
+    )
     .output()
     .unwrap();
     assert_refused(
@@ -369,10 +394,11 @@ fn a_missing_empty_or_unreadable_secret_file_is_named() {
     std::fs::write(&locked, "s3cr3t-value\n").unwrap();
     std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o600)).unwrap();
     let apps = app_with("client_secret_file", &locked.display().to_string());
-    let out = unprivileged(&mut wnsgate(
+    let out = unprivileged(
+        dir.path(),
         &["check-config"],
         &[("WNSGATE_WNS__APPS", &apps)],
-    ))
+    )
     .output()
     .unwrap();
     assert_refused(
