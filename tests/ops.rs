@@ -271,6 +271,49 @@ fn alert_rules_and_the_dashboard_use_only_exported_metrics() {
     }
 }
 
+#[test]
+fn the_dashboard_queries_are_valid_promql() {
+    let dash: serde_json::Value =
+        serde_json::from_str(&repo_file("deploy/grafana/wnsgate.json")).unwrap();
+    // Every query as a recording rule, so promtool parses it; Grafana's
+    // variables are replaced by what they expand to.
+    let rules: Vec<serde_json::Value> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["targets"].as_array())
+        .flatten()
+        .enumerate()
+        .map(|(i, t)| {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "5m")
+                .replace("$instance", ".*");
+            serde_json::json!({"record": format!("dashboard:query{i}"), "expr": expr})
+        })
+        .collect();
+    assert!(rules.len() >= 20, "{} queries", rules.len());
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard-queries.json");
+    let doc = serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]});
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let out = Command::new(promtool)
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "a dashboard query does not parse:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The README's metrics table: name -> (type, labels, buckets).
 fn documented_metrics() -> BTreeMap<String, Family> {
     let readme = repo_file("README.md");
