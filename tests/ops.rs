@@ -476,3 +476,49 @@ fn the_example_config_mentions_every_key() {
         );
     }
 }
+
+/// The image's build stage copies what `cargo build` needs: the Docker
+/// daemon is not available to the tests, so this checks the Dockerfile's
+/// sources against the manifest's targets.
+#[test]
+fn the_container_build_copies_every_cargo_target() {
+    let dockerfile = repo_file("deploy/Dockerfile");
+    let ignored = repo_file(".dockerignore");
+    let mut copied: Vec<String> = Vec::new();
+    for line in dockerfile.lines().filter(|l| l.starts_with("COPY ")) {
+        let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+        if words.iter().any(|w| w.starts_with("--from")) {
+            continue;
+        }
+        let sources = &words[..words.len() - 1];
+        for s in sources.iter().filter(|s| !s.starts_with("--")) {
+            assert!(
+                Path::new(ROOT).join(s).exists(),
+                "the Dockerfile copies {s}, which is not in the repository"
+            );
+            assert!(
+                !ignored.lines().any(|i| i.trim_end_matches('/') == *s),
+                ".dockerignore excludes {s}"
+            );
+            copied.push(s.to_string());
+        }
+    }
+    let manifest: toml::Table = repo_file("Cargo.toml").parse().unwrap();
+    let mut needed = vec!["Cargo.toml".to_owned(), "Cargo.lock".to_owned()];
+    for bin in manifest["bin"].as_array().unwrap() {
+        needed.push(bin["path"].as_str().unwrap().to_owned());
+    }
+    for bench in manifest["bench"].as_array().unwrap() {
+        needed.push(format!("benches/{}.rs", bench["name"].as_str().unwrap()));
+    }
+    needed.push("src/bin/wnsgate-load.rs".into());
+    for path in needed {
+        assert!(
+            copied
+                .iter()
+                .any(|c| path == *c || path.starts_with(&format!("{c}/"))),
+            "the Dockerfile's build stage does not copy {path}"
+        );
+    }
+    assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains("USER 65532"));
+}
