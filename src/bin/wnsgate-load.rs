@@ -197,7 +197,7 @@ fn main() -> anyhow::Result<()> {
                 duration,
                 connections,
             };
-            load.run("put", by_status, move |client, c, k| {
+            load.run("put", None, move |client, c, k| {
                 let i = (c + k * connections) % devices;
                 let body = serde_json::json!({"pfn": fleet::DEMO_PFN, "channel_uri": fleet::channel_uri(i, k)});
                 client.send_json("PUT", &format!("/v1/devices/{}/channel", fleet::device_id(i)), &body)
@@ -230,7 +230,7 @@ fn main() -> anyhow::Result<()> {
                 connections,
             };
             let path_end = if wait { "/push?wait=true" } else { "/push" };
-            load.run("push", by_result, move |client, c, k| {
+            load.run("push", Some(by_result), move |client, c, k| {
                 let i = start + (c + k * connections) % devices;
                 let path = format!("/v1/devices/{}{path_end}", fleet::device_id(i));
                 client.request("POST", &path, None, b"")
@@ -266,7 +266,7 @@ fn main() -> anyhow::Result<()> {
                 duration,
                 connections,
             };
-            load.run("get", by_status, move |client, _, _| client.get(&path))?
+            load.run("get", None, move |client, _, _| client.get(&path))?
         }
     }
     Ok(())
@@ -286,12 +286,12 @@ impl Load {
     /// connection, on schedule, and prints the latency distribution
     /// measured from each request's scheduled time.
     ///
-    /// `classify` names each answer for the breakdown printed after the
-    /// percentiles; answers of 300 and above count as errors.
+    /// Answers of 300 and above count as errors. With `classify`, a second
+    /// line breaks the answers down by what it names them.
     fn run<F>(
         &self,
         name: &str,
-        classify: fn(&HttpResponse) -> String,
+        classify: Option<fn(&HttpResponse) -> String>,
         request: F,
     ) -> anyhow::Result<()>
     where
@@ -307,11 +307,14 @@ impl Load {
             "rate and connections must be positive"
         );
         let per_conn = Duration::from_secs_f64(connections as f64 / rate as f64);
-        let total_per_conn = rate * self.duration / connections;
+        // rate x duration requests in all; the first `total % connections`
+        // connections send one more than the others.
+        let total = rate * self.duration;
+        let per_conn_count = move |c: u64| total / connections + u64::from(c < total % connections);
         let start = Instant::now() + Duration::from_millis(200);
         let sent = Arc::new(AtomicU64::new(0));
         let bar = progress_bar(
-            total_per_conn * connections,
+            total,
             "{spinner} {msg} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
         );
         bar.set_message(name.to_owned());
@@ -324,11 +327,12 @@ impl Load {
                 type Tally = (Vec<u32>, u64, BTreeMap<String, u64>);
                 std::thread::spawn(move || -> anyhow::Result<Tally> {
                     let mut client = Client::new(&url)?.with_token(token);
-                    let mut lat_us = Vec::with_capacity(total_per_conn as usize);
+                    let count = per_conn_count(c);
+                    let mut lat_us = Vec::with_capacity(count as usize);
                     let mut errors = 0;
                     let mut kinds = BTreeMap::new();
                     let offset = per_conn.mul_f64(c as f64 / connections as f64);
-                    for k in 0..total_per_conn {
+                    for k in 0..count {
                         let due = start + offset + per_conn.mul_f64(k as f64);
                         if let Some(wait) = due.checked_duration_since(Instant::now()) {
                             std::thread::sleep(wait);
@@ -338,7 +342,7 @@ impl Load {
                                 if r.status >= 300 {
                                     errors += 1;
                                 }
-                                classify(&r)
+                                classify.map_or_else(|| r.status.to_string(), |f| f(&r))
                             }
                             Err(e) => {
                                 errors += 1;
@@ -389,15 +393,12 @@ impl Load {
             pct(0.999),
             all.last().copied().unwrap_or(0) as f64 / 1000.0
         );
-        let breakdown: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
-        println!("{name} answers: {}", breakdown.join(", "));
+        if classify.is_some() {
+            let breakdown: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            println!("{name} answers: {}", breakdown.join(", "));
+        }
         Ok(())
     }
-}
-
-/// An answer named by its HTTP status.
-fn by_status(r: &HttpResponse) -> String {
-    r.status.to_string()
 }
 
 /// A wake answer named by its final result (`?wait=true`), or by its
