@@ -5,3 +5,4 @@ cd "$(dirname "$0")/.."
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 bash loadtest/registry.sh 20000 500 2
 bash loadtest/sender.sh 5000 1
+bash loadtest/wake.sh --local --devices 2000 --rate 200 --duration 2 --sim-latency 1-5

@@ -7,16 +7,38 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use std::sync::mpsc;
 
-/// Runs the gateway until SIGTERM or SIGINT, then shuts down cleanly. A
-/// second signal during shutdown exits at once.
+/// Runs the gateway until SIGTERM or SIGINT, then shuts down cleanly
+/// (see [`crate::server::Running::shutdown`]) and returns. A second signal
+/// during shutdown exits at once with status 130; a shutdown that takes
+/// longer than [`crate::server::SHUTDOWN_LIMIT`] exits with status 1.
 pub fn serve(settings: Settings) -> anyhow::Result<()> {
     crate::telemetry::logging::init(settings.log.format, &settings.log.level);
     let first_signal = spawn_signal_watcher()?;
     let running = crate::server::start(settings)?;
     println!("listening on http://{}", running.local_addr);
     let _ = first_signal.recv();
-    tracing::info!("shutting down: draining requests and flushing the store");
+    tracing::info!(
+        "shutting down: finishing wake-ups and requests in flight, then flushing the store"
+    );
+    spawn_shutdown_watchdog(crate::server::SHUTDOWN_LIMIT)?;
     running.shutdown();
+    Ok(())
+}
+
+/// Exits the process with status 1 if shutdown is still running after
+/// `limit`, so a stuck drain never keeps a service manager waiting.
+fn spawn_shutdown_watchdog(limit: std::time::Duration) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("wnsgate-shutdown-limit".into())
+        .spawn(move || {
+            std::thread::sleep(limit);
+            eprintln!(
+                "wnsgate: shutdown took longer than {} s, exiting now",
+                limit.as_secs()
+            );
+            std::process::exit(1);
+        })
+        .context("cannot start the shutdown watchdog")?;
     Ok(())
 }
 
@@ -109,5 +131,21 @@ pub fn import(file: &Path, url: &str, token: Option<String>) -> anyhow::Result<(
             println!("  ...");
         }
     }
+    Ok(())
+}
+
+/// `GET base_url + path` with a short timeout; Ok when the answer is 200.
+pub fn health(base_url: &str, path: &str) -> anyhow::Result<()> {
+    let mut client = Client::new(base_url)?.with_timeout(std::time::Duration::from_secs(3));
+    let resp = client
+        .get(path)
+        .with_context(|| format!("{base_url}{path}: no answer"))?;
+    anyhow::ensure!(
+        resp.status == 200,
+        "{base_url}{path} answered {}: {}",
+        resp.status,
+        resp.text().trim()
+    );
+    println!("{base_url}{path}: {}", resp.text().trim());
     Ok(())
 }

@@ -468,6 +468,9 @@ impl Config {
             None => (toml::Table::new(), "(defaults)".to_owned()),
         };
         let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
+        // (variable, dotted key) of every override applied, to name the
+        // variable when its value turns out to be wrong.
+        let mut applied: Vec<(String, String)> = Vec::new();
         for (var, value) in env {
             let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
                 continue;
@@ -482,13 +485,23 @@ impl Config {
                     msg,
                 }
             })?;
+            applied.push((var, keys.join(".")));
         }
-        toml::Value::Table(table)
-            .try_into::<Config>()
-            .map_err(|e| ConfigError::Parse {
-                path: origin,
-                msg: e.to_string(),
-            })
+        toml::Value::Table(table).try_into::<Config>().map_err(|e| {
+            let msg = e.to_string();
+            // serde names the offending key as "in `section.key`".
+            let from_env = applied
+                .iter()
+                .rev()
+                .find(|(_, key)| msg.contains(&format!("`{key}`")));
+            match from_env {
+                Some((var, _)) => ConfigError::Env {
+                    var: var.clone(),
+                    msg,
+                },
+                None => ConfigError::Parse { path: origin, msg },
+            }
+        })
     }
 }
 
@@ -682,11 +695,20 @@ impl Settings {
             }
             known_pfns.push(app.pfn.clone());
         }
-        if !cfg.wns.ca_file.is_empty() && !Path::new(&cfg.wns.ca_file).is_file() {
-            return Err(invalid(
-                "wns.ca_file",
-                format!("{} is not a readable file", cfg.wns.ca_file),
-            ));
+        if !cfg.wns.ca_file.is_empty() {
+            let path = Path::new(&cfg.wns.ca_file);
+            if !path.is_file() {
+                return Err(invalid(
+                    "wns.ca_file",
+                    format!("{} is not a readable file", cfg.wns.ca_file),
+                ));
+            }
+            std::fs::read(path).map_err(|e| {
+                invalid(
+                    "wns.ca_file",
+                    format!("cannot read {}: {e}", cfg.wns.ca_file),
+                )
+            })?;
         }
 
         Ok(Settings {
@@ -773,14 +795,21 @@ pub fn resolve_secret(key: &str, app: &WnsApp) -> Result<Secret, ConfigError> {
                 )
             });
     }
-    std::fs::read_to_string(&app.client_secret_file)
+    let secret = std::fs::read_to_string(&app.client_secret_file)
         .map(|s| Secret(s.trim().to_owned()))
         .map_err(|e| {
             invalid(
                 &format!("{key}.client_secret_file"),
                 format!("cannot read {}: {e}", app.client_secret_file),
             )
-        })
+        })?;
+    if secret.0.is_empty() {
+        return Err(invalid(
+            &format!("{key}.client_secret_file"),
+            format!("{} is empty", app.client_secret_file),
+        ));
+    }
+    Ok(secret)
 }
 
 #[cfg(test)]
@@ -850,6 +879,11 @@ mod tests {
                 "wns.ca_file",
             ),
             (&[("WNSGATE_API__TOKENS", r#"["short"]"#)], "16 characters"),
+            (&[("WNSGATE_SERVER__IO", "fastest")], "WNSGATE_SERVER__IO"),
+            (
+                &[("WNSGATE_STORE__CACHE_MB", "lots")],
+                "WNSGATE_STORE__CACHE_MB",
+            ),
             (
                 &[(
                     "WNSGATE_WNS__APPS",

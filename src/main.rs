@@ -66,6 +66,20 @@ enum Cmd {
     },
     /// Run a WNS simulator (token and push endpoints, scripted behaviours, faults).
     Sim(wnsgate::sim::cli::SimArgs),
+    /// Probe a running gateway's /readyz (or --path) and exit 0 when it
+    /// answers 200: a health check for images without curl.
+    Health {
+        /// Configuration file whose api.listen is probed (0.0.0.0 and [::]
+        /// are probed on loopback); WNSGATE_API__LISTEN applies too.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Base URL to probe instead of api.listen.
+        #[arg(long)]
+        url: Option<String>,
+        /// Path to probe.
+        #[arg(long, default_value = "/readyz")]
+        path: String,
+    },
     /// Print the version.
     Version,
 }
@@ -92,20 +106,15 @@ fn main() -> ExitCode {
                 overrides.push(("WNSGATE_SERVER__SHARDS".into(), v.to_string()));
             }
             if let Some(v) = io {
-                overrides.push((
-                    "WNSGATE_SERVER__IO".into(),
-                    format!("\"{}\"", enum_name(&v)),
-                ));
+                overrides.push(("WNSGATE_SERVER__IO".into(), enum_name(&v)));
             }
             if let Some(v) = log_format {
-                overrides.push((
-                    "WNSGATE_LOG__FORMAT".into(),
-                    format!("\"{}\"", enum_name(&v)),
-                ));
+                overrides.push(("WNSGATE_LOG__FORMAT".into(), enum_name(&v)));
             }
             load_settings(config.as_deref(), overrides).and_then(wnsgate::cli::serve)
         }
-        Cmd::CheckConfig { file } => load_settings(file.as_deref(), Vec::new()).map(|s| {
+        Cmd::CheckConfig { file } => load_settings(file.as_deref(), Vec::new()).and_then(|s| {
+            let notes = wnsgate::server::preflight(&s)?;
             println!(
                 "configuration OK: listen {}, data {}, {} API token(s), {} WNS app(s)",
                 s.listen,
@@ -113,10 +122,17 @@ fn main() -> ExitCode {
                 s.tokens.len(),
                 s.known_pfns.len()
             );
+            for note in notes {
+                println!("note: {note}");
+            }
+            Ok(())
         }),
         Cmd::Import { file, url, token } => wnsgate::cli::import(&file, &url, token),
         Cmd::Demo { devices } => wnsgate::demo::run(devices),
         Cmd::Sim(args) => wnsgate::sim::cli::run(args),
+        Cmd::Health { config, url, path } => {
+            health_url(config.as_deref(), url).and_then(|url| wnsgate::cli::health(&url, &path))
+        }
         Cmd::Version => {
             println!("wnsgate {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -144,4 +160,25 @@ fn load_settings(
     let env = std::env::vars().chain(overrides);
     let cfg = Config::load(file, env)?;
     Ok(Settings::resolve(&cfg)?)
+}
+
+/// The base URL `wnsgate health` probes: `--url`, or api.listen from the
+/// configuration with an unspecified address replaced by loopback.
+fn health_url(file: Option<&std::path::Path>, url: Option<String>) -> anyhow::Result<String> {
+    if let Some(url) = url {
+        return Ok(url);
+    }
+    let cfg = Config::load(file, std::env::vars())?;
+    let mut addr: std::net::SocketAddr = cfg
+        .api
+        .listen
+        .parse()
+        .map_err(|_| anyhow::anyhow!("api.listen: {:?} is not an IP:port", cfg.api.listen))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(format!("http://{addr}"))
 }

@@ -13,7 +13,15 @@ use crate::telemetry::metrics as m;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// How long shutdown waits for wake-ups already handed to WNS to reach
+/// their final result (their verdicts are then flushed with the store).
+pub const WAKE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a whole shutdown may take: wake-ups ([`WAKE_DRAIN_TIMEOUT`]),
+/// open connections ([`crate::shard::DRAIN_TIMEOUT`]) and the final store
+/// flush. Past it the process exits with status 1.
+pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(30);
 
 /// A running gateway.
 pub struct Running {
@@ -123,7 +131,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         lifecycle.clone(),
     ));
     let shards = ShardSet::start(gateway.clone(), listen, shard_count)
-        .with_context(|| format!("cannot listen on {listen}"))?;
+        .context("cannot start the API listeners")?;
     let local_addr = shards.local_addr;
     tracing::info!(%local_addr, shards = shard_count, io, data = %path.display(), "listening; loading the store");
 
@@ -157,12 +165,60 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     })
 }
 
+/// The checks `wnsgate check-config` adds to [`Settings::resolve`]: the WNS
+/// sender is built exactly as `serve` builds it (CA file parsed, secrets
+/// read, token endpoints checked; no network I/O), and an existing data
+/// directory must be a writable directory. Returns notes for the operator.
+pub fn preflight(settings: &Settings) -> anyhow::Result<Vec<String>> {
+    crate::sender::wake::WnsSender::new(settings, 1).context("cannot set up the WNS sender")?;
+    let mut notes = Vec::new();
+    let path = &settings.store.path;
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_dir() => {
+            anyhow::bail!("store.path: {} is not a directory", path.display())
+        }
+        Ok(_) => {
+            let probe = path.join(".wnsgate-check-config");
+            std::fs::write(&probe, b"")
+                .with_context(|| format!("store.path: {} is not writable", path.display()))?;
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(_) => notes.push(format!(
+            "data directory {} does not exist yet; serve creates it",
+            path.display()
+        )),
+    }
+    Ok(notes)
+}
+
 impl Running {
-    /// Stops accepting, drains open requests, flushes the store.
+    /// Stops taking work (`/readyz` fails, API calls get 503), stops bulk
+    /// wakes from sending more, waits for the wake-ups in flight (up to
+    /// [`WAKE_DRAIN_TIMEOUT`]), stops accepting and drains open
+    /// connections, then flushes the store.
     pub fn shutdown(mut self) {
         self.gateway.begin_drain();
         if let Some(l) = self.lifecycle.take() {
             l.stop();
+        }
+        let jobs: Vec<String> = self.gateway.jobs.iter().map(|j| j.key().clone()).collect();
+        for id in &jobs {
+            let _ = crate::api::jobs::cancel(&self.gateway, id);
+        }
+        let wakes = self.gateway.pending_wakes.len();
+        if wakes > 0 {
+            tracing::info!(wakes, "waiting for wake-ups in flight");
+        }
+        let deadline = Instant::now() + WAKE_DRAIN_TIMEOUT;
+        while !self.gateway.pending_wakes.is_empty() {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    wakes = self.gateway.pending_wakes.len(),
+                    "wake-ups still in flight after the drain timeout; their results are lost"
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
         self.shards.shutdown();
         match self.committer.shutdown() {

@@ -2,16 +2,39 @@
 //!
 //! - `fleet`: print a synthetic fleet as NDJSON (for `wnsgate import` or
 //!   `POST /v1/devices:import`);
+//! - `register`: register a synthetic fleet through `POST
+//!   /v1/devices:import` in batches, with a progress bar;
 //! - `put`: register devices one `PUT` at a time at a fixed rate over
 //!   keep-alive connections and report the latency distribution, measured
-//!   from each request's scheduled send time (no coordinated omission).
+//!   from each request's scheduled send time (no coordinated omission);
+//! - `get`: the same for a `GET` (the reference: no store work);
+//! - `push`: wake synthetic devices one at a time at a fixed rate
+//!   (`POST /v1/devices/{id}/push?wait=true`) and report latency
+//!   percentiles and results;
+//! - `bulk`: wake the synthetic fleet with bulk wakes (`POST /v1/pushes`),
+//!   follow them (`GET /v1/pushes/{id}`) with a progress bar, and report
+//!   pushes per second and outcomes;
+//! - `forget`: delete the synthetic devices again.
+//!
+//! Synthetic device `i` is always the same id and channel URI
+//! (`wnsgate::fleet`), so `register`, `push`, `bulk` and `forget` given the
+//! same `--devices` and `--start` work on the same devices.
 
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wnsgate::client::Client;
+use wnsgate::client::{Client, HttpResponse};
 use wnsgate::core::UnixTime;
 use wnsgate::fleet::{self, AgeMix};
+
+/// Most device ids one bulk wake may list (the API's limit).
+const MAX_JOB_IDS: u64 = 100_000;
+/// Bulk wakes the API runs at once.
+const MAX_RUNNING_JOBS: usize = 8;
 
 #[derive(Parser)]
 #[command(
@@ -50,6 +73,82 @@ enum Cmd {
         /// Device ids used (cycled).
         #[arg(long, default_value_t = 100_000)]
         devices: u64,
+    },
+    /// Register synthetic devices [start, start+devices) through the NDJSON
+    /// import, in batches, with a progress bar.
+    Register {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, env = "WNSGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[arg(long)]
+        devices: u64,
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        /// PFN to register the devices with (one of the gateway's [[wns.apps]]).
+        #[arg(long, default_value = fleet::DEMO_PFN)]
+        pfn: String,
+        /// Devices per import request.
+        #[arg(long, default_value_t = 50_000)]
+        batch: u64,
+    },
+    /// Wake synthetic devices one at a time at a fixed rate and report
+    /// latency percentiles (to the final result with --wait, the default;
+    /// to the 202 without) and results.
+    Push {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, env = "WNSGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Wakes per second, all connections together.
+        #[arg(long, default_value_t = 100)]
+        rate: u64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Keep-alive connections (each has one wake outstanding at a time).
+        #[arg(long, default_value_t = 32)]
+        connections: u64,
+        /// Synthetic devices to wake (cycled), from --start.
+        #[arg(long, default_value_t = 10_000)]
+        devices: u64,
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        /// Wait for each wake's final result (?wait=true).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        wait: bool,
+    },
+    /// Wake synthetic devices [start, start+devices) with bulk wakes of up
+    /// to 100,000 ids each, follow them to the end, report pushes/s.
+    Bulk {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, env = "WNSGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[arg(long, default_value_t = 10_000)]
+        devices: u64,
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        /// Pacing of each bulk wake (rate_per_second); unpaced without.
+        #[arg(long)]
+        rate: Option<u32>,
+        /// Wake every registered device instead ({"all": true}): only on a
+        /// gateway that holds nothing but the synthetic fleet.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete synthetic devices [start, start+devices).
+    Forget {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long, env = "WNSGATE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        #[arg(long)]
+        devices: u64,
+        #[arg(long, default_value_t = 0)]
+        start: u64,
+        #[arg(long, default_value_t = 16)]
+        connections: u64,
     },
     /// GET a path at a fixed rate and report latency percentiles (the
     /// reference for `put`: same tool, same rate, no store work).
@@ -98,12 +197,60 @@ fn main() -> anyhow::Result<()> {
                 duration,
                 connections,
             };
-            load.run("put", move |client, c, k| {
+            load.run("put", None, move |client, c, k| {
                 let i = (c + k * connections) % devices;
                 let body = serde_json::json!({"pfn": fleet::DEMO_PFN, "channel_uri": fleet::channel_uri(i, k)});
                 client.send_json("PUT", &format!("/v1/devices/{}/channel", fleet::device_id(i)), &body)
             })?
         }
+        Cmd::Register {
+            url,
+            token,
+            devices,
+            start,
+            pfn,
+            batch,
+        } => register(&url, token, start, devices, &pfn, batch)?,
+        Cmd::Push {
+            url,
+            token,
+            rate,
+            duration,
+            connections,
+            devices,
+            start,
+            wait,
+        } => {
+            anyhow::ensure!(devices > 0, "--devices must be positive");
+            let load = Load {
+                url,
+                token,
+                rate,
+                duration,
+                connections,
+            };
+            let path_end = if wait { "/push?wait=true" } else { "/push" };
+            load.run("push", Some(by_result), move |client, c, k| {
+                let i = start + (c + k * connections) % devices;
+                let path = format!("/v1/devices/{}{path_end}", fleet::device_id(i));
+                client.request("POST", &path, None, b"")
+            })?
+        }
+        Cmd::Bulk {
+            url,
+            token,
+            devices,
+            start,
+            rate,
+            all,
+        } => bulk(&url, token, start, devices, rate, all)?,
+        Cmd::Forget {
+            url,
+            token,
+            devices,
+            start,
+            connections,
+        } => forget(&url, token, start, devices, connections)?,
         Cmd::Get {
             url,
             token,
@@ -119,7 +266,7 @@ fn main() -> anyhow::Result<()> {
                 duration,
                 connections,
             };
-            load.run("get", move |client, _, _| client.get(&path))?
+            load.run("get", None, move |client, _, _| client.get(&path))?
         }
     }
     Ok(())
@@ -138,9 +285,17 @@ impl Load {
     /// Runs `request(client, connection, k)` for the k-th request of each
     /// connection, on schedule, and prints the latency distribution
     /// measured from each request's scheduled time.
-    fn run<F>(&self, name: &str, request: F) -> anyhow::Result<()>
+    ///
+    /// Answers of 300 and above count as errors. With `classify`, a second
+    /// line breaks the answers down by what it names them.
+    fn run<F>(
+        &self,
+        name: &str,
+        classify: Option<fn(&HttpResponse) -> String>,
+        request: F,
+    ) -> anyhow::Result<()>
     where
-        F: Fn(&mut Client, u64, u64) -> std::io::Result<wnsgate::client::HttpResponse>
+        F: Fn(&mut Client, u64, u64) -> std::io::Result<HttpResponse>
             + Send
             + Sync
             + Clone
@@ -152,41 +307,73 @@ impl Load {
             "rate and connections must be positive"
         );
         let per_conn = Duration::from_secs_f64(connections as f64 / rate as f64);
-        let total_per_conn = rate * self.duration / connections;
+        // rate x duration requests in all; the first `total % connections`
+        // connections send one more than the others.
+        let total = rate * self.duration;
+        let per_conn_count = move |c: u64| total / connections + u64::from(c < total % connections);
         let start = Instant::now() + Duration::from_millis(200);
+        let sent = Arc::new(AtomicU64::new(0));
+        let bar = progress_bar(
+            total,
+            "{spinner} {msg} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+        );
+        bar.set_message(name.to_owned());
         let threads: Vec<_> = (0..connections)
             .map(|c| {
                 let url = self.url.clone();
                 let token = self.token.clone();
                 let request = request.clone();
-                std::thread::spawn(move || -> anyhow::Result<(Vec<u32>, u64)> {
+                let sent = sent.clone();
+                type Tally = (Vec<u32>, u64, BTreeMap<String, u64>);
+                std::thread::spawn(move || -> anyhow::Result<Tally> {
                     let mut client = Client::new(&url)?.with_token(token);
-                    let mut lat_us = Vec::with_capacity(total_per_conn as usize);
+                    let count = per_conn_count(c);
+                    let mut lat_us = Vec::with_capacity(count as usize);
                     let mut errors = 0;
+                    let mut kinds = BTreeMap::new();
                     let offset = per_conn.mul_f64(c as f64 / connections as f64);
-                    for k in 0..total_per_conn {
+                    for k in 0..count {
                         let due = start + offset + per_conn.mul_f64(k as f64);
                         if let Some(wait) = due.checked_duration_since(Instant::now()) {
                             std::thread::sleep(wait);
                         }
-                        match request(&mut client, c, k) {
-                            Ok(r) if r.status < 300 => {}
-                            _ => errors += 1,
-                        }
+                        let kind = match request(&mut client, c, k) {
+                            Ok(r) => {
+                                if r.status >= 300 {
+                                    errors += 1;
+                                }
+                                classify.map_or_else(|| r.status.to_string(), |f| f(&r))
+                            }
+                            Err(e) => {
+                                errors += 1;
+                                format!("transport error ({})", e.kind())
+                            }
+                        };
+                        *kinds.entry(kind).or_insert(0) += 1;
                         lat_us.push(due.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        sent.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok((lat_us, errors))
+                    Ok((lat_us, errors, kinds))
                 })
             })
             .collect();
+        while !threads.iter().all(|t| t.is_finished()) {
+            bar.set_position(sent.load(Ordering::Relaxed));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bar.finish_and_clear();
         let mut all = Vec::new();
         let mut errors = 0;
+        let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
         for t in threads {
-            let (l, e) = t
+            let (l, e, k) = t
                 .join()
                 .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
             all.extend(l);
             errors += e;
+            for (kind, n) in k {
+                *kinds.entry(kind).or_insert(0) += n;
+            }
         }
         let elapsed = start.elapsed().as_secs_f64();
         all.sort_unstable();
@@ -206,6 +393,287 @@ impl Load {
             pct(0.999),
             all.last().copied().unwrap_or(0) as f64 / 1000.0
         );
+        if classify.is_some() {
+            let breakdown: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            println!("{name} answers: {}", breakdown.join(", "));
+        }
         Ok(())
     }
+}
+
+/// A wake answer named by its final result (`?wait=true`), or by its
+/// status and error code otherwise.
+fn by_result(r: &HttpResponse) -> String {
+    let v = r.json();
+    if let Some(result) = v["result"].as_str() {
+        return result.to_owned();
+    }
+    match v["error"]["code"].as_str() {
+        Some(code) => format!("{} {code}", r.status),
+        None if r.status == 202 => "accepted".to_owned(),
+        None => r.status.to_string(),
+    }
+}
+
+fn progress_bar(len: u64, template: &str) -> ProgressBar {
+    ProgressBar::new(len).with_style(
+        ProgressStyle::with_template(template)
+            .expect("static template")
+            .progress_chars("=> "),
+    )
+}
+
+fn client(url: &str, token: Option<String>) -> anyhow::Result<Client> {
+    Ok(Client::new(url)?
+        .with_token(token)
+        .with_timeout(Duration::from_secs(300)))
+}
+
+/// `register`: NDJSON imports of `batch` devices each.
+fn register(
+    url: &str,
+    token: Option<String>,
+    start: u64,
+    devices: u64,
+    pfn: &str,
+    batch: u64,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(batch > 0, "--batch must be positive");
+    let mut c = client(url, token)?;
+    let now = UnixTime(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs() as u32,
+    );
+    let bar = progress_bar(
+        devices,
+        "{spinner} registering [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+    );
+    let started = Instant::now();
+    let (mut accepted, mut rejected) = (0u64, 0u64);
+    let mut first_error = None;
+    let mut i = start;
+    while i < start + devices {
+        let end = (i + batch).min(start + devices);
+        let mut body = String::with_capacity(((end - i) * 260) as usize);
+        for d in i..end {
+            let line = fleet::ndjson_line(d, now, AgeMix::default());
+            body.push_str(&line.replacen(fleet::DEMO_PFN, pfn, 1));
+        }
+        let r = c.request(
+            "POST",
+            "/v1/devices:import",
+            Some("application/x-ndjson"),
+            body.as_bytes(),
+        )?;
+        anyhow::ensure!(
+            r.status == 200,
+            "import answered {}: {}",
+            r.status,
+            r.text()
+        );
+        let v = r.json();
+        accepted += v["accepted"].as_u64().unwrap_or(0);
+        rejected += v["rejected"].as_u64().unwrap_or(0);
+        if first_error.is_none() {
+            first_error = v["errors"].get(0).map(|e| e.to_string());
+        }
+        i = end;
+        bar.set_position(i - start);
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "register: {accepted} devices accepted, {rejected} rejected in {secs:.1} s ({:.0} devices/s, durable)",
+        accepted as f64 / secs.max(1e-9)
+    );
+    if let Some(e) = first_error {
+        println!("register: first rejection: {e}");
+    }
+    anyhow::ensure!(rejected == 0, "some registrations were rejected");
+    Ok(())
+}
+
+/// Counters of one bulk wake, as `GET /v1/pushes/{id}` reports them.
+const JOB_COUNTS: [&str; 6] = [
+    "received",
+    "dropped",
+    "throttled",
+    "expired",
+    "failed",
+    "not_sent",
+];
+
+/// `bulk`: bulk wakes of at most [`MAX_JOB_IDS`] ids, at most
+/// [`MAX_RUNNING_JOBS`] at once, followed to the end.
+fn bulk(
+    url: &str,
+    token: Option<String>,
+    start: u64,
+    devices: u64,
+    rate: Option<u32>,
+    all: bool,
+) -> anyhow::Result<()> {
+    let mut c = client(url, token)?;
+    let mut bodies: Vec<serde_json::Value> = if all {
+        vec![serde_json::json!({"all": true})]
+    } else {
+        (start..start + devices)
+            .step_by(MAX_JOB_IDS as usize)
+            .map(|from| {
+                let ids: Vec<String> = (from..(from + MAX_JOB_IDS).min(start + devices))
+                    .map(fleet::device_id)
+                    .collect();
+                serde_json::json!({ "device_ids": ids })
+            })
+            .collect()
+    };
+    if let Some(r) = rate {
+        for b in &mut bodies {
+            b["rate_per_second"] = r.into();
+        }
+    }
+    bodies.reverse();
+    let bar = progress_bar(
+        if all { 0 } else { devices },
+        "{spinner} waking [{bar:40}] {pos}/{len} {per_sec} eta {eta} {msg}",
+    );
+    let started = Instant::now();
+    let mut running: Vec<String> = Vec::new();
+    let mut finished: Vec<serde_json::Value> = Vec::new();
+    while !bodies.is_empty() || !running.is_empty() {
+        while running.len() < MAX_RUNNING_JOBS {
+            let Some(body) = bodies.pop() else { break };
+            let r = c.send_json("POST", "/v1/pushes", &body)?;
+            match r.status {
+                202 => running.push(
+                    r.json()["job_id"]
+                        .as_str()
+                        .ok_or_else(|| anyhow::anyhow!("no job_id in {}", r.text()))?
+                        .to_owned(),
+                ),
+                429 => {
+                    bodies.push(body);
+                    break;
+                }
+                s => anyhow::bail!("POST /v1/pushes answered {s}: {}", r.text()),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let (mut done, mut total) = (0, 0);
+        let mut still = Vec::new();
+        for id in running.drain(..) {
+            let r = c.get(&format!("/v1/pushes/{id}"))?;
+            anyhow::ensure!(r.status == 200, "GET /v1/pushes/{id} answered {}", r.status);
+            let v = r.json();
+            if v["state"] == "done" || v["state"] == "cancelled" {
+                finished.push(v);
+            } else {
+                done += v["done"].as_u64().unwrap_or(0);
+                total += v["total"].as_u64().unwrap_or(0);
+                still.push(id);
+            }
+        }
+        running = still;
+        let finished_done: u64 = finished
+            .iter()
+            .map(|v| v["done"].as_u64().unwrap_or(0))
+            .sum();
+        let finished_total: u64 = finished
+            .iter()
+            .map(|v| v["total"].as_u64().unwrap_or(0))
+            .sum();
+        if all {
+            bar.set_length(total + finished_total);
+        }
+        bar.set_position(done + finished_done);
+        bar.set_message(format!("{} job(s) running", running.len()));
+    }
+    bar.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    let sum = |k: &str| {
+        finished
+            .iter()
+            .map(|v| v[k].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    };
+    let done = sum("done");
+    let counts: Vec<String> = JOB_COUNTS
+        .iter()
+        .map(|k| format!("{k} {}", sum(k)))
+        .collect();
+    println!(
+        "bulk: {done} of {} devices woken in {secs:.1} s ({:.0} pushes/s) by {} job(s){}: {}",
+        sum("total"),
+        done as f64 / secs.max(1e-9),
+        finished.len(),
+        rate.map_or(String::new(), |r| format!(" paced at {r}/s each")),
+        counts.join(", ")
+    );
+    Ok(())
+}
+
+/// `forget`: `DELETE /v1/devices/{id}` for every synthetic device.
+fn forget(
+    url: &str,
+    token: Option<String>,
+    start: u64,
+    devices: u64,
+    connections: u64,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(connections > 0, "--connections must be positive");
+    let bar = progress_bar(
+        devices,
+        "{spinner} forgetting [{bar:40}] {pos}/{len} {per_sec}",
+    );
+    let next = Arc::new(AtomicU64::new(start));
+    let deleted = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..connections)
+        .map(|_| {
+            let (next, deleted) = (next.clone(), deleted.clone());
+            let mut c = client(url, token.clone());
+            std::thread::spawn(move || -> anyhow::Result<()> {
+                let c = c.as_mut().map_err(|e| anyhow::anyhow!("{e}"))?;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= start + devices {
+                        return Ok(());
+                    }
+                    let r = c.request(
+                        "DELETE",
+                        &format!("/v1/devices/{}", fleet::device_id(i)),
+                        None,
+                        b"",
+                    )?;
+                    anyhow::ensure!(
+                        matches!(r.status, 204 | 404),
+                        "DELETE answered {}: {}",
+                        r.status,
+                        r.text()
+                    );
+                    if r.status == 204 {
+                        deleted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    while !threads.iter().all(|t| t.is_finished()) {
+        bar.set_position(
+            next.load(Ordering::Relaxed)
+                .saturating_sub(start)
+                .min(devices),
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bar.finish_and_clear();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow::anyhow!("a thread panicked"))??;
+    }
+    println!(
+        "forget: {} synthetic devices deleted",
+        deleted.load(Ordering::Relaxed)
+    );
+    Ok(())
 }

@@ -812,6 +812,22 @@ impl Drop for LifecycleThread {
 }
 
 fn describe_metrics() {
+    // Series alerts and rates divide by start at 0 rather than "no data".
+    for via in ["check_in", "lease", "webhook"] {
+        metrics::counter!(m::REFRESH_HANDOUTS, "via" => via).increment(0);
+    }
+    for reason in ["age", "wns_404", "wns_410", "credential_mismatch"] {
+        metrics::counter!(m::REFRESH_OPENED, "reason" => reason).increment(0);
+    }
+    for result in ["ok", "error"] {
+        metrics::counter!(m::REFRESH_WEBHOOK_CALLS, "result" => result).increment(0);
+    }
+    metrics::counter!(m::REFRESH_GIVEUPS).increment(0);
+    metrics::counter!(m::REFRESH_CLOSED).increment(0);
+    metrics::counter!(m::LIFECYCLE_TRANSITIONS, "to" => "expired", "reason" => "age").increment(0);
+    metrics::counter!(m::LIFECYCLE_TRANSITIONS, "to" => "unreachable", "reason" => "gave_up")
+        .increment(0);
+    metrics::counter!(m::LIFECYCLE_SWEEP_EXAMINED).increment(0);
     metrics::describe_gauge!(m::REFRESH_JOBS, "Open refresh jobs, by state");
     metrics::describe_gauge!(m::REFRESH_DUE, "Queued refresh jobs due now");
     metrics::describe_gauge!(
@@ -833,6 +849,7 @@ fn describe_metrics() {
         "Devices leaving active, by new state and reason"
     );
     metrics::describe_histogram!(m::LIFECYCLE_SWEEP_SECONDS, "Duration of one expiry sweep");
+    metrics::describe_counter!(m::REFRESH_WEBHOOK_CALLS, "Refresh webhook calls, by result");
     metrics::describe_counter!(
         m::LIFECYCLE_SWEEP_EXAMINED,
         "Issued-at index entries read by expiry sweeps"

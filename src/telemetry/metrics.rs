@@ -68,6 +68,13 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// Buckets for a whole wake-up, seconds: retries after throttling and
+/// `Retry-After` waits take a wake-up from milliseconds to minutes.
+pub const PUSH_DURATION_BUCKETS: &[f64] = &[
+    0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0,
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// An HTTP status as a bounded label value: the statuses the API and WNS
@@ -110,12 +117,15 @@ pub fn install() -> &'static PrometheusHandle {
                 crate::store::committer::BATCH_MUTATIONS_BUCKETS,
             )
             .expect("batch buckets are non-empty")
+            .set_buckets_for_metric(Matcher::Full(PUSH_DURATION.into()), PUSH_DURATION_BUCKETS)
+            .expect("push buckets are non-empty")
             .build_recorder();
         let handle = recorder.handle();
         // Another recorder may already be installed (tests in one process);
         // then this handle renders only what it owns, which is acceptable.
         let _ = metrics::set_global_recorder(recorder);
         describe();
+        init_series();
         handle
     })
 }
@@ -144,6 +154,71 @@ fn describe() {
         WNS_CONNECTIONS_OPENED,
         "Connections opened to WNS, by protocol."
     );
+    describe_counter!(
+        WNS_TOKEN_REFRESHES,
+        "WNS access token requests, by result (ok or the error kind)."
+    );
+    describe_counter!(
+        PUSHES,
+        "Wake-ups finished, by final result (delivered, channel_dead, dropped, ...)."
+    );
+    describe_histogram!(
+        PUSH_DURATION,
+        Unit::Seconds,
+        "Time from the start of a wake-up to its final result, retries included."
+    );
+    describe_counter!(
+        WNS_RESPONSES,
+        "WNS answers, by classified outcome and HTTP status."
+    );
+    describe_histogram!(
+        WNS_LATENCY,
+        Unit::Seconds,
+        "Time from sending a WNS request to its answer head."
+    );
+    describe_gauge!(WNS_INFLIGHT, "Wake-ups in progress.");
+    describe_counter!(
+        WNS_RESENDS,
+        "WNS requests sent again, by reason (connection_lost, token_rejected, or the retried outcome)."
+    );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     describe_gauge!(READY, "1 when the gateway serves the API.");
+}
+
+/// Creates the series that alerts and dashboards divide by or compare
+/// against, at zero, so they exist before the first event: a rate over a
+/// series that does not exist yet is "no data", not 0.
+fn init_series() {
+    metrics::counter!(API_OVERLOAD).increment(0);
+    for result in ["accepted", "rejected"] {
+        metrics::counter!(IMPORT_LINES, "result" => result).increment(0);
+    }
+    metrics::counter!(WNS_TOKEN_REFRESHES, "result" => "ok").increment(0);
+    metrics::counter!(PUSHES, "result" => "delivered").increment(0);
+    for reason in [
+        "connection_lost",
+        "token_rejected",
+        "server_error",
+        "sender_throttled",
+    ] {
+        metrics::counter!(WNS_RESENDS, "reason" => reason).increment(0);
+    }
+    metrics::gauge!(WNS_INFLIGHT).set(0.0);
+    metrics::gauge!(READY).set(0.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_increasing() {
+        for b in [
+            LATENCY_BUCKETS,
+            PUSH_DURATION_BUCKETS,
+            crate::store::committer::BATCH_MUTATIONS_BUCKETS,
+        ] {
+            assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
+        }
+    }
 }
