@@ -102,6 +102,9 @@ fn every_wns_answer_lands_on_the_device() {
             .unwrap()
             .json();
         assert_eq!(dev["state"], state, "{id}: {dev}");
+        assert_eq!(dev["last_push"]["result"], result, "{id}: {dev}");
+        assert_eq!(dev["last_push"]["wns_outcome"], outcome, "{id}: {dev}");
+        assert_eq!(dev["last_push"]["status"], r["status"], "{id}: {dev}");
         assert_eq!(
             dev["state_reason"],
             reason.map_or(Value::Null, Value::from),

@@ -144,6 +144,7 @@ pub fn get_device(gw: &Gateway, device_id: &str) -> Result<Resp, ApiError> {
     Ok(json_response(
         StatusCode::OK,
         &DeviceView::new(&rec, &gw.settings.thresholds, gw.now())
+            .with_push(gw.registry.last_push(device_id))
             .with_job(gw.lifecycle.job_of(device_id)),
     ))
 }

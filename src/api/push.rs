@@ -171,6 +171,7 @@ pub fn start_or_join(
             .sender
             .wake(shard, &record.channel_uri, record.pfn.as_str(), || gw.now())
             .await;
+        record_push(&gw, &record, &report);
         if let Some(reason) = report.dead {
             mark_dead(&gw, &record, reason).await;
         }
@@ -181,6 +182,22 @@ pub fn start_or_join(
         let _ = tx.send(Some(Arc::new(report)));
     });
     (pending, false)
+}
+
+/// Keeps the outcome on the device (in memory, in place).
+fn record_push(gw: &Gateway, record: &DeviceRecord, report: &WakeReport) {
+    use super::view::{label_code, PUSH_RESULTS, WNS_OUTCOMES};
+    gw.registry.record_push(
+        record.device_id.as_str(),
+        crate::registry::LastPush {
+            at: gw.now(),
+            result: label_code(PUSH_RESULTS, report.result),
+            outcome: report
+                .wns_outcome
+                .map_or(0, |o| label_code(WNS_OUTCOMES, o)),
+            status: report.status.unwrap_or(0),
+        },
+    );
 }
 
 /// Marks the channel dead and opens its refresh job, durably, unless the

@@ -19,12 +19,88 @@ pub struct DeviceView<'a> {
     pub state_reason: Option<LeaveReason>,
     /// When it left `active`.
     pub state_since: Option<String>,
-    /// The last wake-up outcome; none until a push was sent.
-    pub last_push: Option<()>,
+    /// The last wake-up outcome since the channel was issued (kept in
+    /// memory: a restart forgets it); none until a push finished.
+    pub last_push: Option<LastPushView>,
     /// The open PFN-replacement job; none while the channel is healthy.
     pub refresh_job: Option<RefreshSummary>,
     /// Set when refresh gave up: since when the device is unreachable.
     pub unreachable_since: Option<String>,
+}
+
+/// Final wake-up results, by the code the registry keeps.
+pub const PUSH_RESULTS: &[&str] = &[
+    "delivered",
+    "channel_dead",
+    "dropped",
+    "attempts_exhausted",
+    "retry_after_too_long",
+    "token_rejected_twice",
+    "domain_blocked",
+    "bad_request",
+    "method_not_allowed",
+    "payload_too_large",
+    "unexpected",
+    "credential_throttled",
+    "token_unavailable",
+    "no_credentials",
+    "bad_channel_uri",
+    "connect_failed",
+    "tls_failed",
+    "timeout",
+    "connection_lost",
+    "protocol_error",
+];
+
+/// WNS outcomes, by the code the registry keeps (code 0: no answer).
+pub const WNS_OUTCOMES: &[&str] = &[
+    "none",
+    "received",
+    "dropped",
+    "channel_throttled",
+    "bad_request",
+    "token_rejected",
+    "credential_mismatch",
+    "channel_not_found",
+    "method_not_allowed",
+    "sender_throttled",
+    "channel_expired",
+    "domain_blocked",
+    "payload_too_large",
+    "server_error",
+    "unexpected",
+];
+
+/// Code of a label in `table`; `table.len()` ("other") when absent.
+pub fn label_code(table: &[&str], label: &str) -> u8 {
+    table
+        .iter()
+        .position(|l| *l == label)
+        .unwrap_or(table.len()) as u8
+}
+
+fn code_label(table: &[&'static str], code: u8) -> &'static str {
+    table.get(usize::from(code)).copied().unwrap_or("other")
+}
+
+/// The last push, as callers see it.
+#[derive(Debug, Serialize)]
+pub struct LastPushView {
+    pub at: String,
+    pub result: &'static str,
+    pub wns_outcome: Option<&'static str>,
+    pub status: Option<u16>,
+}
+
+impl From<crate::registry::LastPush> for LastPushView {
+    fn from(p: crate::registry::LastPush) -> Self {
+        LastPushView {
+            at: p.at.to_rfc3339(),
+            result: code_label(PUSH_RESULTS, p.result),
+            wns_outcome: (p.outcome != 0).then(|| code_label(WNS_OUTCOMES, p.outcome)),
+            status: (p.status != 0).then_some(p.status),
+        }
+    }
 }
 
 /// A device's open refresh job, in short (the SyncML is at
@@ -75,9 +151,40 @@ impl<'a> DeviceView<'a> {
         }
     }
 
+    /// Adds the device's last push.
+    pub fn with_push(mut self, push: Option<crate::registry::LastPush>) -> Self {
+        self.last_push = push.map(Into::into);
+        self
+    }
+
     /// Adds the device's open refresh job.
     pub fn with_job(mut self, job: Option<crate::lifecycle::JobView>) -> Self {
         self.refresh_job = job.map(Into::into);
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_codes_round_trip_and_unknown_labels_read_other() {
+        for table in [PUSH_RESULTS, WNS_OUTCOMES] {
+            for (i, l) in table.iter().enumerate() {
+                assert_eq!(label_code(table, l), i as u8);
+                assert_eq!(code_label(table, i as u8), *l);
+            }
+            let other = label_code(table, "something_new");
+            assert_eq!(code_label(table, other), "other");
+        }
+    }
+
+    #[test]
+    fn every_wns_outcome_label_has_a_code() {
+        use crate::core::wns::classify::Outcome;
+        for o in Outcome::LABELS {
+            assert!(WNS_OUTCOMES.contains(&o), "{o} has no last-push code");
+        }
     }
 }

@@ -14,10 +14,15 @@
 //! character). A UUID device with a 190-byte URI takes 148 bytes, served
 //! from the allocator's 160-byte class; `record.rs` has the byte layout.
 //!
-//! The map is a `DashMap<CompactRecord, ()>`: a record hashes and compares
+//! The map is a `DashMap<CompactRecord, u64>`: a record hashes and compares
 //! by its encoded id and borrows as a [`RecordKey`], so a table slot is the
-//! thin pointer itself (8 bytes plus hashbrown's 1 control byte), and a
-//! lookup by `&str` encodes the id on the stack.
+//! thin pointer plus the device's last push outcome packed into 8 bytes
+//! ([`LastPush`]; 16 bytes plus hashbrown's 1 control byte), and a lookup by
+//! `&str` encodes the id on the stack. The last push lives in the slot, not
+//! in the record, so recording one is an in-place write under the shard's
+//! lock, without re-encoding the record; it is kept in memory only (a
+//! restart forgets it), while everything the lifecycle needs (dead marks,
+//! refresh marks) is in the record and in the store.
 //!
 //! # Why dashmap, not papaya
 //!
@@ -63,13 +68,46 @@ use dashmap::DashMap;
 use histogram::{Bucket, Histogram};
 use std::hash::RandomState;
 
+/// A device's last push outcome, packed into the map slot: when, the final
+/// result and the last WNS outcome (as codes the API layer defines), and the
+/// HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastPush {
+    pub at: UnixTime,
+    pub result: u8,
+    pub outcome: u8,
+    /// 0 when WNS gave no answer.
+    pub status: u16,
+}
+
+impl LastPush {
+    /// `at` in the high 32 bits, then status, `result + 1` (so that 0
+    /// means "no push"; result codes stop at 254), outcome.
+    fn pack(self) -> u64 {
+        u64::from(self.at.0) << 32
+            | u64::from(self.status) << 16
+            | u64::from(self.result.min(254) + 1) << 8
+            | u64::from(self.outcome)
+    }
+
+    fn unpack(v: u64) -> Option<LastPush> {
+        let result = ((v >> 8) as u8).checked_sub(1)?;
+        Some(LastPush {
+            at: UnixTime((v >> 32) as u32),
+            status: (v >> 16) as u16,
+            result,
+            outcome: v as u8,
+        })
+    }
+}
+
 /// Device counts indexed by [`LifecycleState`](crate::core::LifecycleState)
 /// in the order of `LifecycleState::ALL`.
 pub type StateCounts = [u64; 5];
 
 /// The in-memory registry of device records.
 pub struct Registry {
-    map: DashMap<CompactRecord, (), RandomState>,
+    map: DashMap<CompactRecord, u64, RandomState>,
     codec: RecordCodec,
     histogram: Histogram,
 }
@@ -98,13 +136,21 @@ impl Registry {
     pub fn upsert(&self, rec: &DeviceRecord) -> bool {
         let new = self.codec.encode(rec);
         let (to, spread) = (Bucket::of(&new), new.key().spread());
+        let issued = new.issued_at();
         let (from, old) = match self.map.entry(new) {
             Entry::Occupied(e) => {
-                let (old, ()) = e.replace_entry(());
+                // The last push outlives an update of the same channel life
+                // (a dead or refresh mark), not a new channel.
+                let push = if e.key().issued_at() == issued {
+                    *e.get()
+                } else {
+                    0
+                };
+                let (old, _) = e.replace_entry(push);
                 (Some(Bucket::of(&old)), Some(old))
             }
             Entry::Vacant(e) => {
-                e.insert(());
+                e.insert(0);
                 (None, None)
             }
         };
@@ -121,13 +167,34 @@ impl Registry {
         self.decode(entry.key())
     }
 
+    /// Records the outcome of a push to `device_id`, in place. False when the
+    /// device is gone.
+    pub fn record_push(&self, device_id: &str, push: LastPush) -> bool {
+        let Some(key) = KeyBuf::encode(device_id) else {
+            return false;
+        };
+        match self.map.get_mut(key.as_key()) {
+            Some(mut slot) => {
+                *slot = push.pack();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The last push outcome recorded for `device_id`, if any.
+    pub fn last_push(&self, device_id: &str) -> Option<LastPush> {
+        let key = KeyBuf::encode(device_id)?;
+        LastPush::unpack(*self.map.get(key.as_key())?)
+    }
+
     /// Removes a device. Returns true when it was present.
     pub fn remove(&self, device_id: &str) -> bool {
         let Some(key) = KeyBuf::encode(device_id) else {
             return false;
         };
         match self.map.remove(key.as_key()) {
-            Some((old, ())) => {
+            Some((old, _)) => {
                 let spread = key.as_key().spread();
                 self.histogram.shift(spread, Some(Bucket::of(&old)), None);
                 true

@@ -408,3 +408,48 @@ proptest! {
         );
     }
 }
+
+#[test]
+fn last_push_is_kept_in_place_and_survives_marks_but_not_a_new_channel() {
+    use super::LastPush;
+    let reg = Registry::new();
+    assert!(!reg.record_push(
+        "nobody",
+        LastPush {
+            at: UnixTime(1),
+            result: 0,
+            outcome: 0,
+            status: 200
+        }
+    ));
+    let r = rec("dev-1", 1_000);
+    reg.upsert(&r);
+    assert_eq!(reg.last_push("dev-1"), None);
+    let p = LastPush {
+        at: UnixTime(u32::MAX),
+        result: 3,
+        outcome: 254,
+        status: 410,
+    };
+    assert!(reg.record_push("dev-1", p));
+    assert_eq!(reg.last_push("dev-1"), Some(p));
+    // A push at time 0 with result 0 is still a push.
+    let zero = LastPush {
+        at: UnixTime(0),
+        result: 0,
+        outcome: 0,
+        status: 0,
+    };
+    reg.record_push("dev-1", zero);
+    assert_eq!(reg.last_push("dev-1"), Some(zero));
+    reg.record_push("dev-1", p);
+    // A dead mark on the same channel life keeps it.
+    let mut dead_rec = r.clone();
+    dead_rec.dead = dead(2_000);
+    reg.upsert(&dead_rec);
+    assert_eq!(reg.last_push("dev-1"), Some(p));
+    assert_eq!(reg.get("dev-1"), Some(dead_rec));
+    // A new channel (a new issue time) starts without one.
+    reg.upsert(&rec("dev-1", 5_000));
+    assert_eq!(reg.last_push("dev-1"), None);
+}
