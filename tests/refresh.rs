@@ -347,3 +347,45 @@ fn wns_410_opens_a_job_with_its_reason_and_the_webhook_delivers_it() {
     }
     assert_eq!(device(&gw, "gone-1")["refresh_job"]["attempts"], 1);
 }
+
+#[test]
+fn a_device_refresh_gave_up_on_is_listed_and_gets_a_new_job_when_it_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        FAST[0],
+        FAST[1],
+        ("WNSGATE_REFRESH__MAX_ATTEMPTS", "1"),
+        ("WNSGATE_REFRESH__CONFIRM_WITHIN", "1s"),
+    ];
+    let gw = Server::start(&dir.path().join("data"), &env);
+    register(&gw, "lost-1", "LOST", Some(days_ago(45)));
+    wait_state(&gw, "lost-1", "refresh_pending");
+    // Delivered at check-in, then no new URI within confirm_within: with one
+    // attempt allowed, refresh gives up.
+    let r = gw.client().get("/v1/devices/lost-1/refresh").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let d = wait_state(&gw, "lost-1", "unreachable");
+    assert!(d["unreachable_since"].is_string(), "{d}");
+    assert!(d["refresh_job"].is_null(), "{d}");
+    let listed = gw
+        .client()
+        .get("/v1/devices?state=unreachable")
+        .unwrap()
+        .json();
+    assert_eq!(listed["devices"][0]["device_id"], "lost-1", "{listed}");
+    let metrics = gw.client().get("/metrics").unwrap().text();
+    assert!(
+        metrics.contains("wnsgate_refresh_giveups_total 1"),
+        "{metrics}"
+    );
+
+    // It comes back: its session gets a fresh job at once.
+    let r = gw.client().get("/v1/devices/lost-1/refresh").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["reason"], "age");
+    let d = device(&gw, "lost-1");
+    assert_eq!(d["state"], "refresh_pending", "{d}");
+    assert!(d["unreachable_since"].is_null(), "{d}");
+    register(&gw, "lost-1", "FOUND", None);
+    assert_eq!(device(&gw, "lost-1")["state"], "active");
+}

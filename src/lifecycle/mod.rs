@@ -400,17 +400,61 @@ impl Lifecycle {
     }
 
     /// The device opened an OMA-DM session: its job, handed out now.
+    ///
+    /// A device whose channel is dead but that has no job yet (the sweep
+    /// has not reached it, or refresh gave up on it and it came back) gets
+    /// one opened now: it is in a session, the best moment there is.
     pub async fn check_in(
         &self,
         device_id: &str,
         first_cmd_id: u32,
         now: UnixTime,
     ) -> Result<Option<JobView>, StoreError> {
+        if let Some((ticket, job)) = self.open_for_session(device_id, now) {
+            match ticket {
+                Ok(t) => match t.await {
+                    Ok(()) => {}
+                    Err(StoreError::Conflict(_)) => self.discard(Some(&job)),
+                    Err(e) => {
+                        self.discard(Some(&job));
+                        return Err(e);
+                    }
+                },
+                Err(e) => {
+                    self.discard(Some(&job));
+                    return Err(e);
+                }
+            }
+        }
         let (job, tickets) = self.check_in_part(device_id, now);
         for t in tickets {
             t.await?;
         }
         Ok(job.map(|j| self.view(&j, first_cmd_id)))
+    }
+
+    /// Opens a job for a device in session whose channel is dead (by age or
+    /// WNS) or that refresh gave up on, if it has none.
+    #[allow(clippy::type_complexity)]
+    fn open_for_session(
+        &self,
+        device_id: &str,
+        now: UnixTime,
+    ) -> Option<(Result<Ticket, StoreError>, Job)> {
+        let mut rec = self.registry.get(device_id)?;
+        let pending = rec
+            .refresh
+            .is_some_and(|m| m.state == RefreshState::Pending);
+        let st = self.thresholds.state_at(rec.issued_at, rec.dead, now);
+        if pending || st.state != crate::core::LifecycleState::Expired {
+            return None;
+        }
+        let (reason, expired_at) = st.since.unwrap_or((LeaveReason::Age, now));
+        let uri = rec.channel_uri.clone();
+        let mut q = self.queue.lock();
+        let job = self.open_locked(&mut q, &mut rec, reason, expired_at, now)?;
+        metrics::counter!(m::REFRESH_OPENED, "reason" => reason_label(reason)).increment(1);
+        Some((self.submit_device(&rec, Some(&job), &uri), job))
     }
 
     fn check_in_part(&self, device_id: &str, now: UnixTime) -> (Option<Job>, Vec<Ticket>) {
