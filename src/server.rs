@@ -142,7 +142,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         })
         .context("cannot load the store")?;
     let jobs = lifecycle
-        .restore()
+        .restore(gateway.now())
         .context("cannot load the refresh queue")?;
     let secs = t.elapsed().as_secs_f64();
     metrics::gauge!(m::RECOVERY_SECONDS).set(secs);

@@ -169,6 +169,11 @@ fn aged_channel_gets_one_job_handed_out_at_check_in_and_closed_by_a_new_uri() {
     let job_id = job["job_id"].as_str().unwrap();
     let r = gw.client().get(&format!("/v1/refresh/{job_id}")).unwrap();
     assert_eq!(r.status, 404);
+    let r = complete(&gw, job_id, json!({"outcome": "delivered"}));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (409, json!("job_closed"))
+    );
 
     let stats = gw.client().get("/v1/stats").unwrap().json();
     assert_eq!(stats["by_state"]["refresh_pending"], 0, "{stats}");
@@ -199,20 +204,29 @@ fn leases_survive_sigkill_and_expire_afterwards() {
         wait_state(&gw, &format!("dev-{i}"), "refresh_pending");
     }
     // Bad leases are refused with a reason.
+    for bad in [
+        json!({"max": 0}),
+        json!({"max": 1_000_000}),
+        json!({"lease_seconds": 0}),
+        json!({"lease_seconds": 999_999}),
+    ] {
+        let r = gw
+            .client()
+            .send_json("POST", "/v1/refresh:lease", &bad)
+            .unwrap();
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "invalid_lease");
+    }
     let r = gw
         .client()
-        .send_json("POST", "/v1/refresh:lease", &json!({"max": 0}))
+        .send_json("POST", "/v1/refresh:lease", &json!({"max": -1}))
         .unwrap();
-    assert_eq!(r.status, 422);
-    let r = gw
-        .client()
-        .send_json(
-            "POST",
-            "/v1/refresh:lease",
-            &json!({"lease_seconds": 999999}),
-        )
-        .unwrap();
-    assert_eq!(r.status, 422);
+    assert!(
+        r.status == 400 || r.status == 422,
+        "a negative count is refused with a reason: {}",
+        r.text()
+    );
+    assert!(r.json()["error"]["message"].is_string());
 
     let leased = lease(&gw, json!({"max": 2, "lease_seconds": 2}));
     let ids: Vec<&str> = leased
@@ -232,7 +246,12 @@ fn leases_survive_sigkill_and_expire_afterwards() {
         409
     );
     assert_eq!(
-        complete(&gw, "r999999", json!({"outcome": "delivered"})).status,
+        complete(
+            &gw,
+            "r18446744073709551000",
+            json!({"outcome": "delivered"})
+        )
+        .status,
         404
     );
     assert_eq!(
@@ -388,4 +407,91 @@ fn a_device_refresh_gave_up_on_is_listed_and_gets_a_new_job_when_it_comes_back()
     assert!(d["unreachable_since"].is_null(), "{d}");
     register(&gw, "lost-1", "FOUND", None);
     assert_eq!(device(&gw, "lost-1")["state"], "active");
+}
+
+#[test]
+fn a_webhook_that_times_out_or_fails_gets_the_job_again_until_it_takes_it() {
+    // First call: never answered (the gateway's 1 s timeout fires); second:
+    // 500; third: 200.
+    let hook = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook_url = format!("http://{}/refresh", hook.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for (n, conn) in hook.incoming().enumerate() {
+            let Ok(mut conn) = conn else { return };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut len = 0usize;
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if line.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0; len];
+            if r.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let _ = tx.send(serde_json::from_slice(&body).unwrap());
+            match n {
+                0 => std::thread::sleep(Duration::from_secs(3)),
+                1 => {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n",
+                    );
+                }
+                _ => {
+                    let _ = conn.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                }
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        FAST[0],
+        FAST[1],
+        ("WNSGATE_REFRESH__WEBHOOK_URL", hook_url.as_str()),
+        ("WNSGATE_REFRESH__WEBHOOK_SECRET", "k"),
+        ("WNSGATE_REFRESH__WEBHOOK_TIMEOUT", "1s"),
+    ];
+    let gw = Server::start(&dir.path().join("data"), &env);
+    register(&gw, "hooked", "HOOK", Some(days_ago(33)));
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let call = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a webhook call");
+        seen.push(call["jobs"][0]["job_id"].as_str().unwrap().to_owned());
+        assert_eq!(call["jobs"][0]["device_id"], "hooked");
+    }
+    assert!(
+        seen.iter().all(|j| *j == seen[0]),
+        "one job, offered again: {seen:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let d = device(&gw, "hooked");
+        if d["refresh_job"]["state"] == "delivered" {
+            // Failed calls are not attempts: one delivery.
+            assert_eq!(d["refresh_job"]["attempts"], 1, "{d}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never delivered: {d}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = gw.client().get("/metrics").unwrap().text();
+    assert!(
+        metrics.contains("wnsgate_refresh_webhook_calls_total{result=\"error\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("wnsgate_refresh_webhook_calls_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
 }

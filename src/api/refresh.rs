@@ -110,16 +110,16 @@ pub async fn lease(
     };
     let max = req.max.unwrap_or(100);
     if !(1..=MAX_LEASE).contains(&max) {
-        return Err(ApiError::unprocessable(
-            "invalid_request",
+        return Err(ApiError::bad_request(
+            "invalid_lease",
             format!("max must be between 1 and {MAX_LEASE}"),
         ));
     }
     let policy = &gw.lifecycle.settings().policy;
     if let Some(s) = req.lease_seconds {
         if s == 0 || s > policy.max_lease {
-            return Err(ApiError::unprocessable(
-                "invalid_request",
+            return Err(ApiError::bad_request(
+                "invalid_lease",
                 format!(
                     "lease_seconds must be between 1 and {} (refresh.max_lease)",
                     policy.max_lease
@@ -176,6 +176,11 @@ pub async fn complete(
             StatusCode::OK,
             &serde_json::json!({ "job": null, "closed": true,
                 "message": "the job gave up: the device is unreachable" }),
+        )),
+        Err(QueueError::UnknownJob) if gw.lifecycle.was_closed(id) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "job_closed",
+            format!("refresh job {job_id} is already closed (a new channel URI arrived, the device was deleted, or refresh gave up)"),
         )),
         Err(QueueError::UnknownJob) => Err(unknown_job(&job_id)),
         Err(QueueError::NotHandedOut) => Err(ApiError::new(

@@ -348,6 +348,20 @@ impl RefreshQueue {
         Some(Change::Put(job))
     }
 
+    /// New jobs get ids from at least `floor` on. The caller passes a floor
+    /// that grows across restarts (for example from the start time), so an
+    /// id is never handed out twice even when every job closed before a
+    /// restart and none is left to restore.
+    pub fn ids_from(&mut self, floor: JobId) {
+        self.next_id = self.next_id.max(floor);
+    }
+
+    /// True when `id` was allocated by this queue (or restored) and is no
+    /// longer open: the job closed or gave up.
+    pub fn was_closed(&self, id: JobId) -> bool {
+        id >= 1 && id < self.next_id && !self.jobs.contains_key(&id)
+    }
+
     /// The open job of a device.
     pub fn job_for_device(&self, device_id: &str) -> Option<&Job> {
         self.by_device

@@ -44,6 +44,10 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+/// Sweep submissions waiting to be durable at once (well under the store's
+/// queue capacity, so a sweep never makes API writes see 503).
+const MAX_SWEEP_INFLIGHT: usize = 8192;
+
 /// What a sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
@@ -132,8 +136,13 @@ impl Lifecycle {
 
     /// Loads the stored jobs into the queue (at start, after the registry
     /// is loaded). Returns how many were loaded.
-    pub fn restore(&self) -> Result<u64, StoreError> {
+    ///
+    /// Job ids continue from `now << 24` (about 16 million ids per second of
+    /// wall time), or above the highest stored id, so that an id is never
+    /// reused across restarts even when no job survived to be restored.
+    pub fn restore(&self, now: UnixTime) -> Result<u64, StoreError> {
         let mut q = self.queue.lock();
+        q.ids_from(u64::from(now.0) << 24);
         let mut fixes = Vec::new();
         let n = self.store.scan_jobs(&mut |job| {
             if let Some(c) = q.restore(job) {
@@ -559,7 +568,9 @@ impl Lifecycle {
     /// call leaves them leased; the lease runs out and they are queued again.
     /// Returns how many jobs were delivered.
     pub fn webhook_round(&self, hook: &crate::config::WebhookSettings, now: UnixTime) -> usize {
-        let lease = hook.timeout_secs.saturating_add(60);
+        // A failed call leaves the jobs leased: they come back soon after
+        // the call's timeout, and the next round retries them.
+        let lease = hook.timeout_secs.saturating_add(2);
         let (jobs, tickets) = self.lease_blocking_part(100, Some(lease), Handout::Webhook, now);
         for t in tickets {
             if t.wait_blocking().is_err() {
@@ -595,6 +606,12 @@ impl Lifecycle {
     pub fn job_of(&self, device_id: &str) -> Option<JobView> {
         let q = self.queue.lock();
         q.job_for_device(device_id).map(|j| self.view(j, 1))
+    }
+
+    /// True when job `id` existed and is closed (or gave up). Ids from before
+    /// the last restart that are not open count as closed too.
+    pub fn was_closed(&self, id: JobId) -> bool {
+        self.queue.lock().was_closed(id)
     }
 
     /// The job with `id`, if open.
@@ -677,6 +694,7 @@ impl Lifecycle {
         let from = UnixTime(self.swept_to.load(Ordering::Relaxed).min(rewind));
         let mut report = SweepReport::default();
         let mut after: Option<(UnixTime, DeviceId)> = None;
+        let mut inflight = std::collections::VecDeque::new();
         loop {
             let page = self.store.issued_between(
                 from,
@@ -732,33 +750,53 @@ impl Lifecycle {
                     }
                 }
             }
-            for (t, opened) in tickets {
-                match (t.wait_blocking(), opened) {
-                    (Ok(()), Some((_, reason))) => {
-                        report.opened += 1;
-                        metrics::counter!(m::REFRESH_OPENED, "reason" => reason_label(reason))
-                            .increment(1);
-                        if reason == LeaveReason::Age {
-                            metrics::counter!(m::LIFECYCLE_TRANSITIONS, "to" => "expired", "reason" => "age").increment(1);
-                        }
-                    }
-                    (Ok(()), None) => {}
-                    (Err(StoreError::Conflict(_)), opened) => {
-                        self.discard(opened.as_ref().map(|(j, _)| j))
-                    }
-                    (Err(e), opened) => {
-                        self.discard(opened.as_ref().map(|(j, _)| j));
-                        return Err(e);
-                    }
+            inflight.extend(tickets);
+            // Keep the store busy with the next page while this one syncs,
+            // within a bound on what waits.
+            while inflight.len() > MAX_SWEEP_INFLIGHT {
+                if let Some((t, opened)) = inflight.pop_front() {
+                    self.settle_sweep_ticket(t, opened, &mut report)?;
                 }
             }
             after = Some(last);
+        }
+        while let Some((t, opened)) = inflight.pop_front() {
+            self.settle_sweep_ticket(t, opened, &mut report)?;
         }
         self.swept_to.store(to.0, Ordering::Relaxed);
         metrics::histogram!(m::LIFECYCLE_SWEEP_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::counter!(m::LIFECYCLE_SWEEP_EXAMINED).increment(report.examined);
         self.publish_stats(now);
         Ok(report)
+    }
+
+    /// Waits for one sweep submission and accounts for it.
+    fn settle_sweep_ticket(
+        &self,
+        t: Ticket,
+        opened: Option<(Job, LeaveReason)>,
+        report: &mut SweepReport,
+    ) -> Result<(), StoreError> {
+        match (t.wait_blocking(), opened) {
+            (Ok(()), Some((_, reason))) => {
+                report.opened += 1;
+                metrics::counter!(m::REFRESH_OPENED, "reason" => reason_label(reason)).increment(1);
+                if reason == LeaveReason::Age {
+                    metrics::counter!(m::LIFECYCLE_TRANSITIONS, "to" => "expired", "reason" => "age")
+                        .increment(1);
+                }
+                Ok(())
+            }
+            (Ok(()), None) => Ok(()),
+            (Err(StoreError::Conflict(_)), opened) => {
+                self.discard(opened.as_ref().map(|(j, _)| j));
+                Ok(())
+            }
+            (Err(e), opened) => {
+                self.discard(opened.as_ref().map(|(j, _)| j));
+                Err(e)
+            }
+        }
     }
 
     fn publish_stats(&self, now: UnixTime) {
