@@ -168,6 +168,11 @@ pub struct WnsApp {
 pub struct LifecycleConfig {
     pub renewal_due_after: String,
     pub expire_after: String,
+    /// Send one wake to each device that becomes `renewal_due`, so the MDM
+    /// server gets a session in which to read the renewed channel URI.
+    pub nudge_renewal_due: bool,
+    /// Pace of those nudge wakes.
+    pub nudge_per_second: u64,
 }
 
 impl Default for LifecycleConfig {
@@ -175,6 +180,8 @@ impl Default for LifecycleConfig {
         LifecycleConfig {
             renewal_due_after: "15d".into(),
             expire_after: "30d".into(),
+            nudge_renewal_due: false,
+            nudge_per_second: 20,
         }
     }
 }
@@ -557,6 +564,9 @@ pub struct Settings {
     pub known_pfns: Vec<String>,
     pub wns: WnsConfig,
     pub refresh: RefreshSettings,
+    /// Nudge wakes per second for devices turning `renewal_due`; `None`
+    /// when nudges are off.
+    pub nudge_per_second: Option<u32>,
     pub log: LogConfig,
 }
 
@@ -732,6 +742,19 @@ impl Settings {
             known_pfns,
             wns: cfg.wns.clone(),
             refresh: cfg.refresh.resolve()?,
+            nudge_per_second: match (
+                cfg.lifecycle.nudge_renewal_due,
+                cfg.lifecycle.nudge_per_second,
+            ) {
+                (false, _) => None,
+                (true, n @ 1..=100_000) => Some(n as u32),
+                (true, _) => {
+                    return Err(invalid(
+                        "lifecycle.nudge_per_second",
+                        "must be between 1 and 100000",
+                    ))
+                }
+            },
             log: cfg.log.clone(),
         })
     }

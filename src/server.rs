@@ -103,7 +103,8 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let listen = settings.listen;
     let shard_count = settings.shard_count();
     let sender = Arc::new(
-        crate::sender::wake::WnsSender::new(&settings, shard_count)
+        // One pool slot per shard, and one for the nudge thread.
+        crate::sender::wake::WnsSender::new(&settings, shard_count + 1)
             .context("cannot set up the WNS sender")?,
     );
     let apps = settings
@@ -146,6 +147,11 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         .context("cannot load the refresh queue")?;
     let secs = t.elapsed().as_secs_f64();
     metrics::gauge!(m::RECOVERY_SECONDS).set(secs);
+    if let Some(rate) = gateway.settings.nudge_per_second {
+        let n = crate::lifecycle::nudge::Nudger::start(gateway.clone(), shard_count, rate)
+            .context("cannot start the nudge thread")?;
+        lifecycle.set_nudger(n, gateway.now());
+    }
     let gw = gateway.clone();
     let lifecycle_thread = crate::lifecycle::LifecycleThread::start(lifecycle, move || gw.now())
         .context("cannot start the lifecycle thread")?;
@@ -201,6 +207,7 @@ impl Running {
         if let Some(l) = self.lifecycle.take() {
             l.stop();
         }
+        self.gateway.lifecycle.stop_nudger();
         let jobs: Vec<String> = self.gateway.jobs.iter().map(|j| j.key().clone()).collect();
         for id in &jobs {
             let _ = crate::api::jobs::cancel(&self.gateway, id);

@@ -495,3 +495,39 @@ fn a_webhook_that_times_out_or_fails_gets_the_job_again_until_it_takes_it() {
         "{metrics}"
     );
 }
+
+#[test]
+fn nudges_wake_devices_turning_renewal_due_and_no_others() {
+    let env = [
+        FAST[0],
+        FAST[1],
+        ("WNSGATE_LIFECYCLE__NUDGE_RENEWAL_DUE", "true"),
+        ("WNSGATE_LIFECYCLE__NUDGE_PER_SECOND", "50"),
+    ];
+    let (_dir, sim, gw) = common::start_with_sim_env(SimConfig::default(), &env);
+    let half_day_ago = |d: u64| wnsgate::core::UnixTime((now() - d * 43_200) as u32).to_rfc3339();
+    register(&gw, "due", "DUE", Some(half_day_ago(31))); // 15.5 days
+    register(&gw, "fresh", "FRESH", Some(half_day_ago(2)));
+    register(&gw, "old", "OLD", Some(days_ago(31)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let due = loop {
+        let d = device(&gw, "due");
+        if !d["last_push"].is_null() {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "no nudge: {d}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(due["state"], "renewal_due");
+    assert_eq!(due["last_push"]["result"], "delivered", "{due}");
+    // Two more sweeps: nothing else is nudged, and "due" only once.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(device(&gw, "fresh")["last_push"].is_null());
+    assert!(device(&gw, "old")["last_push"].is_null());
+    assert_eq!(sim.stats().pushes_total, 1);
+    let metrics = gw.client().get("/metrics").unwrap().text();
+    assert!(
+        metrics.contains("wnsgate_lifecycle_nudges_total 1"),
+        "{metrics}"
+    );
+}

@@ -114,7 +114,7 @@ pub async fn put_channel(
     gw.commits
         .submit(vec![Mutation::Put(record.clone())])?
         .await?;
-    gw.lifecycle.registered_aged(record.issued_at, now);
+    gw.lifecycle.registered_aged(&record, now);
     if existing
         .as_ref()
         .is_some_and(|e| e.refresh.is_some() && record.refresh.is_none())

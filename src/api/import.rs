@@ -112,7 +112,7 @@ impl Importer {
                 if existing.is_some_and(|e| e.refresh.is_some() && rec.refresh.is_none()) {
                     self.closes.push(rec.device_id.clone());
                 }
-                self.gw.lifecycle.registered_aged(rec.issued_at, now);
+                self.gw.lifecycle.registered_aged(&rec, now);
                 self.chunk.push(Mutation::Put(rec));
                 if self.chunk.len() >= IMPORT_CHUNK {
                     self.flush().await?;

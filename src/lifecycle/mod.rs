@@ -23,6 +23,7 @@
 //! most one open job per device; a `refresh_pending` device has an open
 //! job; jobs survive a crash and restart as they were last acknowledged.
 
+pub mod nudge;
 pub mod webhook;
 
 use crate::config::RefreshSettings;
@@ -95,6 +96,10 @@ pub struct Lifecycle {
     /// Lowest issued-at registered behind `swept_to` since the last sweep
     /// (an aged channel imported late); `u32::MAX` when none.
     rewind_to: AtomicU32,
+    /// Nudge wakes for devices turning `renewal_due`, when configured.
+    nudger: Mutex<Option<nudge::Nudger>>,
+    /// Devices issued before this time have been offered a nudge.
+    nudged_to: AtomicU32,
 }
 
 /// Formats a job id for the API.
@@ -127,7 +132,78 @@ impl Lifecycle {
             commits,
             swept_to: AtomicU32::new(0),
             rewind_to: AtomicU32::new(u32::MAX),
+            nudger: Mutex::new(None),
+            nudged_to: AtomicU32::new(0),
         }
+    }
+
+    /// Turns nudge wakes on. Devices that turned `renewal_due` up to a day
+    /// before `now` are caught up; older ones are not nudged.
+    pub fn set_nudger(&self, n: nudge::Nudger, now: UnixTime) {
+        let from = now
+            .0
+            .saturating_sub(self.thresholds.renewal_due_after)
+            .saturating_sub(86_400);
+        self.nudged_to.store(from, Ordering::Relaxed);
+        *self.nudger.lock() = Some(n);
+    }
+
+    /// Stops the nudge thread, if any (after its wakes in flight).
+    pub fn stop_nudger(&self) {
+        let n = self.nudger.lock().take();
+        if let Some(n) = n {
+            n.stop();
+        }
+    }
+
+    /// Offers every device that turned `renewal_due` since the last call to
+    /// the nudge thread, reading only those index entries. Returns how many
+    /// were offered.
+    pub fn offer_nudges(&self, now: UnixTime) -> Result<u64, StoreError> {
+        let guard = self.nudger.lock();
+        let Some(nudger) = guard.as_ref() else {
+            return Ok(0);
+        };
+        let due_before = now.0.saturating_sub(self.thresholds.renewal_due_after);
+        // Channels already past expiry are the sweep's, not the nudge's.
+        let expired_before = now.0.saturating_sub(self.thresholds.expire_after);
+        let from = UnixTime(
+            self.nudged_to
+                .load(Ordering::Relaxed)
+                .max(expired_before + 1),
+        );
+        let to = UnixTime(due_before.saturating_add(1));
+        let mut after: Option<(UnixTime, DeviceId)> = None;
+        let mut offered = 0;
+        loop {
+            let page = self.store.issued_between(
+                from,
+                to,
+                after.as_ref().map(|(t, id)| (*t, id.as_str())),
+                self.settings.sweep_batch,
+            )?;
+            let Some(last) = page.last().cloned() else {
+                break;
+            };
+            for (at, id) in page {
+                let eligible = self
+                    .registry
+                    .get(id.as_str())
+                    .is_some_and(|r| r.issued_at == at && r.dead.is_none() && r.refresh.is_none());
+                if !eligible {
+                    continue;
+                }
+                if !nudger.offer(id) {
+                    // The queue is full: the next run starts here.
+                    self.nudged_to.store(at.0, Ordering::Relaxed);
+                    return Ok(offered);
+                }
+                offered += 1;
+            }
+            after = Some(last);
+        }
+        self.nudged_to.store(to.0, Ordering::Relaxed);
+        Ok(offered)
     }
 
     pub fn settings(&self) -> &RefreshSettings {
@@ -163,13 +239,26 @@ impl Lifecycle {
         self.queue.lock().stats(now)
     }
 
-    /// Tells the sweep about a registration whose channel is already past
-    /// the expiry age (an aged fleet imported late), so that the next sweep
-    /// goes back for it.
-    pub fn registered_aged(&self, issued_at: UnixTime, now: UnixTime) {
-        let limit = now.0.saturating_sub(self.thresholds.expire_after);
-        if issued_at.0 <= limit {
+    /// Tells the lifecycle about a registration whose channel is already
+    /// old: past the expiry age, the next sweep goes back for it (an aged
+    /// fleet imported late); already `renewal_due` (and not dead), it is
+    /// offered a nudge at once when nudges are on, since the nudge cursor
+    /// has passed its issue time.
+    pub fn registered_aged(&self, rec: &DeviceRecord, now: UnixTime) {
+        let issued_at = rec.issued_at;
+        let expire_limit = now.0.saturating_sub(self.thresholds.expire_after);
+        if issued_at.0 <= expire_limit {
             self.rewind_to.fetch_min(issued_at.0, Ordering::Relaxed);
+            return;
+        }
+        let due_limit = now.0.saturating_sub(self.thresholds.renewal_due_after);
+        if issued_at.0 <= due_limit
+            && rec.dead.is_none()
+            && issued_at.0 < self.nudged_to.load(Ordering::Relaxed)
+        {
+            if let Some(n) = self.nudger.lock().as_ref() {
+                n.offer(rec.device_id.clone());
+            }
         }
     }
 
@@ -856,6 +945,9 @@ impl LifecycleThread {
                         }
                         next_sweep = t.0.saturating_add(interval);
                     }
+                    if let Err(e) = lc.offer_nudges(t) {
+                        tracing::error!(error = %e, "offering nudge wakes failed");
+                    }
                     if let Err(e) = lc.tick(t) {
                         tracing::error!(error = %e, "refresh queue tick failed");
                     }
@@ -910,6 +1002,11 @@ fn describe_metrics() {
     metrics::counter!(m::LIFECYCLE_TRANSITIONS, "to" => "unreachable", "reason" => "gave_up")
         .increment(0);
     metrics::counter!(m::LIFECYCLE_SWEEP_EXAMINED).increment(0);
+    metrics::counter!(m::LIFECYCLE_NUDGES).increment(0);
+    metrics::describe_counter!(
+        m::LIFECYCLE_NUDGES,
+        "Nudge wakes sent to devices turning renewal_due"
+    );
     metrics::describe_gauge!(m::REFRESH_JOBS, "Open refresh jobs, by state");
     metrics::describe_gauge!(m::REFRESH_DUE, "Queued refresh jobs due now");
     metrics::describe_gauge!(

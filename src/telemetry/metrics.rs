@@ -53,6 +53,8 @@ pub const REFRESH_HANDOUTS: &str = "wnsgate_refresh_handouts_total";
 pub const REFRESH_WEBHOOK_CALLS: &str = "wnsgate_refresh_webhook_calls_total";
 /// Devices leaving `active`, by `to` (expired, unreachable) and `reason`.
 pub const LIFECYCLE_TRANSITIONS: &str = "wnsgate_lifecycle_transitions_total";
+/// Nudge wakes sent to devices turning `renewal_due`.
+pub const LIFECYCLE_NUDGES: &str = "wnsgate_lifecycle_nudges_total";
 /// Duration of one expiry sweep.
 pub const LIFECYCLE_SWEEP_SECONDS: &str = "wnsgate_lifecycle_sweep_seconds";
 /// Issued-at index entries read by expiry sweeps.
