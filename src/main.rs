@@ -92,16 +92,10 @@ fn main() -> ExitCode {
                 overrides.push(("WNSGATE_SERVER__SHARDS".into(), v.to_string()));
             }
             if let Some(v) = io {
-                overrides.push((
-                    "WNSGATE_SERVER__IO".into(),
-                    format!("\"{}\"", enum_name(&v)),
-                ));
+                overrides.push(("WNSGATE_SERVER__IO".into(), enum_name(&v)));
             }
             if let Some(v) = log_format {
-                overrides.push((
-                    "WNSGATE_LOG__FORMAT".into(),
-                    format!("\"{}\"", enum_name(&v)),
-                ));
+                overrides.push(("WNSGATE_LOG__FORMAT".into(), enum_name(&v)));
             }
             load_settings(config.as_deref(), overrides).and_then(wnsgate::cli::serve)
         }
