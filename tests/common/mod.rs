@@ -159,6 +159,14 @@ pub fn channel_body(uri: &str) -> serde_json::Value {
 pub fn start_with_sim(
     cfg: wnsgate::sim::SimConfig,
 ) -> (tempfile::TempDir, wnsgate::sim::SimHandle, Server) {
+    start_with_sim_env(cfg, &[])
+}
+
+/// [`start_with_sim`] with extra environment variables for the gateway.
+pub fn start_with_sim_env(
+    cfg: wnsgate::sim::SimConfig,
+    extra: &[(&str, &str)],
+) -> (tempfile::TempDir, wnsgate::sim::SimHandle, Server) {
     let dir = tempfile::tempdir().expect("temp dir");
     let s = wnsgate::sim::start(cfg).expect("start the simulator");
     let apps = format!("[{{pfn = \"{PFN}\", package_sid = \"ms-app://S-1-15-2-7\", client_secret = \"sim-secret\"}}]");
@@ -167,15 +175,14 @@ pub fn start_with_sim(
         s.addr.to_string(),
         s.ca_pem_path.display().to_string(),
     );
-    let gw = Server::start(
-        &dir.path().join("data"),
-        &[
-            ("WNSGATE_WNS__TOKEN_URL", token_url.as_str()),
-            ("WNSGATE_WNS__CONNECT_TO", connect_to.as_str()),
-            ("WNSGATE_WNS__CA_FILE", ca.as_str()),
-            ("WNSGATE_WNS__APPS", apps.as_str()),
-        ],
-    );
+    let mut env = vec![
+        ("WNSGATE_WNS__TOKEN_URL", token_url.as_str()),
+        ("WNSGATE_WNS__CONNECT_TO", connect_to.as_str()),
+        ("WNSGATE_WNS__CA_FILE", ca.as_str()),
+        ("WNSGATE_WNS__APPS", apps.as_str()),
+    ];
+    env.extend_from_slice(extra);
+    let gw = Server::start(&dir.path().join("data"), &env);
     (dir, s, gw)
 }
 
