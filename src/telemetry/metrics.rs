@@ -121,7 +121,7 @@ fn describe() {
     );
     describe_counter!(
         WNS_CONNECTIONS_OPENED,
-        "Connections opened to WNS, by protocol."
+        "Connections opened to WNS, by protocol and socket backend."
     );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     describe_gauge!(READY, "1 when the gateway serves the API.");
