@@ -2,7 +2,7 @@
 # io_uring vs epoll, side by side in one run (performance.md P6 and P7).
 #
 #   loadtest/io.sh [SECONDS] [RUNS] [SENDER_DEVICES]   (defaults: 10, 3, 200000)
-#   SENDER_DEVICES=0 skips the sender part.
+#   SECONDS=0 skips the API part, SENDER_DEVICES=0 the sender part.
 #
 # API path: each server pinned to core 0 (one shard), the load tool to core
 # 1. Servers: `wnsgate serve --io epoll`, `wnsgate serve --io uring`, and
@@ -38,12 +38,13 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 PFN=Contoso.MDM_8wekyb3d8bbwe
 
+if [ "$SECS" != 0 ]; then
 echo "# wnsgate io backends: ${SECS} s runs, median of $RUNS, $(nproc) cores, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
 
 wait_line() { # file sed-expression -> prints the first match
   local v=""
   for _ in $(seq 1 1000); do
-    v=$(sed -n "$2" "$1" | head -1)
+    v=$(sed -n "$2" "$1" 2>/dev/null | head -1 || true)
     [ -n "$v" ] && { echo "$v"; return 0; }
     sleep 0.01
   done
@@ -131,6 +132,7 @@ print(f"{name}: epoll {e:,.0f} req/s ({eu:.2f} us), uring {u:,.0f} req/s ({uu:.2
 PY
 done
 for p in "${PID[epoll]}" "${PID[uring]}" "${PID[ref]}"; do kill "$p" 2>/dev/null || true; done
+fi
 
 [ "$SENDER_N" = 0 ] && exit 0
 echo "# sender path: loadtest/sender.sh $SENDER_N $RUNS per backend"

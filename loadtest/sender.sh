@@ -42,7 +42,7 @@ start_sim() { # mode
   taskset -c 1 "$BIN" sim --listen 127.0.0.1:0 --mode "$1" --ca-out "$WORK/ca.pem" --no-channel-stats >"$WORK/sim.out" 2>"$WORK/sim.err" &
   SIM=$!; PIDS+=("$SIM")
   for _ in $(seq 1 500); do
-    SIM_ADDR=$(sed -n 's/^sim listening on \([^ ]*\).*/\1/p' "$WORK/sim.out" | head -1)
+    SIM_ADDR=$(sed -n 's/^sim listening on \([^ ]*\).*/\1/p' "$WORK/sim.out" 2>/dev/null | head -1 || true)
     [ -n "$SIM_ADDR" ] && return 0
     sleep 0.01
   done
@@ -59,7 +59,7 @@ start_gateway() {
     taskset -c 0 "$BIN" serve --listen 127.0.0.1:0 --shards 1 --data "$WORK/data" >"$WORK/gw.out" 2>"$WORK/gw.err" &
   GW=$!; PIDS+=("$GW")
   for _ in $(seq 1 1000); do
-    GW_ADDR=$(sed -n 's#^listening on http://##p' "$WORK/gw.out" | head -1)
+    GW_ADDR=$(sed -n 's#^listening on http://##p' "$WORK/gw.out" 2>/dev/null | head -1 || true)
     [ -n "$GW_ADDR" ] && break
     sleep 0.01
   done

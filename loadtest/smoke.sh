@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 bash loadtest/registry.sh 20000 500 2
 bash loadtest/sender.sh 5000 1
+# io_uring vs epoll: 1 s per figure, one run, a 2,000-device sender pass per backend.
+bash loadtest/io.sh 1 1 2000

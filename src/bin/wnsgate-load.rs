@@ -158,7 +158,9 @@ fn trivial_server(listen: std::net::SocketAddr) -> anyhow::Result<()> {
                 *resp.status_mut() = hyper::StatusCode::ACCEPTED;
                 Ok::<_, std::convert::Infallible>(resp)
             });
-            let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned();
             tokio::spawn(async move {
                 let _ = conn.await;
             });
