@@ -117,6 +117,22 @@ fn each_backend_runs_when_asked_and_shows_in_metrics() {
     }
 }
 
+/// Test gateways run what `WNSGATE_TEST_IO` asks for, and the default
+/// (`auto`) runs epoll, the faster backend in `loadtest/io.sh`.
+#[test]
+fn test_gateways_run_the_backend_asked_for() {
+    let asked = common::test_io().unwrap_or_else(|| "auto".into());
+    let expected = if asked == "auto" {
+        "epoll"
+    } else {
+        asked.as_str()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Server::start(&dir.path().join("data"), &[]);
+    let m = metrics(&gw);
+    assert!(m.contains(&format!(r#"io="{expected}""#)), "{asked}: {m}");
+}
+
 #[test]
 fn wns_connections_ride_the_shard_backend() {
     for io in backends() {
