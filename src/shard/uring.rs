@@ -439,3 +439,100 @@ impl<R> Drop for UringIo<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Liveness bound for steps that would hang if the adapter lost an
+    /// operation; not a performance figure.
+    const HANG: Duration = Duration::from_secs(30);
+
+    /// A connected pair of tokio-uring streams over loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let listener = tokio_uring::net::TcpListener::from_std(std_listener);
+        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn bytes_pass_through_unchanged_in_any_split() {
+        tokio_uring::start(async {
+            let (a, b) = pair().await;
+            let (mut a, mut b) = (UringIo::new(a), UringIo::new(b));
+            let data = pattern(3_000_000);
+            let writer = async {
+                let mut rest = &data[..];
+                let mut size = 1;
+                while !rest.is_empty() {
+                    let n = size.min(rest.len());
+                    if size % 3 == 0 {
+                        // Vectored, split in two.
+                        let (x, y) = rest[..n].split_at(n / 2);
+                        let slices = [io::IoSlice::new(x), io::IoSlice::new(y)];
+                        let written = a.write_vectored(&slices).await.unwrap();
+                        rest = &rest[written..];
+                    } else {
+                        a.write_all(&rest[..n]).await.unwrap();
+                        rest = &rest[n..];
+                    }
+                    size = size * 7 % 100_003 + 1;
+                }
+                a.shutdown().await.unwrap();
+            };
+            let reader = async {
+                let mut got = Vec::with_capacity(data.len());
+                let mut buf = vec![0u8; 777];
+                loop {
+                    let n = b.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break got;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+            };
+            let ((), got) = tokio::time::timeout(HANG, async { tokio::join!(writer, reader) })
+                .await
+                .expect("the transfer finished");
+            assert_eq!(got.len(), data.len());
+            assert!(got == data, "bytes changed on the way");
+        });
+    }
+
+    #[test]
+    fn an_interrupted_read_keeps_its_operation_and_loses_nothing() {
+        tokio_uring::start(async {
+            let (a, b) = pair().await;
+            let (mut a, mut b) = (UringIo::new(a), UringIo::new(b));
+            let mut buf = [0u8; 64];
+            // Give up on a read while nothing has arrived: its operation
+            // stays in flight inside the adapter.
+            let early = tokio::time::timeout(Duration::from_millis(20), b.read(&mut buf)).await;
+            assert!(early.is_err(), "nothing was sent yet");
+            a.write_all(b"first").await.unwrap();
+            a.flush().await.unwrap();
+            let n = tokio::time::timeout(HANG, b.read(&mut buf))
+                .await
+                .expect("the pending read completed")
+                .unwrap();
+            assert_eq!(&buf[..n], b"first");
+            // Dropping the adapter with a read in flight closes the socket.
+            let _ = tokio::time::timeout(Duration::from_millis(20), b.read(&mut buf)).await;
+            drop(b);
+            let n = tokio::time::timeout(HANG, a.read(&mut buf))
+                .await
+                .expect("the peer saw the close")
+                .unwrap();
+            assert_eq!(n, 0, "end of stream");
+        });
+    }
+}
