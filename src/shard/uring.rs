@@ -71,6 +71,10 @@ pub fn probe() -> Result<(), Unavailable> {
     }
 }
 
+/// Linux errno values the probe tells apart.
+const EPERM: i32 = 1;
+const ENOSYS: i32 = 38;
+
 /// Says why setting up io_uring failed, in the terms an operator can act on.
 fn explain(e: &io::Error) -> String {
     let sysctl = match std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled") {
@@ -78,10 +82,10 @@ fn explain(e: &io::Error) -> String {
         Err(_) => "kernel.io_uring_disabled is not readable".into(),
     };
     match e.raw_os_error() {
-        Some(1) => format!(
+        Some(EPERM) => format!(
             "io_uring_setup was refused (EPERM; {sysctl}): a seccomp profile (containers' default one blocks io_uring) or the sysctl forbids it"
         ),
-        Some(38) => format!(
+        Some(ENOSYS) => format!(
             "the kernel has no io_uring (ENOSYS: older than 5.1 or built without it, or a seccomp profile answers ENOSYS; {sysctl})"
         ),
         _ => format!("setting up io_uring failed: {e} ({sysctl})"),
@@ -462,6 +466,18 @@ mod tests {
         (0..len as u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect()
+    }
+
+    #[test]
+    fn probe_failures_are_explained() {
+        let eperm = explain(&io::Error::from_raw_os_error(EPERM));
+        assert!(eperm.contains("EPERM"), "{eperm}");
+        assert!(eperm.contains("seccomp"), "{eperm}");
+        assert!(eperm.contains("kernel.io_uring_disabled"), "{eperm}");
+        let enosys = explain(&io::Error::from_raw_os_error(ENOSYS));
+        assert!(enosys.contains("ENOSYS"), "{enosys}");
+        let other = explain(&io::Error::from_raw_os_error(12));
+        assert!(other.starts_with("setting up io_uring failed"), "{other}");
     }
 
     #[test]
