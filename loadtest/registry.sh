@@ -22,8 +22,9 @@ PUT_RATE=${2:-10000}
 PUT_SECONDS=${3:-10}
 
 cargo build --release --quiet --bins
-BIN=target/release/wnsgate
-LOAD=target/release/wnsgate-load
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+BIN=$TARGET/release/wnsgate
+LOAD=$TARGET/release/wnsgate-load
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/wnsgate-load.XXXXXX")
 PID=""
 cleanup() {

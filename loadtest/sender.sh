@@ -13,7 +13,9 @@
 #   P2  HTTP/1.1 only (simulator in h1 mode): the same bulk wake over
 #       4 keep-alive connections; reference: h2load --h1 -c 4 -m 1.
 # Prints each figure, the reference and the ratio (gateway / reference,
-# lower is better; the target is <= 1.25 for P1).
+# lower is better; the target is <= 1.25 for P1). The gateway's network
+# backend is its default unless WNSGATE_SERVER__IO (auto|uring|epoll) says
+# otherwise (loadtest/io.sh runs this once per backend).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}
@@ -21,8 +23,9 @@ RUNS=${2:-3}
 command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null; }
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 cargo build --release --quiet --bins
-BIN=$PWD/target/release/wnsgate
-LOAD=$PWD/target/release/wnsgate-load
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+BIN=$TARGET/release/wnsgate
+LOAD=$TARGET/release/wnsgate-load
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/wnsgate-sender.XXXXXX")
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
@@ -31,7 +34,7 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ=$(getconf CLK_TCK)
 PFN=Contoso.MDM_8wekyb3d8bbwe
 
-echo "# wnsgate sender load test: $N devices, $RUNS runs, $(nproc) cores, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "# wnsgate sender load test: $N devices, $RUNS runs, io ${WNSGATE_SERVER__IO:-auto}, $(nproc) cores, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
 "$LOAD" fleet --devices "$N" >"$WORK/fleet.ndjson"
 head -c 4 /dev/zero | tr '\0' 'w' >"$WORK/body"   # the gateway's wake body is 4 bytes
 
@@ -39,7 +42,7 @@ start_sim() { # mode
   taskset -c 1 "$BIN" sim --listen 127.0.0.1:0 --mode "$1" --ca-out "$WORK/ca.pem" --no-channel-stats >"$WORK/sim.out" 2>"$WORK/sim.err" &
   SIM=$!; PIDS+=("$SIM")
   for _ in $(seq 1 500); do
-    SIM_ADDR=$(sed -n 's/^sim listening on \([^ ]*\).*/\1/p' "$WORK/sim.out" | head -1)
+    SIM_ADDR=$(sed -n 's/^sim listening on \([^ ]*\).*/\1/p' "$WORK/sim.out" 2>/dev/null | head -1 || true)
     [ -n "$SIM_ADDR" ] && return 0
     sleep 0.01
   done
@@ -56,7 +59,7 @@ start_gateway() {
     taskset -c 0 "$BIN" serve --listen 127.0.0.1:0 --shards 1 --data "$WORK/data" >"$WORK/gw.out" 2>"$WORK/gw.err" &
   GW=$!; PIDS+=("$GW")
   for _ in $(seq 1 1000); do
-    GW_ADDR=$(sed -n 's#^listening on http://##p' "$WORK/gw.out" | head -1)
+    GW_ADDR=$(sed -n 's#^listening on http://##p' "$WORK/gw.out" 2>/dev/null | head -1 || true)
     [ -n "$GW_ADDR" ] && break
     sleep 0.01
   done

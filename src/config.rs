@@ -98,7 +98,7 @@ impl Default for StoreConfig {
 pub struct ServerConfig {
     /// Shard threads; 0 means one per available core.
     pub shards: usize,
-    /// Network backend of the shards: `auto` or `epoll`.
+    /// Network backend of the shards: `auto`, `uring` or `epoll`.
     pub io: IoBackend,
 }
 
@@ -106,9 +106,12 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum IoBackend {
-    /// The best backend this build and kernel support.
+    /// The preferred backend when this build and kernel support it, else
+    /// epoll (see `shard::AUTO_PREFERS`).
     #[default]
     Auto,
+    /// tokio-uring on io_uring; refuses to start when io_uring is unusable.
+    Uring,
     /// tokio on epoll.
     Epoll,
 }

@@ -2,7 +2,7 @@
 //! thread, bind the shards, load the store into the registry, turn ready;
 //! and in reverse on shutdown.
 
-use crate::config::{IoBackend, Settings};
+use crate::config::Settings;
 use crate::gateway::Gateway;
 use crate::registry::Registry;
 use crate::shard::ShardSet;
@@ -50,14 +50,6 @@ pub fn apply_to_registry(registry: &Registry, batch: &[Mutation]) {
     }
 }
 
-/// Picks the network backend. Only epoll is built in this version; `auto`
-/// resolves to it.
-fn resolve_io(io: IoBackend) -> &'static str {
-    match io {
-        IoBackend::Auto | IoBackend::Epoll => "epoll",
-    }
-}
-
 /// Flush and compaction threads for the store: the configured number, or
 /// half the cores (1 to 4). Compaction on every core starves the shards: on
 /// 2 cores with 2 compaction threads, PUT p99 at 10k/s rose from about 8 ms
@@ -72,6 +64,9 @@ fn store_background_threads(configured: usize) -> usize {
 
 /// Starts a gateway and returns once it is ready (store loaded).
 pub fn start(settings: Settings) -> anyhow::Result<Running> {
+    // First, so `--io uring` on a machine without io_uring fails before
+    // anything is opened.
+    let backend = crate::shard::choose_backend(settings.io)?;
     let metrics = crate::telemetry::metrics::install();
     let path = settings.store.path.clone();
     std::fs::create_dir_all(&path)
@@ -99,7 +94,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
             max_batch_mutations: settings.store.max_batch_mutations,
         },
     );
-    let io = resolve_io(settings.io);
+    let io = backend.name();
     let listen = settings.listen;
     let shard_count = settings.shard_count();
     let sender = Arc::new(
@@ -131,7 +126,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         sender,
         lifecycle.clone(),
     ));
-    let shards = ShardSet::start(gateway.clone(), listen, shard_count)
+    let shards = ShardSet::start(gateway.clone(), listen, shard_count, backend)
         .context("cannot start the API listeners")?;
     let local_addr = shards.local_addr;
     tracing::info!(%local_addr, shards = shard_count, io, data = %path.display(), "listening; loading the store");

@@ -19,6 +19,9 @@
 //! Synthetic device `i` is always the same id and channel URI
 //! (`wnsgate::fleet`), so `register`, `push`, `bulk` and `forget` given the
 //! same `--devices` and `--start` work on the same devices.
+//! - `trivial-server`: the reference of performance.md P6, a hyper server
+//!   on one current-thread runtime that answers every request with 202
+//!   (HTTP/1.1 and h2c, the gateway's own builder).
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -35,6 +38,9 @@ use wnsgate::fleet::{self, AgeMix};
 const MAX_JOB_IDS: u64 = 100_000;
 /// Bulk wakes the API runs at once.
 const MAX_RUNNING_JOBS: usize = 8;
+// The same allocator as the gateway, so the reference server is comparable.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(
@@ -166,6 +172,12 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         connections: u64,
     },
+    /// Answer every request with 202 and an empty body (the load tools'
+    /// reference); prints `listening on http://ADDR`.
+    TrivialServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -268,8 +280,38 @@ fn main() -> anyhow::Result<()> {
             };
             load.run("get", None, move |client, _, _| client.get(&path))?
         }
+        Cmd::TrivialServer { listen } => trivial_server(listen)?,
     }
     Ok(())
+}
+
+/// Serves 202 to everything until killed.
+fn trivial_server(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        println!("listening on http://{}", listener.local_addr()?);
+        let builder = wnsgate::shard::serve::http_builder(Duration::from_secs(30));
+        loop {
+            let (stream, _) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let svc = service_fn(|_req| async {
+                let mut resp = hyper::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                *resp.status_mut() = hyper::StatusCode::ACCEPTED;
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), svc)
+                .into_owned();
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+    })
 }
 
 /// A fixed-rate load over keep-alive connections.

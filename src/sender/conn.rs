@@ -1,5 +1,6 @@
-//! One connection to a WNS front end: TCP, TLS with the channel's host as
-//! SNI, then HTTP/2 or HTTP/1.1, whichever the server picked by ALPN.
+//! One connection to a WNS front end: TCP (on the shard's network backend),
+//! TLS with the channel's host as SNI, then HTTP/2 or HTTP/1.1, whichever
+//! the server picked by ALPN.
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Uri};
@@ -7,9 +8,14 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 /// Time limits of every network step.
@@ -101,49 +107,117 @@ impl Conn {
 }
 
 /// Opens a connection to `dial` (`host:port`), presenting `sni` and
-/// verifying the certificate for it.
+/// verifying the certificate for it. The socket is one of the calling
+/// shard's backend ([`crate::shard::connect`]): on an io_uring shard, TLS
+/// and HTTP run over an io_uring socket.
 pub async fn connect(
     dial: &str,
     sni: &str,
     tls: Arc<ClientConfig>,
     t: &Timeouts,
 ) -> Result<Conn, ConnError> {
-    let tcp = tokio::time::timeout(t.connect, TcpStream::connect(dial))
-        .await
-        .map_err(|_| ConnError::Timeout("connect"))?
-        .map_err(|e| ConnError::Connect(dial.to_owned(), e.to_string()))?;
-    let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(sni.to_owned())
         .map_err(|e| ConnError::Tls(sni.to_owned(), e.to_string()))?;
-    let stream = tokio::time::timeout(t.tls, TlsConnector::from(tls).connect(name, tcp))
-        .await
-        .map_err(|_| ConnError::Timeout("TLS handshake"))?
-        .map_err(|e| ConnError::Tls(sni.to_owned(), e.to_string()))?;
-    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    if h2 {
-        let (send, conn) = h2::client::Builder::new()
-            .initial_window_size(1 << 20)
-            .initial_connection_window_size(1 << 24)
-            .handshake::<_, Bytes>(stream)
-            .await
-            .map_err(|e| ConnError::Protocol(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "WNS h2 connection ended");
-            }
-        });
-        Ok(Conn::H2(send))
-    } else {
-        let (send, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(|e| ConnError::Protocol(e.to_string()))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "WNS HTTP/1.1 connection ended");
-            }
-        });
-        Ok(Conn::Http1(send))
+    let handshake = Handshake {
+        sni: sni.to_owned(),
+        name,
+        tls,
+        timeouts: *t,
+    };
+    match crate::shard::connect(dial, t.connect, handshake).await {
+        Ok(opened) => opened,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(ConnError::Timeout("connect")),
+        Err(e) => Err(ConnError::Connect(dial.to_owned(), e.to_string())),
+    }
+}
+
+/// TLS and the HTTP handshake on a connected socket, for either backend.
+struct Handshake {
+    sni: String,
+    name: ServerName<'static>,
+    tls: Arc<ClientConfig>,
+    timeouts: Timeouts,
+}
+
+impl crate::shard::OnConnect for Handshake {
+    type Output = Result<Conn, ConnError>;
+
+    async fn epoll(self, io: TcpStream) -> Self::Output {
+        let (conn, driver) = self.establish(io).await?;
+        tokio::spawn(driver);
+        Ok(conn)
+    }
+
+    async fn uring<IO>(self, io: IO) -> Self::Output
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        let (conn, driver) = self.establish(io).await?;
+        tokio::task::spawn_local(driver);
+        Ok(conn)
+    }
+}
+
+impl Handshake {
+    /// Returns the connection and the future that drives it, to be spawned
+    /// on the socket's thread.
+    async fn establish<IO>(self, io: IO) -> Result<(Conn, Driver<IO>), ConnError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        let t = self.timeouts;
+        let stream =
+            tokio::time::timeout(t.tls, TlsConnector::from(self.tls).connect(self.name, io))
+                .await
+                .map_err(|_| ConnError::Timeout("TLS handshake"))?
+                .map_err(|e| ConnError::Tls(self.sni.clone(), e.to_string()))?;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        if h2 {
+            let (send, conn) = h2::client::Builder::new()
+                .initial_window_size(1 << 20)
+                .initial_connection_window_size(1 << 24)
+                .handshake::<_, Bytes>(stream)
+                .await
+                .map_err(|e| ConnError::Protocol(e.to_string()))?;
+            Ok((Conn::H2(send), Driver::H2(conn)))
+        } else {
+            let (send, conn) = hyper::client::conn::http1::Builder::new()
+                .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                .await
+                .map_err(|e| ConnError::Protocol(e.to_string()))?;
+            Ok((Conn::Http1(send), Driver::Http1(conn)))
+        }
+    }
+}
+
+/// The task side of an open connection: reads and writes its socket until
+/// the connection ends. Lives in its own task, so the size gap between the
+/// variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
+enum Driver<IO: AsyncRead + AsyncWrite + Unpin> {
+    H2(h2::client::Connection<TlsStream<IO>, Bytes>),
+    Http1(hyper::client::conn::http1::Connection<TokioIo<TlsStream<IO>>, Full<Bytes>>),
+}
+
+impl<IO> Future for Driver<IO>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.get_mut() {
+            Driver::H2(conn) => Pin::new(conn).poll(cx).map(|r| {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "WNS h2 connection ended");
+                }
+            }),
+            Driver::Http1(conn) => Pin::new(conn).poll(cx).map(|r| {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "WNS HTTP/1.1 connection ended");
+                }
+            }),
+        }
     }
 }
 

@@ -173,11 +173,11 @@ impl AuthorityPool {
                                 send,
                                 inflight: 0,
                             });
-                            metrics::counter!(crate::telemetry::metrics::WNS_CONNECTIONS_OPENED, "protocol" => "h2").increment(1);
+                            metrics::counter!(crate::telemetry::metrics::WNS_CONNECTIONS_OPENED, "protocol" => "h2", "io" => crate::shard::current_backend().name()).increment(1);
                         }
                         Ok(Conn::Http1(send)) => {
                             g.h1_idle.push(send);
-                            metrics::counter!(crate::telemetry::metrics::WNS_CONNECTIONS_OPENED, "protocol" => "http1").increment(1);
+                            metrics::counter!(crate::telemetry::metrics::WNS_CONNECTIONS_OPENED, "protocol" => "http1", "io" => crate::shard::current_backend().name()).increment(1);
                         }
                         Err(e) => {
                             drop(g);

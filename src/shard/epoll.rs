@@ -1,17 +1,9 @@
 //! The epoll backend: a plain tokio current-thread runtime per shard.
 
-use crate::api::{self, InflightGauge};
+use super::serve::ConnServer;
 use crate::gateway::Gateway;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::sync::watch;
-
-/// Most concurrent HTTP/2 streams a client may open on one connection.
-pub const H2_MAX_STREAMS: u32 = 256;
 
 /// Runs one shard until `stop` turns true, then drains its connections.
 pub fn run_shard(
@@ -37,7 +29,7 @@ async fn serve(
     index: usize,
     listener: std::net::TcpListener,
     gw: Arc<Gateway>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -46,54 +38,20 @@ async fn serve(
             return;
         }
     };
-    let builder = http_builder(Duration::from_secs(gw.settings.request_timeout_secs));
-    let inflight = Arc::new(InflightGauge::default());
-    let graceful = GracefulShutdown::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and similar: back off, keep serving.
-                        tracing::warn!(shard = index, error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
+    let server = ConnServer::new(index, gw);
+    server
+        .accept_loop(
+            stop,
+            || async {
+                let (stream, _peer) = listener.accept().await?;
                 let _ = stream.set_nodelay(true);
-                let gw = gw.clone();
-                let inflight = inflight.clone();
-                let svc = service_fn(move |req| api::serve(gw.clone(), index, inflight.clone(), req));
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-            _ = stop.changed() => break,
-        }
-    }
+                Ok(stream)
+            },
+            |server, stream| {
+                tokio::spawn(server.connection(stream));
+            },
+        )
+        .await;
     drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(super::DRAIN_TIMEOUT) => {
-            tracing::warn!(shard = index, "connections still open after the drain timeout");
-        }
-    }
-}
-
-/// HTTP/1.1 and HTTP/2 (h2c, prior knowledge) on the same port.
-pub fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
-    b
+    server.drain().await;
 }

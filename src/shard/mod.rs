@@ -3,22 +3,175 @@
 //! kernel spreads connections across shards and nothing on the request path
 //! crosses threads except the registry and the store's commit queue.
 //!
-//! Owns: threads, runtimes, listeners, connection serving and draining.
-//! The network backend is chosen per process at start; each backend is one
-//! module exposing `run_shard`, so adding one does not touch the API.
+//! Owns: threads, runtimes, listeners, connection serving and draining, and
+//! the sockets the shard dials (WNS connections go through [`connect`], so
+//! they ride the shard's backend too). The network backend is chosen per
+//! process at start ([`choose_backend`]); each backend is one module
+//! exposing `run_shard`, and both serve connections with [`serve`], so
+//! adding one does not touch the API.
 
 pub mod epoll;
 pub mod listener;
+pub mod serve;
+#[cfg(feature = "io-uring")]
+pub mod uring;
 
+use crate::config::IoBackend;
 use crate::gateway::Gateway;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 /// How long shutdown waits for open connections to finish their requests.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The backend `--io auto` runs when both are usable: the faster one in
+/// `loadtest/io.sh` on this kind of machine (README, "Performance").
+pub const AUTO_PREFERS: Backend = Backend::Epoll;
+
+/// Environment variable that makes the io_uring probe fail as if the
+/// kernel refused io_uring (value `fail`). A test hook: it lets the
+/// fallback be tested on machines where io_uring works.
+pub const PROBE_HOOK_ENV: &str = "WNSGATE_IO_URING_PROBE";
+
+/// A network backend the shards can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Epoll,
+    Uring,
+}
+
+impl Backend {
+    /// The name shown in logs and in `wnsgate_build_info{io=...}`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Epoll => "epoll",
+            Backend::Uring => "uring",
+        }
+    }
+}
+
+/// Why io_uring cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// Whether io_uring works here: sets up a ring and runs a no-op through it.
+pub fn probe_uring() -> Result<(), Unavailable> {
+    if std::env::var(PROBE_HOOK_ENV).as_deref() == Ok("fail") {
+        return Err(Unavailable(format!(
+            "the io_uring probe was told to fail ({PROBE_HOOK_ENV}=fail)"
+        )));
+    }
+    #[cfg(feature = "io-uring")]
+    {
+        uring::probe()
+    }
+    #[cfg(not(feature = "io-uring"))]
+    {
+        Err(Unavailable(
+            "this build has no io_uring backend (built without the `io-uring` feature)".into(),
+        ))
+    }
+}
+
+/// Resolves `--io`: `epoll` as asked; `uring` only if the probe passes
+/// (the error says why not); `auto` the preferred backend when usable, with
+/// the reason logged when io_uring is not.
+pub fn choose_backend(requested: IoBackend) -> Result<Backend, Unavailable> {
+    match requested {
+        IoBackend::Epoll => Ok(Backend::Epoll),
+        IoBackend::Uring => probe_uring().map(|()| Backend::Uring).map_err(|e| {
+            Unavailable(format!(
+                "--io uring: io_uring cannot be used: {e}; run with --io epoll or --io auto"
+            ))
+        }),
+        IoBackend::Auto => match AUTO_PREFERS {
+            Backend::Epoll => {
+                // Still probed, so the log says whether uring was an option.
+                match probe_uring() {
+                    Ok(()) => tracing::info!(
+                        "io_uring is usable; auto prefers epoll (faster in loadtest/io.sh)"
+                    ),
+                    Err(e) => tracing::info!(reason = %e, "io_uring is not usable"),
+                }
+                Ok(Backend::Epoll)
+            }
+            Backend::Uring => match probe_uring() {
+                Ok(()) => Ok(Backend::Uring),
+                Err(e) => {
+                    tracing::warn!(reason = %e, "io_uring is not usable; falling back to epoll");
+                    Ok(Backend::Epoll)
+                }
+            },
+        },
+    }
+}
+
+/// The backend of the calling thread: `Uring` on an io_uring shard's
+/// thread, `Epoll` elsewhere (epoll shards, and threads that are no shard).
+pub fn current_backend() -> Backend {
+    #[cfg(feature = "io-uring")]
+    if uring::on_uring_shard() {
+        return Backend::Uring;
+    }
+    Backend::Epoll
+}
+
+/// Work to do on a freshly connected socket, written once for any socket
+/// type (usually by calling one generic function from both methods) so the
+/// same code runs over either backend.
+pub trait OnConnect: Send + 'static {
+    type Output: Send + 'static;
+
+    /// Runs over a tokio socket (epoll backend), in the calling task.
+    fn epoll(self, io: tokio::net::TcpStream) -> impl Future<Output = Self::Output> + Send;
+
+    /// Runs over an io_uring socket behind the AsyncRead/AsyncWrite
+    /// adapter. It runs on the shard's local task set, where `!Send`
+    /// values may be held and tasks spawned with
+    /// `tokio::task::spawn_local`.
+    fn uring<IO>(self, io: IO) -> impl Future<Output = Self::Output>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + 'static;
+}
+
+/// Connects to `addr` (`host:port`) on the calling shard's backend, with
+/// TCP_NODELAY, and runs `work` on the connection, returning its output.
+/// Connecting is bounded by `timeout` (an error of kind `TimedOut`).
+pub async fn connect<W: OnConnect>(
+    addr: &str,
+    timeout: Duration,
+    work: W,
+) -> std::io::Result<W::Output> {
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(timeout, tokio::net::lookup_host(addr))
+        .await
+        .map_err(|_| timed_out("resolve"))??
+        .collect();
+    if addrs.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{addr} resolves to no address"),
+        ));
+    }
+    #[cfg(feature = "io-uring")]
+    if uring::on_uring_shard() {
+        return uring::connect(addrs, timeout, work).await;
+    }
+    let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addrs[..]))
+        .await
+        .map_err(|_| timed_out("connect"))??;
+    let _ = tcp.set_nodelay(true);
+    Ok(work.epoll(tcp).await)
+}
+
+fn timed_out(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} timed out"))
+}
 
 /// The running shards.
 pub struct ShardSet {
@@ -30,9 +183,14 @@ pub struct ShardSet {
 
 impl ShardSet {
     /// Binds `count` listeners on `addr` and starts one shard thread for
-    /// each. Bind errors (address in use, permission) are returned here,
-    /// before any thread starts.
-    pub fn start(gw: Arc<Gateway>, addr: SocketAddr, count: usize) -> std::io::Result<ShardSet> {
+    /// each, on `backend`. Bind errors (address in use, permission) are
+    /// returned here, before any thread starts.
+    pub fn start(
+        gw: Arc<Gateway>,
+        addr: SocketAddr,
+        count: usize,
+        backend: Backend,
+    ) -> std::io::Result<ShardSet> {
         let listeners = listener::bind_reuseport(addr, count.max(1))?;
         let local_addr = listeners[0].local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
@@ -40,9 +198,19 @@ impl ShardSet {
         for (i, l) in listeners.into_iter().enumerate() {
             let gw = gw.clone();
             let rx = stop_rx.clone();
+            let run: fn(usize, std::net::TcpListener, Arc<Gateway>, watch::Receiver<bool>) =
+                match backend {
+                    Backend::Epoll => epoll::run_shard,
+                    #[cfg(feature = "io-uring")]
+                    Backend::Uring => uring::run_shard,
+                    #[cfg(not(feature = "io-uring"))]
+                    Backend::Uring => unreachable!(
+                        "choose_backend never picks uring without the io-uring feature"
+                    ),
+                };
             let t = std::thread::Builder::new()
                 .name(format!("wnsgate-shard-{i}"))
-                .spawn(move || epoll::run_shard(i, l, gw, rx))?;
+                .spawn(move || run(i, l, gw, rx))?;
             threads.push(t);
         }
         Ok(ShardSet {

@@ -19,7 +19,8 @@ pub const DEVICES: &str = "wnsgate_devices";
 pub const IMPORT_LINES: &str = "wnsgate_import_lines_total";
 /// Seconds the last start spent loading the store into the registry.
 pub const RECOVERY_SECONDS: &str = "wnsgate_recovery_seconds";
-/// Connections opened to WNS, by `protocol` (h2, http1).
+/// Connections opened to WNS, by `protocol` (h2, http1) and `io` (the
+/// socket backend: epoll, uring).
 pub const WNS_CONNECTIONS_OPENED: &str = "wnsgate_wns_connections_opened_total";
 /// WNS token refreshes, by `result` (ok, or the error kind).
 pub const WNS_TOKEN_REFRESHES: &str = "wnsgate_wns_token_refreshes_total";
@@ -154,7 +155,7 @@ fn describe() {
     );
     describe_counter!(
         WNS_CONNECTIONS_OPENED,
-        "Connections opened to WNS, by protocol."
+        "Connections opened to WNS, by protocol and socket backend."
     );
     describe_counter!(
         WNS_TOKEN_REFRESHES,

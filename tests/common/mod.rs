@@ -14,6 +14,15 @@ pub fn uri(token: &str) -> String {
     format!("https://db5.notify.windows.com/?token={token}")
 }
 
+/// The network backend every test gateway runs (`uring`, `epoll`, `auto`),
+/// from `WNSGATE_TEST_IO`; unset means the gateway's default. Tests that
+/// choose a backend themselves pass `WNSGATE_SERVER__IO`, which wins.
+pub fn test_io() -> Option<String> {
+    std::env::var("WNSGATE_TEST_IO")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
 /// A gateway process. Killed when dropped.
 pub struct Server {
     pub child: Child,
@@ -37,6 +46,11 @@ impl Server {
             .env_remove("RUST_LOG")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).expect("stderr log"));
+        if let Some(io) = test_io() {
+            if !env.iter().any(|(k, _)| *k == "WNSGATE_SERVER__IO") {
+                cmd.env("WNSGATE_SERVER__IO", io);
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

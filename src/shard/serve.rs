@@ -1,0 +1,116 @@
+//! Serving the API on accepted connections, the same for every backend: the
+//! hyper-util auto builder (HTTP/1.1 and h2c), graceful shutdown and the
+//! drain. A backend supplies the accept loop's source of sockets and how a
+//! connection's task is spawned; everything else is here.
+
+use crate::api::{self, InflightGauge};
+use crate::gateway::Gateway;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+/// Most concurrent HTTP/2 streams a client may open on one connection.
+pub const H2_MAX_STREAMS: u32 = 256;
+
+/// How long the accept loop pauses after a failed accept (out of file
+/// descriptors and the like) before trying again.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What one shard needs to serve its connections.
+pub struct ConnServer {
+    index: usize,
+    gw: Arc<Gateway>,
+    builder: auto::Builder<TokioExecutor>,
+    inflight: Arc<InflightGauge>,
+    graceful: GracefulShutdown,
+}
+
+impl ConnServer {
+    pub fn new(index: usize, gw: Arc<Gateway>) -> ConnServer {
+        let builder = http_builder(Duration::from_secs(gw.settings.request_timeout_secs));
+        ConnServer {
+            index,
+            gw,
+            builder,
+            inflight: Arc::new(InflightGauge::default()),
+            graceful: GracefulShutdown::new(),
+        }
+    }
+
+    /// The future that serves one accepted connection until it closes or
+    /// the drain ends it. It is `Send` exactly when `io` is, so a backend
+    /// whose sockets are `!Send` spawns it on its local task set.
+    pub fn connection<IO>(&self, io: IO) -> impl Future<Output = ()> + 'static
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + 'static,
+    {
+        let (gw, index, inflight) = (self.gw.clone(), self.index, self.inflight.clone());
+        let svc = service_fn(move |req| api::serve(gw.clone(), index, inflight.clone(), req));
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(io), svc)
+            .into_owned();
+        let conn = self.graceful.watch(conn);
+        async move {
+            let _ = conn.await;
+        }
+    }
+
+    /// Accepts connections from `accept` and hands each to `spawn` until
+    /// `stop` turns true. Accept errors are logged and retried after
+    /// [`ACCEPT_BACKOFF`].
+    pub async fn accept_loop<IO, A, F>(
+        &self,
+        mut stop: watch::Receiver<bool>,
+        mut accept: A,
+        mut spawn: impl FnMut(&ConnServer, IO),
+    ) where
+        A: FnMut() -> F,
+        F: Future<Output = std::io::Result<IO>>,
+    {
+        loop {
+            tokio::select! {
+                accepted = accept() => match accepted {
+                    Ok(io) => spawn(self, io),
+                    Err(e) => {
+                        tracing::warn!(shard = self.index, error = %e, "accept failed");
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
+                },
+                _ = stop.changed() => break,
+            }
+        }
+    }
+
+    /// Lets open connections finish their requests, up to
+    /// [`super::DRAIN_TIMEOUT`].
+    pub async fn drain(self) {
+        tokio::select! {
+            _ = self.graceful.shutdown() => {}
+            _ = tokio::time::sleep(super::DRAIN_TIMEOUT) => {
+                tracing::warn!(shard = self.index, "connections still open after the drain timeout");
+            }
+        }
+    }
+}
+
+/// HTTP/1.1 and HTTP/2 (h2c, prior knowledge) on the same port.
+pub fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
