@@ -21,8 +21,9 @@ RUNS=${2:-3}
 command -v h2load >/dev/null || { apt-get update -qq && apt-get install -y -qq nghttp2-client >/dev/null; }
 command -v curl >/dev/null || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 cargo build --release --quiet --bins
-BIN=$PWD/target/release/wnsgate
-LOAD=$PWD/target/release/wnsgate-load
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+BIN=$TARGET/release/wnsgate
+LOAD=$TARGET/release/wnsgate-load
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/wnsgate-sender.XXXXXX")
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }

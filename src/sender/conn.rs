@@ -1,6 +1,7 @@
 //! One connection to a WNS front end: TCP, TLS with the channel's host as
 //! SNI, then HTTP/2 or HTTP/1.1, whichever the server picked by ALPN.
 
+use crate::telemetry::metrics::WNS_CONNECTIONS_OPEN as OPEN;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Uri};
 use http_body_util::{BodyExt, Full};
@@ -108,6 +109,49 @@ pub async fn connect(
     tls: Arc<ClientConfig>,
     t: &Timeouts,
 ) -> Result<Conn, ConnError> {
+    open(dial, sni, tls, t, false).await
+}
+
+/// [`connect`] for a connection to WNS: counted in
+/// `wnsgate_wns_connections_open{protocol}` from its handshake until it
+/// closes.
+pub async fn connect_wns(
+    dial: &str,
+    sni: &str,
+    tls: Arc<ClientConfig>,
+    t: &Timeouts,
+) -> Result<Conn, ConnError> {
+    open(dial, sni, tls, t, true).await
+}
+
+/// Counts one open WNS connection while it lives.
+struct OpenGauge(Option<metrics::Gauge>);
+
+impl OpenGauge {
+    fn new(counted: bool, protocol: Protocol) -> OpenGauge {
+        OpenGauge(counted.then(|| {
+            let g = metrics::gauge!(OPEN, "protocol" => protocol.label());
+            g.increment(1.0);
+            g
+        }))
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.decrement(1.0);
+        }
+    }
+}
+
+async fn open(
+    dial: &str,
+    sni: &str,
+    tls: Arc<ClientConfig>,
+    t: &Timeouts,
+    counted: bool,
+) -> Result<Conn, ConnError> {
     let tcp = tokio::time::timeout(t.connect, TcpStream::connect(dial))
         .await
         .map_err(|_| ConnError::Timeout("connect"))?
@@ -127,10 +171,12 @@ pub async fn connect(
             .handshake::<_, Bytes>(stream)
             .await
             .map_err(|e| ConnError::Protocol(e.to_string()))?;
+        let open = OpenGauge::new(counted, Protocol::H2);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "WNS h2 connection ended");
             }
+            drop(open);
         });
         Ok(Conn::H2(send))
     } else {
@@ -138,10 +184,12 @@ pub async fn connect(
             .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
             .await
             .map_err(|e| ConnError::Protocol(e.to_string()))?;
+        let open = OpenGauge::new(counted, Protocol::Http1);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "WNS HTTP/1.1 connection ended");
             }
+            drop(open);
         });
         Ok(Conn::Http1(send))
     }
@@ -203,10 +251,13 @@ pub async fn post_http1(
         .authority()
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
-    *req.uri_mut() = uri.path_and_query().map_or_else(
-        || Uri::from_static("/"),
-        |pq| Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
+    let mut origin = http::uri::Parts::default();
+    origin.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     );
+    *req.uri_mut() = Uri::from_parts(origin).unwrap_or_else(|_| Uri::from_static("/"));
     *req.headers_mut() = headers;
     if let Ok(v) = http::HeaderValue::from_str(&host) {
         req.headers_mut().insert(http::header::HOST, v);
