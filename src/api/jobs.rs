@@ -8,7 +8,7 @@
 use super::body::{read_limited, require_content_type};
 use super::devices::parse_device_id;
 use super::error::{json_error, ApiError};
-use super::push::start_or_join_with;
+use super::push::start_or_join_inline;
 use super::response::{json_response, Resp};
 use crate::core::wns::retry::Pacer;
 use crate::core::{DeviceRecord, LifecycleState};
@@ -16,10 +16,12 @@ use crate::gateway::Gateway;
 use crate::sender::tokens::monotonic_ms;
 use crate::sender::wake::WakeReport;
 use crate::telemetry::metrics as m;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -422,18 +424,23 @@ async fn run(gw: Arc<Gateway>, shard: usize, job: Arc<Job>, selection: Selection
     tracing::info!(job = %job.id, done = job.view().done, "bulk wake finished");
 }
 
-/// Sends one batch from the shard it was handed to; `_page` is released
-/// when the batch is done (or the job cancelled).
+/// Sends one batch from the shard it was handed to, driving the wakes it
+/// starts itself; `_page` is released when the batch is done (or the job
+/// cancelled) and its wakes have their results.
 async fn send_batch(
     sending: Arc<Sending>,
     shard: usize,
     batch: Batch,
     _page: OwnedSemaphorePermit,
 ) {
+    let mut inflight = wake_set(counted_wake);
     match batch {
         Batch::Records(records) => {
             for rec in records {
-                if !sending.dispatch(shard, rec).await {
+                if !sending
+                    .dispatch(shard, rec, &mut inflight, counted_wake)
+                    .await
+                {
                     break;
                 }
             }
@@ -445,7 +452,10 @@ async fn send_batch(
                 }
                 match sending.gw.registry.get(&id) {
                     Some(rec) => {
-                        if !sending.dispatch(shard, rec).await {
+                        if !sending
+                            .dispatch(shard, rec, &mut inflight, counted_wake)
+                            .await
+                        {
                             break;
                         }
                     }
@@ -454,12 +464,52 @@ async fn send_batch(
             }
         }
     }
+    while inflight.next().await.is_some() {}
+}
+
+/// Wakes a batch started and drives.
+type Inflight<F> = FuturesUnordered<F>;
+
+/// An empty set for the wakes `start` returns (names their type).
+fn wake_set<F>(_start: StartFn<F>) -> Inflight<F> {
+    FuturesUnordered::new()
+}
+
+/// How a batch starts one wake: [`counted_wake`].
+type StartFn<F> =
+    fn(&Arc<Gateway>, usize, DeviceRecord, Arc<Job>, OwnedSemaphorePermit) -> Option<F>;
+
+/// Starts (or joins) the wake of `rec` for `job`; the result is counted
+/// and the in-flight permit released when it is known. The started wake
+/// is returned for the caller to drive.
+fn counted_wake(
+    gw: &Arc<Gateway>,
+    shard: usize,
+    rec: DeviceRecord,
+    job: Arc<Job>,
+    permit: OwnedSemaphorePermit,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let done = move |report: Option<&WakeReport>| {
+        job.count(report);
+        drop(permit);
+    };
+    start_or_join_inline(gw, shard, rec, Some(done)).1
 }
 
 impl Sending {
     /// Starts (or joins) the wake of `rec` when the pace and the in-flight
-    /// bound allow; false, starting nothing, once the job is cancelled.
-    async fn dispatch(&self, shard: usize, rec: DeviceRecord) -> bool {
+    /// bound allow, adding it to `inflight`; false, starting nothing, once
+    /// the job is cancelled. The batch's wakes progress while it waits.
+    async fn dispatch<F>(
+        &self,
+        shard: usize,
+        rec: DeviceRecord,
+        inflight: &mut Inflight<F>,
+        start: StartFn<F>,
+    ) -> bool
+    where
+        F: Future<Output = ()>,
+    {
         let cancelled = || self.job.cancelled.load(Ordering::Acquire);
         if cancelled() {
             return false;
@@ -467,31 +517,36 @@ impl Sending {
         if let Some(p) = &self.pacer {
             loop {
                 let taken = p.lock().take(monotonic_ms());
-                match taken {
-                    Ok(()) => break,
-                    Err(wait_ms) => tokio::time::sleep(Duration::from_millis(wait_ms)).await,
+                let Err(wait_ms) = taken else { break };
+                let wait = tokio::time::sleep(Duration::from_millis(wait_ms));
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        _ = &mut wait => break,
+                        Some(()) = inflight.next(), if !inflight.is_empty() => {}
+                    }
                 }
             }
             if cancelled() {
                 return false;
             }
         }
-        let Ok(permit) = self.wakes.clone().acquire_owned().await else {
-            return false;
+        let permit = loop {
+            tokio::select! {
+                biased;
+                p = self.wakes.clone().acquire_owned() => match p {
+                    Ok(p) => break p,
+                    Err(_) => return false,
+                },
+                Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            }
         };
         if cancelled() {
             return false;
         }
-        let job = self.job.clone();
-        start_or_join_with(
-            &self.gw,
-            shard,
-            rec,
-            Some(move |report: Option<&WakeReport>| {
-                job.count(report);
-                drop(permit);
-            }),
-        );
+        if let Some(wake) = start(&self.gw, shard, rec, self.job.clone(), permit) {
+            inflight.push(wake);
+        }
         true
     }
 }

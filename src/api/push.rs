@@ -13,6 +13,7 @@ use crate::sender::wake::WakeReport;
 use http::StatusCode;
 use serde::Serialize;
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use tokio::sync::Notify;
@@ -200,13 +201,39 @@ pub fn start_or_join(
 }
 
 /// [`start_or_join`] for any callback type, so a caller with a concrete
-/// closure (bulk wakes) does not box one per push.
+/// closure does not box one per push.
 pub fn start_or_join_with<F>(
     gw: &Arc<Gateway>,
     shard: usize,
     record: DeviceRecord,
     on_done: Option<F>,
 ) -> (PendingWake, bool)
+where
+    F: FnOnce(Option<&WakeReport>) + Send + 'static,
+{
+    let (pending, wake) = start_or_join_inline(gw, shard, record, on_done);
+    let coalesced = wake.is_none();
+    if let Some(wake) = wake {
+        tokio::spawn(wake);
+    }
+    (pending, coalesced)
+}
+
+/// Like [`start_or_join_with`], but a wake started by this call is
+/// returned for the caller to drive (it must be polled to completion;
+/// dropping it abandons the wake) instead of running as a task of its own.
+/// Bulk wakes drive many of these from one task: a task per push costs
+/// more than the bookkeeping it carries. `None` when the call joined a
+/// pending wake (`on_done` then runs from a small waiting task).
+pub fn start_or_join_inline<F>(
+    gw: &Arc<Gateway>,
+    shard: usize,
+    record: DeviceRecord,
+    on_done: Option<F>,
+) -> (
+    PendingWake,
+    Option<impl Future<Output = ()> + Send + 'static>,
+)
 where
     F: FnOnce(Option<&WakeReport>) + Send + 'static,
 {
@@ -219,7 +246,7 @@ where
                 let joined = pending.clone();
                 tokio::spawn(async move { done(joined.result().await) });
             }
-            return (pending, true);
+            return (pending, None);
         }
         Entry::Vacant(e) => e
             .insert(PendingWake {
@@ -230,7 +257,7 @@ where
     };
     let publisher = Publisher(pending.slot.clone());
     let gw = gw.clone();
-    tokio::spawn(async move {
+    let wake = async move {
         let report = gw
             .sender
             .wake(shard, &record.channel_uri, record.pfn.as_str(), || gw.now())
@@ -243,8 +270,8 @@ where
         if let Some(done) = on_done {
             done(Some(report));
         }
-    });
-    (pending, false)
+    };
+    (pending, Some(wake))
 }
 
 /// Marks the channel dead and opens its refresh job, durably, unless the
