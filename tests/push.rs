@@ -382,6 +382,7 @@ fn a_cancelled_bulk_wake_starts_no_more_wakes() {
     while gw.client().get(&format!("/v1/pushes/{id}")).unwrap().json()["received"] != 1 {
         std::thread::sleep(Duration::from_millis(5));
     }
+    assert_eq!(metric(&gw, "wnsgate_bulk_jobs_running"), 1.0);
     let r = gw
         .client()
         .request("DELETE", &format!("/v1/pushes/{id}"), None, b"")
@@ -392,6 +393,32 @@ fn a_cancelled_bulk_wake_starts_no_more_wakes() {
     assert_eq!(job["received"], 1, "{job}");
     assert_eq!(job["not_sent"], 19, "{job}");
     assert_eq!(s.stats().pushes_total, 1, "{job}");
+    assert_eq!(metric(&gw, "wnsgate_bulk_jobs_running"), 0.0);
+}
+
+/// The value of one series in a `/metrics` scrape (`name` with its labels
+/// as rendered, e.g. `x{protocol="h2"}`).
+fn metric(gw: &Server, series: &str) -> f64 {
+    let text = gw.client().get("/metrics").unwrap().text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+#[test]
+fn open_wns_connections_are_counted_by_protocol() {
+    let (_d, _s, gw) = start();
+    assert_eq!(
+        metric(&gw, "wnsgate_wns_connections_open{protocol=\"h2\"}"),
+        0.0
+    );
+    register(&gw, "conn", "AwYAAADconn");
+    push_wait(&gw, "conn");
+    assert!(metric(&gw, "wnsgate_wns_connections_open{protocol=\"h2\"}") >= 1.0);
+    assert_eq!(
+        metric(&gw, "wnsgate_wns_connections_open{protocol=\"http1\"}"),
+        0.0
+    );
 }
 
 #[test]

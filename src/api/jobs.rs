@@ -342,7 +342,7 @@ impl Dealer {
 }
 
 async fn run(gw: Arc<Gateway>, shard: usize, job: Arc<Job>, selection: Selection) {
-    let _running = RunningGauge::new();
+    let running = RunningGauge::new();
     let mut shards = gw.shard_runtimes();
     if shards.is_empty() {
         shards.push((shard, Handle::current()));
@@ -413,6 +413,9 @@ async fn run(gw: Arc<Gateway>, shard: usize, job: Arc<Job>, selection: Selection
         }
     }
     dealer.finish().await;
+    // Counted out before the job shows as finished, so a scrape after
+    // `GET /v1/pushes/{id}` says finished never counts it as running.
+    drop(running);
     {
         let _ending = job.ending.lock();
         if job.cancelled.load(Ordering::Acquire) {
