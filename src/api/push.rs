@@ -263,7 +263,9 @@ where
             .wake(shard, &record.channel_uri, record.pfn.as_str(), || gw.now())
             .await;
         if let Some(reason) = report.dead {
-            mark_dead(&gw, &record, reason).await;
+            // Boxed: a durable store write is a large future, and every
+            // wake in flight would otherwise carry it inline.
+            Box::pin(mark_dead(&gw, &record, reason)).await;
         }
         gw.pending_wakes.remove(record.device_id.as_str());
         let report = publisher.publish(report);

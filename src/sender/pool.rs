@@ -165,18 +165,29 @@ impl AuthorityPool {
                     return r.map(|reply| (reply, Protocol::H2));
                 }
                 Lease::Http1(mut send) => {
-                    let r = conn::post_http1(&mut send, uri, headers, body, self.timeouts.request)
-                        .await;
+                    // Boxed to keep the h2 path's futures small: the
+                    // HTTP/1.1 exchange is the larger state.
+                    let r = Box::pin(conn::post_http1(
+                        &mut send,
+                        uri,
+                        headers,
+                        body,
+                        self.timeouts.request,
+                    ))
+                    .await;
                     self.release_h1(send, r.is_ok());
                     return r.map(|reply| (reply, Protocol::Http1));
                 }
                 Lease::Connect => {
-                    let opened = conn::connect_wns(
+                    // Boxed: connecting (TCP, TLS, HTTP handshakes) is a
+                    // large future, rare next to posts, and every push in
+                    // flight would otherwise carry it inline.
+                    let opened = Box::pin(conn::connect_wns(
                         &self.dial,
                         &self.authority,
                         self.tls.clone(),
                         &self.timeouts,
-                    )
+                    ))
                     .await;
                     let mut g = self.inner.lock();
                     g.connecting -= 1;

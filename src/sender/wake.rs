@@ -350,7 +350,7 @@ impl WnsSender {
                         now(),
                     );
                 }
-                tokio::time::sleep(wait).await;
+                Box::pin(tokio::time::sleep(wait)).await;
             }
             let token = match app.tokens.token().await {
                 Ok(t) => t,
@@ -425,7 +425,9 @@ impl WnsSender {
                 }
                 Decision::RetryAfter(wait) => {
                     metrics::counter!(m::WNS_RESENDS, "reason" => label).increment(1);
-                    tokio::time::sleep(wait).await;
+                    // Boxed, like the credential wait above: rare, and every
+                    // wake in flight would otherwise carry the timer inline.
+                    Box::pin(tokio::time::sleep(wait)).await;
                     continue;
                 }
             };
