@@ -128,6 +128,12 @@ pub struct WnsConfig {
     pub allowed_host_suffix: String,
     /// Longest channel URI accepted at registration, bytes.
     pub max_channel_uri_bytes: usize,
+    /// How long WNS keeps an undelivered wake for an offline device
+    /// (`X-WNS-TTL`), as a duration such as `1h`. Empty: WNS's default.
+    pub ttl: String,
+    /// Ask WNS for the device's connection status
+    /// (`X-WNS-RequestForStatus: true`).
+    pub request_for_status: bool,
     pub apps: Vec<WnsApp>,
 }
 
@@ -139,6 +145,8 @@ impl Default for WnsConfig {
             ca_file: String::new(),
             allowed_host_suffix: "notify.windows.com".into(),
             max_channel_uri_bytes: crate::core::channel_uri::DEFAULT_MAX_URI_LEN,
+            ttl: String::new(),
+            request_for_status: false,
             apps: Vec::new(),
         }
     }
@@ -566,6 +574,8 @@ pub struct Settings {
     /// name one of them.
     pub known_pfns: Vec<String>,
     pub wns: WnsConfig,
+    /// `wns.ttl` in seconds, when set.
+    pub wns_ttl_secs: Option<u32>,
     pub refresh: RefreshSettings,
     /// Nudge wakes per second for devices turning `renewal_due`; `None`
     /// when nudges are off.
@@ -672,6 +682,11 @@ impl Settings {
             ));
         }
 
+        let wns_ttl_secs = match cfg.wns.ttl.trim() {
+            "" => None,
+            ttl => Some(duration_key("wns.ttl", ttl)?),
+        };
+
         let mut known_pfns = Vec::new();
         for (i, app) in cfg.wns.apps.iter().enumerate() {
             let key = format!("wns.apps[{i}]");
@@ -744,6 +759,7 @@ impl Settings {
             },
             known_pfns,
             wns: cfg.wns.clone(),
+            wns_ttl_secs,
             refresh: cfg.refresh.resolve()?,
             nudge_per_second: match (
                 cfg.lifecycle.nudge_renewal_due,
@@ -888,6 +904,24 @@ mod tests {
     }
 
     #[test]
+    fn wns_request_options() {
+        let s = Settings::resolve(&Config::load(None, env(&[])).unwrap()).unwrap();
+        assert_eq!(s.wns_ttl_secs, None);
+        assert!(!s.wns.request_for_status);
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("WNSGATE_WNS__TTL", "2h"),
+                ("WNSGATE_WNS__REQUEST_FOR_STATUS", "true"),
+            ]),
+        )
+        .unwrap();
+        let s = Settings::resolve(&cfg).unwrap();
+        assert_eq!(s.wns_ttl_secs, Some(7200));
+        assert!(s.wns.request_for_status);
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("WNSGATE_API__LISTEN", "localhost")], "api.listen"),
@@ -903,6 +937,13 @@ mod tests {
             (
                 &[("WNSGATE_WNS__CA_FILE", "/nonexistent.pem")],
                 "wns.ca_file",
+            ),
+            (&[("WNSGATE_WNS__TTL", "a while")], "wns.ttl"),
+            (&[("WNSGATE_WNS__TTL", "0s")], "wns.ttl"),
+            (&[("WNSGATE_WNS__TTL", "200000d")], "wns.ttl"),
+            (
+                &[("WNSGATE_WNS__REQUEST_FOR_STATUS", "maybe")],
+                "WNSGATE_WNS__REQUEST_FOR_STATUS",
             ),
             (&[("WNSGATE_API__TOKENS", r#"["short"]"#)], "16 characters"),
             (&[("WNSGATE_SERVER__IO", "fastest")], "WNSGATE_SERVER__IO"),

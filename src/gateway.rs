@@ -8,7 +8,7 @@ use crate::store::committer::CommitHandle;
 use crate::store::Store;
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Shared gateway state. Cheap to clone behind an `Arc`.
@@ -34,6 +34,9 @@ pub struct Gateway {
     pub imports_running: std::sync::atomic::AtomicUsize,
     /// Expiry sweeps and the refresh queue.
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    /// Each shard's runtime, known once that shard has served a request:
+    /// where bulk wakes hand their pages so every shard sends.
+    shard_runtimes: Vec<OnceLock<tokio::runtime::Handle>>,
 }
 
 impl Gateway {
@@ -49,6 +52,7 @@ impl Gateway {
         sender: Arc<crate::sender::wake::WnsSender>,
         lifecycle: Arc<crate::lifecycle::Lifecycle>,
     ) -> Gateway {
+        let settings_shards = settings.shard_count();
         Gateway {
             settings,
             registry,
@@ -62,8 +66,29 @@ impl Gateway {
             sender,
             pending_wakes: dashmap::DashMap::new(),
             jobs: dashmap::DashMap::new(),
+            shard_runtimes: (0..settings_shards).map(|_| OnceLock::new()).collect(),
             lifecycle,
         }
+    }
+
+    /// Remembers the runtime of `shard`; called from that shard's thread.
+    pub fn note_shard_runtime(&self, shard: usize) {
+        if let Some(slot) = self.shard_runtimes.get(shard) {
+            if slot.get().is_none() {
+                if let Ok(h) = tokio::runtime::Handle::try_current() {
+                    let _ = slot.set(h);
+                }
+            }
+        }
+    }
+
+    /// The shards whose runtime is known, with their handles.
+    pub fn shard_runtimes(&self) -> Vec<(usize, tokio::runtime::Handle)> {
+        self.shard_runtimes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, h)| h.get().map(|h| (i, h.clone())))
+            .collect()
     }
 
     /// The current wall-clock time. The only place the API reads the clock.

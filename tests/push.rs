@@ -345,3 +345,140 @@ fn an_entra_app_gets_its_token_from_the_tenant_endpoint() {
     let st = s.stats();
     assert_eq!((st.token_requests, st.tokens_issued), (1, 1), "{st:?}");
 }
+
+#[test]
+fn cancelling_a_finished_bulk_wake_leaves_it_done() {
+    let (_d, s, gw) = start();
+    for i in 0..5 {
+        register(&gw, &format!("f{i}"), &format!("AwYAAADf{i}"));
+    }
+    let r = create_job(&gw, &json!({"all": true}));
+    let id = r.json()["job_id"].as_str().unwrap().to_owned();
+    let done = wait_job(&gw, &id);
+    assert_eq!(done["state"], "done", "{done}");
+    let r = gw
+        .client()
+        .request("DELETE", &format!("/v1/pushes/{id}"), None, b"")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let answered = r.json();
+    assert_eq!(answered["state"], "done", "{answered}");
+    assert_eq!(answered["received"], 5, "{answered}");
+    assert_eq!(answered["not_sent"], 0, "{answered}");
+    let later = gw.client().get(&format!("/v1/pushes/{id}")).unwrap().json();
+    assert_eq!(later, answered);
+    assert_eq!(s.stats().pushes_total, 5);
+}
+
+#[test]
+fn a_cancelled_bulk_wake_starts_no_more_wakes() {
+    let (_d, s, gw) = start();
+    for i in 0..20 {
+        register(&gw, &format!("k{i:02}"), &format!("AwYAAADk{i}"));
+    }
+    // One wake a second: the first goes at once, the next waits on the
+    // pacer, and the cancel below arrives during that wait (it follows the
+    // first result directly). Waking from the wait, the job must see the
+    // cancel instead of starting the second wake.
+    let r = create_job(&gw, &json!({"all": true, "rate_per_second": 1}));
+    let id = r.json()["job_id"].as_str().unwrap().to_owned();
+    while gw.client().get(&format!("/v1/pushes/{id}")).unwrap().json()["received"] != 1 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(metric(&gw, "wnsgate_bulk_jobs_running"), 1.0);
+    let r = gw
+        .client()
+        .request("DELETE", &format!("/v1/pushes/{id}"), None, b"")
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let job = wait_job(&gw, &id);
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert_eq!(job["received"], 1, "{job}");
+    assert_eq!(job["not_sent"], 19, "{job}");
+    assert_eq!(s.stats().pushes_total, 1, "{job}");
+    assert_eq!(metric(&gw, "wnsgate_bulk_jobs_running"), 0.0);
+}
+
+/// The value of one series in a `/metrics` scrape (`name` with its labels
+/// as rendered, e.g. `x{protocol="h2"}`).
+fn metric(gw: &Server, series: &str) -> f64 {
+    let text = gw.client().get("/metrics").unwrap().text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+#[test]
+fn open_wns_connections_are_counted_by_protocol() {
+    let (_d, _s, gw) = start();
+    assert_eq!(
+        metric(&gw, "wnsgate_wns_connections_open{protocol=\"h2\"}"),
+        0.0
+    );
+    register(&gw, "conn", "AwYAAADconn");
+    push_wait(&gw, "conn");
+    assert!(metric(&gw, "wnsgate_wns_connections_open{protocol=\"h2\"}") >= 1.0);
+    assert_eq!(
+        metric(&gw, "wnsgate_wns_connections_open{protocol=\"http1\"}"),
+        0.0
+    );
+}
+
+#[test]
+fn wns_request_options_reach_wns() {
+    let (_d, s, gw) = common::start_with_sim_env(
+        SimConfig::default(),
+        &[
+            ("WNSGATE_WNS__TTL", "1h"),
+            ("WNSGATE_WNS__REQUEST_FOR_STATUS", "true"),
+        ],
+    );
+    register(&gw, "opt", "AwYAAADopt");
+    let r = push_wait(&gw, "opt");
+    assert_eq!(r["result"], "delivered", "{r}");
+    // The simulator answers with the connection status only when asked.
+    assert_eq!(r["device_connection"], "connected", "{r}");
+    let st = s.stats();
+    assert_eq!(st.pushes_total, 1);
+    assert_eq!(st.pushes_with_ttl, 1);
+    assert_eq!(st.pushes_requesting_status, 1);
+
+    // Without them, neither header is sent.
+    let (_d2, s2, gw2) = start();
+    register(&gw2, "plain", "AwYAAADplain");
+    let r = push_wait(&gw2, "plain");
+    assert_eq!(r["device_connection"], Value::Null, "{r}");
+    let st = s2.stats();
+    assert_eq!((st.pushes_with_ttl, st.pushes_requesting_status), (0, 0));
+}
+
+#[test]
+fn final_wns_outcomes_are_logged_with_support_headers_and_no_secrets() {
+    let (_d, _s, gw) = common::start_with_sim_env(
+        SimConfig::default(),
+        &[("WNSGATE_LOG__LEVEL", "info,wnsgate=debug")],
+    );
+    let channel_token = "AwYAAADlogged0123456789secretpart";
+    register(&gw, "logged", channel_token);
+    let r = push_wait(&gw, "logged");
+    let (msg_id, cv) = (r["msg_id"].as_str().unwrap(), r["ms_cv"].as_str().unwrap());
+    let logs = gw.stderr();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("WNS wake finished") && l.contains(msg_id))
+        .unwrap_or_else(|| panic!("no log line for {msg_id}:\n{logs}"));
+    for want in [
+        cv,
+        "status=200",
+        "outcome=\"received\"",
+        "debug_trace=",
+        "db5.notify.windows.com",
+    ] {
+        assert!(line.contains(want), "{want} missing: {line}");
+    }
+    assert!(
+        !logs.contains(channel_token),
+        "channel token logged:\n{logs}"
+    );
+    assert!(!logs.contains("Bearer"), "access token logged:\n{logs}");
+}

@@ -1110,6 +1110,8 @@ async fn stats_are_exact_for_a_known_sequence() {
         max_deliveries_per_channel: 3,
         deliveries_histogram: BTreeMap::from([(1, 1), (3, 1)]),
         untracked_pushes: 0,
+        pushes_with_ttl: 0,
+        pushes_requesting_status: 0,
     };
     assert_eq!(sim.stats(), want);
     // The same over HTTP: control requests are not answers of WNS, only

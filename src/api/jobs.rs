@@ -8,20 +8,25 @@
 use super::body::{read_limited, require_content_type};
 use super::devices::parse_device_id;
 use super::error::{json_error, ApiError};
-use super::push::start_or_join;
+use super::push::start_or_join_inline;
 use super::response::{json_response, Resp};
 use crate::core::wns::retry::Pacer;
 use crate::core::{DeviceRecord, LifecycleState};
 use crate::gateway::Gateway;
 use crate::sender::tokens::monotonic_ms;
 use crate::sender::wake::WakeReport;
+use crate::telemetry::metrics as m;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::runtime::Handle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Largest `POST /v1/pushes` body, bytes.
 pub const MAX_JOB_BODY: u64 = 8 * 1024 * 1024;
@@ -35,6 +40,9 @@ pub const JOB_INFLIGHT: usize = 2048;
 pub const MAX_REMEMBERED_JOBS: usize = 1000;
 /// Devices read from the store per page.
 const PAGE: usize = 1024;
+/// Pages of one job read but not yet sent: the job reads ahead of its
+/// senders by at most this many pages, whatever the number of devices.
+pub const PAGES_AHEAD: usize = 4;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +78,9 @@ pub struct Job {
     selection_done: AtomicBool,
     cancelled: AtomicBool,
     finished: AtomicBool,
+    /// Held while cancelling and while finishing, so a job is either
+    /// cancelled before it finished or answered as it finished.
+    ending: Mutex<()>,
 }
 
 #[derive(Serialize)]
@@ -224,6 +235,7 @@ pub async fn create(
         selection_done: AtomicBool::new(false),
         cancelled: AtomicBool::new(false),
         finished: AtomicBool::new(false),
+        ending: Mutex::new(()),
     });
     gw.jobs.insert(job.id.clone(), job.clone());
     tokio::spawn(run(gw, shard, job.clone(), selection));
@@ -236,10 +248,16 @@ pub fn get(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
     Ok(json_response(StatusCode::OK, &job.view()))
 }
 
-/// `DELETE /v1/pushes/{id}`: stops sending; wakes in flight finish.
+/// `DELETE /v1/pushes/{id}`: stops sending; wakes in flight finish. A job
+/// that already finished is answered as it is.
 pub fn cancel(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
     let job = gw.jobs.get(id).ok_or_else(|| unknown_job(id))?;
-    job.cancelled.store(true, Ordering::Release);
+    {
+        let _ending = job.ending.lock();
+        if !job.finished.load(Ordering::Acquire) {
+            job.cancelled.store(true, Ordering::Release);
+        }
+    }
     Ok(json_response(StatusCode::OK, &job.view()))
 }
 
@@ -266,24 +284,95 @@ fn forget_old_jobs(gw: &Gateway) {
     }
 }
 
+/// Counts a running job in `wnsgate_bulk_jobs_running` while it lives.
+struct RunningGauge;
+
+impl RunningGauge {
+    fn new() -> RunningGauge {
+        metrics::gauge!(m::BULK_JOBS_RUNNING).increment(1.0);
+        RunningGauge
+    }
+}
+
+impl Drop for RunningGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(m::BULK_JOBS_RUNNING).decrement(1.0);
+    }
+}
+
+/// A batch of a job's devices, handed to one shard to send.
+enum Batch {
+    Ids(Vec<String>),
+    Records(Vec<DeviceRecord>),
+}
+
+/// What a job's senders share: the job, its in-flight bound and its pace.
+struct Sending {
+    gw: Arc<Gateway>,
+    job: Arc<Job>,
+    /// [`JOB_INFLIGHT`] permits; one held by each wake in flight.
+    wakes: Arc<Semaphore>,
+    pacer: Option<Mutex<Pacer>>,
+}
+
+/// Hands a job's batches to the shards in turn, at most [`PAGES_AHEAD`]
+/// not yet sent.
+struct Dealer {
+    sending: Arc<Sending>,
+    shards: Vec<(usize, Handle)>,
+    next: usize,
+    pages: Arc<Semaphore>,
+}
+
+impl Dealer {
+    async fn deal(&mut self, batch: Batch) {
+        let Ok(permit) = self.pages.clone().acquire_owned().await else {
+            return;
+        };
+        let (shard, rt) = &self.shards[self.next % self.shards.len()];
+        self.next += 1;
+        rt.spawn(send_batch(self.sending.clone(), *shard, batch, permit));
+    }
+
+    /// Waits until every batch is sent and every wake has its result.
+    async fn finish(&self) {
+        let _batches = self.pages.acquire_many(PAGES_AHEAD as u32).await;
+        let _wakes = self.sending.wakes.acquire_many(JOB_INFLIGHT as u32).await;
+    }
+}
+
 async fn run(gw: Arc<Gateway>, shard: usize, job: Arc<Job>, selection: Selection) {
-    let permits = Arc::new(Semaphore::new(JOB_INFLIGHT));
-    let mut pacer = job
-        .rate_per_second
-        .map(|r| Pacer::new(r, (r / 10).clamp(1, 1000), monotonic_ms()));
+    let running = RunningGauge::new();
+    let mut shards = gw.shard_runtimes();
+    if shards.is_empty() {
+        shards.push((shard, Handle::current()));
+    }
+    let sending = Arc::new(Sending {
+        gw: gw.clone(),
+        job: job.clone(),
+        wakes: Arc::new(Semaphore::new(JOB_INFLIGHT)),
+        pacer: job
+            .rate_per_second
+            .map(|r| Mutex::new(Pacer::new(r, (r / 10).clamp(1, 1000), monotonic_ms()))),
+    });
+    let mut dealer = Dealer {
+        sending,
+        shards,
+        next: 0,
+        pages: Arc::new(Semaphore::new(PAGES_AHEAD)),
+    };
     let th = gw.settings.thresholds;
     match selection {
         Selection::Ids(ids) => {
             job.selected.store(ids.len() as u64, Ordering::Release);
             job.selection_done.store(true, Ordering::Release);
-            for id in ids {
-                if job.cancelled.load(Ordering::Acquire) {
+            let mut ids = ids.into_iter();
+            loop {
+                let batch: Vec<String> = ids.by_ref().take(PAGE).collect();
+                if batch.is_empty() || job.cancelled.load(Ordering::Acquire) {
                     break;
                 }
-                match gw.registry.get(&id) {
-                    Some(rec) => dispatch(&gw, shard, &job, &permits, &mut pacer, rec).await,
-                    None => job.count(None),
-                }
+                dealer.deal(Batch::Ids(batch)).await;
             }
         }
         Selection::Filter(state) => {
@@ -312,11 +401,8 @@ async fn run(gw: Arc<Gateway>, shard: usize, job: Arc<Job>, selection: Selection
                 };
                 job.selected
                     .fetch_add(page.records.len() as u64, Ordering::AcqRel);
-                for rec in page.records {
-                    if job.cancelled.load(Ordering::Acquire) {
-                        break;
-                    }
-                    dispatch(&gw, shard, &job, &permits, &mut pacer, rec).await;
+                if !page.records.is_empty() {
+                    dealer.deal(Batch::Records(page.records)).await;
                 }
                 match page.next_after {
                     Some(next) => after = Some(next),
@@ -326,40 +412,144 @@ async fn run(gw: Arc<Gateway>, shard: usize, job: Arc<Job>, selection: Selection
             job.selection_done.store(true, Ordering::Release);
         }
     }
-    // Wait for the wakes still in flight.
-    let _all = permits.acquire_many(JOB_INFLIGHT as u32).await;
-    if job.cancelled.load(Ordering::Acquire) {
-        let v = job.view();
-        job.not_sent.fetch_add(v.pending, Ordering::AcqRel);
+    dealer.finish().await;
+    // Counted out before the job shows as finished, so a scrape after
+    // `GET /v1/pushes/{id}` says finished never counts it as running.
+    drop(running);
+    {
+        let _ending = job.ending.lock();
+        if job.cancelled.load(Ordering::Acquire) {
+            let v = job.view();
+            job.not_sent.fetch_add(v.pending, Ordering::AcqRel);
+        }
+        job.finished.store(true, Ordering::Release);
     }
-    job.finished.store(true, Ordering::Release);
     tracing::info!(job = %job.id, done = job.view().done, "bulk wake finished");
 }
 
-async fn dispatch(
-    gw: &Arc<Gateway>,
+/// Sends one batch from the shard it was handed to, driving the wakes it
+/// starts itself; `_page` is released when the batch is done (or the job
+/// cancelled) and its wakes have their results.
+async fn send_batch(
+    sending: Arc<Sending>,
     shard: usize,
-    job: &Arc<Job>,
-    permits: &Arc<Semaphore>,
-    pacer: &mut Option<Pacer>,
-    rec: DeviceRecord,
+    batch: Batch,
+    _page: OwnedSemaphorePermit,
 ) {
-    if let Some(p) = pacer {
-        while let Err(wait_ms) = p.take(monotonic_ms()) {
-            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+    let mut inflight = wake_set(counted_wake);
+    match batch {
+        Batch::Records(records) => {
+            for rec in records {
+                if !sending
+                    .dispatch(shard, rec, &mut inflight, counted_wake)
+                    .await
+                {
+                    break;
+                }
+            }
+        }
+        Batch::Ids(ids) => {
+            for id in ids {
+                if sending.job.cancelled.load(Ordering::Acquire) {
+                    break;
+                }
+                match sending.gw.registry.get(&id) {
+                    Some(rec) => {
+                        if !sending
+                            .dispatch(shard, rec, &mut inflight, counted_wake)
+                            .await
+                        {
+                            break;
+                        }
+                    }
+                    None => sending.job.count(None),
+                }
+            }
         }
     }
-    let Ok(permit) = permits.clone().acquire_owned().await else {
-        return;
+    while inflight.next().await.is_some() {}
+}
+
+/// Wakes a batch started and drives.
+type Inflight<F> = FuturesUnordered<F>;
+
+/// An empty set for the wakes `start` returns (names their type).
+fn wake_set<F>(_start: StartFn<F>) -> Inflight<F> {
+    FuturesUnordered::new()
+}
+
+/// How a batch starts one wake: [`counted_wake`].
+type StartFn<F> =
+    fn(&Arc<Gateway>, usize, DeviceRecord, Arc<Job>, OwnedSemaphorePermit) -> Option<F>;
+
+/// Starts (or joins) the wake of `rec` for `job`; the result is counted
+/// and the in-flight permit released when it is known. The started wake
+/// is returned for the caller to drive.
+fn counted_wake(
+    gw: &Arc<Gateway>,
+    shard: usize,
+    rec: DeviceRecord,
+    job: Arc<Job>,
+    permit: OwnedSemaphorePermit,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let done = move |report: Option<&WakeReport>| {
+        job.count(report);
+        drop(permit);
     };
-    let job = job.clone();
-    start_or_join(
-        gw,
-        shard,
-        rec,
-        Some(Box::new(move |report: Option<&WakeReport>| {
-            job.count(report);
-            drop(permit);
-        })),
-    );
+    start_or_join_inline(gw, shard, rec, Some(done)).1
+}
+
+impl Sending {
+    /// Starts (or joins) the wake of `rec` when the pace and the in-flight
+    /// bound allow, adding it to `inflight`; false, starting nothing, once
+    /// the job is cancelled. The batch's wakes progress while it waits.
+    async fn dispatch<F>(
+        &self,
+        shard: usize,
+        rec: DeviceRecord,
+        inflight: &mut Inflight<F>,
+        start: StartFn<F>,
+    ) -> bool
+    where
+        F: Future<Output = ()>,
+    {
+        let cancelled = || self.job.cancelled.load(Ordering::Acquire);
+        if cancelled() {
+            return false;
+        }
+        if let Some(p) = &self.pacer {
+            loop {
+                let taken = p.lock().take(monotonic_ms());
+                let Err(wait_ms) = taken else { break };
+                let wait = tokio::time::sleep(Duration::from_millis(wait_ms));
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        _ = &mut wait => break,
+                        Some(()) = inflight.next(), if !inflight.is_empty() => {}
+                    }
+                }
+            }
+            if cancelled() {
+                return false;
+            }
+        }
+        let permit = loop {
+            tokio::select! {
+                biased;
+                p = self.wakes.clone().acquire_owned() => match p {
+                    Ok(p) => break p,
+                    Err(_) => return false,
+                },
+                Some(()) = inflight.next(), if !inflight.is_empty() => {}
+            }
+        };
+        if cancelled() {
+            return false;
+        }
+        if let Some(wake) = start(&self.gw, shard, rec, self.job.clone(), permit) {
+            inflight.push(wake);
+        }
+        true
+    }
 }

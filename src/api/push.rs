@@ -12,20 +12,73 @@ use crate::gateway::Gateway;
 use crate::sender::wake::WakeReport;
 use http::StatusCode;
 use serde::Serialize;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use tokio::sync::watch;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use tokio::sync::Notify;
 
 /// A wake in progress for one device.
 #[derive(Clone)]
 pub struct PendingWake {
-    pub push_id: String,
-    result: watch::Receiver<Option<Arc<WakeReport>>>,
+    pub push_id: PushId,
+    slot: Arc<WakeSlot>,
+}
+
+/// A push id, `p<hex>-<n>`: formatted only when someone asks for it, so
+/// bulk wakes, which never show theirs, do not pay for the text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PushId {
+    salt: u32,
+    n: u64,
+}
+
+impl fmt::Display for PushId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "p{:x}-{}", self.salt, self.n)
+    }
+}
+
+impl Serialize for PushId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Where a wake's final result is published once, for whoever joined it.
+/// Cheaper than a channel per push: one allocation, and nothing to wake
+/// when nobody waits (bulk wakes).
+#[derive(Default)]
+struct WakeSlot {
+    report: OnceLock<WakeReport>,
+    /// Set when the wake ended without a result (its task was dropped).
+    abandoned: AtomicBool,
+    changed: Notify,
+}
+
+/// Publishes the result, or marks the wake abandoned if dropped first.
+struct Publisher(Arc<WakeSlot>);
+
+impl Publisher {
+    fn publish(&self, report: WakeReport) -> &WakeReport {
+        let published = self.0.report.get_or_init(|| report);
+        self.0.changed.notify_waiters();
+        published
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if self.0.report.get().is_none() {
+            self.0.abandoned.store(true, Ordering::Release);
+            self.0.changed.notify_waiters();
+        }
+    }
 }
 
 #[derive(Serialize)]
 struct Accepted<'a> {
-    push_id: &'a str,
+    push_id: PushId,
     device_id: &'a str,
     /// True when this request joined a wake already pending.
     coalesced: bool,
@@ -33,17 +86,20 @@ struct Accepted<'a> {
 
 #[derive(Serialize)]
 struct Finished<'a> {
-    push_id: &'a str,
+    push_id: PushId,
     device_id: &'a str,
     coalesced: bool,
     #[serde(flatten)]
     report: &'a WakeReport,
 }
 
-fn next_push_id() -> String {
+fn next_push_id() -> PushId {
+    static SALT: OnceLock<u32> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("p{:x}-{n}", rand::random::<u32>())
+    PushId {
+        salt: *SALT.get_or_init(rand::random::<u32>),
+        n: NEXT.fetch_add(1, Ordering::Relaxed),
+    }
 }
 
 /// `POST /v1/devices/{id}/push[?wait=true]`.
@@ -82,44 +138,43 @@ pub async fn push_device(
         return Ok(json_response(
             StatusCode::ACCEPTED,
             &Accepted {
-                push_id: &pending.push_id,
+                push_id: pending.push_id,
                 device_id: id.as_str(),
                 coalesced,
             },
         ));
     }
-    let mut rx = pending.result.clone();
-    let report = loop {
-        if let Some(r) = rx.borrow_and_update().clone() {
-            break r;
-        }
-        if rx.changed().await.is_err() {
-            return Err(ApiError::unavailable(
-                "push_abandoned",
-                "the wake-up was abandoned (shutting down)",
-            ));
-        }
+    let Some(report) = pending.result().await else {
+        return Err(ApiError::unavailable(
+            "push_abandoned",
+            "the wake-up was abandoned (shutting down)",
+        ));
     };
     Ok(json_response(
         StatusCode::OK,
         &Finished {
-            push_id: &pending.push_id,
+            push_id: pending.push_id,
             device_id: id.as_str(),
             coalesced,
-            report: &report,
+            report,
         },
     ))
 }
 
 impl PendingWake {
     /// Waits for the final result; `None` if the wake was abandoned.
-    pub async fn result(&self) -> Option<Arc<WakeReport>> {
-        let mut rx = self.result.clone();
+    pub async fn result(&self) -> Option<&WakeReport> {
         loop {
-            if let Some(r) = rx.borrow_and_update().clone() {
+            // Registered before the check, so a result published in
+            // between still wakes this waiter.
+            let changed = self.slot.changed.notified();
+            if let Some(r) = self.slot.report.get() {
                 return Some(r);
             }
-            rx.changed().await.ok()?;
+            if self.slot.abandoned.load(Ordering::Acquire) {
+                return None;
+            }
+            changed.await;
         }
     }
 }
@@ -142,46 +197,84 @@ pub fn start_or_join(
     record: DeviceRecord,
     on_done: Option<OnDone>,
 ) -> (PendingWake, bool) {
+    start_or_join_with(gw, shard, record, on_done)
+}
+
+/// [`start_or_join`] for any callback type, so a caller with a concrete
+/// closure does not box one per push.
+pub fn start_or_join_with<F>(
+    gw: &Arc<Gateway>,
+    shard: usize,
+    record: DeviceRecord,
+    on_done: Option<F>,
+) -> (PendingWake, bool)
+where
+    F: FnOnce(Option<&WakeReport>) + Send + 'static,
+{
+    let (pending, wake) = start_or_join_inline(gw, shard, record, on_done);
+    let coalesced = wake.is_none();
+    if let Some(wake) = wake {
+        tokio::spawn(wake);
+    }
+    (pending, coalesced)
+}
+
+/// Like [`start_or_join_with`], but a wake started by this call is
+/// returned for the caller to drive (it must be polled to completion;
+/// dropping it abandons the wake) instead of running as a task of its own.
+/// Bulk wakes drive many of these from one task: a task per push costs
+/// more than the bookkeeping it carries. `None` when the call joined a
+/// pending wake (`on_done` then runs from a small waiting task).
+pub fn start_or_join_inline<F>(
+    gw: &Arc<Gateway>,
+    shard: usize,
+    record: DeviceRecord,
+    on_done: Option<F>,
+) -> (
+    PendingWake,
+    Option<impl Future<Output = ()> + Send + 'static>,
+)
+where
+    F: FnOnce(Option<&WakeReport>) + Send + 'static,
+{
     use dashmap::mapref::entry::Entry;
-    let key = record.device_id.as_str().to_owned();
-    let pending = match gw.pending_wakes.entry(key.clone()) {
+    let pending = match gw.pending_wakes.entry(record.device_id.as_str().to_owned()) {
         Entry::Occupied(e) => {
             let pending = e.get().clone();
             drop(e);
             if let Some(done) = on_done {
                 let joined = pending.clone();
-                tokio::spawn(async move { done(joined.result().await.as_deref()) });
+                tokio::spawn(async move { done(joined.result().await) });
             }
-            return (pending, true);
+            return (pending, None);
         }
-        Entry::Vacant(e) => {
-            let (tx, rx) = watch::channel(None);
-            let pending = PendingWake {
+        Entry::Vacant(e) => e
+            .insert(PendingWake {
                 push_id: next_push_id(),
-                result: rx,
-            };
-            e.insert(pending.clone());
-            (pending, tx)
-        }
+                slot: Arc::default(),
+            })
+            .clone(),
     };
-    let (pending, tx) = pending;
+    let publisher = Publisher(pending.slot.clone());
     let gw = gw.clone();
-    tokio::spawn(async move {
+    let wake = async move {
         let report = gw
             .sender
             .wake(shard, &record.channel_uri, record.pfn.as_str(), || gw.now())
             .await;
         record_push(&gw, &record, &report);
         if let Some(reason) = report.dead {
-            mark_dead(&gw, &record, reason).await;
+            // Boxed: a durable store write is a large future, and every
+            // wake in flight would otherwise carry it inline.
+            Box::pin(mark_dead(&gw, &record, reason)).await;
         }
-        gw.pending_wakes.remove(&key);
+        gw.pending_wakes.remove(record.device_id.as_str());
+        let report = publisher.publish(report);
         if let Some(done) = on_done {
-            done(Some(&report));
+            done(Some(report));
         }
-        let _ = tx.send(Some(Arc::new(report)));
-    });
-    (pending, false)
+    };
+    (pending, Some(wake))
 }
 
 /// Keeps the outcome on the device (in memory, in place).

@@ -2,6 +2,7 @@
 //! TLS with the channel's host as SNI, then HTTP/2 or HTTP/1.1, whichever
 //! the server picked by ALPN.
 
+use crate::telemetry::metrics::WNS_CONNECTIONS_OPEN as OPEN;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Uri};
 use http_body_util::{BodyExt, Full};
@@ -116,6 +117,49 @@ pub async fn connect(
     tls: Arc<ClientConfig>,
     t: &Timeouts,
 ) -> Result<Conn, ConnError> {
+    open(dial, sni, tls, t, false).await
+}
+
+/// [`connect`] for a connection to WNS: counted in
+/// `wnsgate_wns_connections_open{protocol}` from its handshake until it
+/// closes.
+pub async fn connect_wns(
+    dial: &str,
+    sni: &str,
+    tls: Arc<ClientConfig>,
+    t: &Timeouts,
+) -> Result<Conn, ConnError> {
+    open(dial, sni, tls, t, true).await
+}
+
+/// Counts one open WNS connection while it lives.
+struct OpenGauge(Option<metrics::Gauge>);
+
+impl OpenGauge {
+    fn new(counted: bool, protocol: Protocol) -> OpenGauge {
+        OpenGauge(counted.then(|| {
+            let g = metrics::gauge!(OPEN, "protocol" => protocol.label());
+            g.increment(1.0);
+            g
+        }))
+    }
+}
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.decrement(1.0);
+        }
+    }
+}
+
+async fn open(
+    dial: &str,
+    sni: &str,
+    tls: Arc<ClientConfig>,
+    t: &Timeouts,
+    counted: bool,
+) -> Result<Conn, ConnError> {
     let name = ServerName::try_from(sni.to_owned())
         .map_err(|e| ConnError::Tls(sni.to_owned(), e.to_string()))?;
     let handshake = Handshake {
@@ -123,6 +167,7 @@ pub async fn connect(
         name,
         tls,
         timeouts: *t,
+        counted,
     };
     match crate::shard::connect(dial, t.connect, handshake).await {
         Ok(opened) => opened,
@@ -137,14 +182,21 @@ struct Handshake {
     name: ServerName<'static>,
     tls: Arc<ClientConfig>,
     timeouts: Timeouts,
+    /// Counted in the open-connections gauge while it lives.
+    counted: bool,
 }
 
 impl crate::shard::OnConnect for Handshake {
     type Output = Result<Conn, ConnError>;
 
     async fn epoll(self, io: TcpStream) -> Self::Output {
+        let counted = self.counted;
         let (conn, driver) = self.establish(io).await?;
-        tokio::spawn(driver);
+        let open = OpenGauge::new(counted, conn.protocol());
+        tokio::spawn(async move {
+            driver.await;
+            drop(open);
+        });
         Ok(conn)
     }
 
@@ -152,8 +204,13 @@ impl crate::shard::OnConnect for Handshake {
     where
         IO: AsyncRead + AsyncWrite + Unpin + 'static,
     {
+        let counted = self.counted;
         let (conn, driver) = self.establish(io).await?;
-        tokio::task::spawn_local(driver);
+        let open = OpenGauge::new(counted, conn.protocol());
+        tokio::task::spawn_local(async move {
+            driver.await;
+            drop(open);
+        });
         Ok(conn)
     }
 }
@@ -277,10 +334,13 @@ pub async fn post_http1(
         .authority()
         .map(|a| a.as_str().to_owned())
         .unwrap_or_default();
-    *req.uri_mut() = uri.path_and_query().map_or_else(
-        || Uri::from_static("/"),
-        |pq| Uri::try_from(pq.as_str()).unwrap_or_else(|_| Uri::from_static("/")),
+    let mut origin = http::uri::Parts::default();
+    origin.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     );
+    *req.uri_mut() = Uri::from_parts(origin).unwrap_or_else(|_| Uri::from_static("/"));
     *req.headers_mut() = headers;
     if let Ok(v) = http::HeaderValue::from_str(&host) {
         req.headers_mut().insert(http::header::HOST, v);

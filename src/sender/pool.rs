@@ -8,6 +8,7 @@
 
 use super::conn::{self, Conn, ConnError, Protocol, Reply, Timeouts};
 use bytes::Bytes;
+use http::uri::{Authority, Parts, PathAndQuery, Scheme};
 use http::{HeaderMap, Uri};
 use http_body_util::Full;
 use parking_lot::Mutex;
@@ -70,6 +71,9 @@ enum Lease {
 pub struct AuthorityPool {
     /// Host presented as SNI and `:authority` (the channel URI's host).
     authority: Arc<str>,
+    /// The same, parsed once for the request URIs; `None` if it does not
+    /// parse (every push to it then fails as a bad channel URI).
+    uri_authority: Option<Authority>,
     /// `host:port` dialled.
     dial: Arc<str>,
     tls: Arc<ClientConfig>,
@@ -89,6 +93,7 @@ impl AuthorityPool {
     ) -> AuthorityPool {
         AuthorityPool {
             authority: authority.into(),
+            uri_authority: Authority::try_from(authority).ok(),
             dial: dial.into(),
             tls,
             limits,
@@ -96,6 +101,17 @@ impl AuthorityPool {
             inner: Mutex::new(Inner::default()),
             freed: Notify::new(),
         }
+    }
+
+    /// The request URI for a channel of this authority: `https://`, the
+    /// authority, and `path_and_query` exactly as written. `None` if it is
+    /// not a valid URI.
+    pub fn target(&self, path_and_query: &str) -> Option<Uri> {
+        let mut parts = Parts::default();
+        parts.scheme = Some(Scheme::HTTPS);
+        parts.authority = Some(self.uri_authority.clone()?);
+        parts.path_and_query = Some(PathAndQuery::try_from(path_and_query).ok()?);
+        Uri::from_parts(parts).ok()
     }
 
     /// Connections currently open, by protocol.
@@ -149,18 +165,29 @@ impl AuthorityPool {
                     return r.map(|reply| (reply, Protocol::H2));
                 }
                 Lease::Http1(mut send) => {
-                    let r = conn::post_http1(&mut send, uri, headers, body, self.timeouts.request)
-                        .await;
+                    // Boxed to keep the h2 path's futures small: the
+                    // HTTP/1.1 exchange is the larger state.
+                    let r = Box::pin(conn::post_http1(
+                        &mut send,
+                        uri,
+                        headers,
+                        body,
+                        self.timeouts.request,
+                    ))
+                    .await;
                     self.release_h1(send, r.is_ok());
                     return r.map(|reply| (reply, Protocol::Http1));
                 }
                 Lease::Connect => {
-                    let opened = conn::connect(
+                    // Boxed: connecting (TCP, TLS, HTTP handshakes) is a
+                    // large future, rare next to posts, and every push in
+                    // flight would otherwise carry it inline.
+                    let opened = Box::pin(conn::connect_wns(
                         &self.dial,
                         &self.authority,
                         self.tls.clone(),
                         &self.timeouts,
-                    )
+                    ))
                     .await;
                     let mut g = self.inner.lock();
                     g.connecting -= 1;

@@ -157,7 +157,10 @@ impl TokenSource {
                     tokio::spawn(async move { me.refresh(ticket).await });
                     return Ok(t);
                 }
-                TokenPoll::MustRefresh(ticket) => self.refresh(ticket).await,
+                // Boxed: the refresh (connect, TLS, request) is a large
+                // future that every caller of `token` would otherwise carry
+                // inline, though nearly all return the cached token.
+                TokenPoll::MustRefresh(ticket) => Box::pin(self.refresh(ticket)).await,
                 TokenPoll::WaitForRefresh { until_ms } => {
                     let wait = until_ms.saturating_sub(monotonic_ms()).max(1);
                     let _ = tokio::time::timeout(Duration::from_millis(wait), waiter).await;

@@ -5,27 +5,28 @@
 //! connection pools per shard and authority, so a shard's pushes travel on
 //! connections that shard's runtime drives.
 
-use super::conn::{ConnError, Protocol, Timeouts};
+use super::conn::{ConnError, Timeouts};
 use super::pool::{AuthorityPool, PoolLimits};
 use super::tls::{self, Alpn};
 use super::tokens::{monotonic_ms, TokenEndpoint, TokenSource};
 use crate::config::{resolve_secret, Settings};
-use crate::core::wns::request::{new_cv_header, write_wake_headers, WAKE_BODY};
+use crate::core::wns::request::{new_cv_header, write_wake_headers, MAX_WAKE_HEADERS, WAKE_BODY};
 use crate::core::wns::retry::{
     CredentialSignal, CredentialThrottle, Decision, PushAttempt, RetryPolicy,
 };
 use crate::core::wns::token::TokenFlow;
-use crate::core::wns::{classify, WnsMeta};
+use crate::core::wns::{classify, Outcome, WnsMeta};
 use crate::core::{ChannelUri, DeadReason, UnixTime};
 use crate::telemetry::metrics as m;
 use anyhow::Context;
 use bytes::Bytes;
-use http::{HeaderMap, Uri};
+use http::HeaderMap;
+use metrics::{Counter, Gauge, Histogram};
 use parking_lot::Mutex;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Times one push may be re-sent because its connection died before
@@ -33,7 +34,12 @@ use std::time::{Duration, Instant};
 pub const MAX_LOST_RESENDS: u32 = 3;
 
 /// What became of one wake-up.
-#[derive(Debug, Clone, Serialize)]
+///
+/// The diagnostic headers (`X-WNS-Msg-ID`, `X-WNS-Debug-Trace`, `MS-CV`,
+/// ...) stay in the answer's header map and are read when the report is
+/// logged or serialized, so a bulk wake that only counts results copies
+/// no header text.
+#[derive(Debug, Clone)]
 pub struct WakeReport {
     /// `delivered`, a final failure label, `channel_dead`, or a transport
     /// failure label.
@@ -42,18 +48,14 @@ pub struct WakeReport {
     pub wns_outcome: Option<&'static str>,
     /// The last HTTP status from WNS.
     pub status: Option<u16>,
-    pub msg_id: Option<String>,
-    pub debug_trace: Option<String>,
-    pub ms_cv: Option<String>,
-    pub device_connection: Option<&'static str>,
-    pub error_description: Option<String>,
+    /// The headers of the last WNS answer.
+    reply: Option<HeaderMap>,
     /// Set when WNS declared the channel dead.
-    #[serde(skip)]
     pub dead: Option<DeadReason>,
     pub attempts: u32,
     pub protocol: Option<&'static str>,
     /// When the last answer arrived.
-    pub at: String,
+    pub at: UnixTime,
     /// Why the push got no WNS answer, when it did not.
     pub error: Option<String>,
 }
@@ -64,21 +66,131 @@ impl WakeReport {
             result,
             wns_outcome: None,
             status: None,
-            msg_id: None,
-            debug_trace: None,
-            ms_cv: None,
-            device_connection: None,
-            error_description: None,
+            reply: None,
             dead: None,
             attempts,
             protocol: None,
-            at: now.to_rfc3339(),
+            at: now,
             error: Some(error),
         }
     }
 
     pub fn delivered(&self) -> bool {
         self.result == "delivered"
+    }
+
+    /// The diagnostic headers of the last WNS answer (empty without one).
+    pub fn meta(&self) -> WnsMeta {
+        self.reply
+            .as_ref()
+            .map(WnsMeta::from_headers)
+            .unwrap_or_default()
+    }
+}
+
+/// The JSON form of a report (`?wait=true` answers).
+#[derive(Serialize)]
+struct ReportView<'a> {
+    result: &'static str,
+    wns_outcome: Option<&'static str>,
+    status: Option<u16>,
+    msg_id: Option<String>,
+    debug_trace: Option<String>,
+    ms_cv: Option<String>,
+    device_connection: Option<&'static str>,
+    error_description: Option<String>,
+    attempts: u32,
+    protocol: Option<&'static str>,
+    at: String,
+    error: Option<&'a str>,
+}
+
+impl Serialize for WakeReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let meta = self.meta();
+        ReportView {
+            result: self.result,
+            wns_outcome: self.wns_outcome,
+            status: self.status,
+            msg_id: meta.msg_id,
+            debug_trace: meta.debug_trace,
+            ms_cv: meta.ms_cv,
+            device_connection: meta.device_connection.map(|d| d.as_str()),
+            error_description: meta.error_description,
+            attempts: self.attempts,
+            protocol: self.protocol,
+            at: self.at.to_rfc3339(),
+            error: self.error.as_deref(),
+        }
+        .serialize(s)
+    }
+}
+
+/// Metric handles of the wake path, resolved once: looking a labelled
+/// series up in the recorder on every push costs more than the rest of
+/// the bookkeeping together.
+struct SenderMetrics {
+    inflight: Gauge,
+    latency: Histogram,
+    duration: Histogram,
+    /// `wnsgate_wns_responses_total` by outcome and status label, created
+    /// on first use so the scrape only shows pairs that happened.
+    responses: Box<[OnceLock<Counter>]>,
+    /// `wnsgate_pushes_total` by [`RESULT_LABELS`], created on first use.
+    pushes: [OnceLock<Counter>; RESULT_LABELS.len()],
+}
+
+/// Every final result a wake can report, for [`SenderMetrics::pushes`].
+const RESULT_LABELS: [&str; 20] = [
+    "delivered",
+    "channel_dead",
+    "dropped",
+    "bad_request",
+    "method_not_allowed",
+    "payload_too_large",
+    "unexpected",
+    "token_rejected_twice",
+    "domain_blocked",
+    "attempts_exhausted",
+    "retry_after_too_long",
+    "no_credentials",
+    "bad_channel_uri",
+    "credential_throttled",
+    "token_unavailable",
+    "connect_failed",
+    "tls_failed",
+    "timeout",
+    "connection_lost",
+    "protocol_error",
+];
+
+impl SenderMetrics {
+    fn new() -> SenderMetrics {
+        SenderMetrics {
+            inflight: metrics::gauge!(m::WNS_INFLIGHT),
+            latency: metrics::histogram!(m::WNS_LATENCY),
+            duration: metrics::histogram!(m::PUSH_DURATION),
+            responses: (0..Outcome::LABELS.len() * m::STATUS_LABELS.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+            pushes: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn response(&self, outcome: &Outcome, status: u16) -> &Counter {
+        let (o, st) = (outcome.index(), m::status_index(status));
+        self.responses[o * m::STATUS_LABELS.len() + st].get_or_init(|| {
+            metrics::counter!(m::WNS_RESPONSES, "outcome" => outcome.label(), "status" => m::STATUS_LABELS[st])
+        })
+    }
+
+    fn push(&self, result: &'static str) {
+        match RESULT_LABELS.iter().position(|&l| l == result) {
+            Some(i) => self.pushes[i]
+                .get_or_init(|| metrics::counter!(m::PUSHES, "result" => RESULT_LABELS[i]))
+                .increment(1),
+            None => metrics::counter!(m::PUSHES, "result" => result).increment(1),
+        }
     }
 }
 
@@ -97,6 +209,11 @@ pub struct WnsSender {
     policy: RetryPolicy,
     /// Per shard: pools by authority.
     pools: Vec<Mutex<HashMap<String, Arc<AuthorityPool>>>>,
+    /// `X-WNS-TTL` to send, seconds (`wns.ttl`).
+    ttl_secs: Option<u32>,
+    /// Send `X-WNS-RequestForStatus: true` (`wns.request_for_status`).
+    request_status: bool,
+    metrics: OnceLock<SenderMetrics>,
 }
 
 impl WnsSender {
@@ -147,6 +264,9 @@ impl WnsSender {
             pools: (0..shards.max(1))
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
+            ttl_secs: settings.wns_ttl_secs,
+            request_status: settings.wns.request_for_status,
+            metrics: OnceLock::new(),
         })
     }
 
@@ -181,6 +301,25 @@ impl WnsSender {
         now: impl Fn() -> UnixTime,
     ) -> WakeReport {
         let started = Instant::now();
+        let met = self.metrics.get_or_init(SenderMetrics::new);
+        met.inflight.increment(1.0);
+        let report = self.attempts(shard, uri, pfn, &now, met).await;
+        met.inflight.decrement(1.0);
+        met.push(report.result);
+        met.duration.record(started.elapsed().as_secs_f64());
+        log_final(uri, pfn, &report);
+        report
+    }
+
+    /// The request, answer and retry loop of [`WnsSender::wake`].
+    async fn attempts(
+        &self,
+        shard: usize,
+        uri: &ChannelUri,
+        pfn: &str,
+        now: &impl Fn() -> UnixTime,
+        met: &SenderMetrics,
+    ) -> WakeReport {
         let Some(app) = self.apps.get(pfn) else {
             return WakeReport::failed(
                 "no_credentials",
@@ -189,7 +328,8 @@ impl WnsSender {
                 now(),
             );
         };
-        let Ok(target) = Uri::try_from(uri.as_str()) else {
+        let pool = self.pool(shard, uri.host());
+        let Some(target) = pool.target(uri.path_and_query()) else {
             return WakeReport::failed(
                 "bad_channel_uri",
                 "the channel URI does not parse".into(),
@@ -197,27 +337,25 @@ impl WnsSender {
                 now(),
             );
         };
-        let pool = self.pool(shard, uri.host());
         let body = Bytes::from_static(WAKE_BODY);
         let mut attempt = PushAttempt::new();
         let mut lost = 0;
-        metrics::gauge!(m::WNS_INFLIGHT).increment(1.0);
-        let report = loop {
+        loop {
             if let Some(wait) = self.credential_wait(app) {
                 if wait > self.policy.max_retry_after {
-                    break WakeReport::failed(
+                    return WakeReport::failed(
                         "credential_throttled",
                         "the credential is paused by WNS".into(),
                         attempt.attempts(),
                         now(),
                     );
                 }
-                tokio::time::sleep(wait).await;
+                Box::pin(tokio::time::sleep(wait)).await;
             }
             let token = match app.tokens.token().await {
                 Ok(t) => t,
                 Err(e) => {
-                    break WakeReport::failed(
+                    return WakeReport::failed(
                         "token_unavailable",
                         e.to_string(),
                         attempt.attempts(),
@@ -225,9 +363,19 @@ impl WnsSender {
                     )
                 }
             };
-            let mut headers = HeaderMap::with_capacity(8);
-            let cv = new_cv_header(rand::random::<u128>());
-            write_wake_headers(&mut headers, &token, None, false, cv, body.len());
+            let mut headers = HeaderMap::with_capacity(MAX_WAKE_HEADERS);
+            let mut cv = new_cv_header(rand::random::<u128>());
+            // Unique per request: never worth a place in the peer's HPACK
+            // table, where it would only push out entries that repeat.
+            cv.set_sensitive(true);
+            write_wake_headers(
+                &mut headers,
+                &token,
+                self.ttl_secs,
+                self.request_status,
+                cv,
+                body.len(),
+            );
             let sent = Instant::now();
             let (reply, protocol) = match pool.post(target.clone(), headers, body.clone()).await {
                 Ok(r) => r,
@@ -237,7 +385,7 @@ impl WnsSender {
                     continue;
                 }
                 Err(e) => {
-                    break WakeReport::failed(
+                    return WakeReport::failed(
                         transport_label(&e),
                         e.to_string(),
                         attempt.attempts() + 1,
@@ -245,12 +393,12 @@ impl WnsSender {
                     )
                 }
             };
-            metrics::histogram!(m::WNS_LATENCY).record(sent.elapsed().as_secs_f64());
-            let classified = classify(reply.status, &reply.headers, now());
-            let label = classified.outcome.label();
-            metrics::counter!(m::WNS_RESPONSES, "outcome" => label, "status" => m::status_label(reply.status)).increment(1);
-            let verdict =
-                attempt.on_outcome(&classified.outcome, &self.policy, rand::random::<u64>());
+            met.latency.record(sent.elapsed().as_secs_f64());
+            let at = now();
+            let outcome = classify::outcome(reply.status, &reply.headers, at);
+            let label = outcome.label();
+            met.response(&outcome, reply.status).increment(1);
+            let verdict = attempt.on_outcome(&outcome, &self.policy, rand::random::<u64>());
             match verdict.credential {
                 Some(CredentialSignal::Throttle { pause }) => {
                     app.throttle
@@ -266,36 +414,35 @@ impl WnsSender {
                 }
                 None => {}
             }
-            let done = |result: &'static str, dead: Option<DeadReason>| {
-                report_from(
-                    result,
-                    label,
-                    reply.status,
-                    classified.meta.clone(),
-                    dead,
-                    attempt.attempts(),
-                    protocol,
-                    now(),
-                )
-            };
-            match verdict.decision {
-                Decision::Delivered => break done("delivered", None),
-                Decision::Failed(f) => break done(f.label(), None),
-                Decision::ChannelDead(reason) => break done("channel_dead", Some(reason)),
+            let (result, dead) = match verdict.decision {
+                Decision::Delivered => ("delivered", None),
+                Decision::Failed(f) => (f.label(), None),
+                Decision::ChannelDead(reason) => ("channel_dead", Some(reason)),
                 Decision::RefreshTokenThenRetry => {
                     app.tokens.invalidate(&token);
                     metrics::counter!(m::WNS_RESENDS, "reason" => "token_rejected").increment(1);
+                    continue;
                 }
                 Decision::RetryAfter(wait) => {
                     metrics::counter!(m::WNS_RESENDS, "reason" => label).increment(1);
-                    tokio::time::sleep(wait).await;
+                    // Boxed, like the credential wait above: rare, and every
+                    // wake in flight would otherwise carry the timer inline.
+                    Box::pin(tokio::time::sleep(wait)).await;
+                    continue;
                 }
-            }
-        };
-        metrics::gauge!(m::WNS_INFLIGHT).decrement(1.0);
-        metrics::counter!(m::PUSHES, "result" => report.result).increment(1);
-        metrics::histogram!(m::PUSH_DURATION).record(started.elapsed().as_secs_f64());
-        report
+            };
+            return WakeReport {
+                result,
+                wns_outcome: Some(label),
+                status: Some(reply.status),
+                reply: Some(reply.headers),
+                dead,
+                attempts: attempt.attempts(),
+                protocol: Some(protocol.label()),
+                at,
+                error: None,
+            };
+        }
     }
 
     /// How long the credential is paused for, if it is.
@@ -310,32 +457,27 @@ impl WnsSender {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn report_from(
-    result: &'static str,
-    outcome: &'static str,
-    status: u16,
-    meta: WnsMeta,
-    dead: Option<DeadReason>,
-    attempts: u32,
-    protocol: Protocol,
-    now: UnixTime,
-) -> WakeReport {
-    WakeReport {
-        result,
-        wns_outcome: Some(outcome),
-        status: Some(status),
-        msg_id: meta.msg_id,
-        debug_trace: meta.debug_trace,
-        ms_cv: meta.ms_cv,
-        device_connection: meta.device_connection.map(|d| d.as_str()),
-        error_description: meta.error_description,
-        dead,
-        attempts,
-        protocol: Some(protocol.label()),
-        at: now.to_rfc3339(),
-        error: None,
+/// Logs a wake's final result at debug level: the diagnostics Microsoft
+/// support asks for, with the channel URI redacted (its token is a
+/// credential for that device) and never the access token.
+fn log_final(uri: &ChannelUri, pfn: &str, report: &WakeReport) {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return;
     }
+    let meta = report.meta();
+    tracing::debug!(
+        channel = %uri.redacted(),
+        pfn,
+        result = report.result,
+        outcome = report.wns_outcome.unwrap_or("none"),
+        status = report.status.unwrap_or(0),
+        msg_id = meta.msg_id.as_deref().unwrap_or(""),
+        debug_trace = meta.debug_trace.as_deref().unwrap_or(""),
+        ms_cv = meta.ms_cv.as_deref().unwrap_or(""),
+        attempts = report.attempts,
+        error = report.error.as_deref().unwrap_or(""),
+        "WNS wake finished"
+    );
 }
 
 fn transport_label(e: &ConnError) -> &'static str {

@@ -231,6 +231,8 @@ impl Verdict {
 pub struct PushOptions {
     /// `X-WNS-RequestForStatus: true`.
     pub request_for_status: bool,
+    /// `X-WNS-TTL`, seconds.
+    pub ttl_secs: Option<u64>,
 }
 
 /// 405 unless POST.
@@ -379,11 +381,13 @@ pub fn check_headers(
         }
         _ => return Err(bad("Invalid X-WNS-Cache-Policy")),
     }
-    match h.ttl {
-        Slot::Absent => {}
-        Slot::One(v) if !v.is_empty() && v.len() <= 10 && v.iter().all(u8::is_ascii_digit) => {}
+    let ttl_secs = match h.ttl {
+        Slot::Absent => None,
+        Slot::One(v) if !v.is_empty() && v.len() <= 10 && v.iter().all(u8::is_ascii_digit) => {
+            std::str::from_utf8(v).ok().and_then(|t| t.parse().ok())
+        }
         _ => return Err(bad("Invalid X-WNS-TTL")),
-    }
+    };
     let request_for_status = match h.request_for_status {
         Slot::Absent => false,
         Slot::One(v) if v.eq_ignore_ascii_case(b"true") => true,
@@ -402,7 +406,10 @@ pub fn check_headers(
         },
         Slot::Repeated => return Err(bad("Conflicting Content-Length")),
     }
-    Ok(PushOptions { request_for_status })
+    Ok(PushOptions {
+        request_for_status,
+        ttl_secs,
+    })
 }
 
 /// 400 for an empty body, 413 above [`MAX_PAYLOAD_BYTES`].
@@ -519,6 +526,19 @@ mod tests {
         );
         assert_eq!(ok(&[("x-wns-cache-policy", "sometimes")], false), 400);
         assert_eq!(ok(&[("x-wns-ttl", "-1")], false), 400);
+        let opts = |extra: &[(&str, &str)]| {
+            let mut all = RAW.to_vec();
+            all.extend_from_slice(extra);
+            check_headers(&PushHeaders::scan(&headers(&all)), true, false).unwrap()
+        };
+        assert_eq!(opts(&[]), PushOptions::default());
+        assert_eq!(
+            opts(&[("x-wns-ttl", "3600"), ("x-wns-requestforstatus", "true")]),
+            PushOptions {
+                request_for_status: true,
+                ttl_secs: Some(3600),
+            }
+        );
         assert_eq!(ok(&[("x-wns-requestforstatus", "maybe")], false), 400);
         assert_eq!(
             ok(&[("x-wns-type", "wns/raw")], false),
@@ -611,6 +631,7 @@ mod tests {
         let cv = HeaderValue::from_static("abc.1");
         let opts = PushOptions {
             request_for_status: true,
+            ttl_secs: None,
         };
         let h = response_headers(
             &Verdict::RECEIVED,

@@ -237,6 +237,8 @@ async fn push<B: BodySource>(w: &Worker, head: &Head<'_>, body: &mut B) -> Optio
     let (verdict, opts) = match before_body(w, head, &headers, now) {
         Err(v) => (v, PushOptions::default()),
         Ok((opts, token)) => {
+            w.counters
+                .options(opts.ttl_secs.is_some(), opts.request_for_status);
             let v = match read_body(body, MAX_PAYLOAD_BYTES).await {
                 BodyRead::Aborted => return None,
                 BodyRead::TooLarge => Verdict::too_large(),

@@ -58,6 +58,9 @@ pub struct ThreadCounters {
     token_requests: AtomicU64,
     tokens_issued: AtomicU64,
     untracked: AtomicU64,
+    /// Valid pushes carrying `X-WNS-TTL`, and asking for status.
+    with_ttl: AtomicU64,
+    status_requested: AtomicU64,
 }
 
 impl ThreadCounters {
@@ -69,6 +72,19 @@ impl ThreadCounters {
             token_requests: AtomicU64::new(0),
             tokens_issued: AtomicU64::new(0),
             untracked: AtomicU64::new(0),
+            with_ttl: AtomicU64::new(0),
+            status_requested: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts the optional WNS headers of a push that passed the header
+    /// checks.
+    pub fn options(&self, ttl: bool, request_for_status: bool) {
+        if ttl {
+            bump(&self.with_ttl);
+        }
+        if request_for_status {
+            bump(&self.status_requested);
         }
     }
 
@@ -110,6 +126,8 @@ impl ThreadCounters {
         raw.token_requests += self.token_requests.load(Relaxed);
         raw.tokens_issued += self.tokens_issued.load(Relaxed);
         raw.untracked += self.untracked.load(Relaxed);
+        raw.with_ttl += self.with_ttl.load(Relaxed);
+        raw.status_requested += self.status_requested.load(Relaxed);
     }
 }
 
@@ -122,6 +140,8 @@ struct Raw {
     token_requests: u64,
     tokens_issued: u64,
     untracked: u64,
+    with_ttl: u64,
+    status_requested: u64,
 }
 
 impl Default for Raw {
@@ -133,6 +153,8 @@ impl Default for Raw {
             token_requests: 0,
             tokens_issued: 0,
             untracked: 0,
+            with_ttl: 0,
+            status_requested: 0,
         }
     }
 }
@@ -266,6 +288,8 @@ impl Stats {
             token_requests: d(now.token_requests, base.token_requests),
             tokens_issued: d(now.tokens_issued, base.tokens_issued),
             untracked_pushes: d(now.untracked, base.untracked),
+            pushes_with_ttl: d(now.with_ttl, base.with_ttl),
+            pushes_requesting_status: d(now.status_requested, base.status_requested),
             connections: d(now.conn[0], base.conn[0]),
             h2_connections: d(now.conn[1], base.conn[1]),
             http1_connections: d(now.conn[2], base.conn[2]),
@@ -363,6 +387,12 @@ pub struct SimStats {
     pub deliveries_histogram: BTreeMap<u64, u64>,
     /// Pushes not tracked per channel because the map was full.
     pub untracked_pushes: u64,
+    /// Pushes with valid headers that carried `X-WNS-TTL`.
+    #[serde(default)]
+    pub pushes_with_ttl: u64,
+    /// Pushes with valid headers that carried `X-WNS-RequestForStatus: true`.
+    #[serde(default)]
+    pub pushes_requesting_status: u64,
 }
 
 impl SimStats {

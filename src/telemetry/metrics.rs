@@ -22,6 +22,10 @@ pub const RECOVERY_SECONDS: &str = "wnsgate_recovery_seconds";
 /// Connections opened to WNS, by `protocol` (h2, http1) and `io` (the
 /// socket backend: epoll, uring).
 pub const WNS_CONNECTIONS_OPENED: &str = "wnsgate_wns_connections_opened_total";
+/// Connections to WNS open now, by `protocol` (h2, http1).
+pub const WNS_CONNECTIONS_OPEN: &str = "wnsgate_wns_connections_open";
+/// Bulk wakes (`POST /v1/pushes` jobs) running now.
+pub const BULK_JOBS_RUNNING: &str = "wnsgate_bulk_jobs_running";
 /// WNS token refreshes, by `result` (ok, or the error kind).
 pub const WNS_TOKEN_REFRESHES: &str = "wnsgate_wns_token_refreshes_total";
 /// Wake-ups finished, by `result` (delivered, channel_dead, dropped, ...).
@@ -80,31 +84,43 @@ pub const PUSH_DURATION_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Every value [`status_label`] returns, in [`status_index`] order.
+pub const STATUS_LABELS: [&str; 21] = [
+    "200", "201", "202", "204", "400", "401", "403", "404", "405", "406", "408", "409", "410",
+    "413", "415", "422", "429", "500", "503", "5xx", "other",
+];
+
 /// An HTTP status as a bounded label value: the statuses the API and WNS
 /// use by name, other 5xx as `5xx`, anything else as `other`.
 pub fn status_label(status: u16) -> &'static str {
+    STATUS_LABELS[status_index(status)]
+}
+
+/// The position of [`status_label`]'s value in [`STATUS_LABELS`], for
+/// tables of metric handles indexed by status.
+pub fn status_index(status: u16) -> usize {
     match status {
-        200 => "200",
-        201 => "201",
-        202 => "202",
-        204 => "204",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        406 => "406",
-        408 => "408",
-        409 => "409",
-        410 => "410",
-        413 => "413",
-        415 => "415",
-        422 => "422",
-        429 => "429",
-        500 => "500",
-        503 => "503",
-        501..=599 => "5xx",
-        _ => "other",
+        200 => 0,
+        201 => 1,
+        202 => 2,
+        204 => 3,
+        400 => 4,
+        401 => 5,
+        403 => 6,
+        404 => 7,
+        405 => 8,
+        406 => 9,
+        408 => 10,
+        409 => 11,
+        410 => 12,
+        413 => 13,
+        415 => 14,
+        422 => 15,
+        429 => 16,
+        500 => 17,
+        503 => 18,
+        501..=599 => 19,
+        _ => 20,
     }
 }
 
@@ -157,6 +173,14 @@ fn describe() {
         WNS_CONNECTIONS_OPENED,
         "Connections opened to WNS, by protocol and socket backend."
     );
+    describe_gauge!(
+        WNS_CONNECTIONS_OPEN,
+        "Connections to WNS open now, by protocol (h2, http1)."
+    );
+    describe_gauge!(
+        BULK_JOBS_RUNNING,
+        "Bulk wakes (POST /v1/pushes jobs) selecting or sending now."
+    );
     describe_counter!(
         WNS_TOKEN_REFRESHES,
         "WNS access token requests, by result (ok or the error kind)."
@@ -207,12 +231,28 @@ fn init_series() {
         metrics::counter!(WNS_RESENDS, "reason" => reason).increment(0);
     }
     metrics::gauge!(WNS_INFLIGHT).set(0.0);
+    for protocol in ["h2", "http1"] {
+        metrics::gauge!(WNS_CONNECTIONS_OPEN, "protocol" => protocol).set(0.0);
+    }
+    metrics::gauge!(BULK_JOBS_RUNNING).set(0.0);
     metrics::gauge!(READY).set(0.0);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_labels_name_their_status() {
+        for status in 0..=u16::MAX {
+            let label = status_label(status);
+            match label.parse::<u16>() {
+                Ok(n) => assert_eq!(n, status),
+                Err(_) if label == "5xx" => assert!((501..=599).contains(&status)),
+                Err(_) => assert_eq!(label, "other"),
+            }
+        }
+    }
 
     #[test]
     fn buckets_are_increasing() {

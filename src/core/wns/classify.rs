@@ -109,6 +109,27 @@ impl Outcome {
         "unexpected",
     ];
 
+    /// The position of [`Outcome::label`] in [`Outcome::LABELS`], for
+    /// tables indexed by outcome.
+    pub fn index(&self) -> usize {
+        match self {
+            Outcome::Received => 0,
+            Outcome::Dropped => 1,
+            Outcome::ChannelThrottled => 2,
+            Outcome::BadRequest => 3,
+            Outcome::TokenRejected => 4,
+            Outcome::CredentialMismatch => 5,
+            Outcome::ChannelNotFound => 6,
+            Outcome::MethodNotAllowed => 7,
+            Outcome::SenderThrottled { .. } => 8,
+            Outcome::ChannelExpired { .. } => 9,
+            Outcome::DomainBlocked => 10,
+            Outcome::PayloadTooLarge => 11,
+            Outcome::ServerError { .. } => 12,
+            Outcome::Unexpected { .. } => 13,
+        }
+    }
+
     /// A stable snake_case name for metrics (`outcome` label). Bounded: one
     /// of [`Outcome::LABELS`], never a status code or header text.
     pub fn label(&self) -> &'static str {
@@ -263,8 +284,17 @@ pub struct Classified {
 /// WNS accepted the request, and retrying an accepted wake-up would only
 /// duplicate it.
 pub fn classify(status: u16, headers: &HeaderMap, now: UnixTime) -> Classified {
-    let meta = WnsMeta::from_headers(headers);
-    let outcome = match status {
+    Classified {
+        outcome: outcome(status, headers, now),
+        meta: WnsMeta::from_headers(headers),
+    }
+}
+
+/// The [`Outcome`] part of [`classify`] alone, without copying the
+/// diagnostic headers: the sender's hot path, which keeps the header map
+/// and reads [`WnsMeta`] from it only when a report is logged or shown.
+pub fn outcome(status: u16, headers: &HeaderMap, now: UnixTime) -> Outcome {
+    match status {
         200 => notification_status(headers),
         400 => Outcome::BadRequest,
         401 => Outcome::TokenRejected,
@@ -274,15 +304,14 @@ pub fn classify(status: u16, headers: &HeaderMap, now: UnixTime) -> Classified {
         406 | 429 => Outcome::SenderThrottled {
             retry_after: retry_after(headers, now),
         },
-        410 => gone(meta.error_description.as_deref()),
+        410 => gone(header_text(headers, &X_WNS_ERROR_DESCRIPTION).as_deref()),
         413 => Outcome::PayloadTooLarge,
         500..=599 => Outcome::ServerError {
             status,
             retry_after: retry_after(headers, now),
         },
         _ => Outcome::Unexpected { status },
-    };
-    Classified { outcome, meta }
+    }
 }
 
 /// The outcome of a 200, from the first status header with a known value.
@@ -768,6 +797,9 @@ mod tests {
         ];
         let labels: Vec<_> = all.iter().map(Outcome::label).collect();
         assert_eq!(labels, Outcome::LABELS);
+        for o in &all {
+            assert_eq!(Outcome::LABELS[o.index()], o.label());
+        }
         assert_eq!(
             Outcome::ChannelNotFound.dead_reason(),
             Some(DeadReason::Wns404)
@@ -807,6 +839,7 @@ mod tests {
             }
             let c = classify(status, &h, UnixTime(now));
             prop_assert!(Outcome::LABELS.contains(&c.outcome.label()));
+            prop_assert_eq!(super::outcome(status, &h, UnixTime(now)), c.outcome);
             for text in [&c.meta.msg_id, &c.meta.debug_trace, &c.meta.ms_cv, &c.meta.error_description]
                 .into_iter().flatten() {
                 prop_assert!(text.len() <= MAX_META_LEN);
