@@ -11,7 +11,13 @@ use std::time::Duration;
 
 fn start() -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("data"), &[]);
+    // No expiry sweep during a test: these tests look at devices that are
+    // `expired` by age, before any refresh job (tests/refresh.rs covers
+    // the sweep).
+    let server = Server::start(
+        &dir.path().join("data"),
+        &[("WNSGATE_REFRESH__SWEEP_INTERVAL", "1d")],
+    );
     (dir, server)
 }
 
