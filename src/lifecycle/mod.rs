@@ -399,6 +399,52 @@ impl Lifecycle {
         job: Option<&Job>,
         uri: &crate::core::ChannelUri,
     ) -> Result<Ticket, StoreError> {
+        self.commits
+            .submit(self.device_mutations(rec, job, uri))
+            .map_err(|e| StoreError::Io(e.to_string()))
+    }
+
+    /// Sweep submissions allowed to wait at once: a quarter of the store's
+    /// queue, at most [`MAX_SWEEP_INFLIGHT`], so API writes keep room.
+    fn max_sweep_inflight(&self) -> usize {
+        (self.commits.capacity() / 4).clamp(1, MAX_SWEEP_INFLIGHT)
+    }
+
+    /// Submits for the sweep; when the store's queue is full, waits for the
+    /// sweep's own oldest submission (or briefly, for others') and tries
+    /// again, for up to 30 s: a sweep slows down rather than fails.
+    fn submit_with_backpressure(
+        &self,
+        mut muts: Vec<Mutation>,
+        inflight: &mut std::collections::VecDeque<(Ticket, Option<(Job, LeaveReason)>)>,
+        report: &mut SweepReport,
+    ) -> Result<Ticket, StoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            match self.commits.try_submit(muts) {
+                Ok(t) => return Ok(t),
+                Err((crate::store::SubmitError::Overloaded, back))
+                    if std::time::Instant::now() < deadline =>
+                {
+                    muts = back;
+                    match inflight.pop_front() {
+                        Some((t, opened)) => self.settle_sweep_ticket(t, opened, report)?,
+                        None => std::thread::sleep(std::time::Duration::from_millis(2)),
+                    }
+                }
+                Err((e, _)) => return Err(StoreError::Io(e.to_string())),
+            }
+        }
+    }
+
+    /// The batch that writes `rec` (and the job opened for it), guarded by
+    /// the channel URI it was computed from.
+    fn device_mutations(
+        &self,
+        rec: &DeviceRecord,
+        job: Option<&Job>,
+        uri: &crate::core::ChannelUri,
+    ) -> Vec<Mutation> {
         let mut muts = vec![
             Mutation::Guard {
                 device_id: rec.device_id.clone(),
@@ -409,9 +455,7 @@ impl Lifecycle {
         if let Some(j) = job {
             muts.push(Mutation::PutJob(j.clone()));
         }
-        self.commits
-            .submit(muts)
-            .map_err(|e| StoreError::Io(e.to_string()))
+        muts
     }
 
     /// Drops a job that never became durable.
@@ -796,7 +840,6 @@ impl Lifecycle {
             };
             report.examined += page.len() as u64;
             let mut stale = Vec::new();
-            let mut tickets = Vec::new();
             {
                 let mut q = self.queue.lock();
                 for (at, id) in page.iter() {
@@ -823,8 +866,9 @@ impl Lifecycle {
                     };
                     let uri = rec.channel_uri.clone();
                     if let Some(job) = self.open_locked(&mut q, &mut rec, reason, expired_at, now) {
-                        match self.submit_device(&rec, Some(&job), &uri) {
-                            Ok(t) => tickets.push((t, Some((job, reason)))),
+                        let muts = self.device_mutations(&rec, Some(&job), &uri);
+                        match self.submit_with_backpressure(muts, &mut inflight, &mut report) {
+                            Ok(t) => inflight.push_back((t, Some((job, reason)))),
                             Err(e) => {
                                 q.remove_device(id.as_str());
                                 return Err(e);
@@ -834,15 +878,14 @@ impl Lifecycle {
                 }
                 report.stale += stale.len() as u64;
                 if !stale.is_empty() {
-                    if let Ok(t) = self.commits.submit(stale) {
-                        tickets.push((t, None));
-                    }
+                    let t = self.submit_with_backpressure(stale, &mut inflight, &mut report)?;
+                    inflight.push_back((t, None));
                 }
             }
-            inflight.extend(tickets);
             // Keep the store busy with the next page while this one syncs,
             // within a bound on what waits.
-            while inflight.len() > MAX_SWEEP_INFLIGHT {
+            let bound = self.max_sweep_inflight();
+            while inflight.len() > bound {
                 if let Some((t, opened)) = inflight.pop_front() {
                     self.settle_sweep_ticket(t, opened, &mut report)?;
                 }
@@ -1033,4 +1076,76 @@ fn describe_metrics() {
         m::LIFECYCLE_SWEEP_EXAMINED,
         "Issued-at index entries read by expiry sweeps"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Settings};
+    use crate::core::{ChannelUri, Pfn};
+    use crate::server::apply_to_registry;
+    use crate::store::{Committer, CommitterConfig, FjallOptions, FjallStore};
+
+    fn record(i: u32, issued_at: u32) -> DeviceRecord {
+        DeviceRecord {
+            device_id: DeviceId::parse(&format!("dev-{i}")).unwrap(),
+            pfn: Pfn::parse("Contoso.MDM_8wekyb3d8bbwe").unwrap(),
+            channel_uri: ChannelUri::from_trusted(format!(
+                "https://db5.notify.windows.com/?token=T{i}"
+            ))
+            .unwrap(),
+            provider_id: None,
+            issued_at: UnixTime(issued_at),
+            dead: None,
+            refresh: None,
+        }
+    }
+
+    /// A sweep that opens far more jobs than the store's queue holds slows
+    /// down instead of failing, and opens every job exactly once.
+    #[test]
+    fn a_sweep_larger_than_the_store_queue_waits_and_opens_every_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(FjallStore::open(dir.path(), FjallOptions::default()).unwrap());
+        let registry = Arc::new(Registry::new());
+        let now = 1_800_000_000u32;
+        let old = now - 31 * 86_400;
+        let batch: Vec<Mutation> = (0..3000)
+            .map(|i| Mutation::Put(record(i, if i % 3 == 0 { old } else { now - 60 })))
+            .collect();
+        store.apply(&batch).unwrap();
+        apply_to_registry(&registry, &batch);
+        let (reg, reg2) = (registry.clone(), registry.clone());
+        let (commits, join) = Committer::start_with_lookup(
+            store.clone(),
+            Box::new(move |b: &[Mutation]| apply_to_registry(&reg, b)),
+            Box::new(move |id| reg2.get(id.as_str()).map(|r| r.channel_uri)),
+            CommitterConfig {
+                queue_capacity: 8,
+                max_batch_mutations: 16,
+            },
+        );
+        let settings = Settings::resolve(&Config::default()).unwrap();
+        let lc = Lifecycle::new(
+            settings.refresh.clone(),
+            settings.thresholds,
+            Vec::new(),
+            registry.clone(),
+            store.clone(),
+            commits,
+        );
+        let report = lc.sweep(UnixTime(now)).unwrap();
+        assert_eq!((report.examined, report.opened), (1000, 1000));
+        // A second sweep finds nothing new.
+        assert_eq!(lc.sweep(UnixTime(now + 10)).unwrap().opened, 0);
+        join.shutdown().unwrap();
+        let mut jobs = 0;
+        store.scan_jobs(&mut |_| jobs += 1).unwrap();
+        assert_eq!(jobs, 1000);
+        let pending = (0..3000)
+            .filter(|i| registry.get(&format!("dev-{i}")).unwrap().refresh.is_some())
+            .count();
+        assert_eq!(pending, 1000);
+    }
 }

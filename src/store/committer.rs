@@ -233,6 +233,12 @@ impl CommitHandle {
         }
     }
 
+    /// Submissions the queue holds before `submit` answers
+    /// [`SubmitError::Overloaded`].
+    pub fn capacity(&self) -> usize {
+        self.tx.capacity().unwrap_or(usize::MAX)
+    }
+
     /// Submissions currently waiting in the queue.
     pub fn queue_len(&self) -> usize {
         self.tx.len()
