@@ -279,15 +279,13 @@ where
 
 /// Keeps the outcome on the device (in memory, in place).
 fn record_push(gw: &Gateway, record: &DeviceRecord, report: &WakeReport) {
-    use super::view::{label_code, PUSH_RESULTS, WNS_OUTCOMES};
+    use super::view::{label_code, outcome_code, PUSH_RESULTS};
     gw.registry.record_push(
         record.device_id.as_str(),
         crate::registry::LastPush {
             at: gw.now(),
             result: label_code(PUSH_RESULTS, report.result),
-            outcome: report
-                .wns_outcome
-                .map_or(0, |o| label_code(WNS_OUTCOMES, o)),
+            outcome: outcome_code(report.wns_outcome),
             status: report.status.unwrap_or(0),
         },
     );

@@ -1,6 +1,7 @@
 //! The JSON shape of a device record (product.md, `GET /v1/devices/{id}`).
 
 use crate::core::lifecycle::LeaveReason;
+use crate::core::wns::classify::Outcome;
 use crate::core::{DeviceRecord, LifecycleState, Thresholds, UnixTime};
 use serde::Serialize;
 
@@ -52,24 +53,15 @@ pub const PUSH_RESULTS: &[&str] = &[
     "protocol_error",
 ];
 
-/// WNS outcomes, by the code the registry keeps (code 0: no answer).
-pub const WNS_OUTCOMES: &[&str] = &[
-    "none",
-    "received",
-    "dropped",
-    "channel_throttled",
-    "bad_request",
-    "token_rejected",
-    "credential_mismatch",
-    "channel_not_found",
-    "method_not_allowed",
-    "sender_throttled",
-    "channel_expired",
-    "domain_blocked",
-    "payload_too_large",
-    "server_error",
-    "unexpected",
-];
+/// The registry code of a WNS outcome label: 0 for no answer, else one
+/// more than its place in [`Outcome::LABELS`] (the classifier's own list).
+pub fn outcome_code(label: Option<&str>) -> u8 {
+    label.map_or(0, |l| label_code(&Outcome::LABELS, l) + 1)
+}
+
+fn outcome_label(code: u8) -> Option<&'static str> {
+    code.checked_sub(1).map(|c| code_label(&Outcome::LABELS, c))
+}
 
 /// Code of a label in `table`; `table.len()` ("other") when absent.
 pub fn label_code(table: &[&str], label: &str) -> u8 {
@@ -97,7 +89,7 @@ impl From<crate::registry::LastPush> for LastPushView {
         LastPushView {
             at: p.at.to_rfc3339(),
             result: code_label(PUSH_RESULTS, p.result),
-            wns_outcome: (p.outcome != 0).then(|| code_label(WNS_OUTCOMES, p.outcome)),
+            wns_outcome: outcome_label(p.outcome),
             status: (p.status != 0).then_some(p.status),
         }
     }
@@ -170,7 +162,7 @@ mod tests {
 
     #[test]
     fn push_codes_round_trip_and_unknown_labels_read_other() {
-        for table in [PUSH_RESULTS, WNS_OUTCOMES] {
+        for table in [PUSH_RESULTS, &Outcome::LABELS[..]] {
             for (i, l) in table.iter().enumerate() {
                 assert_eq!(label_code(table, l), i as u8);
                 assert_eq!(code_label(table, i as u8), *l);
@@ -181,10 +173,11 @@ mod tests {
     }
 
     #[test]
-    fn every_wns_outcome_label_has_a_code() {
-        use crate::core::wns::classify::Outcome;
-        for o in Outcome::LABELS {
-            assert!(WNS_OUTCOMES.contains(&o), "{o} has no last-push code");
+    fn outcome_codes_round_trip_with_zero_for_no_answer() {
+        assert_eq!(outcome_code(None), 0);
+        assert_eq!(outcome_label(0), None);
+        for l in Outcome::LABELS {
+            assert_eq!(outcome_label(outcome_code(Some(l))), Some(l));
         }
     }
 }

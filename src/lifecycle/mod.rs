@@ -173,18 +173,9 @@ impl Lifecycle {
                 .max(expired_before + 1),
         );
         let to = UnixTime(due_before.saturating_add(1));
-        let mut after: Option<(UnixTime, DeviceId)> = None;
+        let mut pages = self.issued_pages(from, to);
         let mut offered = 0;
-        loop {
-            let page = self.store.issued_between(
-                from,
-                to,
-                after.as_ref().map(|(t, id)| (*t, id.as_str())),
-                self.settings.sweep_batch,
-            )?;
-            let Some(last) = page.last().cloned() else {
-                break;
-            };
+        while let Some(page) = pages.next_page()? {
             for (at, id) in page {
                 let eligible = self
                     .registry
@@ -200,7 +191,6 @@ impl Lifecycle {
                 }
                 offered += 1;
             }
-            after = Some(last);
         }
         self.nudged_to.store(to.0, Ordering::Relaxed);
         Ok(offered)
@@ -826,18 +816,9 @@ impl Lifecycle {
         let rewind = self.rewind_to.swap(u32::MAX, Ordering::Relaxed);
         let from = UnixTime(self.swept_to.load(Ordering::Relaxed).min(rewind));
         let mut report = SweepReport::default();
-        let mut after: Option<(UnixTime, DeviceId)> = None;
+        let mut pages = self.issued_pages(from, to);
         let mut inflight = std::collections::VecDeque::new();
-        loop {
-            let page = self.store.issued_between(
-                from,
-                to,
-                after.as_ref().map(|(t, id)| (*t, id.as_str())),
-                self.settings.sweep_batch,
-            )?;
-            let Some(last) = page.last().cloned() else {
-                break;
-            };
+        while let Some(page) = pages.next_page()? {
             report.examined += page.len() as u64;
             let mut stale = Vec::new();
             {
@@ -890,7 +871,6 @@ impl Lifecycle {
                     self.settle_sweep_ticket(t, opened, &mut report)?;
                 }
             }
-            after = Some(last);
         }
         while let Some((t, opened)) = inflight.pop_front() {
             self.settle_sweep_ticket(t, opened, &mut report)?;
@@ -900,6 +880,16 @@ impl Lifecycle {
         metrics::counter!(m::LIFECYCLE_SWEEP_EXAMINED).increment(report.examined);
         self.publish_stats(now);
         Ok(report)
+    }
+
+    fn issued_pages(&self, from: UnixTime, to: UnixTime) -> IssuedPages<'_> {
+        IssuedPages {
+            store: &*self.store,
+            from,
+            to,
+            after: None,
+            batch: self.settings.sweep_batch,
+        }
     }
 
     /// Waits for one sweep submission and accounts for it.
@@ -941,6 +931,27 @@ impl Lifecycle {
             .oldest_expired_at
             .map_or(0.0, |t| f64::from(now.0.saturating_sub(t.0)));
         metrics::gauge!(m::REFRESH_OLDEST_SECONDS).set(if now.0 == 0 { 0.0 } else { oldest });
+    }
+}
+
+/// Pages through the issued-at index entries with `from <= issued_at < to`.
+struct IssuedPages<'a> {
+    store: &'a dyn Store,
+    from: UnixTime,
+    to: UnixTime,
+    after: Option<(UnixTime, DeviceId)>,
+    batch: usize,
+}
+
+impl IssuedPages<'_> {
+    /// The next page; `None` once the range is read.
+    fn next_page(&mut self) -> Result<Option<Vec<(UnixTime, DeviceId)>>, StoreError> {
+        let after = self.after.as_ref().map(|(t, id)| (*t, id.as_str()));
+        let page = self
+            .store
+            .issued_between(self.from, self.to, after, self.batch)?;
+        self.after = page.last().cloned();
+        Ok(self.after.is_some().then_some(page))
     }
 }
 
