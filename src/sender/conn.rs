@@ -94,7 +94,7 @@ pub struct Reply {
 
 /// An open connection.
 pub enum Conn {
-    H2(h2::client::SendRequest<Bytes>),
+    H2(super::wire::H2Client),
     Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
 }
 
@@ -230,13 +230,10 @@ impl Handshake {
                 .map_err(|e| ConnError::Tls(self.sni.clone(), e.to_string()))?;
         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
         if h2 {
-            let (send, conn) = h2::client::Builder::new()
-                .initial_window_size(1 << 20)
-                .initial_connection_window_size(1 << 24)
-                .handshake::<_, Bytes>(stream)
+            let (client, conn) = tokio::time::timeout(t.tls, super::wire::handshake(stream))
                 .await
-                .map_err(|e| ConnError::Protocol(e.to_string()))?;
-            Ok((Conn::H2(send), Driver::H2(conn)))
+                .map_err(|_| ConnError::Timeout("HTTP/2 handshake"))??;
+            Ok((Conn::H2(client), Driver::H2(conn)))
         } else {
             let (send, conn) = hyper::client::conn::http1::Builder::new()
                 .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
@@ -252,7 +249,7 @@ impl Handshake {
 /// variants costs nothing worth a box.
 #[allow(clippy::large_enum_variant)]
 enum Driver<IO: AsyncRead + AsyncWrite + Unpin> {
-    H2(h2::client::Connection<TlsStream<IO>, Bytes>),
+    H2(super::wire::Connection<TlsStream<IO>>),
     Http1(hyper::client::conn::http1::Connection<TokioIo<TlsStream<IO>>, Full<Bytes>>),
 }
 
@@ -278,39 +275,24 @@ where
     }
 }
 
-/// Sends one POST on an h2 connection and waits for the answer.
+/// Sends one POST on an h2 connection and waits for the answer's head;
+/// its body is read and dropped.
 pub async fn post_h2(
-    send: &h2::client::SendRequest<Bytes>,
-    uri: Uri,
-    headers: HeaderMap,
+    client: &super::wire::H2Client,
+    uri: &Uri,
+    headers: &HeaderMap,
     body: Bytes,
     timeout: Duration,
 ) -> Result<Reply, ConnError> {
-    let mut req = Request::new(());
-    *req.method_mut() = http::Method::POST;
-    *req.uri_mut() = uri;
-    *req.headers_mut() = headers;
-    // Until the request is handed over, nothing reached the server: any
-    // failure here (a connection going away, closed, or refusing new
-    // streams) means "send it on another connection".
-    let not_sent = |e: h2::Error| ConnError::Lost(format!("not sent: {e}"));
-    let mut send = send.clone().ready().await.map_err(not_sent)?;
-    let (resp, mut stream) = send.send_request(req, false).map_err(not_sent)?;
-    stream.send_data(body, true).map_err(lost)?;
-    let resp = tokio::time::timeout(timeout, resp)
+    let req = super::wire::Request {
+        authority: uri.authority().map(|a| a.as_str()).unwrap_or_default(),
+        path: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        headers,
+        body,
+    };
+    tokio::time::timeout(timeout, client.send(req))
         .await
         .map_err(|_| ConnError::Timeout("WNS request"))?
-        .map_err(lost)?;
-    let (parts, mut body) = resp.into_parts();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(lost)?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-    }
-    Ok(Reply {
-        status: parts.status.as_u16(),
-        headers: parts.headers,
-        body: Bytes::new(),
-    })
 }
 
 /// Largest answer body read on HTTP/1.1.
@@ -360,12 +342,4 @@ pub async fn post_http1(
         headers: parts.headers,
         body,
     })
-}
-
-fn lost(e: h2::Error) -> ConnError {
-    if e.is_go_away() || e.is_io() || e.is_reset() || e.is_remote() {
-        ConnError::Lost(e.to_string())
-    } else {
-        ConnError::Protocol(e.to_string())
-    }
 }

@@ -7,7 +7,9 @@
 //! moves requests and answers.
 
 pub mod conn;
+pub mod hpack;
 pub mod pool;
 pub mod tls;
 pub mod tokens;
 pub mod wake;
+pub mod wire;

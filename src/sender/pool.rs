@@ -7,6 +7,7 @@
 //! carried fail with [`ConnError::Lost`] so the caller can send them again.
 
 use super::conn::{self, Conn, ConnError, Protocol, Reply, Timeouts};
+use super::wire::H2Client;
 use bytes::Bytes;
 use http::uri::{Authority, Parts, PathAndQuery, Scheme};
 use http::{HeaderMap, Uri};
@@ -38,7 +39,7 @@ type H1Send = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 struct H2Slot {
     id: u64,
-    send: h2::client::SendRequest<Bytes>,
+    send: Arc<H2Client>,
     inflight: usize,
 }
 
@@ -58,10 +59,7 @@ impl Inner {
 }
 
 enum Lease {
-    H2 {
-        id: u64,
-        send: h2::client::SendRequest<Bytes>,
-    },
+    H2 { id: u64, send: Arc<H2Client> },
     Http1(H1Send),
     Connect,
     Wait,
@@ -123,9 +121,12 @@ impl AuthorityPool {
     fn lease(&self) -> Lease {
         let mut g = self.inner.lock();
         let cap = self.limits.max_streams_per_conn;
+        // A connection going away takes no new streams: retire it (its
+        // open streams finish on their own).
+        g.h2.retain(|s| !s.send.is_closed());
         if let Some(slot) =
             g.h2.iter_mut()
-                .filter(|s| s.inflight < cap.min(s.send.current_max_send_streams()).max(1))
+                .filter(|s| s.inflight < cap.min(s.send.max_streams()).max(1))
                 .min_by_key(|s| s.inflight)
         {
             slot.inflight += 1;
@@ -160,7 +161,7 @@ impl AuthorityPool {
             let waiter = self.freed.notified();
             match self.lease() {
                 Lease::H2 { id, send } => {
-                    let r = conn::post_h2(&send, uri, headers, body, self.timeouts.request).await;
+                    let r = conn::post_h2(&send, &uri, &headers, body, self.timeouts.request).await;
                     self.release_h2(id, matches!(r, Err(ConnError::Lost(_))));
                     return r.map(|reply| (reply, Protocol::H2));
                 }
@@ -197,7 +198,7 @@ impl AuthorityPool {
                             g.next_id += 1;
                             g.h2.push(H2Slot {
                                 id,
-                                send,
+                                send: Arc::new(send),
                                 inflight: 0,
                             });
                             metrics::counter!(crate::telemetry::metrics::WNS_CONNECTIONS_OPENED, "protocol" => "h2", "io" => crate::shard::current_backend().name()).increment(1);

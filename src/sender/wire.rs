@@ -1,0 +1,1015 @@
+//! The sender's own HTTP/2 client connection (RFC 9113), built for one
+//! job: many small POSTs to WNS on few connections.
+//!
+//! A request is encoded by the caller, straight into the connection's
+//! output buffer (HEADERS, then one DATA frame), under a short lock; the
+//! connection's task writes whatever accumulated in one TLS write, reads
+//! the answers and hands each to its waiting caller. So a batch of wakes
+//! started in one pass of a shard costs one write, and no request or
+//! header map object is built on the way out.
+//!
+//! What it does of the protocol: the preface and SETTINGS exchange (it
+//! waits for the server's SETTINGS before the first request, so the
+//! stream limit is known), stream ids, the peer's
+//! SETTINGS_MAX_CONCURRENT_STREAMS, flow control both ways, HPACK with
+//! its dynamic tables, CONTINUATION, padding, PING, RST_STREAM, GOAWAY
+//! (streams above its last id fail as never processed; the rest finish),
+//! and a cancelled request resets its stream. Server push is disabled.
+
+use super::conn::{ConnError, Reply};
+use super::hpack::{Decoder, Encoder, HpackError};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PUSH_PROMISE: u8 = 0x5;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+
+const NO_ERROR: u32 = 0x0;
+const PROTOCOL_ERROR: u32 = 0x1;
+const FLOW_CONTROL_ERROR: u32 = 0x3;
+const FRAME_SIZE_ERROR: u32 = 0x6;
+const REFUSED_STREAM: u32 = 0x7;
+const CANCEL: u32 = 0x8;
+const COMPRESSION_ERROR: u32 = 0x9;
+
+/// Our SETTINGS_INITIAL_WINDOW_SIZE: answers are small, but a peer must
+/// never stall on us.
+const STREAM_WINDOW: u32 = 1 << 20;
+/// Our connection receive window.
+const CONN_WINDOW: u32 = 1 << 24;
+/// The largest frame we accept (the protocol's default; we never raise it).
+const MAX_FRAME: usize = 16_384;
+/// Largest decoded header list of one answer.
+const MAX_HEADER_LIST: usize = 64 * 1024;
+/// Largest header block (all its CONTINUATIONs) we buffer.
+const MAX_HEADER_BLOCK: usize = 64 * 1024;
+/// Highest client stream id.
+const MAX_STREAM_ID: u32 = (1 << 31) - 1;
+/// Read buffer size.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A request to send: the target and headers, encoded by the client.
+pub struct Request<'a> {
+    /// `:authority`.
+    pub authority: &'a str,
+    /// `:path`, with the query.
+    pub path: &'a str,
+    /// Regular headers; one whose value is marked sensitive is sent
+    /// never-indexed, the others are indexed (they repeat on every wake).
+    pub headers: &'a HeaderMap,
+    pub body: Bytes,
+}
+
+/// What the server said in its SETTINGS.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    max_streams: u32,
+    initial_window: i64,
+    max_frame: usize,
+}
+
+/// One open stream: the answer as it arrives.
+struct Stream {
+    status: Option<u16>,
+    headers: HeaderMap,
+    /// Our send window on this stream.
+    window: i64,
+    /// What the caller gets; set once.
+    done: Option<Result<Reply, ConnError>>,
+    waker: Option<Waker>,
+    /// Bytes received and not yet returned by WINDOW_UPDATE.
+    unacked: u32,
+}
+
+impl Stream {
+    fn finish(&mut self, r: Result<Reply, ConnError>) {
+        if self.done.is_none() {
+            self.done = Some(r);
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// Open streams by id: ids only grow and answers come back roughly in
+/// order, so a window of slots from the oldest open id does it without
+/// hashing.
+#[derive(Default)]
+struct Streams {
+    /// Id of `slots[0]`.
+    base: u32,
+    slots: VecDeque<Option<Stream>>,
+    open: usize,
+}
+
+impl Streams {
+    fn new() -> Streams {
+        Streams {
+            base: 1,
+            slots: VecDeque::new(),
+            open: 0,
+        }
+    }
+
+    fn slot(&self, id: u32) -> Option<usize> {
+        if id < self.base || id % 2 == 0 {
+            return None;
+        }
+        let i = ((id - self.base) / 2) as usize;
+        (i < self.slots.len()).then_some(i)
+    }
+
+    fn get(&mut self, id: u32) -> Option<&mut Stream> {
+        let i = self.slot(id)?;
+        self.slots[i].as_mut()
+    }
+
+    fn insert(&mut self, id: u32, s: Stream) {
+        if self.slots.is_empty() {
+            self.base = id;
+        }
+        debug_assert_eq!(self.base + 2 * self.slots.len() as u32, id);
+        self.slots.push_back(Some(s));
+        self.open += 1;
+    }
+
+    fn remove(&mut self, id: u32) -> Option<Stream> {
+        let i = self.slot(id)?;
+        let s = self.slots[i].take()?;
+        self.open -= 1;
+        while let Some(None) = self.slots.front() {
+            self.slots.pop_front();
+            self.base += 2;
+        }
+        Some(s)
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut Stream)> {
+        let base = self.base;
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(move |(i, s)| s.as_mut().map(|s| (base + 2 * i as u32, s)))
+    }
+}
+
+struct State {
+    enc: Encoder,
+    /// Frames not yet handed to the connection's task.
+    out: Vec<u8>,
+    /// DATA frames waiting for send window: stream id and body.
+    blocked: VecDeque<(u32, Bytes)>,
+    streams: Streams,
+    next_id: u32,
+    peer: Peer,
+    /// Our send window on the connection.
+    window: i64,
+    /// Set once the connection can take no new streams: its error, or
+    /// "going away".
+    closed: Option<ConnError>,
+    /// The connection's task, to wake when there is something to write.
+    io_waker: Option<Waker>,
+    /// No client handle is left: finish the open streams and close.
+    released: bool,
+}
+
+impl State {
+    fn frame_head(&mut self, len: usize, kind: u8, flags: u8, stream: u32) {
+        let len = len as u32;
+        self.out
+            .extend_from_slice(&[(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags]);
+        self.out.extend_from_slice(&stream.to_be_bytes());
+    }
+
+    fn wake_io(&mut self) {
+        if let Some(w) = &self.io_waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Sends what DATA the windows allow, oldest first.
+    fn flush_blocked(&mut self) {
+        while let Some((id, body)) = self.blocked.front() {
+            let (id, len) = (*id, body.len() as i64);
+            let Some(s) = self.streams.get(id) else {
+                self.blocked.pop_front();
+                continue;
+            };
+            if len > s.window || len > self.window {
+                break;
+            }
+            s.window -= len;
+            self.window -= len;
+            let (_, body) = self.blocked.pop_front().expect("front exists");
+            self.frame_head(body.len(), DATA, END_STREAM, id);
+            self.out.extend_from_slice(&body);
+        }
+    }
+
+    /// Ends every stream, and the connection for new ones, with `err`.
+    fn fail_all(&mut self, err: ConnError) {
+        if self.closed.is_none() {
+            self.closed = Some(err.clone());
+        }
+        for (_, s) in self.streams.iter_mut() {
+            s.finish(Err(err.clone()));
+        }
+        self.blocked.clear();
+    }
+
+    fn goaway(&mut self, last: u32, code: u32) {
+        self.frame_head(8, GOAWAY, 0, 0);
+        self.out.extend_from_slice(&last.to_be_bytes());
+        self.out.extend_from_slice(&code.to_be_bytes());
+    }
+
+    fn rst(&mut self, id: u32, code: u32) {
+        self.frame_head(4, RST_STREAM, 0, id);
+        self.out.extend_from_slice(&code.to_be_bytes());
+    }
+
+    fn window_update(&mut self, stream: u32, inc: u32) {
+        self.frame_head(4, WINDOW_UPDATE, 0, stream);
+        self.out.extend_from_slice(&inc.to_be_bytes());
+    }
+}
+
+struct Shared {
+    state: Mutex<State>,
+}
+
+/// The handle to one connection: sends requests on it. Dropping the last
+/// handle lets the connection finish its open streams and close.
+pub struct H2Client {
+    shared: Arc<Shared>,
+}
+
+impl Drop for H2Client {
+    fn drop(&mut self) {
+        let mut st = self.shared.state.lock();
+        st.released = true;
+        st.wake_io();
+    }
+}
+
+impl H2Client {
+    /// Streams the peer lets us open at once.
+    pub fn max_streams(&self) -> usize {
+        self.shared.state.lock().peer.max_streams as usize
+    }
+
+    /// True once the connection takes no new requests.
+    pub fn is_closed(&self) -> bool {
+        self.shared.state.lock().closed.is_some()
+    }
+
+    /// Sends a request; the future resolves with the answer's head (the
+    /// body is read and dropped). Dropping the future before that resets
+    /// the stream.
+    pub fn send(&self, req: Request<'_>) -> ResponseFuture {
+        match self.start(req) {
+            Ok(id) => ResponseFuture {
+                shared: Some(self.shared.clone()),
+                id,
+                err: None,
+            },
+            Err(e) => ResponseFuture {
+                shared: None,
+                id: 0,
+                err: Some(e),
+            },
+        }
+    }
+
+    fn start(&self, req: Request<'_>) -> Result<u32, ConnError> {
+        let mut st = self.shared.state.lock();
+        if let Some(e) = &st.closed {
+            return Err(ConnError::Lost(format!("not sent: {e}")));
+        }
+        if st.streams.open >= st.peer.max_streams as usize {
+            return Err(ConnError::Lost(
+                "not sent: the connection has no free stream".into(),
+            ));
+        }
+        let id = st.next_id;
+        if id > MAX_STREAM_ID {
+            st.closed = Some(ConnError::Lost("stream ids exhausted".into()));
+            return Err(ConnError::Lost("not sent: stream ids exhausted".into()));
+        }
+        st.next_id += 2;
+        let was_empty = st.out.is_empty();
+        let st = &mut *st;
+        // The header block goes straight after a frame head written once
+        // its length is known.
+        let head_at = st.out.len();
+        st.out.extend_from_slice(&[0; 9]);
+        let block_at = st.out.len();
+        st.enc.begin(&mut st.out);
+        Encoder::indexed_static(&mut st.out, 3); // :method POST
+        Encoder::indexed_static(&mut st.out, 7); // :scheme https
+        st.enc
+            .indexed(&mut st.out, b":authority", req.authority.as_bytes());
+        Encoder::literal(&mut st.out, b":path", req.path.as_bytes(), false);
+        for (name, value) in req.headers {
+            if value.is_sensitive() {
+                Encoder::literal(
+                    &mut st.out,
+                    name.as_str().as_bytes(),
+                    value.as_bytes(),
+                    true,
+                );
+            } else {
+                st.enc
+                    .indexed(&mut st.out, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+        let block_len = st.out.len() - block_at;
+        let end = if req.body.is_empty() { END_STREAM } else { 0 };
+        if block_len <= st.peer.max_frame {
+            let len = block_len as u32;
+            st.out[head_at..head_at + 9].copy_from_slice(&[
+                (len >> 16) as u8,
+                (len >> 8) as u8,
+                len as u8,
+                HEADERS,
+                END_HEADERS | end,
+                (id >> 24) as u8,
+                (id >> 16) as u8,
+                (id >> 8) as u8,
+                id as u8,
+            ]);
+        } else {
+            // Rare: split into HEADERS + CONTINUATION frames.
+            let block = st.out.split_off(block_at);
+            st.out.truncate(head_at);
+            let mut chunks = block.chunks(st.peer.max_frame).peekable();
+            let mut first = true;
+            while let Some(chunk) = chunks.next() {
+                let last = chunks.peek().is_none();
+                let kind = if first { HEADERS } else { CONTINUATION };
+                let flags = if last { END_HEADERS } else { 0 } | if first { end } else { 0 };
+                st.frame_head(chunk.len(), kind, flags, id);
+                st.out.extend_from_slice(chunk);
+                first = false;
+            }
+        }
+        let window = st.peer.initial_window;
+        st.streams.insert(
+            id,
+            Stream {
+                status: None,
+                headers: HeaderMap::new(),
+                window,
+                done: None,
+                waker: None,
+                unacked: 0,
+            },
+        );
+        if !req.body.is_empty() {
+            st.blocked.push_back((id, req.body));
+            st.flush_blocked();
+        }
+        if was_empty {
+            st.wake_io();
+        }
+        Ok(id)
+    }
+}
+
+/// The answer to one request.
+pub struct ResponseFuture {
+    shared: Option<Arc<Shared>>,
+    id: u32,
+    /// Set when the request could not even be sent.
+    err: Option<ConnError>,
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Reply, ConnError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(e) = self.err.take() {
+            return Poll::Ready(Err(e));
+        }
+        let Some(shared) = self.shared.clone() else {
+            return Poll::Ready(Err(ConnError::Protocol("polled after completion".into())));
+        };
+        let mut st = shared.state.lock();
+        let id = self.id;
+        let Some(s) = st.streams.get(id) else {
+            drop(st);
+            self.shared = None;
+            return Poll::Ready(Err(ConnError::Lost("stream vanished".into())));
+        };
+        if s.done.is_some() {
+            let s = st.streams.remove(id).expect("stream exists");
+            drop(st);
+            self.shared = None;
+            return Poll::Ready(s.done.expect("done is set"));
+        }
+        match &s.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => s.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for ResponseFuture {
+    fn drop(&mut self) {
+        let Some(shared) = self.shared.take() else {
+            return;
+        };
+        let mut st = shared.state.lock();
+        if let Some(s) = st.streams.remove(self.id) {
+            if s.done.is_none() && st.closed.is_none() {
+                // Cancelled (a timeout): tell the server to stop.
+                let was_empty = st.out.is_empty();
+                st.rst(self.id, CANCEL);
+                if was_empty {
+                    st.wake_io();
+                }
+            }
+        }
+    }
+}
+
+/// Opens HTTP/2 on an established TLS stream: our preface and SETTINGS,
+/// then the server's SETTINGS. Returns the client handle and the future
+/// that drives the connection until it ends.
+pub async fn handshake<IO>(mut io: IO) -> Result<(H2Client, Connection<IO>), ConnError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut hello = Vec::with_capacity(64);
+    hello.extend_from_slice(PREFACE);
+    // SETTINGS: ENABLE_PUSH 0, INITIAL_WINDOW_SIZE.
+    hello.extend_from_slice(&[0, 0, 12, SETTINGS, 0, 0, 0, 0, 0]);
+    hello.extend_from_slice(&[0, 2, 0, 0, 0, 0]);
+    hello.extend_from_slice(&[0, 4]);
+    hello.extend_from_slice(&STREAM_WINDOW.to_be_bytes());
+    hello.extend_from_slice(&[0, 0, 4, WINDOW_UPDATE, 0, 0, 0, 0, 0]);
+    hello.extend_from_slice(&(CONN_WINDOW - 65_535).to_be_bytes());
+    let io_err = |e: std::io::Error| ConnError::Lost(e.to_string());
+    io.write_all(&hello).await.map_err(io_err)?;
+    io.flush().await.map_err(io_err)?;
+    // The server's preface is a SETTINGS frame.
+    let mut rbuf = Vec::with_capacity(READ_CHUNK);
+    while rbuf.len() < 9 {
+        read_more(&mut io, &mut rbuf).await?;
+    }
+    let len = (rbuf[0] as usize) << 16 | (rbuf[1] as usize) << 8 | rbuf[2] as usize;
+    if rbuf[3] != SETTINGS || rbuf[4] & ACK != 0 || len > MAX_FRAME {
+        return Err(ConnError::Protocol(
+            "the server's preface is not a SETTINGS frame".into(),
+        ));
+    }
+    while rbuf.len() < 9 + len {
+        read_more(&mut io, &mut rbuf).await?;
+    }
+    let mut st = State {
+        enc: Encoder::default(),
+        out: Vec::with_capacity(READ_CHUNK),
+        blocked: VecDeque::new(),
+        streams: Streams::new(),
+        next_id: 1,
+        peer: Peer {
+            max_streams: u32::MAX,
+            initial_window: 65_535,
+            max_frame: MAX_FRAME,
+        },
+        window: 65_535,
+        closed: None,
+        io_waker: None,
+        released: false,
+    };
+    apply_settings(&mut st, &rbuf[9..9 + len])?;
+    rbuf.drain(..9 + len);
+    let shared = Arc::new(Shared {
+        state: Mutex::new(st),
+    });
+    let conn = Connection {
+        io,
+        shared: shared.clone(),
+        rbuf,
+        rpos: 0,
+        wbuf: Vec::with_capacity(READ_CHUNK),
+        wpos: 0,
+        decoder: Decoder::new(MAX_HEADER_LIST),
+        block: None,
+        conn_unacked: 0,
+        eof: false,
+    };
+    Ok((H2Client { shared }, conn))
+}
+
+async fn read_more<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut Vec<u8>) -> Result<(), ConnError> {
+    let mut chunk = [0u8; 4096];
+    let n = io
+        .read(&mut chunk)
+        .await
+        .map_err(|e| ConnError::Lost(e.to_string()))?;
+    if n == 0 {
+        return Err(ConnError::Lost("closed during the HTTP/2 handshake".into()));
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+/// Applies a SETTINGS payload and queues its ACK.
+fn apply_settings(st: &mut State, payload: &[u8]) -> Result<(), ConnError> {
+    if payload.len() % 6 != 0 {
+        return Err(ConnError::Protocol(
+            "SETTINGS length not a multiple of 6".into(),
+        ));
+    }
+    for p in payload.chunks_exact(6) {
+        let value = u32::from_be_bytes([p[2], p[3], p[4], p[5]]);
+        match u16::from_be_bytes([p[0], p[1]]) {
+            0x1 => st.enc.set_peer_max(value as usize),
+            0x3 => st.peer.max_streams = value,
+            0x4 => {
+                if value > MAX_STREAM_ID {
+                    return Err(ConnError::Protocol("INITIAL_WINDOW_SIZE too large".into()));
+                }
+                let delta = value as i64 - st.peer.initial_window;
+                st.peer.initial_window = value as i64;
+                for (_, s) in st.streams.iter_mut() {
+                    s.window += delta;
+                }
+            }
+            0x5 => {
+                if !(16_384..=16_777_215).contains(&value) {
+                    return Err(ConnError::Protocol("MAX_FRAME_SIZE out of range".into()));
+                }
+                st.peer.max_frame = value as usize;
+            }
+            _ => {}
+        }
+    }
+    st.frame_head(0, SETTINGS, ACK, 0);
+    st.flush_blocked();
+    Ok(())
+}
+
+/// A header block being collected across CONTINUATION frames.
+struct Block {
+    stream: u32,
+    end_stream: bool,
+    bytes: Vec<u8>,
+}
+
+/// Drives one connection: writes what callers queued, reads and
+/// dispatches answers. Resolves when the connection has ended.
+pub struct Connection<IO> {
+    io: IO,
+    shared: Arc<Shared>,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    decoder: Decoder,
+    block: Option<Block>,
+    /// Connection-level bytes received and not yet returned.
+    conn_unacked: u32,
+    eof: bool,
+}
+
+/// A connection error: its code for GOAWAY and what the callers are told.
+struct Fatal(u32, ConnError);
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
+    /// Processes every whole frame in the read buffer.
+    fn dispatch(&mut self) -> Result<(), Fatal> {
+        let shared = self.shared.clone();
+        let mut st = shared.state.lock();
+        loop {
+            let avail = &self.rbuf[self.rpos..];
+            if avail.len() < 9 {
+                break;
+            }
+            let len = (avail[0] as usize) << 16 | (avail[1] as usize) << 8 | avail[2] as usize;
+            if len > MAX_FRAME {
+                return Err(Fatal(
+                    FRAME_SIZE_ERROR,
+                    ConnError::Protocol(format!("frame of {len} bytes")),
+                ));
+            }
+            if avail.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (avail[3], avail[4]);
+            let stream =
+                u32::from_be_bytes([avail[5], avail[6], avail[7], avail[8]]) & MAX_STREAM_ID;
+            let start = self.rpos + 9;
+            self.rpos += 9 + len;
+            let payload = start..start + len;
+            if self.block.is_some() && kind != CONTINUATION {
+                return Err(protocol("a header block was interrupted"));
+            }
+            match kind {
+                DATA => self.on_data(&mut st, stream, flags, payload)?,
+                HEADERS => {
+                    let p = &self.rbuf[payload];
+                    let frag = unpad(p, flags)?;
+                    let frag = if flags & PRIORITY != 0 {
+                        frag.get(5..).ok_or_else(|| protocol("short HEADERS"))?
+                    } else {
+                        frag
+                    };
+                    let block = Block {
+                        stream,
+                        end_stream: flags & END_STREAM != 0,
+                        bytes: frag.to_vec(),
+                    };
+                    if flags & END_HEADERS != 0 {
+                        self.on_headers(&mut st, block)?;
+                    } else {
+                        self.block = Some(block);
+                    }
+                }
+                CONTINUATION => {
+                    let Some(mut block) = self.block.take() else {
+                        return Err(protocol("CONTINUATION without HEADERS"));
+                    };
+                    if block.stream != stream {
+                        return Err(protocol("CONTINUATION on another stream"));
+                    }
+                    block.bytes.extend_from_slice(&self.rbuf[payload]);
+                    if block.bytes.len() > MAX_HEADER_BLOCK {
+                        return Err(protocol("header block too large"));
+                    }
+                    if flags & END_HEADERS != 0 {
+                        self.on_headers(&mut st, block)?;
+                    } else {
+                        self.block = Some(block);
+                    }
+                }
+                RST_STREAM => {
+                    let p = &self.rbuf[payload];
+                    if p.len() != 4 || stream == 0 {
+                        return Err(protocol("bad RST_STREAM"));
+                    }
+                    let code = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+                    if let Some(s) = st.streams.get(stream) {
+                        let why = if code == REFUSED_STREAM {
+                            "stream refused".to_owned()
+                        } else {
+                            format!("stream reset by the server (code {code})")
+                        };
+                        s.finish(Err(ConnError::Lost(why)));
+                    }
+                }
+                SETTINGS => {
+                    if stream != 0 {
+                        return Err(protocol("SETTINGS on a stream"));
+                    }
+                    if flags & ACK == 0 {
+                        let p = self.rbuf[payload].to_vec();
+                        apply_settings(&mut st, &p).map_err(|e| Fatal(PROTOCOL_ERROR, e))?;
+                    }
+                }
+                PUSH_PROMISE => return Err(protocol("PUSH_PROMISE with push disabled")),
+                PING => {
+                    if len != 8 || stream != 0 {
+                        return Err(Fatal(
+                            FRAME_SIZE_ERROR,
+                            ConnError::Protocol("bad PING".into()),
+                        ));
+                    }
+                    if flags & ACK == 0 {
+                        let mut opaque = [0u8; 8];
+                        opaque.copy_from_slice(&self.rbuf[payload]);
+                        st.frame_head(8, PING, ACK, 0);
+                        st.out.extend_from_slice(&opaque);
+                    }
+                }
+                GOAWAY => {
+                    let p = &self.rbuf[payload];
+                    if p.len() < 8 {
+                        return Err(protocol("short GOAWAY"));
+                    }
+                    let last = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & MAX_STREAM_ID;
+                    let code = u32::from_be_bytes([p[4], p[5], p[6], p[7]]);
+                    let why = format!("GOAWAY (code {code})");
+                    if st.closed.is_none() {
+                        st.closed = Some(ConnError::Lost(why.clone()));
+                    }
+                    // Streams above `last` were never processed: sending
+                    // them again elsewhere is safe.
+                    for (id, s) in st.streams.iter_mut() {
+                        if id > last {
+                            s.finish(Err(ConnError::Lost(why.clone())));
+                        }
+                    }
+                }
+                WINDOW_UPDATE => {
+                    let p = &self.rbuf[payload];
+                    if p.len() != 4 {
+                        return Err(Fatal(
+                            FRAME_SIZE_ERROR,
+                            ConnError::Protocol("bad WINDOW_UPDATE".into()),
+                        ));
+                    }
+                    let inc = (u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & MAX_STREAM_ID) as i64;
+                    if stream == 0 {
+                        st.window += inc;
+                        if st.window > MAX_STREAM_ID as i64 {
+                            return Err(Fatal(
+                                FLOW_CONTROL_ERROR,
+                                ConnError::Protocol("connection window overflow".into()),
+                            ));
+                        }
+                    } else if let Some(s) = st.streams.get(stream) {
+                        s.window += inc;
+                    }
+                    st.flush_blocked();
+                }
+                _ => {} // PRIORITY and unknown frame types are ignored.
+            }
+        }
+        // Keep the unread tail at the front of the buffer.
+        if self.rpos > 0 {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+        }
+        Ok(())
+    }
+
+    fn on_data(
+        &mut self,
+        st: &mut State,
+        stream: u32,
+        flags: u8,
+        payload: std::ops::Range<usize>,
+    ) -> Result<(), Fatal> {
+        let len = payload.len() as u32;
+        unpad(&self.rbuf[payload], flags)?;
+        // Flow control counts the whole frame, padding included.
+        self.conn_unacked += len;
+        if self.conn_unacked >= CONN_WINDOW / 2 {
+            st.window_update(0, self.conn_unacked);
+            self.conn_unacked = 0;
+        }
+        let end = flags & END_STREAM != 0;
+        let mut update = None;
+        if let Some(s) = st.streams.get(stream) {
+            if end {
+                finish_answer(s);
+            } else {
+                s.unacked += len;
+                if s.unacked >= STREAM_WINDOW / 2 {
+                    update = Some(s.unacked);
+                    s.unacked = 0;
+                }
+            }
+        }
+        if let Some(inc) = update {
+            st.window_update(stream, inc);
+        }
+        Ok(())
+    }
+
+    fn on_headers(&mut self, st: &mut State, block: Block) -> Result<(), Fatal> {
+        // Every block is decoded, even one for a stream we cancelled, so
+        // the tables stay in step with the server's.
+        let mut status: Option<u16> = None;
+        let mut headers = HeaderMap::new();
+        let mut bad_status = false;
+        self.decoder
+            .decode(&block.bytes, |name, value| {
+                if name == b":status" {
+                    match std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()) {
+                        Some(code) => status = Some(code),
+                        None => bad_status = true,
+                    }
+                } else if name.first() != Some(&b':') {
+                    if let (Ok(n), Ok(v)) =
+                        (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
+                    {
+                        headers.append(n, v);
+                    }
+                }
+            })
+            .map_err(|e: HpackError| {
+                Fatal(COMPRESSION_ERROR, ConnError::Protocol(e.to_string()))
+            })?;
+        let Some(s) = st.streams.get(block.stream) else {
+            return Ok(());
+        };
+        if s.status.is_none() {
+            match status {
+                Some(code) if (100..200).contains(&code) => return Ok(()),
+                Some(code) if !bad_status => {
+                    s.status = Some(code);
+                    s.headers = headers;
+                }
+                _ => {
+                    s.finish(Err(ConnError::Protocol(
+                        "an answer without a valid :status".into(),
+                    )));
+                    return Ok(());
+                }
+            }
+        }
+        // Otherwise these are trailers: nothing WNS sends that we read.
+        if block.end_stream {
+            finish_answer(s);
+        }
+        Ok(())
+    }
+
+    /// Ends the connection for everyone with `err`, queueing a GOAWAY.
+    fn fail(&mut self, code: u32, err: ConnError) {
+        let mut st = self.shared.state.lock();
+        st.fail_all(err);
+        st.goaway(0, code);
+    }
+
+    /// Writes what is queued; `Ready(Err)` when the socket failed.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            if self.wpos == self.wbuf.len() {
+                self.wbuf.clear();
+                self.wpos = 0;
+                let mut st = self.shared.state.lock();
+                std::mem::swap(&mut self.wbuf, &mut st.out);
+                if self.wbuf.is_empty() {
+                    drop(st);
+                    return Pin::new(&mut self.io).poll_flush(cx);
+                }
+            }
+            match Pin::new(&mut self.io).poll_write(cx, &self.wbuf[self.wpos..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => self.wpos += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Reads what the socket has; `Ready(Ok(true))` when something came.
+    fn poll_read_in(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<bool>> {
+        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
+            self.rbuf.reserve(READ_CHUNK);
+        }
+        let filled = self.rbuf.len();
+        let spare = self.rbuf.spare_capacity_mut();
+        let mut rb = ReadBuf::uninit(spare);
+        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                // SAFETY: `poll_read` initialised the first `n` bytes of
+                // the spare capacity.
+                unsafe { self.rbuf.set_len(filled + n) };
+                if n == 0 {
+                    self.eof = true;
+                }
+                Poll::Ready(Ok(n > 0))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// True when nothing can happen on this connection any more.
+    fn finished(&self) -> bool {
+        let st = self.shared.state.lock();
+        let idle_end = (st.released || st.closed.is_some()) && st.streams.open == 0;
+        idle_end && st.out.is_empty() && self.wpos == self.wbuf.len()
+    }
+}
+
+fn protocol(what: &str) -> Fatal {
+    Fatal(PROTOCOL_ERROR, ConnError::Protocol(what.to_owned()))
+}
+
+/// A frame's payload without its padding.
+fn unpad(p: &[u8], flags: u8) -> Result<&[u8], Fatal> {
+    if flags & PADDED == 0 {
+        return Ok(p);
+    }
+    let pad = *p.first().ok_or_else(|| protocol("empty padded frame"))? as usize;
+    if pad + 1 > p.len() {
+        return Err(protocol("padding longer than the frame"));
+    }
+    Ok(&p[1..p.len() - pad])
+}
+
+/// The answer ended: hand the status and headers to the caller.
+fn finish_answer(s: &mut Stream) {
+    match s.status {
+        Some(status) => {
+            let headers = std::mem::take(&mut s.headers);
+            s.finish(Ok(Reply {
+                status,
+                headers,
+                body: Bytes::new(),
+            }));
+        }
+        None => s.finish(Err(ConnError::Protocol(
+            "stream ended without an answer".into(),
+        ))),
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
+    type Output = Result<(), ConnError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        {
+            let mut st = this.shared.state.lock();
+            match &st.io_waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => st.io_waker = Some(cx.waker().clone()),
+            }
+        }
+        loop {
+            // Reads first: they may queue acknowledgements to write.
+            let mut progressed = false;
+            if !this.eof {
+                match this.poll_read_in(cx) {
+                    Poll::Ready(Ok(true)) => {
+                        progressed = true;
+                        if let Err(Fatal(code, e)) = this.dispatch() {
+                            tracing::debug!(error = %e, "WNS h2 connection error");
+                            this.fail(code, e);
+                            this.eof = true;
+                        }
+                    }
+                    Poll::Ready(Ok(false)) => {
+                        this.shared
+                            .state
+                            .lock()
+                            .fail_all(ConnError::Lost("the server closed the connection".into()));
+                    }
+                    Poll::Ready(Err(e)) => {
+                        this.eof = true;
+                        this.shared
+                            .state
+                            .lock()
+                            .fail_all(ConnError::Lost(e.to_string()));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            match this.poll_write_out(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    let e = ConnError::Lost(e.to_string());
+                    this.shared.state.lock().fail_all(e.clone());
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {}
+            }
+            if this.eof || this.finished() {
+                let closed = this.shared.state.lock().closed.clone();
+                if !this.eof {
+                    // Released with nothing open: say goodbye politely.
+                    let mut st = this.shared.state.lock();
+                    if st.closed.is_none() {
+                        st.closed = Some(ConnError::Lost("connection closed".into()));
+                    }
+                    st.goaway(0, NO_ERROR);
+                    drop(st);
+                    this.eof = true;
+                    let _ = this.poll_write_out(cx);
+                    let _ = Pin::new(&mut this.io).poll_shutdown(cx);
+                }
+                return Poll::Ready(match closed {
+                    Some(ConnError::Protocol(e)) => Err(ConnError::Protocol(e)),
+                    _ => Ok(()),
+                });
+            }
+            if !progressed {
+                return Poll::Pending;
+            }
+        }
+    }
+}
