@@ -356,93 +356,104 @@ fn static_name(name: &[u8]) -> Option<usize> {
     STATIC.iter().position(|(n, _)| *n == name).map(|i| i + 1)
 }
 
-/// Canonical Huffman decoding tables: per code length, the first code and
-/// where its symbols start in `symbols` (sorted by length, then symbol).
+/// Huffman decoding as a state machine over nibbles: a state is an
+/// internal node of the code tree, and each (state, nibble) entry says
+/// where four more bits lead and which symbol, if any, they complete (no
+/// code is shorter than five bits, so at most one). Two table lookups per
+/// input byte.
 struct Huffman {
-    first: [u32; 31],
-    count: [u32; 31],
-    offset: [u32; 31],
-    symbols: [u16; 257],
+    /// `next[state][nibble]`: the state after, the symbol completed
+    /// (`NO_SYMBOL` if none), and `FAIL` if the bits reach EOS.
+    next: Vec<[(u8, u16); 16]>,
+    /// States where a string may end: the bits since the last symbol are
+    /// all ones and fewer than eight (valid padding).
+    accepting: Vec<bool>,
 }
+
+const NO_SYMBOL: u16 = 0xffff;
+const FAIL: u16 = 0xfffe;
 
 fn huffman() -> &'static Huffman {
     static H: OnceLock<Huffman> = OnceLock::new();
     H.get_or_init(|| {
-        let mut order: Vec<u16> = (0..257).collect();
-        order.sort_by_key(|&s| (HUFFMAN[s as usize].1, s));
-        let mut h = Huffman {
-            first: [0; 31],
-            count: [0; 31],
-            offset: [0; 31],
-            symbols: [0; 257],
-        };
-        for (i, &s) in order.iter().enumerate() {
-            h.symbols[i] = s;
-            let (code, len) = HUFFMAN[s as usize];
-            let len = len as usize;
-            if h.count[len] == 0 {
-                h.first[len] = code;
-                h.offset[len] = i as u32;
-            }
-            h.count[len] += 1;
+        // The code tree: internal nodes, each child a node or a leaf.
+        #[derive(Clone, Copy)]
+        enum Child {
+            Empty,
+            Node(u8),
+            Leaf(u16),
         }
-        h
+        let mut children = vec![[Child::Empty; 2]];
+        let mut accepting = vec![true];
+        for (sym, &(code, len)) in HUFFMAN.iter().enumerate() {
+            let mut node = 0usize;
+            for i in (0..len).rev() {
+                let bit = ((code >> i) & 1) as usize;
+                if i == 0 {
+                    children[node][bit] = Child::Leaf(sym as u16);
+                    break;
+                }
+                node = match children[node][bit] {
+                    Child::Node(n) => n as usize,
+                    _ => {
+                        let n = children.len();
+                        children.push([Child::Empty; 2]);
+                        // Depth len - i; all ones so far, under 8 bits.
+                        let ones = code >> i == (1 << (len - i)) - 1;
+                        accepting.push(ones && len - i < 8);
+                        children[node][bit] = Child::Node(n as u8);
+                        n
+                    }
+                };
+            }
+        }
+        let next = (0..children.len())
+            .map(|state| {
+                let mut row = [(0u8, NO_SYMBOL); 16];
+                for (nibble, entry) in row.iter_mut().enumerate() {
+                    let (mut node, mut sym) = (state, NO_SYMBOL);
+                    for i in (0..4).rev() {
+                        match children[node][(nibble >> i) & 1] {
+                            Child::Node(n) => node = n as usize,
+                            Child::Leaf(256) | Child::Empty => {
+                                sym = FAIL;
+                                break;
+                            }
+                            Child::Leaf(s) => {
+                                sym = s;
+                                node = 0;
+                            }
+                        }
+                    }
+                    *entry = (node as u8, sym);
+                }
+                row
+            })
+            .collect();
+        Huffman { next, accepting }
     })
 }
 
 /// Decodes a Huffman-coded string (RFC 7541 section 5.2) onto `out`.
 pub fn huffman_decode(input: &[u8], out: &mut Vec<u8>) -> Result<(), HpackError> {
     let h = huffman();
-    let mut bits: u64 = 0;
-    let mut nbits: u32 = 0;
-    let mut bytes = input.iter();
-    loop {
-        while nbits <= 56 {
-            match bytes.next() {
-                Some(&b) => {
-                    bits |= (b as u64) << (56 - nbits);
-                    nbits += 8;
-                }
-                None => break,
+    let mut state = 0usize;
+    out.reserve(input.len() * 8 / 5);
+    for &b in input {
+        for nibble in [b >> 4, b & 0xf] {
+            let (next, sym) = h.next[state][nibble as usize];
+            match sym {
+                NO_SYMBOL => {}
+                FAIL => return Err(HpackError::Huffman),
+                s => out.push(s as u8),
             }
+            state = next as usize;
         }
-        if nbits == 0 {
-            return Ok(());
-        }
-        let mut decoded = false;
-        for len in 5..=30u32 {
-            if len > nbits {
-                break;
-            }
-            let c = h.count[len as usize];
-            if c == 0 {
-                continue;
-            }
-            let code = (bits >> (64 - len)) as u32;
-            let first = h.first[len as usize];
-            if code >= first && code - first < c {
-                let sym = h.symbols[(h.offset[len as usize] + code - first) as usize];
-                if sym == 256 {
-                    return Err(HpackError::Huffman);
-                }
-                out.push(sym as u8);
-                bits <<= len;
-                nbits -= len;
-                decoded = true;
-                break;
-            }
-        }
-        if !decoded {
-            // What is left must be padding: fewer than 8 bits, all ones
-            // (the most significant bits of EOS).
-            if nbits < 8 && bytes.len() == 0 {
-                let pad = (bits >> (64 - nbits)) as u32;
-                if pad == (1 << nbits) - 1 {
-                    return Ok(());
-                }
-            }
-            return Err(HpackError::Huffman);
-        }
+    }
+    if h.accepting[state] {
+        Ok(())
+    } else {
+        Err(HpackError::Huffman)
     }
 }
 

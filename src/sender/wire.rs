@@ -806,10 +806,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                         Some(code) => status = Some(code),
                         None => bad_status = true,
                     }
-                } else if name.first() != Some(&b':') {
-                    if let (Ok(n), Ok(v)) =
-                        (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-                    {
+                } else if let Some(n) = kept(name) {
+                    if let Ok(v) = HeaderValue::from_bytes(value) {
                         headers.append(n, v);
                     }
                 }
@@ -919,6 +917,28 @@ fn unpad(p: &[u8], flags: u8) -> Result<&[u8], Fatal> {
         return Err(protocol("padding longer than the frame"));
     }
     Ok(&p[1..p.len() - pad])
+}
+
+/// The answer headers a caller reads (the WNS status and diagnostics,
+/// the back-off hints, the challenge of a 401); the rest are dropped as
+/// they are decoded, so an answer costs no allocation for them.
+fn kept(name: &[u8]) -> Option<HeaderName> {
+    use crate::core::wns::headers::*;
+    use http::header::{RETRY_AFTER, WWW_AUTHENTICATE};
+    const KEPT: [HeaderName; 11] = [
+        X_WNS_STATUS,
+        X_WNS_NOTIFICATION_STATUS,
+        X_WNS_MSG_ID,
+        X_WNS_DEBUG_TRACE,
+        X_WNS_ERROR_DESCRIPTION,
+        X_WNS_DEVICE_CONNECTION_STATUS,
+        X_WNS_CONTINUE_AFTER,
+        MS_CV,
+        RETRY_AFTER,
+        WWW_AUTHENTICATE,
+        http::header::CONTENT_TYPE,
+    ];
+    KEPT.iter().find(|k| k.as_str().as_bytes() == name).cloned()
 }
 
 /// The answer ended: hand the status and headers to the caller.
