@@ -34,8 +34,8 @@ pub struct Gateway {
     pub imports_running: std::sync::atomic::AtomicUsize,
     /// Expiry sweeps and the refresh queue.
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
-    /// Each shard's runtime, known once that shard has served a request:
-    /// where bulk wakes hand their pages so every shard sends.
+    /// Each shard's runtime, registered as the shard starts: where bulk
+    /// wakes hand their pages so every shard sends.
     shard_runtimes: Vec<OnceLock<tokio::runtime::Handle>>,
 }
 
@@ -71,18 +71,14 @@ impl Gateway {
         }
     }
 
-    /// Remembers the runtime of `shard`; called from that shard's thread.
-    pub fn note_shard_runtime(&self, shard: usize) {
-        if let Some(slot) = self.shard_runtimes.get(shard) {
-            if slot.get().is_none() {
-                if let Ok(h) = tokio::runtime::Handle::try_current() {
-                    let _ = slot.set(h);
-                }
-            }
-        }
+    /// Registers `rt` as the runtime of `shard`; each shard calls it once,
+    /// as it starts, before it accepts a connection.
+    pub fn register_shard_runtime(&self, shard: usize, rt: tokio::runtime::Handle) {
+        let slot = &self.shard_runtimes[shard];
+        assert!(slot.set(rt).is_ok(), "shard {shard} registered twice");
     }
 
-    /// The shards whose runtime is known, with their handles.
+    /// The shards whose runtime is registered, with their handles.
     pub fn shard_runtimes(&self) -> Vec<(usize, tokio::runtime::Handle)> {
         self.shard_runtimes
             .iter()

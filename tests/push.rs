@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Server, PFN};
+use common::{OneConnection, Server, PFN};
 use serde_json::{json, Value};
 use std::time::Duration;
 use wnsgate::sim::{self, Faults, SimConfig};
@@ -397,6 +397,85 @@ fn a_cancelled_bulk_wake_starts_no_more_wakes() {
     assert_eq!(job["not_sent"], 19, "{job}");
     assert_eq!(s.stats().pushes_total, 1, "{job}");
     assert_eq!(metric(&gw, "wnsgate_bulk_jobs_running"), 0.0);
+}
+
+/// Every shard sends a share of a bulk wake from the moment it starts, not
+/// only the shard that serves the API: the gateway runs 2 shards and sees
+/// one keep-alive connection (so one shard) for everything, from the
+/// registrations to the scrape.
+#[test]
+fn a_bulk_wake_is_sent_from_every_shard_including_one_that_served_no_request() {
+    const DEVICES: usize = 5_000;
+    let batches = DEVICES.div_ceil(wnsgate::api::jobs::PAGE);
+    assert!(batches >= 2, "enough devices for a batch per shard");
+    let (_d, s, gw) =
+        common::launch_with_sim_env(SimConfig::default(), &[("WNSGATE_SERVER__SHARDS", "2")]);
+    let mut api = OneConnection::open(&gw.addr);
+    let mut lines = String::new();
+    for i in 0..DEVICES {
+        let line = json!({"device_id": format!("s{i:05}"), "pfn": PFN, "channel_uri": common::uri(&format!("AwYAAADs{i}"))});
+        lines.push_str(&format!("{line}\n"));
+    }
+    let (status, body) = api.request(
+        "POST",
+        "/v1/devices:import",
+        Some("application/x-ndjson"),
+        lines.as_bytes(),
+    );
+    let imported: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status, 200, "{imported}");
+    assert_eq!(imported["accepted"], DEVICES, "{imported}");
+
+    let (status, job) = api.json("POST", "/v1/pushes", &json!({"all": true}));
+    assert_eq!(status, 202, "{job}");
+    let path = format!("/v1/pushes/{}", job["job_id"].as_str().unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let (_, job) = api.json("GET", &path, &Value::Null);
+        if job["state"] != "selecting" && job["state"] != "running" {
+            break job;
+        }
+        assert!(std::time::Instant::now() < deadline, "not done: {job}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["received"], DEVICES, "{job}");
+    assert_eq!(job["done"], DEVICES, "{job}");
+    assert_eq!(s.stats().pushes_total, DEVICES as u64);
+
+    let (_, scrape) = api.request("GET", "/metrics", None, b"");
+    let scrape = String::from_utf8(scrape).unwrap();
+    let sent_by = |shard: usize| -> usize {
+        let series = format!("wnsgate_bulk_batches_total{{shard=\"{shard}\"}} ");
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse().ok())
+            .unwrap_or(0)
+    };
+    let (first, second) = (sent_by(0), sent_by(1));
+    assert!(
+        first > 0 && second > 0,
+        "batches by shard: {first}, {second}"
+    );
+    assert_eq!(
+        first + second,
+        batches,
+        "batches by shard: {first}, {second}"
+    );
+    // The wakes ran on the shards, over the shards' backend.
+    let io = scrape
+        .lines()
+        .find(|l| l.starts_with("wnsgate_build_info{"))
+        .and_then(|l| l.split("io=\"").nth(1)?.split('"').next())
+        .expect("wnsgate_build_info{io=...}");
+    let opened: Vec<&str> = scrape
+        .lines()
+        .filter(|l| l.starts_with("wnsgate_wns_connections_opened_total{"))
+        .collect();
+    assert!(!opened.is_empty(), "{scrape}");
+    for line in opened {
+        assert!(line.contains(&format!("io=\"{io}\"")), "{io}: {line}");
+    }
 }
 
 /// The value of one series in a `/metrics` scrape (`name` with its labels

@@ -38,8 +38,9 @@ pub const MAX_RUNNING_JOBS: usize = 8;
 pub const JOB_INFLIGHT: usize = 2048;
 /// Finished jobs remembered for `GET /v1/pushes/{id}`.
 pub const MAX_REMEMBERED_JOBS: usize = 1000;
-/// Devices read from the store per page.
-const PAGE: usize = 1024;
+/// Devices read from the store per page, and listed ids per batch: a job
+/// hands the shards one batch per page.
+pub const PAGE: usize = 1024;
 /// Pages of one job read but not yet sent: the job reads ahead of its
 /// senders by at most this many pages, whatever the number of devices.
 pub const PAGES_AHEAD: usize = 4;
@@ -436,6 +437,7 @@ async fn send_batch(
     batch: Batch,
     _page: OwnedSemaphorePermit,
 ) {
+    metrics::counter!(m::BULK_BATCHES, "shard" => shard.to_string()).increment(1);
     let mut inflight = wake_set(counted_wake);
     match batch {
         Batch::Records(records) => {

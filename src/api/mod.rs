@@ -45,7 +45,6 @@ pub async fn serve(
     req: Request<Incoming>,
 ) -> Result<Resp, Infallible> {
     let started = Instant::now();
-    gw.note_shard_runtime(shard);
     let n = inflight.0.fetch_add(1, Ordering::Relaxed);
     let _guard = InflightGuard(&inflight);
     let route = route_name(req.method(), req.uri().path());

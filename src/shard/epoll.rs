@@ -1,6 +1,7 @@
 //! The epoll backend: a plain tokio current-thread runtime per shard.
 
 use super::serve::ConnServer;
+use super::Starting;
 use crate::gateway::Gateway;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -11,6 +12,7 @@ pub fn run_shard(
     listener: std::net::TcpListener,
     gw: Arc<Gateway>,
     stop: watch::Receiver<bool>,
+    started: Starting,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -22,7 +24,7 @@ pub fn run_shard(
             return;
         }
     };
-    rt.block_on(serve(index, listener, gw, stop));
+    rt.block_on(serve(index, listener, gw, stop, started));
 }
 
 async fn serve(
@@ -30,6 +32,7 @@ async fn serve(
     listener: std::net::TcpListener,
     gw: Arc<Gateway>,
     stop: watch::Receiver<bool>,
+    started: Starting,
 ) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -38,7 +41,7 @@ async fn serve(
             return;
         }
     };
-    let server = ConnServer::new(index, gw);
+    let server = ConnServer::new(index, gw, started);
     server
         .accept_loop(
             stop,

@@ -173,6 +173,26 @@ fn timed_out(what: &str) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{what} timed out"))
 }
 
+/// Held by a shard thread while it starts. The shard reports [`done`]
+/// once its runtime is registered with the gateway
+/// ([`serve::ConnServer::new`]); a shard that fails to start drops it as
+/// it gives up. [`ShardSet::start`] returns once every shard has done one
+/// or the other.
+///
+/// [`done`]: Starting::done
+pub struct Starting(std::sync::mpsc::Sender<()>);
+
+impl Starting {
+    /// The shard's runtime is registered.
+    pub fn done(self) {
+        let _ = self.0.send(());
+    }
+}
+
+/// A backend's `run_shard`: serves on the listener until the receiver
+/// turns true, then drains.
+type RunShard = fn(usize, std::net::TcpListener, Arc<Gateway>, watch::Receiver<bool>, Starting);
+
 /// The running shards.
 pub struct ShardSet {
     threads: Vec<JoinHandle<()>>,
@@ -184,7 +204,9 @@ pub struct ShardSet {
 impl ShardSet {
     /// Binds `count` listeners on `addr` and starts one shard thread for
     /// each, on `backend`. Bind errors (address in use, permission) are
-    /// returned here, before any thread starts.
+    /// returned here, before any thread starts. Returns once every shard
+    /// has registered its runtime with the gateway (or failed to start and
+    /// logged why), so a bulk wake started after this reaches every shard.
     pub fn start(
         gw: Arc<Gateway>,
         addr: SocketAddr,
@@ -194,25 +216,30 @@ impl ShardSet {
         let listeners = listener::bind_reuseport(addr, count.max(1))?;
         let local_addr = listeners[0].local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
+        let (starting, started) = std::sync::mpsc::channel();
         let mut threads = Vec::with_capacity(listeners.len());
         for (i, l) in listeners.into_iter().enumerate() {
             let gw = gw.clone();
             let rx = stop_rx.clone();
-            let run: fn(usize, std::net::TcpListener, Arc<Gateway>, watch::Receiver<bool>) =
-                match backend {
-                    Backend::Epoll => epoll::run_shard,
-                    #[cfg(feature = "io-uring")]
-                    Backend::Uring => uring::run_shard,
-                    #[cfg(not(feature = "io-uring"))]
-                    Backend::Uring => unreachable!(
-                        "choose_backend never picks uring without the io-uring feature"
-                    ),
-                };
+            let token = Starting(starting.clone());
+            let run: RunShard = match backend {
+                Backend::Epoll => epoll::run_shard,
+                #[cfg(feature = "io-uring")]
+                Backend::Uring => uring::run_shard,
+                #[cfg(not(feature = "io-uring"))]
+                Backend::Uring => {
+                    unreachable!("choose_backend never picks uring without the io-uring feature")
+                }
+            };
             let t = std::thread::Builder::new()
                 .name(format!("wnsgate-shard-{i}"))
-                .spawn(move || run(i, l, gw, rx))?;
+                .spawn(move || run(i, l, gw, rx, token))?;
             threads.push(t);
         }
+        drop(starting);
+        // Ends once every shard's token is gone: done, or dropped by a
+        // shard that could not start.
+        while started.recv().is_ok() {}
         Ok(ShardSet {
             threads,
             stop,

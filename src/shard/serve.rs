@@ -3,6 +3,7 @@
 //! drain. A backend supplies the accept loop's source of sockets and how a
 //! connection's task is spawned; everything else is here.
 
+use super::Starting;
 use crate::api::{self, InflightGauge};
 use crate::gateway::Gateway;
 use hyper::service::service_fn;
@@ -32,7 +33,15 @@ pub struct ConnServer {
 }
 
 impl ConnServer {
-    pub fn new(index: usize, gw: Arc<Gateway>) -> ConnServer {
+    /// The server of shard `index`. Called on the shard's runtime as the
+    /// shard starts: registers that runtime with the gateway (bulk wakes
+    /// hand their batches to every registered shard, whether or not it has
+    /// served a request) and creates the shard's metric series, then
+    /// reports `started` done.
+    pub fn new(index: usize, gw: Arc<Gateway>, started: Starting) -> ConnServer {
+        gw.register_shard_runtime(index, tokio::runtime::Handle::current());
+        crate::telemetry::metrics::init_shard_series(index);
+        started.done();
         let builder = http_builder(Duration::from_secs(gw.settings.request_timeout_secs));
         ConnServer {
             index,

@@ -11,7 +11,7 @@
 //! ([`super::serve`], [`super::connect`]).
 
 use super::serve::ConnServer;
-use super::{OnConnect, Unavailable};
+use super::{OnConnect, Starting, Unavailable};
 use crate::gateway::Gateway;
 use std::cell::RefCell;
 use std::future::Future;
@@ -110,6 +110,7 @@ pub fn run_shard(
     listener: std::net::TcpListener,
     gw: Arc<Gateway>,
     stop: watch::Receiver<bool>,
+    started: Starting,
 ) {
     let rt = match tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES)) {
         Ok(rt) => rt,
@@ -122,7 +123,7 @@ pub fn run_shard(
         let (jobs, queue) = mpsc::channel(LOCAL_JOB_QUEUE);
         LOCAL_JOBS.with(|j| *j.borrow_mut() = Some(jobs));
         tokio_uring::spawn(run_local_jobs(queue));
-        serve(index, listener, gw, stop).await;
+        serve(index, listener, gw, stop, started).await;
         LOCAL_JOBS.with(|j| *j.borrow_mut() = None);
     });
 }
@@ -140,6 +141,7 @@ async fn serve(
     listener: std::net::TcpListener,
     gw: Arc<Gateway>,
     stop: watch::Receiver<bool>,
+    started: Starting,
 ) {
     // io_uring accepts on a blocking socket by arming a poll; a
     // non-blocking one may answer EAGAIN instead.
@@ -148,7 +150,7 @@ async fn serve(
         return;
     }
     let listener = tokio_uring::net::TcpListener::from_std(listener);
-    let server = ConnServer::new(index, gw);
+    let server = ConnServer::new(index, gw, started);
     server
         .accept_loop(
             stop,

@@ -26,6 +26,8 @@ pub const WNS_CONNECTIONS_OPENED: &str = "wnsgate_wns_connections_opened_total";
 pub const WNS_CONNECTIONS_OPEN: &str = "wnsgate_wns_connections_open";
 /// Bulk wakes (`POST /v1/pushes` jobs) running now.
 pub const BULK_JOBS_RUNNING: &str = "wnsgate_bulk_jobs_running";
+/// Batches of bulk wakes each shard took on to send, by `shard` (its index).
+pub const BULK_BATCHES: &str = "wnsgate_bulk_batches_total";
 /// WNS token refreshes, by `result` (ok, or the error kind).
 pub const WNS_TOKEN_REFRESHES: &str = "wnsgate_wns_token_refreshes_total";
 /// Wake-ups finished, by `result` (delivered, channel_dead, dropped, ...).
@@ -182,6 +184,10 @@ fn describe() {
         "Bulk wakes (POST /v1/pushes jobs) selecting or sending now."
     );
     describe_counter!(
+        BULK_BATCHES,
+        "Batches of bulk wakes (one store page or one page of listed ids each) taken on to send, by shard."
+    );
+    describe_counter!(
         WNS_TOKEN_REFRESHES,
         "WNS access token requests, by result (ok or the error kind)."
     );
@@ -236,6 +242,12 @@ fn init_series() {
     }
     metrics::gauge!(BULK_JOBS_RUNNING).set(0.0);
     metrics::gauge!(READY).set(0.0);
+}
+
+/// Creates the series of shard `shard` at zero; each shard calls it as it
+/// starts, so a shard that never sends shows as 0 rather than missing.
+pub fn init_shard_series(shard: usize) {
+    metrics::counter!(BULK_BATCHES, "shard" => shard.to_string()).increment(0);
 }
 
 #[cfg(test)]

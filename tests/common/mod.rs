@@ -2,7 +2,8 @@
 //! with its own data directory, for the integration tests.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,6 +36,15 @@ impl Server {
     /// Starts `wnsgate serve` on `data` with extra environment variables and
     /// waits until `/readyz` answers 200.
     pub fn start(data: &Path, env: &[(&str, &str)]) -> Server {
+        let server = Server::launch(data, env);
+        server.wait_ready();
+        server
+    }
+
+    /// Starts `wnsgate serve` like [`Server::start`] but sends it no
+    /// request: returns once it prints its address, which it does once
+    /// ready. No shard has served a request when this returns.
+    pub fn launch(data: &Path, env: &[(&str, &str)]) -> Server {
         let stderr_log = data.with_extension("stderr.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wnsgate"));
         cmd.args(["serve", "--listen", "127.0.0.1:0"]);
@@ -72,14 +82,12 @@ impl Server {
         };
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        let server = Server {
+        Server {
             child,
             addr,
             data: data.to_owned(),
             stderr_log,
-        };
-        server.wait_ready();
-        server
+        }
     }
 
     pub fn url(&self) -> String {
@@ -167,6 +175,23 @@ pub fn start_with_sim_env(
     cfg: wnsgate::sim::SimConfig,
     extra: &[(&str, &str)],
 ) -> (tempfile::TempDir, wnsgate::sim::SimHandle, Server) {
+    with_sim(cfg, extra, Server::start)
+}
+
+/// [`start_with_sim_env`], with the gateway started by [`Server::launch`]:
+/// no request reaches it before the test's own.
+pub fn launch_with_sim_env(
+    cfg: wnsgate::sim::SimConfig,
+    extra: &[(&str, &str)],
+) -> (tempfile::TempDir, wnsgate::sim::SimHandle, Server) {
+    with_sim(cfg, extra, Server::launch)
+}
+
+fn with_sim(
+    cfg: wnsgate::sim::SimConfig,
+    extra: &[(&str, &str)],
+    start: fn(&Path, &[(&str, &str)]) -> Server,
+) -> (tempfile::TempDir, wnsgate::sim::SimHandle, Server) {
     let dir = tempfile::tempdir().expect("temp dir");
     let s = wnsgate::sim::start(cfg).expect("start the simulator");
     let apps = format!("[{{pfn = \"{PFN}\", package_sid = \"ms-app://S-1-15-2-7\", client_secret = \"sim-secret\"}}]");
@@ -182,7 +207,7 @@ pub fn start_with_sim_env(
         ("WNSGATE_WNS__APPS", apps.as_str()),
     ];
     env.extend_from_slice(extra);
-    let gw = Server::start(&dir.path().join("data"), &env);
+    let gw = start(&dir.path().join("data"), &env);
     (dir, s, gw)
 }
 
@@ -225,5 +250,101 @@ pub fn wait_job(gw: &Server, id: &str, limit: Duration) -> serde_json::Value {
         }
         assert!(Instant::now() < deadline, "bulk wake did not finish: {v}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One HTTP/1.1 keep-alive connection that is never re-opened (unlike
+/// [`Client`], which re-opens a connection the server closed): every
+/// request a test sends through it reaches the same shard. Panics when the
+/// server closes it.
+pub struct OneConnection {
+    conn: BufReader<TcpStream>,
+}
+
+impl OneConnection {
+    pub fn open(addr: &str) -> OneConnection {
+        let s = TcpStream::connect(addr).expect("connect to the gateway");
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_nodelay(true).unwrap();
+        OneConnection {
+            conn: BufReader::new(s),
+        }
+    }
+
+    /// Sends one request and reads its answer: (status, body). The
+    /// gateway's answers all carry `Content-Length`.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> (u16, Vec<u8>) {
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if let Some(ct) = content_type {
+            head.push_str(&format!("Content-Type: {ct}\r\n"));
+        }
+        head.push_str("\r\n");
+        let w = self.conn.get_mut();
+        w.write_all(head.as_bytes()).expect("send the request head");
+        w.write_all(body).expect("send the request body");
+        let mut line = String::new();
+        self.read_line(&mut line);
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("status line {line:?}"));
+        let mut len = None;
+        loop {
+            line.clear();
+            self.read_line(&mut line);
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            let (name, value) = header.split_once(':').expect("header line");
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                len = Some(value.parse::<usize>().expect("Content-Length"));
+            }
+            if name.eq_ignore_ascii_case("connection") {
+                assert!(
+                    !value.eq_ignore_ascii_case("close"),
+                    "the gateway closes the connection after {method} {path}"
+                );
+            }
+        }
+        let mut body = vec![0; len.expect("a Content-Length header")];
+        self.conn
+            .read_exact(&mut body)
+            .expect("read the answer body");
+        (status, body)
+    }
+
+    /// A request with a JSON body (none for `Value::Null`); the answer
+    /// parsed as JSON.
+    pub fn json(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let (status, body) = if body.is_null() {
+            self.request(method, path, None, b"")
+        } else {
+            let bytes = serde_json::to_vec(body).unwrap();
+            self.request(method, path, Some("application/json"), &bytes)
+        };
+        let v = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (status, v)
+    }
+
+    fn read_line(&mut self, line: &mut String) {
+        let n = self.conn.read_line(line).expect("read the answer");
+        assert!(n > 0, "the gateway closed the connection");
     }
 }
