@@ -2,7 +2,6 @@
 //! over real TLS.
 
 use bytes::Bytes;
-use http::HeaderMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wnsgate::config::Secret;
@@ -16,18 +15,17 @@ use wnsgate::sim::{self, SimConfig};
 
 const CHANNEL: &str = "https://db5.notify.windows.com/?token=AwYAAADsender%2btest%3d";
 
-fn headers_for(token: &wnsgate::core::wns::AccessToken, i: u64) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    for (k, v) in wake_headers(
+fn headers_for(
+    token: &wnsgate::core::wns::AccessToken,
+    i: u64,
+) -> Vec<(http::HeaderName, http::HeaderValue)> {
+    wake_headers(
         token,
         None,
         false,
         &new_cv(u128::from(i) << 64 | 7),
         WAKE_BODY.len(),
-    ) {
-        h.insert(k, v);
-    }
-    h
+    )
 }
 
 fn start_sim(lifetime: Duration, mode: sim::Mode) -> sim::SimHandle {
@@ -87,8 +85,8 @@ fn token_renewal_across_many_expiries() {
                     let token = tokens.token().await.expect("a token");
                     let (reply, _) = pool
                         .post(
-                            CHANNEL.parse().unwrap(),
-                            headers_for(&token, t * 1_000_000 + n),
+                            &CHANNEL.parse().unwrap(),
+                            &headers_for(&token, t * 1_000_000 + n),
                             Bytes::from_static(WAKE_BODY),
                         )
                         .await
@@ -139,8 +137,8 @@ fn pools_speak_h2_or_http1_as_the_server_chooses() {
             for i in 0..20 {
                 let (reply, proto) = pool
                     .post(
-                        CHANNEL.parse().unwrap(),
-                        headers_for(&token, i),
+                        &CHANNEL.parse().unwrap(),
+                        &headers_for(&token, i),
                         Bytes::from_static(WAKE_BODY),
                     )
                     .await

@@ -4,7 +4,7 @@
 
 use crate::telemetry::metrics::WNS_CONNECTIONS_OPEN as OPEN;
 use bytes::Bytes;
-use http::{HeaderMap, Request, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -280,7 +280,7 @@ where
 pub async fn post_h2(
     client: &super::wire::H2Client,
     uri: &Uri,
-    headers: &HeaderMap,
+    headers: &[(HeaderName, HeaderValue)],
     body: Bytes,
     timeout: Duration,
 ) -> Result<Reply, ConnError> {
@@ -301,8 +301,8 @@ pub const MAX_REPLY_BODY: usize = 64 * 1024;
 /// Sends one POST on an HTTP/1.1 connection and waits for the answer.
 pub async fn post_http1(
     send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    uri: Uri,
-    headers: HeaderMap,
+    uri: &Uri,
+    headers: &[(HeaderName, HeaderValue)],
     body: Bytes,
     timeout: Duration,
 ) -> Result<Reply, ConnError> {
@@ -323,7 +323,11 @@ pub async fn post_http1(
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     );
     *req.uri_mut() = Uri::from_parts(origin).unwrap_or_else(|_| Uri::from_static("/"));
-    *req.headers_mut() = headers;
+    let map = req.headers_mut();
+    map.reserve(headers.len() + 1);
+    for (name, value) in headers {
+        map.append(name, value.clone());
+    }
     if let Ok(v) = http::HeaderValue::from_str(&host) {
         req.headers_mut().insert(http::header::HOST, v);
     }

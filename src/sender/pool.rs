@@ -10,7 +10,7 @@ use super::conn::{self, Conn, ConnError, Protocol, Reply, Timeouts};
 use super::wire::H2Client;
 use bytes::Bytes;
 use http::uri::{Authority, Parts, PathAndQuery, Scheme};
-use http::{HeaderMap, Uri};
+use http::{HeaderName, HeaderValue, Uri};
 use http_body_util::Full;
 use parking_lot::Mutex;
 use rustls::ClientConfig;
@@ -153,15 +153,15 @@ impl AuthorityPool {
     /// waiting for a free stream or connection.
     pub async fn post(
         &self,
-        uri: Uri,
-        headers: HeaderMap,
+        uri: &Uri,
+        headers: &[(HeaderName, HeaderValue)],
         body: Bytes,
     ) -> Result<(Reply, Protocol), ConnError> {
         loop {
             let waiter = self.freed.notified();
             match self.lease() {
                 Lease::H2 { id, send } => {
-                    let r = conn::post_h2(&send, &uri, &headers, body, self.timeouts.request).await;
+                    let r = conn::post_h2(&send, uri, headers, body, self.timeouts.request).await;
                     self.release_h2(id, matches!(r, Err(ConnError::Lost(_))));
                     return r.map(|reply| (reply, Protocol::H2));
                 }

@@ -11,7 +11,7 @@ use crate::core::wns::token::{
 };
 use crate::core::wns::{AccessToken, TokenCache, TokenError};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Uri};
+use http::{HeaderValue, Uri};
 use parking_lot::Mutex;
 use rustls::ClientConfig;
 use std::path::Path;
@@ -85,15 +85,14 @@ impl TokenEndpoint {
                 "the token endpoint did not speak HTTP/1.1".into(),
             ));
         };
-        let mut headers = HeaderMap::new();
-        headers.insert(
+        let headers = [(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static(crate::core::wns::token::FORM_CONTENT_TYPE),
-        );
+        )];
         let reply = conn::post_http1(
             &mut send,
-            self.uri.clone(),
-            headers,
+            &self.uri,
+            &headers,
             Bytes::from(body),
             self.timeouts.request,
         )

@@ -338,6 +338,7 @@ impl WnsSender {
             );
         };
         let body = Bytes::from_static(WAKE_BODY);
+        let mut headers = Vec::with_capacity(MAX_WAKE_HEADERS);
         let mut attempt = PushAttempt::new();
         let mut lost = 0;
         loop {
@@ -363,7 +364,6 @@ impl WnsSender {
                     )
                 }
             };
-            let mut headers = HeaderMap::with_capacity(MAX_WAKE_HEADERS);
             let mut cv = new_cv_header(rand::random::<u128>());
             // Unique per request: never worth a place in the peer's HPACK
             // table, where it would only push out entries that repeat.
@@ -377,7 +377,7 @@ impl WnsSender {
                 body.len(),
             );
             let sent = Instant::now();
-            let (reply, protocol) = match pool.post(target.clone(), headers, body.clone()).await {
+            let (reply, protocol) = match pool.post(&target, &headers, body.clone()).await {
                 Ok(r) => r,
                 Err(e) if e.is_retryable_elsewhere() && lost < MAX_LOST_RESENDS => {
                     lost += 1;

@@ -78,7 +78,7 @@ pub struct Request<'a> {
     pub path: &'a str,
     /// Regular headers; one whose value is marked sensitive is sent
     /// never-indexed, the others are indexed (they repeat on every wake).
-    pub headers: &'a HeaderMap,
+    pub headers: &'a [(HeaderName, HeaderValue)],
     pub body: Bytes,
 }
 
