@@ -13,7 +13,10 @@ use wnsgate::sender::tls::{client_config, Alpn};
 use wnsgate::sender::tokens::{TokenEndpoint, TokenSource};
 use wnsgate::sim::{self, SimConfig};
 
-const CHANNEL: &str = "https://db5.notify.windows.com/?token=AwYAAADsender%2btest%3d";
+/// The path and query of the channel
+/// `https://db5.notify.windows.com/?token=AwYAAADsender%2btest%3d`, as the
+/// pool takes them.
+const CHANNEL_PATH: &str = "/?token=AwYAAADsender%2btest%3d";
 
 fn headers_for(
     token: &wnsgate::core::wns::AccessToken,
@@ -85,7 +88,7 @@ fn token_renewal_across_many_expiries() {
                     let token = tokens.token().await.expect("a token");
                     let (reply, _) = pool
                         .post(
-                            &CHANNEL.parse().unwrap(),
+                            CHANNEL_PATH,
                             &headers_for(&token, t * 1_000_000 + n),
                             Bytes::from_static(WAKE_BODY),
                         )
@@ -137,7 +140,7 @@ fn pools_speak_h2_or_http1_as_the_server_chooses() {
             for i in 0..20 {
                 let (reply, proto) = pool
                     .post(
-                        &CHANNEL.parse().unwrap(),
+                        CHANNEL_PATH,
                         &headers_for(&token, i),
                         Bytes::from_static(WAKE_BODY),
                     )

@@ -279,14 +279,15 @@ where
 /// its body is read and dropped.
 pub async fn post_h2(
     client: &super::wire::H2Client,
-    uri: &Uri,
+    authority: &str,
+    path_and_query: &str,
     headers: &[(HeaderName, HeaderValue)],
     body: Bytes,
     timeout: Duration,
 ) -> Result<Reply, ConnError> {
     let req = super::wire::Request {
-        authority: uri.authority().map(|a| a.as_str()).unwrap_or_default(),
-        path: uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        authority,
+        path: path_and_query,
         headers,
         body,
     };

@@ -101,10 +101,21 @@ impl AuthorityPool {
         }
     }
 
+    /// True when a request to `path_and_query` on this authority is a
+    /// valid HTTP target: the authority parses, and the path starts with
+    /// `/` and is visible ASCII without a fragment.
+    pub fn accepts(&self, path_and_query: &str) -> bool {
+        self.uri_authority.is_some()
+            && path_and_query.starts_with('/')
+            && path_and_query
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'#')
+    }
+
     /// The request URI for a channel of this authority: `https://`, the
     /// authority, and `path_and_query` exactly as written. `None` if it is
     /// not a valid URI.
-    pub fn target(&self, path_and_query: &str) -> Option<Uri> {
+    fn target(&self, path_and_query: &str) -> Option<Uri> {
         let mut parts = Parts::default();
         parts.scheme = Some(Scheme::HTTPS);
         parts.authority = Some(self.uri_authority.clone()?);
@@ -153,7 +164,7 @@ impl AuthorityPool {
     /// waiting for a free stream or connection.
     pub async fn post(
         &self,
-        uri: &Uri,
+        path_and_query: &str,
         headers: &[(HeaderName, HeaderValue)],
         body: Bytes,
     ) -> Result<(Reply, Protocol), ConnError> {
@@ -161,16 +172,30 @@ impl AuthorityPool {
             let waiter = self.freed.notified();
             match self.lease() {
                 Lease::H2 { id, send } => {
-                    let r = conn::post_h2(&send, uri, headers, body, self.timeouts.request).await;
+                    let r = conn::post_h2(
+                        &send,
+                        &self.authority,
+                        path_and_query,
+                        headers,
+                        body,
+                        self.timeouts.request,
+                    )
+                    .await;
                     self.release_h2(id, matches!(r, Err(ConnError::Lost(_))));
                     return r.map(|reply| (reply, Protocol::H2));
                 }
                 Lease::Http1(mut send) => {
+                    let Some(uri) = self.target(path_and_query) else {
+                        self.release_h1(send, true);
+                        return Err(ConnError::Protocol(format!(
+                            "not a valid request target: {path_and_query:?}"
+                        )));
+                    };
                     // Boxed to keep the h2 path's futures small: the
                     // HTTP/1.1 exchange is the larger state.
                     let r = Box::pin(conn::post_http1(
                         &mut send,
-                        uri,
+                        &uri,
                         headers,
                         body,
                         self.timeouts.request,

@@ -329,14 +329,15 @@ impl WnsSender {
             );
         };
         let pool = self.pool(shard, uri.host());
-        let Some(target) = pool.target(uri.path_and_query()) else {
+        let target = uri.path_and_query();
+        if !pool.accepts(target) {
             return WakeReport::failed(
                 "bad_channel_uri",
                 "the channel URI does not parse".into(),
                 0,
                 now(),
             );
-        };
+        }
         let body = Bytes::from_static(WAKE_BODY);
         let mut headers = Vec::with_capacity(MAX_WAKE_HEADERS);
         let mut attempt = PushAttempt::new();
@@ -377,7 +378,7 @@ impl WnsSender {
                 body.len(),
             );
             let sent = Instant::now();
-            let (reply, protocol) = match pool.post(&target, &headers, body.clone()).await {
+            let (reply, protocol) = match pool.post(target, &headers, body.clone()).await {
                 Ok(r) => r,
                 Err(e) if e.is_retryable_elsewhere() && lost < MAX_LOST_RESENDS => {
                     lost += 1;

@@ -924,21 +924,21 @@ fn unpad(p: &[u8], flags: u8) -> Result<&[u8], Fatal> {
 /// they are decoded, so an answer costs no allocation for them.
 fn kept(name: &[u8]) -> Option<HeaderName> {
     use crate::core::wns::headers::*;
-    use http::header::{RETRY_AFTER, WWW_AUTHENTICATE};
-    const KEPT: [HeaderName; 11] = [
-        X_WNS_STATUS,
-        X_WNS_NOTIFICATION_STATUS,
-        X_WNS_MSG_ID,
-        X_WNS_DEBUG_TRACE,
-        X_WNS_ERROR_DESCRIPTION,
-        X_WNS_DEVICE_CONNECTION_STATUS,
-        X_WNS_CONTINUE_AFTER,
-        MS_CV,
-        RETRY_AFTER,
-        WWW_AUTHENTICATE,
-        http::header::CONTENT_TYPE,
-    ];
-    KEPT.iter().find(|k| k.as_str().as_bytes() == name).cloned()
+    use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+    Some(match name {
+        b"x-wns-status" => X_WNS_STATUS,
+        b"x-wns-notificationstatus" => X_WNS_NOTIFICATION_STATUS,
+        b"x-wns-msg-id" => X_WNS_MSG_ID,
+        b"x-wns-debug-trace" => X_WNS_DEBUG_TRACE,
+        b"x-wns-error-description" => X_WNS_ERROR_DESCRIPTION,
+        b"x-wns-deviceconnectionstatus" => X_WNS_DEVICE_CONNECTION_STATUS,
+        b"x-wns-continue-after" => X_WNS_CONTINUE_AFTER,
+        b"ms-cv" => MS_CV,
+        b"retry-after" => RETRY_AFTER,
+        b"www-authenticate" => WWW_AUTHENTICATE,
+        b"content-type" => CONTENT_TYPE,
+        _ => return None,
+    })
 }
 
 /// The answer ended: hand the status and headers to the caller.
