@@ -285,15 +285,15 @@ pub async fn post_h2(
     body: Bytes,
     timeout: Duration,
 ) -> Result<Reply, ConnError> {
-    let req = super::wire::Request {
-        authority,
-        path: path_and_query,
-        headers,
-        body,
-    };
-    tokio::time::timeout(timeout, client.send(req))
+    client
+        .send(super::wire::Request {
+            authority,
+            path: path_and_query,
+            headers,
+            body,
+            timeout,
+        })
         .await
-        .map_err(|_| ConnError::Timeout("WNS request"))?
 }
 
 /// Largest answer body read on HTTP/1.1.

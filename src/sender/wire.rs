@@ -26,7 +26,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -80,6 +82,9 @@ pub struct Request<'a> {
     /// never-indexed, the others are indexed (they repeat on every wake).
     pub headers: &'a [(HeaderName, HeaderValue)],
     pub body: Bytes,
+    /// How long the answer's head may take; past it the caller gets
+    /// [`ConnError::Timeout`] and the stream is reset.
+    pub timeout: Duration,
 }
 
 /// What the server said in its SETTINGS.
@@ -92,6 +97,8 @@ struct Peer {
 
 /// One open stream: the answer as it arrives.
 struct Stream {
+    /// When the caller stops waiting for the answer's head.
+    deadline: Instant,
     status: Option<u16>,
     headers: HeaderMap,
     /// Our send window on this stream.
@@ -380,6 +387,7 @@ impl H2Client {
         st.streams.insert(
             id,
             Stream {
+                deadline: Instant::now() + req.timeout,
                 status: None,
                 headers: HeaderMap::new(),
                 window,
@@ -521,6 +529,7 @@ where
         decoder: Decoder::new(MAX_HEADER_LIST),
         block: None,
         conn_unacked: 0,
+        timer: None,
         eof: false,
     };
     Ok((H2Client { shared }, conn))
@@ -595,6 +604,11 @@ pub struct Connection<IO> {
     block: Option<Block>,
     /// Connection-level bytes received and not yet returned.
     conn_unacked: u32,
+    /// One timer for all the streams' deadlines: set to the earliest open
+    /// stream's, and moved on when it fires. Streams are opened in
+    /// deadline order, so this costs a timer per request timeout, not a
+    /// timer per request.
+    timer: Option<Pin<Box<Sleep>>>,
     eof: bool,
 }
 
@@ -895,6 +909,51 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         }
     }
 
+    /// Fails the streams whose deadline passed (resetting them) and keeps
+    /// the timer on the earliest deadline still open.
+    fn poll_deadlines(&mut self, cx: &mut Context<'_>) {
+        loop {
+            if let Some(t) = self.timer.as_mut() {
+                if t.as_mut().poll(cx).is_pending() {
+                    return;
+                }
+            }
+            let now = Instant::now();
+            let mut st = self.shared.state.lock();
+            let mut expired = Vec::new();
+            let mut next = None;
+            for (id, s) in st.streams.iter_mut() {
+                if s.done.is_some() {
+                    continue;
+                }
+                if s.deadline <= now {
+                    s.finish(Err(ConnError::Timeout("WNS request")));
+                    expired.push(id);
+                } else {
+                    next = Some(s.deadline);
+                    break;
+                }
+            }
+            if !expired.is_empty() {
+                for id in expired {
+                    st.rst(id, CANCEL);
+                }
+                st.wake_io();
+            }
+            drop(st);
+            match next {
+                Some(at) => match self.timer.as_mut() {
+                    Some(t) => t.as_mut().reset(at),
+                    None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                },
+                None => {
+                    self.timer = None;
+                    return;
+                }
+            }
+        }
+    }
+
     /// True when nothing can happen on this connection any more.
     fn finished(&self) -> bool {
         let st = self.shared.state.lock();
@@ -1026,6 +1085,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
                     Some(ConnError::Protocol(e)) => Err(ConnError::Protocol(e)),
                     _ => Ok(()),
                 });
+            }
+            if this.timer.is_none() || !progressed {
+                this.poll_deadlines(cx);
             }
             if !progressed {
                 return Poll::Pending;
