@@ -26,8 +26,11 @@ pub struct Gateway {
     pub io_backend: &'static str,
     /// The WNS sender.
     pub sender: Arc<crate::sender::wake::WnsSender>,
-    /// Wake-ups in progress, by device id (for coalescing).
-    pub pending_wakes: dashmap::DashMap<String, crate::api::push::PendingWake>,
+    /// Wakes in flight by device id, so a second wake joins the first.
+    /// Hashed with foldhash: every push inserts and removes an entry, and
+    /// the ids come from the MDM server, not from the open internet.
+    pub pending_wakes:
+        dashmap::DashMap<String, crate::api::push::PendingWake, foldhash::fast::RandomState>,
     /// Bulk wakes, running and recently finished.
     pub jobs: dashmap::DashMap<String, Arc<crate::api::jobs::Job>>,
     /// NDJSON imports running now (bounded by `MAX_CONCURRENT_IMPORTS`).
@@ -64,7 +67,7 @@ impl Gateway {
             io_backend,
             imports_running: std::sync::atomic::AtomicUsize::new(0),
             sender,
-            pending_wakes: dashmap::DashMap::new(),
+            pending_wakes: dashmap::DashMap::with_hasher(foldhash::fast::RandomState::default()),
             jobs: dashmap::DashMap::new(),
             shard_runtimes: (0..settings_shards).map(|_| OnceLock::new()).collect(),
             lifecycle,

@@ -283,7 +283,7 @@ fn record_push(gw: &Gateway, record: &DeviceRecord, report: &WakeReport) {
     gw.registry.record_push(
         record.device_id.as_str(),
         crate::registry::LastPush {
-            at: gw.now(),
+            at: report.at,
             result: label_code(PUSH_RESULTS, report.result),
             outcome: outcome_code(report.wns_outcome),
             status: report.status.unwrap_or(0),

@@ -303,10 +303,15 @@ impl WnsSender {
         let started = Instant::now();
         let met = self.metrics.get_or_init(SenderMetrics::new);
         met.inflight.increment(1.0);
-        let report = self.attempts(shard, uri, pfn, &now, met).await;
+        let mut answered = None;
+        let report = self
+            .attempts(shard, uri, pfn, &now, met, &mut answered)
+            .await;
         met.inflight.decrement(1.0);
         met.push(report.result);
-        met.duration.record(started.elapsed().as_secs_f64());
+        let end = answered.unwrap_or_else(Instant::now);
+        met.duration
+            .record(end.duration_since(started).as_secs_f64());
         log_final(uri, pfn, &report);
         report
     }
@@ -319,6 +324,7 @@ impl WnsSender {
         pfn: &str,
         now: &impl Fn() -> UnixTime,
         met: &SenderMetrics,
+        answered: &mut Option<Instant>,
     ) -> WakeReport {
         let Some(app) = self.apps.get(pfn) else {
             return WakeReport::failed(
@@ -377,6 +383,7 @@ impl WnsSender {
                 cv,
                 body.len(),
             );
+            *answered = None;
             let sent = Instant::now();
             let (reply, protocol) = match pool.post(target, &headers, body.clone()).await {
                 Ok(r) => r,
@@ -394,7 +401,9 @@ impl WnsSender {
                     )
                 }
             };
-            met.latency.record(sent.elapsed().as_secs_f64());
+            let got = Instant::now();
+            *answered = Some(got);
+            met.latency.record(got.duration_since(sent).as_secs_f64());
             let at = now();
             let outcome = classify::outcome(reply.status, &reply.headers, at);
             let label = outcome.label();
@@ -451,6 +460,10 @@ impl WnsSender {
         let t = app.throttle.lock();
         if t.is_blocked() {
             return Some(Duration::MAX);
+        }
+        if t.ready_at() == 0 {
+            // Never throttled: no need to read the clock.
+            return None;
         }
         let now = monotonic_ms();
         t.is_paused(now)
