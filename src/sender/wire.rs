@@ -210,6 +210,14 @@ impl State {
         }
     }
 
+    /// A caller took its stream: when it was the last of a connection
+    /// that takes no new ones, the connection's task must run to end it.
+    fn wake_if_last(&mut self) {
+        if self.streams.open == 0 && (self.released || self.closed.is_some()) {
+            self.wake_io();
+        }
+    }
+
     /// Sends what DATA the windows allow, oldest first.
     fn flush_blocked(&mut self) {
         while let Some((id, body)) = self.blocked.front() {
@@ -426,6 +434,7 @@ impl Future for ResponseFuture {
         };
         if s.done.is_some() {
             let s = st.streams.remove(id).expect("stream exists");
+            st.wake_if_last();
             drop(st);
             self.shared = None;
             return Poll::Ready(s.done.expect("done is set"));
@@ -453,6 +462,7 @@ impl Drop for ResponseFuture {
                     st.wake_io();
                 }
             }
+            st.wake_if_last();
         }
     }
 }
