@@ -521,7 +521,7 @@ where
     let shared = Arc::new(Shared {
         state: Mutex::new(st),
     });
-    let conn = Connection {
+    let mut conn = Connection {
         io,
         shared: shared.clone(),
         rbuf,
@@ -533,6 +533,9 @@ where
         conn_unacked: 0,
         eof: false,
     };
+    // Frames that came in the same read as the SETTINGS: the driver
+    // dispatches only after a read, which might never come.
+    conn.dispatch().map_err(|Fatal(_, e)| e)?;
     Ok((H2Client { shared }, conn))
 }
 
