@@ -1046,3 +1046,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "wire_tests.rs"]
+mod tests;
