@@ -217,6 +217,14 @@ impl State {
         }
     }
 
+    /// A caller took its stream: when it was the last of a connection
+    /// that takes no new ones, the connection's task must run to end it.
+    fn wake_if_last(&mut self) {
+        if self.streams.open == 0 && (self.released || self.closed.is_some()) {
+            self.wake_io();
+        }
+    }
+
     /// Sends what DATA the windows allow, oldest first.
     fn flush_blocked(&mut self) {
         while let Some((id, body)) = self.blocked.front() {
@@ -434,6 +442,7 @@ impl Future for ResponseFuture {
         };
         if s.done.is_some() {
             let s = st.streams.remove(id).expect("stream exists");
+            st.wake_if_last();
             drop(st);
             self.shared = None;
             return Poll::Ready(s.done.expect("done is set"));
@@ -461,6 +470,7 @@ impl Drop for ResponseFuture {
                     st.wake_io();
                 }
             }
+            st.wake_if_last();
         }
     }
 }
@@ -519,7 +529,7 @@ where
     let shared = Arc::new(Shared {
         state: Mutex::new(st),
     });
-    let conn = Connection {
+    let mut conn = Connection {
         io,
         shared: shared.clone(),
         rbuf,
@@ -532,6 +542,9 @@ where
         timer: None,
         eof: false,
     };
+    // Frames that came in the same read as the SETTINGS: the driver
+    // dispatches only after a read, which might never come.
+    conn.dispatch().map_err(|Fatal(_, e)| e)?;
     Ok((H2Client { shared }, conn))
 }
 
@@ -1095,3 +1108,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "wire_tests.rs"]
+mod tests;
