@@ -71,6 +71,9 @@ const MAX_HEADER_BLOCK: usize = 64 * 1024;
 const MAX_STREAM_ID: u32 = (1 << 31) - 1;
 /// Read buffer size.
 const READ_CHUNK: usize = 64 * 1024;
+/// How long a connection that ended may take to deliver its last frames
+/// (a GOAWAY) before its socket is dropped.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 /// A request to send: the target and headers, encoded by the client.
 pub struct Request<'a> {
@@ -226,19 +229,34 @@ impl State {
     }
 
     /// Sends what DATA the windows allow, oldest first.
+    ///
+    /// A body waiting for its own stream's window does not hold back the
+    /// bodies behind it; one waiting for the connection's window does
+    /// (they all draw on it, oldest first). A body whose stream ended
+    /// meanwhile (reset, or failed by GOAWAY) is dropped.
     fn flush_blocked(&mut self) {
-        while let Some((id, body)) = self.blocked.front() {
-            let (id, len) = (*id, body.len() as i64);
-            let Some(s) = self.streams.get(id) else {
-                self.blocked.pop_front();
-                continue;
+        let mut i = 0;
+        while i < self.blocked.len() {
+            let (id, len) = (self.blocked[i].0, self.blocked[i].1.len() as i64);
+            let stream_window = match self.streams.get(id) {
+                Some(s) if s.done.is_none() => s.window,
+                _ => {
+                    self.blocked.remove(i);
+                    continue;
+                }
             };
-            if len > s.window || len > self.window {
+            if len > self.window {
                 break;
             }
-            s.window -= len;
+            if len > stream_window {
+                i += 1;
+                continue;
+            }
+            if let Some(s) = self.streams.get(id) {
+                s.window -= len;
+            }
             self.window -= len;
-            let (_, body) = self.blocked.pop_front().expect("front exists");
+            let (_, body) = self.blocked.remove(i).expect("index is in range");
             self.frame_head(body.len(), DATA, END_STREAM, id);
             self.out.extend_from_slice(&body);
         }
@@ -524,7 +542,7 @@ where
         io_waker: None,
         released: false,
     };
-    apply_settings(&mut st, &rbuf[9..9 + len])?;
+    apply_settings(&mut st, &rbuf[9..9 + len]).map_err(|Fatal(_, e)| e)?;
     rbuf.drain(..9 + len);
     let shared = Arc::new(Shared {
         state: Mutex::new(st),
@@ -540,6 +558,7 @@ where
         block: None,
         conn_unacked: 0,
         timer: None,
+        closing: None,
         eof: false,
     };
     // Frames that came in the same read as the SETTINGS: the driver
@@ -562,10 +581,11 @@ async fn read_more<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut Vec<u8>) -> Res
 }
 
 /// Applies a SETTINGS payload and queues its ACK.
-fn apply_settings(st: &mut State, payload: &[u8]) -> Result<(), ConnError> {
+fn apply_settings(st: &mut State, payload: &[u8]) -> Result<(), Fatal> {
     if payload.len() % 6 != 0 {
-        return Err(ConnError::Protocol(
-            "SETTINGS length not a multiple of 6".into(),
+        return Err(Fatal(
+            FRAME_SIZE_ERROR,
+            ConnError::Protocol("SETTINGS length not a multiple of 6".into()),
         ));
     }
     for p in payload.chunks_exact(6) {
@@ -575,7 +595,10 @@ fn apply_settings(st: &mut State, payload: &[u8]) -> Result<(), ConnError> {
             0x3 => st.peer.max_streams = value,
             0x4 => {
                 if value > MAX_STREAM_ID {
-                    return Err(ConnError::Protocol("INITIAL_WINDOW_SIZE too large".into()));
+                    return Err(Fatal(
+                        FLOW_CONTROL_ERROR,
+                        ConnError::Protocol("INITIAL_WINDOW_SIZE too large".into()),
+                    ));
                 }
                 let delta = value as i64 - st.peer.initial_window;
                 st.peer.initial_window = value as i64;
@@ -585,7 +608,7 @@ fn apply_settings(st: &mut State, payload: &[u8]) -> Result<(), ConnError> {
             }
             0x5 => {
                 if !(16_384..=16_777_215).contains(&value) {
-                    return Err(ConnError::Protocol("MAX_FRAME_SIZE out of range".into()));
+                    return Err(protocol("MAX_FRAME_SIZE out of range"));
                 }
                 st.peer.max_frame = value as usize;
             }
@@ -622,6 +645,10 @@ pub struct Connection<IO> {
     /// deadline order, so this costs a timer per request timeout, not a
     /// timer per request.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Set once the connection is over: the queued frames are being
+    /// written before the socket closes, then the future resolves with
+    /// this.
+    closing: Option<Result<(), ConnError>>,
     eof: bool,
 }
 
@@ -716,7 +743,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     }
                     if flags & ACK == 0 {
                         let p = self.rbuf[payload].to_vec();
-                        apply_settings(&mut st, &p).map_err(|e| Fatal(PROTOCOL_ERROR, e))?;
+                        apply_settings(&mut st, &p)?;
                     }
                 }
                 PUSH_PROMISE => return Err(protocol("PUSH_PROMISE with push disabled")),
@@ -967,6 +994,29 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         }
     }
 
+    /// Writes what is left and shuts the socket down; resolves with
+    /// `result` when done, when the socket fails, or at the close timer.
+    fn poll_close(
+        &mut self,
+        cx: &mut Context<'_>,
+        result: Result<(), ConnError>,
+    ) -> Poll<Result<(), ConnError>> {
+        if let Some(t) = self.timer.as_mut() {
+            if t.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(result);
+            }
+        }
+        match self.poll_write_out(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(result),
+            Poll::Ready(Ok(())) => {}
+        }
+        match Pin::new(&mut self.io).poll_shutdown(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(_) => Poll::Ready(result),
+        }
+    }
+
     /// True when nothing can happen on this connection any more.
     fn finished(&self) -> bool {
         let st = self.shared.state.lock();
@@ -1042,6 +1092,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
                 _ => st.io_waker = Some(cx.waker().clone()),
             }
         }
+        if let Some(result) = &this.closing {
+            let result = result.clone();
+            return this.poll_close(cx, result);
+        }
         loop {
             // Reads first: they may queue acknowledgements to write.
             let mut progressed = false;
@@ -1091,13 +1145,16 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
                     st.goaway(0, NO_ERROR);
                     drop(st);
                     this.eof = true;
-                    let _ = this.poll_write_out(cx);
-                    let _ = Pin::new(&mut this.io).poll_shutdown(cx);
                 }
-                return Poll::Ready(match closed {
+                let result = match closed {
                     Some(ConnError::Protocol(e)) => Err(ConnError::Protocol(e)),
                     _ => Ok(()),
-                });
+                };
+                // Deliver what is queued (our GOAWAY) and close, within
+                // a bound: a peer that stops reading cannot keep us.
+                this.closing = Some(result.clone());
+                this.timer = Some(Box::pin(tokio::time::sleep(CLOSE_WITHIN)));
+                return this.poll_close(cx, result);
             }
             if this.timer.is_none() || !progressed {
                 this.poll_deadlines(cx);

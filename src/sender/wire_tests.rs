@@ -303,6 +303,7 @@ fn post(client: &H2Client, path: &str, body: &[u8]) -> ResponseFuture {
         path,
         headers: &headers,
         body: Bytes::copy_from_slice(body),
+        timeout: Duration::from_secs(15),
     })
 }
 
@@ -429,6 +430,7 @@ async fn a_request_is_headers_in_order_then_its_body_with_end_stream() {
         path: "/?token=AwYAAAB",
         headers: &headers,
         body: Bytes::from_static(b"wake"),
+        timeout: Duration::from_secs(15),
     });
     let req = srv.request().await;
     assert_eq!(req.head.stream, 1);
@@ -1080,6 +1082,83 @@ async fn max_concurrent_streams_bounds_the_open_streams() {
     // The stream is free again; the refused one used no id.
     let f3 = post(&client, "/?token=c", b"three");
     assert_eq!(srv.request().await.head.stream, 3);
+    srv.write(&answer(3, &[(":status", "200")])).await;
+    assert_eq!(ok(within("stream 3", f3).await).status, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unanswered_request_times_out_at_its_deadline_and_is_reset() {
+    let Open {
+        client,
+        mut srv,
+        driver: _driver,
+    } = open(&[]).await;
+    let headers = wake_headers("cv");
+    let send = |path, secs| {
+        client.send(Request {
+            authority: AUTHORITY,
+            path,
+            headers: &headers,
+            body: Bytes::from_static(b"wake"),
+            timeout: Duration::from_secs(secs),
+        })
+    };
+    let started = tokio::time::Instant::now();
+    let f1 = send("/?token=a", 2);
+    srv.request().await;
+    let f3 = send("/?token=b", 60);
+    srv.request().await;
+    // Nothing answers stream 1: at its deadline (virtual time) its caller
+    // gets a timeout and the server a reset; stream 3 keeps waiting.
+    let r = within("stream 1", f1).await;
+    assert!(matches!(r, Err(ConnError::Timeout(_))), "{r:?}");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(
+        srv.frame().await,
+        Frame {
+            kind: RST_STREAM,
+            flags: 0,
+            stream: 1,
+            payload: CANCEL.to_be_bytes().to_vec(),
+        }
+    );
+    srv.write(&answer(3, &[(":status", "200")])).await;
+    assert_eq!(ok(within("stream 3", f3).await).status, 200);
+    assert!(!client.is_closed());
+}
+
+#[tokio::test]
+async fn a_body_waiting_for_its_stream_window_does_not_hold_back_the_next() {
+    let Open {
+        client,
+        mut srv,
+        driver: _driver,
+    } = open(&[(0x4, 0)]).await;
+    let f1 = post(&client, "/?token=a", &[b'a'; 100]);
+    srv.request_head().await;
+    let f3 = post(&client, "/?token=b", &[b'b'; 10]);
+    srv.request_head().await;
+    assert!(srv.barrier().await.is_empty(), "DATA sent without window");
+    // Stream 3 gets its window first: its body goes out, stream 1's waits.
+    srv.write(&frame(WINDOW_UPDATE, 0, 3, &10u32.to_be_bytes()))
+        .await;
+    let data = srv.frame().await;
+    assert_eq!((data.kind, data.stream, data.payload.len()), (DATA, 3, 10));
+    assert!(
+        srv.barrier().await.is_empty(),
+        "stream 1 sent without window"
+    );
+    // A body whose stream was reset meanwhile is dropped, not sent.
+    srv.write(&frame(RST_STREAM, 0, 1, &REFUSED_STREAM.to_be_bytes()))
+        .await;
+    srv.write(&frame(WINDOW_UPDATE, 0, 1, &100u32.to_be_bytes()))
+        .await;
+    assert!(
+        srv.barrier().await.is_empty(),
+        "DATA sent on a reset stream"
+    );
+    assert!(lost(within("stream 1", f1).await).contains("refused"));
     srv.write(&answer(3, &[(":status", "200")])).await;
     assert_eq!(ok(within("stream 3", f3).await).status, 200);
 }
