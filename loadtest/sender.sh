@@ -6,7 +6,8 @@
 #   loadtest/sender.sh [DEVICES] [RUNS]     (defaults: 1000000, 3)
 #
 # Gateway on core 0 (one shard), the simulator on core 1 (no per-channel
-# stats, so it stays out of the way). Per run:
+# stats, so it stays out of the way). After the import, one unmeasured
+# warm-up wake; then, per run:
 #   P1  TLS + h2: bulk wake of every device (4 connections x 100 streams);
 #       reference: h2load -c 4 -m 100 on core 0 against the same simulator,
 #       one request per device URI, same headers and body size.
