@@ -100,6 +100,8 @@ struct Peer {
 
 /// One open stream: the answer as it arrives.
 struct Stream {
+    /// When the request was queued.
+    opened: Instant,
     /// When the caller stops waiting for the answer's head.
     deadline: Instant,
     status: Option<u16>,
@@ -410,10 +412,12 @@ impl H2Client {
             }
         }
         let window = st.peer.initial_window;
+        let opened = Instant::now();
         st.streams.insert(
             id,
             Stream {
-                deadline: Instant::now() + req.timeout,
+                opened,
+                deadline: opened + req.timeout,
                 status: None,
                 headers: HeaderMap::new(),
                 window,
@@ -558,6 +562,7 @@ where
         block: None,
         conn_unacked: 0,
         timer: None,
+        last_read: Instant::now(),
         closing: None,
         eof: false,
     };
@@ -645,6 +650,8 @@ pub struct Connection<IO> {
     /// deadline order, so this costs a timer per request timeout, not a
     /// timer per request.
     timer: Option<Pin<Box<Sleep>>>,
+    /// When the server last sent anything.
+    last_read: Instant,
     /// Set once the connection is over: the queued frames are being
     /// written before the socket closes, then the future resolves with
     /// this.
@@ -936,6 +943,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
+                if n > 0 {
+                    self.last_read = Instant::now();
+                }
                 // SAFETY: `poll_read` initialised the first `n` bytes of
                 // the spare capacity.
                 unsafe { self.rbuf.set_len(filled + n) };
@@ -951,28 +961,50 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
 
     /// Fails the streams whose deadline passed (resetting them) and keeps
     /// the timer on the earliest deadline still open.
-    fn poll_deadlines(&mut self, cx: &mut Context<'_>) {
+    ///
+    /// If the server sent nothing at all since an expired request was
+    /// queued, the connection is presumed dead (a peer gone without a FIN
+    /// or RST): every stream fails as lost, to be sent again on another
+    /// connection, and `true` is returned so the connection closes.
+    fn poll_deadlines(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
             if let Some(t) = self.timer.as_mut() {
                 if t.as_mut().poll(cx).is_pending() {
-                    return;
+                    return false;
                 }
             }
             let now = Instant::now();
-            let mut st = self.shared.state.lock();
+            let last_read = self.last_read;
+            let shared = self.shared.clone();
+            let mut st = shared.state.lock();
             let mut expired = Vec::new();
             let mut next = None;
+            let mut silent = false;
             for (id, s) in st.streams.iter_mut() {
                 if s.done.is_some() {
                     continue;
                 }
                 if s.deadline <= now {
+                    if s.opened > last_read {
+                        silent = true;
+                        break;
+                    }
                     s.finish(Err(ConnError::Timeout("WNS request")));
                     expired.push(id);
                 } else {
                     next = Some(s.deadline);
                     break;
                 }
+            }
+            if silent {
+                tracing::debug!("WNS h2 connection silent past a request deadline: closing it");
+                st.fail_all(ConnError::Lost(
+                    "the connection went silent: no frame from the server within the request timeout"
+                        .into(),
+                ));
+                st.goaway(0, NO_ERROR);
+                self.timer = None;
+                return true;
             }
             if !expired.is_empty() {
                 for id in expired {
@@ -988,7 +1020,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 },
                 None => {
                     self.timer = None;
-                    return;
+                    return false;
                 }
             }
         }
@@ -1156,8 +1188,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
                 this.timer = Some(Box::pin(tokio::time::sleep(CLOSE_WITHIN)));
                 return this.poll_close(cx, result);
             }
-            if this.timer.is_none() || !progressed {
-                this.poll_deadlines(cx);
+            if (this.timer.is_none() || !progressed) && this.poll_deadlines(cx) {
+                this.eof = true;
+                continue;
             }
             if !progressed {
                 return Poll::Pending;

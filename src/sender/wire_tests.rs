@@ -1162,3 +1162,39 @@ async fn a_body_waiting_for_its_stream_window_does_not_hold_back_the_next() {
     srv.write(&answer(3, &[(":status", "200")])).await;
     assert_eq!(ok(within("stream 3", f3).await).status, 200);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_silent_past_a_deadline_is_presumed_dead() {
+    let Open {
+        client,
+        mut srv,
+        driver,
+    } = open(&[]).await;
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let headers = wake_headers("cv");
+    let send = |path, secs| {
+        client.send(Request {
+            authority: AUTHORITY,
+            path,
+            headers: &headers,
+            body: Bytes::from_static(b"wake"),
+            timeout: Duration::from_secs(secs),
+        })
+    };
+    let f1 = send("/?token=a", 2);
+    srv.request().await;
+    let f3 = send("/?token=b", 60);
+    srv.request().await;
+    // The server sends nothing at all: at the first deadline every stream
+    // fails as lost (to be sent again elsewhere) and the connection ends.
+    assert!(lost(within("stream 1", f1).await).contains("silent"));
+    assert!(lost(within("stream 3", f3).await).contains("silent"));
+    assert!(client.is_closed());
+    assert!(lost(within("a late send", send("/?token=c", 2)).await).contains("not sent"));
+    let rest = srv.until_closed().await;
+    assert_eq!(
+        rest.last().map(|f| (f.kind, f.u32_at(4))),
+        Some((GOAWAY, NO_ERROR))
+    );
+    within("the driver", driver).await.ok();
+}
