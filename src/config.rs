@@ -44,7 +44,8 @@ pub struct ApiConfig {
     pub max_import_bytes: u64,
     /// Requests a shard serves at once before answering 503.
     pub max_inflight_per_shard: usize,
-    /// Time allowed to receive a request's headers or body, seconds.
+    /// Time allowed for a new connection's first byte, a request's headers,
+    /// or each gap in its body, seconds.
     pub request_timeout_secs: u64,
 }
 

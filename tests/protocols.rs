@@ -100,6 +100,29 @@ fn a_stalled_body_times_out_with_408() {
 }
 
 #[test]
+fn a_connection_that_sends_nothing_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(
+        &dir.path().join("data"),
+        &[("WNSGATE_API__REQUEST_TIMEOUT_SECS", "1")],
+    );
+    let mut silent = TcpStream::connect(&s.addr).unwrap();
+    // A guard so a regression fails instead of hanging; the server closes
+    // the connection at its 1 s request timeout.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match silent.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the server to close the connection, got {other:?}"),
+    }
+    // A client that does speak still gets served on a fresh connection.
+    assert_eq!(s.client().get("/v1/stats").unwrap().status, 200);
+}
+
+#[test]
 fn concurrent_imports_are_bounded_with_429() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(&dir.path().join("data"), &[]);

@@ -11,10 +11,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
+use tokio::time::Sleep;
 
 /// Most concurrent HTTP/2 streams a client may open on one connection.
 pub const H2_MAX_STREAMS: u32 = 256;
@@ -59,8 +62,10 @@ impl ConnServer {
     where
         IO: AsyncRead + AsyncWrite + Unpin + 'static,
     {
+        let first_byte_within = Duration::from_secs(self.gw.settings.request_timeout_secs);
         let (gw, index, inflight) = (self.gw.clone(), self.index, self.inflight.clone());
         let svc = service_fn(move |req| api::serve(gw.clone(), index, inflight.clone(), req));
+        let io = FirstByteWithin::new(io, first_byte_within);
         let conn = self
             .builder
             .serve_connection(TokioIo::new(io), svc)
@@ -122,4 +127,90 @@ pub fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     b
+}
+
+/// A connection that must send its first byte within a limit.
+///
+/// The auto builder reads a new connection's first bytes to tell HTTP/1.1
+/// from h2c before any of hyper's own timeouts start, so a client that
+/// connects and sends nothing would hold its socket (and a slot of the
+/// file-descriptor limit) forever. Until the first byte arrives, a read
+/// that is still waiting at the limit fails with `TimedOut`, which ends
+/// the connection; after it, this is a plain pass-through and the HTTP
+/// layers' own timeouts apply.
+struct FirstByteWithin<IO> {
+    io: IO,
+    /// Set until the first byte is read.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl<IO> FirstByteWithin<IO> {
+    fn new(io: IO, limit: Duration) -> FirstByteWithin<IO> {
+        FirstByteWithin {
+            io,
+            deadline: Some(Box::pin(tokio::time::sleep(limit))),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for FirstByteWithin<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        match Pin::new(&mut self.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    self.deadline = None;
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let expired = self
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|d| d.as_mut().poll(cx).is_ready());
+                if !expired {
+                    return Poll::Pending;
+                }
+                tracing::debug!("closing a connection that sent no request");
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no request within the request timeout",
+                )))
+            }
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for FirstByteWithin<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
