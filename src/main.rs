@@ -25,12 +25,20 @@ const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
 extern "C" {
     /// mimalloc's option setter; linked from libmimalloc-sys.
     fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
+    /// mimalloc's collection: with `force`, frees what every heap holds
+    /// unused, abandoned heaps of finished threads included.
+    fn mi_collect(force: bool);
 }
 
 fn tune_allocator() {
     // SAFETY: mi_option_set only stores an option value; any value is
     // valid for purge_delay (-1 disables purging, 0 purges at once).
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, ALLOCATOR_PURGE_DELAY_MS) };
+    // The store load at start runs on scan threads that end with it.
+    let _ = wnsgate::server::AFTER_LOAD.set(|| {
+        // SAFETY: mi_collect only walks mimalloc's own heaps.
+        unsafe { mi_collect(true) }
+    });
 }
 
 #[derive(Parser)]
