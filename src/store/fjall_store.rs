@@ -1,7 +1,7 @@
 //! The embedded store: fjall keyspaces for device records, the issued-at
 //! index, and refresh jobs.
 //!
-//! - `devices`: keys are device ids and values the [`codec`](super::codec)
+//! - `devices`: keys are device ids and values the [`codec`]
 //!   encoding, so fjall's key order is device-id order and `page` is a range
 //!   scan.
 //! - `issued`: keys are `issued_at` (u32 big-endian) then the device id,
@@ -10,7 +10,7 @@
 //!   the sweep that reaches them. An index missing from an older store is
 //!   rebuilt when the store is opened.
 //! - `jobs`: keys are refresh job ids (u64 big-endian), values the
-//!   [`job_codec`](super::job_codec) encoding.
+//!   [`job_codec`] encoding.
 //!
 //! Memory: fjall's footprint is bounded by [`FjallOptions`] and does not grow
 //! with the number of devices except for the block indexes it keeps pinned:
