@@ -15,6 +15,12 @@
 //! its dynamic tables, CONTINUATION, padding, PING, RST_STREAM, GOAWAY
 //! (streams above its last id fail as never processed; the rest finish),
 //! and a cancelled request resets its stream. Server push is disabled.
+//!
+//! Request deadlines share one timer per connection. A request past its
+//! deadline fails with [`ConnError::Timeout`] and its stream is reset;
+//! if the server sent nothing at all since that request was queued, the
+//! connection is presumed dead instead and every stream on it fails as
+//! lost, to be sent again elsewhere.
 
 use super::conn::{ConnError, Reply};
 use super::hpack::{Decoder, Encoder, HpackError};
