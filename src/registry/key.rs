@@ -146,7 +146,7 @@ pub(crate) fn write_key(id: &str, out: &mut Vec<u8>) {
 /// An id with no hex letters at all is canonical in both cases; it gets the
 /// lowercase tag so that the choice is a function of the id.
 fn parse_uuid(b: &[u8]) -> Option<(u8, [u8; 16])> {
-    /// The hex digit runs of `8-4-4-4-12`.
+    /// The hex digit runs of `8-4-4-4-12`, all of even length.
     const RUNS: [(usize, usize); 5] = [(0, 8), (9, 13), (14, 18), (19, 23), (24, 36)];
     if b.len() != UUID_LEN || HYPHENS.iter().any(|&i| b[i] != b'-') {
         return None;
@@ -156,20 +156,13 @@ fn parse_uuid(b: &[u8]) -> Option<(u8, [u8; 16])> {
     let mut raw = [0u8; 16];
     let mut n = 0;
     for (start, end) in RUNS {
-        for &c in &b[start..end] {
-            let v = match c {
-                b'0'..=b'9' => c - b'0',
-                b'a'..=b'f' => {
-                    cases |= 1;
-                    c - b'a' + 10
-                }
-                b'A'..=b'F' => {
-                    cases |= 2;
-                    c - b'A' + 10
-                }
-                _ => return None,
-            };
-            raw[n / 2] |= v << (4 * (1 - n % 2));
+        for pair in b[start..end].chunks_exact(2) {
+            let (hi, lo) = (HEX[pair[0] as usize], HEX[pair[1] as usize]);
+            if hi == NOT_HEX || lo == NOT_HEX {
+                return None;
+            }
+            cases |= (hi | lo) >> 4;
+            raw[n] = (hi & 0xf) << 4 | (lo & 0xf);
             n += 1;
         }
     }
@@ -179,6 +172,28 @@ fn parse_uuid(b: &[u8]) -> Option<(u8, [u8; 16])> {
         _ => Some((TAG_UUID_LOWER, raw)),
     }
 }
+
+/// Not a hex digit, in [`HEX`].
+const NOT_HEX: u8 = 0xff;
+
+/// Each byte's hex value in the low nibble, with 0x10 for a lowercase
+/// letter and 0x20 for an uppercase one; [`NOT_HEX`] for the rest. One
+/// lookup per digit keeps parsing ids (every registry lookup does it) off
+/// the profile.
+static HEX: [u8; 256] = {
+    let mut t = [NOT_HEX; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = match c as u8 {
+            b'0'..=b'9' => c as u8 - b'0',
+            b'a'..=b'f' => (c as u8 - b'a' + 10) | 0x10,
+            b'A'..=b'F' => (c as u8 - b'A' + 10) | 0x20,
+            _ => NOT_HEX,
+        };
+        c += 1;
+    }
+    t
+};
 
 #[cfg(test)]
 mod tests {
