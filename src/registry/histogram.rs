@@ -12,7 +12,7 @@ use super::record::CompactRecord;
 use super::StateCounts;
 use crate::core::{LifecycleState, RefreshState, Thresholds, UnixTime};
 use parking_lot::Mutex;
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 /// Shards: twice the cores, at least 4 and at most 32. Every shard holds
 /// its own entry for each minute its devices were issued in, so more shards
@@ -52,8 +52,9 @@ impl Bucket {
 struct Shard {
     /// Devices per minute; signed because a racing remove's decrement may
     /// be applied before the matching insert's increment. Zero counts are
-    /// removed.
-    minutes: BTreeMap<u32, i64>,
+    /// removed. Hashed, not ordered: every registration updates it, and
+    /// the counts walk all of it in any order.
+    minutes: HashMap<u32, i64, foldhash::fast::FixedState>,
     dead: i64,
     pending: i64,
     unreachable: i64,
