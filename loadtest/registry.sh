@@ -12,7 +12,8 @@
 #   P4  durable import rate (every batch fsync'd before it is acknowledged)
 #       and single-PUT latency at PUT_RATE req/s (default 10000) for
 #       PUT_SECONDS (default 10); reference: a bare fsync on the same disk
-#   P5  restart until /readyz answers 200;
+#   P5  restart until /readyz answers 200, and the RSS 3 s after it (P3
+#       again: what the same registry costs when loaded from the store);
 #       reference: reading the data directory's bytes once (cold page cache
 #       is not forced; both read the same warm files)
 set -euo pipefail
@@ -117,5 +118,13 @@ import sys
 t0, t1, t2, size, n = map(float, sys.argv[1:])
 print(f"P5 restart: ready in {t2-t1:.2f} s with {int(n)} devices (target <= 10 s at 10M; "
       f"reference: reading the {size/2**20:.0f} MiB data directory once took {t1-t0:.2f} s)")
+PY
+sleep 3
+RESTART_KB=$(rss_kb "$PID")
+python3 - "$N" "$EMPTY_KB" "$FULL_KB" "$RESTART_KB" <<'PY'
+import sys
+n, empty, full, again = map(int, sys.argv[1:])
+print(f"P3 after the restart: RSS {again/1024:.0f} MiB, {(again-empty)*1024/n:.0f} B/device above the empty process "
+      f"(after the import: {(full-empty)*1024/n:.0f} B/device)")
 PY
 kill -TERM "$PID"; wait "$PID" || true; PID=""
