@@ -8,11 +8,12 @@
 use super::body::{read_limited, require_content_type};
 use super::devices::parse_device_id;
 use super::error::{json_error, ApiError};
-use super::push::start_or_join_inline;
+use super::push::{claim, conclude, conclude_now, Claim, Publisher};
 use super::response::{json_response, Resp};
 use crate::core::wns::retry::Pacer;
-use crate::core::{DeviceRecord, LifecycleState};
+use crate::core::{ChannelUri, DeviceRecord, LifecycleState};
 use crate::gateway::Gateway;
+use crate::sender::bulk::{WakeBatch, WakeTarget};
 use crate::sender::tokens::monotonic_ms;
 use crate::sender::wake::WakeReport;
 use crate::telemetry::metrics as m;
@@ -21,7 +22,6 @@ use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -428,9 +428,9 @@ async fn run(gw: Arc<Gateway>, shard: usize, job: Arc<Job>, selection: Selection
     tracing::info!(job = %job.id, done = job.view().done, "bulk wake finished");
 }
 
-/// Sends one batch from the shard it was handed to, driving the wakes it
-/// starts itself; `_page` is released when the batch is done (or the job
-/// cancelled) and its wakes have their results.
+/// Sends one batch from the shard it was handed to, driving its wakes
+/// itself (see [`WakeBatch`]); `_page` is released when the batch is done
+/// (or the job cancelled) and its wakes have their results.
 async fn send_batch(
     sending: Arc<Sending>,
     shard: usize,
@@ -438,120 +438,166 @@ async fn send_batch(
     _page: OwnedSemaphorePermit,
 ) {
     metrics::counter!(m::BULK_BATCHES, "shard" => shard.to_string()).increment(1);
-    let mut inflight = wake_set(counted_wake);
-    match batch {
-        Batch::Records(records) => {
-            for rec in records {
-                if !sending
-                    .dispatch(shard, rec, &mut inflight, counted_wake)
-                    .await
-                {
-                    break;
-                }
-            }
-        }
-        Batch::Ids(ids) => {
-            for id in ids {
-                if sending.job.cancelled.load(Ordering::Acquire) {
-                    break;
-                }
-                match sending.gw.registry.get(&id) {
-                    Some(rec) => {
-                        if !sending
-                            .dispatch(shard, rec, &mut inflight, counted_wake)
-                            .await
-                        {
+    let gw = sending.gw.clone();
+    let job = sending.job.clone();
+    let now = {
+        let gw = gw.clone();
+        move || gw.now()
+    };
+    let mut wakes = WakeBatch::new(gw.sender.clone(), shard, now);
+    let mut devices = Devices::new(batch);
+    let mut results = Vec::new();
+    // Dead channels being marked durably before their results count.
+    let mut concluding = FuturesUnordered::new();
+    // A claimed wake waiting for a free stream.
+    let mut parked: Option<JobWake> = None;
+    // An in-flight permit taken while the pace said wait.
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut selecting = true;
+    loop {
+        // Start every wake that may start now.
+        let mut wait = Wait::Nothing;
+        loop {
+            let w = match parked.take() {
+                Some(w) => w,
+                None => {
+                    if !selecting || job.cancelled.load(Ordering::Acquire) {
+                        selecting = false;
+                        break;
+                    }
+                    let Some(permit) = held
+                        .take()
+                        .or_else(|| sending.wakes.clone().try_acquire_owned().ok())
+                    else {
+                        wait = Wait::Permit;
+                        break;
+                    };
+                    if let Some(p) = &sending.pacer {
+                        if let Err(ms) = p.lock().take(monotonic_ms()) {
+                            held = Some(permit);
+                            wait = Wait::Pace(Duration::from_millis(ms));
                             break;
                         }
                     }
-                    None => sending.job.count(None),
+                    let Some(next) = devices.next(&gw) else {
+                        selecting = false;
+                        break;
+                    };
+                    let Some(rec) = next else {
+                        // A listed id that is not registered.
+                        job.count(None);
+                        continue;
+                    };
+                    match claim(&gw, rec.device_id.as_str()) {
+                        Claim::Joined(pending) => {
+                            let job = job.clone();
+                            tokio::spawn(async move {
+                                job.count(pending.result().await);
+                                drop(permit);
+                            });
+                            continue;
+                        }
+                        Claim::Mine(_, publisher) => JobWake {
+                            rec,
+                            publisher,
+                            _permit: permit,
+                        },
+                    }
                 }
+            };
+            if let Err(w) = wakes.start(w) {
+                parked = Some(w);
+                break;
             }
         }
-    }
-    while inflight.next().await.is_some() {}
-}
-
-/// Wakes a batch started and drives.
-type Inflight<F> = FuturesUnordered<F>;
-
-/// An empty set for the wakes `start` returns (names their type).
-fn wake_set<F>(_start: StartFn<F>) -> Inflight<F> {
-    FuturesUnordered::new()
-}
-
-/// How a batch starts one wake: [`counted_wake`].
-type StartFn<F> =
-    fn(&Arc<Gateway>, usize, DeviceRecord, Arc<Job>, OwnedSemaphorePermit) -> Option<F>;
-
-/// Starts (or joins) the wake of `rec` for `job`; the result is counted
-/// and the in-flight permit released when it is known. The started wake
-/// is returned for the caller to drive.
-fn counted_wake(
-    gw: &Arc<Gateway>,
-    shard: usize,
-    rec: DeviceRecord,
-    job: Arc<Job>,
-    permit: OwnedSemaphorePermit,
-) -> Option<impl Future<Output = ()> + Send + 'static> {
-    let done = move |report: Option<&WakeReport>| {
-        job.count(report);
-        drop(permit);
-    };
-    start_or_join_inline(gw, shard, rec, Some(done)).1
-}
-
-impl Sending {
-    /// Starts (or joins) the wake of `rec` when the pace and the in-flight
-    /// bound allow, adding it to `inflight`; false, starting nothing, once
-    /// the job is cancelled. The batch's wakes progress while it waits.
-    async fn dispatch<F>(
-        &self,
-        shard: usize,
-        rec: DeviceRecord,
-        inflight: &mut Inflight<F>,
-        start: StartFn<F>,
-    ) -> bool
-    where
-        F: Future<Output = ()>,
-    {
-        let cancelled = || self.job.cancelled.load(Ordering::Acquire);
-        if cancelled() {
-            return false;
+        if wakes.is_empty() && concluding.is_empty() && parked.is_none() && !selecting {
+            break;
         }
-        if let Some(p) = &self.pacer {
-            loop {
-                let taken = p.lock().take(monotonic_ms());
-                let Err(wait_ms) = taken else { break };
-                let wait = tokio::time::sleep(Duration::from_millis(wait_ms));
-                tokio::pin!(wait);
-                loop {
-                    tokio::select! {
-                        _ = &mut wait => break,
-                        Some(()) = inflight.next(), if !inflight.is_empty() => {}
+        tokio::select! {
+            biased;
+            _ = wakes.finished(&mut results), if !wakes.is_empty() => {
+                for (w, report) in results.drain(..) {
+                    match conclude_now(&gw, &w.rec, &w.publisher, report) {
+                        Ok(report) => job.count(Some(report)),
+                        Err(report) => {
+                            let (gw, job) = (gw.clone(), job.clone());
+                            concluding.push(async move {
+                                let report = conclude(&gw, &w.rec, &w.publisher, report).await;
+                                job.count(Some(report));
+                            });
+                        }
                     }
                 }
             }
-            if cancelled() {
-                return false;
+            Some(()) = concluding.next(), if !concluding.is_empty() => {}
+            // Async blocks: a disabled branch's future is still built.
+            p = async { sending.wakes.clone().acquire_owned().await }, if matches!(wait, Wait::Permit) => {
+                match p {
+                    Ok(p) => held = Some(p),
+                    Err(_) => selecting = false,
+                }
             }
+            _ = async { tokio::time::sleep(wait.pace()).await }, if matches!(wait, Wait::Pace(_)) => {}
+            else => {}
         }
-        let permit = loop {
-            tokio::select! {
-                biased;
-                p = self.wakes.clone().acquire_owned() => match p {
-                    Ok(p) => break p,
-                    Err(_) => return false,
-                },
-                Some(()) = inflight.next(), if !inflight.is_empty() => {}
-            }
-        };
-        if cancelled() {
-            return false;
+    }
+}
+
+/// Why a batch stopped starting wakes for now.
+enum Wait {
+    Nothing,
+    /// The job has its most wakes in flight.
+    Permit,
+    /// The job's pace allows the next wake after this long.
+    Pace(Duration),
+}
+
+impl Wait {
+    fn pace(&self) -> Duration {
+        match self {
+            Wait::Pace(d) => *d,
+            _ => Duration::ZERO,
         }
-        if let Some(wake) = start(&self.gw, shard, rec, self.job.clone(), permit) {
-            inflight.push(wake);
+    }
+}
+
+/// A batch's devices, in order: records, or listed ids looked up as they
+/// come (`Some(None)` for one not registered).
+enum Devices {
+    Ids(std::vec::IntoIter<String>),
+    Records(std::vec::IntoIter<DeviceRecord>),
+}
+
+impl Devices {
+    fn new(batch: Batch) -> Devices {
+        match batch {
+            Batch::Ids(ids) => Devices::Ids(ids.into_iter()),
+            Batch::Records(recs) => Devices::Records(recs.into_iter()),
         }
-        true
+    }
+
+    fn next(&mut self, gw: &Gateway) -> Option<Option<DeviceRecord>> {
+        match self {
+            Devices::Ids(ids) => ids.next().map(|id| gw.registry.get(&id)),
+            Devices::Records(recs) => recs.next().map(Some),
+        }
+    }
+}
+
+/// One device of a batch, from its claimed wake to the result counted;
+/// its in-flight permit is released when it is dropped.
+struct JobWake {
+    rec: DeviceRecord,
+    publisher: Publisher,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl WakeTarget for JobWake {
+    fn uri(&self) -> &ChannelUri {
+        &self.rec.channel_uri
+    }
+
+    fn pfn(&self) -> &str {
+        self.rec.pfn.as_str()
     }
 }

@@ -56,8 +56,9 @@ struct WakeSlot {
     changed: Notify,
 }
 
-/// Publishes the result, or marks the wake abandoned if dropped first.
-struct Publisher(Arc<WakeSlot>);
+/// Publishes a claimed wake's result, or marks the wake abandoned if
+/// dropped first.
+pub struct Publisher(Arc<WakeSlot>);
 
 impl Publisher {
     fn publish(&self, report: WakeReport) -> &WakeReport {
@@ -222,9 +223,8 @@ where
 /// Like [`start_or_join_with`], but a wake started by this call is
 /// returned for the caller to drive (it must be polled to completion;
 /// dropping it abandons the wake) instead of running as a task of its own.
-/// Bulk wakes drive many of these from one task: a task per push costs
-/// more than the bookkeeping it carries. `None` when the call joined a
-/// pending wake (`on_done` then runs from a small waiting task).
+/// `None` when the call joined a pending wake (`on_done` then runs from a
+/// small waiting task).
 pub fn start_or_join_inline<F>(
     gw: &Arc<Gateway>,
     shard: usize,
@@ -237,44 +237,90 @@ pub fn start_or_join_inline<F>(
 where
     F: FnOnce(Option<&WakeReport>) + Send + 'static,
 {
-    use dashmap::mapref::entry::Entry;
-    let pending = match gw.pending_wakes.entry(record.device_id.as_str().to_owned()) {
-        Entry::Occupied(e) => {
-            let pending = e.get().clone();
-            drop(e);
+    let (pending, publisher) = match claim(gw, record.device_id.as_str()) {
+        Claim::Joined(pending) => {
             if let Some(done) = on_done {
                 let joined = pending.clone();
                 tokio::spawn(async move { done(joined.result().await) });
             }
             return (pending, None);
         }
-        Entry::Vacant(e) => e
-            .insert(PendingWake {
-                push_id: next_push_id(),
-                slot: Arc::default(),
-            })
-            .clone(),
+        Claim::Mine(pending, publisher) => (pending, publisher),
     };
-    let publisher = Publisher(pending.slot.clone());
     let gw = gw.clone();
     let wake = async move {
         let report = gw
             .sender
             .wake(shard, &record.channel_uri, record.pfn.as_str(), || gw.now())
             .await;
-        record_push(&gw, &record, &report);
-        if let Some(reason) = report.dead {
-            // Boxed: a durable store write is a large future, and every
-            // wake in flight would otherwise carry it inline.
-            Box::pin(mark_dead(&gw, &record, reason)).await;
-        }
-        gw.pending_wakes.remove(record.device_id.as_str());
-        let report = publisher.publish(report);
+        let report = conclude(&gw, &record, &publisher, report).await;
         if let Some(done) = on_done {
             done(Some(report));
         }
     };
     (pending, Some(wake))
+}
+
+/// Whose wake of a device it is.
+pub enum Claim {
+    /// Nobody else's: the claimant sends it, then [`conclude`]s it.
+    Mine(PendingWake, Publisher),
+    /// One is already pending.
+    Joined(PendingWake),
+}
+
+/// Claims the wake of `device_id`, or joins the one pending.
+pub fn claim(gw: &Gateway, device_id: &str) -> Claim {
+    use dashmap::mapref::entry::Entry;
+    match gw.pending_wakes.entry(device_id.to_owned()) {
+        Entry::Occupied(e) => Claim::Joined(e.get().clone()),
+        Entry::Vacant(e) => {
+            let pending = e
+                .insert(PendingWake {
+                    push_id: next_push_id(),
+                    slot: Arc::default(),
+                })
+                .clone();
+            let publisher = Publisher(pending.slot.clone());
+            Claim::Mine(pending, publisher)
+        }
+    }
+}
+
+/// Ends a claimed wake with its final result: kept on the device, the
+/// channel marked dead durably if WNS said so, then published to whoever
+/// joined.
+pub async fn conclude<'p>(
+    gw: &Gateway,
+    record: &DeviceRecord,
+    publisher: &'p Publisher,
+    report: WakeReport,
+) -> &'p WakeReport {
+    record_push(gw, record, &report);
+    if let Some(reason) = report.dead {
+        // Boxed: a durable store write is a large future, and every
+        // wake in flight would otherwise carry it inline.
+        Box::pin(mark_dead(gw, record, reason)).await;
+    }
+    gw.pending_wakes.remove(record.device_id.as_str());
+    publisher.publish(report)
+}
+
+/// [`conclude`] without waiting, for a result that declares no channel
+/// dead; one that does is handed back, for [`conclude`].
+#[allow(clippy::result_large_err)] // handed back whole, to be concluded
+pub fn conclude_now<'p>(
+    gw: &Gateway,
+    record: &DeviceRecord,
+    publisher: &'p Publisher,
+    report: WakeReport,
+) -> Result<&'p WakeReport, WakeReport> {
+    if report.dead.is_some() {
+        return Err(report);
+    }
+    record_push(gw, record, &report);
+    gw.pending_wakes.remove(record.device_id.as_str());
+    Ok(publisher.publish(report))
 }
 
 /// Keeps the outcome on the device (in memory, in place).

@@ -6,6 +6,7 @@
 //! retry, token lifetimes) live in [`crate::core::wns`]; this layer only
 //! moves requests and answers.
 
+pub mod bulk;
 pub mod conn;
 pub mod hpack;
 pub mod pool;

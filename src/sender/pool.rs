@@ -7,7 +7,7 @@
 //! carried fail with [`ConnError::Lost`] so the caller can send them again.
 
 use super::conn::{self, Conn, ConnError, Protocol, Reply, Timeouts};
-use super::wire::H2Client;
+use super::wire::{self, H2Client, Sink};
 use bytes::Bytes;
 use http::uri::{Authority, Parts, PathAndQuery, Scheme};
 use http::{HeaderName, HeaderValue, Uri};
@@ -58,6 +58,25 @@ impl Inner {
     }
 }
 
+/// What [`AuthorityPool::try_send`] did.
+pub enum TrySend {
+    /// Sent on an HTTP/2 connection; the end is reported to the sink.
+    Sent(H2Sent),
+    /// Every HTTP/2 stream is taken and no more connections may open:
+    /// one must end first.
+    Busy,
+    /// Not without waiting for a connection to open, or not on HTTP/2:
+    /// use [`AuthorityPool::post`].
+    Unavailable,
+}
+
+/// A request [`AuthorityPool::try_send`] sent; hand it back with
+/// [`AuthorityPool::ended`] once its answer is taken.
+pub struct H2Sent {
+    conn: u64,
+    pub sent: wire::Sent,
+}
+
 enum Lease {
     H2 { id: u64, send: Arc<H2Client> },
     Http1(H1Send),
@@ -99,6 +118,11 @@ impl AuthorityPool {
             inner: Mutex::new(Inner::default()),
             freed: Notify::new(),
         }
+    }
+
+    /// The host this pool's connections present as SNI and `:authority`.
+    pub fn authority(&self) -> &str {
+        &self.authority
     }
 
     /// True when a request to `path_and_query` on this authority is a
@@ -244,6 +268,61 @@ impl AuthorityPool {
                 Lease::Wait => waiter.await,
             }
         }
+    }
+
+    /// Sends a POST on a free HTTP/2 stream without waiting; its end is
+    /// reported to `sink` with `tag`.
+    pub fn try_send(
+        &self,
+        path_and_query: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+        sink: &Arc<Sink>,
+        tag: u64,
+    ) -> TrySend {
+        let cap = self.limits.max_streams_per_conn;
+        loop {
+            let (id, send) = {
+                let mut g = self.inner.lock();
+                g.h2.retain(|s| !s.send.is_closed());
+                // Without a free stream, can a connection still be opened?
+                let can_open = g.h2.is_empty() || g.open() < self.limits.max_connections;
+                let free =
+                    g.h2.iter_mut()
+                        .filter(|s| s.inflight < cap.min(s.send.max_streams()).max(1))
+                        .min_by_key(|s| s.inflight);
+                match free {
+                    Some(slot) => {
+                        slot.inflight += 1;
+                        (slot.id, slot.send.clone())
+                    }
+                    None if !can_open => return TrySend::Busy,
+                    None => return TrySend::Unavailable,
+                }
+            };
+            let req = wire::Request {
+                authority: &self.authority,
+                path: path_and_query,
+                headers,
+                body: body.clone(),
+                timeout: self.timeouts.request,
+            };
+            match send.send_to(req, sink, tag) {
+                Ok(sent) => return TrySend::Sent(H2Sent { conn: id, sent }),
+                // Closed meanwhile: retire it and look again.
+                Err(_) if send.is_closed() => self.release_h2(id, true),
+                Err(_) => {
+                    self.release_h2(id, false);
+                    return TrySend::Busy;
+                }
+            }
+        }
+    }
+
+    /// The answer to `sent` was taken (`lost`: it failed with the
+    /// connection, which is then retired).
+    pub fn ended(&self, sent: &H2Sent, lost: bool) {
+        self.release_h2(sent.conn, lost);
     }
 
     fn release_h2(&self, id: u64, lost: bool) {

@@ -172,6 +172,29 @@ impl TokenSource {
         }
     }
 
+    /// The cached token if it is valid, without waiting; starts the refresh
+    /// when one is due. `None` when getting one means waiting (or failing):
+    /// ask [`TokenSource::token`] then.
+    pub fn try_token(self: &Arc<Self>) -> Option<AccessToken> {
+        let poll = self.cache.lock().poll(monotonic_ms());
+        match poll {
+            TokenPoll::Ready(t) => Some(t),
+            TokenPoll::ReadyRefreshDue(t, ticket) => {
+                let me = self.clone();
+                tokio::spawn(async move { me.refresh(ticket).await });
+                Some(t)
+            }
+            TokenPoll::MustRefresh(ticket) => {
+                // This caller was given the refresh: start it, for the
+                // waiters in `token` to share.
+                let me = self.clone();
+                tokio::spawn(async move { me.refresh(ticket).await });
+                None
+            }
+            TokenPoll::WaitForRefresh { .. } | TokenPoll::Backoff { .. } => None,
+        }
+    }
+
     /// After a 401 with `used`: forget it (only if still current), so the
     /// next [`TokenSource::token`] fetches a new one.
     pub fn invalidate(&self, used: &AccessToken) -> bool {

@@ -5,7 +5,7 @@
 //! connection pools per shard and authority, so a shard's pushes travel on
 //! connections that shard's runtime drives.
 
-use super::conn::{ConnError, Timeouts};
+use super::conn::{ConnError, Protocol, Reply, Timeouts};
 use super::pool::{AuthorityPool, PoolLimits};
 use super::tls::{self, Alpn};
 use super::tokens::{monotonic_ms, TokenEndpoint, TokenSource};
@@ -15,12 +15,13 @@ use crate::core::wns::retry::{
     CredentialSignal, CredentialThrottle, Decision, PushAttempt, RetryPolicy,
 };
 use crate::core::wns::token::TokenFlow;
+use crate::core::wns::AccessToken;
 use crate::core::wns::{classify, Outcome, WnsMeta};
 use crate::core::{ChannelUri, DeadReason, UnixTime};
 use crate::telemetry::metrics as m;
 use anyhow::Context;
 use bytes::Bytes;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use metrics::{Counter, Gauge, Histogram};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -194,9 +195,48 @@ impl SenderMetrics {
     }
 }
 
-struct App {
-    tokens: Arc<TokenSource>,
+pub(super) struct App {
+    pub(super) tokens: Arc<TokenSource>,
     throttle: Mutex<CredentialThrottle>,
+}
+
+/// How far one wake got: the core's attempt state, and the resends after
+/// lost connections (which do not count as attempts).
+#[derive(Debug, Default)]
+pub(super) struct Tries {
+    pub(super) attempt: PushAttempt,
+    pub(super) lost: u32,
+}
+
+impl Tries {
+    pub(super) fn new() -> Tries {
+        Tries::default()
+    }
+}
+
+/// What follows one request's result.
+pub(super) enum Step {
+    Done(WakeReport),
+    /// Send again, after waiting this long if given.
+    Again(Option<Duration>),
+}
+
+fn no_credentials(pfn: &str, now: UnixTime) -> WakeReport {
+    WakeReport::failed(
+        "no_credentials",
+        format!("no [[wns.apps]] entry for pfn {pfn}"),
+        0,
+        now,
+    )
+}
+
+fn bad_channel_uri(now: UnixTime) -> WakeReport {
+    WakeReport::failed(
+        "bad_channel_uri",
+        "the channel URI does not parse".into(),
+        0,
+        now,
+    )
 }
 
 /// The WNS sender shared by all shards.
@@ -270,7 +310,7 @@ impl WnsSender {
         })
     }
 
-    fn pool(&self, shard: usize, authority: &str) -> Arc<AuthorityPool> {
+    pub(super) fn pool(&self, shard: usize, authority: &str) -> Arc<AuthorityPool> {
         let mut pools = self.pools[shard % self.pools.len()].lock();
         if let Some(p) = pools.get(authority) {
             return p.clone();
@@ -290,6 +330,20 @@ impl WnsSender {
         pool
     }
 
+    fn metrics(&self) -> &SenderMetrics {
+        self.metrics.get_or_init(SenderMetrics::new)
+    }
+
+    /// Counts a wake in flight (until [`WnsSender::finished`]).
+    pub(super) fn begun(&self) {
+        self.metrics().inflight.increment(1.0);
+    }
+
+    /// The app configured for `pfn`.
+    pub(super) fn app(&self, pfn: &str) -> Option<&App> {
+        self.apps.get(pfn)
+    }
+
     /// Sends one wake-up to `uri` with the credentials of `pfn`, retrying
     /// as the core decides, and reports the final result. `now` gives wall
     /// time for `Retry-After` dates and the report.
@@ -301,60 +355,85 @@ impl WnsSender {
         now: impl Fn() -> UnixTime,
     ) -> WakeReport {
         let started = Instant::now();
-        let met = self.metrics.get_or_init(SenderMetrics::new);
-        met.inflight.increment(1.0);
+        self.begun();
+        self.wake_on(shard, uri, pfn, &now, Tries::new(), None, started)
+            .await
+    }
+
+    /// Goes on with a wake already counted in flight since `started`:
+    /// first waits `wait`, then sends (again) and follows the answers.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn wake_on(
+        &self,
+        shard: usize,
+        uri: &ChannelUri,
+        pfn: &str,
+        now: &impl Fn() -> UnixTime,
+        tries: Tries,
+        wait: Option<Duration>,
+        started: Instant,
+    ) -> WakeReport {
         let mut answered = None;
         let report = self
-            .attempts(shard, uri, pfn, &now, met, &mut answered)
+            .attempts(shard, uri, pfn, now, tries, wait, &mut answered)
             .await;
+        self.finished(uri, pfn, &report, started, answered);
+        report
+    }
+
+    /// Counts a wake's final result (it leaves the in-flight gauge) and
+    /// logs it. `answered`: when its last answer came, if one did.
+    pub(super) fn finished(
+        &self,
+        uri: &ChannelUri,
+        pfn: &str,
+        report: &WakeReport,
+        started: Instant,
+        answered: Option<Instant>,
+    ) {
+        let met = self.metrics();
         met.inflight.decrement(1.0);
         met.push(report.result);
         let end = answered.unwrap_or_else(Instant::now);
         met.duration
             .record(end.duration_since(started).as_secs_f64());
-        log_final(uri, pfn, &report);
-        report
+        log_final(uri, pfn, report);
     }
 
     /// The request, answer and retry loop of [`WnsSender::wake`].
+    #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
         shard: usize,
         uri: &ChannelUri,
         pfn: &str,
         now: &impl Fn() -> UnixTime,
-        met: &SenderMetrics,
+        mut tries: Tries,
+        mut wait: Option<Duration>,
         answered: &mut Option<Instant>,
     ) -> WakeReport {
         let Some(app) = self.apps.get(pfn) else {
-            return WakeReport::failed(
-                "no_credentials",
-                format!("no [[wns.apps]] entry for pfn {pfn}"),
-                0,
-                now(),
-            );
+            return no_credentials(pfn, now());
         };
         let pool = self.pool(shard, uri.host());
         let target = uri.path_and_query();
         if !pool.accepts(target) {
-            return WakeReport::failed(
-                "bad_channel_uri",
-                "the channel URI does not parse".into(),
-                0,
-                now(),
-            );
+            return bad_channel_uri(now());
         }
         let body = Bytes::from_static(WAKE_BODY);
         let mut headers = Vec::with_capacity(MAX_WAKE_HEADERS);
-        let mut attempt = PushAttempt::new();
-        let mut lost = 0;
         loop {
+            if let Some(wait) = wait.take() {
+                // Boxed: rare, and every wake in flight would otherwise
+                // carry the timer inline.
+                Box::pin(tokio::time::sleep(wait)).await;
+            }
             if let Some(wait) = self.credential_wait(app) {
                 if wait > self.policy.max_retry_after {
                     return WakeReport::failed(
                         "credential_throttled",
                         "the credential is paused by WNS".into(),
-                        attempt.attempts(),
+                        tries.attempt.attempts(),
                         now(),
                     );
                 }
@@ -366,97 +445,128 @@ impl WnsSender {
                     return WakeReport::failed(
                         "token_unavailable",
                         e.to_string(),
-                        attempt.attempts(),
+                        tries.attempt.attempts(),
                         now(),
                     )
                 }
             };
-            let mut cv = new_cv_header(rand::random::<u128>());
-            // Unique per request: never worth a place in the peer's HPACK
-            // table, where it would only push out entries that repeat.
-            cv.set_sensitive(true);
-            write_wake_headers(
-                &mut headers,
-                &token,
-                self.ttl_secs,
-                self.request_status,
-                cv,
-                body.len(),
-            );
+            self.write_headers(&mut headers, &token, body.len());
             *answered = None;
             let sent = Instant::now();
-            let (reply, protocol) = match pool.post(target, &headers, body.clone()).await {
-                Ok(r) => r,
-                Err(e) if e.is_retryable_elsewhere() && lost < MAX_LOST_RESENDS => {
-                    lost += 1;
-                    metrics::counter!(m::WNS_RESENDS, "reason" => "connection_lost").increment(1);
-                    continue;
-                }
-                Err(e) => {
-                    return WakeReport::failed(
-                        transport_label(&e),
-                        e.to_string(),
-                        attempt.attempts() + 1,
-                        now(),
-                    )
-                }
-            };
-            let got = Instant::now();
-            *answered = Some(got);
-            met.latency.record(got.duration_since(sent).as_secs_f64());
-            let at = now();
-            let outcome = classify::outcome(reply.status, &reply.headers, at);
-            let label = outcome.label();
-            met.response(&outcome, reply.status).increment(1);
-            let verdict = attempt.on_outcome(&outcome, &self.policy, rand::random::<u64>());
-            match verdict.credential {
-                Some(CredentialSignal::Throttle { pause }) => {
-                    app.throttle
-                        .lock()
-                        .on_sender_throttled(monotonic_ms(), pause);
-                }
-                Some(CredentialSignal::Blocked) => {
-                    tracing::error!(
-                        pfn,
-                        "WNS answered 410 Domain Blocked: pushes for this app are stopped"
-                    );
-                    app.throttle.lock().on_blocked();
-                }
-                None => {}
+            let result = pool.post(target, &headers, body.clone()).await;
+            match self.judge(app, &mut tries, &token, result, sent, answered, now) {
+                Step::Done(report) => return report,
+                Step::Again(w) => wait = w,
             }
-            let (result, dead) = match verdict.decision {
-                Decision::Delivered => ("delivered", None),
-                Decision::Failed(f) => (f.label(), None),
-                Decision::ChannelDead(reason) => ("channel_dead", Some(reason)),
-                Decision::RefreshTokenThenRetry => {
-                    app.tokens.invalidate(&token);
-                    metrics::counter!(m::WNS_RESENDS, "reason" => "token_rejected").increment(1);
-                    continue;
-                }
-                Decision::RetryAfter(wait) => {
-                    metrics::counter!(m::WNS_RESENDS, "reason" => label).increment(1);
-                    // Boxed, like the credential wait above: rare, and every
-                    // wake in flight would otherwise carry the timer inline.
-                    Box::pin(tokio::time::sleep(wait)).await;
-                    continue;
-                }
-            };
-            return WakeReport {
-                result,
-                wns_outcome: Some(label),
-                status: Some(reply.status),
-                reply: Some(reply.headers),
-                dead,
-                attempts: attempt.attempts(),
-                protocol: Some(protocol.label()),
-                at,
-                error: None,
-            };
         }
     }
 
+    /// The headers of one wake request sent with `token`.
+    pub(super) fn write_headers(
+        &self,
+        headers: &mut Vec<(HeaderName, HeaderValue)>,
+        token: &AccessToken,
+        body_len: usize,
+    ) {
+        let mut cv = new_cv_header(rand::random::<u128>());
+        // Unique per request: never worth a place in the peer's HPACK
+        // table, where it would only push out entries that repeat.
+        cv.set_sensitive(true);
+        write_wake_headers(
+            headers,
+            token,
+            self.ttl_secs,
+            self.request_status,
+            cv,
+            body_len,
+        );
+    }
+
+    /// What follows the result of one request sent at `sent` with `token`:
+    /// the final report, or another try (after a wait). Sets `answered`
+    /// when WNS answered.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn judge(
+        &self,
+        app: &App,
+        tries: &mut Tries,
+        token: &AccessToken,
+        result: Result<(Reply, Protocol), ConnError>,
+        sent: Instant,
+        answered: &mut Option<Instant>,
+        now: &impl Fn() -> UnixTime,
+    ) -> Step {
+        let met = self.metrics();
+        let (reply, protocol) = match result {
+            Ok(r) => r,
+            Err(e) if e.is_retryable_elsewhere() && tries.lost < MAX_LOST_RESENDS => {
+                tries.lost += 1;
+                metrics::counter!(m::WNS_RESENDS, "reason" => "connection_lost").increment(1);
+                return Step::Again(None);
+            }
+            Err(e) => {
+                return Step::Done(WakeReport::failed(
+                    transport_label(&e),
+                    e.to_string(),
+                    tries.attempt.attempts() + 1,
+                    now(),
+                ))
+            }
+        };
+        let got = Instant::now();
+        *answered = Some(got);
+        met.latency.record(got.duration_since(sent).as_secs_f64());
+        let at = now();
+        let outcome = classify::outcome(reply.status, &reply.headers, at);
+        let label = outcome.label();
+        met.response(&outcome, reply.status).increment(1);
+        let verdict = tries
+            .attempt
+            .on_outcome(&outcome, &self.policy, rand::random::<u64>());
+        match verdict.credential {
+            Some(CredentialSignal::Throttle { pause }) => {
+                app.throttle
+                    .lock()
+                    .on_sender_throttled(monotonic_ms(), pause);
+            }
+            Some(CredentialSignal::Blocked) => {
+                tracing::error!(
+                    pfn = app.tokens.pfn(),
+                    "WNS answered 410 Domain Blocked: pushes for this app are stopped"
+                );
+                app.throttle.lock().on_blocked();
+            }
+            None => {}
+        }
+        let (result, dead) = match verdict.decision {
+            Decision::Delivered => ("delivered", None),
+            Decision::Failed(f) => (f.label(), None),
+            Decision::ChannelDead(reason) => ("channel_dead", Some(reason)),
+            Decision::RefreshTokenThenRetry => {
+                app.tokens.invalidate(token);
+                metrics::counter!(m::WNS_RESENDS, "reason" => "token_rejected").increment(1);
+                return Step::Again(None);
+            }
+            Decision::RetryAfter(wait) => {
+                metrics::counter!(m::WNS_RESENDS, "reason" => label).increment(1);
+                return Step::Again(Some(wait));
+            }
+        };
+        Step::Done(WakeReport {
+            result,
+            wns_outcome: Some(label),
+            status: Some(reply.status),
+            reply: Some(reply.headers),
+            dead,
+            attempts: tries.attempt.attempts(),
+            protocol: Some(protocol.label()),
+            at,
+            error: None,
+        })
+    }
+
     /// How long the credential is paused for, if it is.
-    fn credential_wait(&self, app: &App) -> Option<Duration> {
+    pub(super) fn credential_wait(&self, app: &App) -> Option<Duration> {
         let t = app.throttle.lock();
         if t.is_blocked() {
             return Some(Duration::MAX);

@@ -117,6 +117,9 @@ struct Stream {
     /// What the caller gets; set once.
     done: Option<Result<Reply, ConnError>>,
     waker: Option<Waker>,
+    /// Where to report the end instead of waking `waker` (requests sent
+    /// with [`H2Client::send_to`]), with the caller's tag.
+    sink: Option<(Arc<Sink>, u64)>,
     /// Bytes received and not yet returned by WINDOW_UPDATE.
     unacked: u32,
 }
@@ -125,10 +128,56 @@ impl Stream {
     fn finish(&mut self, r: Result<Reply, ConnError>) {
         if self.done.is_none() {
             self.done = Some(r);
-            if let Some(w) = self.waker.take() {
+            if let Some((sink, tag)) = &self.sink {
+                sink.push(*tag);
+            } else if let Some(w) = self.waker.take() {
                 w.wake();
             }
         }
+    }
+}
+
+/// Where connections report the requests of one caller that ended, by the
+/// caller's tags: one waker for many requests, where a
+/// [`ResponseFuture`] costs a future and a waker per request.
+#[derive(Default)]
+pub struct Sink {
+    inner: Mutex<SinkInner>,
+}
+
+#[derive(Default)]
+struct SinkInner {
+    ended: Vec<u64>,
+    waker: Option<Waker>,
+}
+
+impl Sink {
+    pub fn new() -> Arc<Sink> {
+        Arc::default()
+    }
+
+    fn push(&self, tag: u64) {
+        let mut g = self.inner.lock();
+        g.ended.push(tag);
+        if let Some(w) = g.waker.take() {
+            drop(g);
+            w.wake();
+        }
+    }
+
+    /// Moves the tags of the requests that ended into `out`; `Pending`
+    /// when there are none yet (the task is woken when one ends).
+    pub fn poll_ended(&self, cx: &mut Context<'_>, out: &mut Vec<u64>) -> Poll<()> {
+        let mut g = self.inner.lock();
+        if g.ended.is_empty() {
+            match &g.waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => g.waker = Some(cx.waker().clone()),
+            }
+            return Poll::Pending;
+        }
+        out.append(&mut g.ended);
+        Poll::Ready(())
     }
 }
 
@@ -331,7 +380,7 @@ impl H2Client {
     /// body is read and dropped). Dropping the future before that resets
     /// the stream.
     pub fn send(&self, req: Request<'_>) -> ResponseFuture {
-        match self.start(req) {
+        match self.start(req, None) {
             Ok(id) => ResponseFuture {
                 shared: Some(self.shared.clone()),
                 id,
@@ -345,7 +394,18 @@ impl H2Client {
         }
     }
 
-    fn start(&self, req: Request<'_>) -> Result<u32, ConnError> {
+    /// Sends a request whose end is reported to `sink` with `tag`; the
+    /// answer is then taken with [`Sent::take`]. Fails at once, sending
+    /// nothing, when the connection takes no new stream.
+    pub fn send_to(&self, req: Request<'_>, sink: &Arc<Sink>, tag: u64) -> Result<Sent, ConnError> {
+        let id = self.start(req, Some((sink.clone(), tag)))?;
+        Ok(Sent {
+            shared: self.shared.clone(),
+            id,
+        })
+    }
+
+    fn start(&self, req: Request<'_>, sink: Option<(Arc<Sink>, u64)>) -> Result<u32, ConnError> {
         let mut st = self.shared.state.lock();
         if let Some(e) = &st.closed {
             return Err(ConnError::Lost(format!("not sent: {e}")));
@@ -429,6 +489,7 @@ impl H2Client {
                 window,
                 done: None,
                 waker: None,
+                sink,
                 unacked: 0,
             },
         );
@@ -485,20 +546,61 @@ impl Future for ResponseFuture {
 
 impl Drop for ResponseFuture {
     fn drop(&mut self) {
-        let Some(shared) = self.shared.take() else {
-            return;
-        };
-        let mut st = shared.state.lock();
-        if let Some(s) = st.streams.remove(self.id) {
-            if s.done.is_none() && st.closed.is_none() {
-                // Cancelled (a timeout): tell the server to stop.
-                let was_empty = st.out.is_empty();
-                st.rst(self.id, CANCEL);
-                if was_empty {
-                    st.wake_io();
-                }
+        if let Some(shared) = self.shared.take() {
+            abandon(&shared, self.id);
+        }
+    }
+}
+
+/// The caller gave up on stream `id`: forget it, and reset it if it is
+/// still open.
+fn abandon(shared: &Shared, id: u32) {
+    let mut st = shared.state.lock();
+    if let Some(s) = st.streams.remove(id) {
+        if s.done.is_none() && st.closed.is_none() {
+            // Cancelled: tell the server to stop.
+            let was_empty = st.out.is_empty();
+            st.rst(id, CANCEL);
+            if was_empty {
+                st.wake_io();
             }
-            st.wake_if_last();
+        }
+        st.wake_if_last();
+    }
+}
+
+/// A request sent with [`H2Client::send_to`]. Dropping it before its
+/// answer was taken resets the stream.
+pub struct Sent {
+    shared: Arc<Shared>,
+    id: u32,
+}
+
+impl Sent {
+    /// The answer's head, once the sink reported this request's tag;
+    /// `None` before that.
+    pub fn take(&mut self) -> Option<Result<Reply, ConnError>> {
+        if self.id == 0 {
+            return Some(Err(ConnError::Protocol("answer taken twice".into())));
+        }
+        let mut st = self.shared.state.lock();
+        let Some(s) = st.streams.get(self.id) else {
+            self.id = 0;
+            return Some(Err(ConnError::Lost("stream vanished".into())));
+        };
+        s.done.as_ref()?;
+        let s = st.streams.remove(self.id).expect("stream exists");
+        st.wake_if_last();
+        self.id = 0;
+        s.done
+    }
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        // Stream ids are odd: 0 means the answer was taken.
+        if self.id != 0 {
+            abandon(&self.shared, self.id);
         }
     }
 }

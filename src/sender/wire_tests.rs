@@ -1198,3 +1198,92 @@ async fn a_connection_silent_past_a_deadline_is_presumed_dead() {
     );
     within("the driver", driver).await.ok();
 }
+
+fn post_to(client: &H2Client, path: &str, sink: &Arc<Sink>, tag: u64) -> Sent {
+    let headers = wake_headers("cv");
+    client
+        .send_to(
+            Request {
+                authority: AUTHORITY,
+                path,
+                headers: &headers,
+                body: Bytes::from_static(b"wake"),
+                timeout: Duration::from_secs(15),
+            },
+            sink,
+            tag,
+        )
+        .expect("the connection takes the request")
+}
+
+/// The tags the sink reported so far, without waiting.
+fn ended(sink: &Sink) -> Vec<u64> {
+    let mut out = Vec::new();
+    let waker = futures_util::task::noop_waker();
+    let _ = sink.poll_ended(&mut Context::from_waker(&waker), &mut out);
+    out
+}
+
+#[tokio::test]
+async fn a_sink_gets_the_tags_of_ended_requests_and_each_answer_is_taken_once() {
+    let Open {
+        client,
+        mut srv,
+        driver: _driver,
+    } = open(&[]).await;
+    let sink = Sink::new();
+    let mut a = post_to(&client, "/?token=a", &sink, 70);
+    let mut b = post_to(&client, "/?token=b", &sink, 71);
+    let c = post_to(&client, "/?token=c", &sink, 72);
+    for _ in 0..3 {
+        srv.request().await;
+    }
+    assert!(srv.barrier().await.is_empty());
+    assert!(ended(&sink).is_empty(), "nothing answered yet");
+    assert!(a.take().is_none(), "no answer before the sink says so");
+
+    // Answers out of order; a reset ends a request too.
+    srv.write(&answer(3, &[(":status", "410")])).await;
+    srv.write(&frame(RST_STREAM, 0, 1, &REFUSED_STREAM.to_be_bytes()))
+        .await;
+    assert!(srv.barrier().await.is_empty());
+    assert_eq!(ended(&sink), vec![71, 70]);
+    assert!(ended(&sink).is_empty(), "each tag is reported once");
+    assert_eq!(ok(b.take().expect("b ended")).status, 410);
+    assert!(lost(a.take().expect("a ended")).contains("refused"));
+    assert!(matches!(b.take(), Some(Err(ConnError::Protocol(_)))));
+
+    // A request dropped before its end resets its stream, and its late
+    // answer reports nothing.
+    drop(c);
+    let rst = srv.frame().await;
+    assert_eq!(
+        (rst.kind, rst.stream, rst.u32_at(0)),
+        (RST_STREAM, 5, CANCEL)
+    );
+    srv.write(&answer(5, &[(":status", "200")])).await;
+    assert!(srv.barrier().await.is_empty());
+    assert!(ended(&sink).is_empty());
+
+    // A connection that fails reports every open request.
+    let _d = post_to(&client, "/?token=d", &sink, 80);
+    let _e = post_to(&client, "/?token=e", &sink, 81);
+    srv.request().await;
+    srv.request().await;
+    srv.write(&goaway_frame(0, NO_ERROR)).await;
+    assert!(srv.barrier().await.is_empty());
+    assert_eq!(ended(&sink), vec![80, 81]);
+    assert!(client
+        .send_to(
+            Request {
+                authority: AUTHORITY,
+                path: "/?token=f",
+                headers: &wake_headers("cv"),
+                body: Bytes::from_static(b"wake"),
+                timeout: Duration::from_secs(15),
+            },
+            &sink,
+            82,
+        )
+        .is_err());
+}
