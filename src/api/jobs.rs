@@ -8,11 +8,12 @@
 use super::body::{read_limited, require_content_type};
 use super::devices::parse_device_id;
 use super::error::{json_error, ApiError};
-use super::push::{claim, conclude, conclude_now, Claim, Publisher};
+use super::push::{claim, conclude, last_push, settle, Claim, Publisher};
 use super::response::{json_response, Resp};
 use crate::core::wns::retry::Pacer;
 use crate::core::{ChannelUri, DeviceRecord, LifecycleState};
 use crate::gateway::Gateway;
+use crate::registry::KeyBuf;
 use crate::sender::bulk::{WakeBatch, WakeTarget};
 use crate::sender::tokens::monotonic_ms;
 use crate::sender::wake::WakeReport;
@@ -447,6 +448,7 @@ async fn send_batch(
     let mut wakes = WakeBatch::new(gw.sender.clone(), shard, now);
     let mut devices = Devices::new(batch);
     let mut results = Vec::new();
+    let mut outcomes = Vec::new();
     // Dead channels being marked durably before their results count.
     let mut concluding = FuturesUnordered::new();
     // A claimed wake waiting for a free stream.
@@ -516,17 +518,24 @@ async fn send_batch(
         tokio::select! {
             biased;
             _ = wakes.finished(&mut results), if !wakes.is_empty() => {
+                // The outcomes go onto the devices together (see
+                // `Registry::record_pushes`); a dead channel's is kept
+                // when its mark is durable.
+                outcomes.clear();
+                outcomes.extend(results.iter().filter(|(_, r)| r.dead.is_none()).filter_map(
+                    |(w, r)| Some((KeyBuf::encode(w.rec.device_id.as_str())?, last_push(r))),
+                ));
+                gw.registry.record_pushes(&outcomes);
                 for (w, report) in results.drain(..) {
-                    match conclude_now(&gw, &w.rec, &w.publisher, report) {
-                        Ok(report) => job.count(Some(report)),
-                        Err(report) => {
-                            let (gw, job) = (gw.clone(), job.clone());
-                            concluding.push(async move {
-                                let report = conclude(&gw, &w.rec, &w.publisher, report).await;
-                                job.count(Some(report));
-                            });
-                        }
+                    if report.dead.is_none() {
+                        job.count(Some(settle(&gw, &w.rec, &w.publisher, report)));
+                        continue;
                     }
+                    let (gw, job) = (gw.clone(), job.clone());
+                    concluding.push(async move {
+                        let report = conclude(&gw, &w.rec, &w.publisher, report).await;
+                        job.count(Some(report));
+                    });
                 }
             }
             Some(()) = concluding.next(), if !concluding.is_empty() => {}

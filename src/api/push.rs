@@ -306,35 +306,35 @@ pub async fn conclude<'p>(
     publisher.publish(report)
 }
 
-/// [`conclude`] without waiting, for a result that declares no channel
-/// dead; one that does is handed back, for [`conclude`].
-#[allow(clippy::result_large_err)] // handed back whole, to be concluded
-pub fn conclude_now<'p>(
+/// Publishes the result of a claimed wake whose outcome is already kept
+/// on the device and which declares no channel dead (a bulk wake records
+/// its outcomes together: [`crate::registry::Registry::record_pushes`]).
+pub fn settle<'p>(
     gw: &Gateway,
     record: &DeviceRecord,
     publisher: &'p Publisher,
     report: WakeReport,
-) -> Result<&'p WakeReport, WakeReport> {
-    if report.dead.is_some() {
-        return Err(report);
-    }
-    record_push(gw, record, &report);
+) -> &'p WakeReport {
+    debug_assert!(report.dead.is_none());
     gw.pending_wakes.remove(record.device_id.as_str());
-    Ok(publisher.publish(report))
+    publisher.publish(report)
+}
+
+/// The outcome of a wake as the device record keeps it.
+pub fn last_push(report: &WakeReport) -> crate::registry::LastPush {
+    use super::view::{label_code, outcome_code, PUSH_RESULTS};
+    crate::registry::LastPush {
+        at: report.at,
+        result: label_code(PUSH_RESULTS, report.result),
+        outcome: outcome_code(report.wns_outcome),
+        status: report.status.unwrap_or(0),
+    }
 }
 
 /// Keeps the outcome on the device (in memory, in place).
 fn record_push(gw: &Gateway, record: &DeviceRecord, report: &WakeReport) {
-    use super::view::{label_code, outcome_code, PUSH_RESULTS};
-    gw.registry.record_push(
-        record.device_id.as_str(),
-        crate::registry::LastPush {
-            at: report.at,
-            result: label_code(PUSH_RESULTS, report.result),
-            outcome: outcome_code(report.wns_outcome),
-            status: report.status.unwrap_or(0),
-        },
-    );
+    gw.registry
+        .record_push(record.device_id.as_str(), last_push(report));
 }
 
 /// Marks the channel dead and opens its refresh job, durably, unless the

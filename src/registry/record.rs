@@ -79,6 +79,11 @@ impl CompactRecord {
         }
     }
 
+    /// Where the allocation starts (the key comes first).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.ptr.as_ptr()
+    }
+
     /// The whole allocation.
     pub fn as_bytes(&self) -> &[u8] {
         let p = self.ptr.as_ptr();

@@ -453,3 +453,46 @@ fn last_push_is_kept_in_place_and_survives_marks_but_not_a_new_channel() {
     reg.upsert(&rec("dev-1", 5_000));
     assert_eq!(reg.last_push("dev-1"), None);
 }
+
+#[test]
+fn record_pushes_records_each_present_device_as_record_push_would() {
+    use super::LastPush;
+    // UUID ids and free-form ids, in every map shard, with some absent
+    // and one listed twice (the later entry wins, as with two calls).
+    let reg = Registry::new();
+    let ids: Vec<String> = (0..3000)
+        .map(|i| {
+            if i % 3 == 0 {
+                format!("device-{i}")
+            } else {
+                format!("{:08x}-0000-4000-8000-{:012x}", i * 7919, i)
+            }
+        })
+        .collect();
+    for id in ids.iter().step_by(2) {
+        reg.upsert(&rec(id, 1_000));
+    }
+    let push = |i: usize| LastPush {
+        at: UnixTime(T0 + i as u32),
+        result: (i % 20) as u8,
+        outcome: (i % 13) as u8,
+        status: 200 + (i % 300) as u16,
+    };
+    let mut batch: Vec<(KeyBuf, LastPush)> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (KeyBuf::encode(id).unwrap(), push(i)))
+        .collect();
+    batch.push((KeyBuf::encode(&ids[0]).unwrap(), push(9_999)));
+    assert_eq!(reg.record_pushes(&batch), 1_500 + 1);
+    for (i, id) in ids.iter().enumerate() {
+        let expected = match i {
+            0 => Some(push(9_999)),
+            i if i % 2 == 0 => Some(push(i)),
+            _ => None,
+        };
+        assert_eq!(reg.last_push(id), expected, "device {id}");
+    }
+    assert_eq!(reg.len(), 1_500, "no device was added");
+    assert_eq!(reg.record_pushes(&[]), 0);
+}

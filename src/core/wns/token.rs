@@ -156,12 +156,15 @@ fn push_pct(b: u8, out: &mut String) {
 
 /// A WNS bearer token and how long it was said to live.
 ///
-/// Cheap to clone (shared), compared by value, and never printed: `Debug`
-/// shows only its length and lifetime. The `Authorization` header value is
-/// built once here, not per request.
+/// Cheap to clone (one shared allocation: a clone is a pointer and a
+/// reference count), compared by value, and never printed: `Debug` shows
+/// only its length and lifetime. The `Authorization` header value is built
+/// once here, not per request.
 #[derive(Clone)]
-pub struct AccessToken {
-    value: Arc<str>,
+pub struct AccessToken(Arc<TokenParts>);
+
+struct TokenParts {
+    value: Box<str>,
     authorization: HeaderValue,
     wire_authorization: HeaderValue,
     lifetime: Duration,
@@ -182,28 +185,28 @@ impl AccessToken {
             .map_err(|_| TokenError::BadAccessToken)?;
         let wire_authorization = authorization.clone();
         authorization.set_sensitive(true);
-        Ok(AccessToken {
-            value: Arc::from(value),
+        Ok(AccessToken(Arc::new(TokenParts {
+            value: Box::from(value),
             authorization,
             wire_authorization,
             lifetime,
-        })
+        })))
     }
 
     /// The secret token value. Do not log it.
     pub fn secret(&self) -> &str {
-        &self.value
+        &self.0.value
     }
 
     /// The lifetime the token endpoint announced.
     pub fn lifetime(&self) -> Duration {
-        self.lifetime
+        self.0.lifetime
     }
 
     /// `Bearer <token>`, marked sensitive (redacted in `Debug`, never
     /// indexed by HPACK). Cloning it does not allocate.
     pub fn authorization(&self) -> &HeaderValue {
-        &self.authorization
+        &self.0.authorization
     }
 
     /// The same `Bearer <token>`, not marked sensitive, for the requests
@@ -213,13 +216,13 @@ impl AccessToken {
     /// attacker-controlled value shares the compression context), so no
     /// compression oracle can be built against it. Never log it.
     pub fn wire_authorization(&self) -> &HeaderValue {
-        &self.wire_authorization
+        &self.0.wire_authorization
     }
 }
 
 impl PartialEq for AccessToken {
     fn eq(&self, other: &Self) -> bool {
-        self.value == other.value
+        Arc::ptr_eq(&self.0, &other.0) || self.0.value == other.0.value
     }
 }
 
@@ -230,9 +233,9 @@ impl fmt::Debug for AccessToken {
         f.debug_struct("AccessToken")
             .field(
                 "value",
-                &format_args!("<redacted, {} bytes>", self.value.len()),
+                &format_args!("<redacted, {} bytes>", self.0.value.len()),
             )
-            .field("lifetime", &self.lifetime)
+            .field("lifetime", &self.0.lifetime)
             .finish()
     }
 }
