@@ -177,6 +177,79 @@ fn pending_wakes_for_one_device_are_coalesced() {
 }
 
 #[test]
+fn a_single_wake_joins_the_bulk_wake_pending_for_its_device() {
+    let (_d, s, gw) = start();
+    register(&gw, "slow", "AwYAAADslow");
+    register(&gw, "slowgone", "x410AwYAAADslow");
+    s.set_faults(Faults {
+        latency_ms: Some(sim::LatencyRange {
+            min_ms: 3000,
+            max_ms: 3000,
+        }),
+        ..Faults::default()
+    })
+    .unwrap();
+    let r = create_job(&gw, &json!({"device_ids": ["slow", "slowgone"]}));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let job = r.json()["job_id"].as_str().unwrap().to_owned();
+    // Both bulk wakes are on the wire (the simulator holds each answer).
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !gw
+        .client()
+        .get("/metrics")
+        .unwrap()
+        .text()
+        .lines()
+        .any(|l| l == "wnsgate_wns_inflight_pushes 2")
+    {
+        assert!(
+            std::time::Instant::now() < until,
+            "the bulk wakes never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let joiners: Vec<_> = ["slow", "slowgone"]
+        .into_iter()
+        .map(|id| {
+            let url = gw.url();
+            std::thread::spawn(move || {
+                let r = wnsgate::client::Client::new(&url)
+                    .unwrap()
+                    .request(
+                        "POST",
+                        &format!("/v1/devices/{id}/push?wait=true"),
+                        None,
+                        b"",
+                    )
+                    .unwrap();
+                assert_eq!(r.status, 200, "{}", r.text());
+                r.json()
+            })
+        })
+        .collect();
+    let answers: Vec<Value> = joiners.into_iter().map(|j| j.join().unwrap()).collect();
+    assert_eq!(answers[0]["coalesced"], true, "{}", answers[0]);
+    assert_eq!(answers[0]["result"], "delivered", "{}", answers[0]);
+    assert_eq!(answers[1]["coalesced"], true, "{}", answers[1]);
+    assert_eq!(answers[1]["result"], "channel_dead", "{}", answers[1]);
+    // The joiner answered once the dead mark was durable.
+    let dev = gw.client().get("/v1/devices/slowgone").unwrap().json();
+    assert_eq!(dev["state"], "refresh_pending", "{dev}");
+    let view = wait_job(&gw, &job);
+    assert_eq!(
+        (view["received"].as_u64(), view["expired"].as_u64()),
+        (Some(1), Some(1)),
+        "{view}"
+    );
+    assert_eq!(s.stats().pushes_total, 2, "a joined wake was sent again");
+    // Settled: the next wake is a new one.
+    s.set_faults(Faults::default()).unwrap();
+    let again = push_wait(&gw, "slow");
+    assert_eq!(again["coalesced"], false, "{again}");
+    assert_ne!(again["push_id"], answers[0]["push_id"]);
+}
+
+#[test]
 fn push_bad_input() {
     let (_d, _s, gw) = start();
     let mut c = gw.client();

@@ -8,7 +8,7 @@
 use super::body::{read_limited, require_content_type};
 use super::devices::parse_device_id;
 use super::error::{json_error, ApiError};
-use super::push::{claim, conclude, last_push, settle, Claim, Publisher};
+use super::push::{claim_quietly, last_push, mark_dead, record_push, settle, unclaim, Settled};
 use super::response::{json_response, Resp};
 use crate::core::wns::retry::Pacer;
 use crate::core::{ChannelUri, DeviceRecord, LifecycleState};
@@ -490,20 +490,20 @@ async fn send_batch(
                         job.count(None);
                         continue;
                     };
-                    match claim(&gw, rec.device_id.as_str()) {
-                        Claim::Joined(pending) => {
-                            let job = job.clone();
-                            tokio::spawn(async move {
-                                job.count(pending.result().await);
-                                drop(permit);
-                            });
-                            continue;
-                        }
-                        Claim::Mine(_, publisher) => JobWake {
-                            rec,
-                            publisher,
-                            _permit: permit,
-                        },
+                    if let Some(pending) = claim_quietly(&gw, rec.device_id.as_str()) {
+                        // Joined a wake already pending.
+                        let job = job.clone();
+                        tokio::spawn(async move {
+                            job.count(pending.result().await);
+                            drop(permit);
+                        });
+                        continue;
+                    }
+                    JobWake {
+                        gw: gw.clone(),
+                        rec,
+                        settled: false,
+                        _permit: permit,
                     }
                 }
             };
@@ -526,15 +526,18 @@ async fn send_batch(
                     |(w, r)| Some((KeyBuf::encode(w.rec.device_id.as_str())?, last_push(r))),
                 ));
                 gw.registry.record_pushes(&outcomes);
-                for (w, report) in results.drain(..) {
+                for (mut w, report) in results.drain(..) {
                     if report.dead.is_none() {
-                        job.count(Some(settle(&gw, &w.rec, &w.publisher, report)));
+                        job.count(Some(w.settle(report).report()));
                         continue;
                     }
-                    let (gw, job) = (gw.clone(), job.clone());
+                    let job = job.clone();
                     concluding.push(async move {
-                        let report = conclude(&gw, &w.rec, &w.publisher, report).await;
-                        job.count(Some(report));
+                        record_push(&w.gw, &w.rec, &report);
+                        if let Some(reason) = report.dead {
+                            mark_dead(&w.gw, &w.rec, reason).await;
+                        }
+                        job.count(Some(w.settle(report).report()));
                     });
                 }
             }
@@ -594,11 +597,28 @@ impl Devices {
 }
 
 /// One device of a batch, from its claimed wake to the result counted;
-/// its in-flight permit is released when it is dropped.
+/// its in-flight permit is released when it is dropped, and so is its
+/// claim if it was never settled (the batch's task was dropped).
 struct JobWake {
+    gw: Arc<Gateway>,
     rec: DeviceRecord,
-    publisher: Publisher,
+    settled: bool,
     _permit: OwnedSemaphorePermit,
+}
+
+impl JobWake {
+    fn settle(&mut self, report: WakeReport) -> Settled {
+        self.settled = true;
+        settle(&self.gw, self.rec.device_id.as_str(), report)
+    }
+}
+
+impl Drop for JobWake {
+    fn drop(&mut self) {
+        if !self.settled {
+            unclaim(&self.gw, self.rec.device_id.as_str());
+        }
+    }
 }
 
 impl WakeTarget for JobWake {

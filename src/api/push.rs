@@ -22,7 +22,10 @@ use tokio::sync::Notify;
 #[derive(Clone)]
 pub struct PendingWake {
     pub push_id: PushId,
-    slot: Arc<WakeSlot>,
+    /// Where the result is published. A bulk wake's claim has none until
+    /// somebody joins it (most never are: see [`claim_quietly`]); every
+    /// handle given out has one.
+    slot: Option<Arc<WakeSlot>>,
 }
 
 /// A push id, `p<hex>-<n>`: formatted only when someone asks for it, so
@@ -49,7 +52,7 @@ impl Serialize for PushId {
 /// Cheaper than a channel per push: one allocation, and nothing to wake
 /// when nobody waits (bulk wakes).
 #[derive(Default)]
-struct WakeSlot {
+pub struct WakeSlot {
     report: OnceLock<WakeReport>,
     /// Set when the wake ended without a result (its task was dropped).
     abandoned: AtomicBool,
@@ -168,11 +171,12 @@ impl PendingWake {
         loop {
             // Registered before the check, so a result published in
             // between still wakes this waiter.
-            let changed = self.slot.changed.notified();
-            if let Some(r) = self.slot.report.get() {
+            let slot = self.slot.as_ref()?;
+            let changed = slot.changed.notified();
+            if let Some(r) = slot.report.get() {
                 return Some(r);
             }
-            if self.slot.abandoned.load(Ordering::Acquire) {
+            if slot.abandoned.load(Ordering::Acquire) {
                 return None;
             }
             changed.await;
@@ -273,17 +277,80 @@ pub enum Claim {
 pub fn claim(gw: &Gateway, device_id: &str) -> Claim {
     use dashmap::mapref::entry::Entry;
     match gw.pending_wakes.entry(device_id.to_owned()) {
-        Entry::Occupied(e) => Claim::Joined(e.get().clone()),
+        Entry::Occupied(mut e) => Claim::Joined(joined(e.get_mut())),
         Entry::Vacant(e) => {
+            let slot = Arc::<WakeSlot>::default();
             let pending = e
                 .insert(PendingWake {
                     push_id: next_push_id(),
-                    slot: Arc::default(),
+                    slot: Some(slot.clone()),
                 })
                 .clone();
-            let publisher = Publisher(pending.slot.clone());
-            Claim::Mine(pending, publisher)
+            Claim::Mine(pending, Publisher(slot))
         }
+    }
+}
+
+/// Claims the wake of `device_id` like [`claim`], without preparing for
+/// anyone to join it: `None` when claimed, the pending wake when one was
+/// already pending. A bulk wake claims millions, and nearly none is ever
+/// joined, so the place for the result is made only when somebody joins.
+/// A claim made here must end in [`settle`] or [`unclaim`].
+pub fn claim_quietly(gw: &Gateway, device_id: &str) -> Option<PendingWake> {
+    use dashmap::mapref::entry::Entry;
+    match gw.pending_wakes.entry(device_id.to_owned()) {
+        Entry::Occupied(mut e) => Some(joined(e.get_mut())),
+        Entry::Vacant(e) => {
+            e.insert(PendingWake {
+                push_id: next_push_id(),
+                slot: None,
+            });
+            None
+        }
+    }
+}
+
+/// A handle on `pending` for someone joining it.
+fn joined(pending: &mut PendingWake) -> PendingWake {
+    pending.slot.get_or_insert_with(Arc::default);
+    pending.clone()
+}
+
+/// The result of a wake claimed with [`claim_quietly`], once settled.
+pub enum Settled {
+    /// Somebody joined: the result is published where they wait.
+    Published(Arc<WakeSlot>),
+    Kept(WakeReport),
+}
+
+impl Settled {
+    pub fn report(&self) -> &WakeReport {
+        match self {
+            Settled::Published(slot) => slot.report.get().expect("published"),
+            Settled::Kept(r) => r,
+        }
+    }
+}
+
+/// Ends a wake claimed with [`claim_quietly`] with its final result (kept on
+/// the device beforehand, and a dead channel marked), publishing it to
+/// whoever joined.
+pub fn settle(gw: &Gateway, device_id: &str, report: WakeReport) -> Settled {
+    match gw.pending_wakes.remove(device_id).and_then(|(_, p)| p.slot) {
+        Some(slot) => {
+            let _ = slot.report.set(report);
+            slot.changed.notify_waiters();
+            Settled::Published(slot)
+        }
+        None => Settled::Kept(report),
+    }
+}
+
+/// Ends a wake claimed with [`claim_quietly`] without a result: whoever
+/// joined is told it was abandoned.
+pub fn unclaim(gw: &Gateway, device_id: &str) {
+    if let Some(slot) = gw.pending_wakes.remove(device_id).and_then(|(_, p)| p.slot) {
+        drop(Publisher(slot));
     }
 }
 
@@ -306,20 +373,6 @@ pub async fn conclude<'p>(
     publisher.publish(report)
 }
 
-/// Publishes the result of a claimed wake whose outcome is already kept
-/// on the device and which declares no channel dead (a bulk wake records
-/// its outcomes together: [`crate::registry::Registry::record_pushes`]).
-pub fn settle<'p>(
-    gw: &Gateway,
-    record: &DeviceRecord,
-    publisher: &'p Publisher,
-    report: WakeReport,
-) -> &'p WakeReport {
-    debug_assert!(report.dead.is_none());
-    gw.pending_wakes.remove(record.device_id.as_str());
-    publisher.publish(report)
-}
-
 /// The outcome of a wake as the device record keeps it.
 pub fn last_push(report: &WakeReport) -> crate::registry::LastPush {
     use super::view::{label_code, outcome_code, PUSH_RESULTS};
@@ -332,13 +385,13 @@ pub fn last_push(report: &WakeReport) -> crate::registry::LastPush {
 }
 
 /// Keeps the outcome on the device (in memory, in place).
-fn record_push(gw: &Gateway, record: &DeviceRecord, report: &WakeReport) {
+pub fn record_push(gw: &Gateway, record: &DeviceRecord, report: &WakeReport) {
     gw.registry
         .record_push(record.device_id.as_str(), last_push(report));
 }
 
 /// Marks the channel dead and opens its refresh job, durably, unless the
 /// device registered a new channel URI meanwhile.
-async fn mark_dead(gw: &Gateway, pushed: &DeviceRecord, reason: crate::core::DeadReason) {
+pub async fn mark_dead(gw: &Gateway, pushed: &DeviceRecord, reason: crate::core::DeadReason) {
     gw.lifecycle.channel_dead(pushed, reason, gw.now()).await;
 }

@@ -494,8 +494,20 @@ impl H2Client {
             },
         );
         if !req.body.is_empty() {
-            st.blocked.push_back((id, req.body));
-            st.flush_blocked();
+            let len = req.body.len() as i64;
+            if st.blocked.is_empty() && len <= st.window && len <= window {
+                // The usual case: nothing waits for a window, so the body
+                // follows its HEADERS at once.
+                st.window -= len;
+                if let Some(s) = st.streams.get(id) {
+                    s.window -= len;
+                }
+                st.frame_head(req.body.len(), DATA, END_STREAM, id);
+                st.out.extend_from_slice(&req.body);
+            } else {
+                st.blocked.push_back((id, req.body));
+                st.flush_blocked();
+            }
         }
         if was_empty {
             st.wake_io();
