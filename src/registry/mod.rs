@@ -189,8 +189,8 @@ impl Registry {
     /// Cheaper per push than [`Registry::record_push`]: a lookup in a map of
     /// millions misses the CPU cache three times in a row (control bytes,
     /// slot, record), and one at a time each miss waits for the one before.
-    /// Here the lookups of one map shard go in three passes, each
-    /// prefetching what the next reads, so their misses overlap.
+    /// Here the lookups go in three passes, each prefetching what the next
+    /// reads, so their misses overlap.
     pub fn record_pushes(&self, pushes: &[(KeyBuf, LastPush)]) -> usize {
         let mut order: Vec<(usize, u64, usize)> = pushes
             .iter()
@@ -203,25 +203,29 @@ impl Registry {
         // By shard, and in order within one: of two pushes to one device,
         // the later is kept.
         order.sort_unstable_by_key(|&(shard, _, i)| (shard, i));
-        let mut recorded = 0;
+        // Pass 1, over every push: where each probe starts (hashbrown's
+        // layout: control bytes from `data_end`, slot `i` at
+        // `data_end - (i + 1)`). The tables' addresses are read under their
+        // locks, and may be stale by the time they are prefetched: that is
+        // harmless, a prefetch is a hint and never faults.
+        let mut tables: Vec<Option<(*const u8, usize)>> = vec![None; self.map.shards().len()];
+        for &(shard, hash, _) in &order {
+            let (ctrl, mask) = *tables[shard].get_or_insert_with(|| {
+                let table = self.map.shards()[shard].read();
+                (table.data_end().as_ptr() as *const u8, table.buckets() - 1)
+            });
+            let pos = hash as usize & mask;
+            prefetch(ctrl.wrapping_add(pos));
+            // The probe's first slot, and the slots after it.
+            let first = ctrl.wrapping_sub((pos + 1) * SLOT);
+            prefetch(first);
+            prefetch(first.wrapping_sub(4 * SLOT));
+        }
+        // Pass 2: each probe's first candidate's record.
         for group in order.chunk_by(|a, b| a.0 == b.0) {
-            let mut table = self.map.shards()[group[0].0].write();
-            // Pass 1: where each probe starts (hashbrown's layout: control
-            // bytes from `data_end`, slot `i` at `data_end - (i + 1)`).
-            // Prefetching never faults, whatever the address.
-            let (ctrl, mask) = (table.data_end().as_ptr() as *const u8, table.buckets() - 1);
+            let table = self.map.shards()[group[0].0].read();
             for &(_, hash, _) in group {
-                let pos = hash as usize & mask;
-                prefetch(ctrl.wrapping_add(pos));
-                // The probe's first slot, and the slots after it.
-                let first = ctrl.wrapping_sub((pos + 1) * SLOT);
-                prefetch(first);
-                prefetch(first.wrapping_sub(4 * SLOT));
-            }
-            // Pass 2: each probe's first candidate's record.
-            for &(_, hash, _) in group {
-                // Safety: the shard is locked; the bucket is only read,
-                // before any write to the table.
+                // Safety: the shard is locked, and the bucket is only read.
                 unsafe {
                     if let Some(bucket) = table.iter_hash(hash).next() {
                         let (rec, _) = bucket.as_ref();
@@ -229,7 +233,11 @@ impl Registry {
                     }
                 }
             }
-            // Pass 3: the writes.
+        }
+        // Pass 3: the writes.
+        let mut recorded = 0;
+        for group in order.chunk_by(|a, b| a.0 == b.0) {
+            let mut table = self.map.shards()[group[0].0].write();
             for &(_, hash, i) in group {
                 let (key, push) = &pushes[i];
                 let key = key.as_key();

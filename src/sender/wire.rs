@@ -24,7 +24,7 @@
 
 use super::conn::{ConnError, Reply};
 use super::hpack::{Decoder, Encoder, HpackError};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -75,6 +75,8 @@ const MAX_HEADER_LIST: usize = 64 * 1024;
 const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// Highest client stream id.
 const MAX_STREAM_ID: u32 = (1 << 31) - 1;
+/// Bytes of answer header values buffered at a time (many answers' worth).
+const VALUES_CHUNK: usize = 16 * 1024;
 /// Read buffer size.
 const READ_CHUNK: usize = 64 * 1024;
 /// How long a connection that ended may take to deliver its last frames
@@ -679,6 +681,8 @@ where
         wbuf: Vec::with_capacity(READ_CHUNK),
         wpos: 0,
         decoder: Decoder::new(MAX_HEADER_LIST),
+        values: BytesMut::with_capacity(VALUES_CHUNK),
+        kept_at: Vec::new(),
         block: None,
         conn_unacked: 0,
         timer: None,
@@ -762,6 +766,10 @@ pub struct Connection<IO> {
     wbuf: Vec<u8>,
     wpos: usize,
     decoder: Decoder,
+    /// Where the kept header values of answers are copied (see
+    /// `on_headers`), and the current answer's kept headers.
+    values: BytesMut,
+    kept_at: Vec<(HeaderName, Kept)>,
     block: Option<Block>,
     /// Connection-level bytes received and not yet returned.
     conn_unacked: u32,
@@ -978,8 +986,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         // Every block is decoded, even one for a stream we cancelled, so
         // the tables stay in step with the server's.
         let mut status: Option<u16> = None;
-        let mut headers = HeaderMap::new();
         let mut bad_status = false;
+        let (values, kept_at) = (&mut self.values, &mut self.kept_at);
+        kept_at.clear();
         self.decoder
             .decode(&block.bytes, |name, value| {
                 if name == b":status" {
@@ -988,14 +997,36 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                         None => bad_status = true,
                     }
                 } else if let Some(n) = kept(name) {
-                    if let Ok(v) = HeaderValue::from_bytes(value) {
-                        headers.append(n, v);
+                    match known_value(value) {
+                        Some(v) => kept_at.push((n, Kept::Known(v))),
+                        None => {
+                            let at = values.len();
+                            values.extend_from_slice(value);
+                            kept_at.push((n, Kept::At(at, values.len())));
+                        }
                     }
                 }
             })
             .map_err(|e: HpackError| {
                 Fatal(COMPRESSION_ERROR, ConnError::Protocol(e.to_string()))
             })?;
+        // This answer's values share one buffer, carved from a chunk that
+        // serves many answers: no allocation per value.
+        let shared = self.values.split().freeze();
+        if self.values.capacity() < VALUES_CHUNK / 8 {
+            self.values.reserve(VALUES_CHUNK);
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in self.kept_at.drain(..) {
+            let value = match value {
+                Kept::Known(v) => v,
+                Kept::At(a, b) => match HeaderValue::from_maybe_shared(shared.slice(a..b)) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                },
+            };
+            headers.append(name, value);
+        }
         let Some(s) = st.streams.get(block.stream) else {
             return Ok(());
         };
@@ -1213,6 +1244,26 @@ fn kept(name: &[u8]) -> Option<HeaderName> {
         b"content-type" => CONTENT_TYPE,
         _ => return None,
     })
+}
+
+/// A kept answer header's value: one of the usual WNS values, or where it
+/// is in the answer's value buffer.
+enum Kept {
+    Known(HeaderValue),
+    At(usize, usize),
+}
+
+/// The values WNS status headers usually carry, without allocating.
+fn known_value(v: &[u8]) -> Option<HeaderValue> {
+    Some(HeaderValue::from_static(match v {
+        b"received" => "received",
+        b"dropped" => "dropped",
+        b"channelthrottled" => "channelthrottled",
+        b"connected" => "connected",
+        b"disconnected" => "disconnected",
+        b"tempconnected" => "tempconnected",
+        _ => return None,
+    }))
 }
 
 /// The answer ended: hand the status and headers to the caller.
