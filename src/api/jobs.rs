@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::runtime::Handle;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Largest `POST /v1/pushes` body, bytes.
 pub const MAX_JOB_BODY: u64 = 8 * 1024 * 1024;
@@ -318,27 +318,50 @@ struct Sending {
 }
 
 /// Hands a job's batches to the shards in turn, at most [`PAGES_AHEAD`]
-/// not yet sent.
+/// not yet taken up. Each shard sends its share from one task for the
+/// whole job (see [`send_batches`]).
 struct Dealer {
     sending: Arc<Sending>,
-    shards: Vec<(usize, Handle)>,
+    shards: Vec<mpsc::Sender<(Batch, OwnedSemaphorePermit)>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     next: usize,
     pages: Arc<Semaphore>,
 }
 
 impl Dealer {
+    fn new(sending: Arc<Sending>, runtimes: Vec<(usize, Handle)>) -> Dealer {
+        let (mut shards, mut tasks) = (Vec::new(), Vec::new());
+        for (shard, rt) in runtimes {
+            let (tx, rx) = mpsc::channel(PAGES_AHEAD);
+            tasks.push(rt.spawn(send_batches(sending.clone(), shard, rx)));
+            shards.push(tx);
+        }
+        Dealer {
+            sending,
+            shards,
+            tasks,
+            next: 0,
+            pages: Arc::new(Semaphore::new(PAGES_AHEAD)),
+        }
+    }
+
     async fn deal(&mut self, batch: Batch) {
         let Ok(permit) = self.pages.clone().acquire_owned().await else {
             return;
         };
-        let (shard, rt) = &self.shards[self.next % self.shards.len()];
+        let shard = &self.shards[self.next % self.shards.len()];
         self.next += 1;
-        rt.spawn(send_batch(self.sending.clone(), *shard, batch, permit));
+        // Fails only when that shard's task ended early: the job was
+        // cancelled.
+        let _ = shard.send((batch, permit)).await;
     }
 
     /// Waits until every batch is sent and every wake has its result.
-    async fn finish(&self) {
-        let _batches = self.pages.acquire_many(PAGES_AHEAD as u32).await;
+    async fn finish(self) {
+        drop(self.shards);
+        for task in self.tasks {
+            let _ = task.await;
+        }
         let _wakes = self.sending.wakes.acquire_many(JOB_INFLIGHT as u32).await;
     }
 }
@@ -357,12 +380,7 @@ async fn run(gw: Arc<Gateway>, shard: usize, job: Arc<Job>, selection: Selection
             .rate_per_second
             .map(|r| Mutex::new(Pacer::new(r, (r / 10).clamp(1, 1000), monotonic_ms()))),
     });
-    let mut dealer = Dealer {
-        sending,
-        shards,
-        next: 0,
-        pages: Arc::new(Semaphore::new(PAGES_AHEAD)),
-    };
+    let mut dealer = Dealer::new(sending, shards);
     let th = gw.settings.thresholds;
     match selection {
         Selection::Ids(ids) => {
@@ -429,16 +447,16 @@ async fn run(gw: Arc<Gateway>, shard: usize, job: Arc<Job>, selection: Selection
     tracing::info!(job = %job.id, done = job.view().done, "bulk wake finished");
 }
 
-/// Sends one batch from the shard it was handed to, driving its wakes
-/// itself (see [`WakeBatch`]); `_page` is released when the batch is done
-/// (or the job cancelled) and its wakes have their results.
-async fn send_batch(
+/// Sends the batches dealt to one shard, driving their wakes from this one
+/// task (see [`WakeBatch`]). A batch's page is released once all its
+/// devices are started; the task ends when the dealer is done (or the job
+/// cancelled) and every wake it started has its result.
+async fn send_batches(
     sending: Arc<Sending>,
     shard: usize,
-    batch: Batch,
-    _page: OwnedSemaphorePermit,
+    mut batches: mpsc::Receiver<(Batch, OwnedSemaphorePermit)>,
 ) {
-    metrics::counter!(m::BULK_BATCHES, "shard" => shard.to_string()).increment(1);
+    let batches_counter = metrics::counter!(m::BULK_BATCHES, "shard" => shard.to_string());
     let gw = sending.gw.clone();
     let job = sending.job.clone();
     let now = {
@@ -446,50 +464,74 @@ async fn send_batch(
         move || gw.now()
     };
     let mut wakes = WakeBatch::new(gw.sender.clone(), shard, now);
-    let mut devices = Devices::new(batch);
+    // The batch being started, with its page.
+    let mut current: Option<(Devices, OwnedSemaphorePermit)> = None;
+    let mut dealing = true;
     let mut results = Vec::new();
     let mut outcomes = Vec::new();
     // Dead channels being marked durably before their results count.
     let mut concluding = FuturesUnordered::new();
     // A claimed wake waiting for a free stream.
     let mut parked: Option<JobWake> = None;
+    // A device waiting for an in-flight permit or for the pace.
+    let mut staged: Option<DeviceRecord> = None;
     // An in-flight permit taken while the pace said wait.
     let mut held: Option<OwnedSemaphorePermit> = None;
-    let mut selecting = true;
     loop {
+        let cancelled = job.cancelled.load(Ordering::Acquire);
         // Start every wake that may start now.
         let mut wait = Wait::Nothing;
         loop {
             let w = match parked.take() {
                 Some(w) => w,
+                None if cancelled => break,
                 None => {
-                    if !selecting || job.cancelled.load(Ordering::Acquire) {
-                        selecting = false;
-                        break;
-                    }
+                    let rec = match staged.take() {
+                        Some(rec) => rec,
+                        None => match current.as_mut().and_then(|(d, _)| d.next(&gw)) {
+                            Some(Some(rec)) => rec,
+                            Some(None) => {
+                                // A listed id that is not registered.
+                                job.count(None);
+                                continue;
+                            }
+                            None => {
+                                // The batch is all started: its page goes
+                                // back, and the next one comes.
+                                current = None;
+                                match batches.try_recv() {
+                                    Ok((batch, page)) => {
+                                        batches_counter.increment(1);
+                                        current = Some((Devices::new(batch), page));
+                                        continue;
+                                    }
+                                    Err(mpsc::error::TryRecvError::Empty) => {
+                                        wait = Wait::Batch;
+                                    }
+                                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                                        dealing = false;
+                                    }
+                                }
+                                break;
+                            }
+                        },
+                    };
                     let Some(permit) = held
                         .take()
                         .or_else(|| sending.wakes.clone().try_acquire_owned().ok())
                     else {
+                        staged = Some(rec);
                         wait = Wait::Permit;
                         break;
                     };
                     if let Some(p) = &sending.pacer {
                         if let Err(ms) = p.lock().take(monotonic_ms()) {
                             held = Some(permit);
+                            staged = Some(rec);
                             wait = Wait::Pace(Duration::from_millis(ms));
                             break;
                         }
                     }
-                    let Some(next) = devices.next(&gw) else {
-                        selecting = false;
-                        break;
-                    };
-                    let Some(rec) = next else {
-                        // A listed id that is not registered.
-                        job.count(None);
-                        continue;
-                    };
                     if let Some(pending) = claim_quietly(&gw, rec.device_id.as_str()) {
                         // Joined a wake already pending.
                         let job = job.clone();
@@ -512,7 +554,8 @@ async fn send_batch(
                 break;
             }
         }
-        if wakes.is_empty() && concluding.is_empty() && parked.is_none() && !selecting {
+        let starting = !cancelled && (dealing || current.is_some() || staged.is_some());
+        if wakes.is_empty() && concluding.is_empty() && parked.is_none() && !starting {
             break;
         }
         tokio::select! {
@@ -544,12 +587,17 @@ async fn send_batch(
             Some(()) = concluding.next(), if !concluding.is_empty() => {}
             // Async blocks: a disabled branch's future is still built.
             p = async { sending.wakes.clone().acquire_owned().await }, if matches!(wait, Wait::Permit) => {
-                match p {
-                    Ok(p) => held = Some(p),
-                    Err(_) => selecting = false,
-                }
+                // The semaphore is never closed.
+                held = p.ok();
             }
             _ = async { tokio::time::sleep(wait.pace()).await }, if matches!(wait, Wait::Pace(_)) => {}
+            b = batches.recv(), if matches!(wait, Wait::Batch) => match b {
+                Some((batch, page)) => {
+                    batches_counter.increment(1);
+                    current = Some((Devices::new(batch), page));
+                }
+                None => dealing = false,
+            },
             else => {}
         }
     }
@@ -558,6 +606,8 @@ async fn send_batch(
 /// Why a batch stopped starting wakes for now.
 enum Wait {
     Nothing,
+    /// The next batch has not come yet.
+    Batch,
     /// The job has its most wakes in flight.
     Permit,
     /// The job's pace allows the next wake after this long.
