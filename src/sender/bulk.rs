@@ -41,9 +41,8 @@ struct Flight<T> {
     sent: H2Sent,
     token: AccessToken,
     tries: Tries,
-    /// When the wake started, and when this request was sent.
+    /// When the wake started (and this request was sent).
     started: Instant,
-    at: Instant,
 }
 
 /// The wakes one task drives: see the module documentation.
@@ -142,7 +141,6 @@ where
                     token,
                     tries: Tries::new(),
                     started,
-                    at: Instant::now(),
                 };
                 if slot == self.flights.len() {
                     self.flights.push(Some(flight));
@@ -179,8 +177,11 @@ where
             if self.on_wire() > 0 && self.sink.poll_ended(cx, &mut self.ended).is_ready() {
                 progressed = true;
                 let mut ended = std::mem::take(&mut self.ended);
+                // One clock reading for all the answers a drain finds:
+                // they came in the same read or so.
+                let (got, at) = (Instant::now(), (self.now)());
                 for tag in ended.drain(..) {
-                    self.answered(tag as usize);
+                    self.answered(tag as usize, got, at);
                 }
                 self.ended = ended;
             }
@@ -206,8 +207,9 @@ where
         }
     }
 
-    /// The sink reported the request in `slot`: judge its answer.
-    fn answered(&mut self, slot: usize) {
+    /// The sink reported the request in `slot` by `got` (wall time `at`):
+    /// judge its answer.
+    fn answered(&mut self, slot: usize, got: Instant, at: UnixTime) {
         let Some(Some(mut flight)) = self.flights.get_mut(slot).map(Option::take) else {
             return;
         };
@@ -234,9 +236,9 @@ where
             &mut flight.tries,
             &flight.token,
             result.map(|r| (r, Protocol::H2)),
-            flight.at,
+            (flight.started, got),
             &mut answered,
-            &self.now,
+            &|| at,
         );
         match step {
             Step::Done(report) => {

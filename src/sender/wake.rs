@@ -454,7 +454,8 @@ impl WnsSender {
             *answered = None;
             let sent = Instant::now();
             let result = pool.post(target, &headers, body.clone()).await;
-            match self.judge(app, &mut tries, &token, result, sent, answered, now) {
+            let got = Instant::now();
+            match self.judge(app, &mut tries, &token, result, (sent, got), answered, now) {
                 Step::Done(report) => return report,
                 Step::Again(w) => wait = w,
             }
@@ -482,9 +483,9 @@ impl WnsSender {
         );
     }
 
-    /// What follows the result of one request sent at `sent` with `token`:
-    /// the final report, or another try (after a wait). Sets `answered`
-    /// when WNS answered.
+    /// What follows the result of one request sent at `sent` with `token`
+    /// and ended by `got`: the final report, or another try (after a
+    /// wait). Sets `answered` when WNS answered.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn judge(
         &self,
@@ -492,7 +493,7 @@ impl WnsSender {
         tries: &mut Tries,
         token: &AccessToken,
         result: Result<(Reply, Protocol), ConnError>,
-        sent: Instant,
+        (sent, got): (Instant, Instant),
         answered: &mut Option<Instant>,
         now: &impl Fn() -> UnixTime,
     ) -> Step {
@@ -513,7 +514,6 @@ impl WnsSender {
                 ))
             }
         };
-        let got = Instant::now();
         *answered = Some(got);
         met.latency.record(got.duration_since(sent).as_secs_f64());
         let at = now();
