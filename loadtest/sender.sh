@@ -16,7 +16,8 @@
 # Prints each figure, the reference and the ratio (gateway / reference,
 # lower is better; the target is <= 1.25 for P1). The gateway's network
 # backend is its default unless WNSGATE_SERVER__IO (auto|uring|epoll) says
-# otherwise (loadtest/io.sh runs this once per backend).
+# otherwise (loadtest/io.sh runs this once per backend). MODES="tls" (or
+# "h1") runs only P1 (or P2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}
@@ -119,7 +120,7 @@ print(f"{label}: gateway {g_us:.2f} us CPU/push ({n/gw:,.0f} pushes/s, {rec} rec
 PY
 }
 
-for mode in tls h1; do
+for mode in ${MODES:-tls h1}; do
   start_sim "$mode"
   start_gateway
   # Warm-up: the first wake fills the store's block cache and the

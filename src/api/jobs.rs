@@ -4,6 +4,13 @@
 //! through the ids it was given), paces itself, keeps a bounded number of
 //! wakes in flight, and counts outcomes. Memory does not grow with the
 //! number of devices selected.
+//!
+//! The pages are dealt to the shards in turn; each shard sends its share
+//! from one task for the whole job, which drives every wake it starts
+//! through a [`WakeBatch`] (no future per wake), records the outcomes on
+//! the devices together ([`crate::registry::Registry::record_pushes`]), and
+//! claims each device's wake quietly, so that a single-device wake arriving
+//! meanwhile joins it ([`claim_quietly`]).
 
 use super::body::{read_limited, require_content_type};
 use super::devices::parse_device_id;

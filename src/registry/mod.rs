@@ -52,6 +52,8 @@
 //!
 //! What dashmap costs: [`Registry::for_each`] holds a shard's read lock
 //! while it calls back, so the callback must not upsert or remove.
+//! [`Registry::record_pushes`] reads the shards' hashbrown tables through
+//! dashmap's `raw-api`, to prefetch what a batch of lookups will touch.
 mod histogram;
 pub mod interner;
 pub mod key;
