@@ -466,7 +466,7 @@ fn a_webhook_that_times_out_or_fails_gets_the_job_again_until_it_takes_it() {
     for _ in 0..3 {
         let call = rx
             .recv_timeout(Duration::from_secs(30))
-            .expect("a webhook call");
+            .unwrap_or_else(|_| panic!("no webhook call; the gateway said:\n{}", gw.stderr()));
         seen.push(call["jobs"][0]["job_id"].as_str().unwrap().to_owned());
         assert_eq!(call["jobs"][0]["device_id"], "hooked");
     }

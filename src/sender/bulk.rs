@@ -11,7 +11,7 @@
 //! wake future, so the rare paths have one implementation.
 
 use super::conn::{ConnError, Protocol};
-use super::pool::{AuthorityPool, H2Sent, TrySend};
+use super::pool::{AuthorityPool, H2Sent, TryLease};
 use super::wake::{Step, Tries, WakeReport, WnsSender};
 use super::wire::Sink;
 use crate::core::wns::request::{MAX_WAKE_HEADERS, WAKE_BODY};
@@ -128,38 +128,40 @@ where
             self.go_slow(target, Tries::new(), None, started);
             return Ok(());
         };
+        let lease = match pool.try_lease() {
+            TryLease::Stream(lease) => lease,
+            TryLease::Busy if self.on_wire() > 0 => return Err(target),
+            TryLease::Busy | TryLease::Unavailable => {
+                sender.begun();
+                self.go_slow(target, Tries::new(), None, started);
+                return Ok(());
+            }
+        };
         let body = Bytes::from_static(WAKE_BODY);
         sender.write_headers(&mut self.headers, &token, body.len());
         let slot = self.free.pop().unwrap_or(self.flights.len());
-        match pool.try_send(path, &self.headers, body, &self.sink, slot as u64) {
-            TrySend::Sent(sent) => {
-                sender.begun();
-                let flight = Flight {
-                    target,
-                    pool,
-                    sent,
-                    token,
-                    tries: Tries::new(),
-                    started,
-                };
-                if slot == self.flights.len() {
-                    self.flights.push(Some(flight));
-                } else {
-                    self.flights[slot] = Some(flight);
-                }
-                Ok(())
-            }
-            TrySend::Busy if self.on_wire() > 0 => {
-                self.give_back(slot);
-                Err(target)
-            }
-            TrySend::Busy | TrySend::Unavailable => {
-                self.give_back(slot);
-                sender.begun();
-                self.go_slow(target, Tries::new(), None, started);
-                Ok(())
-            }
+        let Some(sent) = lease.send(&pool, path, &self.headers, body, &self.sink, slot as u64)
+        else {
+            self.give_back(slot);
+            sender.begun();
+            self.go_slow(target, Tries::new(), None, started);
+            return Ok(());
+        };
+        sender.begun();
+        let flight = Flight {
+            target,
+            pool,
+            sent,
+            token,
+            tries: Tries::new(),
+            started,
+        };
+        if slot == self.flights.len() {
+            self.flights.push(Some(flight));
+        } else {
+            self.flights[slot] = Some(flight);
         }
+        Ok(())
     }
 
     /// Waits until at least one wake has its final result and moves the

@@ -58,10 +58,10 @@ impl Inner {
     }
 }
 
-/// What [`AuthorityPool::try_send`] did.
-pub enum TrySend {
-    /// Sent on an HTTP/2 connection; the end is reported to the sink.
-    Sent(H2Sent),
+/// What [`AuthorityPool::try_lease`] found.
+pub enum TryLease {
+    /// A free stream on an HTTP/2 connection.
+    Stream(StreamLease),
     /// Every HTTP/2 stream is taken and no more connections may open:
     /// one must end first.
     Busy,
@@ -70,7 +70,47 @@ pub enum TrySend {
     Unavailable,
 }
 
-/// A request [`AuthorityPool::try_send`] sent; hand it back with
+/// A stream taken from a pool: send on it, or give it back.
+pub struct StreamLease {
+    conn: u64,
+    send: Arc<H2Client>,
+}
+
+impl StreamLease {
+    /// POSTs on the leased stream; its end is reported to `sink` with
+    /// `tag`. `None` when the connection took no new stream after all
+    /// (the lease is then given back).
+    pub fn send(
+        self,
+        pool: &AuthorityPool,
+        path_and_query: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+        sink: &Arc<Sink>,
+        tag: u64,
+    ) -> Option<H2Sent> {
+        let req = wire::Request {
+            authority: &pool.authority,
+            path: path_and_query,
+            headers,
+            body,
+            timeout: pool.timeouts.request,
+        };
+        match self.send.send_to(req, sink, tag) {
+            Ok(sent) => Some(H2Sent {
+                conn: self.conn,
+                sent,
+            }),
+            Err(_) => {
+                // Retired if it closed meanwhile.
+                pool.release_h2(self.conn, self.send.is_closed());
+                None
+            }
+        }
+    }
+}
+
+/// A request sent on a [`StreamLease`]; hand it back with
 /// [`AuthorityPool::ended`] once its answer is taken.
 pub struct H2Sent {
     conn: u64,
@@ -270,52 +310,27 @@ impl AuthorityPool {
         }
     }
 
-    /// Sends a POST on a free HTTP/2 stream without waiting; its end is
-    /// reported to `sink` with `tag`.
-    pub fn try_send(
-        &self,
-        path_and_query: &str,
-        headers: &[(HeaderName, HeaderValue)],
-        body: Bytes,
-        sink: &Arc<Sink>,
-        tag: u64,
-    ) -> TrySend {
+    /// Takes a free HTTP/2 stream without waiting, for [`StreamLease::send`].
+    pub fn try_lease(&self) -> TryLease {
         let cap = self.limits.max_streams_per_conn;
-        loop {
-            let (id, send) = {
-                let mut g = self.inner.lock();
-                g.h2.retain(|s| !s.send.is_closed());
-                // Without a free stream, can a connection still be opened?
-                let can_open = g.h2.is_empty() || g.open() < self.limits.max_connections;
-                let free =
-                    g.h2.iter_mut()
-                        .filter(|s| s.inflight < cap.min(s.send.max_streams()).max(1))
-                        .min_by_key(|s| s.inflight);
-                match free {
-                    Some(slot) => {
-                        slot.inflight += 1;
-                        (slot.id, slot.send.clone())
-                    }
-                    None if !can_open => return TrySend::Busy,
-                    None => return TrySend::Unavailable,
-                }
-            };
-            let req = wire::Request {
-                authority: &self.authority,
-                path: path_and_query,
-                headers,
-                body: body.clone(),
-                timeout: self.timeouts.request,
-            };
-            match send.send_to(req, sink, tag) {
-                Ok(sent) => return TrySend::Sent(H2Sent { conn: id, sent }),
-                // Closed meanwhile: retire it and look again.
-                Err(_) if send.is_closed() => self.release_h2(id, true),
-                Err(_) => {
-                    self.release_h2(id, false);
-                    return TrySend::Busy;
-                }
+        let mut g = self.inner.lock();
+        g.h2.retain(|s| !s.send.is_closed());
+        // Without a free stream, can a connection still be opened?
+        let can_open = g.h2.is_empty() || g.open() < self.limits.max_connections;
+        let free =
+            g.h2.iter_mut()
+                .filter(|s| s.inflight < cap.min(s.send.max_streams()).max(1))
+                .min_by_key(|s| s.inflight);
+        match free {
+            Some(slot) => {
+                slot.inflight += 1;
+                TryLease::Stream(StreamLease {
+                    conn: slot.id,
+                    send: slot.send.clone(),
+                })
             }
+            None if !can_open => TryLease::Busy,
+            None => TryLease::Unavailable,
         }
     }
 

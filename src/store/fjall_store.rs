@@ -298,6 +298,30 @@ impl FjallStore {
     }
 }
 
+impl FjallStore {
+    /// True when `id`'s channel was issued at `at`, as of the store plus
+    /// the mutations `earlier` in the batch being written.
+    fn is_current(
+        &self,
+        earlier: &[Mutation],
+        id: &DeviceId,
+        at: UnixTime,
+    ) -> Result<bool, StoreError> {
+        for m in earlier.iter().rev() {
+            match m {
+                Mutation::Put(r) if r.device_id == *id => return Ok(r.issued_at == at),
+                Mutation::Delete(d) if d == id => return Ok(false),
+                _ => {}
+            }
+        }
+        let key = codec::key(id);
+        match self.devices.get(key).map_err(io("read"))? {
+            Some(v) => Ok(codec::decode(key, &v)?.issued_at == at),
+            None => Ok(false),
+        }
+    }
+}
+
 impl Store for FjallStore {
     fn apply(&self, batch: &[Mutation]) -> Result<(), StoreError> {
         if batch.is_empty() {
@@ -308,7 +332,7 @@ impl Store for FjallStore {
         let mut wb = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), batch.len())
             .durability(Some(PersistMode::SyncAll));
         let mut scratch = Vec::with_capacity(512);
-        for m in batch {
+        for (i, m) in batch.iter().enumerate() {
             match m {
                 Mutation::Put(rec) => {
                     scratch.clear();
@@ -329,7 +353,15 @@ impl Store for FjallStore {
                 Mutation::Unindex {
                     issued_at,
                     device_id,
-                } => wb.remove(&self.issued, issued_key(*issued_at, device_id.as_str())),
+                } => {
+                    // Stale in the caller's view, which may lag the store
+                    // (a sweep reads the registry, updated once a batch is
+                    // durable): the entry of the device's current channel
+                    // stays, or that device would never come due.
+                    if !self.is_current(&batch[..i], device_id, *issued_at)? {
+                        wb.remove(&self.issued, issued_key(*issued_at, device_id.as_str()));
+                    }
+                }
                 Mutation::PutJob(job) => {
                     scratch.clear();
                     job_codec::encode_into(job, &mut scratch);
@@ -793,5 +825,44 @@ mod tests {
             err.contains("not writable") && err.contains(&path.display().to_string()),
             "{err}"
         );
+    }
+
+    #[test]
+    fn unindex_keeps_the_entry_of_the_current_channel() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path());
+        let unindex = |at: u32, id: &str| Mutation::Unindex {
+            issued_at: UnixTime(at),
+            device_id: DeviceId::parse(id).unwrap(),
+        };
+        let listed = |s: &FjallStore| -> Vec<(u32, String)> {
+            s.issued_between(UnixTime(0), UnixTime(1_000), None, 100)
+                .unwrap()
+                .into_iter()
+                .map(|(at, id)| (at.0, id.as_str().to_owned()))
+                .collect()
+        };
+        // "a" re-registered (11 replaces 10); "b" deleted.
+        s.apply(&[put(&rec("a", 10)), put(&rec("b", 20))]).unwrap();
+        s.apply(&[
+            put(&rec("a", 11)),
+            Mutation::Delete(DeviceId::parse("b").unwrap()),
+        ])
+        .unwrap();
+        // A caller that had not seen those yet thinks every entry stale.
+        s.apply(&[unindex(10, "a"), unindex(11, "a"), unindex(20, "b")])
+            .unwrap();
+        assert_eq!(listed(&s), vec![(11, "a".to_owned())]);
+        // Earlier mutations of the same batch count: "c" registered and
+        // unindexed in one batch keeps its entry, "d" deleted loses it.
+        s.apply(&[put(&rec("d", 40))]).unwrap();
+        s.apply(&[
+            put(&rec("c", 30)),
+            unindex(30, "c"),
+            Mutation::Delete(DeviceId::parse("d").unwrap()),
+            unindex(40, "d"),
+        ])
+        .unwrap();
+        assert_eq!(listed(&s), vec![(11, "a".to_owned()), (30, "c".to_owned())]);
     }
 }
