@@ -9,9 +9,9 @@ use std::time::Duration;
 use wnsgate::sim::{self, Faults, Mode, SimConfig};
 
 const DEVICES: u64 = 20_000;
-/// Requests one push may cost: 4 attempts plus 3 resends of requests whose
+/// Requests one push may cost: 4 attempts plus 5 resends of requests whose
 /// connection died before answering.
-const MAX_PER_CHANNEL: u64 = 7;
+const MAX_PER_CHANNEL: u64 = 9;
 
 /// 10% server errors and a sender rate limit, plus `goaway_every` and
 /// `reset_every` (counted per connection, so whichever is smaller decides).
@@ -38,7 +38,16 @@ fn run(mode: Mode, goaway_every: Option<u64>, reset_every: Option<u64>) -> (Valu
         .unwrap();
     assert_eq!(r.status, 202, "{}", r.text());
     let id = r.json()["job_id"].as_str().unwrap().to_owned();
-    let job = common::wait_job(&gw, &id, Duration::from_secs(300));
+    let mut job = common::wait_job(&gw, &id, Duration::from_secs(300));
+    // The gateway's own account, for a failure message.
+    let metrics = gw.client().get("/metrics").unwrap().text();
+    job["gateway_results"] = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("wnsgate_pushes_total") || l.starts_with("wnsgate_wns_resends_total")
+        })
+        .collect::<Vec<_>>()
+        .into();
     (job, s.stats())
 }
 

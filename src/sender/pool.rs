@@ -195,19 +195,10 @@ impl AuthorityPool {
 
     fn lease(&self) -> Lease {
         let mut g = self.inner.lock();
-        let cap = self.limits.max_streams_per_conn;
-        // A connection going away takes no new streams: retire it (its
-        // open streams finish on their own).
-        g.h2.retain(|s| !s.send.is_closed());
-        if let Some(slot) =
-            g.h2.iter_mut()
-                .filter(|s| s.inflight < cap.min(s.send.max_streams()).max(1))
-                .min_by_key(|s| s.inflight)
-        {
-            slot.inflight += 1;
+        if let Some(lease) = self.free_stream(&mut g) {
             return Lease::H2 {
-                id: slot.id,
-                send: slot.send.clone(),
+                id: lease.conn,
+                send: lease.send,
             };
         }
         while let Some(send) = g.h1_idle.pop() {
@@ -312,26 +303,33 @@ impl AuthorityPool {
 
     /// Takes a free HTTP/2 stream without waiting, for [`StreamLease::send`].
     pub fn try_lease(&self) -> TryLease {
-        let cap = self.limits.max_streams_per_conn;
         let mut g = self.inner.lock();
+        if let Some(lease) = self.free_stream(&mut g) {
+            return TryLease::Stream(lease);
+        }
+        // No free stream: can a connection still be opened?
+        if !g.h2.is_empty() && g.open() >= self.limits.max_connections {
+            TryLease::Busy
+        } else {
+            TryLease::Unavailable
+        }
+    }
+
+    /// The least busy HTTP/2 connection's free stream, if there is one.
+    fn free_stream(&self, g: &mut Inner) -> Option<StreamLease> {
+        let cap = self.limits.max_streams_per_conn;
+        // A connection going away takes no new streams: retire it (its
+        // open streams finish on their own).
         g.h2.retain(|s| !s.send.is_closed());
-        // Without a free stream, can a connection still be opened?
-        let can_open = g.h2.is_empty() || g.open() < self.limits.max_connections;
-        let free =
+        let slot =
             g.h2.iter_mut()
                 .filter(|s| s.inflight < cap.min(s.send.max_streams()).max(1))
-                .min_by_key(|s| s.inflight);
-        match free {
-            Some(slot) => {
-                slot.inflight += 1;
-                TryLease::Stream(StreamLease {
-                    conn: slot.id,
-                    send: slot.send.clone(),
-                })
-            }
-            None if !can_open => TryLease::Busy,
-            None => TryLease::Unavailable,
-        }
+                .min_by_key(|s| s.inflight)?;
+        slot.inflight += 1;
+        Some(StreamLease {
+            conn: slot.id,
+            send: slot.send.clone(),
+        })
     }
 
     /// The answer to `sent` was taken (`lost`: it failed with the

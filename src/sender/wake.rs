@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 /// Times one push may be re-sent because its connection died before
 /// answering; these resends do not count as attempts.
-pub const MAX_LOST_RESENDS: u32 = 3;
+pub const MAX_LOST_RESENDS: u32 = 5;
 
 /// What became of one wake-up.
 ///
