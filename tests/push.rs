@@ -25,6 +25,18 @@ fn register(gw: &Server, id: &str, token: &str) {
     assert!(r.status == 201 || r.status == 200, "{}", r.text());
 }
 
+/// Makes the simulator hold every answer for `ms` milliseconds.
+fn slow_answers(s: &sim::SimHandle, ms: u64) {
+    s.set_faults(Faults {
+        latency_ms: Some(sim::LatencyRange {
+            min_ms: ms,
+            max_ms: ms,
+        }),
+        ..Faults::default()
+    })
+    .unwrap();
+}
+
 fn push_wait(gw: &Server, id: &str) -> Value {
     let r = gw
         .client()
@@ -145,14 +157,7 @@ fn server_errors_are_retried_within_the_attempt_budget() {
 fn pending_wakes_for_one_device_are_coalesced() {
     let (_d, s, gw) = start();
     register(&gw, "slow", "AwYAAADslow");
-    s.set_faults(Faults {
-        latency_ms: Some(sim::LatencyRange {
-            min_ms: 800,
-            max_ms: 800,
-        }),
-        ..Faults::default()
-    })
-    .unwrap();
+    slow_answers(&s, 800);
     let mut c = gw.client();
     let first = c
         .request("POST", "/v1/devices/slow/push", None, b"")
@@ -181,14 +186,7 @@ fn a_single_wake_joins_the_bulk_wake_pending_for_its_device() {
     let (_d, s, gw) = start();
     register(&gw, "slow", "AwYAAADslow");
     register(&gw, "slowgone", "x410AwYAAADslow");
-    s.set_faults(Faults {
-        latency_ms: Some(sim::LatencyRange {
-            min_ms: 3000,
-            max_ms: 3000,
-        }),
-        ..Faults::default()
-    })
-    .unwrap();
+    slow_answers(&s, 3000);
     let r = create_job(&gw, &json!({"device_ids": ["slow", "slowgone"]}));
     assert_eq!(r.status, 202, "{}", r.text());
     let job = r.json()["job_id"].as_str().unwrap().to_owned();
@@ -208,26 +206,13 @@ fn a_single_wake_joins_the_bulk_wake_pending_for_its_device() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let joiners: Vec<_> = ["slow", "slowgone"]
-        .into_iter()
-        .map(|id| {
-            let url = gw.url();
-            std::thread::spawn(move || {
-                let r = wnsgate::client::Client::new(&url)
-                    .unwrap()
-                    .request(
-                        "POST",
-                        &format!("/v1/devices/{id}/push?wait=true"),
-                        None,
-                        b"",
-                    )
-                    .unwrap();
-                assert_eq!(r.status, 200, "{}", r.text());
-                r.json()
-            })
-        })
-        .collect();
-    let answers: Vec<Value> = joiners.into_iter().map(|j| j.join().unwrap()).collect();
+    let answers: Vec<Value> = std::thread::scope(|scope| {
+        let joiners: Vec<_> = ["slow", "slowgone"]
+            .map(|id| scope.spawn(|| push_wait(&gw, id)))
+            .into_iter()
+            .collect();
+        joiners.into_iter().map(|j| j.join().unwrap()).collect()
+    });
     assert_eq!(answers[0]["coalesced"], true, "{}", answers[0]);
     assert_eq!(answers[0]["result"], "delivered", "{}", answers[0]);
     assert_eq!(answers[1]["coalesced"], true, "{}", answers[1]);

@@ -338,8 +338,7 @@ impl Settled {
 pub fn settle(gw: &Gateway, device_id: &str, report: WakeReport) -> Settled {
     match gw.pending_wakes.remove(device_id).and_then(|(_, p)| p.slot) {
         Some(slot) => {
-            let _ = slot.report.set(report);
-            slot.changed.notify_waiters();
+            Publisher(slot.clone()).publish(report);
             Settled::Published(slot)
         }
         None => Settled::Kept(report),
