@@ -151,11 +151,14 @@ impl Job {
     }
 
     fn count(&self, report: Option<&WakeReport>) {
+        use crate::core::wns::{Outcome, PushResult};
         let counter = match report.map(|r| (r.result, r.wns_outcome)) {
-            Some(("delivered", _)) => &self.received,
-            Some(("dropped", _)) => &self.dropped,
-            Some((_, Some("channel_throttled" | "sender_throttled"))) => &self.throttled,
-            Some(("channel_dead", _)) => &self.expired,
+            Some((PushResult::Delivered, _)) => &self.received,
+            Some((PushResult::Dropped, _)) => &self.dropped,
+            Some((_, Some(Outcome::ChannelThrottled | Outcome::SenderThrottled { .. }))) => {
+                &self.throttled
+            }
+            Some((PushResult::ChannelDead, _)) => &self.expired,
             _ => &self.failed,
         };
         counter.fetch_add(1, Ordering::AcqRel);

@@ -94,7 +94,7 @@ struct Finished<'a> {
     device_id: &'a str,
     coalesced: bool,
     #[serde(flatten)]
-    report: &'a WakeReport,
+    report: super::view::ReportView<'a>,
 }
 
 fn next_push_id() -> PushId {
@@ -160,7 +160,7 @@ pub async fn push_device(
             push_id: pending.push_id,
             device_id: id.as_str(),
             coalesced,
-            report,
+            report: report.into(),
         },
     ))
 }
@@ -374,13 +374,12 @@ pub async fn conclude<'p>(
 
 /// The outcome of a wake as the device record keeps it.
 pub fn last_push(report: &WakeReport) -> crate::registry::LastPush {
-    use super::view::{label_code, outcome_code, PUSH_RESULTS};
-    crate::registry::LastPush {
-        at: report.at,
-        result: label_code(PUSH_RESULTS, report.result),
-        outcome: outcome_code(report.wns_outcome),
-        status: report.status.unwrap_or(0),
-    }
+    crate::registry::LastPush::new(
+        report.at,
+        report.result,
+        report.wns_outcome.as_ref(),
+        report.status,
+    )
 }
 
 /// Keeps the outcome on the device (in memory, in place).

@@ -1,8 +1,9 @@
 //! The JSON shape of a device record (product.md, `GET /v1/devices/{id}`).
 
 use crate::core::lifecycle::LeaveReason;
-use crate::core::wns::classify::Outcome;
+use crate::core::wns::PushResult;
 use crate::core::{DeviceRecord, LifecycleState, Thresholds, UnixTime};
+use crate::sender::wake::WakeReport;
 use serde::Serialize;
 
 /// A device record as API callers see it.
@@ -29,52 +30,6 @@ pub struct DeviceView<'a> {
     pub unreachable_since: Option<String>,
 }
 
-/// Final wake-up results, by the code the registry keeps.
-pub const PUSH_RESULTS: &[&str] = &[
-    "delivered",
-    "channel_dead",
-    "dropped",
-    "attempts_exhausted",
-    "retry_after_too_long",
-    "token_rejected_twice",
-    "domain_blocked",
-    "bad_request",
-    "method_not_allowed",
-    "payload_too_large",
-    "unexpected",
-    "credential_throttled",
-    "token_unavailable",
-    "no_credentials",
-    "bad_channel_uri",
-    "connect_failed",
-    "tls_failed",
-    "timeout",
-    "connection_lost",
-    "protocol_error",
-];
-
-/// The registry code of a WNS outcome label: 0 for no answer, else one
-/// more than its place in [`Outcome::LABELS`] (the classifier's own list).
-pub fn outcome_code(label: Option<&str>) -> u8 {
-    label.map_or(0, |l| label_code(&Outcome::LABELS, l) + 1)
-}
-
-fn outcome_label(code: u8) -> Option<&'static str> {
-    code.checked_sub(1).map(|c| code_label(&Outcome::LABELS, c))
-}
-
-/// Code of a label in `table`; `table.len()` ("other") when absent.
-pub fn label_code(table: &[&str], label: &str) -> u8 {
-    table
-        .iter()
-        .position(|l| *l == label)
-        .unwrap_or(table.len()) as u8
-}
-
-fn code_label(table: &[&'static str], code: u8) -> &'static str {
-    table.get(usize::from(code)).copied().unwrap_or("other")
-}
-
 /// The last push, as callers see it.
 #[derive(Debug, Serialize)]
 pub struct LastPushView {
@@ -88,8 +43,8 @@ impl From<crate::registry::LastPush> for LastPushView {
     fn from(p: crate::registry::LastPush) -> Self {
         LastPushView {
             at: p.at.to_rfc3339(),
-            result: code_label(PUSH_RESULTS, p.result),
-            wns_outcome: outcome_label(p.outcome),
+            result: p.result().map_or("other", |r| r.label()),
+            wns_outcome: p.outcome_label(),
             status: (p.status != 0).then_some(p.status),
         }
     }
@@ -156,28 +111,103 @@ impl<'a> DeviceView<'a> {
     }
 }
 
+/// A wake's final result as `?wait=true` answers show it.
+#[derive(Serialize)]
+pub struct ReportView<'a> {
+    pub result: PushResult,
+    pub wns_outcome: Option<&'static str>,
+    pub status: Option<u16>,
+    pub msg_id: Option<String>,
+    pub debug_trace: Option<String>,
+    pub ms_cv: Option<String>,
+    pub device_connection: Option<&'static str>,
+    pub error_description: Option<String>,
+    pub attempts: u32,
+    pub protocol: Option<&'static str>,
+    pub at: String,
+    pub error: Option<&'a str>,
+}
+
+impl<'a> From<&'a WakeReport> for ReportView<'a> {
+    fn from(r: &'a WakeReport) -> ReportView<'a> {
+        let meta = r.meta();
+        ReportView {
+            result: r.result,
+            wns_outcome: r.wns_outcome.map(|o| o.label()),
+            status: r.status,
+            msg_id: meta.msg_id,
+            debug_trace: meta.debug_trace,
+            ms_cv: meta.ms_cv,
+            device_connection: meta.device_connection.map(|d| d.as_str()),
+            error_description: meta.error_description,
+            attempts: r.attempts,
+            protocol: r.protocol,
+            at: r.at.to_rfc3339(),
+            error: r.error.as_deref(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::wns::Outcome;
+    use crate::registry::LastPush;
 
     #[test]
-    fn push_codes_round_trip_and_unknown_labels_read_other() {
-        for table in [PUSH_RESULTS, &Outcome::LABELS[..]] {
-            for (i, l) in table.iter().enumerate() {
-                assert_eq!(label_code(table, l), i as u8);
-                assert_eq!(code_label(table, i as u8), *l);
+    fn last_push_shows_the_labels_of_its_codes() {
+        for r in PushResult::ALL {
+            for o in [None, Some(Outcome::Received), Some(Outcome::DomainBlocked)] {
+                let p = LastPush::new(crate::core::UnixTime(1), r, o.as_ref(), Some(200));
+                let v = LastPushView::from(p);
+                assert_eq!(v.result, r.label());
+                assert_eq!(v.wns_outcome, o.map(|o| o.label()));
             }
-            let other = label_code(table, "something_new");
-            assert_eq!(code_label(table, other), "other");
         }
+        let unknown = LastPush {
+            at: crate::core::UnixTime(1),
+            result: 200,
+            outcome: 200,
+            status: 0,
+        };
+        let v = LastPushView::from(unknown);
+        assert_eq!(
+            (v.result, v.wns_outcome, v.status),
+            ("other", Some("other"), None)
+        );
     }
 
     #[test]
-    fn outcome_codes_round_trip_with_zero_for_no_answer() {
-        assert_eq!(outcome_code(None), 0);
-        assert_eq!(outcome_label(0), None);
-        for l in Outcome::LABELS {
-            assert_eq!(outcome_label(outcome_code(Some(l))), Some(l));
+    fn outcome_codes_are_zero_for_no_answer_and_round_trip() {
+        assert_eq!(LastPush::outcome_code(None), 0);
+        let all = [
+            Outcome::Received,
+            Outcome::Dropped,
+            Outcome::ChannelThrottled,
+            Outcome::BadRequest,
+            Outcome::TokenRejected,
+            Outcome::CredentialMismatch,
+            Outcome::ChannelNotFound,
+            Outcome::MethodNotAllowed,
+            Outcome::SenderThrottled { retry_after: None },
+            Outcome::ChannelExpired { revoked: false },
+            Outcome::DomainBlocked,
+            Outcome::PayloadTooLarge,
+            Outcome::ServerError {
+                status: 503,
+                retry_after: None,
+            },
+            Outcome::Unexpected { status: 302 },
+        ];
+        assert_eq!(all.len(), Outcome::LABELS.len());
+        for o in all {
+            let p = LastPush::new(
+                crate::core::UnixTime(0),
+                PushResult::Delivered,
+                Some(&o),
+                None,
+            );
+            assert_eq!(p.outcome_label(), Some(o.label()));
         }
     }
 }

@@ -65,6 +65,7 @@ mod uri;
 pub use key::{KeyBuf, RecordKey};
 pub use record::{CompactRecord, RecordCodec};
 
+use crate::core::wns::{Outcome, PushResult};
 use crate::core::{DeviceRecord, Thresholds, UnixTime};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
@@ -72,8 +73,8 @@ use histogram::{Bucket, Histogram};
 use std::hash::RandomState;
 
 /// A device's last push outcome, packed into the map slot: when, the final
-/// result and the last WNS outcome (as codes the API layer defines), and the
-/// HTTP status.
+/// result ([`PushResult::code`]), the last WNS outcome ([`LastPush::outcome_code`]),
+/// and the HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LastPush {
     pub at: UnixTime,
@@ -84,6 +85,45 @@ pub struct LastPush {
 }
 
 impl LastPush {
+    /// The last push of a wake that ended with `result` at `at`, after
+    /// WNS answered `outcome` with `status` (none when it did not answer).
+    pub fn new(
+        at: UnixTime,
+        result: PushResult,
+        outcome: Option<&Outcome>,
+        status: Option<u16>,
+    ) -> LastPush {
+        LastPush {
+            at,
+            result: result.code(),
+            outcome: LastPush::outcome_code(outcome),
+            status: status.unwrap_or(0),
+        }
+    }
+
+    /// The code kept for a WNS outcome: 0 for no answer, else one more than
+    /// its place in [`Outcome::LABELS`].
+    pub fn outcome_code(outcome: Option<&Outcome>) -> u8 {
+        outcome.map_or(0, |o| o.index() as u8 + 1)
+    }
+
+    /// The final result; `None` for a code this version does not know.
+    pub fn result(&self) -> Option<PushResult> {
+        PushResult::from_code(self.result)
+    }
+
+    /// The label of the last WNS outcome; `None` when WNS did not answer,
+    /// `Some("other")` for a code this version does not know.
+    pub fn outcome_label(&self) -> Option<&'static str> {
+        let code = self.outcome.checked_sub(1)?;
+        Some(
+            Outcome::LABELS
+                .get(usize::from(code))
+                .copied()
+                .unwrap_or("other"),
+        )
+    }
+
     /// `at` in the high 32 bits, then status, `result + 1` (so that 0
     /// means "no push"; result codes stop at 254), outcome.
     fn pack(self) -> u64 {

@@ -16,7 +16,7 @@ use crate::core::wns::retry::{
 };
 use crate::core::wns::token::TokenFlow;
 use crate::core::wns::AccessToken;
-use crate::core::wns::{classify, Outcome, WnsMeta};
+use crate::core::wns::{classify, Outcome, PushResult, WnsMeta};
 use crate::core::{ChannelUri, DeadReason, UnixTime};
 use crate::telemetry::metrics as m;
 use anyhow::Context;
@@ -24,7 +24,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use metrics::{Counter, Gauge, Histogram};
 use parking_lot::Mutex;
-use serde::Serialize;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
@@ -42,11 +41,10 @@ pub const MAX_LOST_RESENDS: u32 = 5;
 /// no header text.
 #[derive(Debug, Clone)]
 pub struct WakeReport {
-    /// `delivered`, a final failure label, `channel_dead`, or a transport
-    /// failure label.
-    pub result: &'static str,
+    /// How the wake ended.
+    pub result: PushResult,
     /// The last WNS outcome seen (`received`, `dropped`, `channel_expired`, ...).
-    pub wns_outcome: Option<&'static str>,
+    pub wns_outcome: Option<Outcome>,
     /// The last HTTP status from WNS.
     pub status: Option<u16>,
     /// The headers of the last WNS answer.
@@ -62,7 +60,7 @@ pub struct WakeReport {
 }
 
 impl WakeReport {
-    fn failed(result: &'static str, error: String, attempts: u32, now: UnixTime) -> WakeReport {
+    fn failed(result: PushResult, error: String, attempts: u32, now: UnixTime) -> WakeReport {
         WakeReport {
             result,
             wns_outcome: None,
@@ -77,7 +75,7 @@ impl WakeReport {
     }
 
     pub fn delivered(&self) -> bool {
-        self.result == "delivered"
+        self.result == PushResult::Delivered
     }
 
     /// The diagnostic headers of the last WNS answer (empty without one).
@@ -86,44 +84,6 @@ impl WakeReport {
             .as_ref()
             .map(WnsMeta::from_headers)
             .unwrap_or_default()
-    }
-}
-
-/// The JSON form of a report (`?wait=true` answers).
-#[derive(Serialize)]
-struct ReportView<'a> {
-    result: &'static str,
-    wns_outcome: Option<&'static str>,
-    status: Option<u16>,
-    msg_id: Option<String>,
-    debug_trace: Option<String>,
-    ms_cv: Option<String>,
-    device_connection: Option<&'static str>,
-    error_description: Option<String>,
-    attempts: u32,
-    protocol: Option<&'static str>,
-    at: String,
-    error: Option<&'a str>,
-}
-
-impl Serialize for WakeReport {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let meta = self.meta();
-        ReportView {
-            result: self.result,
-            wns_outcome: self.wns_outcome,
-            status: self.status,
-            msg_id: meta.msg_id,
-            debug_trace: meta.debug_trace,
-            ms_cv: meta.ms_cv,
-            device_connection: meta.device_connection.map(|d| d.as_str()),
-            error_description: meta.error_description,
-            attempts: self.attempts,
-            protocol: self.protocol,
-            at: self.at.to_rfc3339(),
-            error: self.error.as_deref(),
-        }
-        .serialize(s)
     }
 }
 
@@ -137,33 +97,9 @@ struct SenderMetrics {
     /// `wnsgate_wns_responses_total` by outcome and status label, created
     /// on first use so the scrape only shows pairs that happened.
     responses: Box<[OnceLock<Counter>]>,
-    /// `wnsgate_pushes_total` by [`RESULT_LABELS`], created on first use.
-    pushes: [OnceLock<Counter>; RESULT_LABELS.len()],
+    /// `wnsgate_pushes_total` by result code, created on first use.
+    pushes: [OnceLock<Counter>; PushResult::ALL.len()],
 }
-
-/// Every final result a wake can report, for [`SenderMetrics::pushes`].
-const RESULT_LABELS: [&str; 20] = [
-    "delivered",
-    "channel_dead",
-    "dropped",
-    "bad_request",
-    "method_not_allowed",
-    "payload_too_large",
-    "unexpected",
-    "token_rejected_twice",
-    "domain_blocked",
-    "attempts_exhausted",
-    "retry_after_too_long",
-    "no_credentials",
-    "bad_channel_uri",
-    "credential_throttled",
-    "token_unavailable",
-    "connect_failed",
-    "tls_failed",
-    "timeout",
-    "connection_lost",
-    "protocol_error",
-];
 
 impl SenderMetrics {
     fn new() -> SenderMetrics {
@@ -185,13 +121,10 @@ impl SenderMetrics {
         })
     }
 
-    fn push(&self, result: &'static str) {
-        match RESULT_LABELS.iter().position(|&l| l == result) {
-            Some(i) => self.pushes[i]
-                .get_or_init(|| metrics::counter!(m::PUSHES, "result" => RESULT_LABELS[i]))
-                .increment(1),
-            None => metrics::counter!(m::PUSHES, "result" => result).increment(1),
-        }
+    fn push(&self, result: PushResult) {
+        self.pushes[usize::from(result.code())]
+            .get_or_init(|| metrics::counter!(m::PUSHES, "result" => result.label()))
+            .increment(1);
     }
 }
 
@@ -223,7 +156,7 @@ pub(super) enum Step {
 
 fn no_credentials(pfn: &str, now: UnixTime) -> WakeReport {
     WakeReport::failed(
-        "no_credentials",
+        PushResult::NoCredentials,
         format!("no [[wns.apps]] entry for pfn {pfn}"),
         0,
         now,
@@ -232,7 +165,7 @@ fn no_credentials(pfn: &str, now: UnixTime) -> WakeReport {
 
 fn bad_channel_uri(now: UnixTime) -> WakeReport {
     WakeReport::failed(
-        "bad_channel_uri",
+        PushResult::BadChannelUri,
         "the channel URI does not parse".into(),
         0,
         now,
@@ -431,7 +364,7 @@ impl WnsSender {
             if let Some(wait) = self.credential_wait(app) {
                 if wait > self.policy.max_retry_after {
                     return WakeReport::failed(
-                        "credential_throttled",
+                        PushResult::CredentialThrottled,
                         "the credential is paused by WNS".into(),
                         tries.attempt.attempts(),
                         now(),
@@ -443,7 +376,7 @@ impl WnsSender {
                 Ok(t) => t,
                 Err(e) => {
                     return WakeReport::failed(
-                        "token_unavailable",
+                        PushResult::TokenUnavailable,
                         e.to_string(),
                         tries.attempt.attempts(),
                         now(),
@@ -507,7 +440,7 @@ impl WnsSender {
             }
             Err(e) => {
                 return Step::Done(WakeReport::failed(
-                    transport_label(&e),
+                    transport_result(&e),
                     e.to_string(),
                     tries.attempt.attempts() + 1,
                     now(),
@@ -518,7 +451,6 @@ impl WnsSender {
         met.latency.record(got.duration_since(sent).as_secs_f64());
         let at = now();
         let outcome = classify::outcome(reply.status, &reply.headers, at);
-        let label = outcome.label();
         met.response(&outcome, reply.status).increment(1);
         let verdict = tries
             .attempt
@@ -539,22 +471,22 @@ impl WnsSender {
             None => {}
         }
         let (result, dead) = match verdict.decision {
-            Decision::Delivered => ("delivered", None),
-            Decision::Failed(f) => (f.label(), None),
-            Decision::ChannelDead(reason) => ("channel_dead", Some(reason)),
+            Decision::Delivered => (PushResult::Delivered, None),
+            Decision::Failed(f) => (PushResult::from_failure(f), None),
+            Decision::ChannelDead(reason) => (PushResult::ChannelDead, Some(reason)),
             Decision::RefreshTokenThenRetry => {
                 app.tokens.invalidate(token);
                 metrics::counter!(m::WNS_RESENDS, "reason" => "token_rejected").increment(1);
                 return Step::Again(None);
             }
             Decision::RetryAfter(wait) => {
-                metrics::counter!(m::WNS_RESENDS, "reason" => label).increment(1);
+                metrics::counter!(m::WNS_RESENDS, "reason" => outcome.label()).increment(1);
                 return Step::Again(Some(wait));
             }
         };
         Step::Done(WakeReport {
             result,
-            wns_outcome: Some(label),
+            wns_outcome: Some(outcome),
             status: Some(reply.status),
             reply: Some(reply.headers),
             dead,
@@ -592,8 +524,8 @@ fn log_final(uri: &ChannelUri, pfn: &str, report: &WakeReport) {
     tracing::debug!(
         channel = %uri.redacted(),
         pfn,
-        result = report.result,
-        outcome = report.wns_outcome.unwrap_or("none"),
+        result = report.result.label(),
+        outcome = report.wns_outcome.map_or("none", |o| o.label()),
         status = report.status.unwrap_or(0),
         msg_id = meta.msg_id.as_deref().unwrap_or(""),
         debug_trace = meta.debug_trace.as_deref().unwrap_or(""),
@@ -604,12 +536,12 @@ fn log_final(uri: &ChannelUri, pfn: &str, report: &WakeReport) {
     );
 }
 
-fn transport_label(e: &ConnError) -> &'static str {
+fn transport_result(e: &ConnError) -> PushResult {
     match e {
-        ConnError::Connect(..) => "connect_failed",
-        ConnError::Tls(..) => "tls_failed",
-        ConnError::Timeout(_) => "timeout",
-        ConnError::Lost(_) => "connection_lost",
-        ConnError::Protocol(_) => "protocol_error",
+        ConnError::Connect(..) => PushResult::ConnectFailed,
+        ConnError::Tls(..) => PushResult::TlsFailed,
+        ConnError::Timeout(_) => PushResult::Timeout,
+        ConnError::Lost(_) => PushResult::ConnectionLost,
+        ConnError::Protocol(_) => PushResult::ProtocolError,
     }
 }

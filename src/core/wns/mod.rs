@@ -8,7 +8,8 @@
 //!   and pacing,
 //! - [`token`]: access-token requests, responses and the per-credential
 //!   token cache,
-//! - [`request`]: the wake-up request's body and headers.
+//! - [`request`]: the wake-up request's body and headers,
+//! - [`result`]: how a wake ended, as one typed value.
 //!
 //! It must not touch sockets, timers, the system clock or randomness: the
 //! sender passes in `now` and random numbers, and carries decisions out.
@@ -18,6 +19,7 @@
 pub mod classify;
 pub mod headers;
 pub mod request;
+pub mod result;
 pub mod retry;
 pub mod token;
 
@@ -26,6 +28,7 @@ pub use request::{
     check_body, new_cv, new_cv_header, wake_headers, write_wake_headers, BodyError, MAX_BODY,
     WAKE_BODY,
 };
+pub use result::PushResult;
 pub use retry::{
     CredentialSignal, CredentialThrottle, Decision, FinalFailure, Pacer, PushAttempt, RetryPolicy,
     Verdict,
