@@ -5,13 +5,16 @@
 //! - [`registry`]: every device's channel record in memory, shared by all shards;
 //! - [`store`]: durability on disk, group-committed on a dedicated thread;
 //! - [`shard`]: one thread and runtime per core, each accepting its own connections;
+//! - [`wake`]: waking devices, one or many, and what a wake leaves behind;
 //! - [`api`]: the HTTP API served by every shard;
 //! - [`sim`]: a WNS simulator (`wnsgate sim`) for tests, the demo and load tests;
-//! - [`config`], [`telemetry`]: configuration, metrics and logs.
+//! - [`config`], [`telemetry`]: configuration, metrics and logs;
+//! - [`clock`]: the only readings of time, and the only randomness.
 
 pub mod api;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod demo;
@@ -25,3 +28,4 @@ pub mod shard;
 pub mod sim;
 pub mod store;
 pub mod telemetry;
+pub mod wake;

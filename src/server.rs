@@ -1,27 +1,50 @@
-//! Starting and stopping a gateway: open the store, start the group-commit
-//! thread, bind the shards, load the store into the registry, turn ready;
-//! and in reverse on shutdown.
+//! Starting and stopping a gateway: the composition root. Open the store,
+//! start the group-commit thread, build the services, bind the shards with
+//! the API as their handler, load the store into the registry, turn ready;
+//! and on shutdown, the ordered sequence of [`Running::shutdown`].
 
 use crate::config::Settings;
 use crate::gateway::Gateway;
 use crate::registry::Registry;
-use crate::shard::ShardSet;
+use crate::shard::{ShardOptions, ShardSet};
 use crate::store::committer::{Committer, CommitterConfig, CommitterJoin};
 use crate::store::fjall_store::{FjallOptions, FjallStore};
 use crate::store::{Mutation, Store};
 use crate::telemetry::metrics as m;
+use crate::wake::nudge::Nudger;
+use crate::wake::WakeService;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// How long shutdown waits for wake-ups already handed to WNS to reach
-/// their final result (their verdicts are then flushed with the store).
-pub const WAKE_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// The most a whole shutdown may take: wake-ups ([`WAKE_DRAIN_TIMEOUT`]),
-/// open connections ([`crate::shard::DRAIN_TIMEOUT`]) and the final store
-/// flush. Past it the process exits with status 1.
-pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(30);
+/// Shutdown's steps, in order, each with the most it may take. Their sum
+/// is held to [`SHUTDOWN_MS_MAX`] when the crate compiles.
+///
+/// 1. Stop accepting: `/readyz` fails, API calls get 503, the listeners
+///    close (immediate).
+/// 2. Stop the producers: bulk wakes are cancelled, nudges stop being
+///    taken, the lifecycle thread ends its current step.
+pub const STOP_PRODUCERS_MS_MAX: u64 = 4_000;
+/// 3. Drain the wakes in flight: they reach their final result, which is
+///    kept (a dead channel's mark with the store flush).
+pub const DRAIN_WAKES_MS_MAX: u64 = 10_000;
+/// 4. Drain the connections: open ones finish their requests (a
+///    `?wait=true` push answers with the result of step 3).
+pub const DRAIN_CONNECTIONS_MS_MAX: u64 = 10_000;
+/// 5. Flush the store: everything queued is applied and synced.
+pub const FLUSH_STORE_MS_MAX: u64 = 5_000;
+/// The most a whole shutdown may take. Past it the process exits with
+/// status 1 (`wnsgate serve`'s watchdog).
+pub const SHUTDOWN_MS_MAX: u64 = 30_000;
+
+const _: () = assert!(
+    STOP_PRODUCERS_MS_MAX + DRAIN_WAKES_MS_MAX + DRAIN_CONNECTIONS_MS_MAX + FLUSH_STORE_MS_MAX
+        <= SHUTDOWN_MS_MAX
+);
+
+/// [`SHUTDOWN_MS_MAX`] as a duration.
+pub const SHUTDOWN_LIMIT: Duration = Duration::from_millis(SHUTDOWN_MS_MAX);
 
 /// A running gateway.
 pub struct Running {
@@ -30,6 +53,7 @@ pub struct Running {
     shards: ShardSet,
     committer: CommitterJoin,
     lifecycle: Option<crate::lifecycle::LifecycleThread>,
+    nudger: Option<Nudger>,
 }
 
 /// Applies a durable batch to the registry, in order.
@@ -123,22 +147,44 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         store.clone(),
         commits.clone(),
     ));
-    let gateway = Arc::new(Gateway::new(
-        settings,
+    let wakes = Arc::new(WakeService::new(
+        sender,
         registry.clone(),
         store.clone(),
+        lifecycle.clone(),
+        settings.thresholds,
+        shard_count,
+    ));
+    let options = ShardOptions {
+        request_timeout: Duration::from_secs(settings.request_timeout_secs),
+        drain_connections: Duration::from_millis(DRAIN_CONNECTIONS_MS_MAX),
+    };
+    let gateway = Arc::new(Gateway::new(crate::gateway::Parts {
+        settings,
+        registry: registry.clone(),
+        store: store.clone(),
         commits,
         metrics,
-        io,
-        sender,
-        lifecycle.clone(),
-    ));
-    let shards = ShardSet::start(gateway.clone(), listen, shard_count, backend)
+        io_backend: io,
+        wakes: wakes.clone(),
+        lifecycle: lifecycle.clone(),
+    }));
+    let gw = gateway.clone();
+    // Each shard, as it starts and before it accepts: its runtime is where
+    // bulk wakes deal pages (whether or not the shard ever serves a
+    // request), its metric series exist, and it serves the API.
+    let api = move |shard: usize| {
+        gw.wakes
+            .register_shard_runtime(shard, tokio::runtime::Handle::current());
+        crate::telemetry::metrics::init_shard_series(shard);
+        crate::api::ShardApi::new(gw.clone(), shard)
+    };
+    let shards = ShardSet::start(Arc::new(api), listen, shard_count, backend, options)
         .context("cannot start the API listeners")?;
     let local_addr = shards.local_addr;
     tracing::info!(%local_addr, shards = shard_count, io, data = %path.display(), "listening; loading the store");
 
-    let t = Instant::now();
+    let t = crate::clock::instant();
     let loaded = store
         .scan_all_parallel(shard_count, &|rec| {
             registry.upsert(&rec);
@@ -152,13 +198,17 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         .context("cannot load the refresh queue")?;
     let secs = t.elapsed().as_secs_f64();
     metrics::gauge!(m::RECOVERY_SECONDS).set(secs);
-    if let Some(rate) = gateway.settings.nudge_per_second {
-        let n = crate::lifecycle::nudge::Nudger::start(gateway.clone(), shard_count, rate)
-            .context("cannot start the nudge thread")?;
-        lifecycle.set_nudger(n, gateway.now());
-    }
-    let gw = gateway.clone();
-    let lifecycle_thread = crate::lifecycle::LifecycleThread::start(lifecycle, move || gw.now())
+    let nudger = match gateway.settings.nudge_per_second {
+        Some(rate) => {
+            // The nudge thread sends from the sender's last pool slot.
+            let (n, queue) =
+                Nudger::start(wakes, shard_count, rate).context("cannot start the nudge thread")?;
+            lifecycle.set_nudges(queue, crate::clock::now());
+            Some(n)
+        }
+        None => None,
+    };
+    let lifecycle_thread = crate::lifecycle::LifecycleThread::start(lifecycle, crate::clock::now)
         .context("cannot start the lifecycle thread")?;
     gateway.set_ready();
     tracing::info!(
@@ -173,6 +223,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         shards,
         committer,
         lifecycle: Some(lifecycle_thread),
+        nudger,
     })
 }
 
@@ -203,36 +254,46 @@ pub fn preflight(settings: &Settings) -> anyhow::Result<Vec<String>> {
 }
 
 impl Running {
-    /// Stops taking work (`/readyz` fails, API calls get 503), stops bulk
-    /// wakes from sending more, waits for the wake-ups in flight (up to
-    /// [`WAKE_DRAIN_TIMEOUT`]), stops accepting and drains open
-    /// connections, then flushes the store.
+    /// Shuts down in the order of the steps above ([`STOP_PRODUCERS_MS_MAX`]
+    /// and after), each within its budget; a step that runs out of it is
+    /// logged and the next one starts.
     pub fn shutdown(mut self) {
+        // 1. Stop accepting.
         self.gateway.begin_drain();
+        self.shards.stop_accepting();
+        // 2. Stop the producers.
+        let wakes = self.gateway.wakes.clone();
+        wakes.cancel_jobs();
+        if let Some(n) = &self.nudger {
+            n.stop_taking();
+        }
+        self.gateway.lifecycle.stop_nudges();
         if let Some(l) = self.lifecycle.take() {
-            l.stop();
-        }
-        self.gateway.lifecycle.stop_nudger();
-        let jobs: Vec<String> = self.gateway.jobs.iter().map(|j| j.key().clone()).collect();
-        for id in &jobs {
-            let _ = crate::api::jobs::cancel(&self.gateway, id);
-        }
-        let wakes = self.gateway.pending_wakes.len();
-        if wakes > 0 {
-            tracing::info!(wakes, "waiting for wake-ups in flight");
-        }
-        let deadline = Instant::now() + WAKE_DRAIN_TIMEOUT;
-        while !self.gateway.pending_wakes.is_empty() {
-            if Instant::now() >= deadline {
-                tracing::warn!(
-                    wakes = self.gateway.pending_wakes.len(),
-                    "wake-ups still in flight after the drain timeout; their results are lost"
-                );
-                break;
+            if !l.stop_within(Duration::from_millis(STOP_PRODUCERS_MS_MAX)) {
+                tracing::warn!("the lifecycle thread is still in its step; going on without it");
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
-        self.shards.shutdown();
+        // 3. Drain the wakes in flight.
+        let inflight = wakes.inflight();
+        if inflight > 0 {
+            tracing::info!(wakes = inflight, "waiting for wake-ups in flight");
+        }
+        let drained = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map(|rt| rt.block_on(wakes.drain(Duration::from_millis(DRAIN_WAKES_MS_MAX))));
+        if !matches!(drained, Ok(true)) {
+            tracing::warn!(
+                wakes = wakes.inflight(),
+                "wake-ups still in flight after the drain budget; their results are lost"
+            );
+        }
+        if let Some(n) = self.nudger.take() {
+            n.join();
+        }
+        // 4. Drain the connections.
+        self.shards.drain();
+        // 5. Flush the store.
         match self.committer.shutdown() {
             Ok(()) => tracing::info!("stopped"),
             Err(e) => tracing::error!(error = %e, "the final store flush failed"),

@@ -1,8 +1,12 @@
 //! The HTTP API (product.md, "HTTP API").
 //!
-//! Owns: routing, authentication, body limits, JSON errors, request metrics.
+//! Owns: routing, authentication, parsing and validation, body limits, JSON
+//! views and errors, request metrics. Each shard serves requests through
+//! its own [`ShardApi`].
 //! Must not touch: sockets (the shard hands it requests), the disk (it goes
-//! through the registry and the store's commit handle).
+//! through the registry and the store's commit handle), the work behind a
+//! request (wakes are the [wake service](crate::wake)'s, the refresh queue
+//! the [lifecycle](crate::lifecycle)'s).
 
 pub mod body;
 pub mod devices;
@@ -20,10 +24,9 @@ use error::ApiError;
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use response::{json_response, text_response, Resp};
-use std::convert::Infallible;
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Requests a shard is serving at once, for its overload limit.
 #[derive(Debug, Default)]
@@ -37,14 +40,39 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
+/// The API as one shard serves it.
+#[derive(Clone)]
+pub struct ShardApi {
+    gw: Arc<Gateway>,
+    shard: usize,
+    inflight: Arc<InflightGauge>,
+}
+
+impl ShardApi {
+    /// The API of shard `shard`, with its own overload limit.
+    pub fn new(gw: Arc<Gateway>, shard: usize) -> ShardApi {
+        ShardApi {
+            gw,
+            shard,
+            inflight: Arc::default(),
+        }
+    }
+}
+
+impl crate::shard::Handler for ShardApi {
+    fn call(&self, req: Request<Incoming>) -> impl Future<Output = Resp> + Send + 'static + use<> {
+        serve(self.gw.clone(), self.shard, self.inflight.clone(), req)
+    }
+}
+
 /// Serves one request. Never fails: every error becomes a JSON response.
-pub async fn serve(
+async fn serve(
     gw: Arc<Gateway>,
     shard: usize,
     inflight: Arc<InflightGauge>,
     req: Request<Incoming>,
-) -> Result<Resp, Infallible> {
-    let started = Instant::now();
+) -> Resp {
+    let started = crate::clock::instant();
     let n = inflight.0.fetch_add(1, Ordering::Relaxed);
     let _guard = InflightGuard(&inflight);
     let route = route_name(req.method(), req.uri().path());
@@ -64,7 +92,7 @@ pub async fn serve(
     metrics::counter!(m::API_REQUESTS, "route" => route, "status" => m::status_label(resp.status().as_u16()))
         .increment(1);
     metrics::histogram!(m::API_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
-    Ok(resp)
+    resp
 }
 
 /// The route a request matches, as a bounded metric label.

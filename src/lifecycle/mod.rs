@@ -23,7 +23,6 @@
 //! most one open job per device; a `refresh_pending` device has an open
 //! job; jobs survive a crash and restart as they were last acknowledged.
 
-pub mod nudge;
 pub mod webhook;
 
 use crate::config::RefreshSettings;
@@ -96,8 +95,9 @@ pub struct Lifecycle {
     /// Lowest issued-at registered behind `swept_to` since the last sweep
     /// (an aged channel imported late); `u32::MAX` when none.
     rewind_to: AtomicU32,
-    /// Nudge wakes for devices turning `renewal_due`, when configured.
-    nudger: Mutex<Option<nudge::Nudger>>,
+    /// Where devices turning `renewal_due` are offered a nudge wake, when
+    /// nudges are on (the wake service takes them from there).
+    nudges: Mutex<Option<tokio::sync::mpsc::Sender<DeviceId>>>,
     /// Devices issued before this time have been offered a nudge.
     nudged_to: AtomicU32,
 }
@@ -132,36 +132,34 @@ impl Lifecycle {
             commits,
             swept_to: AtomicU32::new(0),
             rewind_to: AtomicU32::new(u32::MAX),
-            nudger: Mutex::new(None),
+            nudges: Mutex::new(None),
             nudged_to: AtomicU32::new(0),
         }
     }
 
-    /// Turns nudge wakes on. Devices that turned `renewal_due` up to a day
-    /// before `now` are caught up; older ones are not nudged.
-    pub fn set_nudger(&self, n: nudge::Nudger, now: UnixTime) {
+    /// Turns nudge wakes on: devices are offered on `queue`. Devices that
+    /// turned `renewal_due` up to a day before `now` are caught up; older
+    /// ones are not nudged.
+    pub fn set_nudges(&self, queue: tokio::sync::mpsc::Sender<DeviceId>, now: UnixTime) {
         let from = now
             .0
             .saturating_sub(self.thresholds.renewal_due_after)
             .saturating_sub(86_400);
         self.nudged_to.store(from, Ordering::Relaxed);
-        *self.nudger.lock() = Some(n);
+        *self.nudges.lock() = Some(queue);
     }
 
-    /// Stops the nudge thread, if any (after its wakes in flight).
-    pub fn stop_nudger(&self) {
-        let n = self.nudger.lock().take();
-        if let Some(n) = n {
-            n.stop();
-        }
+    /// Stops offering nudges.
+    pub fn stop_nudges(&self) {
+        self.nudges.lock().take();
     }
 
     /// Offers every device that turned `renewal_due` since the last call to
     /// the nudge thread, reading only those index entries. Returns how many
     /// were offered.
     pub fn offer_nudges(&self, now: UnixTime) -> Result<u64, StoreError> {
-        let guard = self.nudger.lock();
-        let Some(nudger) = guard.as_ref() else {
+        let guard = self.nudges.lock();
+        let Some(nudges) = guard.as_ref() else {
             return Ok(0);
         };
         let due_before = now.0.saturating_sub(self.thresholds.renewal_due_after);
@@ -184,7 +182,7 @@ impl Lifecycle {
                 if !eligible {
                     continue;
                 }
-                if !nudger.offer(id) {
+                if nudges.try_send(id).is_err() {
                     // The queue is full: the next run starts here.
                     self.nudged_to.store(at.0, Ordering::Relaxed);
                     return Ok(offered);
@@ -246,8 +244,8 @@ impl Lifecycle {
             && rec.dead.is_none()
             && issued_at.0 < self.nudged_to.load(Ordering::Relaxed)
         {
-            if let Some(n) = self.nudger.lock().as_ref() {
-                n.offer(rec.device_id.clone());
+            if let Some(n) = self.nudges.lock().as_ref() {
+                let _ = n.try_send(rec.device_id.clone());
             }
         }
     }
@@ -969,6 +967,8 @@ pub fn reason_label(r: LeaveReason) -> &'static str {
 /// `refresh.sweep_interval`, and runs the webhook when one is configured.
 pub struct LifecycleThread {
     stop: crossbeam_channel::Sender<()>,
+    /// Disconnected when the thread ends.
+    ended: crossbeam_channel::Receiver<()>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -979,9 +979,11 @@ impl LifecycleThread {
         now: impl Fn() -> UnixTime + Send + 'static,
     ) -> std::io::Result<LifecycleThread> {
         let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+        let (ending, ended) = crossbeam_channel::bounded::<()>(0);
         let thread = std::thread::Builder::new()
             .name("wnsgate-lifecycle".into())
             .spawn(move || {
+                let _ending = ending;
                 let interval = lc.settings.sweep_interval_secs.max(1);
                 let mut next_sweep = 0u32;
                 loop {
@@ -1020,6 +1022,7 @@ impl LifecycleThread {
             })?;
         Ok(LifecycleThread {
             stop,
+            ended,
             thread: Some(thread),
         })
     }
@@ -1030,6 +1033,21 @@ impl LifecycleThread {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+
+    /// Stops the thread after its current step, waiting at most `budget`
+    /// for it (a webhook call may take its whole timeout). Returns whether
+    /// it ended; if not, it is left to end on its own.
+    pub fn stop_within(mut self, budget: std::time::Duration) -> bool {
+        let _ = self.stop.try_send(());
+        let ended = matches!(
+            self.ended.recv_timeout(budget),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+        );
+        if let (true, Some(t)) = (ended, self.thread.take()) {
+            let _ = t.join();
+        }
+        ended
     }
 }
 

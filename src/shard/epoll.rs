@@ -1,19 +1,12 @@
 //! The epoll backend: a plain tokio current-thread runtime per shard.
 
 use super::serve::ConnServer;
-use super::Starting;
-use crate::gateway::Gateway;
-use std::sync::Arc;
-use tokio::sync::watch;
+use super::{NewHandler, ShardStart};
 
-/// Runs one shard until `stop` turns true, then drains its connections.
-pub fn run_shard(
-    index: usize,
-    listener: std::net::TcpListener,
-    gw: Arc<Gateway>,
-    stop: watch::Receiver<bool>,
-    started: Starting,
-) {
+/// Runs one shard until the shards stop serving, then drains its
+/// connections.
+pub(super) fn run_shard<N: NewHandler>(start: ShardStart<N>) {
+    let index = start.index;
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -24,16 +17,18 @@ pub fn run_shard(
             return;
         }
     };
-    rt.block_on(serve(index, listener, gw, stop, started));
+    rt.block_on(serve(start));
 }
 
-async fn serve(
-    index: usize,
-    listener: std::net::TcpListener,
-    gw: Arc<Gateway>,
-    stop: watch::Receiver<bool>,
-    started: Starting,
-) {
+async fn serve<N: NewHandler>(start: ShardStart<N>) {
+    let ShardStart {
+        index,
+        listener,
+        new_handler,
+        options,
+        mut phase,
+        started,
+    } = start;
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -41,10 +36,10 @@ async fn serve(
             return;
         }
     };
-    let server = ConnServer::new(index, gw, started);
+    let server = ConnServer::new(index, &*new_handler, options, started);
     server
         .accept_loop(
-            stop,
+            &mut phase,
             || async {
                 let (stream, _peer) = listener.accept().await?;
                 let _ = stream.set_nodelay(true);
@@ -56,5 +51,5 @@ async fn serve(
         )
         .await;
     drop(listener);
-    server.drain().await;
+    server.drain(&mut phase).await;
 }

@@ -9,6 +9,10 @@
 //! process at start ([`choose_backend`]); each backend is one module
 //! exposing `run_shard`, and both serve connections with [`serve`], so
 //! adding one does not touch the API.
+//!
+//! Must not touch: the application. What a shard serves comes from the
+//! composition root as a [`NewHandler`], which builds each shard's
+//! [`Handler`] on that shard's runtime as the shard starts.
 
 pub mod epoll;
 pub mod listener;
@@ -17,7 +21,6 @@ pub mod serve;
 pub mod uring;
 
 use crate::config::IoBackend;
-use crate::gateway::Gateway;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,8 +29,59 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-/// How long shutdown waits for open connections to finish their requests.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every answer a handler gives has a fully buffered body.
+pub type Response = http::Response<http_body_util::Full<bytes::Bytes>>;
+
+/// What a shard runs for each request.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// Answers one request. Never fails: errors are answers too.
+    fn call(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> impl Future<Output = Response> + Send + 'static + use<Self>;
+}
+
+/// Builds each shard's [`Handler`]: called once per shard, on that shard's
+/// runtime, before the shard accepts a connection (a handler that hands
+/// work to every shard may register the runtime then).
+pub trait NewHandler: Send + Sync + 'static {
+    type Handler: Handler;
+    fn new_handler(&self, shard: usize) -> Self::Handler;
+}
+
+impl<F, H> NewHandler for F
+where
+    F: Fn(usize) -> H + Send + Sync + 'static,
+    H: Handler,
+{
+    type Handler = H;
+
+    fn new_handler(&self, shard: usize) -> H {
+        self(shard)
+    }
+}
+
+/// What every shard needs besides its handler.
+#[derive(Debug, Clone, Copy)]
+pub struct ShardOptions {
+    /// A connection must send a request's first byte, and its headers,
+    /// within this.
+    pub request_timeout: Duration,
+    /// How long [`ShardSet::drain`] lets open connections finish their
+    /// requests.
+    pub drain_connections: Duration,
+}
+
+/// Where the shards are in their life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Accepting and serving.
+    Serving,
+    /// Listeners closed; open connections still served.
+    Closed,
+    /// Open connections told to finish; the shards end once they have.
+    Draining,
+}
 
 /// The backend `--io auto` runs when both are usable: the faster one in
 /// `loadtest/io.sh` on this kind of machine (README, "Performance").
@@ -189,14 +243,25 @@ impl Starting {
     }
 }
 
-/// A backend's `run_shard`: serves on the listener until the receiver
-/// turns true, then drains.
-type RunShard = fn(usize, std::net::TcpListener, Arc<Gateway>, watch::Receiver<bool>, Starting);
+/// A shard's share of the start: its index, its listener, the handler
+/// factory and options, the phase to follow, and the token to report done.
+struct ShardStart<N> {
+    index: usize,
+    listener: std::net::TcpListener,
+    new_handler: Arc<N>,
+    options: ShardOptions,
+    phase: watch::Receiver<Phase>,
+    started: Starting,
+}
+
+/// A backend's `run_shard`: serves until the phase leaves
+/// [`Phase::Serving`], then drains once it is [`Phase::Draining`].
+type RunShard<N> = fn(ShardStart<N>);
 
 /// The running shards.
 pub struct ShardSet {
     threads: Vec<JoinHandle<()>>,
-    stop: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
     /// The address every shard listens on (the real port when 0 was asked).
     pub local_addr: SocketAddr,
 }
@@ -207,22 +272,28 @@ impl ShardSet {
     /// returned here, before any thread starts. Returns once every shard
     /// has registered its runtime with the gateway (or failed to start and
     /// logged why), so a bulk wake started after this reaches every shard.
-    pub fn start(
-        gw: Arc<Gateway>,
+    pub fn start<N: NewHandler>(
+        new_handler: Arc<N>,
         addr: SocketAddr,
         count: usize,
         backend: Backend,
+        options: ShardOptions,
     ) -> std::io::Result<ShardSet> {
         let listeners = listener::bind_reuseport(addr, count.max(1))?;
         let local_addr = listeners[0].local_addr()?;
-        let (stop, stop_rx) = watch::channel(false);
+        let (phase, phase_rx) = watch::channel(Phase::Serving);
         let (starting, started) = std::sync::mpsc::channel();
         let mut threads = Vec::with_capacity(listeners.len());
         for (i, l) in listeners.into_iter().enumerate() {
-            let gw = gw.clone();
-            let rx = stop_rx.clone();
-            let token = Starting(starting.clone());
-            let run: RunShard = match backend {
+            let start = ShardStart {
+                index: i,
+                listener: l,
+                new_handler: new_handler.clone(),
+                options,
+                phase: phase_rx.clone(),
+                started: Starting(starting.clone()),
+            };
+            let run: RunShard<N> = match backend {
                 Backend::Epoll => epoll::run_shard,
                 #[cfg(feature = "io-uring")]
                 Backend::Uring => uring::run_shard,
@@ -233,7 +304,7 @@ impl ShardSet {
             };
             let t = std::thread::Builder::new()
                 .name(format!("wnsgate-shard-{i}"))
-                .spawn(move || run(i, l, gw, rx, token))?;
+                .spawn(move || run(start))?;
             threads.push(t);
         }
         drop(starting);
@@ -242,15 +313,27 @@ impl ShardSet {
         while started.recv().is_ok() {}
         Ok(ShardSet {
             threads,
-            stop,
+            phase,
             local_addr,
         })
     }
 
-    /// Stops accepting, lets open connections finish (up to
-    /// [`DRAIN_TIMEOUT`]), and joins the shard threads.
-    pub fn shutdown(self) {
-        let _ = self.stop.send(true);
+    /// Closes the listeners: new connections are refused, open ones are
+    /// still served.
+    pub fn stop_accepting(&self) {
+        self.phase.send_if_modified(|p| {
+            let serving = *p == Phase::Serving;
+            if serving {
+                *p = Phase::Closed;
+            }
+            serving
+        });
+    }
+
+    /// Stops accepting, lets open connections finish their requests (up to
+    /// [`ShardOptions::drain_connections`]), and joins the shard threads.
+    pub fn drain(self) {
+        let _ = self.phase.send(Phase::Draining);
         for t in self.threads {
             let _ = t.join();
         }

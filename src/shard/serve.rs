@@ -3,16 +3,14 @@
 //! drain. A backend supplies the accept loop's source of sockets and how a
 //! connection's task is spawned; everything else is here.
 
-use super::Starting;
-use crate::api::{self, InflightGauge};
-use crate::gateway::Gateway;
+use super::{Handler, NewHandler, Phase, ShardOptions, Starting};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -27,30 +25,31 @@ pub const H2_MAX_STREAMS: u32 = 256;
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// What one shard needs to serve its connections.
-pub struct ConnServer {
+pub struct ConnServer<H> {
     index: usize,
-    gw: Arc<Gateway>,
+    handler: H,
+    options: ShardOptions,
     builder: auto::Builder<TokioExecutor>,
-    inflight: Arc<InflightGauge>,
     graceful: GracefulShutdown,
 }
 
-impl ConnServer {
+impl<H: Handler> ConnServer<H> {
     /// The server of shard `index`. Called on the shard's runtime as the
-    /// shard starts: registers that runtime with the gateway (bulk wakes
-    /// hand their batches to every registered shard, whether or not it has
-    /// served a request) and creates the shard's metric series, then
-    /// reports `started` done.
-    pub fn new(index: usize, gw: Arc<Gateway>, started: Starting) -> ConnServer {
-        gw.register_shard_runtime(index, tokio::runtime::Handle::current());
-        crate::telemetry::metrics::init_shard_series(index);
+    /// shard starts: builds the shard's handler there, then reports
+    /// `started` done.
+    pub fn new<N: NewHandler<Handler = H>>(
+        index: usize,
+        new_handler: &N,
+        options: ShardOptions,
+        started: Starting,
+    ) -> ConnServer<H> {
+        let handler = new_handler.new_handler(index);
         started.done();
-        let builder = http_builder(Duration::from_secs(gw.settings.request_timeout_secs));
         ConnServer {
             index,
-            gw,
-            builder,
-            inflight: Arc::new(InflightGauge::default()),
+            handler,
+            options,
+            builder: http_builder(options.request_timeout),
             graceful: GracefulShutdown::new(),
         }
     }
@@ -62,10 +61,12 @@ impl ConnServer {
     where
         IO: AsyncRead + AsyncWrite + Unpin + 'static,
     {
-        let first_byte_within = Duration::from_secs(self.gw.settings.request_timeout_secs);
-        let (gw, index, inflight) = (self.gw.clone(), self.index, self.inflight.clone());
-        let svc = service_fn(move |req| api::serve(gw.clone(), index, inflight.clone(), req));
-        let io = FirstByteWithin::new(io, first_byte_within);
+        let handler = self.handler.clone();
+        let svc = service_fn(move |req| {
+            let answer = handler.call(req);
+            async move { Ok::<_, Infallible>(answer.await) }
+        });
+        let io = FirstByteWithin::new(io, self.options.request_timeout);
         let conn = self
             .builder
             .serve_connection(TokioIo::new(io), svc)
@@ -77,13 +78,13 @@ impl ConnServer {
     }
 
     /// Accepts connections from `accept` and hands each to `spawn` until
-    /// `stop` turns true. Accept errors are logged and retried after
-    /// [`ACCEPT_BACKOFF`].
-    pub async fn accept_loop<IO, A, F>(
+    /// the phase leaves [`Phase::Serving`]. Accept errors are logged and
+    /// retried after [`ACCEPT_BACKOFF`].
+    pub(super) async fn accept_loop<IO, A, F>(
         &self,
-        mut stop: watch::Receiver<bool>,
+        phase: &mut watch::Receiver<Phase>,
         mut accept: A,
-        mut spawn: impl FnMut(&ConnServer, IO),
+        mut spawn: impl FnMut(&ConnServer<H>, IO),
     ) where
         A: FnMut() -> F,
         F: Future<Output = std::io::Result<IO>>,
@@ -97,17 +98,19 @@ impl ConnServer {
                         tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
                 },
-                _ = stop.changed() => break,
+                _ = phase.wait_for(|p| *p != Phase::Serving) => break,
             }
         }
     }
 
-    /// Lets open connections finish their requests, up to
-    /// [`super::DRAIN_TIMEOUT`].
-    pub async fn drain(self) {
+    /// Once the phase is [`Phase::Draining`] (or the shard set is gone),
+    /// lets open connections finish their requests, up to
+    /// [`ShardOptions::drain_connections`].
+    pub(super) async fn drain(self, phase: &mut watch::Receiver<Phase>) {
+        let _ = phase.wait_for(|p| *p == Phase::Draining).await;
         tokio::select! {
             _ = self.graceful.shutdown() => {}
-            _ = tokio::time::sleep(super::DRAIN_TIMEOUT) => {
+            _ = tokio::time::sleep(self.options.drain_connections) => {
                 tracing::warn!(shard = self.index, "connections still open after the drain timeout");
             }
         }

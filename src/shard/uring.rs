@@ -11,19 +11,17 @@
 //! ([`super::serve`], [`super::connect`]).
 
 use super::serve::ConnServer;
-use super::{OnConnect, Starting, Unavailable};
-use crate::gateway::Gateway;
+use super::{NewHandler, OnConnect, ShardStart, Unavailable};
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio_uring::buf::{BoundedBuf, Slice};
 use tokio_uring::net::TcpStream;
 
@@ -104,14 +102,10 @@ pub fn on_uring_shard() -> bool {
     LOCAL_JOBS.with(|j| j.borrow().is_some())
 }
 
-/// Runs one shard until `stop` turns true, then drains its connections.
-pub fn run_shard(
-    index: usize,
-    listener: std::net::TcpListener,
-    gw: Arc<Gateway>,
-    stop: watch::Receiver<bool>,
-    started: Starting,
-) {
+/// Runs one shard until the shards stop serving, then drains its
+/// connections.
+pub(super) fn run_shard<N: NewHandler>(start: ShardStart<N>) {
+    let index = start.index;
     let rt = match tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES)) {
         Ok(rt) => rt,
         Err(e) => {
@@ -123,7 +117,7 @@ pub fn run_shard(
         let (jobs, queue) = mpsc::channel(LOCAL_JOB_QUEUE);
         LOCAL_JOBS.with(|j| *j.borrow_mut() = Some(jobs));
         tokio_uring::spawn(run_local_jobs(queue));
-        serve(index, listener, gw, stop, started).await;
+        serve(start).await;
         LOCAL_JOBS.with(|j| *j.borrow_mut() = None);
     });
 }
@@ -136,13 +130,15 @@ async fn run_local_jobs(mut queue: mpsc::Receiver<LocalJob>) {
     }
 }
 
-async fn serve(
-    index: usize,
-    listener: std::net::TcpListener,
-    gw: Arc<Gateway>,
-    stop: watch::Receiver<bool>,
-    started: Starting,
-) {
+async fn serve<N: NewHandler>(start: ShardStart<N>) {
+    let ShardStart {
+        index,
+        listener,
+        new_handler,
+        options,
+        mut phase,
+        started,
+    } = start;
     // io_uring accepts on a blocking socket by arming a poll; a
     // non-blocking one may answer EAGAIN instead.
     if let Err(e) = listener.set_nonblocking(false) {
@@ -150,10 +146,10 @@ async fn serve(
         return;
     }
     let listener = tokio_uring::net::TcpListener::from_std(listener);
-    let server = ConnServer::new(index, gw, started);
+    let server = ConnServer::new(index, &*new_handler, options, started);
     server
         .accept_loop(
-            stop,
+            &mut phase,
             || async {
                 let (stream, _peer) = listener.accept().await?;
                 let _ = stream.set_nodelay(true);
@@ -165,7 +161,7 @@ async fn serve(
         )
         .await;
     drop(listener);
-    server.drain().await;
+    server.drain(&mut phase).await;
 }
 
 /// Connects to the first of `addrs` that answers, on this shard's ring, and

@@ -1,0 +1,241 @@
+//! One shard's share of a bulk wake: the batches dealt to it, sent from one
+//! task for the whole job.
+//!
+//! The task drives every wake it starts through a [`WakeBatch`] (no future
+//! per wake), claims each device's wake quietly so that a single-device
+//! wake arriving meanwhile joins it, and ends its wakes together
+//! ([`WakeService::conclude_live`]); a dead channel's wake is concluded on
+//! its own, its mark durable before its result counts.
+
+use super::bulk::Sending;
+use super::outcome::HoldsClaim;
+use super::pending::Claim;
+use crate::clock;
+use crate::core::{ChannelUri, DeviceRecord};
+use crate::sender::bulk::{WakeBatch, WakeTarget};
+use crate::telemetry::metrics as m;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+/// A batch of a job's devices, handed to one shard to send.
+pub(super) enum Batch {
+    Ids(Vec<String>),
+    Records(Vec<DeviceRecord>),
+}
+
+/// Sends the batches dealt to one shard, driving their wakes from this one
+/// task (see [`WakeBatch`]). A batch's page is released once all its
+/// devices are started; the task ends when the dealer is done (or the job
+/// cancelled) and every wake it started has its result.
+pub(super) async fn send_batches(
+    sending: Arc<Sending>,
+    shard: usize,
+    mut batches: mpsc::Receiver<(Batch, OwnedSemaphorePermit)>,
+    _inflight: TaskTrackerToken,
+) {
+    let batches_counter = metrics::counter!(m::BULK_BATCHES, "shard" => shard.to_string());
+    let service = sending.wakes.clone();
+    let job = sending.job.clone();
+    let mut wakes = WakeBatch::new(service.sender.clone(), shard, clock::now);
+    // The batch being started, with its page.
+    let mut current: Option<(Devices, OwnedSemaphorePermit)> = None;
+    let mut dealing = true;
+    let mut results = Vec::new();
+    let mut outcomes = Vec::new();
+    // Dead channels being marked durably before their results count.
+    let mut concluding = FuturesUnordered::new();
+    // A claimed wake waiting for a free stream.
+    let mut parked: Option<JobWake> = None;
+    // A device waiting for an in-flight permit or for the pace.
+    let mut staged: Option<DeviceRecord> = None;
+    // An in-flight permit taken while the pace said wait.
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    loop {
+        let cancelled = job.is_cancelled();
+        // Start every wake that may start now.
+        let mut wait = Wait::Nothing;
+        loop {
+            let w = match parked.take() {
+                Some(w) => w,
+                None if cancelled => break,
+                None => {
+                    let rec = match staged.take() {
+                        Some(rec) => rec,
+                        None => match current.as_mut().and_then(|(d, _)| d.next(&service)) {
+                            Some(Some(rec)) => rec,
+                            Some(None) => {
+                                // A listed id that is not registered.
+                                job.count(None);
+                                continue;
+                            }
+                            None => {
+                                // The batch is all started: its page goes
+                                // back, and the next one comes.
+                                current = None;
+                                match batches.try_recv() {
+                                    Ok((batch, page)) => {
+                                        batches_counter.increment(1);
+                                        current = Some((Devices::new(batch), page));
+                                        continue;
+                                    }
+                                    Err(mpsc::error::TryRecvError::Empty) => {
+                                        wait = Wait::Batch;
+                                    }
+                                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                                        dealing = false;
+                                    }
+                                }
+                                break;
+                            }
+                        },
+                    };
+                    let Some(permit) = held
+                        .take()
+                        .or_else(|| sending.permits.clone().try_acquire_owned().ok())
+                    else {
+                        staged = Some(rec);
+                        wait = Wait::Permit;
+                        break;
+                    };
+                    if let Some(p) = &sending.pacer {
+                        if let Err(ms) = p.lock().take(clock::monotonic_ms()) {
+                            held = Some(permit);
+                            staged = Some(rec);
+                            wait = Wait::Pace(Duration::from_millis(ms));
+                            break;
+                        }
+                    }
+                    match service.pending.claim_quietly(rec) {
+                        Ok(claim) => JobWake {
+                            claim,
+                            _permit: permit,
+                        },
+                        Err(pending) => {
+                            // Joined a wake already pending.
+                            let job = job.clone();
+                            tokio::spawn(async move {
+                                job.count(pending.result().await);
+                                drop(permit);
+                            });
+                            continue;
+                        }
+                    }
+                }
+            };
+            if let Err(w) = wakes.start(w) {
+                parked = Some(w);
+                break;
+            }
+        }
+        let starting = !cancelled && (dealing || current.is_some() || staged.is_some());
+        if wakes.is_empty() && concluding.is_empty() && parked.is_none() && !starting {
+            break;
+        }
+        tokio::select! {
+            biased;
+            _ = wakes.finished(&mut results), if !wakes.is_empty() => {
+                service.conclude_live(&mut results, &mut outcomes, |settled| {
+                    job.count(Some(settled.report()));
+                });
+                for (w, report) in results.drain(..) {
+                    let (service, job) = (service.clone(), job.clone());
+                    concluding.push(async move {
+                        // The permit is held until the result counts.
+                        let JobWake { claim, _permit } = w;
+                        let settled = service.conclude(claim, report).await;
+                        job.count(Some(settled.report()));
+                    });
+                }
+            }
+            Some(()) = concluding.next(), if !concluding.is_empty() => {}
+            // Async blocks: a disabled branch's future is still built.
+            p = async { sending.permits.clone().acquire_owned().await }, if matches!(wait, Wait::Permit) => {
+                // The semaphore is never closed.
+                held = p.ok();
+            }
+            _ = async { tokio::time::sleep(wait.pace()).await }, if matches!(wait, Wait::Pace(_)) => {}
+            b = batches.recv(), if matches!(wait, Wait::Batch) => match b {
+                Some((batch, page)) => {
+                    batches_counter.increment(1);
+                    current = Some((Devices::new(batch), page));
+                }
+                None => dealing = false,
+            },
+            else => {}
+        }
+    }
+}
+
+/// Why a batch stopped starting wakes for now.
+enum Wait {
+    Nothing,
+    /// The next batch has not come yet.
+    Batch,
+    /// The job has its most wakes in flight.
+    Permit,
+    /// The job's pace allows the next wake after this long.
+    Pace(Duration),
+}
+
+impl Wait {
+    fn pace(&self) -> Duration {
+        match self {
+            Wait::Pace(d) => *d,
+            _ => Duration::ZERO,
+        }
+    }
+}
+
+/// A batch's devices, in order: records, or listed ids looked up as they
+/// come (`Some(None)` for one not registered).
+enum Devices {
+    Ids(std::vec::IntoIter<String>),
+    Records(std::vec::IntoIter<DeviceRecord>),
+}
+
+impl Devices {
+    fn new(batch: Batch) -> Devices {
+        match batch {
+            Batch::Ids(ids) => Devices::Ids(ids.into_iter()),
+            Batch::Records(recs) => Devices::Records(recs.into_iter()),
+        }
+    }
+
+    fn next(&mut self, service: &super::WakeService) -> Option<Option<DeviceRecord>> {
+        match self {
+            Devices::Ids(ids) => ids.next().map(|id| service.registry.get(&id)),
+            Devices::Records(recs) => recs.next().map(Some),
+        }
+    }
+}
+
+/// One device of a batch, from its claimed wake to the result counted;
+/// its in-flight permit is released with it, and its claim ends as
+/// abandoned if it was never settled (the batch's task was dropped).
+struct JobWake {
+    claim: Claim,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl HoldsClaim for JobWake {
+    fn claim(&self) -> &Claim {
+        &self.claim
+    }
+
+    fn into_claim(self) -> Claim {
+        self.claim
+    }
+}
+
+impl WakeTarget for JobWake {
+    fn uri(&self) -> &ChannelUri {
+        &self.claim.record().channel_uri
+    }
+
+    fn pfn(&self) -> &str {
+        self.claim.record().pfn.as_str()
+    }
+}
