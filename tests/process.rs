@@ -173,6 +173,91 @@ fn a_caller_waiting_for_a_wake_gets_its_result_during_shutdown() {
     assert!(wait_exit(&mut gw).success(), "{}", gw.stderr());
 }
 
+/// The value of an unlabelled metric in a `/metrics` scrape, 0 if absent.
+fn metric(scrape: &str, name: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Shutdown while a bulk wake runs, nudges are on and a caller waits for a
+/// wake, none of which can end soon (WNS answers every one `channelthrottled`,
+/// and a throttled channel is retried after a minute): each shutdown step
+/// keeps to its budget, so the process exits 0 within the shutdown limit,
+/// where the watchdog would exit 1.
+#[test]
+fn shutdown_during_a_bulk_wake_with_nudges_on_exits_zero() {
+    let env = [
+        ("WNSGATE_REFRESH__SWEEP_INTERVAL", "1s"),
+        ("WNSGATE_LIFECYCLE__NUDGE_RENEWAL_DUE", "true"),
+        ("WNSGATE_LIFECYCLE__NUDGE_PER_SECOND", "1000"),
+    ];
+    let (_dir, _sim, mut gw) = common::start_with_sim_env(SimConfig::default(), &env);
+    let mut c = gw.client();
+    let put = |c: &mut wnsgate::client::Client, id: &str, body: serde_json::Value| {
+        let r = c
+            .send_json("PUT", &format!("/v1/devices/{id}/channel"), &body)
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+    };
+    // A first wake fetches the access token.
+    put(&mut c, "warm", channel_body(&uri("AwYAAADwarm")));
+    let r = c
+        .request("POST", "/v1/devices/warm/push?wait=true", None, b"")
+        .unwrap();
+    assert_eq!(r.json()["result"], "delivered", "{}", r.text());
+    put(&mut c, "waiter", channel_body(&uri("xthrottle-waiter")));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // 15.5 days old: renewal_due, so the sweep offers them a nudge.
+    let aged = wnsgate::core::UnixTime((now - 31 * 43_200) as u32).to_rfc3339();
+    for i in 0..5 {
+        let mut body = channel_body(&uri(&format!("xthrottle-nudge{i}")));
+        body["issued_at"] = serde_json::json!(aged);
+        put(&mut c, &format!("nudge-{i}"), body);
+    }
+    let mut waiting = gw.client();
+    let caller = std::thread::spawn(move || {
+        let _ = waiting.request("POST", "/v1/devices/waiter/push?wait=true", None, b"");
+    });
+    let bulk = (0..200).map(|i| (format!("bulk-{i}"), format!("xthrottle-bulk{i}")));
+    assert_eq!(
+        common::import_tokens(&gw, "db5.notify.windows.com", bulk),
+        200
+    );
+    let r = c
+        .send_json("POST", "/v1/pushes", &serde_json::json!({"all": true}))
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = c.get("/metrics").unwrap().text();
+        let nudged = metric(&m, "wnsgate_lifecycle_nudges_total");
+        let inflight = metric(&m, "wnsgate_wns_inflight_pushes");
+        if nudged >= 1.0 && inflight >= 200.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nudges {nudged}, wakes in flight {inflight}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    send_signal(gw.child.id(), 15);
+    let status = wait_exit(&mut gw);
+    assert_eq!(status.code(), Some(0), "{}", gw.stderr());
+    assert!(
+        gw.stderr()
+            .contains("still in flight after the drain budget"),
+        "{}",
+        gw.stderr()
+    );
+    caller.join().unwrap();
+}
+
 // ---- start-up problems ------------------------------------------------
 
 fn wnsgate(args: &[&str], env: &[(&str, &str)]) -> Command {

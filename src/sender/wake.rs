@@ -74,6 +74,30 @@ impl WakeReport {
         }
     }
 
+    /// The report of a wake WNS answered with `outcome` (HTTP `status`) at
+    /// `at`, after one attempt, ending as `result`; without the answer's
+    /// headers. For transports other than [`WnsSender`], such as tests'
+    /// stand-ins.
+    pub fn answered(
+        result: PushResult,
+        outcome: Outcome,
+        status: u16,
+        dead: Option<DeadReason>,
+        at: UnixTime,
+    ) -> WakeReport {
+        WakeReport {
+            result,
+            wns_outcome: Some(outcome),
+            status: Some(status),
+            reply: None,
+            dead,
+            attempts: 1,
+            protocol: Some("h2"),
+            at,
+            error: None,
+        }
+    }
+
     pub fn delivered(&self) -> bool {
         self.result == PushResult::Delivered
     }

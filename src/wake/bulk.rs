@@ -12,6 +12,7 @@ use super::limits::{
     PAGE_SCAN_RECORDS_MAX,
 };
 use super::send::{send_batches, Batch};
+use super::transport::Transport;
 use super::{WakeReport, WakeService};
 use crate::clock;
 use crate::core::wns::retry::Pacer;
@@ -213,7 +214,7 @@ impl Job {
     }
 }
 
-impl WakeService {
+impl<S: Transport> WakeService<S> {
     /// Starts a bulk wake on the calling runtime; `shard` is where its pages
     /// go when no shard has registered its runtime (in-process tests).
     pub fn start_job(
@@ -281,8 +282,8 @@ impl Drop for RunningGauge {
 }
 
 /// What a job's senders share: the job, its in-flight bound and its pace.
-pub(super) struct Sending {
-    pub(super) wakes: Arc<WakeService>,
+pub(super) struct Sending<S> {
+    pub(super) wakes: Arc<WakeService<S>>,
     pub(super) job: Arc<Job>,
     /// [`JOB_WAKES_INFLIGHT_MAX`] permits; one held by each wake in flight.
     pub(super) permits: Arc<Semaphore>,
@@ -291,16 +292,16 @@ pub(super) struct Sending {
 
 /// Hands a job's batches to the shards in turn, at most
 /// [`PAGES_AHEAD_MAX`] not yet taken up.
-struct Dealer {
-    sending: Arc<Sending>,
+struct Dealer<S> {
+    sending: Arc<Sending<S>>,
     shards: Vec<mpsc::Sender<(Batch, OwnedSemaphorePermit)>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     next: usize,
     pages: Arc<Semaphore>,
 }
 
-impl Dealer {
-    fn new(sending: Arc<Sending>, runtimes: Vec<(usize, Handle)>) -> Dealer {
+impl<S: Transport> Dealer<S> {
+    fn new(sending: Arc<Sending<S>>, runtimes: Vec<(usize, Handle)>) -> Dealer<S> {
         let (mut shards, mut tasks) = (Vec::new(), Vec::new());
         for (shard, rt) in runtimes {
             let (tx, rx) = mpsc::channel(PAGES_AHEAD_MAX);
@@ -342,8 +343,8 @@ impl Dealer {
     }
 }
 
-async fn run(
-    wakes: Arc<WakeService>,
+async fn run<S: Transport>(
+    wakes: Arc<WakeService<S>>,
     shard: usize,
     job: Arc<Job>,
     selection: Selection,

@@ -23,12 +23,14 @@ pub mod nudge;
 mod outcome;
 pub mod pending;
 mod send;
+#[cfg(test)]
+mod tests;
+pub mod transport;
 
 pub use crate::sender::wake::WakeReport;
 pub use bulk::{Job, JobState, Progress, Selection, StartError};
 pub use pending::{PendingWake, PushId};
 
-use crate::clock;
 use crate::core::{DeviceRecord, Thresholds};
 use crate::lifecycle::Lifecycle;
 use crate::registry::Registry;
@@ -40,10 +42,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::runtime::Handle;
 use tokio_util::task::TaskTracker;
+use transport::Transport;
 
-/// The wake service shared by every shard.
-pub struct WakeService {
-    sender: Arc<WnsSender>,
+/// The wake service shared by every shard, sending through `S` (WNS, in a
+/// running gateway).
+pub struct WakeService<S = WnsSender> {
+    sender: Arc<S>,
     registry: Arc<Registry>,
     store: Arc<dyn Store>,
     lifecycle: Arc<Lifecycle>,
@@ -59,16 +63,16 @@ pub struct WakeService {
     inflight: TaskTracker,
 }
 
-impl WakeService {
+impl<S: Transport> WakeService<S> {
     /// A service sending through `sender` from up to `shards` shards.
     pub fn new(
-        sender: Arc<WnsSender>,
+        sender: Arc<S>,
         registry: Arc<Registry>,
         store: Arc<dyn Store>,
         lifecycle: Arc<Lifecycle>,
         thresholds: Thresholds,
         shards: usize,
-    ) -> WakeService {
+    ) -> WakeService<S> {
         WakeService {
             sender,
             registry,
@@ -110,7 +114,7 @@ impl WakeService {
                     let report = {
                         let rec = claim.record();
                         me.sender
-                            .wake(shard, &rec.channel_uri, rec.pfn.as_str(), clock::now)
+                            .send_wake(shard, &rec.channel_uri, rec.pfn.as_str())
                             .await
                     };
                     me.conclude(claim, report).await;

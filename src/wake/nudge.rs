@@ -10,6 +10,7 @@
 //! the wakes, so nudges never take a shard's connections or time.
 
 use super::limits::NUDGE_QUEUE_DEVICES_MAX;
+use super::transport::Transport;
 use super::WakeService;
 use crate::clock;
 use crate::core::{DeviceId, LifecycleState};
@@ -31,8 +32,8 @@ pub struct Nudger {
 impl Nudger {
     /// Starts the thread, sending from the sender's pool slot `slot`, and
     /// returns it with the queue to offer devices on.
-    pub fn start(
-        wakes: Arc<WakeService>,
+    pub fn start<S: Transport>(
+        wakes: Arc<WakeService<S>>,
         slot: usize,
         per_second: u32,
     ) -> std::io::Result<(Nudger, mpsc::Sender<DeviceId>)> {

@@ -9,6 +9,7 @@
 //! device already `refresh_pending` with its job, even after a crash.
 
 use super::pending::{Claim, Settled};
+use super::transport::Transport;
 use super::{WakeReport, WakeService};
 use crate::registry::{KeyBuf, LastPush};
 
@@ -38,7 +39,7 @@ impl HoldsClaim for Claim {
     }
 }
 
-impl WakeService {
+impl<S: Transport> WakeService<S> {
     /// Ends a claimed wake with its final result: the outcome kept on the
     /// device, the channel marked dead durably if WNS said so (unless the
     /// device registered a new channel meanwhile), then the result

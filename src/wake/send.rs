@@ -10,9 +10,10 @@
 use super::bulk::Sending;
 use super::outcome::HoldsClaim;
 use super::pending::Claim;
+use super::transport::{Batch as _, Transport, WakeTarget};
+use super::WakeService;
 use crate::clock;
 use crate::core::{ChannelUri, DeviceRecord};
-use crate::sender::bulk::{WakeBatch, WakeTarget};
 use crate::telemetry::metrics as m;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use std::sync::Arc;
@@ -27,11 +28,11 @@ pub(super) enum Batch {
 }
 
 /// Sends the batches dealt to one shard, driving their wakes from this one
-/// task (see [`WakeBatch`]). A batch's page is released once all its
+/// task (see [`super::transport::Batch`]). A batch's page is released once all its
 /// devices are started; the task ends when the dealer is done (or the job
 /// cancelled) and every wake it started has its result.
-pub(super) async fn send_batches(
-    sending: Arc<Sending>,
+pub(super) async fn send_batches<S: Transport>(
+    sending: Arc<Sending<S>>,
     shard: usize,
     mut batches: mpsc::Receiver<(Batch, OwnedSemaphorePermit)>,
     _inflight: TaskTrackerToken,
@@ -39,7 +40,7 @@ pub(super) async fn send_batches(
     let batches_counter = metrics::counter!(m::BULK_BATCHES, "shard" => shard.to_string());
     let service = sending.wakes.clone();
     let job = sending.job.clone();
-    let mut wakes = WakeBatch::new(service.sender.clone(), shard, clock::now);
+    let mut wakes = service.sender.batch::<JobWake>(shard);
     // The batch being started, with its page.
     let mut current: Option<(Devices, OwnedSemaphorePermit)> = None;
     let mut dealing = true;
@@ -204,7 +205,7 @@ impl Devices {
         }
     }
 
-    fn next(&mut self, service: &super::WakeService) -> Option<Option<DeviceRecord>> {
+    fn next<S: Transport>(&mut self, service: &WakeService<S>) -> Option<Option<DeviceRecord>> {
         match self {
             Devices::Ids(ids) => ids.next().map(|id| service.registry.get(&id)),
             Devices::Records(recs) => recs.next().map(Some),

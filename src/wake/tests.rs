@@ -1,0 +1,408 @@
+//! The wake service in-process, with paused time and a stand-in transport
+//! in place of WNS: coalescing, a single wake joining a bulk claim, quiet
+//! claims, abandonment, cancel, and a dead channel's mark durable before
+//! its result is published. The registry, store, committer and lifecycle
+//! are the real ones, on a temporary directory.
+
+use super::transport::{Batch, Transport, WakeTarget};
+use super::*;
+use crate::config::{Config, Settings};
+use crate::core::wns::{Outcome, PushResult};
+use crate::core::{ChannelUri, DeadReason, DeviceId, LifecycleState, Pfn, UriPolicy};
+use crate::store::committer::{Committer, CommitterConfig, CommitterJoin};
+use crate::store::fjall_store::{FjallOptions, FjallStore};
+use crate::store::Mutation;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+use std::future::Future;
+use std::pin::Pin;
+
+const PFN: &str = "Contoso.MDM_8wekyb3d8bbwe";
+/// How long the stand-in takes to answer.
+const ANSWER_AFTER: Duration = Duration::from_secs(5);
+
+/// A transport that answers every wake after [`ANSWER_AFTER`]: 410 for a
+/// channel token starting `x410`, else 200 `received`. It counts what it
+/// was asked to send.
+#[derive(Default)]
+struct StandIn {
+    sent: Mutex<Vec<String>>,
+}
+
+impl StandIn {
+    fn answer(&self, uri: &ChannelUri) -> impl Future<Output = WakeReport> + Send + 'static {
+        self.sent.lock().push(uri.as_str().to_owned());
+        let dead = uri.as_str().contains("token=x410");
+        async move {
+            tokio::time::sleep(ANSWER_AFTER).await;
+            let at = crate::clock::now();
+            if dead {
+                WakeReport::answered(
+                    PushResult::ChannelDead,
+                    Outcome::ChannelExpired { revoked: false },
+                    410,
+                    Some(DeadReason::Wns410),
+                    at,
+                )
+            } else {
+                WakeReport::answered(PushResult::Delivered, Outcome::Received, 200, None, at)
+            }
+        }
+    }
+
+    fn sent(&self) -> usize {
+        self.sent.lock().len()
+    }
+}
+
+type Answer<T> = Pin<Box<dyn Future<Output = (T, WakeReport)> + Send>>;
+
+struct StandInBatch<T> {
+    transport: Arc<StandIn>,
+    flying: FuturesUnordered<Answer<T>>,
+}
+
+impl Transport for StandIn {
+    type Batch<T: WakeTarget> = StandInBatch<T>;
+
+    fn send_wake(
+        &self,
+        _shard: usize,
+        uri: &ChannelUri,
+        _pfn: &str,
+    ) -> impl Future<Output = WakeReport> + Send {
+        self.answer(uri)
+    }
+
+    fn batch<T: WakeTarget>(self: &Arc<Self>, _shard: usize) -> StandInBatch<T> {
+        StandInBatch {
+            transport: self.clone(),
+            flying: FuturesUnordered::new(),
+        }
+    }
+}
+
+impl<T: WakeTarget> Batch<T> for StandInBatch<T> {
+    fn start(&mut self, target: T) -> Result<(), T> {
+        let answer = self.transport.answer(target.uri());
+        self.flying
+            .push(Box::pin(async move { (target, answer.await) }));
+        Ok(())
+    }
+
+    async fn finished(&mut self, out: &mut Vec<(T, WakeReport)>) {
+        if let Some(first) = self.flying.next().await {
+            out.push(first);
+        }
+        while let Some(Some(more)) = self.flying.next().now_or_never() {
+            out.push(more);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.flying.is_empty()
+    }
+}
+
+/// A wake service over the stand-in, with a real registry, store,
+/// committer and lifecycle.
+struct Rig {
+    wakes: Arc<WakeService<StandIn>>,
+    transport: Arc<StandIn>,
+    registry: Arc<Registry>,
+    lifecycle: Arc<Lifecycle>,
+    commits: crate::store::committer::CommitHandle,
+    _committer: CommitterJoin,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(FjallStore::open(dir.path(), FjallOptions::default()).unwrap());
+        let registry = Arc::new(Registry::new());
+        let (reg, lookup) = (registry.clone(), registry.clone());
+        let (commits, committer) = Committer::start_with_lookup(
+            store.clone(),
+            Box::new(move |batch: &[Mutation]| crate::server::apply_to_registry(&reg, batch)),
+            Box::new(move |id| lookup.get(id.as_str()).map(|r| r.channel_uri)),
+            CommitterConfig::default(),
+        );
+        let settings = Settings::resolve(&Config::default()).unwrap();
+        let lifecycle = Arc::new(Lifecycle::new(
+            settings.refresh.clone(),
+            settings.thresholds,
+            vec![Pfn::parse(PFN).unwrap()],
+            registry.clone(),
+            store.clone(),
+            commits.clone(),
+        ));
+        let transport = Arc::new(StandIn::default());
+        let wakes = Arc::new(WakeService::new(
+            transport.clone(),
+            registry.clone(),
+            store,
+            lifecycle.clone(),
+            settings.thresholds,
+            1,
+        ));
+        Rig {
+            wakes,
+            transport,
+            registry,
+            lifecycle,
+            commits,
+            _committer: committer,
+            _dir: dir,
+        }
+    }
+
+    /// Registers `id` durably with a channel token, issued now.
+    async fn register(&self, id: &str, token: &str) -> DeviceRecord {
+        let rec = DeviceRecord {
+            device_id: DeviceId::parse(id).unwrap(),
+            pfn: Pfn::parse(PFN).unwrap(),
+            channel_uri: ChannelUri::parse(
+                &format!("https://db5.notify.windows.com/?token={token}"),
+                &UriPolicy::default(),
+            )
+            .unwrap(),
+            provider_id: None,
+            issued_at: crate::clock::now(),
+            dead: None,
+            refresh: None,
+        };
+        self.commits
+            .submit(vec![Mutation::Put(rec.clone())])
+            .unwrap()
+            .await
+            .unwrap();
+        rec
+    }
+
+    /// Lets every task that can run, run, without time passing.
+    async fn settle_tasks() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_wake_of_a_device_joins_the_first() {
+    let rig = Rig::new();
+    let rec = rig.register("dev-1", "AwYAAAD1").await;
+    let (first, joined_first) = rig.wakes.start_or_join(0, rec.clone());
+    let (second, joined_second) = rig.wakes.start_or_join(0, rec.clone());
+    assert!(!joined_first && joined_second);
+    assert_eq!(first.push_id, second.push_id);
+    assert_eq!(rig.wakes.inflight(), 1);
+    let (a, b) = tokio::join!(first.result(), second.result());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        (a.result, b.result),
+        (PushResult::Delivered, PushResult::Delivered)
+    );
+    assert_eq!(a.at, b.at);
+    assert_eq!(rig.transport.sent(), 1, "one wake went out for both");
+    // Ended: the next wake is a new one, with its own id.
+    assert_eq!(rig.wakes.inflight(), 0);
+    let (third, joined) = rig.wakes.start_or_join(0, rec);
+    assert!(!joined);
+    assert_ne!(third.push_id, first.push_id);
+    // The outcome is on the device.
+    let last = rig.registry.last_push("dev-1").unwrap();
+    assert_eq!(last.result(), Some(PushResult::Delivered));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_single_wake_joins_a_bulk_claim_and_gets_its_result() {
+    let rig = Rig::new();
+    let rec = rig.register("dev-1", "AwYAAAD1").await;
+    rig.register("dev-2", "AwYAAAD2").await;
+    let job = rig
+        .wakes
+        .start_job(
+            0,
+            Selection::Ids(vec!["dev-1".into(), "dev-2".into()]),
+            None,
+        )
+        .unwrap();
+    Rig::settle_tasks().await;
+    assert_eq!(rig.wakes.inflight(), 2, "the job claimed both devices");
+    let (pending, joined) = rig.wakes.start_or_join(0, rec);
+    assert!(joined, "the single wake joined the job's claim");
+    let report = pending.result().await.expect("the job's result");
+    assert_eq!(report.result, PushResult::Delivered);
+    assert_eq!(rig.transport.sent(), 2, "no second wake of dev-1");
+    while !job.is_finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let p = job.progress();
+    assert_eq!(
+        (p.state, p.total, p.received, p.done),
+        (JobState::Done, 2, 2, 2)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn quiet_claims_make_a_place_for_the_result_only_when_joined() {
+    let rig = Rig::new();
+    let rec = rig.register("dev-1", "AwYAAAD1").await;
+    let pending = &rig.wakes.pending;
+    // Nobody joins: the result stays with the claimant.
+    let claim = pending.claim_quietly(rec.clone()).ok().unwrap();
+    let report = rig.transport.answer(&rec.channel_uri).await;
+    match rig.wakes.conclude(claim, report).await {
+        pending::Settled::Kept(r) => assert_eq!(r.result, PushResult::Delivered),
+        pending::Settled::Published(_) => panic!("published with nobody joined"),
+    }
+    assert_eq!(pending.len(), 0);
+    // Somebody joins: the result is published where they wait.
+    let claim = pending.claim_quietly(rec.clone()).ok().unwrap();
+    let joiner = match pending.claim(rec.clone()) {
+        pending::Claimed::Joined(p) => p,
+        pending::Claimed::Mine(..) => panic!("claimed twice"),
+    };
+    assert!(pending.claim_quietly(rec.clone()).is_err(), "claimed twice");
+    let report = rig.transport.answer(&rec.channel_uri).await;
+    let settled = rig.wakes.conclude(claim, report).await;
+    assert!(matches!(settled, pending::Settled::Published(_)));
+    let seen = joiner.result().await.expect("published");
+    assert_eq!(seen.result, settled.report().result);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_claim_dropped_unsettled_is_abandoned_and_released() {
+    let rig = Rig::new();
+    let rec = rig.register("dev-1", "AwYAAAD1").await;
+    let pending = &rig.wakes.pending;
+    let (claim, mine) = match pending.claim(rec.clone()) {
+        pending::Claimed::Mine(c, p) => (c, p),
+        pending::Claimed::Joined(_) => panic!("nothing was pending"),
+    };
+    let joiner = match pending.claim(rec.clone()) {
+        pending::Claimed::Joined(p) => p,
+        pending::Claimed::Mine(..) => panic!("claimed twice"),
+    };
+    let quiet_joiner = pending.claim_quietly(rec.clone()).err().unwrap();
+    drop(claim);
+    assert!(mine.result().await.is_none());
+    assert!(joiner.result().await.is_none());
+    assert!(quiet_joiner.result().await.is_none());
+    assert_eq!(pending.len(), 0);
+    assert!(matches!(pending.claim(rec), pending::Claimed::Mine(..)));
+    assert!(rig.registry.last_push("dev-1").is_none(), "no outcome kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wake_task_dropped_mid_flight_abandons_its_wake() {
+    let rig = Rig::new();
+    let rec = rig.register("dev-1", "AwYAAAD1").await;
+    let wakes = rig.wakes.clone();
+    // The wake starts on a runtime of its own (a shard's), which goes away
+    // (the shard ending) before WNS answered.
+    let pending = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let pending = rt.block_on(async move {
+            let (pending, _) = wakes.start_or_join(0, rec);
+            tokio::task::yield_now().await;
+            assert_eq!(wakes.inflight(), 1);
+            pending
+        });
+        drop(rt);
+        pending
+    })
+    .join()
+    .unwrap();
+    assert!(pending.result().await.is_none());
+    assert_eq!(rig.wakes.inflight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_bulk_wake_stops_sending_and_counts_the_rest_not_sent() {
+    let rig = Rig::new();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let id = format!("dev-{i}");
+        rig.register(&id, &format!("AwYAAAD{i}")).await;
+        ids.push(id);
+    }
+    // One wake a second.
+    let job = rig
+        .wakes
+        .start_job(0, Selection::Ids(ids), Some(1))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    job.cancel();
+    assert_eq!(job.progress().state, JobState::Cancelling);
+    while !job.is_finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let p = job.progress();
+    let sent = rig.transport.sent() as u64;
+    assert!(sent < 50, "sent {sent} of 50 after the cancel");
+    assert_eq!(p.state, JobState::Cancelled);
+    assert_eq!(p.received, sent, "the wakes in flight finished");
+    assert_eq!(p.not_sent, 50 - sent);
+    assert_eq!((p.total, p.done, p.pending), (50, 50, 0));
+    // Cancelling a finished job changes nothing.
+    job.cancel();
+    assert_eq!(job.progress().state, JobState::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_channel_is_marked_durably_before_its_result_is_published() {
+    let rig = Rig::new();
+    let rec = rig.register("dev-1", "x410dead").await;
+    let (pending, _) = rig.wakes.start_or_join(0, rec.clone());
+    let report = pending.result().await.expect("a result");
+    assert_eq!(report.result, PushResult::ChannelDead);
+    // Published, so the mark and the refresh job are already there.
+    let now = crate::clock::now();
+    let stored = rig.registry.get("dev-1").unwrap();
+    let th = Settings::resolve(&Config::default()).unwrap().thresholds;
+    assert_eq!(
+        stored.state_at(&th, now).state,
+        LifecycleState::RefreshPending
+    );
+    assert!(stored.dead.is_some(), "dead mark kept");
+    assert!(rig.lifecycle.job_of("dev-1").is_some(), "refresh job open");
+
+    // The same for a bulk wake: when its progress counts the device as
+    // expired, the mark is there.
+    let rec2 = rig.register("dev-2", "x410dead2").await;
+    let job = rig
+        .wakes
+        .start_job(
+            0,
+            Selection::Ids(vec![rec2.device_id.as_str().to_owned()]),
+            None,
+        )
+        .unwrap();
+    loop {
+        let p = job.progress();
+        if p.expired == 1 {
+            let stored = rig.registry.get("dev-2").unwrap();
+            assert!(stored.dead.is_some() && stored.refresh.is_some());
+            assert!(rig.lifecycle.job_of("dev-2").is_some());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_ends_when_the_last_wake_in_flight_ends() {
+    let rig = Rig::new();
+    let rec = rig.register("dev-1", "AwYAAAD1").await;
+    let (pending, _) = rig.wakes.start_or_join(0, rec);
+    assert!(!rig.wakes.drain(ANSWER_AFTER / 2).await, "still in flight");
+    assert!(rig.wakes.drain(ANSWER_AFTER).await);
+    assert!(pending.result().await.is_some());
+}
