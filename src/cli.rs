@@ -96,7 +96,7 @@ pub fn import(file: &Path, url: &str, token: Option<String>) -> anyhow::Result<(
         .expect("static template")
         .progress_chars("=> "),
     );
-    let started = std::time::Instant::now();
+    let started = crate::clock::instant();
     let resp = client
         .request_streaming(
             "POST",

@@ -6,13 +6,13 @@
 //! elsewhere, so a test that fixes these fixes them for the whole gateway.
 //!
 //! - [`now`]: wall-clock time, whole seconds, for records and answers;
-//! - [`instant`]: a monotonic instant, for deadlines and durations. It is
-//!   tokio's clock, so a test on a runtime with paused time
-//!   (`tokio::time::pause`) controls it;
+//! - [`instant`] (and [`tokio_instant`]): a monotonic instant, for
+//!   deadlines and durations. It is tokio's clock, so a test on a runtime
+//!   with paused time (`tokio::time::pause`) controls it;
 //! - [`monotonic_ms`]: milliseconds on the same clock since the process
 //!   first asked, for the core's state machines that count in integers;
 //! - [`random`]: a random value from this thread's generator, seeded from
-//!   the process seed ([`seed`]).
+//!   the process seed ([`seed`]), or fixed by a test ([`seed_this_thread`]).
 
 #![allow(clippy::disallowed_methods)]
 
@@ -36,6 +36,11 @@ pub fn now() -> UnixTime {
 /// The current monotonic instant (tokio's clock: paused time applies).
 pub fn instant() -> Instant {
     tokio::time::Instant::now().into_std()
+}
+
+/// [`instant`] as tokio's type, for deadlines of tokio timers.
+pub fn tokio_instant() -> tokio::time::Instant {
+    tokio::time::Instant::now()
 }
 
 /// Milliseconds on the monotonic clock since the process first read it.
@@ -68,6 +73,13 @@ pub fn seed(seed: u64) -> bool {
     SEED.set(seed).is_ok()
 }
 
+/// Replaces the calling thread's generator with one seeded from `seed`:
+/// what this thread draws from now on is fixed (a test's single-threaded
+/// runtime draws on the test's thread).
+pub fn seed_this_thread(seed: u64) {
+    RNG.with(|r| *r.borrow_mut() = rand::rngs::StdRng::seed_from_u64(seed));
+}
+
 /// A random value from the calling thread's generator.
 pub fn random<T>() -> T
 where
@@ -91,6 +103,17 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
         assert_eq!(instant().duration_since(a).as_secs(), 3600);
         assert_eq!(monotonic_ms() - ms, 3_600_000);
+    }
+
+    #[test]
+    fn a_seeded_thread_draws_the_same_numbers() {
+        seed_this_thread(7);
+        let first: [u64; 3] = [random(), random(), random()];
+        seed_this_thread(7);
+        let again: [u64; 3] = [random(), random(), random()];
+        assert_eq!(first, again);
+        seed_this_thread(8);
+        assert_ne!(random::<u64>(), first[0]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::fleet::{self, AgeMix};
 use anyhow::{ensure, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Read;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One registration of the demo fleet. Channels past 30 days, and one in
 /// fifty of the others, get tokens the simulator answers 410 for, as WNS
@@ -148,7 +148,7 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
         pos: 0,
     };
     let progress = bar(devices, "registering");
-    let t = Instant::now();
+    let t = crate::clock::instant();
     let resp = client.request_streaming(
         "POST",
         "/v1/devices:import",
@@ -179,7 +179,7 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
     );
 
     // The expiry sweep finds the channels past 30 days and opens their jobs.
-    let t = Instant::now();
+    let t = crate::clock::instant();
     loop {
         let st = client.get("/v1/stats")?.json();
         if st["by_state"]["expired"].as_u64() == Some(0) {
@@ -198,7 +198,7 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
     );
 
     // Wake everyone.
-    let t = Instant::now();
+    let t = crate::clock::instant();
     let job = client.send_json("POST", "/v1/pushes", &serde_json::json!({"all": true}))?;
     ensure!(
         job.status == 202,
@@ -269,7 +269,7 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
     let pending = client.get("/v1/stats")?.json()["by_state"]["refresh_pending"]
         .as_u64()
         .unwrap_or(0);
-    let t = Instant::now();
+    let t = crate::clock::instant();
     let renewed = check_in_all(&mut client, pending)?;
     let renew_secs = t.elapsed().as_secs_f64();
     println!(
@@ -297,7 +297,7 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
     // Restart on the same data.
     println!("restarting the gateway on the same data directory...");
     running.shutdown();
-    let t = Instant::now();
+    let t = crate::clock::instant();
     let running = crate::server::start(settings)?;
     let restart_secs = t.elapsed().as_secs_f64();
     let mut client = Client::new(&format!("http://{}", running.local_addr))?;

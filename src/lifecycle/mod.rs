@@ -407,12 +407,12 @@ impl Lifecycle {
         inflight: &mut std::collections::VecDeque<(Ticket, Option<(Job, LeaveReason)>)>,
         report: &mut SweepReport,
     ) -> Result<Ticket, StoreError> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let deadline = crate::clock::instant() + std::time::Duration::from_secs(30);
         loop {
             match self.commits.try_submit(muts) {
                 Ok(t) => return Ok(t),
                 Err((crate::store::SubmitError::Overloaded, back))
-                    if std::time::Instant::now() < deadline =>
+                    if crate::clock::instant() < deadline =>
                 {
                     muts = back;
                     match inflight.pop_front() {
@@ -805,7 +805,7 @@ impl Lifecycle {
     /// since the last sweep, reading only the issued-at index entries that
     /// came due (P8). Blocks until durable.
     pub fn sweep(&self, now: UnixTime) -> Result<SweepReport, StoreError> {
-        let started = std::time::Instant::now();
+        let started = crate::clock::instant();
         let to = UnixTime(
             now.0
                 .saturating_sub(self.thresholds.expire_after)

@@ -101,7 +101,7 @@ where
     /// taken while this batch has requests on the wire: start it again
     /// after [`WakeBatch::finished`] returned.
     pub fn start(&mut self, target: T) -> Result<(), T> {
-        let started = Instant::now();
+        let started = crate::clock::instant();
         let sender = self.sender.clone();
         let Some(app) = sender.app(target.pfn()) else {
             sender.begun();
@@ -181,7 +181,7 @@ where
                 let mut ended = std::mem::take(&mut self.ended);
                 // One clock reading for all the answers a drain finds:
                 // they came in the same read or so.
-                let (got, at) = (Instant::now(), (self.now)());
+                let (got, at) = (crate::clock::instant(), (self.now)());
                 for tag in ended.drain(..) {
                     self.answered(tag as usize, got, at);
                 }

@@ -15,15 +15,9 @@ use http::{HeaderValue, Uri};
 use parking_lot::Mutex;
 use rustls::ClientConfig;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Notify;
-
-/// Milliseconds on a process-wide monotonic clock, for the token cache.
-pub fn monotonic_ms() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
 
 /// Where and how to ask for tokens.
 #[derive(Clone)]
@@ -148,7 +142,7 @@ impl TokenSource {
     pub async fn token(self: &Arc<Self>) -> Result<AccessToken, TokenError> {
         loop {
             let waiter = self.changed.notified();
-            let poll = self.cache.lock().poll(monotonic_ms());
+            let poll = self.cache.lock().poll(crate::clock::monotonic_ms());
             match poll {
                 TokenPoll::Ready(t) => return Ok(t),
                 TokenPoll::ReadyRefreshDue(t, ticket) => {
@@ -161,7 +155,7 @@ impl TokenSource {
                 // inline, though nearly all return the cached token.
                 TokenPoll::MustRefresh(ticket) => Box::pin(self.refresh(ticket)).await,
                 TokenPoll::WaitForRefresh { until_ms } => {
-                    let wait = until_ms.saturating_sub(monotonic_ms()).max(1);
+                    let wait = until_ms.saturating_sub(crate::clock::monotonic_ms()).max(1);
                     let _ = tokio::time::timeout(Duration::from_millis(wait), waiter).await;
                 }
                 TokenPoll::Backoff { .. } => {
@@ -176,7 +170,7 @@ impl TokenSource {
     /// when one is due. `None` when getting one means waiting (or failing):
     /// ask [`TokenSource::token`] then.
     pub fn try_token(self: &Arc<Self>) -> Option<AccessToken> {
-        let poll = self.cache.lock().poll(monotonic_ms());
+        let poll = self.cache.lock().poll(crate::clock::monotonic_ms());
         match poll {
             TokenPoll::Ready(t) => Some(t),
             TokenPoll::ReadyRefreshDue(t, ticket) => {
@@ -211,7 +205,7 @@ impl TokenSource {
         )
         .await
         .unwrap_or(Err(TokenError::TimedOut));
-        let now = monotonic_ms();
+        let now = crate::clock::monotonic_ms();
         match result {
             Ok(token) => {
                 metrics::counter!(crate::telemetry::metrics::WNS_TOKEN_REFRESHES, "result" => "ok")

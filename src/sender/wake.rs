@@ -8,7 +8,8 @@
 use super::conn::{ConnError, Protocol, Reply, Timeouts};
 use super::pool::{AuthorityPool, PoolLimits};
 use super::tls::{self, Alpn};
-use super::tokens::{monotonic_ms, TokenEndpoint, TokenSource};
+use super::tokens::{TokenEndpoint, TokenSource};
+use crate::clock::monotonic_ms;
 use crate::config::{resolve_secret, Settings};
 use crate::core::wns::request::{new_cv_header, write_wake_headers, MAX_WAKE_HEADERS, WAKE_BODY};
 use crate::core::wns::retry::{
@@ -311,7 +312,7 @@ impl WnsSender {
         pfn: &str,
         now: impl Fn() -> UnixTime,
     ) -> WakeReport {
-        let started = Instant::now();
+        let started = crate::clock::instant();
         self.begun();
         self.wake_on(shard, uri, pfn, &now, Tries::new(), None, started)
             .await
@@ -351,7 +352,7 @@ impl WnsSender {
         let met = self.metrics();
         met.inflight.decrement(1.0);
         met.push(report.result);
-        let end = answered.unwrap_or_else(Instant::now);
+        let end = answered.unwrap_or_else(crate::clock::instant);
         met.duration
             .record(end.duration_since(started).as_secs_f64());
         log_final(uri, pfn, report);
@@ -409,9 +410,9 @@ impl WnsSender {
             };
             self.write_headers(&mut headers, &token, body.len());
             *answered = None;
-            let sent = Instant::now();
+            let sent = crate::clock::instant();
             let result = pool.post(target, &headers, body.clone()).await;
-            let got = Instant::now();
+            let got = crate::clock::instant();
             match self.judge(app, &mut tries, &token, result, (sent, got), answered, now) {
                 Step::Done(report) => return report,
                 Step::Again(w) => wait = w,
@@ -426,7 +427,7 @@ impl WnsSender {
         token: &AccessToken,
         body_len: usize,
     ) {
-        let mut cv = new_cv_header(rand::random::<u128>());
+        let mut cv = new_cv_header(crate::clock::random::<u128>());
         // Unique per request: never worth a place in the peer's HPACK
         // table, where it would only push out entries that repeat.
         cv.set_sensitive(true);
@@ -476,9 +477,10 @@ impl WnsSender {
         let at = now();
         let outcome = classify::outcome(reply.status, &reply.headers, at);
         met.response(&outcome, reply.status).increment(1);
-        let verdict = tries
-            .attempt
-            .on_outcome(&outcome, &self.policy, rand::random::<u64>());
+        let verdict =
+            tries
+                .attempt
+                .on_outcome(&outcome, &self.policy, crate::clock::random::<u64>());
         match verdict.credential {
             Some(CredentialSignal::Throttle { pause }) => {
                 app.throttle

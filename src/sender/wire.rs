@@ -480,7 +480,7 @@ impl H2Client {
             }
         }
         let window = st.peer.initial_window;
-        let opened = Instant::now();
+        let opened = crate::clock::tokio_instant();
         st.streams.insert(
             id,
             Stream {
@@ -686,7 +686,7 @@ where
         block: None,
         conn_unacked: 0,
         timer: None,
-        last_read: Instant::now(),
+        last_read: crate::clock::tokio_instant(),
         closing: None,
         eof: false,
     };
@@ -1095,7 +1095,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             Poll::Ready(Ok(())) => {
                 let n = rb.filled().len();
                 if n > 0 {
-                    self.last_read = Instant::now();
+                    self.last_read = crate::clock::tokio_instant();
                 }
                 // SAFETY: `poll_read` initialised the first `n` bytes of
                 // the spare capacity.
@@ -1124,7 +1124,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     return false;
                 }
             }
-            let now = Instant::now();
+            let now = crate::clock::tokio_instant();
             let last_read = self.last_read;
             let shared = self.shared.clone();
             let mut st = shared.state.lock();

@@ -1103,7 +1103,7 @@ async fn an_unanswered_request_times_out_at_its_deadline_and_is_reset() {
             timeout: Duration::from_secs(secs),
         })
     };
-    let started = tokio::time::Instant::now();
+    let started = crate::clock::tokio_instant();
     let f1 = send("/?token=a", 2);
     srv.request().await;
     let f3 = send("/?token=b", 60);

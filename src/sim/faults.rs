@@ -293,7 +293,7 @@ mod tests {
 
     #[test]
     fn bucket_allows_a_burst_then_the_rate() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         let mut b = TokenBucket::new(2, t0);
         assert!(b.take(t0).is_ok());
         assert!(b.take(t0).is_ok());
@@ -305,7 +305,7 @@ mod tests {
 
     #[test]
     fn limiter_is_per_sender_and_answers_whole_seconds() {
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         let mut l = SenderLimiter::default();
         assert_eq!(l.admit("a", t0), Ok(()));
         l.set_rate(Some(1));

@@ -592,7 +592,7 @@ mod tests {
 
     #[test]
     fn token_and_body_rules() {
-        let now = Instant::now();
+        let now = crate::clock::instant();
         let t = Arc::new(TokenInfo {
             token: "t".into(),
             app_sid: Arc::from("a"),

@@ -264,7 +264,7 @@ async fn serve_connection(tcp: TcpStream, w: Rc<Worker>, tls: Option<TlsAcceptor
 /// knowledge); `None` when it sends nothing in time.
 async fn starts_with_h2_preface(tcp: &TcpStream) -> Option<bool> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0";
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = crate::clock::tokio_instant() + HANDSHAKE_TIMEOUT;
     let mut buf = [0u8; PREFACE.len()];
     loop {
         let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))

@@ -11,7 +11,6 @@ use super::token::{self, Flow, TokenInfo, MAX_TOKEN_REQUEST_BYTES};
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{Method, StatusCode};
-use rand::Rng;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -210,8 +209,7 @@ fn after_body(
         }
     }
     if faults.error_ratio > 0.0 {
-        let mut rng = rand::rng();
-        if let Some(e) = faults.server_error(rng.random(), rng.random()) {
+        if let Some(e) = faults.server_error(crate::clock::random(), crate::clock::random()) {
             return Verdict::server_error(e);
         }
     }
@@ -229,7 +227,7 @@ fn after_body(
 }
 
 async fn push<B: BodySource>(w: &Worker, head: &Head<'_>, body: &mut B) -> Option<Reply> {
-    let now = Instant::now();
+    let now = crate::clock::instant();
     let faults = w.faults();
     let hash = (w.shared.stats.channel_stats() || w.has_bindings())
         .then(|| channel_hash(head.authority, head.path_and_query));
@@ -251,7 +249,7 @@ async fn push<B: BodySource>(w: &Worker, head: &Head<'_>, body: &mut B) -> Optio
         }
     };
     if let Some(l) = faults.latency_ms {
-        let d = l.pick(rand::rng().random());
+        let d = l.pick(crate::clock::random());
         if !d.is_zero() {
             tokio::time::sleep(d).await;
         }
@@ -268,7 +266,7 @@ async fn push<B: BodySource>(w: &Worker, head: &Head<'_>, body: &mut B) -> Optio
         &verdict,
         opts,
         headers.ms_cv,
-        rand::rng().random(),
+        crate::clock::random(),
         w.debug_trace.clone(),
     );
     Some(Reply {
@@ -315,7 +313,11 @@ async fn token<B: BodySource>(
                     Err(e) => Reply::json(StatusCode::BAD_REQUEST, e.body()),
                     Ok(sid) => {
                         let lifetime = w.shared.token_lifetime;
-                        match w.shared.tokens.issue(&sid, lifetime, Instant::now()) {
+                        match w
+                            .shared
+                            .tokens
+                            .issue(&sid, lifetime, crate::clock::instant())
+                        {
                             Ok(t) => {
                                 issued = true;
                                 let body = token::success_body(flow, &t.token, lifetime);

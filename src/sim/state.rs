@@ -97,7 +97,7 @@ impl Shared {
     /// Admits one push from `sender` under `sender_rate`, or answers the
     /// `Retry-After` seconds.
     pub fn admit_sender(&self, sender: &str) -> Result<(), u64> {
-        self.limiter.lock().admit(sender, std::time::Instant::now())
+        self.limiter.lock().admit(sender, crate::clock::instant())
     }
 }
 

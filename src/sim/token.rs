@@ -6,7 +6,6 @@
 use super::config::AppCredential;
 use super::hash::{hash64, BuildIdentity};
 use parking_lot::RwLock;
-use rand::RngCore;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -232,7 +231,8 @@ impl TokenStore {
         now: Instant,
     ) -> Result<Arc<TokenInfo>, OAuthError> {
         let mut raw = [0u8; 32];
-        rand::rng().fill_bytes(&mut raw);
+        raw.iter_mut()
+            .for_each(|b| *b = crate::clock::random::<u8>());
         let mut token = String::with_capacity(3 + 64);
         token.push_str("EgA");
         for b in raw {
@@ -399,7 +399,7 @@ mod tests {
     #[test]
     fn store_remembers_app_and_expiry() {
         let s = TokenStore::default();
-        let now = Instant::now();
+        let now = crate::clock::instant();
         let t = s.issue("ms-app://a", Duration::from_secs(2), now).unwrap();
         let h = hash64(&[t.token.as_bytes()]);
         let found = s.lookup(h, t.token.as_bytes()).unwrap();

@@ -35,7 +35,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
-use std::time::Instant;
 use tokio::sync::oneshot;
 
 /// Default bound of the submission queue, in submissions. fjall stalls
@@ -426,7 +425,7 @@ impl CommitLoop {
             // durable, so there is nothing to sync.
             Ok(())
         } else {
-            let started = Instant::now();
+            let started = crate::clock::instant();
             let result = self.store.apply(&self.batch);
             self.m_sync_seconds.record(started.elapsed().as_secs_f64());
             self.m_batch_mutations.record(self.batch.len() as f64);
