@@ -86,8 +86,8 @@ impl Default for StoreConfig {
         StoreConfig {
             path: PathBuf::from("./wnsgate-data"),
             cache_mb: 64,
-            queue_capacity: 65_536,
-            max_batch_mutations: 4_096,
+            queue_capacity: crate::store::committer::QUEUE_SUBMISSIONS_DEFAULT,
+            max_batch_mutations: crate::store::committer::BATCH_MUTATIONS_DEFAULT,
             memtable_mb: 16,
             background_threads: 0,
         }

@@ -11,7 +11,12 @@
 //! - [`config`], [`telemetry`]: configuration, metrics and logs;
 //! - [`clock`]: the only readings of time, and the only randomness.
 
-pub mod api;
+#![deny(unreachable_pub)]
+// The documentation is for the people who work on the gateway, built with
+// `cargo doc --document-private-items`: it links to private items freely.
+#![allow(rustdoc::private_intra_doc_links)]
+
+pub(crate) mod api;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -19,7 +24,7 @@ pub mod config;
 pub mod core;
 pub mod demo;
 pub mod fleet;
-pub mod gateway;
+pub(crate) mod gateway;
 pub mod lifecycle;
 pub mod registry;
 pub mod sender;
@@ -27,5 +32,5 @@ pub mod server;
 pub mod shard;
 pub mod sim;
 pub mod store;
-pub mod telemetry;
+pub(crate) mod telemetry;
 pub mod wake;

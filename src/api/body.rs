@@ -9,7 +9,10 @@ use std::time::Duration;
 
 /// Checks `Content-Type` when present: `expected` (parameters such as
 /// `charset` are allowed) or 415.
-pub fn require_content_type(headers: &http::HeaderMap, expected: &[&str]) -> Result<(), ApiError> {
+pub(crate) fn require_content_type(
+    headers: &http::HeaderMap,
+    expected: &[&str],
+) -> Result<(), ApiError> {
     let Some(v) = headers.get(http::header::CONTENT_TYPE) else {
         return Ok(());
     };
@@ -33,7 +36,7 @@ pub fn require_content_type(headers: &http::HeaderMap, expected: &[&str]) -> Res
 }
 
 /// Refuses a declared `Content-Length` over `limit` before reading anything.
-pub fn check_declared_length(headers: &http::HeaderMap, limit: u64) -> Result<(), ApiError> {
+pub(crate) fn check_declared_length(headers: &http::HeaderMap, limit: u64) -> Result<(), ApiError> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -46,7 +49,7 @@ pub fn check_declared_length(headers: &http::HeaderMap, limit: u64) -> Result<()
 
 /// Reads the whole body, refusing more than `limit` bytes and giving up when
 /// a frame takes longer than `idle`.
-pub async fn read_limited(
+pub(crate) async fn read_limited(
     body: &mut Incoming,
     headers: &http::HeaderMap,
     limit: u64,
@@ -64,7 +67,10 @@ pub async fn read_limited(
 }
 
 /// The next data chunk of `body`, `None` at the end.
-pub async fn next_chunk(body: &mut Incoming, idle: Duration) -> Result<Option<Bytes>, ApiError> {
+pub(crate) async fn next_chunk(
+    body: &mut Incoming,
+    idle: Duration,
+) -> Result<Option<Bytes>, ApiError> {
     loop {
         let frame = match tokio::time::timeout(idle, body.frame()).await {
             Err(_) => {

@@ -2,6 +2,10 @@
 
 use super::body::{read_limited, require_content_type};
 use super::error::{json_error, ApiError};
+use super::limits::{
+    CLOCK_SKEW_SECS_MAX, LIST_PAGE_DEVICES_DEFAULT, LIST_PAGE_DEVICES_MAX,
+    LIST_PAGE_SCAN_RECORDS_MAX,
+};
 use super::response::{json_response, no_content, Resp};
 use super::view::DeviceView;
 use crate::core::{
@@ -16,20 +20,10 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How far in the future an `issued_at` may be (clock skew), seconds.
-pub const MAX_CLOCK_SKEW_SECS: u32 = 300;
-/// Largest page of `GET /v1/devices`.
-pub const MAX_PAGE_LIMIT: usize = 1000;
-/// Default page size of `GET /v1/devices`.
-pub const DEFAULT_PAGE_LIMIT: usize = 100;
-/// Records one listing request examines at most before it answers with a
-/// cursor, so a rare state filter cannot turn one request into a full scan.
-pub const PAGE_SCAN_BUDGET: usize = 20_000;
-
 /// The body of `PUT /v1/devices/{id}/channel`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ChannelBody {
+pub(crate) struct ChannelBody {
     pub pfn: String,
     pub channel_uri: String,
     #[serde(default)]
@@ -39,7 +33,7 @@ pub struct ChannelBody {
 }
 
 /// Validates a registration for `device_id` at `now`.
-pub fn validate_registration(
+pub(crate) fn validate_registration(
     gw: &Gateway,
     device_id: &str,
     body: ChannelBody,
@@ -73,7 +67,7 @@ pub fn validate_registration(
             let t = UnixTime::parse_rfc3339(s).map_err(|e| {
                 ApiError::unprocessable("invalid_issued_at", format!("issued_at: {e}"))
             })?;
-            if t.secs() > now.secs().saturating_add(MAX_CLOCK_SKEW_SECS) {
+            if t.secs() > now.secs().saturating_add(CLOCK_SKEW_SECS_MAX) {
                 return Err(ApiError::unprocessable(
                     "issued_at_in_future",
                     format!("issued_at {s} is in the future (now is {now})"),
@@ -91,12 +85,12 @@ pub fn validate_registration(
     })
 }
 
-pub fn parse_device_id(s: &str) -> Result<DeviceId, ApiError> {
+pub(crate) fn parse_device_id(s: &str) -> Result<DeviceId, ApiError> {
     DeviceId::parse(s).map_err(|e| ApiError::bad_request("invalid_device_id", e.to_string()))
 }
 
 /// `PUT /v1/devices/{id}/channel`: answers once the record is durable.
-pub async fn put_channel(
+pub(crate) async fn put_channel(
     gw: Arc<Gateway>,
     device_id: String,
     headers: HeaderMap,
@@ -135,7 +129,7 @@ pub async fn put_channel(
 }
 
 /// `GET /v1/devices/{id}`.
-pub fn get_device(gw: &Gateway, device_id: &str) -> Result<Resp, ApiError> {
+pub(crate) fn get_device(gw: &Gateway, device_id: &str) -> Result<Resp, ApiError> {
     parse_device_id(device_id)?;
     let rec = gw
         .registry
@@ -150,7 +144,7 @@ pub fn get_device(gw: &Gateway, device_id: &str) -> Result<Resp, ApiError> {
 }
 
 /// `DELETE /v1/devices/{id}`: 204 once the removal is durable.
-pub async fn delete_device(gw: Arc<Gateway>, device_id: String) -> Result<Resp, ApiError> {
+pub(crate) async fn delete_device(gw: Arc<Gateway>, device_id: String) -> Result<Resp, ApiError> {
     let id = parse_device_id(&device_id)?;
     if gw.registry.get(id.as_str()).is_none() {
         return Err(unknown_device(&device_id));
@@ -162,7 +156,7 @@ pub async fn delete_device(gw: Arc<Gateway>, device_id: String) -> Result<Resp, 
     Ok(no_content())
 }
 
-pub fn unknown_device(device_id: &str) -> ApiError {
+pub(crate) fn unknown_device(device_id: &str) -> ApiError {
     ApiError::not_found(
         "unknown_device",
         format!("no device {device_id:?} is registered"),
@@ -176,9 +170,12 @@ struct PageView<'a> {
 }
 
 /// `GET /v1/devices?state=&limit=&cursor=`: pages in device-id order.
-pub async fn list_devices(gw: Arc<Gateway>, query: Option<String>) -> Result<Resp, ApiError> {
+pub(crate) async fn list_devices(
+    gw: Arc<Gateway>,
+    query: Option<String>,
+) -> Result<Resp, ApiError> {
     let mut state = None;
-    let mut limit = DEFAULT_PAGE_LIMIT;
+    let mut limit = LIST_PAGE_DEVICES_DEFAULT;
     let mut after = None;
     for (k, v) in super::query_pairs(query.as_deref().unwrap_or("")) {
         match k.as_str() {
@@ -197,11 +194,11 @@ pub async fn list_devices(gw: Arc<Gateway>, query: Option<String>) -> Result<Res
                 limit = v
                     .parse::<usize>()
                     .ok()
-                    .filter(|n| (1..=MAX_PAGE_LIMIT).contains(n))
+                    .filter(|n| (1..=LIST_PAGE_DEVICES_MAX).contains(n))
                     .ok_or_else(|| {
                         ApiError::bad_request(
                             "invalid_limit",
-                            format!("limit must be 1 to {MAX_PAGE_LIMIT}"),
+                            format!("limit must be 1 to {LIST_PAGE_DEVICES_MAX}"),
                         )
                     })?
             }
@@ -219,7 +216,7 @@ pub async fn list_devices(gw: Arc<Gateway>, query: Option<String>) -> Result<Res
     let store = gw.store.clone();
     let page = tokio::task::spawn_blocking(move || {
         let filter = move |r: &DeviceRecord| state.is_none_or(|s| r.state_at(&th, now).state == s);
-        store.page(after.as_deref(), limit, PAGE_SCAN_BUDGET, &filter)
+        store.page(after.as_deref(), limit, LIST_PAGE_SCAN_RECORDS_MAX, &filter)
     })
     .await
     .map_err(|_| ApiError::unavailable("internal", "listing task failed"))??;
@@ -285,7 +282,7 @@ impl RefreshStats {
 }
 
 /// `GET /v1/stats`.
-pub fn stats(gw: &Gateway) -> Resp {
+pub(crate) fn stats(gw: &Gateway) -> Resp {
     let counts = gw.registry.state_counts(&gw.settings.thresholds, gw.now());
     let by_state = LifecycleState::ALL
         .iter()

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 /// An error answered to an API caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
@@ -18,7 +18,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -27,26 +31,26 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
-    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn unprocessable(code: &'static str, message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
 
-    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::NOT_FOUND, code, message)
     }
 
-    pub fn unavailable(code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn unavailable(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError {
             retry_after: Some(1),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
         }
     }
 
-    pub fn body_too_large(limit: u64) -> ApiError {
+    pub(crate) fn body_too_large(limit: u64) -> ApiError {
         Self::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
@@ -55,7 +59,7 @@ impl ApiError {
     }
 
     /// The JSON error response.
-    pub fn into_response(self) -> Resp {
+    pub(crate) fn into_response(self) -> Resp {
         #[derive(Serialize)]
         struct Body<'a> {
             error: Inner<'a>,
@@ -114,7 +118,7 @@ impl From<StoreError> for ApiError {
 
 /// Maps a JSON decoding error: malformed JSON is 400, well-formed JSON of
 /// the wrong shape (missing or unknown fields, wrong types) is 422.
-pub fn json_error(e: &serde_json::Error) -> ApiError {
+pub(crate) fn json_error(e: &serde_json::Error) -> ApiError {
     use serde_json::error::Category;
     match e.classify() {
         Category::Syntax | Category::Eof | Category::Io => ApiError::bad_request(

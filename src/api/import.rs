@@ -8,6 +8,10 @@
 use super::body::{check_declared_length, next_chunk, require_content_type};
 use super::devices::{validate_registration, ChannelBody};
 use super::error::{json_error, ApiError};
+use super::limits::{
+    IMPORTS_RUNNING_MAX, IMPORT_CHUNKS_INFLIGHT_MAX, IMPORT_CHUNK_LINES,
+    IMPORT_ERRORS_REPORTED_MAX, IMPORT_LINE_BYTES_MAX,
+};
 use super::response::{json_response, Resp};
 use crate::core::{merge_registration, DeviceId};
 use crate::gateway::Gateway;
@@ -21,18 +25,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Registrations per store submission.
-pub const IMPORT_CHUNK: usize = 1024;
-/// Submissions of one import awaiting their sync at once.
-pub const IMPORT_INFLIGHT_CHUNKS: usize = 8;
-/// Longest NDJSON line, bytes.
-pub const MAX_LINE_BYTES: usize = 16 * 1024;
-/// Imports the gateway runs at once; more get 429. Each holds at most
-/// `IMPORT_CHUNK * (IMPORT_INFLIGHT_CHUNKS + 1)` registrations in memory.
-pub const MAX_CONCURRENT_IMPORTS: usize = 4;
-/// Line errors reported in the answer (all are counted).
-pub const MAX_REPORTED_ERRORS: usize = 100;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,7 +66,7 @@ struct Importer {
 impl Importer {
     fn reject(&mut self, err: ApiError) {
         self.report.rejected += 1;
-        if self.report.errors.len() < MAX_REPORTED_ERRORS {
+        if self.report.errors.len() < IMPORT_ERRORS_REPORTED_MAX {
             self.report.errors.push(LineError {
                 line: self.line_no,
                 code: err.code,
@@ -114,7 +106,7 @@ impl Importer {
                 }
                 self.gw.lifecycle.registered_aged(&rec, now);
                 self.chunk.push(Mutation::Put(rec));
-                if self.chunk.len() >= IMPORT_CHUNK {
+                if self.chunk.len() >= IMPORT_CHUNK_LINES {
                     self.flush().await?;
                 }
             }
@@ -123,9 +115,9 @@ impl Importer {
         Ok(())
     }
 
-    /// A complete line, refused when over [`MAX_LINE_BYTES`].
+    /// A complete line, refused when over [`IMPORT_LINE_BYTES_MAX`].
     async fn bounded_line(&mut self, raw: &[u8]) -> Result<(), ApiError> {
-        if raw.len() > MAX_LINE_BYTES {
+        if raw.len() > IMPORT_LINE_BYTES_MAX {
             self.line_no += 1;
             self.reject(line_too_long());
             return Ok(());
@@ -154,7 +146,7 @@ impl Importer {
                 Err((e, _)) => return Err(e.into()),
             }
         }
-        while self.inflight.len() > IMPORT_INFLIGHT_CHUNKS {
+        while self.inflight.len() > IMPORT_CHUNKS_INFLIGHT_MAX {
             self.settle_oldest().await?;
         }
         Ok(())
@@ -180,7 +172,7 @@ impl Importer {
 }
 
 /// `POST /v1/devices:import`.
-pub async fn import(
+pub(crate) async fn import(
     gw: Arc<Gateway>,
     headers: HeaderMap,
     mut body: Incoming,
@@ -202,7 +194,7 @@ pub async fn import(
     let mut imp = Importer {
         gw,
         report: ImportReport::default(),
-        chunk: Vec::with_capacity(IMPORT_CHUNK),
+        chunk: Vec::with_capacity(IMPORT_CHUNK_LINES),
         inflight: VecDeque::new(),
         closes: Vec::new(),
         line_no: 0,
@@ -241,7 +233,7 @@ pub async fn import(
         }
         if !skipping_long_line {
             carry.extend_from_slice(rest);
-            if carry.len() > MAX_LINE_BYTES {
+            if carry.len() > IMPORT_LINE_BYTES_MAX {
                 imp.line_no += 1;
                 imp.reject(line_too_long());
                 carry.clear();
@@ -267,19 +259,19 @@ pub async fn import(
     Ok(json_response(StatusCode::OK, &imp.report))
 }
 
-/// One of the [`MAX_CONCURRENT_IMPORTS`] import slots, released on drop.
+/// One of the [`IMPORTS_RUNNING_MAX`] import slots, released on drop.
 struct ImportSlot(Arc<Gateway>);
 
 impl ImportSlot {
     fn acquire(gw: &Arc<Gateway>) -> Result<ImportSlot, ApiError> {
         let running = gw.imports_running.fetch_add(1, Ordering::AcqRel);
         let slot = ImportSlot(gw.clone());
-        if running >= MAX_CONCURRENT_IMPORTS {
+        if running >= IMPORTS_RUNNING_MAX {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_imports",
                 format!(
-                    "{MAX_CONCURRENT_IMPORTS} imports are already running; retry when one finishes"
+                    "{IMPORTS_RUNNING_MAX} imports are already running; retry when one finishes"
                 ),
             ));
         }
@@ -297,7 +289,7 @@ fn line_too_long() -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "line_too_long",
-        format!("line is longer than {MAX_LINE_BYTES} bytes"),
+        format!("line is longer than {IMPORT_LINE_BYTES_MAX} bytes"),
     )
 }
 

@@ -5,6 +5,7 @@
 use super::body::{read_limited, require_content_type};
 use super::devices::parse_device_id;
 use super::error::{json_error, ApiError};
+use super::limits::JOB_BODY_BYTES_MAX;
 use super::response::{json_response, Resp};
 use crate::core::LifecycleState;
 use crate::gateway::Gateway;
@@ -15,9 +16,6 @@ use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Largest `POST /v1/pushes` body, bytes.
-pub const JOB_BODY_BYTES_MAX: u64 = 8 * 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,7 +71,7 @@ fn view(job: &Job) -> Resp {
 }
 
 /// `POST /v1/pushes`.
-pub async fn create(
+pub(crate) async fn create(
     gw: Arc<Gateway>,
     shard: usize,
     headers: HeaderMap,
@@ -143,14 +141,14 @@ pub async fn create(
 }
 
 /// `GET /v1/pushes/{id}`.
-pub fn get(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
+pub(crate) fn get(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
     let job = gw.wakes.job(id).ok_or_else(|| unknown_job(id))?;
     Ok(view(&job))
 }
 
 /// `DELETE /v1/pushes/{id}`: stops sending; wakes in flight finish. A job
 /// that already finished is answered as it is.
-pub fn cancel(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
+pub(crate) fn cancel(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
     let job = gw.wakes.job(id).ok_or_else(|| unknown_job(id))?;
     job.cancel();
     Ok(view(&job))

@@ -8,15 +8,16 @@
 //! request (wakes are the [wake service](crate::wake)'s, the refresh queue
 //! the [lifecycle](crate::lifecycle)'s).
 
-pub mod body;
-pub mod devices;
-pub mod error;
-pub mod import;
-pub mod jobs;
-pub mod push;
-pub mod refresh;
-pub mod response;
-pub mod view;
+pub(crate) mod body;
+pub(crate) mod devices;
+pub(crate) mod error;
+pub(crate) mod import;
+pub(crate) mod jobs;
+pub(crate) mod limits;
+pub(crate) mod push;
+pub(crate) mod refresh;
+pub(crate) mod response;
+pub(crate) mod view;
 
 use crate::gateway::Gateway;
 use crate::telemetry::metrics as m;
@@ -30,7 +31,7 @@ use std::sync::Arc;
 
 /// Requests a shard is serving at once, for its overload limit.
 #[derive(Debug, Default)]
-pub struct InflightGauge(AtomicUsize);
+pub(crate) struct InflightGauge(AtomicUsize);
 
 struct InflightGuard<'a>(&'a InflightGauge);
 
@@ -42,7 +43,7 @@ impl Drop for InflightGuard<'_> {
 
 /// The API as one shard serves it.
 #[derive(Clone)]
-pub struct ShardApi {
+pub(crate) struct ShardApi {
     gw: Arc<Gateway>,
     shard: usize,
     inflight: Arc<InflightGauge>,
@@ -50,7 +51,7 @@ pub struct ShardApi {
 
 impl ShardApi {
     /// The API of shard `shard`, with its own overload limit.
-    pub fn new(gw: Arc<Gateway>, shard: usize) -> ShardApi {
+    pub(crate) fn new(gw: Arc<Gateway>, shard: usize) -> ShardApi {
         ShardApi {
             gw,
             shard,
@@ -314,7 +315,7 @@ fn render_metrics(gw: &Gateway) -> String {
 }
 
 /// Splits a query string into decoded key/value pairs.
-pub fn query_pairs(q: &str) -> impl Iterator<Item = (String, String)> + '_ {
+pub(crate) fn query_pairs(q: &str) -> impl Iterator<Item = (String, String)> + '_ {
     q.split('&').filter(|p| !p.is_empty()).map(|p| {
         let (k, v) = p.split_once('=').unwrap_or((p, ""));
         (
@@ -326,7 +327,7 @@ pub fn query_pairs(q: &str) -> impl Iterator<Item = (String, String)> + '_ {
 
 /// Decodes `%XX` escapes; malformed escapes are kept as written (the id
 /// validation then refuses the `%`).
-pub fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     if !s.contains('%') {
         return s.to_owned();
     }

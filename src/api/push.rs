@@ -32,7 +32,7 @@ struct Finished<'a> {
 }
 
 /// `POST /v1/devices/{id}/push[?wait=true]`.
-pub async fn push_device(
+pub(crate) async fn push_device(
     gw: Arc<Gateway>,
     shard: usize,
     device_id: String,

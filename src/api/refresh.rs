@@ -15,6 +15,7 @@
 use super::body::{read_limited, require_content_type};
 use super::devices::{parse_device_id, unknown_device};
 use super::error::{json_error, ApiError};
+use super::limits::{LEASE_JOBS_MAX, REFRESH_BODY_BYTES_MAX};
 use super::response::{json_response, Resp};
 use crate::core::refresh::{CompleteOutcome, Handout, QueueError};
 use crate::gateway::Gateway;
@@ -24,10 +25,6 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Largest lease batch.
-pub const MAX_LEASE: u32 = 1000;
-const MAX_BODY: u64 = 4096;
 
 fn no_job(device_id: &str) -> ApiError {
     ApiError::not_found(
@@ -44,7 +41,7 @@ fn unknown_job(job_id: &str) -> ApiError {
 }
 
 /// `GET /v1/devices/{id}/refresh`.
-pub async fn check_in(
+pub(crate) async fn check_in(
     gw: Arc<Gateway>,
     device_id: String,
     query: Option<String>,
@@ -92,14 +89,14 @@ struct LeaseRequest {
 }
 
 /// `POST /v1/refresh:lease`.
-pub async fn lease(
+pub(crate) async fn lease(
     gw: Arc<Gateway>,
     headers: HeaderMap,
     mut body: Incoming,
 ) -> Result<Resp, ApiError> {
     require_content_type(&headers, &["application/json"])?;
     let idle = Duration::from_secs(gw.settings.request_timeout_secs);
-    let bytes = read_limited(&mut body, &headers, MAX_BODY, idle).await?;
+    let bytes = read_limited(&mut body, &headers, REFRESH_BODY_BYTES_MAX, idle).await?;
     let req: LeaseRequest = if bytes.is_empty() {
         LeaseRequest {
             max: None,
@@ -109,10 +106,10 @@ pub async fn lease(
         serde_json::from_slice(&bytes).map_err(|e| json_error(&e))?
     };
     let max = req.max.unwrap_or(100);
-    if !(1..=MAX_LEASE).contains(&max) {
+    if !(1..=LEASE_JOBS_MAX).contains(&max) {
         return Err(ApiError::bad_request(
             "invalid_lease",
-            format!("max must be between 1 and {MAX_LEASE}"),
+            format!("max must be between 1 and {LEASE_JOBS_MAX}"),
         ));
     }
     let policy = &gw.lifecycle.settings().policy;
@@ -146,7 +143,7 @@ struct CompleteRequest {
 }
 
 /// `POST /v1/refresh/{job_id}:complete`.
-pub async fn complete(
+pub(crate) async fn complete(
     gw: Arc<Gateway>,
     job_id: String,
     headers: HeaderMap,
@@ -155,7 +152,7 @@ pub async fn complete(
     let id = parse_job_id(&job_id).ok_or_else(|| unknown_job(&job_id))?;
     require_content_type(&headers, &["application/json"])?;
     let idle = Duration::from_secs(gw.settings.request_timeout_secs);
-    let bytes = read_limited(&mut body, &headers, MAX_BODY, idle).await?;
+    let bytes = read_limited(&mut body, &headers, REFRESH_BODY_BYTES_MAX, idle).await?;
     let req: CompleteRequest = serde_json::from_slice(&bytes).map_err(|e| json_error(&e))?;
     let outcome = match req.outcome.as_str() {
         "delivered" => CompleteOutcome::Delivered,
@@ -192,7 +189,7 @@ pub async fn complete(
 }
 
 /// `GET /v1/refresh/{job_id}`.
-pub fn get(gw: &Gateway, job_id: &str) -> Result<Resp, ApiError> {
+pub(crate) fn get(gw: &Gateway, job_id: &str) -> Result<Resp, ApiError> {
     let id = parse_job_id(job_id).ok_or_else(|| unknown_job(job_id))?;
     match gw.lifecycle.job(id) {
         Some(view) => Ok(json_response(StatusCode::OK, &view)),

@@ -6,10 +6,10 @@ use http_body_util::Full;
 use serde::Serialize;
 
 /// Every API response has a fully buffered body.
-pub type Resp = Response<Full<Bytes>>;
+pub(crate) type Resp = Response<Full<Bytes>>;
 
 /// A JSON response with `status`.
-pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Resp {
+pub(crate) fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Resp {
     let bytes = serde_json::to_vec(body).expect("API views always serialize");
     let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
@@ -21,7 +21,7 @@ pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, body: &T) -> Res
 }
 
 /// A plain-text response.
-pub fn text_response(
+pub(crate) fn text_response(
     status: StatusCode,
     content_type: &'static str,
     body: impl Into<Bytes>,
@@ -36,7 +36,7 @@ pub fn text_response(
 }
 
 /// 204 No Content.
-pub fn no_content() -> Resp {
+pub(crate) fn no_content() -> Resp {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;
     resp

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 /// A device record as API callers see it.
 #[derive(Debug, Serialize)]
-pub struct DeviceView<'a> {
+pub(crate) struct DeviceView<'a> {
     pub device_id: &'a str,
     pub pfn: &'a str,
     pub channel_uri: &'a str,
@@ -32,7 +32,7 @@ pub struct DeviceView<'a> {
 
 /// The last push, as callers see it.
 #[derive(Debug, Serialize)]
-pub struct LastPushView {
+pub(crate) struct LastPushView {
     pub at: String,
     pub result: &'static str,
     pub wns_outcome: Option<&'static str>,
@@ -53,7 +53,7 @@ impl From<crate::registry::LastPush> for LastPushView {
 /// A device's open refresh job, in short (the SyncML is at
 /// `GET /v1/devices/{id}/refresh`).
 #[derive(Debug, Serialize)]
-pub struct RefreshSummary {
+pub(crate) struct RefreshSummary {
     pub job_id: String,
     pub state: &'static str,
     pub attempts: u16,
@@ -76,7 +76,7 @@ impl From<crate::lifecycle::JobView> for RefreshSummary {
 }
 
 impl<'a> DeviceView<'a> {
-    pub fn new(rec: &'a DeviceRecord, th: &Thresholds, now: UnixTime) -> DeviceView<'a> {
+    pub(crate) fn new(rec: &'a DeviceRecord, th: &Thresholds, now: UnixTime) -> DeviceView<'a> {
         let st = rec.state_at(th, now);
         DeviceView {
             device_id: rec.device_id.as_str(),
@@ -99,13 +99,13 @@ impl<'a> DeviceView<'a> {
     }
 
     /// Adds the device's last push.
-    pub fn with_push(mut self, push: Option<crate::registry::LastPush>) -> Self {
+    pub(crate) fn with_push(mut self, push: Option<crate::registry::LastPush>) -> Self {
         self.last_push = push.map(Into::into);
         self
     }
 
     /// Adds the device's open refresh job.
-    pub fn with_job(mut self, job: Option<crate::lifecycle::JobView>) -> Self {
+    pub(crate) fn with_job(mut self, job: Option<crate::lifecycle::JobView>) -> Self {
         self.refresh_job = job.map(Into::into);
         self
     }
@@ -113,7 +113,7 @@ impl<'a> DeviceView<'a> {
 
 /// A wake's final result as `?wait=true` answers show it.
 #[derive(Serialize)]
-pub struct ReportView<'a> {
+pub(crate) struct ReportView<'a> {
     pub result: PushResult,
     pub wns_outcome: Option<&'static str>,
     pub status: Option<u16>,

@@ -46,7 +46,10 @@ use std::sync::Arc;
 
 /// Sweep submissions waiting to be durable at once (well under the store's
 /// queue capacity, so a sweep never makes API writes see 503).
-const MAX_SWEEP_INFLIGHT: usize = 8192;
+const SWEEP_SUBMISSIONS_INFLIGHT_MAX: usize = 8192;
+const _: () = assert!(
+    SWEEP_SUBMISSIONS_INFLIGHT_MAX * 4 <= crate::store::committer::QUEUE_SUBMISSIONS_DEFAULT
+);
 
 /// What a sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -393,9 +396,9 @@ impl Lifecycle {
     }
 
     /// Sweep submissions allowed to wait at once: a quarter of the store's
-    /// queue, at most [`MAX_SWEEP_INFLIGHT`], so API writes keep room.
+    /// queue, at most [`SWEEP_SUBMISSIONS_INFLIGHT_MAX`], so API writes keep room.
     fn max_sweep_inflight(&self) -> usize {
-        (self.commits.capacity() / 4).clamp(1, MAX_SWEEP_INFLIGHT)
+        (self.commits.capacity() / 4).clamp(1, SWEEP_SUBMISSIONS_INFLIGHT_MAX)
     }
 
     /// Submits for the sweep; when the store's queue is full, waits for the

@@ -25,7 +25,7 @@ fn word(b: &[u8]) -> u64 {
 /// Hashes a sequence of byte strings (the boundaries between parts count),
 /// seeded with their total length. Not for adversarial input: the simulator only counts with it, and checks
 /// identities where a collision would change an answer.
-pub fn hash64(parts: &[&[u8]]) -> u64 {
+pub(super) fn hash64(parts: &[&[u8]]) -> u64 {
     let len: usize = parts.iter().map(|p| p.len()).sum();
     let mut h = S0 ^ len as u64;
     for part in parts {
@@ -44,7 +44,7 @@ pub fn hash64(parts: &[&[u8]]) -> u64 {
 
 /// A `Hasher` for keys that already are 64-bit hashes.
 #[derive(Default, Clone, Copy)]
-pub struct IdentityHasher(u64);
+pub(super) struct IdentityHasher(u64);
 
 impl Hasher for IdentityHasher {
     fn finish(&self) -> u64 {
@@ -62,7 +62,7 @@ impl Hasher for IdentityHasher {
 }
 
 /// Builds [`IdentityHasher`]s.
-pub type BuildIdentity = BuildHasherDefault<IdentityHasher>;
+pub(super) type BuildIdentity = BuildHasherDefault<IdentityHasher>;
 
 #[cfg(test)]
 mod tests {

@@ -20,9 +20,9 @@ use tokio_rustls::TlsAcceptor;
 
 /// Time allowed for a TLS handshake, the h2 preface and SETTINGS exchange,
 /// or (h2c mode) the first bytes that tell h2 from HTTP/1.1.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (for example out of file descriptors).
-pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+pub(super) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// On stop, how long open connections get to finish (h2 GOAWAY, HTTP/1.1
 /// close after the current answer) before they are dropped.
 pub const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
@@ -48,7 +48,7 @@ impl Workers {
     /// Stops accepting and joins the threads. With [`Stop::Drain`], open
     /// connections first finish what they have taken (up to
     /// [`SHUTDOWN_DRAIN`]); with [`Stop::Now`] they are dropped at once.
-    pub fn stop(self, how: Stop) {
+    pub(super) fn stop(self, how: Stop) {
         let _ = self.stop.send(how);
         for t in self.threads {
             let _ = t.join();
@@ -207,7 +207,7 @@ impl ConnCtl {
 
     /// Makes the coming close of the socket a reset (SO_LINGER 0): the peer
     /// sees the connection die with requests unanswered.
-    pub fn reset(&self) {
+    pub(super) fn reset(&self) {
         if let Some(fd) = &self.fd {
             let _ = socket2::SockRef::from(fd).set_linger(Some(Duration::ZERO));
         }
@@ -215,7 +215,7 @@ impl ConnCtl {
 
     /// Resolves when the simulator is stopping: time to retire the
     /// connection gracefully.
-    pub fn stopping(&self) -> impl std::future::Future<Output = ()> + 'static {
+    pub(super) fn stopping(&self) -> impl std::future::Future<Output = ()> + 'static {
         let mut stop = self.stop.clone();
         async move {
             while *stop.borrow_and_update() == Stop::Running {

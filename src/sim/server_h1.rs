@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 
 /// Time allowed for a client to send a request's headers.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Per-connection fault state.
 #[derive(Default)]

@@ -1,6 +1,6 @@
 //! One request, whatever the transport: routing by path to the push
 //! endpoint, the token endpoints or the control API, and the glue that
-//! applies the rules of [`push`](super::push) and [`token`](super::token)
+//! applies the rules of [`super::push`] and [`super::token`]
 //! with the worker's state. The h2 and HTTP/1.1 servers only move bytes in
 //! and a [`Reply`] out.
 
@@ -29,7 +29,7 @@ pub(crate) struct Head<'a> {
 }
 
 impl<'a> Head<'a> {
-    pub fn new(parts: &'a http::request::Parts, http1: bool) -> Head<'a> {
+    pub(crate) fn new(parts: &'a http::request::Parts, http1: bool) -> Head<'a> {
         let authority = match parts.uri.authority() {
             Some(a) => a.as_str().as_bytes(),
             None => parts.headers.get(HOST).map_or(&b""[..], |h| h.as_bytes()),
@@ -58,7 +58,7 @@ pub(crate) struct Reply {
 
 impl Reply {
     /// A JSON answer.
-    pub fn json(status: StatusCode, body: Vec<u8>) -> Reply {
+    pub(crate) fn json(status: StatusCode, body: Vec<u8>) -> Reply {
         let mut headers = HeaderMap::with_capacity(4);
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -74,7 +74,7 @@ impl Reply {
     }
 
     /// An answer with no body.
-    pub fn empty(status: StatusCode) -> Reply {
+    pub(crate) fn empty(status: StatusCode) -> Reply {
         let mut headers = HeaderMap::with_capacity(1);
         headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
         Reply {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Tokens a worker caches before starting its cache afresh.
-pub const WORKER_TOKEN_CACHE: usize = 1024;
+pub(super) const WORKER_TOKEN_CACHE: usize = 1024;
 
 /// Everything the worker threads share.
 pub(crate) struct Shared {
@@ -33,7 +33,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn new(cfg: &SimConfig) -> Shared {
+    pub(crate) fn new(cfg: &SimConfig) -> Shared {
         let mut limiter = SenderLimiter::default();
         limiter.set_rate(cfg.faults.sender_rate);
         Shared {
@@ -54,12 +54,12 @@ impl Shared {
     }
 
     /// The faults in force.
-    pub fn faults(&self) -> Faults {
+    pub(crate) fn faults(&self) -> Faults {
         *self.faults.read()
     }
 
     /// Replaces the faults in force.
-    pub fn set_faults(&self, f: Faults) -> Result<(), String> {
+    pub(crate) fn set_faults(&self, f: Faults) -> Result<(), String> {
         f.validate()?;
         *self.faults.write() = f;
         self.limiter.lock().set_rate(f.sender_rate);
@@ -68,7 +68,7 @@ impl Shared {
     }
 
     /// Binds a channel to a behaviour (and optionally to an app).
-    pub fn set_behaviour(
+    pub(crate) fn set_behaviour(
         &self,
         channel_uri: &str,
         behaviour: Behaviour,
@@ -89,14 +89,14 @@ impl Shared {
     }
 
     /// Forgets every binding.
-    pub fn clear_behaviours(&self) {
+    pub(crate) fn clear_behaviours(&self) {
         *self.bindings.write() = Bindings::default();
         self.bump();
     }
 
     /// Admits one push from `sender` under `sender_rate`, or answers the
     /// `Retry-After` seconds.
-    pub fn admit_sender(&self, sender: &str) -> Result<(), u64> {
+    pub(crate) fn admit_sender(&self, sender: &str) -> Result<(), u64> {
         self.limiter.lock().admit(sender, crate::clock::instant())
     }
 }
@@ -133,7 +133,7 @@ pub(crate) struct Worker {
 }
 
 impl Worker {
-    pub fn new(index: usize, shared: Arc<Shared>) -> Worker {
+    pub(super) fn new(index: usize, shared: Arc<Shared>) -> Worker {
         let counters = shared.stats.register_thread();
         let view = View {
             generation: 0,
@@ -162,17 +162,22 @@ impl Worker {
     }
 
     /// The faults in force.
-    pub fn faults(&self) -> Faults {
+    pub(super) fn faults(&self) -> Faults {
         self.view().faults
     }
 
     /// Whether any channel is bound through the control API.
-    pub fn has_bindings(&self) -> bool {
+    pub(super) fn has_bindings(&self) -> bool {
         self.view().has_bindings
     }
 
     /// The binding of a channel, if any (cheap when there are none).
-    pub fn binding(&self, hash: u64, authority: &[u8], path_and_query: &[u8]) -> Option<Binding> {
+    pub(super) fn binding(
+        &self,
+        hash: u64,
+        authority: &[u8],
+        path_and_query: &[u8],
+    ) -> Option<Binding> {
         if !self.view().has_bindings {
             return None;
         }
@@ -181,7 +186,7 @@ impl Worker {
     }
 
     /// The issued token with this text, if any (expired or not).
-    pub fn token(&self, token: &[u8]) -> Option<Arc<TokenInfo>> {
+    pub(super) fn token(&self, token: &[u8]) -> Option<Arc<TokenInfo>> {
         let hash = hash64(&[token]);
         let mut v = self.view();
         if let Some(t) = v.tokens.get(&hash).filter(|t| t.token.as_bytes() == token) {

@@ -37,13 +37,15 @@ use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
-/// Default bound of the submission queue, in submissions. fjall stalls
-/// writes for 100 ms at a time when its flushes fall behind; 4096 queued
-/// single-record submissions ride out about 0.4 s of that at 10k PUT/s
-/// (a bench run at 1024 refused some).
-pub const DEFAULT_QUEUE_CAPACITY: usize = 4096;
-/// Default bound of mutations applied (and synced) together.
-pub const DEFAULT_MAX_BATCH_MUTATIONS: usize = 8192;
+/// Default bound of the submission queue, in submissions
+/// (`store.queue_capacity`). fjall stalls writes for 100 ms at a time when
+/// its flushes fall behind; 4096 queued single-record submissions ride out
+/// about 0.4 s of that at 10k PUT/s (a bench run at 1024 refused some), and
+/// the default leaves room for bursts sixteen times that.
+pub const QUEUE_SUBMISSIONS_DEFAULT: usize = 65_536;
+/// Default bound of mutations applied (and synced) together
+/// (`store.max_batch_mutations`).
+pub const BATCH_MUTATIONS_DEFAULT: usize = 4_096;
 
 /// Suggested histogram buckets for `wnsgate_store_sync_seconds`.
 pub const SYNC_SECONDS_BUCKETS: &[f64] = &[
@@ -97,8 +99,8 @@ pub struct CommitterConfig {
 impl Default for CommitterConfig {
     fn default() -> Self {
         CommitterConfig {
-            queue_capacity: DEFAULT_QUEUE_CAPACITY,
-            max_batch_mutations: DEFAULT_MAX_BATCH_MUTATIONS,
+            queue_capacity: QUEUE_SUBMISSIONS_DEFAULT,
+            max_batch_mutations: BATCH_MUTATIONS_DEFAULT,
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::config::LogFormat;
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global tracing subscriber. `RUST_LOG` overrides `level`.
-pub fn init(format: LogFormat, level: &str) {
+pub(crate) fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -8,78 +8,78 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
 /// API requests, by `route` and `status`.
-pub const API_REQUESTS: &str = "wnsgate_api_requests_total";
+pub(crate) const API_REQUESTS: &str = "wnsgate_api_requests_total";
 /// API request latency, by `route`.
-pub const API_DURATION: &str = "wnsgate_api_request_duration_seconds";
+pub(crate) const API_DURATION: &str = "wnsgate_api_request_duration_seconds";
 /// Requests refused because a shard was at its in-flight limit.
-pub const API_OVERLOAD: &str = "wnsgate_api_overload_total";
+pub(crate) const API_OVERLOAD: &str = "wnsgate_api_overload_total";
 /// Devices in the registry, by `state`.
-pub const DEVICES: &str = "wnsgate_devices";
+pub(crate) const DEVICES: &str = "wnsgate_devices";
 /// Registrations imported through NDJSON, by `result` (accepted, rejected).
-pub const IMPORT_LINES: &str = "wnsgate_import_lines_total";
+pub(crate) const IMPORT_LINES: &str = "wnsgate_import_lines_total";
 /// Seconds the last start spent loading the store into the registry.
-pub const RECOVERY_SECONDS: &str = "wnsgate_recovery_seconds";
+pub(crate) const RECOVERY_SECONDS: &str = "wnsgate_recovery_seconds";
 /// Connections opened to WNS, by `protocol` (h2, http1) and `io` (the
 /// socket backend: epoll, uring).
-pub const WNS_CONNECTIONS_OPENED: &str = "wnsgate_wns_connections_opened_total";
+pub(crate) const WNS_CONNECTIONS_OPENED: &str = "wnsgate_wns_connections_opened_total";
 /// Connections to WNS open now, by `protocol` (h2, http1).
-pub const WNS_CONNECTIONS_OPEN: &str = "wnsgate_wns_connections_open";
+pub(crate) const WNS_CONNECTIONS_OPEN: &str = "wnsgate_wns_connections_open";
 /// Bulk wakes (`POST /v1/pushes` jobs) running now.
-pub const BULK_JOBS_RUNNING: &str = "wnsgate_bulk_jobs_running";
+pub(crate) const BULK_JOBS_RUNNING: &str = "wnsgate_bulk_jobs_running";
 /// Batches of bulk wakes each shard took on to send, by `shard` (its index).
-pub const BULK_BATCHES: &str = "wnsgate_bulk_batches_total";
+pub(crate) const BULK_BATCHES: &str = "wnsgate_bulk_batches_total";
 /// WNS token refreshes, by `result` (ok, or the error kind).
-pub const WNS_TOKEN_REFRESHES: &str = "wnsgate_wns_token_refreshes_total";
+pub(crate) const WNS_TOKEN_REFRESHES: &str = "wnsgate_wns_token_refreshes_total";
 /// Wake-ups finished, by `result` (delivered, channel_dead, dropped, ...).
-pub const PUSHES: &str = "wnsgate_pushes_total";
+pub(crate) const PUSHES: &str = "wnsgate_pushes_total";
 /// Time from the start of a wake-up to its final result, retries included.
-pub const PUSH_DURATION: &str = "wnsgate_push_duration_seconds";
+pub(crate) const PUSH_DURATION: &str = "wnsgate_push_duration_seconds";
 /// WNS answers, by `outcome` and HTTP `status`.
-pub const WNS_RESPONSES: &str = "wnsgate_wns_responses_total";
+pub(crate) const WNS_RESPONSES: &str = "wnsgate_wns_responses_total";
 /// WNS request latency (request sent to answer head).
-pub const WNS_LATENCY: &str = "wnsgate_wns_request_duration_seconds";
+pub(crate) const WNS_LATENCY: &str = "wnsgate_wns_request_duration_seconds";
 /// Wake-ups in progress.
-pub const WNS_INFLIGHT: &str = "wnsgate_wns_inflight_pushes";
+pub(crate) const WNS_INFLIGHT: &str = "wnsgate_wns_inflight_pushes";
 /// Requests sent again, by `reason`.
-pub const WNS_RESENDS: &str = "wnsgate_wns_resends_total";
+pub(crate) const WNS_RESENDS: &str = "wnsgate_wns_resends_total";
 /// Open refresh jobs, by `state` (queued, leased, delivered).
-pub const REFRESH_JOBS: &str = "wnsgate_refresh_jobs";
+pub(crate) const REFRESH_JOBS: &str = "wnsgate_refresh_jobs";
 /// Queued refresh jobs due now (the backlog the MDM tier has not taken).
-pub const REFRESH_DUE: &str = "wnsgate_refresh_queue_due";
+pub(crate) const REFRESH_DUE: &str = "wnsgate_refresh_queue_due";
 /// Age of the oldest channel expiry among due refresh jobs, seconds.
-pub const REFRESH_OLDEST_SECONDS: &str = "wnsgate_refresh_queue_oldest_seconds";
+pub(crate) const REFRESH_OLDEST_SECONDS: &str = "wnsgate_refresh_queue_oldest_seconds";
 /// Refresh jobs opened, by `reason` (age, wns_404, wns_410, credential_mismatch).
-pub const REFRESH_OPENED: &str = "wnsgate_refresh_jobs_opened_total";
+pub(crate) const REFRESH_OPENED: &str = "wnsgate_refresh_jobs_opened_total";
 /// Refresh jobs closed (a new channel URI, or the device deleted).
-pub const REFRESH_CLOSED: &str = "wnsgate_refresh_jobs_closed_total";
+pub(crate) const REFRESH_CLOSED: &str = "wnsgate_refresh_jobs_closed_total";
 /// Refresh jobs given up: the device became unreachable.
-pub const REFRESH_GIVEUPS: &str = "wnsgate_refresh_giveups_total";
+pub(crate) const REFRESH_GIVEUPS: &str = "wnsgate_refresh_giveups_total";
 /// Refresh jobs handed out, by `via` (check_in, lease, webhook).
-pub const REFRESH_HANDOUTS: &str = "wnsgate_refresh_handouts_total";
+pub(crate) const REFRESH_HANDOUTS: &str = "wnsgate_refresh_handouts_total";
 /// Webhook calls, by `result` (ok, error).
-pub const REFRESH_WEBHOOK_CALLS: &str = "wnsgate_refresh_webhook_calls_total";
+pub(crate) const REFRESH_WEBHOOK_CALLS: &str = "wnsgate_refresh_webhook_calls_total";
 /// Devices leaving `active`, by `to` (expired, unreachable) and `reason`.
-pub const LIFECYCLE_TRANSITIONS: &str = "wnsgate_lifecycle_transitions_total";
+pub(crate) const LIFECYCLE_TRANSITIONS: &str = "wnsgate_lifecycle_transitions_total";
 /// Nudge wakes sent to devices turning `renewal_due`.
-pub const LIFECYCLE_NUDGES: &str = "wnsgate_lifecycle_nudges_total";
+pub(crate) const LIFECYCLE_NUDGES: &str = "wnsgate_lifecycle_nudges_total";
 /// Duration of one expiry sweep.
-pub const LIFECYCLE_SWEEP_SECONDS: &str = "wnsgate_lifecycle_sweep_seconds";
+pub(crate) const LIFECYCLE_SWEEP_SECONDS: &str = "wnsgate_lifecycle_sweep_seconds";
 /// Issued-at index entries read by expiry sweeps.
-pub const LIFECYCLE_SWEEP_EXAMINED: &str = "wnsgate_lifecycle_sweep_examined_total";
+pub(crate) const LIFECYCLE_SWEEP_EXAMINED: &str = "wnsgate_lifecycle_sweep_examined_total";
 /// Build information (`version`) and the network backend in use (`io`).
-pub const BUILD_INFO: &str = "wnsgate_build_info";
+pub(crate) const BUILD_INFO: &str = "wnsgate_build_info";
 /// 1 when the gateway is ready to serve.
-pub const READY: &str = "wnsgate_ready";
+pub(crate) const READY: &str = "wnsgate_ready";
 
 /// Latency buckets for API requests and store syncs, seconds.
-pub const LATENCY_BUCKETS: &[f64] = &[
+pub(crate) const LATENCY_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
 
 /// Buckets for a whole wake-up, seconds: retries after throttling and
 /// `Retry-After` waits take a wake-up from milliseconds to minutes.
-pub const PUSH_DURATION_BUCKETS: &[f64] = &[
+pub(crate) const PUSH_DURATION_BUCKETS: &[f64] = &[
     0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     120.0, 300.0, 600.0,
 ];
@@ -87,20 +87,20 @@ pub const PUSH_DURATION_BUCKETS: &[f64] = &[
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Every value [`status_label`] returns, in [`status_index`] order.
-pub const STATUS_LABELS: [&str; 21] = [
+pub(crate) const STATUS_LABELS: [&str; 21] = [
     "200", "201", "202", "204", "400", "401", "403", "404", "405", "406", "408", "409", "410",
     "413", "415", "422", "429", "500", "503", "5xx", "other",
 ];
 
 /// An HTTP status as a bounded label value: the statuses the API and WNS
 /// use by name, other 5xx as `5xx`, anything else as `other`.
-pub fn status_label(status: u16) -> &'static str {
+pub(crate) fn status_label(status: u16) -> &'static str {
     STATUS_LABELS[status_index(status)]
 }
 
 /// The position of [`status_label`]'s value in [`STATUS_LABELS`], for
 /// tables of metric handles indexed by status.
-pub fn status_index(status: u16) -> usize {
+pub(crate) fn status_index(status: u16) -> usize {
     match status {
         200 => 0,
         201 => 1,
@@ -128,7 +128,7 @@ pub fn status_index(status: u16) -> usize {
 
 /// Installs the process-wide Prometheus recorder once and returns its
 /// handle; later calls return the same handle.
-pub fn install() -> &'static PrometheusHandle {
+pub(crate) fn install() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let recorder = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
@@ -246,7 +246,7 @@ fn init_series() {
 
 /// Creates the series of shard `shard` at zero; each shard calls it as it
 /// starts, so a shard that never sends shows as 0 rather than missing.
-pub fn init_shard_series(shard: usize) {
+pub(crate) fn init_shard_series(shard: usize) {
     metrics::counter!(BULK_BATCHES, "shard" => shard.to_string()).increment(0);
 }
 

@@ -4,5 +4,5 @@
 //! summaries), the names of the gateway's metrics, and log set-up with
 //! secrets and channel tokens kept out of log lines.
 
-pub mod logging;
-pub mod metrics;
+pub(crate) mod logging;
+pub(crate) mod metrics;

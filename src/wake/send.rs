@@ -1,7 +1,7 @@
 //! One shard's share of a bulk wake: the batches dealt to it, sent from one
 //! task for the whole job.
 //!
-//! The task drives every wake it starts through a [`WakeBatch`] (no future
+//! The task drives every wake it starts through a [`Batch`](super::transport::Batch) (no future
 //! per wake), claims each device's wake quietly so that a single-device
 //! wake arriving meanwhile joins it, and ends its wakes together
 //! ([`WakeService::conclude_live`]); a dead channel's wake is concluded on
