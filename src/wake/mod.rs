@@ -6,7 +6,8 @@
 //!   every other caller joins it ([`pending`]);
 //! - single wakes ([`WakeService::start_or_join`]);
 //! - bulk wakes: selection, dealing pages to the shards, per-shard sending,
-//!   pace, cancel and limits ([`bulk`], [`send`], [`limits`]);
+//!   pace, cancel, progress and limits ([`bulk`], [`send`], [`job`],
+//!   [`limits`]);
 //! - nudges, the wakes the lifecycle asks for ([`nudge`]);
 //! - what a finished wake leaves behind, written once for all three
 //!   ([`outcome`]): the last push, a dead channel's durable mark and its
@@ -18,6 +19,7 @@
 //! [`crate::clock`].
 
 pub mod bulk;
+pub mod job;
 pub mod limits;
 pub mod nudge;
 mod outcome;
@@ -28,7 +30,8 @@ mod tests;
 pub mod transport;
 
 pub use crate::sender::wake::WakeReport;
-pub use bulk::{Job, JobState, Progress, Selection, StartError};
+pub use bulk::{Selection, StartError};
+pub use job::{Job, JobState, Progress};
 pub use pending::{PendingWake, PushId};
 
 use crate::core::{DeviceRecord, Thresholds};

@@ -7,19 +7,30 @@
 //! ([`WakeService::conclude_live`]); a dead channel's wake is concluded on
 //! its own, its mark durable before its result counts.
 
-use super::bulk::Sending;
+use super::job::Job;
 use super::outcome::HoldsClaim;
 use super::pending::Claim;
 use super::transport::{Batch as _, Transport, WakeTarget};
 use super::WakeService;
 use crate::clock;
+use crate::core::wns::retry::Pacer;
 use crate::core::{ChannelUri, DeviceRecord};
 use crate::telemetry::metrics as m;
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::task_tracker::TaskTrackerToken;
+
+/// What a job's senders share: the job, its in-flight bound and its pace.
+pub(super) struct Sending<S> {
+    pub(super) wakes: Arc<WakeService<S>>,
+    pub(super) job: Arc<Job>,
+    /// [`JOB_WAKES_INFLIGHT_MAX`](super::limits::JOB_WAKES_INFLIGHT_MAX) permits; one held by each wake in flight.
+    pub(super) permits: Arc<Semaphore>,
+    pub(super) pacer: Option<Mutex<Pacer>>,
+}
 
 /// A batch of a job's devices, handed to one shard to send.
 pub(super) enum Batch {
