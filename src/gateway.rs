@@ -1,6 +1,6 @@
 //! The state every shard's API shares: settings, the registry, the store
-//! and its group-commit handle, the lifecycle, the wake service, and
-//! readiness.
+//! and its group-commit handle, the services (registrations, the
+//! lifecycle, wakes), and readiness.
 //!
 //! Owns: readiness and the drain flag. It holds the services the API calls
 //! into and no API type of its own.
@@ -8,6 +8,7 @@
 use crate::config::Settings;
 use crate::core::UnixTime;
 use crate::lifecycle::Lifecycle;
+use crate::registration::Registrar;
 use crate::registry::Registry;
 use crate::store::committer::CommitHandle;
 use crate::store::Store;
@@ -31,6 +32,8 @@ pub struct Gateway {
     pub io_backend: &'static str,
     /// Single wakes, bulk wakes and nudges.
     pub wakes: Arc<WakeService>,
+    /// Registrations and removals.
+    pub registrar: Arc<Registrar>,
     /// NDJSON imports running now (bounded by the API's import limit).
     pub imports_running: AtomicUsize,
     /// Expiry sweeps and the refresh queue.
@@ -46,6 +49,7 @@ pub struct Parts {
     pub metrics: &'static PrometheusHandle,
     pub io_backend: &'static str,
     pub wakes: Arc<WakeService>,
+    pub registrar: Arc<Registrar>,
     pub lifecycle: Arc<Lifecycle>,
 }
 
@@ -61,6 +65,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             io_backend: p.io_backend,
             wakes: p.wakes,
+            registrar: p.registrar,
             imports_running: AtomicUsize::new(0),
             lifecycle: p.lifecycle,
         }

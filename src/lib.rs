@@ -5,6 +5,7 @@
 //! - [`registry`]: every device's channel record in memory, shared by all shards;
 //! - [`store`]: durability on disk, group-committed on a dedicated thread;
 //! - [`shard`]: one thread and runtime per core, each accepting its own connections;
+//! - [`registration`]: registering and removing devices, below the API;
 //! - [`wake`]: waking devices, one or many, and what a wake leaves behind;
 //! - [`api`]: the HTTP API served by every shard;
 //! - [`sim`]: a WNS simulator (`wnsgate sim`) for tests, the demo and load tests;
@@ -26,6 +27,7 @@ pub mod demo;
 pub mod fleet;
 pub(crate) mod gateway;
 pub mod lifecycle;
+pub mod registration;
 pub mod registry;
 pub mod sender;
 pub mod server;
@@ -33,4 +35,6 @@ pub mod shard;
 pub mod sim;
 pub mod store;
 pub(crate) mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod wake;

@@ -159,6 +159,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         request_timeout: Duration::from_secs(settings.request_timeout_secs),
         drain_connections: Duration::from_millis(DRAIN_CONNECTIONS_MS_MAX),
     };
+    let commits_for_api = commits.clone();
     let gateway = Arc::new(Gateway::new(crate::gateway::Parts {
         settings,
         registry: registry.clone(),
@@ -167,6 +168,11 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         metrics,
         io_backend: io,
         wakes: wakes.clone(),
+        registrar: Arc::new(crate::registration::Registrar::new(
+            registry.clone(),
+            commits_for_api,
+            lifecycle.clone(),
+        )),
         lifecycle: lifecycle.clone(),
     }));
     let gw = gateway.clone();

@@ -9,11 +9,10 @@ use super::limits::{
 use super::response::{json_response, no_content, Resp};
 use super::view::DeviceView;
 use crate::core::{
-    merge_registration, ChannelUri, DeviceId, DeviceRecord, LifecycleState, Pfn, ProviderId,
-    Registration, UnixTime,
+    ChannelUri, DeviceId, DeviceRecord, LifecycleState, Pfn, ProviderId, Registration, UnixTime,
 };
 use crate::gateway::Gateway;
-use crate::store::Mutation;
+use crate::registration::Registered;
 use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
@@ -103,24 +102,11 @@ pub(crate) async fn put_channel(
     let parsed: ChannelBody = serde_json::from_slice(&bytes).map_err(|e| json_error(&e))?;
     let now = gw.now();
     let reg = validate_registration(&gw, &device_id, parsed, now)?;
-    let existing = gw.registry.get(reg.device_id.as_str());
-    let record = merge_registration(existing.as_ref(), reg, now);
-    gw.commits
-        .submit(vec![Mutation::Put(record.clone())])?
-        .await?;
-    gw.lifecycle.registered_aged(&record, now);
-    if existing
-        .as_ref()
-        .is_some_and(|e| e.refresh.is_some() && record.refresh.is_none())
-    {
-        gw.lifecycle
-            .registered(record.device_id.as_str(), now)
-            .await;
-    }
-    let status = if existing.is_some() {
-        StatusCode::OK
-    } else {
+    let Registered { record, created } = gw.registrar.register(reg, now).await?;
+    let status = if created {
         StatusCode::CREATED
+    } else {
+        StatusCode::OK
     };
     Ok(json_response(
         status,
@@ -146,13 +132,9 @@ pub(crate) fn get_device(gw: &Gateway, device_id: &str) -> Result<Resp, ApiError
 /// `DELETE /v1/devices/{id}`: 204 once the removal is durable.
 pub(crate) async fn delete_device(gw: Arc<Gateway>, device_id: String) -> Result<Resp, ApiError> {
     let id = parse_device_id(&device_id)?;
-    if gw.registry.get(id.as_str()).is_none() {
+    if !gw.registrar.remove(&id, gw.now()).await? {
         return Err(unknown_device(&device_id));
     }
-    gw.commits
-        .submit(vec![Mutation::Delete(id.clone())])?
-        .await?;
-    gw.lifecycle.removed(id.as_str(), gw.now()).await;
     Ok(no_content())
 }
 

@@ -106,6 +106,15 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<crate::registration::WriteError> for ApiError {
+    fn from(e: crate::registration::WriteError) -> Self {
+        match e {
+            crate::registration::WriteError::Submit(e) => e.into(),
+            crate::registration::WriteError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store operation failed");

@@ -13,15 +13,12 @@ use super::limits::{
     IMPORT_ERRORS_REPORTED_MAX, IMPORT_LINE_BYTES_MAX,
 };
 use super::response::{json_response, Resp};
-use crate::core::{merge_registration, DeviceId};
 use crate::gateway::Gateway;
-use crate::store::committer::{SubmitError, Ticket};
-use crate::store::Mutation;
+use crate::registration::{Import, WriteError};
 use crate::telemetry::metrics as m;
 use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,10 +53,9 @@ struct ImportReport {
 struct Importer {
     gw: Arc<Gateway>,
     report: ImportReport,
-    chunk: Vec<Mutation>,
-    inflight: VecDeque<(Ticket, u64)>,
-    /// Devices whose new channel URI closes an open refresh job.
-    closes: Vec<DeviceId>,
+    registrations: Import,
+    /// Durable registrations counted in the metrics so far.
+    counted: u64,
     line_no: u64,
 }
 
@@ -99,20 +95,34 @@ impl Importer {
         };
         match validate_registration(&self.gw, &parsed.device_id, body, now) {
             Ok(reg) => {
-                let existing = self.gw.registry.get(reg.device_id.as_str());
-                let rec = merge_registration(existing.as_ref(), reg, now);
-                if existing.is_some_and(|e| e.refresh.is_some() && rec.refresh.is_none()) {
-                    self.closes.push(rec.device_id.clone());
-                }
-                self.gw.lifecycle.registered_aged(&rec, now);
-                self.chunk.push(Mutation::Put(rec));
-                if self.chunk.len() >= IMPORT_CHUNK_LINES {
-                    self.flush().await?;
-                }
+                let added = self.registrations.add(reg, now).await;
+                self.count_accepted();
+                added.map_err(|e| self.stored_before(e))?;
             }
             Err(e) => self.reject(e),
         }
         Ok(())
+    }
+
+    /// Counts the registrations made durable since the last call.
+    fn count_accepted(&mut self) {
+        let accepted = self.registrations.accepted();
+        metrics::counter!(m::IMPORT_LINES, "result" => "accepted")
+            .increment(accepted - self.counted);
+        self.counted = accepted;
+        self.report.accepted = accepted;
+    }
+
+    /// A write error, with how far the import got.
+    fn stored_before(&self, e: WriteError) -> ApiError {
+        let mut err = ApiError::from(e);
+        err.message = format!(
+            "{}; {} registrations before line {} were stored",
+            err.message,
+            self.registrations.accepted(),
+            self.line_no
+        );
+        err
     }
 
     /// A complete line, refused when over [`IMPORT_LINE_BYTES_MAX`].
@@ -125,49 +135,13 @@ impl Importer {
         self.line(raw).await
     }
 
-    /// Hands the current chunk to the store, waiting for room when the
-    /// store's queue is full (an import slows down rather than failing).
-    async fn flush(&mut self) -> Result<(), ApiError> {
-        if self.chunk.is_empty() {
-            return Ok(());
-        }
-        let chunk = std::mem::take(&mut self.chunk);
-        let n = chunk.len() as u64;
-        let mut pending = Some(chunk);
-        while let Some(chunk) = pending.take() {
-            match self.gw.commits.try_submit(chunk) {
-                Ok(ticket) => self.inflight.push_back((ticket, n)),
-                Err((SubmitError::Overloaded, chunk)) => {
-                    pending = Some(chunk);
-                    if !self.settle_oldest().await? {
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
-        }
-        while self.inflight.len() > IMPORT_CHUNKS_INFLIGHT_MAX {
-            self.settle_oldest().await?;
-        }
-        Ok(())
-    }
-
-    /// Waits for the oldest submission. False when none was in flight.
-    async fn settle_oldest(&mut self) -> Result<bool, ApiError> {
-        let Some((ticket, n)) = self.inflight.pop_front() else {
-            return Ok(false);
-        };
-        ticket.await.map_err(|e| {
-            let mut err = ApiError::from(e);
-            err.message = format!(
-                "{}; {} registrations before line {} were stored",
-                err.message, self.report.accepted, self.line_no
-            );
-            err
-        })?;
-        self.report.accepted += n;
-        metrics::counter!(m::IMPORT_LINES, "result" => "accepted").increment(n);
-        Ok(true)
+    /// Makes everything added durable and closes the refresh jobs the new
+    /// channels end.
+    async fn finish(mut self) -> Result<ImportReport, ApiError> {
+        let finished = self.registrations.finish(self.gw.now()).await;
+        self.count_accepted();
+        finished.map_err(|e| self.stored_before(e))?;
+        Ok(self.report)
     }
 }
 
@@ -189,14 +163,14 @@ pub(crate) async fn import(
     let limit = gw.settings.max_import_bytes;
     check_declared_length(&headers, limit)?;
     let _slot = ImportSlot::acquire(&gw)?;
-    let gw_for_closes = gw.clone();
     let idle = Duration::from_secs(gw.settings.request_timeout_secs);
     let mut imp = Importer {
+        registrations: gw
+            .registrar
+            .import(IMPORT_CHUNK_LINES, IMPORT_CHUNKS_INFLIGHT_MAX),
         gw,
         report: ImportReport::default(),
-        chunk: Vec::with_capacity(IMPORT_CHUNK_LINES),
-        inflight: VecDeque::new(),
-        closes: Vec::new(),
+        counted: 0,
         line_no: 0,
     };
     let mut carry: Vec<u8> = Vec::new();
@@ -205,12 +179,11 @@ pub(crate) async fn import(
     while let Some(data) = next_chunk(&mut body, idle).await? {
         received += data.len() as u64;
         if received > limit {
-            imp.flush().await?;
-            while imp.settle_oldest().await? {}
+            let stored = imp.finish().await?.accepted;
             let mut err = ApiError::body_too_large(limit);
             err.message = format!(
                 "{}; {} registrations before it were stored",
-                err.message, imp.report.accepted
+                err.message, stored
             );
             return Err(err);
         }
@@ -245,18 +218,11 @@ pub(crate) async fn import(
         let last = std::mem::take(&mut carry);
         imp.bounded_line(&last).await?;
     }
-    imp.flush().await?;
-    while imp.settle_oldest().await? {}
-    for id in std::mem::take(&mut imp.closes) {
-        gw_for_closes
-            .lifecycle
-            .registered(id.as_str(), gw_for_closes.now())
-            .await;
+    let report = imp.finish().await?;
+    if report.rejected > 0 {
+        metrics::counter!(m::IMPORT_LINES, "result" => "rejected").increment(report.rejected);
     }
-    if imp.report.rejected > 0 {
-        metrics::counter!(m::IMPORT_LINES, "result" => "rejected").increment(imp.report.rejected);
-    }
-    Ok(json_response(StatusCode::OK, &imp.report))
+    Ok(json_response(StatusCode::OK, &report))
 }
 
 /// One of the [`IMPORTS_RUNNING_MAX`] import slots, released on drop.

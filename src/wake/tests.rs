@@ -6,19 +6,16 @@
 
 use super::transport::{Batch, Transport, WakeTarget};
 use super::*;
-use crate::config::{Config, Settings};
 use crate::core::wns::{Outcome, PushResult};
-use crate::core::{ChannelUri, DeadReason, DeviceId, LifecycleState, Pfn, UriPolicy};
-use crate::store::committer::{Committer, CommitterConfig, CommitterJoin};
-use crate::store::fjall_store::{FjallOptions, FjallStore};
+use crate::core::{ChannelUri, DeadReason, LifecycleState};
 use crate::store::Mutation;
+use crate::testing::{registration, Services};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
 use parking_lot::Mutex;
 use std::future::Future;
 use std::pin::Pin;
 
-const PFN: &str = "Contoso.MDM_8wekyb3d8bbwe";
 /// How long the stand-in takes to answer.
 const ANSWER_AFTER: Duration = Duration::from_secs(5);
 
@@ -105,76 +102,43 @@ impl<T: WakeTarget> Batch<T> for StandInBatch<T> {
     }
 }
 
-/// A wake service over the stand-in, with a real registry, store,
-/// committer and lifecycle.
+/// A wake service over the stand-in, with the real services below it.
 struct Rig {
     wakes: Arc<WakeService<StandIn>>,
     transport: Arc<StandIn>,
     registry: Arc<Registry>,
     lifecycle: Arc<Lifecycle>,
-    commits: crate::store::committer::CommitHandle,
-    _committer: CommitterJoin,
-    _dir: tempfile::TempDir,
+    services: Services,
 }
 
 impl Rig {
     fn new() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(FjallStore::open(dir.path(), FjallOptions::default()).unwrap());
-        let registry = Arc::new(Registry::new());
-        let (reg, lookup) = (registry.clone(), registry.clone());
-        let (commits, committer) = Committer::start_with_lookup(
-            store.clone(),
-            Box::new(move |batch: &[Mutation]| crate::server::apply_to_registry(&reg, batch)),
-            Box::new(move |id| lookup.get(id.as_str()).map(|r| r.channel_uri)),
-            CommitterConfig::default(),
-        );
-        let settings = Settings::resolve(&Config::default()).unwrap();
-        let lifecycle = Arc::new(Lifecycle::new(
-            settings.refresh.clone(),
-            settings.thresholds,
-            vec![Pfn::parse(PFN).unwrap()],
-            registry.clone(),
-            store.clone(),
-            commits.clone(),
-        ));
+        let services = Services::new();
         let transport = Arc::new(StandIn::default());
         let wakes = Arc::new(WakeService::new(
             transport.clone(),
-            registry.clone(),
-            store,
-            lifecycle.clone(),
-            settings.thresholds,
+            services.registry.clone(),
+            services.store.clone(),
+            services.lifecycle.clone(),
+            services.settings.thresholds,
             1,
         ));
         Rig {
             wakes,
             transport,
-            registry,
-            lifecycle,
-            commits,
-            _committer: committer,
-            _dir: dir,
+            registry: services.registry.clone(),
+            lifecycle: services.lifecycle.clone(),
+            services,
         }
     }
 
     /// Registers `id` durably with a channel token, issued now.
     async fn register(&self, id: &str, token: &str) -> DeviceRecord {
-        let rec = DeviceRecord {
-            device_id: DeviceId::parse(id).unwrap(),
-            pfn: Pfn::parse(PFN).unwrap(),
-            channel_uri: ChannelUri::parse(
-                &format!("https://db5.notify.windows.com/?token={token}"),
-                &UriPolicy::default(),
-            )
-            .unwrap(),
-            provider_id: None,
-            issued_at: crate::clock::now(),
-            dead: None,
-            refresh: None,
-        };
-        self.commits
+        let mut rec =
+            crate::core::merge_registration(None, registration(id, token), crate::clock::now());
+        rec.issued_at = crate::clock::now();
+        self.services
+            .commits
             .submit(vec![Mutation::Put(rec.clone())])
             .unwrap()
             .await
@@ -366,7 +330,7 @@ async fn a_dead_channel_is_marked_durably_before_its_result_is_published() {
     // Published, so the mark and the refresh job are already there.
     let now = crate::clock::now();
     let stored = rig.registry.get("dev-1").unwrap();
-    let th = Settings::resolve(&Config::default()).unwrap().thresholds;
+    let th = rig.services.settings.thresholds;
     assert_eq!(
         stored.state_at(&th, now).state,
         LifecycleState::RefreshPending

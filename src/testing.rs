@@ -1,0 +1,74 @@
+//! What in-process tests of the services share: a real registry, store,
+//! committer and lifecycle on a temporary directory.
+
+use crate::config::{Config, Settings};
+use crate::core::{ChannelUri, DeviceId, Pfn, Registration, UriPolicy};
+use crate::lifecycle::Lifecycle;
+use crate::registry::Registry;
+use crate::store::committer::{CommitHandle, Committer, CommitterConfig, CommitterJoin};
+use crate::store::fjall_store::{FjallOptions, FjallStore};
+use crate::store::{Mutation, Store};
+use std::sync::Arc;
+
+/// The PFN of the one configured app.
+pub(crate) const PFN: &str = "Contoso.MDM_8wekyb3d8bbwe";
+
+/// The services below the API, on a temporary directory.
+pub(crate) struct Services {
+    pub(crate) settings: Settings,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) commits: CommitHandle,
+    pub(crate) lifecycle: Arc<Lifecycle>,
+    _committer: CommitterJoin,
+    _dir: tempfile::TempDir,
+}
+
+impl Services {
+    pub(crate) fn new() -> Services {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(FjallStore::open(dir.path(), FjallOptions::default()).unwrap());
+        let registry = Arc::new(Registry::new());
+        let (reg, lookup) = (registry.clone(), registry.clone());
+        let (commits, committer) = Committer::start_with_lookup(
+            store.clone(),
+            Box::new(move |batch: &[Mutation]| crate::server::apply_to_registry(&reg, batch)),
+            Box::new(move |id| lookup.get(id.as_str()).map(|r| r.channel_uri)),
+            CommitterConfig::default(),
+        );
+        let settings = Settings::resolve(&Config::default()).unwrap();
+        let lifecycle = Arc::new(Lifecycle::new(
+            settings.refresh.clone(),
+            settings.thresholds,
+            vec![Pfn::parse(PFN).unwrap()],
+            registry.clone(),
+            store.clone(),
+            commits.clone(),
+        ));
+        Services {
+            settings,
+            registry,
+            store,
+            commits,
+            lifecycle,
+            _committer: committer,
+            _dir: dir,
+        }
+    }
+}
+
+/// A registration of `id` with a channel token, issued when registered.
+pub(crate) fn registration(id: &str, token: &str) -> Registration {
+    Registration {
+        device_id: DeviceId::parse(id).unwrap(),
+        pfn: Pfn::parse(PFN).unwrap(),
+        channel_uri: ChannelUri::parse(
+            &format!("https://db5.notify.windows.com/?token={token}"),
+            &UriPolicy::default(),
+        )
+        .unwrap(),
+        provider_id: None,
+        issued_at: None,
+    }
+}
