@@ -30,10 +30,11 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
+        use super::limits::{CONNECT_MS_MAX, REQUEST_MS_MAX, TLS_HANDSHAKE_MS_MAX};
         Timeouts {
-            connect: Duration::from_secs(5),
-            tls: Duration::from_secs(5),
-            request: Duration::from_secs(15),
+            connect: Duration::from_millis(CONNECT_MS_MAX),
+            tls: Duration::from_millis(TLS_HANDSHAKE_MS_MAX),
+            request: Duration::from_millis(REQUEST_MS_MAX),
         }
     }
 }
@@ -296,9 +297,6 @@ pub async fn post_h2(
         .await
 }
 
-/// Largest answer body read on HTTP/1.1.
-pub const MAX_REPLY_BODY: usize = 64 * 1024;
-
 /// Sends one POST on an HTTP/1.1 connection and waits for the answer.
 pub async fn post_http1(
     send: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
@@ -337,7 +335,7 @@ pub async fn post_http1(
         .map_err(|_| ConnError::Timeout("WNS request"))?
         .map_err(|e| ConnError::Lost(e.to_string()))?;
     let (parts, body) = resp.into_parts();
-    let body = http_body_util::Limited::new(body, MAX_REPLY_BODY)
+    let body = http_body_util::Limited::new(body, super::limits::H1_REPLY_BODY_BYTES_MAX)
         .collect()
         .await
         .map_err(|e| ConnError::Lost(e.to_string()))?

@@ -9,6 +9,7 @@
 pub mod bulk;
 pub mod conn;
 pub mod hpack;
+pub mod limits;
 pub mod pool;
 pub mod tls;
 pub mod tokens;

@@ -29,8 +29,8 @@ pub struct PoolLimits {
 impl Default for PoolLimits {
     fn default() -> Self {
         PoolLimits {
-            max_connections: 4,
-            max_streams_per_conn: 100,
+            max_connections: super::limits::POOL_CONNECTIONS_MAX,
+            max_streams_per_conn: super::limits::H2_STREAMS_PER_CONNECTION_MAX,
         }
     }
 }

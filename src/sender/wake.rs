@@ -30,10 +30,6 @@ use std::path::Path;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Times one push may be re-sent because its connection died before
-/// answering; these resends do not count as attempts.
-pub const MAX_LOST_RESENDS: u32 = 5;
-
 /// What became of one wake-up.
 ///
 /// The diagnostic headers (`X-WNS-Msg-ID`, `X-WNS-Debug-Trace`, `MS-CV`,
@@ -458,7 +454,9 @@ impl WnsSender {
         let met = self.metrics();
         let (reply, protocol) = match result {
             Ok(r) => r,
-            Err(e) if e.is_retryable_elsewhere() && tries.lost < MAX_LOST_RESENDS => {
+            Err(e)
+                if e.is_retryable_elsewhere() && tries.lost < super::limits::LOST_RESENDS_MAX =>
+            {
                 tries.lost += 1;
                 metrics::counter!(m::WNS_RESENDS, "reason" => "connection_lost").increment(1);
                 return Step::Again(None);

@@ -24,6 +24,10 @@
 
 use super::conn::{ConnError, Reply};
 use super::hpack::{Decoder, Encoder, HpackError};
+use super::limits::{
+    H2_CLOSE_WITHIN, H2_CONNECTION_WINDOW_BYTES, H2_FRAME_BYTES_MAX, H2_HEADER_BLOCK_BYTES_MAX,
+    H2_HEADER_LIST_BYTES_MAX, H2_READ_CHUNK_BYTES, H2_STREAM_WINDOW_BYTES, H2_VALUES_CHUNK_BYTES,
+};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use parking_lot::Mutex;
@@ -62,26 +66,8 @@ const REFUSED_STREAM: u32 = 0x7;
 const CANCEL: u32 = 0x8;
 const COMPRESSION_ERROR: u32 = 0x9;
 
-/// Our SETTINGS_INITIAL_WINDOW_SIZE: answers are small, but a peer must
-/// never stall on us.
-const STREAM_WINDOW: u32 = 1 << 20;
-/// Our connection receive window.
-const CONN_WINDOW: u32 = 1 << 24;
-/// The largest frame we accept (the protocol's default; we never raise it).
-const MAX_FRAME: usize = 16_384;
-/// Largest decoded header list of one answer.
-const MAX_HEADER_LIST: usize = 64 * 1024;
-/// Largest header block (all its CONTINUATIONs) we buffer.
-const MAX_HEADER_BLOCK: usize = 64 * 1024;
 /// Highest client stream id.
 const MAX_STREAM_ID: u32 = (1 << 31) - 1;
-/// Bytes of answer header values buffered at a time (many answers' worth).
-const VALUES_CHUNK: usize = 16 * 1024;
-/// Read buffer size.
-const READ_CHUNK: usize = 64 * 1024;
-/// How long a connection that ended may take to deliver its last frames
-/// (a GOAWAY) before its socket is dropped.
-const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 /// A request to send: the target and headers, encoded by the client.
 pub struct Request<'a> {
@@ -632,19 +618,19 @@ where
     hello.extend_from_slice(&[0, 0, 12, SETTINGS, 0, 0, 0, 0, 0]);
     hello.extend_from_slice(&[0, 2, 0, 0, 0, 0]);
     hello.extend_from_slice(&[0, 4]);
-    hello.extend_from_slice(&STREAM_WINDOW.to_be_bytes());
+    hello.extend_from_slice(&H2_STREAM_WINDOW_BYTES.to_be_bytes());
     hello.extend_from_slice(&[0, 0, 4, WINDOW_UPDATE, 0, 0, 0, 0, 0]);
-    hello.extend_from_slice(&(CONN_WINDOW - 65_535).to_be_bytes());
+    hello.extend_from_slice(&(H2_CONNECTION_WINDOW_BYTES - 65_535).to_be_bytes());
     let io_err = |e: std::io::Error| ConnError::Lost(e.to_string());
     io.write_all(&hello).await.map_err(io_err)?;
     io.flush().await.map_err(io_err)?;
     // The server's preface is a SETTINGS frame.
-    let mut rbuf = Vec::with_capacity(READ_CHUNK);
+    let mut rbuf = Vec::with_capacity(H2_READ_CHUNK_BYTES);
     while rbuf.len() < 9 {
         read_more(&mut io, &mut rbuf).await?;
     }
     let len = (rbuf[0] as usize) << 16 | (rbuf[1] as usize) << 8 | rbuf[2] as usize;
-    if rbuf[3] != SETTINGS || rbuf[4] & ACK != 0 || len > MAX_FRAME {
+    if rbuf[3] != SETTINGS || rbuf[4] & ACK != 0 || len > H2_FRAME_BYTES_MAX {
         return Err(ConnError::Protocol(
             "the server's preface is not a SETTINGS frame".into(),
         ));
@@ -654,14 +640,14 @@ where
     }
     let mut st = State {
         enc: Encoder::default(),
-        out: Vec::with_capacity(READ_CHUNK),
+        out: Vec::with_capacity(H2_READ_CHUNK_BYTES),
         blocked: VecDeque::new(),
         streams: Streams::new(),
         next_id: 1,
         peer: Peer {
             max_streams: u32::MAX,
             initial_window: 65_535,
-            max_frame: MAX_FRAME,
+            max_frame: H2_FRAME_BYTES_MAX,
         },
         window: 65_535,
         closed: None,
@@ -678,10 +664,10 @@ where
         shared: shared.clone(),
         rbuf,
         rpos: 0,
-        wbuf: Vec::with_capacity(READ_CHUNK),
+        wbuf: Vec::with_capacity(H2_READ_CHUNK_BYTES),
         wpos: 0,
-        decoder: Decoder::new(MAX_HEADER_LIST),
-        values: BytesMut::with_capacity(VALUES_CHUNK),
+        decoder: Decoder::new(H2_HEADER_LIST_BYTES_MAX),
+        values: BytesMut::with_capacity(H2_VALUES_CHUNK_BYTES),
         kept_at: Vec::new(),
         block: None,
         conn_unacked: 0,
@@ -801,7 +787,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 break;
             }
             let len = (avail[0] as usize) << 16 | (avail[1] as usize) << 8 | avail[2] as usize;
-            if len > MAX_FRAME {
+            if len > H2_FRAME_BYTES_MAX {
                 return Err(Fatal(
                     FRAME_SIZE_ERROR,
                     ConnError::Protocol(format!("frame of {len} bytes")),
@@ -848,7 +834,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                         return Err(protocol("CONTINUATION on another stream"));
                     }
                     block.bytes.extend_from_slice(&self.rbuf[payload]);
-                    if block.bytes.len() > MAX_HEADER_BLOCK {
+                    if block.bytes.len() > H2_HEADER_BLOCK_BYTES_MAX {
                         return Err(protocol("header block too large"));
                     }
                     if flags & END_HEADERS != 0 {
@@ -959,7 +945,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         unpad(&self.rbuf[payload], flags)?;
         // Flow control counts the whole frame, padding included.
         self.conn_unacked += len;
-        if self.conn_unacked >= CONN_WINDOW / 2 {
+        if self.conn_unacked >= H2_CONNECTION_WINDOW_BYTES / 2 {
             st.window_update(0, self.conn_unacked);
             self.conn_unacked = 0;
         }
@@ -970,7 +956,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 finish_answer(s);
             } else {
                 s.unacked += len;
-                if s.unacked >= STREAM_WINDOW / 2 {
+                if s.unacked >= H2_STREAM_WINDOW_BYTES / 2 {
                     update = Some(s.unacked);
                     s.unacked = 0;
                 }
@@ -1013,8 +999,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
         // This answer's values share one buffer, carved from a chunk that
         // serves many answers: no allocation per value.
         let shared = self.values.split().freeze();
-        if self.values.capacity() < VALUES_CHUNK / 8 {
-            self.values.reserve(VALUES_CHUNK);
+        if self.values.capacity() < H2_VALUES_CHUNK_BYTES / 8 {
+            self.values.reserve(H2_VALUES_CHUNK_BYTES);
         }
         let mut headers = HeaderMap::new();
         for (name, value) in self.kept_at.drain(..) {
@@ -1085,8 +1071,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
 
     /// Reads what the socket has; `Ready(Ok(true))` when something came.
     fn poll_read_in(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<bool>> {
-        if self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK / 4 {
-            self.rbuf.reserve(READ_CHUNK);
+        if self.rbuf.capacity() - self.rbuf.len() < H2_READ_CHUNK_BYTES / 4 {
+            self.rbuf.reserve(H2_READ_CHUNK_BYTES);
         }
         let filled = self.rbuf.len();
         let spare = self.rbuf.spare_capacity_mut();
@@ -1356,7 +1342,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
                 // Deliver what is queued (our GOAWAY) and close, within
                 // a bound: a peer that stops reading cannot keep us.
                 this.closing = Some(result.clone());
-                this.timer = Some(Box::pin(tokio::time::sleep(CLOSE_WITHIN)));
+                this.timer = Some(Box::pin(tokio::time::sleep(H2_CLOSE_WITHIN)));
                 return this.poll_close(cx, result);
             }
             if (this.timer.is_none() || !progressed) && this.poll_deadlines(cx) {

@@ -130,7 +130,7 @@ impl Server {
     fn new(io: DuplexStream) -> Server {
         Server {
             io,
-            dec: Decoder::new(MAX_HEADER_LIST),
+            dec: Decoder::new(H2_HEADER_LIST_BYTES_MAX),
         }
     }
 
@@ -344,11 +344,11 @@ async fn handshake_sends_preface_settings_and_window_then_acks_the_servers_setti
     // ENABLE_PUSH = 0, INITIAL_WINDOW_SIZE = ours.
     assert_eq!(
         settings_pairs(&settings.payload),
-        vec![(0x2, 0), (0x4, STREAM_WINDOW)]
+        vec![(0x2, 0), (0x4, H2_STREAM_WINDOW_BYTES)]
     );
     let wu = srv.frame().await;
     assert_eq!((wu.kind, wu.flags, wu.stream), (WINDOW_UPDATE, 0, 0));
-    assert_eq!(wu.u32_at(0), CONN_WINDOW - 65_535);
+    assert_eq!(wu.u32_at(0), H2_CONNECTION_WINDOW_BYTES - 65_535);
 
     // Without the server's SETTINGS the handshake does not complete.
     for _ in 0..20 {
@@ -670,14 +670,14 @@ async fn a_long_answer_body_gets_window_updates() {
         &block(&[(":status", "200")]),
     ))
     .await;
-    let chunk = vec![7u8; MAX_FRAME];
+    let chunk = vec![7u8; H2_FRAME_BYTES_MAX];
     for _ in 0..40 {
         srv.write(&frame(DATA, 0, 1, &chunk)).await;
     }
     let before = srv.barrier().await;
     // The stream's window is returned once half of it is used; the
     // connection's (16 MiB) not yet.
-    let half = STREAM_WINDOW / 2;
+    let half = H2_STREAM_WINDOW_BYTES / 2;
     assert_eq!(
         before,
         vec![Frame {
@@ -958,7 +958,11 @@ async fn connection_error(bad: Vec<u8>, code: u32) {
 
 #[tokio::test]
 async fn a_frame_over_16384_bytes_is_a_frame_size_error() {
-    connection_error(frame(DATA, 0, 1, &vec![0; MAX_FRAME + 1]), FRAME_SIZE_ERROR).await;
+    connection_error(
+        frame(DATA, 0, 1, &vec![0; H2_FRAME_BYTES_MAX + 1]),
+        FRAME_SIZE_ERROR,
+    )
+    .await;
 }
 
 #[tokio::test]

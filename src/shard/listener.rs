@@ -3,9 +3,6 @@
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::{SocketAddr, TcpListener};
 
-/// Pending connections per listener.
-pub const LISTEN_BACKLOG: i32 = 4096;
-
 /// Binds `count` sockets to `addr` with SO_REUSEPORT. When `addr` has port
 /// 0, the first socket picks the port and the others bind to the same one.
 ///
@@ -31,7 +28,7 @@ pub fn bind_reuseport(addr: SocketAddr, count: usize) -> std::io::Result<Vec<Tcp
         sock.bind(&target.into()).map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot listen on {target}: {e}"))
         })?;
-        sock.listen(LISTEN_BACKLOG)?;
+        sock.listen(super::limits::LISTEN_BACKLOG_CONNECTIONS)?;
         let l: TcpListener = sock.into();
         target = l.local_addr()?;
         out.push(l);

@@ -15,6 +15,7 @@
 //! [`Handler`] on that shard's runtime as the shard starts.
 
 pub mod epoll;
+pub mod limits;
 pub mod listener;
 pub mod serve;
 #[cfg(feature = "io-uring")]

@@ -17,13 +17,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Sleep;
 
-/// Most concurrent HTTP/2 streams a client may open on one connection.
-pub const H2_MAX_STREAMS: u32 = 256;
-
-/// How long the accept loop pauses after a failed accept (out of file
-/// descriptors and the like) before trying again.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
 /// What one shard needs to serve its connections.
 pub struct ConnServer<H> {
     index: usize,
@@ -79,7 +72,7 @@ impl<H: Handler> ConnServer<H> {
 
     /// Accepts connections from `accept` and hands each to `spawn` until
     /// the phase leaves [`Phase::Serving`]. Accept errors are logged and
-    /// retried after [`ACCEPT_BACKOFF`].
+    /// retried after [`super::limits::ACCEPT_BACKOFF`].
     pub(super) async fn accept_loop<IO, A, F>(
         &self,
         phase: &mut watch::Receiver<Phase>,
@@ -95,7 +88,7 @@ impl<H: Handler> ConnServer<H> {
                     Ok(io) => spawn(self, io),
                     Err(e) => {
                         tracing::warn!(shard = self.index, error = %e, "accept failed");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        tokio::time::sleep(super::limits::ACCEPT_BACKOFF).await;
                     }
                 },
                 _ = phase.wait_for(|p| *p != Phase::Serving) => break,
@@ -126,7 +119,7 @@ pub fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
         .keep_alive(true);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_concurrent_streams(super::limits::H2_STREAMS_PER_CONNECTION_MAX)
         .keep_alive_interval(Some(Duration::from_secs(30)))
         .keep_alive_timeout(Duration::from_secs(20));
     b

@@ -25,23 +25,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_uring::buf::{BoundedBuf, Slice};
 use tokio_uring::net::TcpStream;
 
-/// Submission queue entries of each shard's ring (the completion queue
-/// gets twice as many).
-pub const RING_ENTRIES: u32 = 1024;
-
-/// Bytes one read asks for; the buffer is owned by the connection and
-/// reused for every read.
-pub const READ_CHUNK: usize = 16 * 1024;
-
-/// Most bytes one write takes from the caller; the buffer is owned by the
-/// connection and reused for every write.
-pub const WRITE_CHUNK: usize = 64 * 1024;
-
-/// Socket-opening jobs waiting for the shard's local task set.
-pub const LOCAL_JOB_QUEUE: usize = 1024;
-
-/// How long the probe waits for its no-op to complete.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+use super::limits::{
+    URING_LOCAL_JOBS_MAX, URING_PROBE_TIMEOUT, URING_READ_CHUNK_BYTES, URING_RING_ENTRIES,
+    URING_WRITE_CHUNK_BYTES,
+};
 
 /// Sets up a ring and runs a no-op through it, on a thread of its own (a
 /// ring whose submissions are blocked would otherwise hang the caller).
@@ -57,11 +44,11 @@ pub fn probe() -> Result<(), Unavailable> {
     if let Err(e) = spawned {
         return Err(Unavailable(format!("cannot start the probe thread: {e}")));
     }
-    match rx.recv_timeout(PROBE_TIMEOUT) {
+    match rx.recv_timeout(URING_PROBE_TIMEOUT) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Unavailable(explain(&e))),
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(Unavailable(format!(
-            "a no-op submitted to io_uring did not complete within {PROBE_TIMEOUT:?}"
+            "a no-op submitted to io_uring did not complete within {URING_PROBE_TIMEOUT:?}"
         ))),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(Unavailable(
             "the io_uring probe failed (tokio-uring panicked)".into(),
@@ -106,7 +93,7 @@ pub fn on_uring_shard() -> bool {
 /// connections.
 pub(super) fn run_shard<N: NewHandler>(start: ShardStart<N>) {
     let index = start.index;
-    let rt = match tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES)) {
+    let rt = match tokio_uring::Runtime::new(tokio_uring::builder().entries(URING_RING_ENTRIES)) {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(shard = index, error = %e, "cannot start the io_uring shard runtime");
@@ -114,7 +101,7 @@ pub(super) fn run_shard<N: NewHandler>(start: ShardStart<N>) {
         }
     };
     rt.block_on(async move {
-        let (jobs, queue) = mpsc::channel(LOCAL_JOB_QUEUE);
+        let (jobs, queue) = mpsc::channel(URING_LOCAL_JOBS_MAX);
         LOCAL_JOBS.with(|j| *j.borrow_mut() = Some(jobs));
         tokio_uring::spawn(run_local_jobs(queue));
         serve(start).await;
@@ -220,10 +207,10 @@ async fn read_op(stream: Rc<TcpStream>, buf: Vec<u8>) -> tokio_uring::BufResult<
 
 /// A tokio-uring TCP stream as a tokio `AsyncRead + AsyncWrite`.
 ///
-/// Reads: one read of up to [`READ_CHUNK`] bytes is in flight at a time,
+/// Reads: one read of up to [`URING_READ_CHUNK_BYTES`] bytes is in flight at a time,
 /// into a buffer the connection owns; what the caller cannot take yet stays
 /// in the buffer for the next call. Writes are buffered: `poll_write`
-/// copies up to [`WRITE_CHUNK`] bytes into the connection's write buffer,
+/// copies up to [`URING_WRITE_CHUNK_BYTES`] bytes into the connection's write buffer,
 /// submits the write and returns; the next write, `poll_flush` or
 /// `poll_shutdown` first waits for it (re-submitting what a short write
 /// left) and reports its error if it failed.
@@ -267,7 +254,7 @@ where
         UringIo {
             stream: Rc::new(stream),
             make_read,
-            read_buf: Some(Vec::with_capacity(READ_CHUNK)),
+            read_buf: Some(Vec::with_capacity(URING_READ_CHUNK_BYTES)),
             read_pos: 0,
             read_op: Box::pin(None),
             write_buf: Some(Vec::new()),
@@ -321,7 +308,7 @@ where
         ready!(self.poll_write_done(cx))?;
         let mut buf = self.write_buf.take().unwrap_or_default();
         for b in bufs {
-            let room = WRITE_CHUNK - buf.len();
+            let room = URING_WRITE_CHUNK_BYTES - buf.len();
             if room == 0 {
                 break;
             }
@@ -366,7 +353,7 @@ where
             if this.read_op.is_none() {
                 let mut buf = this.read_buf.take().unwrap_or_default();
                 buf.clear();
-                buf.reserve(READ_CHUNK);
+                buf.reserve(URING_READ_CHUNK_BYTES);
                 this.read_pos = 0;
                 let op = (this.make_read)(this.stream.clone(), buf);
                 this.read_op.set(Some(op));
