@@ -648,3 +648,33 @@ fn the_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `.` and `..` (and ids of only dots, however encoded) are path segments
+/// that clients and proxies rewrite: they are refused with a reason, and
+/// nothing is registered.
+#[test]
+fn device_ids_of_only_dots_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Server::start(&dir.path().join("data"), &[]);
+    let mut c = gw.client();
+    let body = json!({"pfn": PFN, "channel_uri": uri("AwYAAADdots")})
+        .to_string()
+        .into_bytes();
+    let json_ct = Some("application/json");
+    for id in [".", "..", "...", "%2e%2e", "%2E"] {
+        let r = c
+            .request("PUT", &format!("/v1/devices/{id}/channel"), json_ct, &body)
+            .unwrap();
+        assert_eq!(r.status, 400, "{id}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "invalid_device_id", "{id}");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("dots"), "{id}: {message}");
+        let r = c.get(&format!("/v1/devices/{id}")).unwrap();
+        assert_eq!(r.status, 400, "{id}: {}", r.text());
+    }
+    // Dots inside an id are fine.
+    assert_eq!(put_raw(&mut c, "a.b", json_ct, &body).0, 201);
+    assert_eq!(put_raw(&mut c, "..a", json_ct, &body).0, 201);
+    let stats = c.get("/v1/stats").unwrap().json();
+    assert_eq!(stats["devices"], 2, "{stats}");
+}

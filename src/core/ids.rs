@@ -19,6 +19,8 @@ pub enum IdError {
         "device id may only contain visible ASCII characters other than / ? # % \\ and quotes"
     )]
     DeviceIdChars,
+    #[error("device id may not be only dots: '.' and '..' are path segments that clients and proxies rewrite")]
+    DeviceIdDots,
     #[error("pfn must look like Name_publisherid: a 3-50 character name of letters, digits, '.' or '-', an underscore, and a 13 character lowercase publisher id")]
     Pfn,
     #[error("provider_id must be 1-64 characters of letters, digits, '.', '_' or '-'")]
@@ -31,8 +33,20 @@ pub struct DeviceId(String);
 
 impl DeviceId {
     /// Validates a device id: 1 to 128 bytes of visible ASCII, without the
-    /// characters that would be ambiguous in a URL path segment or a log line.
+    /// characters that would be ambiguous in a URL path segment or a log
+    /// line, and not only dots (`.` and `..` are path segments that clients
+    /// and proxies rewrite, so a request for them may reach another route).
     pub fn parse(s: &str) -> Result<DeviceId, IdError> {
+        let id = DeviceId::parse_stored(s)?;
+        if s.bytes().all(|b| b == b'.') {
+            return Err(IdError::DeviceIdDots);
+        }
+        Ok(id)
+    }
+
+    /// Validates a device id read back from the store: as [`DeviceId::parse`],
+    /// but ids of only dots, which earlier versions accepted, still load.
+    pub fn parse_stored(s: &str) -> Result<DeviceId, IdError> {
         if s.is_empty() {
             return Err(IdError::DeviceIdEmpty);
         }
@@ -127,6 +141,19 @@ impl ProviderId {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn device_ids_of_only_dots_are_refused_but_still_load() {
+        for dots in [".", "..", "...."] {
+            assert_eq!(DeviceId::parse(dots), Err(IdError::DeviceIdDots));
+            assert_eq!(DeviceId::parse_stored(dots).unwrap().as_str(), dots);
+        }
+        for fine in ["a.", ".a", "..a..", "a..b"] {
+            assert!(DeviceId::parse(fine).is_ok(), "{fine}");
+        }
+        assert_eq!(DeviceId::parse_stored(""), Err(IdError::DeviceIdEmpty));
+        assert_eq!(DeviceId::parse_stored("a/b"), Err(IdError::DeviceIdChars));
+    }
 
     #[test]
     fn device_ids() {

@@ -301,7 +301,7 @@ impl RecordCodec {
 
     /// Decodes a record encoded by this codec. `None` only if `rec` was not.
     pub fn decode(&self, rec: &CompactRecord) -> Option<DeviceRecord> {
-        let device_id = DeviceId::parse(&rec.key().decode()?).ok()?;
+        let device_id = DeviceId::parse_stored(&rec.key().decode()?).ok()?;
         let mut c = rec.fields()?;
         let issued_at = UnixTime(c.u32()?);
         let dead = match c.u8()? {

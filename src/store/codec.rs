@@ -176,7 +176,7 @@ pub fn decode(key: &[u8], value: &[u8]) -> Result<DeviceRecord, StoreError> {
 pub fn decode_record(key: &[u8], value: &[u8]) -> Result<DeviceRecord, DecodeError> {
     let device_id = std::str::from_utf8(key)
         .ok()
-        .and_then(|s| DeviceId::parse(s).ok())
+        .and_then(|s| DeviceId::parse_stored(s).ok())
         .ok_or(DecodeError::Key)?;
     let f = decode_fields(value)?;
     let pfn = utf8(f.pfn.ok_or(DecodeError::Missing("pfn"))?, "pfn")?;

@@ -456,7 +456,7 @@ impl Store for FjallStore {
             let at = UnixTime(u32::from_be_bytes([at[0], at[1], at[2], at[3]]));
             let id = std::str::from_utf8(id)
                 .ok()
-                .and_then(|s| DeviceId::parse(s).ok())
+                .and_then(|s| DeviceId::parse_stored(s).ok())
                 .ok_or_else(|| StoreError::Corrupt {
                     key: String::from_utf8_lossy(&k).into_owned(),
                     why: "issued-at index key holds no valid device id".into(),

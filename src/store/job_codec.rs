@@ -149,7 +149,7 @@ fn decode_job(key: &[u8], value: &[u8]) -> Result<Job, &'static str> {
         return Err("unknown job format version");
     }
     let n = usize::from(r.u8()?);
-    let device_id = DeviceId::parse(r.str(n)?).map_err(|_| "invalid device id")?;
+    let device_id = DeviceId::parse_stored(r.str(n)?).map_err(|_| "invalid device id")?;
     let n = usize::from(r.u8()?);
     let pfn = Pfn::parse(r.str(n)?).map_err(|_| "invalid pfn")?;
     let provider_id = match r.u8()? {
