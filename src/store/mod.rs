@@ -9,12 +9,17 @@
 //!
 //! Files: [`codec`] (record encoding), [`fjall_store`] (the embedded
 //! backend), [`committer`] (the group-commit thread, the only caller of
-//! [`Store::apply`] and so the only place that syncs).
+//! [`Store::apply`] and so the only place that syncs). The durable state
+//! as partition logs and snapshots is built from [`partition`] (which
+//! partition a device belongs to, stable across versions and machines) and
+//! [`frame`] (checksummed frames, and a torn tail told from damage).
 
 pub mod codec;
 pub mod committer;
 pub mod fjall_store;
+pub mod frame;
 pub mod job_codec;
+pub mod partition;
 
 pub use committer::{
     CommitHandle, Committer, CommitterConfig, CommitterJoin, OnDurable, SubmitError, Ticket,
