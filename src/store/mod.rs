@@ -11,8 +11,10 @@
 //! backend), [`committer`] (the group-commit thread, the only caller of
 //! [`Store::apply`] and so the only place that syncs). The durable state
 //! as partition logs and snapshots is built from [`partition`] (which
-//! partition a device belongs to, stable across versions and machines) and
-//! [`frame`] (checksummed frames, and a torn tail told from damage).
+//! partition a device belongs to, stable across versions and machines),
+//! [`frame`] (checksummed frames, and a torn tail told from damage) and
+//! [`segments`] (an append-only log of frames in segment files that heals
+//! after a failed write).
 
 pub mod codec;
 pub mod committer;
@@ -20,6 +22,7 @@ pub mod fjall_store;
 pub mod frame;
 pub mod job_codec;
 pub mod partition;
+pub mod segments;
 
 pub use committer::{
     CommitHandle, Committer, CommitterConfig, CommitterJoin, OnDurable, SubmitError, Ticket,

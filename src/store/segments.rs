@@ -1,0 +1,432 @@
+//! An append-only log of frames in segment files: what the embedded backend
+//! makes durable before it answers.
+//!
+//! A log is a directory of files named by the log position (LSN) of their
+//! first frame, `00000000000000000001.log`, each a sequence of
+//! [frames](super::frame). One [`SegmentLog::append`] writes one frame and
+//! syncs it: the committer appends one frame per batch, so one sync covers
+//! everything queued. A segment grows to about `segment_bytes_max`, then
+//! the next append starts a new one; [`SegmentLog::drop_before`] deletes
+//! the segments a snapshot covers.
+//!
+//! Opening reads every segment in order. A torn tail of the last segment is
+//! truncated (normal recovery after a crash); damage anywhere else refuses
+//! to open, naming the file and the offset, unless the caller accepts the
+//! loss from that point ([`Recovery::TruncateDamage`]).
+//!
+//! A failed write (a full disk) leaves the log as it was before it: the
+//! file is cut back to its last whole frame, so the next append, once
+//! there is room again, continues cleanly.
+
+use super::frame::{self, Found};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// How damage found while opening is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Refuse to open.
+    Refuse,
+    /// Drop everything from the damaged frame on (the operator accepted
+    /// the loss of that tail).
+    TruncateDamage,
+}
+
+/// Why a log could not be opened or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: damaged frame at byte {offset} ({why}); the log after it cannot be trusted")]
+    Damaged {
+        path: PathBuf,
+        offset: usize,
+        why: &'static str,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError + '_ {
+    move |source| LogError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// What opening a log found.
+#[derive(Debug, Default)]
+pub struct Opened {
+    /// Every frame's payload, in log order, with its LSN.
+    pub frames: Vec<(u64, Vec<u8>)>,
+    /// Bytes dropped from the end as a torn tail.
+    pub torn_bytes: u64,
+}
+
+/// An open log, appended to by one writer.
+pub struct SegmentLog {
+    dir: PathBuf,
+    segment_bytes_max: u64,
+    /// The segment appended to, its first LSN, and its length (bytes of
+    /// whole frames).
+    current: Option<(File, u64, u64)>,
+    /// The LSN the next frame gets.
+    next_lsn: u64,
+    /// First LSNs of the segments on disk, in order.
+    segments: Vec<u64>,
+}
+
+fn segment_name(first_lsn: u64) -> String {
+    format!("{first_lsn:020}.log")
+}
+
+impl SegmentLog {
+    /// Opens (creating if needed) the log in `dir` and reads it whole.
+    pub fn open(
+        dir: &Path,
+        segment_bytes_max: u64,
+        recovery: Recovery,
+    ) -> Result<(SegmentLog, Opened), LogError> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let mut segments: Vec<u64> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_suffix(".log")?.parse::<u64>().ok()
+            })
+            .collect();
+        segments.sort_unstable();
+        let mut opened = Opened::default();
+        let mut next_lsn = segments.first().copied().unwrap_or(1);
+        let mut keep = segments.len();
+        for (i, &first) in segments.iter().enumerate() {
+            let path = dir.join(segment_name(first));
+            let bytes = std::fs::read(&path).map_err(io(&path))?;
+            let last = i + 1 == segments.len();
+            let mut offset = 0;
+            let mut lsn = first;
+            let cut = loop {
+                match frame::read_at(&bytes, offset) {
+                    Ok(Found::Frame { payload, next }) => {
+                        opened.frames.push((lsn, payload.to_vec()));
+                        lsn += 1;
+                        offset = next;
+                    }
+                    Ok(Found::End) => break None,
+                    // A torn tail anywhere but in the last segment is
+                    // damage: later segments were written after it.
+                    Ok(Found::TornTail { at }) if last => break Some(at),
+                    Ok(Found::TornTail { at }) | Err(frame::Damage { offset: at, .. })
+                        if recovery == Recovery::TruncateDamage =>
+                    {
+                        keep = i + 1;
+                        break Some(at);
+                    }
+                    Ok(Found::TornTail { at }) => {
+                        return Err(LogError::Damaged {
+                            path,
+                            offset: at,
+                            why: "a frame cut short before the last segment",
+                        })
+                    }
+                    Err(d) => {
+                        return Err(LogError::Damaged {
+                            path,
+                            offset: d.offset,
+                            why: d.why,
+                        })
+                    }
+                }
+            };
+            next_lsn = lsn;
+            if let Some(at) = cut {
+                opened.torn_bytes += (bytes.len() - at) as u64;
+                truncate(&path, at as u64)?;
+            }
+            if keep == i + 1 {
+                break;
+            }
+        }
+        // Segments after accepted damage go: they were written after it.
+        for &first in &segments[keep..] {
+            let path = dir.join(segment_name(first));
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+        segments.truncate(keep);
+        let log = SegmentLog {
+            dir: dir.to_owned(),
+            segment_bytes_max,
+            current: None,
+            next_lsn,
+            segments,
+        };
+        Ok((log, opened))
+    }
+
+    /// The LSN the next appended frame gets.
+    pub fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
+    /// Appends one frame carrying `payload` and syncs it; returns its LSN.
+    /// On error nothing of it remains and the log can be appended to again.
+    pub fn append(&mut self, payload: &[u8]) -> Result<u64, LogError> {
+        let mut buf = Vec::with_capacity(frame::FRAME_HEADER_BYTES + payload.len());
+        frame::encode(payload, &mut buf);
+        self.open_segment()?;
+        let (file, first, len) = self.current.as_mut().expect("a segment is open");
+        let written = file.write_all(&buf).and_then(|()| file.sync_data());
+        if let Err(e) = written {
+            // Cut back to the last whole frame, so a later append after the
+            // disk has room again does not follow half a frame.
+            let _ = file.set_len(*len).and_then(|()| file.sync_data());
+            let path = self.dir.join(segment_name(*first));
+            self.current = None;
+            return Err(LogError::Io { path, source: e });
+        }
+        *len += buf.len() as u64;
+        let lsn = self.next_lsn;
+        self.next_lsn += 1;
+        Ok(lsn)
+    }
+
+    /// Opens the segment to append to, unless the current one has room.
+    fn open_segment(&mut self) -> Result<(), LogError> {
+        let reopen = match &self.current {
+            Some((_, _, len)) => *len >= self.segment_bytes_max,
+            None => true,
+        };
+        if reopen {
+            let last = self.segments.last().copied();
+            let (first, len) = match (&self.current, last) {
+                // Continue the last segment after a restart or a failed
+                // write, unless it is full.
+                (None, Some(first)) => {
+                    let path = self.dir.join(segment_name(first));
+                    let len = std::fs::metadata(&path).map_err(io(&path))?.len();
+                    if len < self.segment_bytes_max {
+                        (first, len)
+                    } else {
+                        (self.next_lsn, 0)
+                    }
+                }
+                _ => (self.next_lsn, 0),
+            };
+            let path = self.dir.join(segment_name(first));
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io(&path))?;
+            if len == 0 && last != Some(first) {
+                // A new file: its directory entry must be durable too.
+                sync_dir(&self.dir)?;
+                self.segments.push(first);
+            }
+            self.current = Some((file, first, len));
+        }
+        Ok(())
+    }
+
+    /// Deletes every segment whose frames all come before `lsn` (a
+    /// snapshot covers them). The segment being appended to stays.
+    pub fn drop_before(&mut self, lsn: u64) -> Result<usize, LogError> {
+        let mut dropped = 0;
+        while self.segments.len() > 1 && self.segments[1] <= lsn {
+            let first = self.segments.remove(0);
+            let path = self.dir.join(segment_name(first));
+            std::fs::remove_file(&path).map_err(io(&path))?;
+            dropped += 1;
+        }
+        if dropped > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(dropped)
+    }
+
+    /// First LSNs of the segments on disk.
+    pub fn segments(&self) -> &[u64] {
+        &self.segments
+    }
+}
+
+fn truncate(path: &Path, len: u64) -> Result<(), LogError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.set_len(len).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(i: u64) -> Vec<u8> {
+        format!("frame {i} ")
+            .repeat(1 + (i % 7) as usize)
+            .into_bytes()
+    }
+
+    fn lsns(o: &Opened) -> Vec<u64> {
+        o.frames.iter().map(|(l, _)| *l).collect()
+    }
+
+    #[test]
+    fn frames_come_back_in_order_across_segments_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, opened) = SegmentLog::open(dir.path(), 200, Recovery::Refuse).unwrap();
+        assert!(opened.frames.is_empty());
+        for i in 1..=20 {
+            assert_eq!(log.append(&payload(i)).unwrap(), i);
+        }
+        assert!(log.segments().len() > 3, "{:?}", log.segments());
+        drop(log);
+        let (mut log, opened) = SegmentLog::open(dir.path(), 200, Recovery::Refuse).unwrap();
+        assert_eq!(lsns(&opened), (1..=20).collect::<Vec<_>>());
+        for (lsn, p) in &opened.frames {
+            assert_eq!(p, &payload(*lsn));
+        }
+        assert_eq!(log.append(b"more").unwrap(), 21);
+        let (_, opened) = SegmentLog::open(dir.path(), 200, Recovery::Refuse).unwrap();
+        assert_eq!(opened.frames.last().unwrap(), &(21, b"more".to_vec()));
+    }
+
+    #[test]
+    fn a_torn_tail_is_truncated_and_the_log_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = SegmentLog::open(dir.path(), 1 << 20, Recovery::Refuse).unwrap();
+        for i in 1..=3 {
+            log.append(&payload(i)).unwrap();
+        }
+        let seg = dir.path().join(segment_name(1));
+        let good = std::fs::metadata(&seg).unwrap().len();
+        drop(log);
+        // What a crash leaves of a fourth write: half a frame.
+        let mut half = Vec::new();
+        frame::encode(&payload(4), &mut half);
+        half.truncate(half.len() / 2);
+        OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .unwrap()
+            .write_all(&half)
+            .unwrap();
+        let (mut log, opened) = SegmentLog::open(dir.path(), 1 << 20, Recovery::Refuse).unwrap();
+        assert_eq!(lsns(&opened), vec![1, 2, 3]);
+        assert_eq!(opened.torn_bytes, half.len() as u64);
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), good);
+        assert_eq!(log.append(b"four").unwrap(), 4);
+        let (_, opened) = SegmentLog::open(dir.path(), 1 << 20, Recovery::Refuse).unwrap();
+        assert_eq!(lsns(&opened), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn damage_refuses_to_open_unless_the_loss_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = SegmentLog::open(dir.path(), 100, Recovery::Refuse).unwrap();
+        for i in 1..=12 {
+            log.append(&payload(i)).unwrap();
+        }
+        let segments = log.segments().to_vec();
+        drop(log);
+        assert!(segments.len() >= 3);
+        // One byte of the second segment's first frame goes bad.
+        let seg = dir.path().join(segment_name(segments[1]));
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes[frame::FRAME_HEADER_BYTES + 1] ^= 0x20;
+        std::fs::write(&seg, &bytes).unwrap();
+        match SegmentLog::open(dir.path(), 100, Recovery::Refuse) {
+            Err(LogError::Damaged { path, offset, .. }) => {
+                assert_eq!((path, offset), (seg.clone(), 0));
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("opened a damaged log"),
+        }
+        let (mut log, opened) =
+            SegmentLog::open(dir.path(), 100, Recovery::TruncateDamage).unwrap();
+        let kept: Vec<u64> = (1..segments[1]).collect();
+        assert_eq!(lsns(&opened), kept);
+        assert_eq!(log.segments(), &segments[..2]);
+        assert_eq!(log.append(b"after").unwrap(), segments[1]);
+        let (_, opened) = SegmentLog::open(dir.path(), 100, Recovery::Refuse).unwrap();
+        assert_eq!(opened.frames.len(), kept.len() + 1);
+    }
+
+    #[test]
+    fn segments_a_snapshot_covers_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut log, _) = SegmentLog::open(dir.path(), 100, Recovery::Refuse).unwrap();
+        for i in 1..=12 {
+            log.append(&payload(i)).unwrap();
+        }
+        let before = log.segments().to_vec();
+        // Everything up to the third segment's first frame is covered.
+        let dropped = log.drop_before(before[2]).unwrap();
+        assert_eq!(dropped, 2);
+        assert_eq!(log.segments(), &before[2..]);
+        // Covering everything still keeps the segment being written.
+        log.drop_before(u64::MAX).unwrap();
+        assert_eq!(log.segments().len(), 1);
+        let (_, opened) = SegmentLog::open(dir.path(), 100, Recovery::Refuse).unwrap();
+        assert_eq!(opened.frames.last().unwrap().0, 12);
+    }
+
+    /// On a full disk an append fails and leaves nothing behind; once there
+    /// is room again the log goes on, and every acknowledged frame reads
+    /// back. Needs root to mount a small tmpfs (CI runs as root).
+    #[test]
+    fn a_full_disk_fails_an_append_and_the_log_heals() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a tmpfs here (not root)");
+            return;
+        }
+        /// Unmounts when the test ends, passed or not.
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        let filler = dir.path().join("filler");
+        std::fs::write(&filler, vec![7u8; 24 * 1024]).unwrap();
+        let logdir = dir.path().join("log");
+        let (mut log, _) = SegmentLog::open(&logdir, 1 << 20, Recovery::Refuse).unwrap();
+        let big = vec![0x5au8; 3000];
+        let mut acked = 0u64;
+        let failed = loop {
+            match log.append(&big) {
+                Ok(lsn) => acked = lsn,
+                Err(e) => break e,
+            }
+            assert!(acked < 1000, "the tmpfs never filled up");
+        };
+        assert!(
+            matches!(&failed, LogError::Io { source, .. } if source.raw_os_error() == Some(28)),
+            "{failed}"
+        );
+        // Still full: it fails again, cleanly.
+        assert!(log.append(&big).is_err());
+        std::fs::remove_file(&filler).unwrap();
+        assert_eq!(log.append(&big).unwrap(), acked + 1);
+        drop(log);
+        let (_, opened) = SegmentLog::open(&logdir, 1 << 20, Recovery::Refuse).unwrap();
+        assert_eq!(opened.torn_bytes, 0);
+        assert_eq!(lsns(&opened), (1..=acked + 1).collect::<Vec<_>>());
+    }
+}
