@@ -2,12 +2,16 @@
 //! committer and lifecycle on a temporary directory.
 
 use crate::config::{Config, Settings};
-use crate::core::{ChannelUri, DeviceId, Pfn, Registration, UriPolicy};
+use crate::core::{
+    ChannelUri, DeadMark, DeadReason, DeviceId, DeviceRecord, Pfn, ProviderId, RefreshMark,
+    RefreshState, Registration, UnixTime, UriPolicy,
+};
 use crate::lifecycle::Lifecycle;
 use crate::registry::Registry;
 use crate::store::committer::{CommitHandle, Committer, CommitterConfig, CommitterJoin};
 use crate::store::fjall_store::{FjallOptions, FjallStore};
 use crate::store::{Mutation, Store};
+use proptest::prelude::*;
 use std::sync::Arc;
 
 /// The PFN of the one configured app.
@@ -71,4 +75,35 @@ pub(crate) fn registration(id: &str, token: &str) -> Registration {
         provider_id: None,
         issued_at: None,
     }
+}
+
+/// Any valid device record.
+pub(crate) fn arb_record() -> impl Strategy<Value = DeviceRecord> {
+    (
+        "[!-~&&[^/?#%\\\\\"']]{1,128}",
+        "[A-Za-z0-9.-]{3,50}_[a-z0-9]{13}",
+        "https://[a-z0-9.-]{1,40}/[!-~]{0,400}",
+        proptest::option::of("[A-Za-z0-9._-]{1,64}"),
+        any::<u32>(),
+        proptest::option::of((1u8..=3, any::<u32>())),
+        proptest::option::of((1u8..=2, any::<u32>(), any::<u64>())),
+    )
+        .prop_map(
+            |(id, pfn, uri, provider, issued, dead, refresh)| DeviceRecord {
+                device_id: DeviceId::parse(&id).unwrap(),
+                pfn: Pfn::parse(&pfn).unwrap(),
+                channel_uri: ChannelUri::from_trusted(uri).unwrap(),
+                provider_id: provider.map(|p| ProviderId::parse(&p).unwrap()),
+                issued_at: UnixTime(issued),
+                dead: dead.map(|(c, at)| DeadMark {
+                    reason: DeadReason::from_code(c).unwrap(),
+                    at: UnixTime(at),
+                }),
+                refresh: refresh.map(|(c, since, job)| RefreshMark {
+                    state: RefreshState::from_code(c).unwrap(),
+                    since: UnixTime(since),
+                    job,
+                }),
+            },
+        )
 }

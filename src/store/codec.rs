@@ -313,6 +313,7 @@ fn utf8<'a>(b: &'a [u8], field: &'static str) -> Result<&'a str, DecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::arb_record;
     use proptest::prelude::*;
 
     pub(crate) fn sample(id: &str, provider: bool, dead: bool) -> DeviceRecord {
@@ -487,36 +488,6 @@ mod tests {
         v[1] += 1;
         put_field(&mut v, 200, b"from a later version");
         assert_eq!(decode(b"dev-1", &v).unwrap(), rec);
-    }
-
-    fn arb_record() -> impl Strategy<Value = DeviceRecord> {
-        (
-            "[!-~&&[^/?#%\\\\\"']]{1,128}",
-            "[A-Za-z0-9.-]{3,50}_[a-z0-9]{13}",
-            "https://[a-z0-9.-]{1,40}/[!-~]{0,400}",
-            proptest::option::of("[A-Za-z0-9._-]{1,64}"),
-            any::<u32>(),
-            proptest::option::of((1u8..=3, any::<u32>())),
-            proptest::option::of((1u8..=2, any::<u32>(), any::<u64>())),
-        )
-            .prop_map(
-                |(id, pfn, uri, provider, issued, dead, refresh)| DeviceRecord {
-                    device_id: DeviceId::parse(&id).unwrap(),
-                    pfn: Pfn::parse(&pfn).unwrap(),
-                    channel_uri: ChannelUri::from_trusted(uri).unwrap(),
-                    provider_id: provider.map(|p| ProviderId::parse(&p).unwrap()),
-                    issued_at: UnixTime(issued),
-                    dead: dead.map(|(c, at)| DeadMark {
-                        reason: DeadReason::from_code(c).unwrap(),
-                        at: UnixTime(at),
-                    }),
-                    refresh: refresh.map(|(c, since, job)| RefreshMark {
-                        state: RefreshState::from_code(c).unwrap(),
-                        since: UnixTime(since),
-                        job,
-                    }),
-                },
-            )
     }
 
     proptest! {

@@ -12,10 +12,12 @@
 //! [`Store::apply`] and so the only place that syncs). The durable state
 //! as partition logs and snapshots is built from [`partition`] (which
 //! partition a device belongs to, stable across versions and machines),
-//! [`frame`] (checksummed frames, and a torn tail told from damage) and
+//! [`frame`] (checksummed frames, and a torn tail told from damage),
 //! [`segments`] (an append-only log of frames in segment files that heals
-//! after a failed write).
+//! after a failed write) and [`batch_codec`] (one committed batch of
+//! mutations as one frame's payload).
 
+pub mod batch_codec;
 pub mod codec;
 pub mod committer;
 pub mod fjall_store;
