@@ -81,8 +81,9 @@ fn spawn_signal_watcher() -> anyhow::Result<mpsc::Receiver<()>> {
 }
 
 /// Streams an NDJSON file to a gateway's `POST /v1/devices:import`, with a
-/// progress bar, and prints the gateway's report.
-pub fn import(file: &Path, url: &str, token: Option<String>) -> anyhow::Result<()> {
+/// progress bar, and prints the gateway's report. Returns how many lines
+/// the gateway rejected.
+pub fn import(file: &Path, url: &str, token: Option<String>) -> anyhow::Result<u64> {
     let mut f =
         std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
     let size = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -112,10 +113,10 @@ pub fn import(file: &Path, url: &str, token: Option<String>) -> anyhow::Result<(
         anyhow::bail!("gateway answered {}: {}", resp.status, resp.text());
     }
     let accepted = body["accepted"].as_u64().unwrap_or(0);
+    let rejected = body["rejected"].as_u64().unwrap_or(0);
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "imported {accepted} devices, rejected {} lines, in {secs:.1} s ({:.0} devices/s)",
-        body["rejected"].as_u64().unwrap_or(0),
+        "imported {accepted} devices, rejected {rejected} lines, in {secs:.1} s ({:.0} devices/s)",
         accepted as f64 / secs.max(1e-9)
     );
     if let Some(errors) = body["errors"].as_array() {
@@ -131,7 +132,7 @@ pub fn import(file: &Path, url: &str, token: Option<String>) -> anyhow::Result<(
             println!("  ...");
         }
     }
-    Ok(())
+    Ok(rejected)
 }
 
 /// `GET base_url + path` with a short timeout; Ok when the answer is 200.

@@ -152,6 +152,12 @@ impl Client {
 
     /// A request whose body is streamed from `body` with chunked encoding;
     /// `progress` is called with the bytes sent so far.
+    ///
+    /// The head goes first with `Expect: 100-continue`, so a server that
+    /// refuses the request (a missing token, say) answers before any of the
+    /// body is sent; one that says nothing within [`CONTINUE_WAIT`] gets the
+    /// body anyway. A server that answers and closes while the body is
+    /// being sent has its answer returned, not the broken pipe.
     pub fn request_streaming(
         &mut self,
         method: &str,
@@ -161,10 +167,27 @@ impl Client {
         progress: &mut dyn FnMut(u64),
     ) -> io::Result<HttpResponse> {
         self.conn = None;
-        let head = self.head(method, path, Some(content_type), None);
+        let mut head = self.head(method, path, Some(content_type), None);
+        head.insert_str(head.len() - 2, "Expect: 100-continue\r\n");
         let conn = self.connection()?;
-        let w = conn.get_mut();
-        w.write_all(head.as_bytes())?;
+        conn.get_mut().write_all(head.as_bytes())?;
+        if let Some(refused) = self.await_continue()? {
+            return Ok(refused);
+        }
+        let sent = self.send_chunked(body, progress);
+        match sent {
+            Ok(()) => self.read_response(),
+            // The server may have answered before it stopped reading.
+            Err(e) => self.read_response().map_err(|_| e),
+        }
+    }
+
+    fn send_chunked(
+        &mut self,
+        body: &mut dyn Read,
+        progress: &mut dyn FnMut(u64),
+    ) -> io::Result<()> {
+        let w = self.connection()?.get_mut();
         let mut buf = vec![0u8; 256 * 1024];
         let mut sent = 0u64;
         loop {
@@ -179,8 +202,39 @@ impl Client {
             progress(sent);
         }
         w.write_all(b"0\r\n\r\n")?;
-        w.flush()?;
-        self.read_response()
+        w.flush()
+    }
+
+    /// After a head sent with `Expect: 100-continue`: `None` to send the
+    /// body (the server said continue, or nothing in time), or the
+    /// server's final answer.
+    fn await_continue(&mut self) -> io::Result<Option<HttpResponse>> {
+        let timeout = self.timeout;
+        let conn = self.connection()?;
+        conn.get_ref().set_read_timeout(Some(CONTINUE_WAIT))?;
+        let ready = match conn.fill_buf() {
+            Ok(b) => Ok(!b.is_empty()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        };
+        conn.get_ref().set_read_timeout(Some(timeout))?;
+        if !ready? {
+            return Ok(None);
+        }
+        let answer = self.read_response()?;
+        if answer.status == 100 {
+            return Ok(None);
+        }
+        // Refused before the body: the connection is not reused.
+        self.conn = None;
+        Ok(Some(answer))
     }
 
     fn head(
@@ -228,6 +282,10 @@ impl Client {
         result.map(|(r, _)| r)
     }
 }
+
+/// How long a streamed request waits for `100 Continue` (or a refusal)
+/// before it sends its body anyway.
+pub const CONTINUE_WAIT: Duration = Duration::from_secs(2);
 
 fn is_stale(e: &io::Error) -> bool {
     matches!(
@@ -315,7 +373,7 @@ fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<(HttpResponse, bool
         }
         body.resize(len, 0);
         r.read_exact(&mut body)?;
-    } else if status != 204 && status != 304 {
+    } else if status != 204 && status != 304 && !(100..200).contains(&status) {
         r.take(MAX_RESPONSE_BYTES as u64).read_to_end(&mut body)?;
         return Ok((
             HttpResponse {

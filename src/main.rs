@@ -90,6 +90,10 @@ enum Cmd {
         /// Bearer token (or set WNSGATE_TOKEN).
         #[arg(long, env = "WNSGATE_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Exit 0 even when the gateway rejected lines (they are still
+        /// listed). Without it, rejected lines make the exit status 1.
+        #[arg(long)]
+        warn_only: bool,
     },
     /// Run a self-contained demonstration on a temporary data directory.
     Demo {
@@ -161,7 +165,21 @@ fn main() -> ExitCode {
             }
             Ok(())
         }),
-        Cmd::Import { file, url, token } => wnsgate::cli::import(&file, &url, token),
+        Cmd::Import {
+            file,
+            url,
+            token,
+            warn_only,
+        } => match wnsgate::cli::import(&file, &url, token) {
+            Ok(rejected) if rejected > 0 && !warn_only => {
+                eprintln!(
+                    "wnsgate: the gateway rejected {rejected} line(s) (listed above); \
+                     --warn-only exits 0 all the same"
+                );
+                return ExitCode::from(1);
+            }
+            other => other.map(|_| ()),
+        },
         Cmd::Demo { devices } => wnsgate::demo::run(devices),
         Cmd::Sim(args) => wnsgate::sim::cli::run(args),
         Cmd::Health { config, url, path } => {

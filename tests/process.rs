@@ -262,6 +262,83 @@ fn shutdown_during_a_bulk_wake_with_nudges_on_exits_zero() {
     caller.join().unwrap();
 }
 
+/// `wnsgate import` against a gateway that wants a token: without one, or
+/// with a wrong one, the gateway's 401 is shown (not a broken pipe, however
+/// large the file); lines the gateway rejects make the exit status 1 with
+/// a count, unless `--warn-only`.
+#[test]
+fn import_shows_a_refusal_and_fails_on_rejected_lines() {
+    let token = "import-test-token-0123456789abcdef";
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Server::start(
+        &dir.path().join("data"),
+        &[("WNSGATE_API__TOKENS", &format!("[\"{token}\"]"))],
+    );
+    // Large enough that sending it all before reading would fill the
+    // socket buffers.
+    let big = dir.path().join("big.ndjson");
+    let mut lines = String::new();
+    for i in 0..40_000 {
+        let line = serde_json::json!({"device_id": format!("big-{i}"), "pfn": PFN, "channel_uri": uri(&format!("AwYAAADbig{i}"))});
+        lines.push_str(&line.to_string());
+        lines.push('\n');
+    }
+    std::fs::write(&big, lines).unwrap();
+    let url = gw.url();
+    let import = |file: &Path, extra: &[&str]| {
+        let mut args = vec!["import", file.to_str().unwrap(), "--url", url.as_str()];
+        args.extend_from_slice(extra);
+        wnsgate(&args, &[])
+            .env_remove("WNSGATE_TOKEN")
+            .output()
+            .expect("run wnsgate import")
+    };
+    for extra in [&[][..], &["--token", "wrong"][..]] {
+        let out = import(&big, extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?}: {stderr}");
+        assert!(stderr.contains("401"), "{extra:?}: {stderr}");
+        assert!(stderr.contains("unauthorized"), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("Broken pipe"), "{extra:?}: {stderr}");
+    }
+    let mixed = dir.path().join("mixed.ndjson");
+    std::fs::write(
+        &mixed,
+        format!(
+            "{}\n{}\n{}\n",
+            serde_json::json!({"device_id": "good-1", "pfn": PFN, "channel_uri": uri("AwYAAADg1")}),
+            serde_json::json!({"device_id": "bad", "pfn": "not a pfn", "channel_uri": uri("AwYAAADb")}),
+            serde_json::json!({"device_id": "good-2", "pfn": PFN, "channel_uri": uri("AwYAAADg2")}),
+        ),
+    )
+    .unwrap();
+    let out = import(&mixed, &["--token", token]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("imported 2 devices, rejected 1 lines"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("line 2"), "{stdout}");
+    assert!(stderr.contains("rejected 1 line"), "{stderr}");
+    let out = import(&mixed, &["--token", token, "--warn-only"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = import(&big, &["--token", token]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("imported 40000 devices"));
+}
+
 // ---- start-up problems ------------------------------------------------
 
 fn wnsgate(args: &[&str], env: &[(&str, &str)]) -> Command {
