@@ -678,3 +678,53 @@ fn device_ids_of_only_dots_are_refused() {
     let stats = c.get("/v1/stats").unwrap().json();
     assert_eq!(stats["devices"], 2, "{stats}");
 }
+
+/// Probes and load balancers send HEAD: `/healthz`, `/readyz` and
+/// `/metrics` answer it as GET without the body; other methods get 405.
+#[test]
+fn head_on_the_probes_and_metrics_answers_without_a_body() {
+    let (_d, s) = start();
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let mut stream = TcpStream::connect(&s.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            stream,
+            "HEAD {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+        let body = answer.split_once("\r\n\r\n").map(|(_, b)| b);
+        assert_eq!(body, Some(""), "{path}: {answer}");
+        let mut c = s.client();
+        let r = c.request("DELETE", path, None, b"").unwrap();
+        assert_eq!(r.status, 405, "{path}");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("HEAD"),
+            "{path}"
+        );
+    }
+}
+
+/// A job id that no run can have issued is unknown (404), not "already
+/// closed" (409).
+#[test]
+fn completing_a_never_issued_refresh_job_is_404() {
+    let (_d, s) = start();
+    let mut c = s.client();
+    let r = c
+        .send_json(
+            "POST",
+            "/v1/refresh/r123:complete",
+            &json!({"outcome": "delivered"}),
+        )
+        .unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "unknown_refresh_job");
+}

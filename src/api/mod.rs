@@ -179,14 +179,17 @@ async fn dispatch(
 ) -> Result<Resp, ApiError> {
     let route = split_route(req.uri().path());
     let method = req.method().clone();
+    // HEAD is GET without the body (hyper leaves the body out); probes and
+    // load balancers use it.
+    let get = method == Method::GET || method == Method::HEAD;
     match (&method, &route) {
-        (&Method::GET, Route::Health) => {
+        (_, Route::Health) if get => {
             return Ok(json_response(
                 StatusCode::OK,
                 &serde_json::json!({"status": "ok"}),
             ))
         }
-        (&Method::GET, Route::Ready) => {
+        (_, Route::Ready) if get => {
             return Ok(if gw.is_ready() {
                 json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
             } else {
@@ -194,7 +197,7 @@ async fn dispatch(
                     .into_response()
             })
         }
-        (&Method::GET, Route::Metrics) => {
+        (_, Route::Metrics) if get => {
             return Ok(text_response(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
@@ -202,7 +205,7 @@ async fn dispatch(
             ))
         }
         (_, Route::Health | Route::Ready | Route::Metrics) => {
-            return Err(method_not_allowed("GET"))
+            return Err(method_not_allowed("GET, HEAD"))
         }
         _ => {}
     }

@@ -105,6 +105,11 @@ pub struct Lifecycle {
     nudged_to: AtomicU32,
 }
 
+/// The lowest job id any run issues: a run's ids start at its start time
+/// (seconds) shifted left by 24 bits ([`Lifecycle::restore`]), and no run
+/// started before 2026-01-01.
+pub const FIRST_ISSUED_ID: JobId = 1_767_225_600 << 24;
+
 /// Formats a job id for the API.
 pub fn job_id_string(id: JobId) -> String {
     format!("r{id}")
@@ -733,9 +738,10 @@ impl Lifecycle {
     }
 
     /// True when job `id` existed and is closed (or gave up). Ids from before
-    /// the last restart that are not open count as closed too.
+    /// the last restart that are not open count as closed too; an id no run
+    /// can have issued (below [`FIRST_ISSUED_ID`]) never does.
     pub fn was_closed(&self, id: JobId) -> bool {
-        self.queue.lock().was_closed(id)
+        id >= FIRST_ISSUED_ID && self.queue.lock().was_closed(id)
     }
 
     /// The job with `id`, if open.
