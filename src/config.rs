@@ -107,8 +107,8 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum IoBackend {
-    /// The preferred backend when this build and kernel support it, else
-    /// epoll (see `shard::AUTO_PREFERS`).
+    /// The backend measured faster on this kind of machine (epoll today)
+    /// when this build and kernel support both, else epoll.
     #[default]
     Auto,
     /// tokio-uring on io_uring; refuses to start when io_uring is unusable.
@@ -508,11 +508,7 @@ impl Config {
         }
         toml::Value::Table(table).try_into::<Config>().map_err(|e| {
             let msg = e.to_string();
-            // serde names the offending key as "in `section.key`".
-            let from_env = applied
-                .iter()
-                .rev()
-                .find(|(_, key)| msg.contains(&format!("`{key}`")));
+            let from_env = applied.iter().rev().find(|(_, key)| names_key(&msg, key));
             match from_env {
                 Some((var, _)) => ConfigError::Env {
                     var: var.clone(),
@@ -522,6 +518,26 @@ impl Config {
             }
         })
     }
+}
+
+/// Whether serde's error `msg` is about the dotted `key`: a wrong value is
+/// reported "in `section.key`", an unknown key (or an unknown section on
+/// the way to it) as "unknown field `name`", followed by "in `section`"
+/// below the top level.
+fn names_key(msg: &str, key: &str) -> bool {
+    if msg.contains(&format!("`{key}`")) {
+        return true;
+    }
+    let parts: Vec<&str> = key.split('.').collect();
+    (0..parts.len()).any(|i| {
+        let section = parts[..i].join(".");
+        msg.contains(&format!("unknown field `{}`", parts[i]))
+            && if section.is_empty() {
+                !msg.contains("in `")
+            } else {
+                msg.contains(&format!("in `{section}`"))
+            }
+    })
 }
 
 /// Sets `keys` in `table` to `raw`, typed like the default value at the same
@@ -976,6 +992,30 @@ mod tests {
         std::fs::write(&path, "[api]\nlisen = \"127.0.0.1:9000\"\n").unwrap();
         let err = Config::load(Some(&path), env(&[])).unwrap_err().to_string();
         assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_from_the_environment_names_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[api]\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        for file in [None, Some(path.as_path())] {
+            let err = Config::load(file, env(&[("WNSGATE_API__LISTN", "127.0.0.1:1")]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("WNSGATE_API__LISTN"), "{err}");
+            assert!(!err.contains("config file"), "{err}");
+        }
+        let err = Config::load(None, env(&[("WNSGATE_NOPE__X", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("WNSGATE_NOPE__X"), "{err}");
+        // The same typo in the file is still the file's.
+        std::fs::write(&path, "[api]\nlistn = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::load(Some(&path), env(&[("WNSGATE_API__LISTEN", "127.0.0.1:1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.toml") && !err.contains("WNSGATE_"), "{err}");
     }
 
     #[test]
