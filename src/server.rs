@@ -217,10 +217,18 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let lifecycle_thread = crate::lifecycle::LifecycleThread::start(lifecycle, crate::clock::now)
         .context("cannot start the lifecycle thread")?;
     gateway.set_ready();
+    let s = &gateway.settings;
     tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
         devices = loaded,
         refresh_jobs = jobs,
         seconds = format!("{secs:.2}"),
+        wns_apps = s.wns.apps.len(),
+        wns_target = if s.wns.connect_to.trim().is_empty() {
+            "WNS (notify.windows.com)"
+        } else {
+            s.wns.connect_to.trim()
+        },
         "ready"
     );
     Ok(Running {

@@ -74,7 +74,8 @@ pub struct JobView {
     pub created_at: String,
     pub attempts: u16,
     pub state: &'static str,
-    /// Lease end (leased) or end of the wait for a new URI (delivered).
+    /// Lease end (leased), end of the wait for a new URI (delivered), or
+    /// when a job queued again after a failure is due (queued).
     pub until: Option<String>,
     pub handed_out_via: Option<Handout>,
     /// The commands to put into the device's OMA-DM session.
@@ -769,6 +770,8 @@ impl Lifecycle {
             first_cmd_id,
         });
         let (state, until, via) = match job.state {
+            // Queued again after a failure: when it is due next.
+            JobState::Queued if job.next_at > job.created_at => ("queued", Some(job.next_at), None),
             JobState::Queued => ("queued", None, None),
             JobState::Leased { until, via } => ("leased", Some(until), Some(via)),
             JobState::Delivered { via, .. } => ("delivered", Some(job.next_at), Some(via)),
@@ -1185,5 +1188,46 @@ mod tests {
             .filter(|i| registry.get(&format!("dev-{i}")).unwrap().refresh.is_some())
             .count();
         assert_eq!(pending, 1000);
+    }
+}
+
+#[cfg(test)]
+mod view_tests {
+    use super::*;
+    use crate::testing::{registration, Services};
+
+    /// A job queued again after a failed hand-out shows when it is due
+    /// next; a fresh one is due at once and shows none.
+    #[tokio::test]
+    async fn a_job_queued_again_shows_when_it_is_due() {
+        let s = Services::new();
+        let now = crate::clock::now();
+        let rec = crate::core::merge_registration(None, registration("dev-1", "T1"), now);
+        s.commits
+            .submit(vec![Mutation::Put(rec.clone())])
+            .unwrap()
+            .await
+            .unwrap();
+        s.lifecycle
+            .channel_dead(&rec, DeadReason::Wns410, now)
+            .await;
+        let fresh = s.lifecycle.job_of("dev-1").unwrap();
+        assert_eq!((fresh.state, fresh.until), ("queued", None));
+        let leased = s
+            .lifecycle
+            .lease(10, Some(60), Handout::Lease, now)
+            .await
+            .unwrap();
+        let id = parse_job_id(&leased[0].job_id).unwrap();
+        let failed = s
+            .lifecycle
+            .complete(id, CompleteOutcome::Failed { status: Some(3) }, now)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(failed.state, "queued");
+        let due = failed.until.expect("a due time");
+        assert!(UnixTime::parse_rfc3339(&due).unwrap() > now, "{due}");
     }
 }

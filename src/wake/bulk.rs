@@ -244,5 +244,17 @@ async fn run<S: Transport>(
     // `GET /v1/pushes/{id}` says finished never counts it as running.
     drop(running);
     job.finish();
-    tracing::info!(job = %job.id(), done = job.progress().done, "bulk wake finished");
+    let p = job.progress();
+    tracing::info!(
+        job = %job.id(),
+        state = p.state.as_str(),
+        total = p.total,
+        received = p.received,
+        dropped = p.dropped,
+        throttled = p.throttled,
+        expired = p.expired,
+        failed = p.failed,
+        not_sent = p.not_sent,
+        "bulk wake finished"
+    );
 }
