@@ -218,6 +218,11 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         .context("cannot start the lifecycle thread")?;
     gateway.set_ready();
     let s = &gateway.settings;
+    if s.wns.apps.is_empty() {
+        tracing::warn!(
+            "no [[wns.apps]] configured: registrations are accepted, but every wake will fail with no_credentials"
+        );
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         devices = loaded,
