@@ -90,7 +90,7 @@ pub(crate) fn arb_record() -> impl Strategy<Value = DeviceRecord> {
     )
         .prop_map(
             |(id, pfn, uri, provider, issued, dead, refresh)| DeviceRecord {
-                device_id: DeviceId::parse(&id).unwrap(),
+                device_id: DeviceId::parse_stored(&id).unwrap(),
                 pfn: Pfn::parse(&pfn).unwrap(),
                 channel_uri: ChannelUri::from_trusted(uri).unwrap(),
                 provider_id: provider.map(|p| ProviderId::parse(&p).unwrap()),
