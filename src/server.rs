@@ -98,6 +98,10 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     // First, so `--io uring` on a machine without io_uring fails before
     // anything is opened.
     let backend = crate::shard::choose_backend(settings.io)?;
+    // Then the listeners: an address in use is refused before the data
+    // directory is created or opened.
+    let bound = ShardSet::bind(settings.listen, settings.shard_count())
+        .context("cannot start the API listeners")?;
     let metrics = crate::telemetry::metrics::install();
     let path = settings.store.path.clone();
     std::fs::create_dir_all(&path)
@@ -126,7 +130,6 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         },
     );
     let io = backend.name();
-    let listen = settings.listen;
     let shard_count = settings.shard_count();
     let sender = Arc::new(
         // One pool slot per shard, and one for the nudge thread.
@@ -185,7 +188,8 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         crate::telemetry::metrics::init_shard_series(shard);
         crate::api::ShardApi::new(gw.clone(), shard)
     };
-    let shards = ShardSet::start(Arc::new(api), listen, shard_count, backend, options)
+    let shards = bound
+        .start(Arc::new(api), backend, options)
         .context("cannot start the API listeners")?;
     let local_addr = shards.local_addr;
     tracing::info!(%local_addr, shards = shard_count, io, data = %path.display(), "listening; loading the store");

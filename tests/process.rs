@@ -499,6 +499,24 @@ fn a_port_in_use_is_named() {
     assert_refused(&out, &[&addr, "in use"]);
 }
 
+/// A port in use is refused before the data directory is created: a
+/// failed start leaves nothing behind.
+#[test]
+fn a_port_in_use_creates_no_data_directory() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = wnsgate(
+        &["serve", "--listen", &addr, "--data", data.to_str().unwrap()],
+        &[],
+    )
+    .output()
+    .unwrap();
+    assert_refused(&out, &[&addr, "in use"]);
+    assert!(!data.exists(), "{} was created", data.display());
+}
+
 #[test]
 fn a_missing_or_unusable_ca_file_is_named_by_serve_and_check_config() {
     let dir = readable_tempdir();

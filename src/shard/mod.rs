@@ -231,7 +231,7 @@ fn timed_out(what: &str) -> std::io::Error {
 /// Held by a shard thread while it starts. The shard reports [`done`]
 /// once its runtime is registered with the gateway
 /// ([`serve::ConnServer::new`]); a shard that fails to start drops it as
-/// it gives up. [`ShardSet::start`] returns once every shard has done one
+/// it gives up. [`Bound::start`] returns once every shard has done one
 /// or the other.
 ///
 /// [`done`]: Starting::done
@@ -268,20 +268,40 @@ pub struct ShardSet {
 }
 
 impl ShardSet {
-    /// Binds `count` listeners on `addr` and starts one shard thread for
-    /// each, on `backend`. Bind errors (address in use, permission) are
-    /// returned here, before any thread starts. Returns once every shard
-    /// has registered its runtime with the gateway (or failed to start and
-    /// logged why), so a bulk wake started after this reaches every shard.
+    /// Binds `count` listeners on `addr` (SO_REUSEPORT), for
+    /// [`Bound::start`]: a process binds first, so an address in use is
+    /// refused before anything else is opened or created.
+    pub fn bind(addr: SocketAddr, count: usize) -> std::io::Result<Bound> {
+        let listeners = listener::bind_reuseport(addr, count.max(1))?;
+        let local_addr = listeners[0].local_addr()?;
+        Ok(Bound {
+            listeners,
+            local_addr,
+        })
+    }
+}
+
+/// Listeners bound and not yet served.
+pub struct Bound {
+    listeners: Vec<std::net::TcpListener>,
+    /// The address every listener listens on.
+    pub local_addr: SocketAddr,
+}
+
+impl Bound {
+    /// Starts one shard thread per listener, on `backend`. Returns once
+    /// every shard has built its handler (or failed to start and logged
+    /// why), so work handed to every shard after this reaches them all.
     pub fn start<N: NewHandler>(
+        self,
         new_handler: Arc<N>,
-        addr: SocketAddr,
-        count: usize,
         backend: Backend,
         options: ShardOptions,
     ) -> std::io::Result<ShardSet> {
-        let listeners = listener::bind_reuseport(addr, count.max(1))?;
-        let local_addr = listeners[0].local_addr()?;
+        let Bound {
+            listeners,
+            local_addr,
+        } = self;
         let (phase, phase_rx) = watch::channel(Phase::Serving);
         let (starting, started) = std::sync::mpsc::channel();
         let mut threads = Vec::with_capacity(listeners.len());
@@ -318,7 +338,9 @@ impl ShardSet {
             local_addr,
         })
     }
+}
 
+impl ShardSet {
     /// Closes the listeners: new connections are refused, open ones are
     /// still served.
     pub fn stop_accepting(&self) {
