@@ -149,6 +149,8 @@ def medians(path):
             out.setdefault(m[1], []).append((float(m[2]), float(m[3].replace(",", ""))))
     return {k: (statistics.median(a for a, _ in v), statistics.median(b for _, b in v)) for k, v in out.items()}
 e, u = medians(sys.argv[1]), medians(sys.argv[2])
+if any("too short to measure" in open(f).read() for f in sys.argv[1:3]):
+    print("(sender runs too short to measure: the CPU figures below are whole clock ticks; use more devices)")
 for p in sorted(e):
     if p in u:
         print(f"{p} sender: epoll {e[p][0]:.2f} us CPU/push ({e[p][1]:,.0f}/s), uring {u[p][0]:.2f} us CPU/push "
