@@ -623,3 +623,45 @@ fn final_wns_outcomes_are_logged_with_support_headers_and_no_secrets() {
     );
     assert!(!logs.contains("Bearer"), "access token logged:\n{logs}");
 }
+
+/// `GET /v1/pushes` lists the bulk wakes, newest first, each with
+/// `selection_done` once `total` is final.
+#[test]
+fn bulk_wakes_are_listed_newest_first() {
+    let (_d, _s, gw) = start();
+    for i in 0..3 {
+        register(&gw, &format!("l{i}"), &format!("AwYAAADl{i}"));
+    }
+    let empty = gw.client().get("/v1/pushes").unwrap();
+    assert_eq!(empty.status, 200, "{}", empty.text());
+    assert_eq!(empty.json()["jobs"], json!([]));
+    let first = create_job(&gw, &json!({"device_ids": ["l0", "l1"]})).json()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_job(&gw, &first);
+    // created_at is to the second: the second job is a second younger.
+    std::thread::sleep(Duration::from_millis(1100));
+    let second = create_job(&gw, &json!({"all": true})).json()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = wait_job(&gw, &second);
+    assert_eq!(done["selection_done"], true, "{done}");
+    assert_eq!(done["total"], 3, "{done}");
+    let list = gw.client().get("/v1/pushes").unwrap().json();
+    let ids: Vec<&str> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![second.as_str(), first.as_str()], "{list}");
+    assert_eq!(list["jobs"][1]["received"], 2, "{list}");
+    let r = gw.client().request("PUT", "/v1/pushes", None, b"").unwrap();
+    assert_eq!(r.status, 405);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("GET, POST"));
+}

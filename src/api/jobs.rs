@@ -1,4 +1,4 @@
-//! Bulk wakes: `POST /v1/pushes`, `GET /v1/pushes/{id}`,
+//! Bulk wakes: `POST /v1/pushes`, `GET /v1/pushes`, `GET /v1/pushes/{id}`,
 //! `DELETE /v1/pushes/{id}`: the request, its checks and the progress as
 //! JSON. The job itself runs in [`crate::wake::bulk`].
 
@@ -46,28 +46,39 @@ struct JobView<'a> {
     failed: u64,
     not_sent: u64,
     done: u64,
+    /// Every device is selected: `total` is final.
+    selection_done: bool,
 }
 
 fn view(job: &Job) -> Resp {
+    json_response(StatusCode::OK, &job_view(job))
+}
+
+fn job_view(job: &Job) -> JobView<'_> {
     let p = job.progress();
-    json_response(
-        StatusCode::OK,
-        &JobView {
-            job_id: job.id(),
-            state: p.state.as_str(),
-            created_at: job.created_at(),
-            rate_per_second: job.rate_per_second(),
-            total: p.total,
-            pending: p.pending,
-            received: p.received,
-            dropped: p.dropped,
-            throttled: p.throttled,
-            expired: p.expired,
-            failed: p.failed,
-            not_sent: p.not_sent,
-            done: p.done,
-        },
-    )
+    JobView {
+        job_id: job.id(),
+        state: p.state.as_str(),
+        created_at: job.created_at(),
+        rate_per_second: job.rate_per_second(),
+        total: p.total,
+        pending: p.pending,
+        received: p.received,
+        dropped: p.dropped,
+        throttled: p.throttled,
+        expired: p.expired,
+        failed: p.failed,
+        not_sent: p.not_sent,
+        done: p.done,
+        selection_done: job.selection_done(),
+    }
+}
+
+/// `GET /v1/pushes`: every bulk wake running or remembered, newest first.
+pub(crate) fn list(gw: &Gateway) -> Resp {
+    let jobs = gw.wakes.jobs();
+    let views: Vec<JobView<'_>> = jobs.iter().map(|j| job_view(j)).collect();
+    json_response(StatusCode::OK, &serde_json::json!({ "jobs": views }))
 }
 
 /// `POST /v1/pushes`.

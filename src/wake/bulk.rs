@@ -62,6 +62,13 @@ impl<S: Transport> WakeService<S> {
         Ok(job)
     }
 
+    /// Every bulk wake running or remembered, newest first.
+    pub fn jobs(&self) -> Vec<Arc<Job>> {
+        let mut jobs: Vec<Arc<Job>> = self.jobs.iter().map(|j| j.clone()).collect();
+        jobs.sort_by(|a, b| b.created_at().cmp(a.created_at()).then(b.id().cmp(a.id())));
+        jobs
+    }
+
     /// The bulk wake `id`, running or remembered.
     pub fn job(&self, id: &str) -> Option<Arc<Job>> {
         self.jobs.get(id).map(|j| j.clone())

@@ -103,6 +103,11 @@ impl Job {
         self.rate_per_second
     }
 
+    /// Every device the job wakes is selected: `total` is final.
+    pub fn selection_done(&self) -> bool {
+        self.selection_done.load(Ordering::Acquire)
+    }
+
     pub fn is_finished(&self) -> bool {
         self.finished.load(Ordering::Acquire)
     }
