@@ -11,8 +11,14 @@ use std::sync::mpsc;
 /// (see [`crate::server::Running::shutdown`]) and returns. A second signal
 /// during shutdown exits at once with status 130; a shutdown that takes
 /// longer than [`crate::server::SHUTDOWN_LIMIT`] exits with status 1.
-pub fn serve(settings: Settings) -> anyhow::Result<()> {
+/// `config` is the file the settings came from, for the start-up log.
+pub fn serve(settings: Settings, config: Option<&Path>) -> anyhow::Result<()> {
     crate::telemetry::logging::init(settings.log.format, &settings.log.level);
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %config.map_or("(none: defaults and WNSGATE_* variables)".into(), |p| p.display().to_string()),
+        "starting"
+    );
     let first_signal = spawn_signal_watcher()?;
     let running = crate::server::start(settings)?;
     println!("listening on http://{}", running.local_addr);

@@ -149,7 +149,8 @@ fn main() -> ExitCode {
             if let Some(v) = log_format {
                 overrides.push(("WNSGATE_LOG__FORMAT".into(), enum_name(&v)));
             }
-            load_settings(config.as_deref(), overrides).and_then(wnsgate::cli::serve)
+            load_settings(config.as_deref(), overrides)
+                .and_then(|s| wnsgate::cli::serve(s, config.as_deref()))
         }
         Cmd::CheckConfig { file } => load_settings(file.as_deref(), Vec::new()).and_then(|s| {
             let notes = wnsgate::server::preflight(&s)?;
