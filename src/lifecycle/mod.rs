@@ -1039,14 +1039,6 @@ impl LifecycleThread {
         })
     }
 
-    /// Stops the thread after its current step.
-    pub fn stop(mut self) {
-        let _ = self.stop.send(());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-
     /// Stops the thread after its current step, waiting at most `budget`
     /// for it (a webhook call may take its whole timeout). Returns whether
     /// it ended; if not, it is left to end on its own.

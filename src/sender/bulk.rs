@@ -46,11 +46,9 @@ struct Flight<T> {
 }
 
 /// The wakes one task drives: see the module documentation.
-pub struct WakeBatch<T, N> {
+pub struct WakeBatch<T> {
     sender: Arc<WnsSender>,
     shard: usize,
-    /// Wall time, for `Retry-After` dates and the reports.
-    now: N,
     sink: Arc<Sink>,
     /// Wakes on the wire, by tag.
     flights: Vec<Option<Flight<T>>>,
@@ -66,17 +64,12 @@ pub struct WakeBatch<T, N> {
     pool: Option<Arc<AuthorityPool>>,
 }
 
-impl<T, N> WakeBatch<T, N>
-where
-    T: WakeTarget,
-    N: Fn() -> UnixTime + Clone + Send + Sync + 'static,
-{
+impl<T: WakeTarget> WakeBatch<T> {
     /// An empty batch sending from `shard`'s connections.
-    pub fn new(sender: Arc<WnsSender>, shard: usize, now: N) -> WakeBatch<T, N> {
+    pub fn new(sender: Arc<WnsSender>, shard: usize) -> WakeBatch<T> {
         WakeBatch {
             sender,
             shard,
-            now,
             sink: Sink::new(),
             flights: Vec::new(),
             free: Vec::new(),
@@ -181,7 +174,7 @@ where
                 let mut ended = std::mem::take(&mut self.ended);
                 // One clock reading for all the answers a drain finds:
                 // they came in the same read or so.
-                let (got, at) = (crate::clock::instant(), (self.now)());
+                let (got, at) = (crate::clock::instant(), crate::clock::now());
                 for tag in ended.drain(..) {
                     self.answered(tag as usize, got, at);
                 }
@@ -260,18 +253,10 @@ where
         wait: Option<std::time::Duration>,
         started: Instant,
     ) {
-        let (sender, shard, now) = (self.sender.clone(), self.shard, self.now.clone());
+        let (sender, shard) = (self.sender.clone(), self.shard);
         self.slow.push(Box::pin(async move {
             let report = sender
-                .wake_on(
-                    shard,
-                    target.uri(),
-                    target.pfn(),
-                    &now,
-                    tries,
-                    wait,
-                    started,
-                )
+                .wake_on(shard, target.uri(), target.pfn(), tries, wait, started)
                 .await;
             (target, report)
         }));

@@ -299,37 +299,28 @@ impl WnsSender {
     }
 
     /// Sends one wake-up to `uri` with the credentials of `pfn`, retrying
-    /// as the core decides, and reports the final result. `now` gives wall
-    /// time for `Retry-After` dates and the report.
-    pub async fn wake(
-        &self,
-        shard: usize,
-        uri: &ChannelUri,
-        pfn: &str,
-        now: impl Fn() -> UnixTime,
-    ) -> WakeReport {
+    /// as the core decides, and reports the final result.
+    pub async fn wake(&self, shard: usize, uri: &ChannelUri, pfn: &str) -> WakeReport {
         let started = crate::clock::instant();
         self.begun();
-        self.wake_on(shard, uri, pfn, &now, Tries::new(), None, started)
+        self.wake_on(shard, uri, pfn, Tries::new(), None, started)
             .await
     }
 
     /// Goes on with a wake already counted in flight since `started`:
     /// first waits `wait`, then sends (again) and follows the answers.
-    #[allow(clippy::too_many_arguments)]
     pub(super) async fn wake_on(
         &self,
         shard: usize,
         uri: &ChannelUri,
         pfn: &str,
-        now: &impl Fn() -> UnixTime,
         tries: Tries,
         wait: Option<Duration>,
         started: Instant,
     ) -> WakeReport {
         let mut answered = None;
         let report = self
-            .attempts(shard, uri, pfn, now, tries, wait, &mut answered)
+            .attempts(shard, uri, pfn, tries, wait, &mut answered)
             .await;
         self.finished(uri, pfn, &report, started, answered);
         report
@@ -355,17 +346,16 @@ impl WnsSender {
     }
 
     /// The request, answer and retry loop of [`WnsSender::wake`].
-    #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
         shard: usize,
         uri: &ChannelUri,
         pfn: &str,
-        now: &impl Fn() -> UnixTime,
         mut tries: Tries,
         mut wait: Option<Duration>,
         answered: &mut Option<Instant>,
     ) -> WakeReport {
+        let now = &crate::clock::now;
         let Some(app) = self.apps.get(pfn) else {
             return no_credentials(pfn, now());
         };

@@ -21,6 +21,7 @@
 //! was checksummed, so this means a bug or a newer format, not a torn
 //! write).
 
+use super::codec::put_leb;
 use super::{codec, job_codec, Mutation};
 use crate::core::{ChannelUri, DeviceId, UnixTime};
 
@@ -49,18 +50,6 @@ pub enum BatchError {
     Invalid(String),
     #[error("{0} bytes after the last mutation")]
     Trailing(usize),
-}
-
-fn put_leb(out: &mut Vec<u8>, mut n: u64) {
-    loop {
-        let low = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            out.push(low);
-            return;
-        }
-        out.push(low | 0x80);
-    }
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {

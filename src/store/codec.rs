@@ -119,17 +119,21 @@ fn put_field(out: &mut Vec<u8>, tag: u8, payload: &[u8]) {
         payload.len()
     );
     out.push(tag);
-    let mut n = payload.len();
+    put_leb(out, payload.len() as u64);
+    out.extend_from_slice(payload);
+}
+
+/// Appends `n` as unsigned LEB128 (the store's lengths).
+pub(super) fn put_leb(out: &mut Vec<u8>, mut n: u64) {
     loop {
         let low = (n & 0x7f) as u8;
         n >>= 7;
         if n == 0 {
             out.push(low);
-            break;
+            return;
         }
         out.push(low | 0x80);
     }
-    out.extend_from_slice(payload);
 }
 
 /// Why a stored value could not be decoded.

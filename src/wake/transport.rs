@@ -7,7 +7,7 @@
 //! are tested in-process, with paused time.
 
 use super::WakeReport;
-use crate::core::{ChannelUri, UnixTime};
+use crate::core::ChannelUri;
 use crate::sender::bulk::WakeBatch;
 pub use crate::sender::bulk::WakeTarget;
 use crate::sender::wake::WnsSender;
@@ -48,7 +48,7 @@ pub trait Batch<T>: Send + 'static {
 }
 
 impl Transport for WnsSender {
-    type Batch<T: WakeTarget> = WakeBatch<T, fn() -> UnixTime>;
+    type Batch<T: WakeTarget> = WakeBatch<T>;
 
     fn send_wake(
         &self,
@@ -56,15 +56,15 @@ impl Transport for WnsSender {
         uri: &ChannelUri,
         pfn: &str,
     ) -> impl Future<Output = WakeReport> + Send {
-        self.wake(shard, uri, pfn, crate::clock::now)
+        self.wake(shard, uri, pfn)
     }
 
     fn batch<T: WakeTarget>(self: &Arc<Self>, shard: usize) -> Self::Batch<T> {
-        WakeBatch::new(self.clone(), shard, crate::clock::now as fn() -> UnixTime)
+        WakeBatch::new(self.clone(), shard)
     }
 }
 
-impl<T: WakeTarget> Batch<T> for WakeBatch<T, fn() -> UnixTime> {
+impl<T: WakeTarget> Batch<T> for WakeBatch<T> {
     fn start(&mut self, target: T) -> Result<(), T> {
         WakeBatch::start(self, target)
     }
