@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use wnsgate::core::{ChannelUri, DeviceId, DeviceRecord, Pfn, ProviderId, UnixTime};
 use wnsgate::store::{
-    Committer, CommitterConfig, FjallOptions, FjallStore, Mutation, Page, Store, StoreError, Ticket,
+    Committer, CommitterConfig, FjallOptions, FjallStore, Mutation, Store, StoreError, Ticket,
 };
 
 const SUBMISSION: usize = 1000;
@@ -156,24 +156,6 @@ impl Store for Counting {
     }
     fn scan_all(&self, visit: &mut dyn FnMut(DeviceRecord)) -> Result<u64, StoreError> {
         self.inner.scan_all(visit)
-    }
-    fn page(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-        budget: usize,
-        filter: &dyn Fn(&DeviceRecord) -> bool,
-    ) -> Result<Page, StoreError> {
-        self.inner.page(after, limit, budget, filter)
-    }
-    fn issued_between(
-        &self,
-        from: UnixTime,
-        to: UnixTime,
-        after: Option<(UnixTime, &str)>,
-        limit: usize,
-    ) -> Result<Vec<(UnixTime, wnsgate::core::DeviceId)>, StoreError> {
-        self.inner.issued_between(from, to, after, limit)
     }
     fn scan_jobs(&self, visit: &mut dyn FnMut(wnsgate::core::Job)) -> Result<u64, StoreError> {
         self.inner.scan_jobs(visit)

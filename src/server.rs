@@ -66,10 +66,7 @@ pub fn apply_to_registry(registry: &Registry, batch: &[Mutation]) {
             Mutation::Delete(id) => {
                 registry.remove(id.as_str());
             }
-            Mutation::Guard { .. }
-            | Mutation::Unindex { .. }
-            | Mutation::PutJob(_)
-            | Mutation::DeleteJob(_) => {}
+            Mutation::Guard { .. } | Mutation::PutJob(_) | Mutation::DeleteJob(_) => {}
         }
     }
 }
@@ -153,7 +150,6 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let wakes = Arc::new(WakeService::new(
         sender,
         registry.clone(),
-        store.clone(),
         lifecycle.clone(),
         settings.thresholds,
         shard_count,

@@ -21,7 +21,6 @@ pub(crate) const PFN: &str = "Contoso.MDM_8wekyb3d8bbwe";
 pub(crate) struct Services {
     pub(crate) settings: Settings,
     pub(crate) registry: Arc<Registry>,
-    pub(crate) store: Arc<dyn Store>,
     pub(crate) commits: CommitHandle,
     pub(crate) lifecycle: Arc<Lifecycle>,
     _committer: CommitterJoin,
@@ -53,7 +52,6 @@ impl Services {
         Services {
             settings,
             registry,
-            store,
             commits,
             lifecycle,
             _committer: committer,

@@ -144,6 +144,9 @@ fn register_read_update_list_delete() {
             None => break,
         }
     }
+    // Listing order is the partition, then the id within it: each device
+    // once.
+    seen.sort();
     assert_eq!(seen, vec!["dev-1", "mid", "new", "old"]);
 
     assert_eq!(

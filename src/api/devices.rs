@@ -8,11 +8,10 @@ use super::limits::{
 };
 use super::response::{json_response, no_content, Resp};
 use super::view::DeviceView;
-use crate::core::{
-    ChannelUri, DeviceId, DeviceRecord, LifecycleState, Pfn, ProviderId, Registration, UnixTime,
-};
+use crate::core::{ChannelUri, DeviceId, LifecycleState, Pfn, ProviderId, Registration, UnixTime};
 use crate::gateway::Gateway;
 use crate::registration::Registered;
+use crate::registry::{Cursor, Marks};
 use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
@@ -195,41 +194,47 @@ pub(crate) async fn list_devices(
     }
     let now = gw.now();
     let th = gw.settings.thresholds;
-    let store = gw.store.clone();
+    let registry = gw.registry.clone();
     let page = tokio::task::spawn_blocking(move || {
-        let filter = move |r: &DeviceRecord| state.is_none_or(|s| r.state_at(&th, now).state == s);
-        store.page(after.as_deref(), limit, LIST_PAGE_SCAN_RECORDS_MAX, &filter)
+        let filter = move |m: &Marks| {
+            state.is_none_or(|s| {
+                th.state_with_refresh(m.issued_at, m.dead, m.refresh, now)
+                    .state
+                    == s
+            })
+        };
+        registry.page(after.as_ref(), limit, LIST_PAGE_SCAN_RECORDS_MAX, &filter)
     })
     .await
-    .map_err(|_| ApiError::unavailable("internal", "listing task failed"))??;
+    .map_err(|_| ApiError::unavailable("internal", "listing task failed"))?;
     let view = PageView {
         devices: page
             .records
             .iter()
             .map(|r| DeviceView::new(r, &th, now))
             .collect(),
-        next_cursor: page.next_after.as_deref().map(encode_cursor),
+        next_cursor: page.next.as_ref().map(encode_cursor),
     };
     Ok(json_response(StatusCode::OK, &view))
 }
 
-/// Cursors are the hex of the last device id examined: opaque to callers,
-/// safe in a query string.
-fn encode_cursor(id: &str) -> String {
-    id.bytes().map(|b| format!("{b:02x}")).collect()
+/// Cursors are the hex of where the listing stopped (a partition and the
+/// last id examined in it): opaque to callers, safe in a query string.
+fn encode_cursor(c: &Cursor) -> String {
+    c.to_bytes().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn decode_cursor(s: &str) -> Result<String, ApiError> {
+fn decode_cursor(s: &str) -> Result<Cursor, ApiError> {
     let bad = || ApiError::bad_request("invalid_cursor", "cursor is not one this gateway returned");
-    if s.len() % 2 != 0 || s.len() > 2 * crate::core::ids::MAX_DEVICE_ID_LEN {
+    if s.len() % 2 != 0 || s.len() > 2 * (2 + crate::registry::key::MAX_KEY_LEN) {
         return Err(bad());
     }
     let bytes = (0..s.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
-        .collect::<Result<Vec<u8>, _>>()
-        .map_err(|_| bad())?;
-    String::from_utf8(bytes).map_err(|_| bad())
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(bad)?;
+    Cursor::from_bytes(&bytes).ok_or_else(bad)
 }
 
 #[derive(Serialize)]
@@ -288,11 +293,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cursors_round_trip() {
-        for id in ["a", "{6F1C}", "x&y=z+1"] {
-            assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
+    fn cursors_round_trip_and_bad_ones_are_refused() {
+        for bytes in [&[0u8, 0][..], &[0, 7, 0, b'a'], &[3, 255, 1, 9, 9]] {
+            let c = Cursor::from_bytes(bytes).unwrap();
+            assert_eq!(decode_cursor(&encode_cursor(&c)).unwrap(), c);
         }
-        assert!(decode_cursor("zz").is_err());
-        assert!(decode_cursor("abc").is_err());
+        for bad in ["zz", "abc", "", "00", "é1", "0é"] {
+            assert!(decode_cursor(bad).is_err(), "{bad:?}");
+        }
+        assert!(decode_cursor(&"00".repeat(2 + crate::registry::key::MAX_KEY_LEN + 1)).is_err());
     }
 }

@@ -8,6 +8,7 @@
 pub mod channel_uri;
 pub mod ids;
 pub mod lifecycle;
+pub mod partition;
 pub mod record;
 pub mod refresh;
 pub mod syncml;
@@ -17,6 +18,7 @@ pub mod wns;
 pub use channel_uri::{ChannelUri, ChannelUriError, UriPolicy};
 pub use ids::{DeviceId, IdError, Pfn, ProviderId};
 pub use lifecycle::{DeadReason, LeaveReason, LifecycleState, Thresholds};
+pub use partition::Partitioning;
 pub use record::{
     merge_registration, DeadMark, DeviceRecord, RefreshMark, RefreshState, Registration,
 };

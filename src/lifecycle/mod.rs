@@ -54,12 +54,11 @@ const _: () = assert!(
 /// What a sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
-    /// Index entries read.
+    /// Devices read from the issued-at index (those issued in the swept
+    /// range).
     pub examined: u64,
     /// Refresh jobs opened for devices expired by age.
     pub opened: u64,
-    /// Stale index entries dropped (deleted or re-registered devices).
-    pub stale: u64,
 }
 
 /// A job as the API shows it, with its SyncML.
@@ -180,20 +179,23 @@ impl Lifecycle {
                 .max(expired_before + 1),
         );
         let to = UnixTime(due_before.saturating_add(1));
-        let mut pages = self.issued_pages(from, to);
+        let mut pages = self
+            .registry
+            .issued_between(from, to, self.settings.sweep_batch);
         let mut offered = 0;
-        while let Some(page) = pages.next_page()? {
-            for (at, id) in page {
-                let eligible = self
-                    .registry
-                    .get(id.as_str())
-                    .is_some_and(|r| r.issued_at == at && r.dead.is_none() && r.refresh.is_none());
-                if !eligible {
+        while let Some(page) = pages.next_page() {
+            for r in page {
+                if r.dead.is_some() || r.refresh.is_some() {
                     continue;
                 }
-                if nudges.try_send(id).is_err() {
-                    // The queue is full: the next run starts here.
-                    self.nudged_to.store(at.0, Ordering::Relaxed);
+                let at = r.issued_at;
+                if nudges.try_send(r.device_id).is_err() {
+                    // The queue is full: the next run starts again at this
+                    // minute (the index is read a minute at a time, in no
+                    // order within one), so a few devices may be offered
+                    // twice; the nudge thread joins wakes already pending.
+                    self.nudged_to
+                        .store((at.0 - at.0 % 60).max(from.0), Ordering::Relaxed);
                     return Ok(offered);
                 }
                 offered += 1;
@@ -826,28 +828,15 @@ impl Lifecycle {
         let rewind = self.rewind_to.swap(u32::MAX, Ordering::Relaxed);
         let from = UnixTime(self.swept_to.load(Ordering::Relaxed).min(rewind));
         let mut report = SweepReport::default();
-        let mut pages = self.issued_pages(from, to);
+        let mut pages = self
+            .registry
+            .issued_between(from, to, self.settings.sweep_batch);
         let mut inflight = std::collections::VecDeque::new();
-        while let Some(page) = pages.next_page()? {
+        while let Some(page) = pages.next_page() {
             report.examined += page.len() as u64;
-            let mut stale = Vec::new();
             {
                 let mut q = self.queue.lock();
-                for (at, id) in page.iter() {
-                    let Some(mut rec) = self.registry.get(id.as_str()) else {
-                        stale.push(Mutation::Unindex {
-                            issued_at: *at,
-                            device_id: id.clone(),
-                        });
-                        continue;
-                    };
-                    if rec.issued_at != *at {
-                        stale.push(Mutation::Unindex {
-                            issued_at: *at,
-                            device_id: id.clone(),
-                        });
-                        continue;
-                    }
+                for mut rec in page {
                     if rec.refresh.is_some() {
                         continue;
                     }
@@ -861,16 +850,11 @@ impl Lifecycle {
                         match self.submit_with_backpressure(muts, &mut inflight, &mut report) {
                             Ok(t) => inflight.push_back((t, Some((job, reason)))),
                             Err(e) => {
-                                q.remove_device(id.as_str());
+                                q.remove_device(rec.device_id.as_str());
                                 return Err(e);
                             }
                         }
                     }
-                }
-                report.stale += stale.len() as u64;
-                if !stale.is_empty() {
-                    let t = self.submit_with_backpressure(stale, &mut inflight, &mut report)?;
-                    inflight.push_back((t, None));
                 }
             }
             // Keep the store busy with the next page while this one syncs,
@@ -890,16 +874,6 @@ impl Lifecycle {
         metrics::counter!(m::LIFECYCLE_SWEEP_EXAMINED).increment(report.examined);
         self.publish_stats(now);
         Ok(report)
-    }
-
-    fn issued_pages(&self, from: UnixTime, to: UnixTime) -> IssuedPages<'_> {
-        IssuedPages {
-            store: &*self.store,
-            from,
-            to,
-            after: None,
-            batch: self.settings.sweep_batch,
-        }
     }
 
     /// Waits for one sweep submission and accounts for it.
@@ -944,27 +918,6 @@ impl Lifecycle {
     }
 }
 
-/// Pages through the issued-at index entries with `from <= issued_at < to`.
-struct IssuedPages<'a> {
-    store: &'a dyn Store,
-    from: UnixTime,
-    to: UnixTime,
-    after: Option<(UnixTime, DeviceId)>,
-    batch: usize,
-}
-
-impl IssuedPages<'_> {
-    /// The next page; `None` once the range is read.
-    fn next_page(&mut self) -> Result<Option<Vec<(UnixTime, DeviceId)>>, StoreError> {
-        let after = self.after.as_ref().map(|(t, id)| (*t, id.as_str()));
-        let page = self
-            .store
-            .issued_between(self.from, self.to, after, self.batch)?;
-        self.after = page.last().cloned();
-        Ok(self.after.is_some().then_some(page))
-    }
-}
-
 /// A bounded label for a leave reason.
 pub fn reason_label(r: LeaveReason) -> &'static str {
     match r {
@@ -1002,10 +955,9 @@ impl LifecycleThread {
                     let t = now();
                     if t.0 >= next_sweep {
                         match lc.sweep(t) {
-                            Ok(r) if r.opened > 0 || r.stale > 0 => tracing::info!(
+                            Ok(r) if r.opened > 0 => tracing::info!(
                                 examined = r.examined,
                                 opened = r.opened,
-                                stale = r.stale,
                                 "expiry sweep"
                             ),
                             Ok(_) => {}

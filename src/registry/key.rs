@@ -78,8 +78,11 @@ impl RecordKey {
 }
 
 impl Hash for RecordKey {
+    /// One write of the encoded bytes, nothing else: the registry's map
+    /// hasher hashes exactly those (keys are never hashed together with
+    /// anything, so no length prefix is needed).
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.hash(state)
+        state.write(&self.0)
     }
 }
 

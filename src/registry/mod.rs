@@ -56,6 +56,7 @@
 //! dashmap's `raw-api`, to prefetch what a batch of lookups will touch.
 mod histogram;
 pub mod interner;
+mod issued;
 pub mod key;
 pub mod record;
 #[cfg(test)]
@@ -65,12 +66,17 @@ mod uri;
 pub use key::{KeyBuf, RecordKey};
 pub use record::{CompactRecord, RecordCodec};
 
+use crate::core::partition::PARTITIONS_MAX;
 use crate::core::wns::{Outcome, PushResult};
-use crate::core::{DeviceRecord, Thresholds, UnixTime};
+use crate::core::{DeadMark, DeviceRecord, Partitioning, RefreshMark, Thresholds, UnixTime};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use histogram::{Bucket, Histogram};
-use std::hash::RandomState;
+use issued::IssuedIndex;
+use std::collections::BinaryHeap;
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// A device's last push outcome, packed into the map slot: when, the final
 /// result ([`PushResult::code`]), the last WNS outcome ([`LastPush::outcome_code`]),
@@ -148,52 +154,175 @@ impl LastPush {
 /// in the order of `LifecycleState::ALL`.
 pub type StateCounts = [u64; 5];
 
-/// The in-memory registry of device records.
+/// Bits of a map hash that carry the device's partition (see
+/// [`PartHasher`]). Below hashbrown's 7-bit tag (bits 57..64) and
+/// dashmap's shard bits (the few just below it), above any bucket index a
+/// table of under 2^40 slots uses.
+const PART_SHIFT: u32 = 40;
+const PART_MASK: u64 = 0xfff << PART_SHIFT;
+const _: () = assert!(PARTITIONS_MAX as u64 <= (PART_MASK >> PART_SHIFT) + 1);
+/// Lock shards of one partition's map (dashmap's minimum).
+const PART_SHARDS: usize = 2;
+
+/// The map hasher of one partition: XXH3-64 of the encoded key with a seed
+/// drawn once per registry, so no one can choose ids that collide, with the
+/// partition in bits 40..52. From any device's hash, then, the registry
+/// finds its partition and its slot: the issued-at index keeps nothing
+/// else.
+#[derive(Clone)]
+pub(crate) struct PartHasher {
+    seed: u64,
+    part: u64,
+}
+
+impl BuildHasher for PartHasher {
+    type Hasher = PartHash;
+    fn build_hasher(&self) -> PartHash {
+        PartHash {
+            seed: self.seed,
+            part: self.part,
+            h: 0,
+        }
+    }
+}
+
+pub(crate) struct PartHash {
+    seed: u64,
+    part: u64,
+    h: u64,
+}
+
+impl Hasher for PartHash {
+    fn write(&mut self, bytes: &[u8]) {
+        self.h = xxh3_64_with_seed(bytes, self.seed ^ self.h);
+    }
+    fn finish(&self) -> u64 {
+        (self.h & !PART_MASK) | (self.part << PART_SHIFT)
+    }
+}
+
+type Part = DashMap<CompactRecord, u64, PartHasher>;
+
+/// A device id encoded for the map, with its partition: what
+/// [`Registry::record_pushes`] takes.
+pub struct DeviceKey {
+    part: u16,
+    key: KeyBuf,
+}
+
+/// The lifecycle fields of a record, read without decoding it: what a
+/// listing filters on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Marks {
+    pub issued_at: UnixTime,
+    pub dead: Option<DeadMark>,
+    pub refresh: Option<RefreshMark>,
+}
+
+impl Marks {
+    fn of(rec: &CompactRecord) -> Marks {
+        Marks {
+            issued_at: rec.issued_at(),
+            dead: rec.dead(),
+            refresh: rec.refresh(),
+        }
+    }
+}
+
+/// The in-memory registry of device records, one map per partition.
 pub struct Registry {
-    map: DashMap<CompactRecord, u64, RandomState>,
+    parts: Box<[Part]>,
+    partitioning: Partitioning,
     codec: RecordCodec,
     histogram: Histogram,
+    issued: IssuedIndex,
+    len: AtomicUsize,
 }
 
 impl Registry {
-    /// An empty registry.
+    /// An empty registry with the default partition count.
     pub fn new() -> Registry {
         Self::with_capacity(0)
     }
 
-    /// An empty registry sized for about `n` devices.
+    /// An empty registry with the default partition count, sized for about
+    /// `n` devices.
     pub fn with_capacity(n: usize) -> Registry {
-        Self::with_parts(n, RecordCodec::new())
+        Self::with_partitions(Partitioning::default(), n)
     }
 
-    fn with_parts(n: usize, codec: RecordCodec) -> Registry {
+    /// An empty registry over `partitioning`, sized for about `n` devices.
+    pub fn with_partitions(partitioning: Partitioning, n: usize) -> Registry {
+        Self::with_codec(partitioning, n, RecordCodec::new())
+    }
+
+    fn with_codec(partitioning: Partitioning, n: usize, codec: RecordCodec) -> Registry {
+        let count = usize::from(partitioning.count());
+        let seed = RandomState::new().hash_one(0x7773_6761_7465_u64);
+        let per_part = n.div_ceil(count);
         Registry {
-            map: DashMap::with_capacity_and_hasher(n, RandomState::new()),
+            parts: (0..count)
+                .map(|p| {
+                    Part::with_capacity_and_hasher_and_shard_amount(
+                        per_part,
+                        PartHasher {
+                            seed,
+                            part: p as u64,
+                        },
+                        PART_SHARDS,
+                    )
+                })
+                .collect(),
+            partitioning,
             codec,
             histogram: Histogram::new(),
+            issued: IssuedIndex::default(),
+            len: AtomicUsize::new(0),
         }
+    }
+
+    /// How devices are split into partitions.
+    pub fn partitioning(&self) -> Partitioning {
+        self.partitioning
+    }
+
+    /// The map key of `device_id`; `None` when no device can have that id.
+    pub fn key(&self, device_id: &str) -> Option<DeviceKey> {
+        Some(DeviceKey {
+            part: self.partitioning.of(device_id),
+            key: KeyBuf::encode(device_id)?,
+        })
+    }
+
+    fn part(&self, key: &DeviceKey) -> &Part {
+        &self.parts[usize::from(key.part)]
     }
 
     /// Inserts or replaces the record for `rec.device_id`. Returns true when
     /// the device was not present before.
     pub fn upsert(&self, rec: &DeviceRecord) -> bool {
+        let part = &self.parts[usize::from(self.partitioning.of(rec.device_id.as_str()))];
         let new = self.codec.encode(rec);
         let (to, spread) = (Bucket::of(&new), new.key().spread());
         let issued = new.issued_at();
-        let (from, old) = match self.map.entry(new) {
+        let hash = part.hash_usize(&new.key()) as u64;
+        let (from, old) = match part.entry(new) {
             Entry::Occupied(e) => {
                 // The last push outlives an update of the same channel life
                 // (a dead or refresh mark), not a new channel.
-                let push = if e.key().issued_at() == issued {
-                    *e.get()
-                } else {
-                    0
-                };
+                let was = e.key().issued_at();
+                let push = if was == issued { *e.get() } else { 0 };
+                // Under the entry's lock, so the index moves in the same
+                // order as the record.
+                self.issued
+                    .shift(hash, Some(minute(was)), Some(minute(issued)));
                 let (old, _) = e.replace_entry(push);
                 (Some(Bucket::of(&old)), Some(old))
             }
             Entry::Vacant(e) => {
+                self.issued.shift(hash, None, Some(minute(issued)));
                 e.insert(0);
+                self.len.fetch_add(1, Ordering::Relaxed);
                 (None, None)
             }
         };
@@ -205,18 +334,18 @@ impl Registry {
 
     /// The record for `device_id`, decoded.
     pub fn get(&self, device_id: &str) -> Option<DeviceRecord> {
-        let key = KeyBuf::encode(device_id)?;
-        let entry = self.map.get(key.as_key())?;
+        let key = self.key(device_id)?;
+        let entry = self.part(&key).get(key.key.as_key())?;
         self.decode(entry.key())
     }
 
     /// Records the outcome of a push to `device_id`, in place. False when the
     /// device is gone.
     pub fn record_push(&self, device_id: &str, push: LastPush) -> bool {
-        let Some(key) = KeyBuf::encode(device_id) else {
+        let Some(key) = self.key(device_id) else {
             return false;
         };
-        match self.map.get_mut(key.as_key()) {
+        match self.part(&key).get_mut(key.key.as_key()) {
             Some(mut slot) => {
                 *slot = push.pack();
                 true
@@ -233,40 +362,43 @@ impl Registry {
     /// slot, record), and one at a time each miss waits for the one before.
     /// Here the lookups go in three passes, each prefetching what the next
     /// reads, so their misses overlap.
-    pub fn record_pushes(&self, pushes: &[(KeyBuf, LastPush)]) -> usize {
-        let mut order: Vec<(usize, u64, usize)> = pushes
+    pub fn record_pushes(&self, pushes: &[(DeviceKey, LastPush)]) -> usize {
+        let mut order: Vec<(u16, usize, u64, usize)> = pushes
             .iter()
             .enumerate()
             .map(|(i, (key, _))| {
-                let hash = self.map.hash_usize(&key.as_key()) as u64;
-                (self.map.determine_shard(hash as usize), hash, i)
+                let part = self.part(key);
+                let hash = part.hash_usize(&key.key.as_key()) as u64;
+                (key.part, part.determine_shard(hash as usize), hash, i)
             })
             .collect();
         // By shard, and in order within one: of two pushes to one device,
         // the later is kept.
-        order.sort_unstable_by_key(|&(shard, _, i)| (shard, i));
+        order.sort_unstable_by_key(|&(part, shard, _, i)| (part, shard, i));
+        let table_of = |part: u16, shard: usize| &self.parts[usize::from(part)].shards()[shard];
         // Pass 1, over every push: where each probe starts (hashbrown's
         // layout: control bytes from `data_end`, slot `i` at
         // `data_end - (i + 1)`). The tables' addresses are read under their
         // locks, and may be stale by the time they are prefetched: that is
         // harmless, a prefetch is a hint and never faults.
-        let mut tables: Vec<Option<(*const u8, usize)>> = vec![None; self.map.shards().len()];
-        for &(shard, hash, _) in &order {
-            let (ctrl, mask) = *tables[shard].get_or_insert_with(|| {
-                let table = self.map.shards()[shard].read();
+        for group in order.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+            let (ctrl, mask) = {
+                let table = table_of(group[0].0, group[0].1).read();
                 (table.data_end().as_ptr() as *const u8, table.buckets() - 1)
-            });
-            let pos = hash as usize & mask;
-            prefetch(ctrl.wrapping_add(pos));
-            // The probe's first slot, and the slots after it.
-            let first = ctrl.wrapping_sub((pos + 1) * SLOT);
-            prefetch(first);
-            prefetch(first.wrapping_sub(4 * SLOT));
+            };
+            for &(_, _, hash, _) in group {
+                let pos = hash as usize & mask;
+                prefetch(ctrl.wrapping_add(pos));
+                // The probe's first slot, and the slots after it.
+                let first = ctrl.wrapping_sub((pos + 1) * SLOT);
+                prefetch(first);
+                prefetch(first.wrapping_sub(4 * SLOT));
+            }
         }
         // Pass 2: each probe's first candidate's record.
-        for group in order.chunk_by(|a, b| a.0 == b.0) {
-            let table = self.map.shards()[group[0].0].read();
-            for &(_, hash, _) in group {
+        for group in order.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+            let table = table_of(group[0].0, group[0].1).read();
+            for &(_, _, hash, _) in group {
                 // Safety: the shard is locked, and the bucket is only read.
                 unsafe {
                     if let Some(bucket) = table.iter_hash(hash).next() {
@@ -278,11 +410,11 @@ impl Registry {
         }
         // Pass 3: the writes.
         let mut recorded = 0;
-        for group in order.chunk_by(|a, b| a.0 == b.0) {
-            let mut table = self.map.shards()[group[0].0].write();
-            for &(_, hash, i) in group {
+        for group in order.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+            let mut table = table_of(group[0].0, group[0].1).write();
+            for &(_, _, hash, i) in group {
                 let (key, push) = &pushes[i];
-                let key = key.as_key();
+                let key = key.key.as_key();
                 if let Some((_, slot)) = table.get_mut(hash, |(rec, _)| rec.key() == key) {
                     *slot.get_mut() = push.pack();
                     recorded += 1;
@@ -294,18 +426,26 @@ impl Registry {
 
     /// The last push outcome recorded for `device_id`, if any.
     pub fn last_push(&self, device_id: &str) -> Option<LastPush> {
-        let key = KeyBuf::encode(device_id)?;
-        LastPush::unpack(*self.map.get(key.as_key())?)
+        let key = self.key(device_id)?;
+        LastPush::unpack(*self.part(&key).get(key.key.as_key())?)
     }
 
     /// Removes a device. Returns true when it was present.
     pub fn remove(&self, device_id: &str) -> bool {
-        let Some(key) = KeyBuf::encode(device_id) else {
+        let Some(key) = self.key(device_id) else {
             return false;
         };
-        match self.map.remove(key.as_key()) {
+        let part = self.part(&key);
+        let hash = part.hash_usize(&key.key.as_key()) as u64;
+        let removed = part.remove_if(key.key.as_key(), |rec, _| {
+            // Under the entry's lock, as in `upsert`.
+            self.issued.shift(hash, Some(minute(rec.issued_at())), None);
+            true
+        });
+        match removed {
             Some((old, _)) => {
-                let spread = key.as_key().spread();
+                self.len.fetch_sub(1, Ordering::Relaxed);
+                let spread = key.key.as_key().spread();
                 self.histogram.shift(spread, Some(Bucket::of(&old)), None);
                 true
             }
@@ -315,7 +455,7 @@ impl Registry {
 
     /// Number of devices.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.len.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -333,23 +473,242 @@ impl Registry {
         self.histogram.counts(th, now)
     }
 
-    /// Calls `f` with every record, decoded, in no particular order.
+    /// Calls `f` with every record, decoded, partition by partition.
     ///
     /// Devices upserted or removed meanwhile may or may not be seen. `f` runs
     /// while part of the map is read-locked: it must not call `upsert` or
     /// `remove` on this registry (that would deadlock); `get` is fine.
     pub fn for_each(&self, mut f: impl FnMut(&DeviceRecord)) {
-        for entry in self.map.iter() {
-            if let Some(rec) = self.decode(entry.key()) {
-                f(&rec);
+        for part in self.parts.iter() {
+            for entry in part.iter() {
+                if let Some(rec) = self.decode(entry.key()) {
+                    f(&rec);
+                }
             }
         }
+    }
+
+    /// Up to `limit` records after `after` that pass `filter`, in listing
+    /// order: by partition, then by encoded device id within one. Reads
+    /// memory only.
+    ///
+    /// A page stops at `limit` records, or at the end of the first
+    /// partition that brings the records examined to `budget`, so one page
+    /// costs at most a partition more than `budget`. `next` is where the
+    /// following page starts, `None` once every partition is read; passing
+    /// it back continues without skipping or repeating a device that stayed
+    /// registered meanwhile. A `limit` or `budget` of 0 is treated as 1.
+    pub fn page(
+        &self,
+        after: Option<&Cursor>,
+        limit: usize,
+        budget: usize,
+        filter: &dyn Fn(&Marks) -> bool,
+    ) -> Page {
+        let (limit, budget) = (limit.max(1), budget.max(1));
+        let (mut p, mut after_key) = match after {
+            Some(c) => (usize::from(c.part), c.key.clone()),
+            None => (0, Vec::new()),
+        };
+        let mut page = Page::default();
+        let mut examined = 0;
+        while p < self.parts.len() {
+            let need = limit - page.records.len();
+            let (keys, more, seen) = self.smallest_keys_after(p, &after_key, need, filter);
+            examined += seen;
+            for k in &keys {
+                let key = RecordKey::from_bytes(k);
+                if let Some(entry) = self.parts[p].get(key) {
+                    if filter(&Marks::of(entry.key())) {
+                        if let Some(rec) = self.decode(entry.key()) {
+                            page.records.push(rec);
+                        }
+                    }
+                }
+            }
+            if more {
+                // The page is full inside this partition.
+                let last = keys.last().map(|k| k.to_vec()).unwrap_or_default();
+                page.next = Some(Cursor {
+                    part: p as u16,
+                    key: last,
+                });
+                return page;
+            }
+            p += 1;
+            after_key.clear();
+            if page.records.len() >= limit || examined >= budget {
+                break;
+            }
+        }
+        page.next = (p < self.parts.len()).then(|| Cursor {
+            part: p as u16,
+            key: Vec::new(),
+        });
+        page
+    }
+
+    /// The (at most) `need` smallest keys of partition `p` after `after`
+    /// whose marks pass `filter`, ascending; whether more such keys follow;
+    /// and how many records were examined.
+    fn smallest_keys_after(
+        &self,
+        p: usize,
+        after: &[u8],
+        need: usize,
+        filter: &dyn Fn(&Marks) -> bool,
+    ) -> (Vec<Box<[u8]>>, bool, usize) {
+        let mut heap: BinaryHeap<Box<[u8]>> = BinaryHeap::with_capacity(need + 1);
+        let mut passing = 0usize;
+        let mut seen = 0usize;
+        for shard in self.parts[p].shards() {
+            let table = shard.read();
+            // Safety: the shard is read-locked while its buckets are read.
+            unsafe {
+                for bucket in table.iter() {
+                    let (rec, _) = bucket.as_ref();
+                    seen += 1;
+                    let k = rec.key().as_bytes();
+                    if k <= after || !filter(&Marks::of(rec)) {
+                        continue;
+                    }
+                    passing += 1;
+                    if heap.len() < need {
+                        heap.push(k.into());
+                    } else if heap.peek().is_some_and(|top| k < &top[..]) {
+                        heap.pop();
+                        heap.push(k.into());
+                    }
+                }
+            }
+        }
+        let more = passing > need;
+        (heap.into_sorted_vec(), more, seen)
+    }
+
+    /// Pages through the devices whose channel was issued in `from..to`,
+    /// reading only the minutes of the issued-at index in that range (P8).
+    pub fn issued_between(&self, from: UnixTime, to: UnixTime, batch: usize) -> IssuedPager<'_> {
+        IssuedPager {
+            registry: self,
+            from,
+            to,
+            next_minute: minute(from),
+            pending: Vec::new(),
+            batch: batch.max(1),
+        }
+    }
+
+    /// Devices with map hash `hash` issued in `from..to`, appended to `out`.
+    fn resolve(&self, hash: u64, from: UnixTime, to: UnixTime, out: &mut Vec<DeviceRecord>) {
+        let Some(part) = self.parts.get(((hash & PART_MASK) >> PART_SHIFT) as usize) else {
+            return;
+        };
+        let table = part.shards()[part.determine_shard(hash as usize)].read();
+        // Safety: the shard is read-locked while its buckets are read.
+        unsafe {
+            for bucket in table.iter_hash(hash) {
+                let (rec, _) = bucket.as_ref();
+                let at = rec.issued_at();
+                if (from..to).contains(&at) && part.hash_usize(&rec.key()) as u64 == hash {
+                    if let Some(r) = self.decode(rec) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Entries of the issued-at index (one per device).
+    pub fn issued_len(&self) -> usize {
+        self.issued.len()
     }
 
     fn decode(&self, rec: &CompactRecord) -> Option<DeviceRecord> {
         let out = self.codec.decode(rec);
         debug_assert!(out.is_some(), "a stored record failed to decode");
         out
+    }
+}
+
+/// The issued-at minute of a time.
+fn minute(t: UnixTime) -> u32 {
+    t.0 / 60
+}
+
+/// Where a listing goes on: a partition, and the last encoded id examined
+/// in it (empty: from the partition's start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    part: u16,
+    key: Vec<u8>,
+}
+
+impl Cursor {
+    /// Two bytes of partition (big-endian), then the key.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(2 + self.key.len());
+        out.extend_from_slice(&self.part.to_be_bytes());
+        out.extend_from_slice(&self.key);
+        out
+    }
+
+    /// The cursor [`Cursor::to_bytes`] wrote; `None` for bytes it cannot
+    /// have written.
+    pub fn from_bytes(b: &[u8]) -> Option<Cursor> {
+        let (part, key) = b.split_first_chunk::<2>()?;
+        (key.len() <= key::MAX_KEY_LEN).then(|| Cursor {
+            part: u16::from_be_bytes(*part),
+            key: key.to_vec(),
+        })
+    }
+}
+
+/// One page of a listing.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub records: Vec<DeviceRecord>,
+    /// Where the next page starts; `None` once the listing is complete.
+    pub next: Option<Cursor>,
+}
+
+/// Devices issued in a time range, a batch at a time
+/// ([`Registry::issued_between`]).
+pub struct IssuedPager<'a> {
+    registry: &'a Registry,
+    from: UnixTime,
+    to: UnixTime,
+    next_minute: u32,
+    pending: Vec<u64>,
+    batch: usize,
+}
+
+impl IssuedPager<'_> {
+    /// The next batch of devices; `None` once the range is read. A device
+    /// re-registered or removed meanwhile may be missing, and one
+    /// re-registered into the range may appear: the caller checks what it
+    /// acts on.
+    pub fn next_page(&mut self) -> Option<Vec<DeviceRecord>> {
+        if self.to <= self.from {
+            return None;
+        }
+        let last = minute(UnixTime(self.to.0 - 1));
+        let mut out = Vec::new();
+        while out.is_empty() {
+            if self.pending.is_empty() {
+                let m = self.registry.issued.next_minute(self.next_minute, last)?;
+                self.registry.issued.entries(m, &mut self.pending);
+                // Devices sharing a hash are found by one resolve.
+                self.pending.sort_unstable();
+                self.pending.dedup();
+                self.next_minute = m + 1;
+            }
+            let take = self.pending.len().saturating_sub(self.batch);
+            for h in self.pending.drain(take..) {
+                self.registry.resolve(h, self.from, self.to, &mut out);
+            }
+        }
+        Some(out)
     }
 }
 

@@ -209,7 +209,11 @@ fn counts_classify_minutes_by_their_start() {
 
 #[test]
 fn full_interners_fall_back_to_inline() {
-    let reg = Registry::with_parts(0, RecordCodec::with_interner_capacity(2));
+    let reg = Registry::with_codec(
+        Partitioning::default(),
+        0,
+        RecordCodec::with_interner_capacity(2),
+    );
     let mut all = Vec::new();
     for i in 0..20u32 {
         let mut r = rec(&format!("dev-{i}"), T0 + i);
@@ -289,6 +293,182 @@ fn heavy_churn_matches_a_model() {
             brute_counts(&reg, &th, UnixTime(now))
         );
     }
+    // The issued-at index holds one entry per device, and a range reads
+    // exactly the devices issued in it.
+    assert_eq!(reg.issued_len(), model.len());
+    for (from, to) in [
+        (0, u32::MAX),
+        (T0 - 20 * DAY, T0 - 10 * DAY),
+        (T0 - 61, T0 - 59),
+    ] {
+        assert_eq!(
+            issued_ids(&reg, from, to, 7),
+            model_ids(
+                model
+                    .values()
+                    .filter(|r| (from..to).contains(&r.issued_at.0))
+            )
+        );
+    }
+    // A listing in small pages sees every device once, in listing order.
+    let listed = list_all(&reg, 3, 5, &|_| true);
+    assert_eq!(sorted(&listed), model_ids(model.values()));
+    assert_listing_order(&reg, &listed);
+}
+
+fn issued_ids(reg: &Registry, from: u32, to: u32, batch: usize) -> Vec<String> {
+    let mut pages = reg.issued_between(UnixTime(from), UnixTime(to), batch);
+    let mut out = Vec::new();
+    while let Some(page) = pages.next_page() {
+        assert!(!page.is_empty() && page.len() <= batch.max(1) * 2);
+        out.extend(page.into_iter().map(|r| r.device_id.into_string()));
+    }
+    out.sort_unstable();
+    out
+}
+
+fn model_ids<'a>(recs: impl Iterator<Item = &'a DeviceRecord>) -> Vec<String> {
+    let mut v: Vec<String> = recs.map(|r| r.device_id.as_str().to_owned()).collect();
+    v.sort_unstable();
+    v
+}
+
+fn sorted(ids: &[String]) -> Vec<String> {
+    let mut v = ids.to_vec();
+    v.sort_unstable();
+    v
+}
+
+/// Every page of a listing, in order, as device ids.
+fn list_all(
+    reg: &Registry,
+    limit: usize,
+    budget: usize,
+    filter: &dyn Fn(&Marks) -> bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cursor: Option<Cursor> = None;
+    for _ in 0..1_000_000 {
+        let page = reg.page(cursor.as_ref(), limit, budget, filter);
+        assert!(page.records.len() <= limit.max(1));
+        out.extend(page.records.into_iter().map(|r| r.device_id.into_string()));
+        match page.next {
+            // Cursors survive the trip through bytes (the API's form).
+            Some(c) => cursor = Some(Cursor::from_bytes(&c.to_bytes()).unwrap()),
+            None => return out,
+        }
+    }
+    panic!("the listing did not end");
+}
+
+/// Listing order: by partition, then by encoded id.
+fn assert_listing_order(reg: &Registry, ids: &[String]) {
+    let p = reg.partitioning();
+    let order = |id: &String| {
+        (
+            p.of(id),
+            KeyBuf::encode(id).unwrap().as_key().as_bytes().to_vec(),
+        )
+    };
+    assert!(
+        ids.windows(2).all(|w| order(&w[0]) < order(&w[1])),
+        "out of order"
+    );
+}
+
+#[test]
+fn listings_filter_and_stop_at_limit_or_budget() {
+    let reg = Registry::with_partitions(Partitioning::new(8).unwrap(), 0);
+    for i in 0..200 {
+        let mut r = rec(&format!("dev-{i:03}"), T0 + i);
+        if i % 4 == 0 {
+            r.dead = dead(T0);
+        }
+        reg.upsert(&r);
+    }
+    let all = list_all(&reg, 1000, 1_000_000, &|_| true);
+    assert_eq!(all.len(), 200);
+    assert_listing_order(&reg, &all);
+    // One page when nothing stops it.
+    let page = reg.page(None, 1000, 1_000_000, &|_| true);
+    assert_eq!((page.records.len(), page.next), (200, None));
+    // A filter drops what fails it, in every page size.
+    let dead_only = |m: &Marks| m.dead.is_some();
+    for (limit, budget) in [(1, 1), (3, 10), (7, 1000), (1000, 1)] {
+        let listed = list_all(&reg, limit, budget, &dead_only);
+        assert_eq!(listed.len(), 50, "limit {limit} budget {budget}");
+        assert!(listed
+            .iter()
+            .all(|id| id[4..].parse::<u32>().unwrap() % 4 == 0));
+    }
+    // A budget of one record still moves on a whole partition per page.
+    let page = reg.page(None, 1000, 1, &|_| false);
+    assert!(page.records.is_empty());
+    let next = page.next.unwrap();
+    assert_eq!(next.to_bytes(), [0, 1]);
+    // A cursor past the last partition ends the listing.
+    let end = Cursor::from_bytes(&[0, 8]).unwrap();
+    let page = reg.page(Some(&end), 10, 10, &|_| true);
+    assert!(page.records.is_empty() && page.next.is_none());
+}
+
+#[test]
+fn a_listing_sees_every_device_that_stayed_exactly_once() {
+    let reg = Registry::with_partitions(Partitioning::new(16).unwrap(), 0);
+    for i in 0..300 {
+        reg.upsert(&rec(&format!("stay-{i}"), T0));
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<Cursor> = None;
+    let mut round = 0;
+    loop {
+        let page = reg.page(cursor.as_ref(), 7, 20, &|_| true);
+        seen.extend(page.records.into_iter().map(|r| r.device_id.into_string()));
+        // Between pages, devices come and go, and some re-register.
+        reg.upsert(&rec(&format!("new-{round}"), T0));
+        reg.remove(&format!("new-{}", round / 2));
+        reg.upsert(&rec(&format!("stay-{}", round % 300), T0 + 60 * round));
+        round += 1;
+        match page.next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let stayed: Vec<&String> = seen.iter().filter(|id| id.starts_with("stay-")).collect();
+    assert_eq!(stayed.len(), 300);
+    assert_eq!(
+        stayed
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        300
+    );
+}
+
+#[test]
+fn the_issued_index_follows_re_registrations_and_removals() {
+    let reg = Registry::new();
+    for i in 0..100u32 {
+        reg.upsert(&rec(&format!("d{i}"), T0 + i * 30));
+    }
+    // Seconds count, not only minutes: [T0 + 30, T0 + 90) holds d1 and d2.
+    assert_eq!(issued_ids(&reg, T0 + 30, T0 + 90, 1), ["d1", "d2"]);
+    // Re-registered out of the range, removed, or marked dead: the index
+    // follows the issue time only.
+    reg.upsert(&rec("d1", T0 + 10 * DAY));
+    reg.remove("d2");
+    let mut d3 = rec("d3", T0 + 90);
+    d3.dead = dead(T0 + 100);
+    reg.upsert(&d3);
+    assert_eq!(issued_ids(&reg, T0 + 30, T0 + 120, 1), ["d3"]);
+    assert_eq!(
+        issued_ids(&reg, T0 + 10 * DAY, T0 + 10 * DAY + 1, 5),
+        ["d1"]
+    );
+    assert_eq!(reg.issued_len(), 99);
+    // An empty or reversed range reads nothing.
+    assert!(issued_ids(&reg, T0, T0, 4).is_empty());
+    assert!(issued_ids(&reg, T0 + 5, T0, 4).is_empty());
 }
 
 #[test]
@@ -478,12 +658,12 @@ fn record_pushes_records_each_present_device_as_record_push_would() {
         outcome: (i % 13) as u8,
         status: 200 + (i % 300) as u16,
     };
-    let mut batch: Vec<(KeyBuf, LastPush)> = ids
+    let mut batch: Vec<(DeviceKey, LastPush)> = ids
         .iter()
         .enumerate()
-        .map(|(i, id)| (KeyBuf::encode(id).unwrap(), push(i)))
+        .map(|(i, id)| (reg.key(id).unwrap(), push(i)))
         .collect();
-    batch.push((KeyBuf::encode(&ids[0]).unwrap(), push(9_999)));
+    batch.push((reg.key(&ids[0]).unwrap(), push(9_999)));
     assert_eq!(reg.record_pushes(&batch), 1_500 + 1);
     for (i, id) in ids.iter().enumerate() {
         let expected = match i {

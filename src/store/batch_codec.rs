@@ -10,7 +10,7 @@
 //!   1 Put        leb len, device id; leb len, record value (codec.rs)
 //!   2 Delete     leb len, device id
 //!   3 Guard      leb len, device id; u8 0 (absent) or 1 then leb len, channel URI
-//!   4 Unindex    u32 issued_at; leb len, device id
+//!   4            (reserved)
 //!   5 PutJob     u64 job id; leb len, job value (job_codec.rs)
 //!   6 DeleteJob  u64 job id
 //! ```
@@ -23,7 +23,7 @@
 
 use super::codec::put_leb;
 use super::{codec, job_codec, Mutation};
-use crate::core::{ChannelUri, DeviceId, UnixTime};
+use crate::core::{ChannelUri, DeviceId};
 
 /// The batch format this build writes.
 pub const FORMAT_VERSION: u8 = 1;
@@ -31,7 +31,6 @@ pub const FORMAT_VERSION: u8 = 1;
 const PUT: u8 = 1;
 const DELETE: u8 = 2;
 const GUARD: u8 = 3;
-const UNINDEX: u8 = 4;
 const PUT_JOB: u8 = 5;
 const DELETE_JOB: u8 = 6;
 
@@ -86,14 +85,6 @@ pub fn encode_into(batch: &[Mutation], out: &mut Vec<u8>) {
                     }
                 }
             }
-            Mutation::Unindex {
-                issued_at,
-                device_id,
-            } => {
-                out.push(UNINDEX);
-                out.extend_from_slice(&issued_at.0.to_le_bytes());
-                put_bytes(out, device_id.as_str().as_bytes());
-            }
             Mutation::PutJob(job) => {
                 out.push(PUT_JOB);
                 out.extend_from_slice(&job.id.to_le_bytes());
@@ -128,10 +119,6 @@ impl<'a> Reader<'a> {
 
     fn u8(&mut self) -> Result<u8, BatchError> {
         Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32, BatchError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
     }
 
     fn u64(&mut self) -> Result<u64, BatchError> {
@@ -206,13 +193,6 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Mutation>, BatchError> {
                     channel_uri,
                 }
             }
-            UNINDEX => {
-                let issued_at = UnixTime(r.u32()?);
-                Mutation::Unindex {
-                    issued_at,
-                    device_id: r.device_id()?,
-                }
-            }
             PUT_JOB => {
                 let id = r.u64()?;
                 let value = r.bytes()?;
@@ -236,7 +216,7 @@ mod tests {
     use super::*;
     use crate::core::lifecycle::LeaveReason;
     use crate::core::refresh::{Handout, Job, JobState};
-    use crate::core::Pfn;
+    use crate::core::{Pfn, UnixTime};
     use crate::testing::arb_record;
     use proptest::prelude::*;
 
@@ -272,10 +252,6 @@ mod tests {
             (arb_record(), any::<bool>()).prop_map(|(r, some)| Mutation::Guard {
                 device_id: r.device_id,
                 channel_uri: some.then_some(r.channel_uri),
-            }),
-            arb_record().prop_map(|r| Mutation::Unindex {
-                issued_at: r.issued_at,
-                device_id: r.device_id,
             }),
             arb_job().prop_map(Mutation::PutJob),
             any::<u64>().prop_map(Mutation::DeleteJob),

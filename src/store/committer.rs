@@ -516,7 +516,7 @@ impl CommitLoop {
 mod tests {
     use super::*;
     use crate::core::{ChannelUri, DeviceId, DeviceRecord, Pfn, UnixTime};
-    use crate::store::{FjallOptions, FjallStore, Page};
+    use crate::store::{FjallOptions, FjallStore};
     use crossbeam_channel as chan;
     use std::collections::HashSet;
     use std::sync::atomic::AtomicUsize;
@@ -542,9 +542,7 @@ mod tests {
         match m {
             Mutation::Put(r) => r.device_id.as_str(),
             Mutation::Delete(id) => id.as_str(),
-            Mutation::Guard { device_id, .. } | Mutation::Unindex { device_id, .. } => {
-                device_id.as_str()
-            }
+            Mutation::Guard { device_id, .. } => device_id.as_str(),
             Mutation::PutJob(j) => j.device_id.as_str(),
             Mutation::DeleteJob(_) => "",
         }
@@ -582,24 +580,6 @@ mod tests {
         }
         fn scan_all(&self, visit: &mut dyn FnMut(DeviceRecord)) -> Result<u64, StoreError> {
             self.inner.as_ref().unwrap().scan_all(visit)
-        }
-        fn page(
-            &self,
-            _: Option<&str>,
-            _: usize,
-            _: usize,
-            _: &dyn Fn(&DeviceRecord) -> bool,
-        ) -> Result<Page, StoreError> {
-            unimplemented!()
-        }
-        fn issued_between(
-            &self,
-            _: crate::core::UnixTime,
-            _: crate::core::UnixTime,
-            _: Option<(crate::core::UnixTime, &str)>,
-            _: usize,
-        ) -> Result<Vec<(crate::core::UnixTime, DeviceId)>, StoreError> {
-            unimplemented!()
         }
         fn scan_jobs(
             &self,

@@ -1,14 +1,8 @@
-//! The embedded store: fjall keyspaces for device records, the issued-at
-//! index, and refresh jobs.
+//! The embedded store: fjall keyspaces for device records and refresh jobs.
 //!
 //! - `devices`: keys are device ids and values the [`codec`]
 //!   encoding, so fjall's key order is device-id order and `page` is a range
 //!   scan.
-//! - `issued`: keys are `issued_at` (u32 big-endian) then the device id,
-//!   values empty. Every `Put` writes its entry in the same atomic batch;
-//!   entries of deleted or re-registered devices go stale and are dropped by
-//!   the sweep that reaches them. An index missing from an older store is
-//!   rebuilt when the store is opened.
 //! - `jobs`: keys are refresh job ids (u64 big-endian), values the
 //!   [`job_codec`] encoding.
 //!
@@ -26,9 +20,9 @@
 //! store is created; later opens use the stored values. `cache_bytes`,
 //! `max_journal_bytes` and `worker_threads` apply on every open.
 
-use super::{codec, job_codec, Mutation, Page, Store, StoreError};
+use super::{codec, job_codec, Mutation, Store, StoreError};
 use crate::core::refresh::Job;
-use crate::core::{DeviceId, DeviceRecord, UnixTime};
+use crate::core::DeviceRecord;
 use fjall::config::{BlockSizePolicy, FilterPolicy};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable, Snapshot};
 use std::ops::Bound;
@@ -38,8 +32,6 @@ use std::sync::Mutex;
 
 /// Name of the keyspace holding device records.
 const DEVICES_KEYSPACE: &str = "devices";
-/// Name of the keyspace holding the issued-at index.
-const ISSUED_KEYSPACE: &str = "issued";
 /// Name of the keyspace holding refresh jobs.
 const JOBS_KEYSPACE: &str = "jobs";
 
@@ -93,17 +85,8 @@ impl Default for FjallOptions {
 pub struct FjallStore {
     db: Database,
     devices: Keyspace,
-    issued: Keyspace,
     jobs: Keyspace,
     path: PathBuf,
-}
-
-/// The issued-at index key of a device.
-fn issued_key(at: UnixTime, id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(4 + id.len());
-    k.extend_from_slice(&at.0.to_be_bytes());
-    k.extend_from_slice(id.as_bytes());
-    k
 }
 
 impl FjallStore {
@@ -141,15 +124,11 @@ impl FjallStore {
                     .filter_policy(FilterPolicy::disabled())
             })
             .map_err(|e| StoreError::Io(format!("cannot open keyspace in {shown}: {e}")))?;
-        let index_existed = db.keyspace_exists(ISSUED_KEYSPACE);
         let small = || {
             KeyspaceCreateOptions::default()
                 .max_memtable_size((opts.memtable_bytes / 4).max(1 << 20))
                 .filter_policy(FilterPolicy::disabled())
         };
-        let issued = db
-            .keyspace(ISSUED_KEYSPACE, small)
-            .map_err(|e| StoreError::Io(format!("cannot open keyspace in {shown}: {e}")))?;
         let jobs = db
             .keyspace(JOBS_KEYSPACE, small)
             .map_err(|e| StoreError::Io(format!("cannot open keyspace in {shown}: {e}")))?;
@@ -157,36 +136,10 @@ impl FjallStore {
         let store = FjallStore {
             db,
             devices,
-            issued,
             jobs,
             path: path.to_owned(),
         };
-        if !index_existed {
-            store.rebuild_issued_index()?;
-        }
         Ok(store)
-    }
-
-    /// Writes the issued-at entry of every stored device (a store written
-    /// before the index existed).
-    fn rebuild_issued_index(&self) -> Result<(), StoreError> {
-        let mut wb = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), 4096);
-        let mut n = 0u64;
-        self.scan_all(&mut |rec| {
-            wb.insert(
-                &self.issued,
-                issued_key(rec.issued_at, rec.device_id.as_str()),
-                b"",
-            );
-            n += 1;
-        })?;
-        if n > 0 {
-            wb.durability(Some(PersistMode::SyncAll))
-                .commit()
-                .map_err(io("index rebuild"))?;
-            tracing::info!(devices = n, "rebuilt the issued-at index");
-        }
-        Ok(())
     }
 
     /// The data directory.
@@ -298,30 +251,6 @@ impl FjallStore {
     }
 }
 
-impl FjallStore {
-    /// True when `id`'s channel was issued at `at`, as of the store plus
-    /// the mutations `earlier` in the batch being written.
-    fn is_current(
-        &self,
-        earlier: &[Mutation],
-        id: &DeviceId,
-        at: UnixTime,
-    ) -> Result<bool, StoreError> {
-        for m in earlier.iter().rev() {
-            match m {
-                Mutation::Put(r) if r.device_id == *id => return Ok(r.issued_at == at),
-                Mutation::Delete(d) if d == id => return Ok(false),
-                _ => {}
-            }
-        }
-        let key = codec::key(id);
-        match self.devices.get(key).map_err(io("read"))? {
-            Some(v) => Ok(codec::decode(key, &v)?.issued_at == at),
-            None => Ok(false),
-        }
-    }
-}
-
 impl Store for FjallStore {
     fn apply(&self, batch: &[Mutation]) -> Result<(), StoreError> {
         if batch.is_empty() {
@@ -332,7 +261,7 @@ impl Store for FjallStore {
         let mut wb = fjall::OwnedWriteBatch::with_capacity(self.db.clone(), batch.len())
             .durability(Some(PersistMode::SyncAll));
         let mut scratch = Vec::with_capacity(512);
-        for (i, m) in batch.iter().enumerate() {
+        for m in batch {
             match m {
                 Mutation::Put(rec) => {
                     scratch.clear();
@@ -342,26 +271,9 @@ impl Store for FjallStore {
                         codec::key(&rec.device_id),
                         scratch.as_slice(),
                     );
-                    wb.insert(
-                        &self.issued,
-                        issued_key(rec.issued_at, rec.device_id.as_str()),
-                        b"",
-                    );
                 }
                 Mutation::Delete(id) => wb.remove(&self.devices, codec::key(id)),
                 Mutation::Guard { .. } => {}
-                Mutation::Unindex {
-                    issued_at,
-                    device_id,
-                } => {
-                    // Stale in the caller's view, which may lag the store
-                    // (a sweep reads the registry, updated once a batch is
-                    // durable): the entry of the device's current channel
-                    // stays, or that device would never come due.
-                    if !self.is_current(&batch[..i], device_id, *issued_at)? {
-                        wb.remove(&self.issued, issued_key(*issued_at, device_id.as_str()));
-                    }
-                }
                 Mutation::PutJob(job) => {
                     scratch.clear();
                     job_codec::encode_into(job, &mut scratch);
@@ -396,74 +308,6 @@ impl Store for FjallStore {
         visit: &(dyn Fn(DeviceRecord) + Sync),
     ) -> Result<u64, StoreError> {
         self.scan_parallel(threads, visit)
-    }
-
-    fn page(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-        budget: usize,
-        filter: &dyn Fn(&DeviceRecord) -> bool,
-    ) -> Result<Page, StoreError> {
-        let (limit, budget) = (limit.max(1), budget.max(1));
-        let snapshot = self.db.snapshot();
-        let lo = after.map_or(Bound::Unbounded, |a| Bound::Excluded(a.as_bytes()));
-        let mut page = Page::default();
-        let mut last_key = None;
-        let range = snapshot.range::<&[u8], _>(&self.devices, (lo, Bound::Unbounded));
-        for (examined, guard) in range.enumerate() {
-            if examined == budget || page.records.len() == limit {
-                // Stopped early with at least one more record after `last_key`.
-                page.next_after =
-                    last_key.map(|k: fjall::Slice| String::from_utf8_lossy(&k).into_owned());
-                return Ok(page);
-            }
-            let (k, v) = guard.into_inner().map_err(io("page"))?;
-            let rec = codec::decode(&k, &v)?;
-            if filter(&rec) {
-                page.records.push(rec);
-            }
-            last_key = Some(k);
-        }
-        Ok(page)
-    }
-
-    fn issued_between(
-        &self,
-        from: UnixTime,
-        to: UnixTime,
-        after: Option<(UnixTime, &str)>,
-        limit: usize,
-    ) -> Result<Vec<(UnixTime, DeviceId)>, StoreError> {
-        let lo_key = match after {
-            Some((at, id)) if at >= from => Bound::Excluded(issued_key(at, id)),
-            _ => Bound::Included(from.0.to_be_bytes().to_vec()),
-        };
-        let hi_key = Bound::Excluded(to.0.to_be_bytes().to_vec());
-        if to <= from {
-            return Ok(Vec::new());
-        }
-        let mut out = Vec::new();
-        for guard in self.issued.range::<Vec<u8>, _>((lo_key, hi_key)) {
-            if out.len() >= limit.max(1) {
-                break;
-            }
-            let k = guard.key().map_err(io("index scan"))?;
-            let (at, id) = k.split_at_checked(4).ok_or_else(|| StoreError::Corrupt {
-                key: format!("{:?}", &k[..]),
-                why: "issued-at index key shorter than 4 bytes".into(),
-            })?;
-            let at = UnixTime(u32::from_be_bytes([at[0], at[1], at[2], at[3]]));
-            let id = std::str::from_utf8(id)
-                .ok()
-                .and_then(|s| DeviceId::parse_stored(s).ok())
-                .ok_or_else(|| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    why: "issued-at index key holds no valid device id".into(),
-                })?;
-            out.push((at, id));
-        }
-        Ok(out)
     }
 
     fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError> {
@@ -589,10 +433,6 @@ mod tests {
         v
     }
 
-    fn ids(recs: &[DeviceRecord]) -> Vec<&str> {
-        recs.iter().map(|r| r.device_id.as_str()).collect()
-    }
-
     #[test]
     fn applied_batches_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
@@ -637,79 +477,6 @@ mod tests {
             .unwrap();
         drop(s);
         assert_eq!(all(&open(dir.path())), vec![rec("c", 12)]);
-    }
-
-    #[test]
-    fn page_walks_in_id_order_with_cursor_filter_and_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path());
-        // Ten devices d0..d9; even issued_at passes the filter.
-        let recs: Vec<_> = (0..10).map(|i| rec(&format!("d{i}"), i)).collect();
-        s.apply(&recs.iter().rev().map(put).collect::<Vec<_>>())
-            .unwrap();
-        let any = |_: &DeviceRecord| true;
-        let even = |r: &DeviceRecord| r.issued_at.0 % 2 == 0;
-
-        // Limit stops the page; the cursor is the last id examined.
-        let p = s.page(None, 3, 100, &any).unwrap();
-        assert_eq!(ids(&p.records), ["d0", "d1", "d2"]);
-        assert_eq!(p.next_after.as_deref(), Some("d2"));
-        // Strictly after the cursor.
-        let p = s.page(Some("d2"), 3, 100, &any).unwrap();
-        assert_eq!(ids(&p.records), ["d3", "d4", "d5"]);
-        // A cursor that is not a stored id works too.
-        let p = s.page(Some("d25"), 2, 100, &any).unwrap();
-        assert_eq!(ids(&p.records), ["d3", "d4"]);
-        // Reaching the end: no cursor, even when the limit is hit exactly.
-        let p = s.page(Some("d6"), 3, 100, &any).unwrap();
-        assert_eq!(ids(&p.records), ["d7", "d8", "d9"]);
-        assert_eq!(p.next_after, None);
-        let p = s.page(Some("d9"), 3, 100, &any).unwrap();
-        assert!(p.records.is_empty());
-        assert_eq!(p.next_after, None);
-
-        // Filter: records that fail are examined but not returned.
-        let p = s.page(None, 2, 100, &even).unwrap();
-        assert_eq!(ids(&p.records), ["d0", "d2"]);
-        assert_eq!(p.next_after.as_deref(), Some("d2"));
-        let p = s.page(Some("d2"), 10, 100, &even).unwrap();
-        assert_eq!(ids(&p.records), ["d4", "d6", "d8"]);
-        assert_eq!(p.next_after, None);
-
-        // Budget: stops after examining `budget` records, matches or not,
-        // and the cursor is the last examined one, so nothing is skipped.
-        let p = s.page(Some("d0"), 10, 3, &even).unwrap();
-        assert_eq!(ids(&p.records), ["d2"]);
-        assert_eq!(p.next_after.as_deref(), Some("d3"));
-        let p = s
-            .page(Some("d3"), 10, 3, &|r: &DeviceRecord| r.issued_at.0 > 100)
-            .unwrap();
-        assert!(p.records.is_empty());
-        assert_eq!(p.next_after.as_deref(), Some("d6"));
-
-        // Walking with a small budget visits every match exactly once.
-        let mut seen = Vec::new();
-        let mut after: Option<String> = None;
-        let mut pages = 0;
-        loop {
-            let p = s.page(after.as_deref(), 2, 3, &even).unwrap();
-            seen.extend(p.records.into_iter().map(|r| r.device_id.into_string()));
-            pages += 1;
-            match p.next_after {
-                Some(a) => after = Some(a),
-                None => break,
-            }
-        }
-        assert_eq!(seen, ["d0", "d2", "d4", "d6", "d8"]);
-        assert!(pages >= 4, "{pages}");
-    }
-
-    #[test]
-    fn page_on_empty_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = open(dir.path()).page(None, 10, 10, &|_| true).unwrap();
-        assert!(p.records.is_empty());
-        assert_eq!(p.next_after, None);
     }
 
     #[test]
@@ -775,7 +542,6 @@ mod tests {
             e => panic!("{e}"),
         }
         assert!(s.scan_all_parallel(2, &|_| ()).is_err());
-        assert!(s.page(None, 10, 10, &|_| true).is_err());
     }
 
     #[test]
@@ -825,44 +591,5 @@ mod tests {
             err.contains("not writable") && err.contains(&path.display().to_string()),
             "{err}"
         );
-    }
-
-    #[test]
-    fn unindex_keeps_the_entry_of_the_current_channel() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path());
-        let unindex = |at: u32, id: &str| Mutation::Unindex {
-            issued_at: UnixTime(at),
-            device_id: DeviceId::parse(id).unwrap(),
-        };
-        let listed = |s: &FjallStore| -> Vec<(u32, String)> {
-            s.issued_between(UnixTime(0), UnixTime(1_000), None, 100)
-                .unwrap()
-                .into_iter()
-                .map(|(at, id)| (at.0, id.as_str().to_owned()))
-                .collect()
-        };
-        // "a" re-registered (11 replaces 10); "b" deleted.
-        s.apply(&[put(&rec("a", 10)), put(&rec("b", 20))]).unwrap();
-        s.apply(&[
-            put(&rec("a", 11)),
-            Mutation::Delete(DeviceId::parse("b").unwrap()),
-        ])
-        .unwrap();
-        // A caller that had not seen those yet thinks every entry stale.
-        s.apply(&[unindex(10, "a"), unindex(11, "a"), unindex(20, "b")])
-            .unwrap();
-        assert_eq!(listed(&s), vec![(11, "a".to_owned())]);
-        // Earlier mutations of the same batch count: "c" registered and
-        // unindexed in one batch keeps its entry, "d" deleted loses it.
-        s.apply(&[put(&rec("d", 40))]).unwrap();
-        s.apply(&[
-            put(&rec("c", 30)),
-            unindex(30, "c"),
-            Mutation::Delete(DeviceId::parse("d").unwrap()),
-            unindex(40, "d"),
-        ])
-        .unwrap();
-        assert_eq!(listed(&s), vec![(11, "a".to_owned()), (30, "c".to_owned())]);
     }
 }

@@ -1,18 +1,19 @@
 //! Durability: every device mutation is on disk before it is acknowledged.
 //!
-//! Owns: the [`Store`] interface (apply a batch durably; scan at start; page
-//! in id order), its embedded fjall implementation, the on-disk record
+//! Owns: the [`Store`] interface (apply a batch durably; read everything
+//! back at start), its embedded fjall implementation, the on-disk record
 //! encoding, and the group-commit thread that batches mutations from every
 //! shard into one sync.
 //! Must not touch: the registry (the committer calls back after a batch is
-//! durable), the network.
+//! durable), the network. Nothing reads the store after the start:
+//! listings, sweeps and bulk wakes read the registry.
 //!
 //! Files: [`codec`] (record encoding), [`fjall_store`] (the embedded
 //! backend), [`committer`] (the group-commit thread, the only caller of
 //! [`Store::apply`] and so the only place that syncs). The durable state
-//! as partition logs and snapshots is built from [`partition`] (which
-//! partition a device belongs to, stable across versions and machines),
-//! [`frame`] (checksummed frames, and a torn tail told from damage),
+//! as partition logs and snapshots is built from
+//! [`crate::core::partition`] (which partition a device belongs to, stable
+//! across versions and machines), [`frame`] (checksummed frames, and a torn tail told from damage),
 //! [`segments`] (an append-only log of frames in segment files that heals
 //! after a failed write) and [`batch_codec`] (one committed batch of
 //! mutations as one frame's payload).
@@ -23,7 +24,6 @@ pub mod committer;
 pub mod fjall_store;
 pub mod frame;
 pub mod job_codec;
-pub mod partition;
 pub mod segments;
 
 pub use committer::{
@@ -32,15 +32,14 @@ pub use committer::{
 pub use fjall_store::{FjallOptions, FjallStore};
 
 use crate::core::refresh::{Job, JobId};
-use crate::core::{ChannelUri, DeviceId, DeviceRecord, UnixTime};
+use crate::core::{ChannelUri, DeviceId, DeviceRecord};
 
 /// One change to the durable state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mutation {
-    /// Writes a device record, and its entry in the issued-at index.
+    /// Writes a device record.
     Put(DeviceRecord),
-    /// Forgets a device. Its issued-at index entry goes stale and is
-    /// dropped by the next sweep that reaches it.
+    /// Forgets a device.
     Delete(DeviceId),
     /// A precondition, first in a submission: the rest of the submission
     /// applies only if the device's current channel URI is `channel_uri`
@@ -50,11 +49,6 @@ pub enum Mutation {
     Guard {
         device_id: DeviceId,
         channel_uri: Option<ChannelUri>,
-    },
-    /// Drops a stale issued-at index entry.
-    Unindex {
-        issued_at: UnixTime,
-        device_id: DeviceId,
     },
     /// Writes a refresh job.
     PutJob(Job),
@@ -72,15 +66,6 @@ pub enum StoreError {
     /// A [`Mutation::Guard`] did not hold: the device changed meanwhile.
     #[error("device {0} changed meanwhile; nothing was applied")]
     Conflict(String),
-}
-
-/// One page of records in device-id order.
-#[derive(Debug, Default)]
-pub struct Page {
-    pub records: Vec<DeviceRecord>,
-    /// Where the next page starts (the last device id examined), if the
-    /// scan did not reach the end.
-    pub next_after: Option<String>,
 }
 
 /// The narrow interface every durable backend implements.
@@ -116,37 +101,6 @@ pub trait Store: Send + Sync + 'static {
         let _ = threads;
         self.scan_all(&mut |r| visit(r))
     }
-
-    /// Up to `limit` records with a device id greater than `after` that pass
-    /// `filter`, in id order, examining at most `budget` records.
-    ///
-    /// `next_after` is the last id examined (passing `filter` or not) when
-    /// the page stopped because of `limit` or `budget` and more records
-    /// follow; it is `None` once the end is reached. Passing it back as
-    /// `after` continues without skipping or repeating a record. A `limit`
-    /// or `budget` of 0 is treated as 1.
-    fn page(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-        budget: usize,
-        filter: &dyn Fn(&DeviceRecord) -> bool,
-    ) -> Result<Page, StoreError>;
-
-    /// Up to `limit` entries of the issued-at index with `from <= issued_at
-    /// < to`, in (issued_at, device id) order, starting after `after` when
-    /// given. Entries may be stale (the device was deleted or re-registered
-    /// since); the caller checks them against the registry and drops stale
-    /// ones with [`Mutation::Unindex`]. Reading costs what is returned, not
-    /// the fleet: this is what makes an expiry sweep proportional to what
-    /// is due.
-    fn issued_between(
-        &self,
-        from: UnixTime,
-        to: UnixTime,
-        after: Option<(UnixTime, &str)>,
-        limit: usize,
-    ) -> Result<Vec<(UnixTime, DeviceId)>, StoreError>;
 
     /// Visits every stored refresh job. Returns the count.
     fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError>;

@@ -17,7 +17,8 @@ use super::transport::Transport;
 use super::WakeService;
 use crate::clock;
 use crate::core::wns::retry::Pacer;
-use crate::core::{DeviceRecord, LifecycleState};
+use crate::core::LifecycleState;
+use crate::registry::{Cursor, Marks};
 use crate::telemetry::metrics as m;
 use parking_lot::Mutex;
 use std::sync::atomic::Ordering;
@@ -207,38 +208,38 @@ async fn run<S: Transport>(
             }
         }
         Selection::Filter(state) => {
-            let mut after: Option<String> = None;
+            let mut after: Option<Cursor> = None;
             let th = wakes.thresholds;
             while !job.is_cancelled() {
                 let now = clock::now();
-                let store = wakes.store.clone();
-                let cursor = after.clone();
+                let registry = wakes.registry.clone();
+                let cursor = after.take();
                 let page = tokio::task::spawn_blocking(move || {
-                    let filter = move |r: &DeviceRecord| {
-                        state.is_none_or(|s| r.state_at(&th, now).state == s)
+                    let filter = move |m: &Marks| {
+                        state.is_none_or(|s| {
+                            th.state_with_refresh(m.issued_at, m.dead, m.refresh, now)
+                                .state
+                                == s
+                        })
                     };
-                    store.page(
-                        cursor.as_deref(),
+                    registry.page(
+                        cursor.as_ref(),
                         PAGE_DEVICES,
                         PAGE_SCAN_RECORDS_MAX,
                         &filter,
                     )
                 })
                 .await;
-                let page = match page {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(e)) => {
-                        tracing::error!(job = %job.id(), error = %e, "bulk wake stopped: the store could not be read");
-                        break;
-                    }
-                    Err(_) => break,
+                let Ok(page) = page else {
+                    tracing::error!(job = %job.id(), "bulk wake stopped: its selection task failed");
+                    break;
                 };
                 job.selected
                     .fetch_add(page.records.len() as u64, Ordering::AcqRel);
                 if !page.records.is_empty() {
                     dealer.deal(Batch::Records(page.records)).await;
                 }
-                match page.next_after {
+                match page.next {
                     Some(next) => after = Some(next),
                     None => break,
                 }

@@ -38,7 +38,6 @@ use crate::core::{DeviceRecord, Thresholds};
 use crate::lifecycle::Lifecycle;
 use crate::registry::Registry;
 use crate::sender::wake::WnsSender;
-use crate::store::Store;
 use dashmap::DashMap;
 use pending::{Claimed, Pending};
 use std::sync::{Arc, OnceLock};
@@ -52,7 +51,6 @@ use transport::Transport;
 pub struct WakeService<S = WnsSender> {
     sender: Arc<S>,
     registry: Arc<Registry>,
-    store: Arc<dyn Store>,
     lifecycle: Arc<Lifecycle>,
     thresholds: Thresholds,
     pending: Arc<Pending>,
@@ -71,7 +69,6 @@ impl<S: Transport> WakeService<S> {
     pub fn new(
         sender: Arc<S>,
         registry: Arc<Registry>,
-        store: Arc<dyn Store>,
         lifecycle: Arc<Lifecycle>,
         thresholds: Thresholds,
         shards: usize,
@@ -79,7 +76,6 @@ impl<S: Transport> WakeService<S> {
         WakeService {
             sender,
             registry,
-            store,
             lifecycle,
             thresholds,
             pending: Arc::default(),

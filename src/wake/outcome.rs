@@ -11,7 +11,7 @@
 use super::pending::{Claim, Settled};
 use super::transport::Transport;
 use super::{WakeReport, WakeService};
-use crate::registry::{KeyBuf, LastPush};
+use crate::registry::{DeviceKey, LastPush};
 
 /// The outcome of a wake as the device record keeps it.
 pub(crate) fn last_push(report: &WakeReport) -> LastPush {
@@ -69,7 +69,7 @@ impl<S: Transport> WakeService<S> {
     pub(crate) fn conclude_live<C: HoldsClaim>(
         &self,
         results: &mut Vec<(C, WakeReport)>,
-        scratch: &mut Vec<(KeyBuf, LastPush)>,
+        scratch: &mut Vec<(DeviceKey, LastPush)>,
         mut settled: impl FnMut(Settled),
     ) {
         scratch.clear();
@@ -79,7 +79,7 @@ impl<S: Transport> WakeService<S> {
                 .filter(|(_, r)| r.dead.is_none())
                 .filter_map(|(c, r)| {
                     let id = c.claim().record().device_id.as_str();
-                    Some((KeyBuf::encode(id)?, last_push(r)))
+                    Some((self.registry.key(id)?, last_push(r)))
                 }),
         );
         self.registry.record_pushes(scratch);

@@ -118,7 +118,6 @@ impl Rig {
         let wakes = Arc::new(WakeService::new(
             transport.clone(),
             services.registry.clone(),
-            services.store.clone(),
             services.lifecycle.clone(),
             services.settings.thresholds,
             1,

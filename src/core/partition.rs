@@ -19,7 +19,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// The hash's seed: a constant, part of the on-disk format.
 pub const PARTITION_SEED: u64 = 0x7773_6761_7465_0001;
 /// Partitions of new data when the configuration names none.
-pub const PARTITIONS_DEFAULT: u16 = 64;
+pub const PARTITIONS_DEFAULT: u16 = 1024;
 /// The most partitions data may have.
 pub const PARTITIONS_MAX: u16 = 4096;
 
@@ -32,6 +32,14 @@ pub struct BadCount(pub u32);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Partitioning {
     count: u16,
+}
+
+impl Default for Partitioning {
+    fn default() -> Partitioning {
+        Partitioning {
+            count: PARTITIONS_DEFAULT,
+        }
+    }
 }
 
 impl Partitioning {
