@@ -117,16 +117,17 @@ fn record(i: u64) -> DeviceRecord {
     let r = mix(i ^ 0x1234_5678);
     DeviceRecord {
         device_id: DeviceId::parse(&device_id(i)).expect("generated id is valid"),
-        pfn: Pfn::parse(if r % 5 == 0 {
+        pfn: Pfn::parse(if r.is_multiple_of(5) {
             "Fabrikam.Agent_8wekyb3d8bbwe"
         } else {
             "Contoso.MDM_8wekyb3d8bbwe"
         })
         .expect("valid pfn"),
         channel_uri: ChannelUri::from_trusted(channel_uri(i)).expect("generated uri is https"),
-        provider_id: (r % 10 != 0).then(|| ProviderId::parse("Contoso-MDM").expect("valid")),
+        provider_id: (!r.is_multiple_of(10))
+            .then(|| ProviderId::parse("Contoso-MDM").expect("valid")),
         issued_at: UnixTime(1_795_000_000 - (r >> 8) as u32 % (30 * 86_400)),
-        dead: (r % 50 == 0).then_some(DeadMark {
+        dead: (r.is_multiple_of(50)).then_some(DeadMark {
             reason: DeadReason::Wns410,
             at: UnixTime(1_795_000_000),
         }),

@@ -154,8 +154,12 @@ impl Store for Counting {
         self.apply_times.lock().unwrap().push(t.elapsed());
         r
     }
-    fn scan_all(&self, visit: &mut dyn FnMut(DeviceRecord)) -> Result<u64, StoreError> {
-        self.inner.scan_all(visit)
+    fn load(
+        &self,
+        threads: usize,
+        into: &dyn wnsgate::store::Restore,
+    ) -> Result<wnsgate::store::Loaded, StoreError> {
+        self.inner.load(threads, into)
     }
     fn scan_jobs(&self, visit: &mut dyn FnMut(wnsgate::core::Job)) -> Result<u64, StoreError> {
         self.inner.scan_jobs(visit)
@@ -200,7 +204,9 @@ fn record(i: u64, version: u64) -> DeviceRecord {
         device_id: DeviceId::parse(&uuid(i)).unwrap(),
         pfn: Pfn::parse("Contoso.MDM_8wekyb3d8bbwe").unwrap(),
         channel_uri: ChannelUri::from_trusted(uri).unwrap(),
-        provider_id: (i % 2 == 0).then(|| ProviderId::parse("Contoso-MDM").unwrap()),
+        provider_id: i
+            .is_multiple_of(2)
+            .then(|| ProviderId::parse("Contoso-MDM").unwrap()),
         issued_at: UnixTime(1_780_000_000 + (i % 2_592_000) as u32),
         dead: None,
         refresh: None,

@@ -156,3 +156,44 @@ pub fn health(base_url: &str, path: &str) -> anyhow::Result<()> {
     println!("{base_url}{path}: {}", resp.text().trim());
     Ok(())
 }
+
+/// `wnsgate migrate`: converts a 0.x (fjall) data directory, with a
+/// progress bar, and says which old files may now be removed.
+pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let data = &settings.store.path;
+    if !crate::migrate::needed(data) {
+        println!(
+            "nothing to convert in {}: it holds no 0.x store, or it was converted already",
+            data.display()
+        );
+        return Ok(());
+    }
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template(
+            "converting {bar:40} {pos}/{len} devices ({per_sec}, {eta} left)",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let done = crate::migrate::migrate(data, &settings.store, threads, &|n, total| {
+        bar.set_length(total.max(n));
+        bar.set_position(n);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "converted {} devices and {} refresh jobs in {:.1} s into a {} MB snapshot (counts checked)",
+        done.devices,
+        done.jobs,
+        done.seconds,
+        done.snapshot_bytes / 1_000_000
+    );
+    let old = crate::migrate::leftovers(data);
+    if !old.is_empty() {
+        println!(
+            "the 0.x files are kept and no longer read; once satisfied, remove them: cd {} && rm -r {}",
+            data.display(),
+            old.join(" ")
+        );
+    }
+    Ok(())
+}

@@ -79,6 +79,14 @@ pub struct StoreConfig {
     /// Threads the embedded store uses for flushes and compaction; 0 = its
     /// default (min(cores, 4)).
     pub background_threads: usize,
+    /// Partitions of new data (1 to 4096); 0 takes the data's own count,
+    /// or 1024 for new data. Fixed when the data is created.
+    pub partitions: u32,
+    /// Log MiB since the last snapshot before the next is cut.
+    pub snapshot_log_mb: u64,
+    /// Start even when stored data is damaged, losing what follows the
+    /// damage (its log tail, or the rest of a partition's snapshot).
+    pub accept_damage: bool,
 }
 
 impl Default for StoreConfig {
@@ -90,6 +98,9 @@ impl Default for StoreConfig {
             max_batch_mutations: crate::store::committer::BATCH_MUTATIONS_DEFAULT,
             memtable_mb: 16,
             background_threads: 0,
+            partitions: 0,
+            snapshot_log_mb: crate::store::log_store::SNAPSHOT_LOG_BYTES_DEFAULT >> 20,
+            accept_damage: false,
         }
     }
 }
@@ -665,6 +676,13 @@ impl Settings {
         }
         if cfg.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", "must not be empty"));
+        }
+        if cfg.store.partitions != 0 {
+            crate::core::Partitioning::new(cfg.store.partitions)
+                .map_err(|e| invalid("store.partitions", e.to_string()))?;
+        }
+        if cfg.store.snapshot_log_mb == 0 {
+            return Err(invalid("store.snapshot_log_mb", "must be positive"));
         }
         if cfg.store.queue_capacity == 0 || cfg.store.max_batch_mutations == 0 {
             return Err(invalid(

@@ -4,6 +4,7 @@
 //! - [`core`]: protocol and lifecycle logic with no I/O and no clock;
 //! - [`registry`]: every device's channel record in memory, shared by all shards;
 //! - [`store`]: durability on disk, group-committed on a dedicated thread;
+//! - [`migrate`]: converting a 0.x (fjall) data directory;
 //! - [`shard`]: one thread and runtime per core, each accepting its own connections;
 //! - [`registration`]: registering and removing devices, below the API;
 //! - [`wake`]: waking devices, one or many, and what a wake leaves behind;
@@ -27,6 +28,7 @@ pub mod demo;
 pub mod fleet;
 pub(crate) mod gateway;
 pub mod lifecycle;
+pub mod migrate;
 pub mod registration;
 pub mod registry;
 pub mod sender;

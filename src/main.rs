@@ -74,6 +74,21 @@ enum Cmd {
         /// Log format (overrides log.format).
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
+        /// Start even when stored data is damaged, losing what follows the
+        /// damage (sets store.accept_damage for this start).
+        #[arg(long)]
+        accept_damage: bool,
+    },
+    /// Convert a data directory written by wnsgate 0.x (the fjall store)
+    /// now, with a progress bar and a count check; `serve` also does it on
+    /// its first start. The old files are kept until you remove them.
+    Migrate {
+        /// TOML configuration file (store.path, store.partitions).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides store.path).
+        #[arg(long)]
+        data: Option<PathBuf>,
     },
     /// Validate a configuration file (and the environment overrides) without starting.
     CheckConfig {
@@ -131,6 +146,7 @@ fn main() -> ExitCode {
             shards,
             io,
             log_format,
+            accept_damage,
         } => {
             tune_allocator();
             let mut overrides: Vec<(String, String)> = Vec::new();
@@ -148,6 +164,9 @@ fn main() -> ExitCode {
             }
             if let Some(v) = log_format {
                 overrides.push(("WNSGATE_LOG__FORMAT".into(), enum_name(&v)));
+            }
+            if accept_damage {
+                overrides.push(("WNSGATE_STORE__ACCEPT_DAMAGE".into(), "true".into()));
             }
             load_settings(config.as_deref(), overrides)
                 .and_then(|s| wnsgate::cli::serve(s, config.as_deref()))
@@ -181,6 +200,13 @@ fn main() -> ExitCode {
             }
             other => other.map(|_| ()),
         },
+        Cmd::Migrate { config, data } => {
+            let overrides = data
+                .map(|v| ("WNSGATE_STORE__PATH".to_owned(), v.display().to_string()))
+                .into_iter()
+                .collect();
+            load_settings(config.as_deref(), overrides).and_then(|s| wnsgate::cli::migrate(&s))
+        }
         Cmd::Demo { devices } => wnsgate::demo::run(devices),
         Cmd::Sim(args) => wnsgate::sim::cli::run(args),
         Cmd::Health { config, url, path } => {

@@ -8,7 +8,6 @@ use crate::gateway::Gateway;
 use crate::registry::Registry;
 use crate::shard::{ShardOptions, ShardSet};
 use crate::store::committer::{Committer, CommitterConfig, CommitterJoin};
-use crate::store::fjall_store::{FjallOptions, FjallStore};
 use crate::store::{Mutation, Store};
 use crate::telemetry::metrics as m;
 use crate::wake::nudge::Nudger;
@@ -71,18 +70,6 @@ pub fn apply_to_registry(registry: &Registry, batch: &[Mutation]) {
     }
 }
 
-/// Flush and compaction threads for the store: the configured number, or
-/// half the cores (1 to 4). Compaction on every core starves the shards: on
-/// 2 cores with 2 compaction threads, PUT p99 at 10k/s rose from about 8 ms
-/// to over 100 ms (`loadtest/registry.sh`).
-fn store_background_threads(configured: usize) -> usize {
-    if configured > 0 {
-        return configured;
-    }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / 2).clamp(1, 4)
-}
-
 /// Called once the registry is loaded at start, before the gateway is
 /// ready. The `wnsgate` binary sets it to hand the allocator's free memory
 /// back: loading decodes every record into short-lived buffers beside the
@@ -103,18 +90,54 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let path = settings.store.path.clone();
     std::fs::create_dir_all(&path)
         .with_context(|| format!("cannot create the data directory {}", path.display()))?;
-    let store = FjallStore::open(
+    if crate::migrate::needed(&path) {
+        tracing::info!(data = %path.display(), "converting a 0.x (fjall) data directory; the old files are kept");
+        let last = std::sync::Mutex::new(crate::clock::instant());
+        let done = crate::migrate::migrate(
+            &path,
+            &settings.store,
+            settings.shard_count(),
+            &|n, total| {
+                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                if last.elapsed() >= Duration::from_secs(2) {
+                    *last = crate::clock::instant();
+                    tracing::info!(devices = n, of_about = total, "converting");
+                }
+            },
+        )
+        .with_context(|| format!("cannot convert the data directory {}", path.display()))?;
+        tracing::info!(
+            devices = done.devices,
+            refresh_jobs = done.jobs,
+            seconds = format!("{:.1}", done.seconds),
+            remove_when_satisfied = crate::migrate::leftovers(&path).join(" "),
+            "converted; the 0.x files listed are no longer read"
+        );
+    }
+    let store = crate::store::LogStore::open(
         &path,
-        FjallOptions {
-            cache_bytes: settings.store.cache_mb.saturating_mul(1024 * 1024),
-            memtable_bytes: settings.store.memtable_mb.saturating_mul(1024 * 1024),
-            worker_threads: Some(store_background_threads(settings.store.background_threads)),
-            ..FjallOptions::default()
+        crate::store::LogOptions {
+            // Validated with the configuration.
+            partitions: crate::core::Partitioning::new(settings.store.partitions).ok(),
+            snapshot_log_bytes: settings
+                .store
+                .snapshot_log_mb
+                .saturating_mul(1024 * 1024)
+                .max(1),
+            recovery: if settings.store.accept_damage {
+                crate::store::segments::Recovery::TruncateDamage
+            } else {
+                crate::store::segments::Recovery::Refuse
+            },
+            ..crate::store::LogOptions::default()
         },
     )
     .with_context(|| format!("cannot open the store in {}", path.display()))?;
     let store: Arc<dyn Store> = Arc::new(store);
-    let registry = Arc::new(Registry::with_capacity(store.approximate_len()));
+    let registry = Arc::new(Registry::with_partitions(
+        store.partitioning().unwrap_or_default(),
+        store.approximate_len(),
+    ));
     let reg = registry.clone();
     let reg_lookup = registry.clone();
     let (commits, committer) = Committer::start_with_lookup(
@@ -192,10 +215,9 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
 
     let t = crate::clock::instant();
     let loaded = store
-        .scan_all_parallel(shard_count, &|rec| {
-            registry.upsert(&rec);
-        })
+        .load(shard_count, &*registry)
         .context("cannot load the store")?;
+    store.attach(registry.clone());
     if let Some(release) = AFTER_LOAD.get() {
         release();
     }
@@ -225,7 +247,8 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        devices = loaded,
+        devices = registry.len(),
+        replayed_batches = loaded.replayed_batches,
         refresh_jobs = jobs,
         seconds = format!("{secs:.2}"),
         wns_apps = s.wns.apps.len(),

@@ -546,7 +546,7 @@ fn ninety_days_of_a_fleet() {
     while now < end {
         now += STEP;
         w.step(now);
-        if (now - T0) % FULL_CHECK_EVERY == 0 {
+        if (now - T0).is_multiple_of(FULL_CHECK_EVERY) {
             w.check_all(now);
         }
     }

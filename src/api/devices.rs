@@ -226,7 +226,7 @@ fn encode_cursor(c: &Cursor) -> String {
 
 fn decode_cursor(s: &str) -> Result<Cursor, ApiError> {
     let bad = || ApiError::bad_request("invalid_cursor", "cursor is not one this gateway returned");
-    if s.len() % 2 != 0 || s.len() > 2 * (2 + crate::registry::key::MAX_KEY_LEN) {
+    if !s.len().is_multiple_of(2) || s.len() > 2 * (2 + crate::registry::key::MAX_KEY_LEN) {
         return Err(bad());
     }
     let bytes = (0..s.len())

@@ -191,12 +191,20 @@ async fn dispatch(
             ))
         }
         (_, Route::Ready) if get => {
-            return Ok(if gw.is_ready() {
-                json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
-            } else {
+            return Ok(if !gw.is_ready() {
                 ApiError::unavailable("not_ready", "the gateway is starting or shutting down")
                     .into_response()
-            })
+            } else if !gw.store.writable() {
+                // Reads and wakes still work; writes do not until the disk
+                // has room again (the store probes every second).
+                ApiError::unavailable(
+                    "store_unavailable",
+                    "the store cannot write (is the disk full?); it retries every second",
+                )
+                .into_response()
+            } else {
+                json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+            });
         }
         (_, Route::Metrics) if get => {
             return Ok(text_response(

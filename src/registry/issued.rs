@@ -156,6 +156,20 @@ impl IssuedIndex {
         }
     }
 
+    /// Adds many entries at once (loading at start).
+    pub(crate) fn extend(&self, mut entries: Vec<(u32, u64)>) {
+        entries.sort_unstable_by_key(|&(m, _)| m);
+        let mut minutes = self.minutes.lock();
+        for group in entries.chunk_by(|a, b| a.0 == b.0) {
+            let m = minutes
+                .entry(group[0].0)
+                .or_insert_with(|| Minute::Small(Vec::new()));
+            for &(_, h) in group {
+                m.insert(h);
+            }
+        }
+    }
+
     /// The first minute in `from..=to` that has entries, at or after `from`.
     pub(crate) fn next_minute(&self, from: u32, to: u32) -> Option<u32> {
         if from > to {

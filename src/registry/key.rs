@@ -67,6 +67,20 @@ impl RecordKey {
         }
     }
 
+    /// Whether these bytes are a key [`KeyBuf::encode`] could have written
+    /// (checked without building the id).
+    pub fn is_well_formed(&self) -> bool {
+        match self.0.split_first() {
+            Some((&TAG_RAW, body)) => {
+                !body.is_empty()
+                    && body.len() <= MAX_DEVICE_ID_LEN
+                    && std::str::from_utf8(body).is_ok()
+            }
+            Some((&(TAG_UUID_LOWER | TAG_UUID_UPPER), body)) => body.len() == 16,
+            _ => false,
+        }
+    }
+
     /// A small hash of the key, independent of the map's hasher, used to
     /// spread bookkeeping over shards. Not for the map itself.
     pub(crate) fn spread(&self) -> u32 {

@@ -54,6 +54,7 @@
 //! while it calls back, so the callback must not upsert or remove.
 //! [`Registry::record_pushes`] reads the shards' hashbrown tables through
 //! dashmap's `raw-api`, to prefetch what a batch of lookups will touch.
+mod durable;
 mod histogram;
 pub mod interner;
 mod issued;

@@ -349,6 +349,93 @@ impl RecordCodec {
         })
     }
 
+    /// The interned strings, in id order: PFNs, provider ids, channel URI
+    /// prefixes. Interners only grow, so a record encoded before this call
+    /// refers only to strings in it.
+    pub fn dictionary(&self) -> [Vec<String>; 3] {
+        [&self.pfns, &self.providers, &self.prefixes].map(|i| {
+            (0..i.len())
+                .map_while(|id| i.resolve(id as u16).map(str::to_owned))
+                .collect()
+        })
+    }
+
+    /// Interns `dict` (a [`RecordCodec::dictionary`]) so that every string
+    /// gets the id it had there: then records encoded against that
+    /// dictionary can be taken as they are ([`RecordCodec::restore`]).
+    /// Fails when an interner already holds other strings or is too small.
+    pub fn seed(&self, dict: &[Vec<String>; 3]) -> Result<(), String> {
+        let names = ["PFN", "provider id", "channel URI prefix"];
+        for ((interner, strings), name) in [&self.pfns, &self.providers, &self.prefixes]
+            .into_iter()
+            .zip(dict)
+            .zip(names)
+        {
+            for (want, s) in strings.iter().enumerate() {
+                match interner.intern(s) {
+                    Some(got) if usize::from(got) == want => {}
+                    _ => {
+                        return Err(format!(
+                            "the {name} dictionary does not fit this registry at entry {want}"
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A record as [`CompactRecord::as_bytes`] gave it, encoded against
+    /// this codec's dictionary, taken as it is after a check of its
+    /// structure (lengths, codes, dictionary references; no string is
+    /// built). `None` when the bytes are not such a record.
+    pub fn restore(&self, bytes: &[u8]) -> Option<CompactRecord> {
+        if described_len(bytes)? != bytes.len() {
+            return None;
+        }
+        let mut c = Cursor(bytes);
+        let key_len = c.leb()?;
+        let key = RecordKey::from_bytes(c.take(key_len)?);
+        if !key.is_well_formed() {
+            return None;
+        }
+        let _fields_len = c.leb()?;
+        c.u32()?;
+        match c.u8()? {
+            0 => {}
+            code => {
+                DeadReason::from_code(code)?;
+                c.u32()?;
+            }
+        }
+        read_refresh(&mut c)?;
+        let refs = [c.u16()?, c.u16()?, c.u16()?];
+        let rest_word = c.leb()?;
+        let rest_chars = rest_word >> 1;
+        c.take(if rest_word & 1 == 1 {
+            uri::packed_len(rest_chars)
+        } else {
+            rest_chars
+        })?;
+        let interners = [&self.pfns, &self.providers, &self.prefixes];
+        for (i, (r, interner)) in refs.into_iter().zip(interners).enumerate() {
+            match r {
+                INLINE => {
+                    let n = c.leb()?;
+                    std::str::from_utf8(c.take(n)?).ok()?;
+                }
+                NONE if i == 1 => {}
+                id => {
+                    interner.resolve(id)?;
+                }
+            }
+        }
+        if !c.0.is_empty() {
+            return None;
+        }
+        Some(CompactRecord::from_vec(bytes.to_vec()))
+    }
+
     /// Strings held by the PFN, provider id and URI prefix interners.
     pub fn interned(&self) -> [usize; 3] {
         [self.pfns.len(), self.providers.len(), self.prefixes.len()]

@@ -265,14 +265,14 @@ fn heavy_churn_matches_a_model() {
             1 => format!("{:08X}-0000-4000-8000-{:012X}", x % 97, x % 5),
             _ => format!("raw-{}", x % 97),
         };
-        if (x >> 8) % 4 == 0 {
+        if (x >> 8).is_multiple_of(4) {
             assert_eq!(reg.remove(&id), model.remove(&id).is_some());
         } else {
             let mut r = rec(&id, T0 - ((x >> 16) % (40 * 86_400 / 60)) as u32 * 60);
-            if (x >> 40) % 7 == 0 {
+            if (x >> 40).is_multiple_of(7) {
                 r.dead = dead(T0);
             }
-            if (x >> 44) % 2 == 0 {
+            if (x >> 44).is_multiple_of(2) {
                 r.channel_uri = uri(&format!("https://bn2.notify.windows.com/x?t={x}+y"));
             }
             assert_eq!(
@@ -486,12 +486,12 @@ fn two_threads_on_overlapping_keys_end_consistent() {
                     x ^= x >> 7;
                     x ^= x << 17;
                     let id = format!("dev-{}", x % keys);
-                    if x % 3 == 0 {
+                    if x.is_multiple_of(3) {
                         reg.remove(&id);
                     } else {
                         // Whole minutes spread over 40 days: exact counts.
                         let mut r = rec(&id, T0 - ((x >> 20) % 57_600) as u32 * 60);
-                        if (x >> 50) % 5 == 0 {
+                        if (x >> 50).is_multiple_of(5) {
                             r.dead = dead(T0);
                         }
                         reg.upsert(&r);

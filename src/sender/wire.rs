@@ -190,7 +190,7 @@ impl Streams {
     }
 
     fn slot(&self, id: u32) -> Option<usize> {
-        if id < self.base || id % 2 == 0 {
+        if id < self.base || id.is_multiple_of(2) {
             return None;
         }
         let i = ((id - self.base) / 2) as usize;
@@ -697,7 +697,7 @@ async fn read_more<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut Vec<u8>) -> Res
 
 /// Applies a SETTINGS payload and queues its ACK.
 fn apply_settings(st: &mut State, payload: &[u8]) -> Result<(), Fatal> {
-    if payload.len() % 6 != 0 {
+    if !payload.len().is_multiple_of(6) {
         return Err(Fatal(
             FRAME_SIZE_ERROR,
             ConnError::Protocol("SETTINGS length not a multiple of 6".into()),

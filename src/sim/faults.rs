@@ -234,7 +234,7 @@ pub enum ConnAction {
 /// A reset wins over a GOAWAY that falls on the same request; a GOAWAY is
 /// only sent once per connection.
 pub fn conn_action(faults: &Faults, n: u64, goaway_sent: bool) -> ConnAction {
-    if faults.reset_every.is_some_and(|k| n % k == 0) {
+    if faults.reset_every.is_some_and(|k| n.is_multiple_of(k)) {
         return ConnAction::Reset;
     }
     if !goaway_sent && faults.goaway_every.is_some_and(|k| n >= k) {

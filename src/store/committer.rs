@@ -578,8 +578,12 @@ mod tests {
                 None => Ok(()),
             }
         }
-        fn scan_all(&self, visit: &mut dyn FnMut(DeviceRecord)) -> Result<u64, StoreError> {
-            self.inner.as_ref().unwrap().scan_all(visit)
+        fn load(
+            &self,
+            threads: usize,
+            into: &dyn crate::store::Restore,
+        ) -> Result<crate::store::Loaded, StoreError> {
+            self.inner.as_ref().unwrap().load(threads, into)
         }
         fn scan_jobs(
             &self,
@@ -693,7 +697,12 @@ mod tests {
 
         // And it is all on disk.
         let mut n = 0;
-        store.scan_all(&mut |_| n += 1).unwrap();
+        store
+            .inner
+            .as_ref()
+            .unwrap()
+            .scan_all(&mut |_| n += 1)
+            .unwrap();
         assert_eq!(n, total);
     }
 

@@ -20,7 +20,7 @@
 //! store is created; later opens use the stored values. `cache_bytes`,
 //! `max_journal_bytes` and `worker_threads` apply on every open.
 
-use super::{codec, job_codec, Mutation, Store, StoreError};
+use super::{check_writable, codec, job_codec, Loaded, Mutation, Restore, Store, StoreError};
 use crate::core::refresh::Job;
 use crate::core::DeviceRecord;
 use fjall::config::{BlockSizePolicy, FilterPolicy};
@@ -140,6 +140,29 @@ impl FjallStore {
             path: path.to_owned(),
         };
         Ok(store)
+    }
+
+    /// Visits every stored record, in id order. Returns the count.
+    pub fn scan_all(&self, visit: &mut dyn FnMut(DeviceRecord)) -> Result<u64, StoreError> {
+        let snapshot = self.db.snapshot();
+        scan_range(
+            &snapshot,
+            &self.devices,
+            Bound::Unbounded,
+            Bound::Unbounded,
+            visit,
+            None,
+        )
+    }
+
+    /// Visits every stored record using up to `threads` threads, calling
+    /// `visit` concurrently from them, in any order. Returns the count.
+    pub fn scan_all_parallel(
+        &self,
+        threads: usize,
+        visit: &(dyn Fn(DeviceRecord) + Sync),
+    ) -> Result<u64, StoreError> {
+        self.scan_parallel(threads, visit)
     }
 
     /// The data directory.
@@ -285,29 +308,17 @@ impl Store for FjallStore {
         wb.commit().map_err(io("write batch"))
     }
 
-    fn scan_all(&self, visit: &mut dyn FnMut(DeviceRecord)) -> Result<u64, StoreError> {
-        let snapshot = self.db.snapshot();
-        scan_range(
-            &snapshot,
-            &self.devices,
-            Bound::Unbounded,
-            Bound::Unbounded,
-            visit,
-            None,
-        )
+    fn load(&self, threads: usize, into: &dyn Restore) -> Result<Loaded, StoreError> {
+        let n = self.scan_parallel(threads, &|rec| into.put(&rec))?;
+        Ok(Loaded {
+            snapshot_records: n,
+            ..Loaded::default()
+        })
     }
 
     /// Record count, approximate after deletes (O(1)).
     fn approximate_len(&self) -> usize {
         self.devices.approximate_len()
-    }
-
-    fn scan_all_parallel(
-        &self,
-        threads: usize,
-        visit: &(dyn Fn(DeviceRecord) + Sync),
-    ) -> Result<u64, StoreError> {
-        self.scan_parallel(threads, visit)
     }
 
     fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError> {
@@ -336,7 +347,7 @@ fn scan_range(
         let (k, v) = guard.into_inner().map_err(io("scan"))?;
         visit(codec::decode(&k, &v)?);
         n += 1;
-        if n % 1024 == 0 && stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+        if n.is_multiple_of(1024) && stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
             break;
         }
     }
@@ -373,20 +384,6 @@ fn split_points(first: &[u8], last: &[u8], parts: usize) -> Vec<Vec<u8>> {
     out
 }
 
-/// Creates and removes a probe file so an unwritable directory fails here,
-/// with its path, rather than deep inside fjall.
-fn check_writable(dir: &Path) -> Result<(), StoreError> {
-    let probe = dir.join(".wnsgate-write-probe");
-    std::fs::write(&probe, b"")
-        .and_then(|()| std::fs::remove_file(&probe))
-        .map_err(|e| {
-            StoreError::Io(format!(
-                "data directory {} is not writable: {e}",
-                dir.display()
-            ))
-        })
-}
-
 fn io(what: &'static str) -> impl Fn(fjall::Error) -> StoreError {
     move |e| StoreError::Io(format!("store {what} failed: {e}"))
 }
@@ -404,17 +401,21 @@ mod tests {
                 "https://db5.notify.windows.com/?token=AwYAAAD{id}"
             ))
             .unwrap(),
-            provider_id: (issued % 2 == 0).then(|| ProviderId::parse("Contoso").unwrap()),
+            provider_id: issued
+                .is_multiple_of(2)
+                .then(|| ProviderId::parse("Contoso").unwrap()),
             issued_at: UnixTime(issued),
-            dead: (issued % 3 == 0).then_some(DeadMark {
+            dead: issued.is_multiple_of(3).then_some(DeadMark {
                 reason: DeadReason::Wns404,
                 at: UnixTime(issued + 1),
             }),
-            refresh: (issued % 5 == 0).then_some(crate::core::RefreshMark {
-                state: crate::core::RefreshState::Pending,
-                since: UnixTime(issued + 2),
-                job: u64::from(issued),
-            }),
+            refresh: issued
+                .is_multiple_of(5)
+                .then_some(crate::core::RefreshMark {
+                    state: crate::core::RefreshState::Pending,
+                    since: UnixTime(issued + 2),
+                    job: u64::from(issued),
+                }),
         }
     }
 
@@ -426,7 +427,7 @@ mod tests {
         FjallStore::open(dir, FjallOptions::default()).unwrap()
     }
 
-    fn all(store: &dyn Store) -> Vec<DeviceRecord> {
+    fn all(store: &FjallStore) -> Vec<DeviceRecord> {
         let mut v = Vec::new();
         let n = store.scan_all(&mut |r| v.push(r)).unwrap();
         assert_eq!(n as usize, v.len());

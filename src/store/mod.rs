@@ -24,12 +24,15 @@ pub mod committer;
 pub mod fjall_store;
 pub mod frame;
 pub mod job_codec;
+pub mod log_store;
 pub mod segments;
+pub mod snapshot;
 
 pub use committer::{
     CommitHandle, Committer, CommitterConfig, CommitterJoin, OnDurable, SubmitError, Ticket,
 };
 pub use fjall_store::{FjallOptions, FjallStore};
+pub use log_store::{LogOptions, LogStore};
 
 use crate::core::refresh::{Job, JobId};
 use crate::core::{ChannelUri, DeviceId, DeviceRecord};
@@ -66,6 +69,52 @@ pub enum StoreError {
     /// A [`Mutation::Guard`] did not hold: the device changed meanwhile.
     #[error("device {0} changed meanwhile; nothing was applied")]
     Conflict(String),
+    /// Stored data that does not check out, where it is not a torn tail.
+    #[error("{file}: damaged at byte {offset}: {why}")]
+    Damaged {
+        file: String,
+        offset: u64,
+        why: String,
+    },
+}
+
+/// The strings compact records refer to by id: PFNs, provider ids and
+/// channel URI prefixes, each list in id order.
+pub type Dictionary = [Vec<String>; 3];
+
+/// What a backend cuts snapshots from: the registry, in memory, in its own
+/// encoding.
+pub trait SnapshotSource: Send + Sync {
+    /// Appends every record of partition `part` to `out`, each as its
+    /// LEB128 length and then its bytes; returns how many.
+    fn encoded_partition(&self, part: u16, out: &mut Vec<u8>) -> u64;
+    /// The dictionary the records refer to; read after the records, it
+    /// covers every one of them.
+    fn dictionary(&self) -> Dictionary;
+}
+
+/// Where loading puts the durable state: the registry.
+pub trait Restore: Sync {
+    /// Called first, once, with the dictionary of the snapshot's records.
+    fn seed(&self, dictionary: &Dictionary) -> Result<(), String>;
+    /// The records of partition `part` as [`SnapshotSource::encoded_partition`]
+    /// wrote them, `count` of them. May be called from several threads at
+    /// once, for different partitions.
+    fn restore_partition(&self, part: u16, records: &[u8], count: u64) -> Result<u64, String>;
+    /// A device written after the snapshot (log replay).
+    fn put(&self, rec: &DeviceRecord);
+    /// A device deleted after the snapshot (log replay).
+    fn delete(&self, id: &DeviceId);
+}
+
+/// What loading found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// Devices read from the snapshot.
+    pub snapshot_records: u64,
+    /// Log batches replayed after it, and the mutations in them.
+    pub replayed_batches: u64,
+    pub replayed_mutations: u64,
 }
 
 /// The narrow interface every durable backend implements.
@@ -77,8 +126,9 @@ pub trait Store: Send + Sync + 'static {
     /// may block on a sync.
     fn apply(&self, batch: &[Mutation]) -> Result<(), StoreError>;
 
-    /// Visits every stored record, in any order. Returns the count.
-    fn scan_all(&self, visit: &mut dyn FnMut(DeviceRecord)) -> Result<u64, StoreError>;
+    /// Loads every stored device into `into`, using up to `threads`
+    /// threads. Called once, at start, before any `apply`.
+    fn load(&self, threads: usize, into: &dyn Restore) -> Result<Loaded, StoreError>;
 
     /// About how many records the store holds (cheap; used to size the
     /// registry before recovery). The provided implementation says 0.
@@ -86,22 +136,38 @@ pub trait Store: Send + Sync + 'static {
         0
     }
 
-    /// Visits every stored record using up to `threads` threads, calling
-    /// `visit` concurrently from them, in any order. Returns the count.
-    ///
-    /// This is what recovery uses to load the registry at start (P5 asks
-    /// for 10M devices in 10 s). The provided implementation runs
-    /// [`Store::scan_all`] on the calling thread; backends that can split
-    /// their key space override it.
-    fn scan_all_parallel(
-        &self,
-        threads: usize,
-        visit: &(dyn Fn(DeviceRecord) + Sync),
-    ) -> Result<u64, StoreError> {
-        let _ = threads;
-        self.scan_all(&mut |r| visit(r))
+    /// How the stored devices are split into partitions, when the data
+    /// records it.
+    fn partitioning(&self) -> Option<crate::core::Partitioning> {
+        None
+    }
+
+    /// Gives a backend that cuts snapshots the memory to cut them from
+    /// (after `load`). The provided implementation ignores it.
+    fn attach(&self, source: std::sync::Arc<dyn SnapshotSource>) {
+        let _ = source;
+    }
+
+    /// False while writes fail (a full disk): readiness reports it. The
+    /// backend probes and turns true again on its own once a write works.
+    fn writable(&self) -> bool {
+        true
     }
 
     /// Visits every stored refresh job. Returns the count.
     fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError>;
+}
+
+/// Creates and removes a probe file so an unwritable directory fails here,
+/// with its path, rather than deep inside a backend.
+pub(crate) fn check_writable(dir: &std::path::Path) -> Result<(), StoreError> {
+    let probe = dir.join(".wnsgate-write-probe");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            StoreError::Io(format!(
+                "data directory {} is not writable: {e}",
+                dir.display()
+            ))
+        })
 }

@@ -76,6 +76,8 @@ pub struct SegmentLog {
     next_lsn: u64,
     /// First LSNs of the segments on disk, in order.
     segments: Vec<u64>,
+    /// The next append starts a new segment (after [`SegmentLog::skip_to`]).
+    start_new: bool,
 }
 
 fn segment_name(first_lsn: u64) -> String {
@@ -162,6 +164,7 @@ impl SegmentLog {
             current: None,
             next_lsn,
             segments,
+            start_new: false,
         };
         Ok((log, opened))
     }
@@ -204,7 +207,7 @@ impl SegmentLog {
             let (first, len) = match (&self.current, last) {
                 // Continue the last segment after a restart or a failed
                 // write, unless it is full.
-                (None, Some(first)) => {
+                (None, Some(first)) if !self.start_new => {
                     let path = self.dir.join(segment_name(first));
                     let len = std::fs::metadata(&path).map_err(io(&path))?.len();
                     if len < self.segment_bytes_max {
@@ -227,8 +230,19 @@ impl SegmentLog {
                 self.segments.push(first);
             }
             self.current = Some((file, first, len));
+            self.start_new = false;
         }
         Ok(())
+    }
+
+    /// Makes `lsn` the next LSN when it is ahead (a snapshot covers LSNs the
+    /// log no longer holds): the next append starts a new segment there.
+    pub fn skip_to(&mut self, lsn: u64) {
+        if lsn > self.next_lsn {
+            self.next_lsn = lsn;
+            self.current = None;
+            self.start_new = true;
+        }
     }
 
     /// Deletes every segment whose frames all come before `lsn` (a

@@ -166,6 +166,7 @@ fn describe() {
     describe_gauge!(DEVICES, "Registered devices, by lifecycle state.");
     describe_counter!(IMPORT_LINES, "NDJSON import lines, by result.");
     crate::store::committer::describe_metrics();
+    crate::store::log_store::describe_metrics();
     describe_gauge!(
         RECOVERY_SECONDS,
         Unit::Seconds,
