@@ -73,6 +73,10 @@ pub struct StoreConfig {
     pub queue_capacity: usize,
     /// Most mutations written under one sync.
     pub max_batch_mutations: usize,
+    /// The longest a write may expect to wait for the store, by its recent
+    /// pace, before it is refused at once with 503 `store_overloaded`;
+    /// 0 = no bound but `queue_capacity`.
+    pub max_commit_wait_ms: u64,
     /// Memtable size of the embedded store, MiB (applies when the store is
     /// created).
     pub memtable_mb: u64,
@@ -84,6 +88,8 @@ pub struct StoreConfig {
     pub partitions: u32,
     /// Log MiB since the last snapshot before the next is cut.
     pub snapshot_log_mb: u64,
+    /// Size a log segment file grows to before the next starts, MiB.
+    pub log_segment_mb: u64,
     /// Start even when stored data is damaged, losing what follows the
     /// damage (its log tail, or the rest of a partition's snapshot).
     pub accept_damage: bool,
@@ -96,10 +102,12 @@ impl Default for StoreConfig {
             cache_mb: 64,
             queue_capacity: crate::store::committer::QUEUE_SUBMISSIONS_DEFAULT,
             max_batch_mutations: crate::store::committer::BATCH_MUTATIONS_DEFAULT,
+            max_commit_wait_ms: crate::store::committer::COMMIT_WAIT_MS_DEFAULT,
             memtable_mb: 16,
             background_threads: 0,
             partitions: 0,
             snapshot_log_mb: crate::store::log_store::SNAPSHOT_LOG_BYTES_DEFAULT >> 20,
+            log_segment_mb: crate::store::log_store::SEGMENT_BYTES_DEFAULT >> 20,
             accept_damage: false,
         }
     }
@@ -683,6 +691,9 @@ impl Settings {
         }
         if cfg.store.snapshot_log_mb == 0 {
             return Err(invalid("store.snapshot_log_mb", "must be positive"));
+        }
+        if cfg.store.log_segment_mb == 0 {
+            return Err(invalid("store.log_segment_mb", "must be positive"));
         }
         if cfg.store.queue_capacity == 0 || cfg.store.max_batch_mutations == 0 {
             return Err(invalid(

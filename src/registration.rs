@@ -163,7 +163,7 @@ impl Import {
         let n = chunk.len() as u64;
         let mut pending = Some(chunk);
         while let Some(chunk) = pending.take() {
-            match self.registrar.commits.try_submit(chunk) {
+            match self.registrar.commits.try_submit_bulk(chunk) {
                 Ok(ticket) => self.inflight.push_back((ticket, n)),
                 Err((SubmitError::Overloaded, chunk)) => {
                     pending = Some(chunk);

@@ -119,17 +119,13 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         crate::store::LogOptions {
             // Validated with the configuration.
             partitions: crate::core::Partitioning::new(settings.store.partitions).ok(),
-            snapshot_log_bytes: settings
-                .store
-                .snapshot_log_mb
-                .saturating_mul(1024 * 1024)
-                .max(1),
+            snapshot_log_bytes: settings.store.snapshot_log_mb.saturating_mul(1 << 20),
+            segment_bytes: settings.store.log_segment_mb.saturating_mul(1 << 20),
             recovery: if settings.store.accept_damage {
                 crate::store::segments::Recovery::TruncateDamage
             } else {
                 crate::store::segments::Recovery::Refuse
             },
-            ..crate::store::LogOptions::default()
         },
     )
     .with_context(|| format!("cannot open the store in {}", path.display()))?;
@@ -147,6 +143,8 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         CommitterConfig {
             queue_capacity: settings.store.queue_capacity,
             max_batch_mutations: settings.store.max_batch_mutations,
+            max_wait: (settings.store.max_commit_wait_ms > 0)
+                .then(|| Duration::from_millis(settings.store.max_commit_wait_ms)),
         },
     );
     let io = backend.name();

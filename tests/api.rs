@@ -731,3 +731,51 @@ fn completing_a_never_issued_refresh_job_is_404() {
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "unknown_refresh_job");
 }
+
+#[test]
+fn a_snapshot_on_demand_holds_every_device_and_a_restart_loads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[]);
+    let mut c = server.client();
+    for i in 0..50 {
+        let r = c
+            .send_json(
+                "PUT",
+                &format!("/v1/devices/snap-{i}/channel"),
+                &channel_body(&uri(&format!("snap-{i}"))),
+            )
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    assert_eq!(c.get("/v1/store:snapshot").unwrap().status, 405);
+    let r = c.request("POST", "/v1/store:snapshot", None, b"").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let cut = r.json();
+    assert_eq!(cut["devices"], 50);
+    assert!(cut["bytes"].as_u64().unwrap() > 50 * 100, "{cut}");
+    let snaps: Vec<_> = std::fs::read_dir(data.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(snaps.len(), 1, "{snaps:?}");
+    assert!(snaps[0].ends_with(".snap"), "{snaps:?}");
+    // One more write after the cut, then a restart: snapshot plus tail.
+    let r = c
+        .send_json(
+            "PUT",
+            "/v1/devices/after/channel",
+            &channel_body(&uri("after")),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201);
+    server.kill();
+    let server = Server::start(&data, &[]);
+    let mut c = server.client();
+    assert_eq!(c.get("/v1/stats").unwrap().json()["devices"], 51);
+    for id in ["snap-0", "snap-49", "after"] {
+        let d = c.get(&format!("/v1/devices/{id}")).unwrap().json();
+        let token = if id == "after" { "after" } else { id };
+        assert_eq!(d["channel_uri"], uri(token));
+    }
+}

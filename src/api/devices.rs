@@ -237,6 +237,35 @@ fn decode_cursor(s: &str) -> Result<Cursor, ApiError> {
     Cursor::from_bytes(&bytes).ok_or_else(bad)
 }
 
+/// `POST /v1/store:snapshot`: cuts a snapshot of the durable state now and
+/// answers once it is on disk.
+pub(super) async fn snapshot(gw: Arc<Gateway>) -> Result<Resp, ApiError> {
+    let store = gw.store.clone();
+    let started = crate::clock::instant();
+    let cut = tokio::task::spawn_blocking(move || store.snapshot_now())
+        .await
+        .map_err(|_| ApiError::unavailable("internal", "the snapshot task failed"))?
+        .map_err(|e| {
+            ApiError::unavailable("store_unavailable", format!("the snapshot failed: {e}"))
+        })?;
+    let Some(cut) = cut else {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not_supported",
+            "this store backend cuts no snapshots",
+        ));
+    };
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "devices": cut.records,
+            "refresh_jobs": cut.jobs,
+            "bytes": cut.bytes,
+            "seconds": (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+        }),
+    ))
+}
+
 #[derive(Serialize)]
 struct StatsView {
     devices: u64,

@@ -97,7 +97,7 @@ impl From<SubmitError> for ApiError {
         match e {
             SubmitError::Overloaded => ApiError::unavailable(
                 "store_overloaded",
-                "the store's write queue is full; retry shortly",
+                "the store is not keeping up with writes; retry shortly",
             ),
             SubmitError::Closed => {
                 ApiError::unavailable("shutting_down", "the gateway is shutting down")

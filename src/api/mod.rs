@@ -116,6 +116,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (_, Route::Complete(_)) => "refresh_complete",
         (_, Route::RefreshJob(_)) => "refresh_job",
         (_, Route::Device(_)) => "get_device",
+        (_, Route::Snapshot) => "store_snapshot",
         _ => "other",
     }
 }
@@ -136,6 +137,7 @@ enum Route {
     Lease,
     Complete(String),
     RefreshJob(String),
+    Snapshot,
     Unknown,
 }
 
@@ -149,6 +151,7 @@ fn split_route(path: &str) -> Route {
         "/v1/devices:import" => return Route::Import,
         "/v1/pushes" => return Route::Jobs,
         "/v1/refresh:lease" => return Route::Lease,
+        "/v1/store:snapshot" => return Route::Snapshot,
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/v1/refresh/") {
@@ -262,6 +265,8 @@ async fn dispatch(
         (_, Route::Complete(_)) => Err(method_not_allowed("POST")),
         (Method::GET, Route::RefreshJob(id)) => refresh::get(&gw, &id),
         (_, Route::RefreshJob(_)) => Err(method_not_allowed("GET")),
+        (Method::POST, Route::Snapshot) => devices::snapshot(gw).await,
+        (_, Route::Snapshot) => Err(method_not_allowed("POST")),
         _ => Err(ApiError::not_found("not_found", "no such endpoint")),
     }
 }

@@ -213,7 +213,7 @@ fn main() -> anyhow::Result<()> {
                 duration,
                 connections,
             };
-            load.run("put", None, move |client, c, k| {
+            load.run("put", Some(by_result), move |client, c, k| {
                 let i = (c + k * connections) % devices;
                 let body = serde_json::json!({"pfn": fleet::DEMO_PFN, "channel_uri": fleet::channel_uri(i, k)});
                 client.send_json("PUT", &format!("/v1/devices/{}/channel", fleet::device_id(i)), &body)
@@ -370,36 +370,46 @@ impl Load {
                 let token = self.token.clone();
                 let request = request.clone();
                 let sent = sent.clone();
-                type Tally = (Vec<u32>, u64, BTreeMap<String, u64>);
+                type Tally = (Vec<u32>, u64, BTreeMap<String, u64>, Vec<u32>);
                 std::thread::spawn(move || -> anyhow::Result<Tally> {
                     let mut client = Client::new(&url)?.with_token(token);
                     let count = per_conn_count(c);
                     let mut lat_us = Vec::with_capacity(count as usize);
                     let mut errors = 0;
                     let mut kinds = BTreeMap::new();
+                    // Latencies of the answers that were not 2xx.
+                    let mut refused_us = Vec::new();
                     let offset = per_conn.mul_f64(c as f64 / connections as f64);
                     for k in 0..count {
                         let due = start + offset + per_conn.mul_f64(k as f64);
                         if let Some(wait) = due.checked_duration_since(Instant::now()) {
                             std::thread::sleep(wait);
                         }
-                        let kind = match request(&mut client, c, k) {
+                        let (kind, ok) = match request(&mut client, c, k) {
                             Ok(r) => {
                                 if r.status >= 300 {
                                     errors += 1;
                                 }
-                                classify.map_or_else(|| r.status.to_string(), |f| f(&r))
+                                (
+                                    classify.map_or_else(|| r.status.to_string(), |f| f(&r)),
+                                    r.status < 300,
+                                )
                             }
                             Err(e) => {
                                 errors += 1;
-                                format!("transport error ({})", e.kind())
+                                (format!("transport error ({})", e.kind()), false)
                             }
                         };
                         *kinds.entry(kind).or_insert(0) += 1;
-                        lat_us.push(due.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        let us = due.elapsed().as_micros().min(u32::MAX as u128) as u32;
+                        if ok {
+                            lat_us.push(us);
+                        } else {
+                            refused_us.push(us);
+                        }
                         sent.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok((lat_us, errors, kinds))
+                    Ok((lat_us, errors, kinds, refused_us))
                 })
             })
             .collect();
@@ -408,27 +418,33 @@ impl Load {
             std::thread::sleep(Duration::from_millis(100));
         }
         bar.finish_and_clear();
-        let mut all = Vec::new();
+        let mut ok = Vec::new();
+        let mut refused = Vec::new();
         let mut errors = 0;
         let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
         for t in threads {
-            let (l, e, k) = t
+            let (l, e, k, r) = t
                 .join()
                 .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
-            all.extend(l);
+            ok.extend(l);
+            refused.extend(r);
             errors += e;
             for (kind, n) in k {
                 *kinds.entry(kind).or_insert(0) += n;
             }
         }
         let elapsed = start.elapsed().as_secs_f64();
+        ok.sort_unstable();
+        refused.sort_unstable();
+        let mut all: Vec<u32> = ok.iter().chain(&refused).copied().collect();
         all.sort_unstable();
-        let pct = |p: f64| {
-            all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+        let pct_of = |v: &[u32], p: f64| {
+            v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
                 .copied()
                 .unwrap_or(0) as f64
                 / 1000.0
         };
+        let pct = |p: f64| pct_of(&all, p);
         println!(
             "{name}: {} requests in {elapsed:.1} s ({:.0}/s, target {rate}/s), errors {errors}, latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}",
             all.len(),
@@ -439,6 +455,19 @@ impl Load {
             pct(0.999),
             all.last().copied().unwrap_or(0) as f64 / 1000.0
         );
+        if !refused.is_empty() {
+            println!(
+                "{name} split: {} accepted, latency ms p50 {:.2} p99 {:.2} max {:.2}; {} not accepted, latency ms p50 {:.2} p99 {:.2} max {:.2}",
+                ok.len(),
+                pct_of(&ok, 0.50),
+                pct_of(&ok, 0.99),
+                ok.last().copied().unwrap_or(0) as f64 / 1000.0,
+                refused.len(),
+                pct_of(&refused, 0.50),
+                pct_of(&refused, 0.99),
+                refused.last().copied().unwrap_or(0) as f64 / 1000.0,
+            );
+        }
         if classify.is_some() {
             let breakdown: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}: {n}")).collect();
             println!("{name} answers: {}", breakdown.join(", "));

@@ -420,7 +420,7 @@ impl Lifecycle {
     ) -> Result<Ticket, StoreError> {
         let deadline = crate::clock::instant() + std::time::Duration::from_secs(30);
         loop {
-            match self.commits.try_submit(muts) {
+            match self.commits.try_submit_bulk(muts) {
                 Ok(t) => return Ok(t),
                 Err((crate::store::SubmitError::Overloaded, back))
                     if crate::clock::instant() < deadline =>
@@ -1109,6 +1109,7 @@ mod tests {
             CommitterConfig {
                 queue_capacity: 8,
                 max_batch_mutations: 16,
+                max_wait: None,
             },
         );
         let settings = Settings::resolve(&Config::default()).unwrap();

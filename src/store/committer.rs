@@ -31,7 +31,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
@@ -46,6 +46,10 @@ pub const QUEUE_SUBMISSIONS_DEFAULT: usize = 65_536;
 /// Default bound of mutations applied (and synced) together
 /// (`store.max_batch_mutations`).
 pub const BATCH_MUTATIONS_DEFAULT: usize = 4_096;
+/// Default bound on how long a new submission may expect to wait for the
+/// store (`store.max_commit_wait_ms`): past it, `submit` answers
+/// [`SubmitError::Overloaded`] at once rather than queueing.
+pub const COMMIT_WAIT_MS_DEFAULT: u64 = 10;
 
 /// Suggested histogram buckets for `wnsgate_store_sync_seconds`.
 pub const SYNC_SECONDS_BUCKETS: &[f64] = &[
@@ -94,11 +98,17 @@ pub struct CommitterConfig {
     /// Mutations applied together in one batch and one sync (a single
     /// larger submission is applied alone, never split).
     pub max_batch_mutations: usize,
+    /// The longest a new submission may expect to wait behind those
+    /// already queued, by the committer's recent pace; past it, `submit`
+    /// answers [`SubmitError::Overloaded`] at once. `None`: no bound but
+    /// `queue_capacity`.
+    pub max_wait: Option<std::time::Duration>,
 }
 
 impl Default for CommitterConfig {
     fn default() -> Self {
         CommitterConfig {
+            max_wait: Some(std::time::Duration::from_millis(COMMIT_WAIT_MS_DEFAULT)),
             queue_capacity: QUEUE_SUBMISSIONS_DEFAULT,
             max_batch_mutations: BATCH_MUTATIONS_DEFAULT,
         }
@@ -145,6 +155,80 @@ impl Msg {
     }
 }
 
+/// The committer's pace, learnt as it goes, and what waits: how a
+/// submission is refused when the store is not keeping up, before it would
+/// wait longer than `max_wait`.
+///
+/// A batch costs about a fixed part (the sync) plus a part per mutation
+/// (encoding, writing, the registry). Both are moving averages of what the
+/// committer measured. The next batch is a wait no submission can avoid
+/// (a slow disk makes it long for everyone alike), so what is bounded is
+/// the wait beyond it: `fixed x (queued / max_batch) + per_mutation x
+/// queued`, with `queued` counting the new submission.
+struct Admission {
+    /// Mutations queued and not yet taken by the committer.
+    queued: AtomicU64,
+    /// Moving averages, in nanoseconds.
+    fixed_ns: AtomicU64,
+    per_mutation_ns: AtomicU64,
+    max_batch: u64,
+    max_wait_ns: Option<u64>,
+}
+
+/// Batches of at least this many mutations teach the per-mutation cost;
+/// smaller ones the fixed cost.
+const LEARN_PER_MUTATION_FROM: u64 = 64;
+
+impl Admission {
+    fn new(max_batch: usize, max_wait: Option<std::time::Duration>) -> Admission {
+        Admission {
+            queued: AtomicU64::new(0),
+            // Until measured: a 1 ms sync and 2 us per mutation.
+            fixed_ns: AtomicU64::new(1_000_000),
+            per_mutation_ns: AtomicU64::new(2_000),
+            max_batch: max_batch.max(1) as u64,
+            max_wait_ns: max_wait.map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64),
+        }
+    }
+
+    /// Whether a submission of `n` mutations may queue now. Bulk work
+    /// (imports, sweeps) gets half the bound, so it always leaves room for
+    /// single writes.
+    fn admits(&self, n: u64, bulk: bool) -> bool {
+        let Some(max) = self.max_wait_ns else {
+            return true;
+        };
+        let max = if bulk { max / 2 } else { max };
+        let queued = self.queued.load(Ordering::Relaxed);
+        if queued == 0 {
+            // Nothing waits: the submission goes in the next batch however
+            // large it is.
+            return true;
+        }
+        let ahead = queued + n;
+        let fixed = self.fixed_ns.load(Ordering::Relaxed);
+        let per = self.per_mutation_ns.load(Ordering::Relaxed);
+        let wait = fixed
+            .saturating_mul(ahead / self.max_batch)
+            .saturating_add(per.saturating_mul(ahead));
+        wait <= max
+    }
+
+    /// Learns from a batch of `mutations` that took `ns`.
+    fn learn(&self, mutations: u64, ns: u64) {
+        let avg = |a: &AtomicU64, sample: u64| {
+            let old = a.load(Ordering::Relaxed);
+            a.store(old - old / 8 + sample / 8, Ordering::Relaxed);
+        };
+        if mutations >= LEARN_PER_MUTATION_FROM {
+            let fixed = self.fixed_ns.load(Ordering::Relaxed);
+            avg(&self.per_mutation_ns, ns.saturating_sub(fixed) / mutations);
+        } else {
+            avg(&self.fixed_ns, ns);
+        }
+    }
+}
+
 /// The group-commit thread's entry point.
 pub struct Committer;
 
@@ -178,14 +262,17 @@ impl Committer {
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity.max(1));
         let closed = Arc::new(AtomicBool::new(false));
         let max_batch = cfg.max_batch_mutations.max(1);
+        let admission = Arc::new(Admission::new(max_batch, cfg.max_wait));
+        let pace = admission.clone();
         let thread = std::thread::Builder::new()
             .name("wnsgate-store-commit".into())
-            .spawn(move || CommitLoop::new(store, on_durable, lookup, max_batch).run(&rx))
+            .spawn(move || CommitLoop::new(store, on_durable, lookup, max_batch, pace).run(&rx))
             .expect("spawning the store committer thread");
         (
             CommitHandle {
                 tx: tx.clone(),
                 closed: closed.clone(),
+                admission,
             },
             CommitterJoin {
                 tx,
@@ -202,6 +289,7 @@ impl Committer {
 pub struct CommitHandle {
     tx: Sender<Msg>,
     closed: Arc<AtomicBool>,
+    admission: Arc<Admission>,
 }
 
 impl CommitHandle {
@@ -218,17 +306,45 @@ impl CommitHandle {
         &self,
         mutations: Vec<Mutation>,
     ) -> Result<Ticket, (SubmitError, Vec<Mutation>)> {
+        self.try_submit_as(mutations, false)
+    }
+
+    /// [`CommitHandle::try_submit`] for bulk work that waits for room when
+    /// refused (an import, a sweep): it is refused at half the wait bound,
+    /// so single writes queued behind it are never refused because of it.
+    pub fn try_submit_bulk(
+        &self,
+        mutations: Vec<Mutation>,
+    ) -> Result<Ticket, (SubmitError, Vec<Mutation>)> {
+        self.try_submit_as(mutations, true)
+    }
+
+    fn try_submit_as(
+        &self,
+        mutations: Vec<Mutation>,
+        bulk: bool,
+    ) -> Result<Ticket, (SubmitError, Vec<Mutation>)> {
         if self.closed.load(Ordering::Acquire) {
             return Err((SubmitError::Closed, mutations));
         }
+        let n = mutations.len() as u64;
+        if !self.admission.admits(n, bulk) {
+            return Err((SubmitError::Overloaded, mutations));
+        }
         let (done, rx) = oneshot::channel();
+        // Counted before it is visible to the committer, which subtracts it.
+        self.admission.queued.fetch_add(n, Ordering::Relaxed);
         match self
             .tx
             .try_send(Msg::Submit(Submission { mutations, done }))
         {
             Ok(()) => Ok(Ticket { rx }),
-            Err(TrySendError::Full(msg)) => Err((SubmitError::Overloaded, msg.into_mutations())),
+            Err(TrySendError::Full(msg)) => {
+                self.admission.queued.fetch_sub(n, Ordering::Relaxed);
+                Err((SubmitError::Overloaded, msg.into_mutations()))
+            }
             Err(TrySendError::Disconnected(msg)) => {
+                self.admission.queued.fetch_sub(n, Ordering::Relaxed);
                 Err((SubmitError::Closed, msg.into_mutations()))
             }
         }
@@ -329,6 +445,7 @@ struct CommitLoop {
     on_durable: OnDurable,
     lookup: Lookup,
     max_batch: usize,
+    pace: Arc<Admission>,
     /// A submission taken from the queue that did not fit the last batch.
     carried: Option<Submission>,
     shutting_down: bool,
@@ -348,12 +465,14 @@ impl CommitLoop {
         on_durable: OnDurable,
         lookup: Lookup,
         max_batch: usize,
+        pace: Arc<Admission>,
     ) -> CommitLoop {
         CommitLoop {
             store,
             on_durable,
             lookup,
             max_batch,
+            pace,
             carried: None,
             shutting_down: false,
             batch: Vec::new(),
@@ -418,6 +537,9 @@ impl CommitLoop {
     /// Applies the gathered submissions as one batch and completes them.
     fn commit(&mut self) {
         self.batch.clear();
+        let taken: u64 = self.subs.iter().map(|s| s.mutations.len() as u64).sum();
+        self.pace.queued.fetch_sub(taken, Ordering::Relaxed);
+        let cycle = crate::clock::instant();
         let conflicts = self.check_guards();
         for s in &mut self.subs {
             self.batch.append(&mut s.mutations);
@@ -438,6 +560,8 @@ impl CommitLoop {
             Ok(()) => {
                 if !self.batch.is_empty() {
                     (self.on_durable)(&self.batch);
+                    let ns = cycle.elapsed().as_nanos().min(u128::from(u64::MAX)) as u64;
+                    self.pace.learn(self.batch.len() as u64, ns);
                 }
                 for (i, s) in self.subs.drain(..).enumerate() {
                     let result = match conflicts.iter().find(|(at, _)| *at == i) {
@@ -618,6 +742,7 @@ mod tests {
 
     fn cfg(queue_capacity: usize, max_batch_mutations: usize) -> CommitterConfig {
         CommitterConfig {
+            max_wait: None,
             queue_capacity,
             max_batch_mutations,
         }
@@ -783,6 +908,68 @@ mod tests {
         // [a], then b alone (over the limit), then c+d (8), then e (8+3 > 10).
         assert_eq!(*store.batches.lock().unwrap(), [3, 25, 8, 3]);
         assert_eq!(log.lock().unwrap().len(), 39);
+    }
+
+    #[test]
+    fn a_write_that_would_wait_too_long_is_refused_at_once() {
+        let (store, entered, permit) = gated();
+        let (_log, on_durable) = logging();
+        let config = CommitterConfig {
+            max_wait: Some(Duration::from_millis(1)),
+            ..cfg(1_000_000, 100_000)
+        };
+        let (handle, join) = Committer::start(Arc::new(store), on_durable, config);
+        let many = |p: &str| (0..100).map(|i| put(&format!("{p}{i:03}"))).collect();
+        // The first goes straight in (nothing waits ahead of it), however
+        // large, and holds the committer.
+        let first = handle.submit(many("a")).unwrap();
+        entered.recv().unwrap();
+        // At the assumed 2 us per mutation, 1 ms is 500 mutations ahead.
+        let mut queued = Vec::new();
+        let refused = loop {
+            match handle.submit(many(&format!("q{}-", queued.len()))) {
+                Ok(t) => queued.push(t),
+                Err(e) => break Some(e),
+            }
+            if queued.len() == 100 {
+                break None;
+            }
+        };
+        let waiting = handle.queue_len();
+        // Let the committer go before anything can fail.
+        drop(permit);
+        assert_eq!(refused, Some(SubmitError::Overloaded));
+        assert_eq!(queued.len(), 5, "500 mutations ahead admitted, 600 not");
+        // Far below the queue's capacity.
+        assert_eq!(waiting, 5);
+        let _ = first.wait_blocking();
+        drop(queued);
+        drop(join);
+    }
+
+    #[test]
+    fn the_pace_is_learnt_from_batches() {
+        let a = Admission::new(1000, Some(Duration::from_millis(10)));
+        a.queued.store(1, Ordering::Relaxed);
+        // 3001 mutations ahead: 3 more syncs of 1 ms and 3001 x 2 us.
+        assert!(a.admits(3000, false));
+        assert!(!a.admits(4000, false));
+        // Bulk work gets half: 1001 x 2 us + 1 ms = 3 ms, 3001 not.
+        assert!(a.admits(1000, true));
+        assert!(!a.admits(3000, true));
+        // Batches that take 100 us per mutation: 10 ms is 100 mutations.
+        for _ in 0..64 {
+            a.learn(1000, 100_000_000);
+        }
+        assert!(!a.admits(200, false));
+        assert!(a.admits(50, false));
+        // Nothing queued: always admitted.
+        a.queued.store(0, Ordering::Relaxed);
+        assert!(a.admits(1_000_000, true));
+        // No bound.
+        let free = Admission::new(10, None);
+        free.queued.store(1_000_000, Ordering::Relaxed);
+        assert!(free.admits(1_000_000, false));
     }
 
     #[test]

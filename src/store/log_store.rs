@@ -32,8 +32,9 @@
 //! - **A full disk.** A failed append leaves the log as it was and fails
 //!   the batch (503 `store_unavailable` to its callers); the store is then
 //!   not [`Store::writable`] (readiness turns 503). The background thread
-//!   probes with an empty batch every second, and the next append that
-//!   works makes it writable again.
+//!   probes every second by writing and syncing a file as large as the
+//!   batch that failed (at least 256 KiB), and the store is writable again
+//!   once that works, or once an append does.
 
 use super::segments::{LogError, Recovery, SegmentLog};
 use super::snapshot::{self, Snapshot};
@@ -64,6 +65,8 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
 pub const SNAPSHOT_LOG_BYTES_DEFAULT: u64 = 256 << 20;
 /// How often an unwritable store probes whether it can write again.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The smallest probe of free space after a failed write.
+const PROBE_BYTES_MIN: u64 = 256 << 10;
 /// How long after a failed cut the next is tried.
 const CUT_RETRY_AFTER: Duration = Duration::from_secs(30);
 
@@ -151,6 +154,10 @@ struct Inner {
     snapshot_bytes: AtomicU64,
     approximate_len: AtomicU64,
     writable: AtomicBool,
+    /// Bytes of the last batch that failed to append.
+    failed_batch_bytes: AtomicU64,
+    /// Held while a snapshot is cut: one at a time.
+    cutting: Mutex<()>,
     stop: Mutex<bool>,
     wake: Condvar,
 }
@@ -267,6 +274,8 @@ impl LogStore {
             snapshot_bytes: AtomicU64::new(snapshot_bytes),
             approximate_len: AtomicU64::new(approximate),
             writable: AtomicBool::new(true),
+            failed_batch_bytes: AtomicU64::new(0),
+            cutting: Mutex::new(()),
             stop: Mutex::new(false),
             wake: Condvar::new(),
         });
@@ -305,6 +314,7 @@ impl LogStore {
 impl Inner {
     /// Writes a snapshot of `source` and drops what it covers.
     fn cut(&self, source: &dyn SnapshotSource) -> Result<snapshot::Written, StoreError> {
+        let _one = self.cutting.lock();
         let started = crate::clock::instant();
         // The last appended batch may not be in the registry yet (the
         // committer applies it after `apply` returns); every earlier one is.
@@ -363,13 +373,22 @@ impl Inner {
                 .max(self.snapshot_bytes.load(Ordering::Relaxed) / 4)
     }
 
-    /// Tries an empty batch, to learn whether the disk takes writes again.
+    /// Learns whether the disk takes writes again: writes and syncs a
+    /// probe file as large as the batch that failed (at least
+    /// [`PROBE_BYTES_MIN`]), then removes it. A tiny write would fit in
+    /// the slack of a file's last block on a disk that is still full.
     fn probe(&self) {
-        let mut st = self.log.lock();
-        let st = &mut *st;
-        st.scratch.clear();
-        batch_codec::encode_into(&[], &mut st.scratch);
-        if st.log.append(&st.scratch).is_ok() {
+        let len = self
+            .failed_batch_bytes
+            .load(Ordering::Relaxed)
+            .max(PROBE_BYTES_MIN);
+        let path = self.dir.join(".wnsgate-space-probe");
+        let written = File::create(&path).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &vec![0u8; len as usize])?;
+            f.sync_data()
+        });
+        let _ = std::fs::remove_file(&path);
+        if written.is_ok() {
             self.set_writable(true);
             tracing::info!("the store can write again");
         }
@@ -425,7 +444,11 @@ impl Store for LogStore {
             st.scratch.clear();
             batch_codec::encode_into(batch, &mut st.scratch);
             let len = st.scratch.len();
-            let r = st.log.append(&st.scratch).map(|_| len);
+            let r = st.log.append(&st.scratch).map(|_| len).inspect_err(|_| {
+                inner
+                    .failed_batch_bytes
+                    .store(len as u64, Ordering::Relaxed);
+            });
             if st.scratch.capacity() > 16 << 20 {
                 st.scratch = Vec::new();
             }
@@ -525,6 +548,10 @@ impl Store for LogStore {
 
     fn writable(&self) -> bool {
         self.inner.writable.load(Ordering::Relaxed)
+    }
+
+    fn snapshot_now(&self) -> Result<Option<snapshot::Written>, StoreError> {
+        self.cut_snapshot()
     }
 
     fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError> {
@@ -986,7 +1013,7 @@ mod tests {
     fn a_full_disk_is_survived() {
         let dir = tempfile::tempdir().unwrap();
         let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
             .arg(dir.path())
             .status()
             .is_ok_and(|s| s.success());
@@ -1006,7 +1033,7 @@ mod tests {
         let (store, registry, _, _) = reopen(&data, small());
         store.attach(registry.clone());
         let filler = dir.path().join("filler");
-        std::fs::write(&filler, vec![7u8; 160 * 1024]).unwrap();
+        std::fs::write(&filler, vec![7u8; 1800 * 1024]).unwrap();
         let mut n = 0;
         let failed = loop {
             let batch = vec![Mutation::Put(rec(n, 5_000 + n))];

@@ -148,6 +148,12 @@ pub trait Store: Send + Sync + 'static {
         let _ = source;
     }
 
+    /// Cuts a snapshot now and returns once it is durable (for a backup,
+    /// or before a planned restart); `None` when the backend cuts none.
+    fn snapshot_now(&self) -> Result<Option<snapshot::Written>, StoreError> {
+        Ok(None)
+    }
+
     /// False while writes fail (a full disk): readiness reports it. The
     /// backend probes and turns true again on its own once a write works.
     fn writable(&self) -> bool {
