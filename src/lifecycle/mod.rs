@@ -834,26 +834,37 @@ impl Lifecycle {
         let mut inflight = std::collections::VecDeque::new();
         while let Some(page) = pages.next_page() {
             report.examined += page.len() as u64;
-            {
+            // The jobs are opened under the queue's lock, and submitted
+            // after it is released: waiting for room in the store settles
+            // earlier submissions, and settling one that conflicted takes
+            // the lock again.
+            let opened: Vec<(Job, LeaveReason, Vec<Mutation>)> = {
                 let mut q = self.queue.lock();
-                for mut rec in page {
-                    if rec.refresh.is_some() {
-                        continue;
-                    }
-                    let (reason, expired_at) = match rec.dead {
-                        Some(d) => (LeaveReason::from(d.reason), d.at),
-                        None => (LeaveReason::Age, self.thresholds.expires_at(rec.issued_at)),
-                    };
-                    let uri = rec.channel_uri.clone();
-                    if let Some(job) = self.open_locked(&mut q, &mut rec, reason, expired_at, now) {
+                page.into_iter()
+                    .filter(|rec| rec.refresh.is_none())
+                    .filter_map(|mut rec| {
+                        let (reason, expired_at) = match rec.dead {
+                            Some(d) => (LeaveReason::from(d.reason), d.at),
+                            None => (LeaveReason::Age, self.thresholds.expires_at(rec.issued_at)),
+                        };
+                        let uri = rec.channel_uri.clone();
+                        let job = self.open_locked(&mut q, &mut rec, reason, expired_at, now)?;
                         let muts = self.device_mutations(&rec, Some(&job), &uri);
-                        match self.submit_with_backpressure(muts, &mut inflight, &mut report) {
-                            Ok(t) => inflight.push_back((t, Some((job, reason)))),
-                            Err(e) => {
-                                q.remove_device(rec.device_id.as_str());
-                                return Err(e);
-                            }
+                        Some((job, reason, muts))
+                    })
+                    .collect()
+            };
+            let mut opened = opened.into_iter();
+            while let Some((job, reason, muts)) = opened.next() {
+                match self.submit_with_backpressure(muts, &mut inflight, &mut report) {
+                    Ok(t) => inflight.push_back((t, Some((job, reason)))),
+                    Err(e) => {
+                        let mut q = self.queue.lock();
+                        q.remove_device(job.device_id.as_str());
+                        for (rest, _, _) in opened {
+                            q.remove_device(rest.device_id.as_str());
                         }
+                        return Err(e);
                     }
                 }
             }
@@ -1133,6 +1144,76 @@ mod tests {
             .filter(|i| registry.get(&format!("dev-{i}")).unwrap().refresh.is_some())
             .count();
         assert_eq!(pending, 1000);
+    }
+
+    /// Devices re-registered while a sweep waits for room in the store:
+    /// their submissions conflict, and settling a conflict while waiting
+    /// must not need the queue's lock the sweep holds (it once did, and
+    /// the sweep, then every registration, hung).
+    #[test]
+    fn a_sweep_that_waits_for_room_while_devices_re_register_finishes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(FjallStore::open(dir.path(), FjallOptions::default()).unwrap());
+        let registry = Arc::new(Registry::new());
+        let now = 1_800_000_000u32;
+        let old = now - 31 * 86_400;
+        let batch: Vec<Mutation> = (0..2000).map(|i| Mutation::Put(record(i, old))).collect();
+        store.apply(&batch).unwrap();
+        apply_to_registry(&registry, &batch);
+        let (reg, reg2) = (registry.clone(), registry.clone());
+        let (commits, join) = Committer::start_with_lookup(
+            store.clone(),
+            Box::new(move |b: &[Mutation]| apply_to_registry(&reg, b)),
+            Box::new(move |id| reg2.get(id.as_str()).map(|r| r.channel_uri)),
+            CommitterConfig {
+                queue_capacity: 4,
+                max_batch_mutations: 8,
+                max_wait: None,
+            },
+        );
+        let settings = Settings::resolve(&Config::default()).unwrap();
+        let lc = Arc::new(Lifecycle::new(
+            settings.refresh.clone(),
+            settings.thresholds,
+            Vec::new(),
+            registry.clone(),
+            store.clone(),
+            commits.clone(),
+        ));
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        let sweeper = lc.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(sweeper.sweep(UnixTime(now)));
+        });
+        // New channels for devices the sweep is opening jobs for.
+        let mut changed = 0;
+        for i in (0..2000).step_by(3) {
+            let mut r = record(i, now - 5);
+            r.channel_uri =
+                ChannelUri::from_trusted(format!("https://db5.notify.windows.com/?token=new{i}"))
+                    .unwrap();
+            if let Ok(t) = commits.submit(vec![Mutation::Put(r)]) {
+                if t.wait_blocking().is_ok() {
+                    changed += 1;
+                }
+            }
+        }
+        // A hang guard, not a timing: the sweep takes well under a second.
+        let report = match done_rx.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(r) => r.unwrap(),
+            Err(_) => {
+                // Shutting the committer down would wait on the hung sweep.
+                std::mem::forget(join);
+                panic!("the sweep hung");
+            }
+        };
+        assert!(changed > 0);
+        assert!(
+            report.opened <= report.examined && report.examined <= 2000,
+            "{report:?}"
+        );
+        join.shutdown().unwrap();
     }
 }
 

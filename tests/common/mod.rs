@@ -65,7 +65,10 @@ impl Server {
         // write's expected wait: tests that are not about shedding load must
         // not see 503 store_overloaded. The bound itself is tested in
         // store::committer, and measured by loadtest/registry.sh.
-        if !env.iter().any(|(k, _)| *k == "WNSGATE_STORE__MAX_COMMIT_WAIT_MS") {
+        if !env
+            .iter()
+            .any(|(k, _)| *k == "WNSGATE_STORE__MAX_COMMIT_WAIT_MS")
+        {
             cmd.env("WNSGATE_STORE__MAX_COMMIT_WAIT_MS", "2000");
         }
         if let Some(io) = test_io() {
