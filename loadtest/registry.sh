@@ -13,9 +13,10 @@
 #       and single-PUT latency at PUT_RATE req/s (default 10000) for
 #       PUT_SECONDS (default 60); reference: a bare fsync on the same disk,
 #       and GET /healthz at the same rate with the same tool;
-#       then twice that rate for 20 s: what is accepted and how fast, what
+#       then twice that rate for SHED_SECONDS (default 20): what is accepted and how fast, what
 #       is refused (503 store_overloaded) and how fast
-#   snapshot: POST /v1/store:snapshot while PUTs go on at PUT_RATE: the cut's
+#   snapshot: POST /v1/store:snapshot while PUTs go on at PUT_RATE for
+#       CUT_SECONDS (default 30): the cut's
 #       time and size, and PUT latency during it
 #   P5  restart until /readyz answers 200, and the RSS 3 s after it (P3
 #       again: what the same registry costs when loaded from the store);
@@ -26,6 +27,9 @@ cd "$(dirname "$0")/.."
 N=${1:-1000000}
 PUT_RATE=${2:-10000}
 PUT_SECONDS=${3:-60}
+# Length of the above-capacity phase and of the phase around a snapshot cut.
+SHED_SECONDS=${SHED_SECONDS:-20}
+CUT_SECONDS=${CUT_SECONDS:-30}
 
 cargo build --release --quiet --bins
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
@@ -110,18 +114,18 @@ PUT_OUT=$("$LOAD" put --url "http://$ADDR" --rate "$PUT_RATE" --duration "$PUT_S
 echo "P4 single PUT at $PUT_RATE/s: $PUT_OUT (target p99 <= 5 ms)"
 echo "P4 reference, GET /healthz at $PUT_RATE/s with the same tool: $GET_OUT"
 SHED_RATE=$((PUT_RATE * 2))
-SHED_OUT=$("$LOAD" put --url "http://$ADDR" --rate "$SHED_RATE" --duration 20 --connections 128 --devices "$N")
-echo "P4 PUT at $SHED_RATE/s (above capacity: the accepted keep p99 <= 20 ms, the rest are refused at once): $SHED_OUT"
+SHED_OUT=$("$LOAD" put --url "http://$ADDR" --rate "$SHED_RATE" --duration "$SHED_SECONDS" --connections 128 --devices "$N")
+echo "P4 PUT at $SHED_RATE/s for $SHED_SECONDS s (above capacity: the accepted keep p99 <= 20 ms, the rest are refused at once): $SHED_OUT"
 wait_idle "$PID"
 
 # A snapshot cut while PUTs go on.
-"$LOAD" put --url "http://$ADDR" --rate "$PUT_RATE" --duration 30 --connections 64 --devices "$N" >"$WORK/put-during-cut" &
+"$LOAD" put --url "http://$ADDR" --rate "$PUT_RATE" --duration "$CUT_SECONDS" --connections 64 --devices "$N" >"$WORK/put-during-cut" &
 LOADER=$!
-sleep 3
+sleep $((CUT_SECONDS / 10 + 1))
 CUT_OUT=$(curl -fsS -X POST "http://$ADDR/v1/store:snapshot")
 wait "$LOADER"
 echo "snapshot: $CUT_OUT (cut while PUTs went on at $PUT_RATE/s)"
-echo "snapshot: PUT during the 30 s around the cut: $(tr '\n' ' ' <"$WORK/put-during-cut")"
+echo "snapshot: PUT during the $CUT_SECONDS s around the cut: $(tr '\n' ' ' <"$WORK/put-during-cut")"
 
 kill -TERM "$PID"; wait "$PID" || true; PID=""
 DATA_BYTES=$(du -sb "$WORK/data" | cut -f1)
