@@ -181,7 +181,7 @@ impl FjallStore {
         self.db.disk_space().map_err(io("disk space"))
     }
 
-    /// [`Store::scan_all_parallel`] for fjall: the calling thread and
+    /// [`FjallStore::scan_all_parallel`]: the calling thread and
     /// `threads - 1` scoped threads read one snapshot. The key space between the first and last id is cut into
     /// `threads x 64` ranges by interpolating the ids' bytes, and threads
     /// take ranges from a shared queue until none is left, so a skewed id

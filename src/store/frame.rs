@@ -133,6 +133,10 @@ fn frame_after(bytes: &[u8], from: usize) -> bool {
     let last = bytes.len().saturating_sub(FRAME_HEADER_BYTES);
     (from..=last).any(|o| {
         let rest = &bytes[o..];
+        // Zeros (a preallocated file's unwritten end) are never a frame.
+        if rest[..FRAME_HEADER_BYTES].iter().all(|&b| b == 0) {
+            return false;
+        }
         let len_bytes: [u8; 4] = rest[..4].try_into().expect("four bytes");
         let check = u32::from_le_bytes(rest[4..8].try_into().expect("four bytes"));
         let len = u32::from_le_bytes(len_bytes) as usize;
@@ -197,6 +201,26 @@ mod tests {
             encode(p, &mut out);
         }
         out
+    }
+
+    /// A preallocated file's zeros are never read as a frame: the check of
+    /// a zero length is not zero.
+    #[test]
+    fn zeros_are_never_a_frame() {
+        assert_ne!(len_check([0; 4]), 0);
+        assert_eq!(read_at(&[0u8; 64], 0), Ok(Found::TornTail { at: 0 }));
+        let mut b = Vec::new();
+        encode(b"abc", &mut b);
+        let whole = b.len();
+        b.extend_from_slice(&[0u8; 4096]);
+        assert_eq!(
+            read_at(&b, 0),
+            Ok(Found::Frame {
+                payload: b"abc",
+                next: whole
+            })
+        );
+        assert_eq!(read_at(&b, whole), Ok(Found::TornTail { at: whole }));
     }
 
     #[test]
