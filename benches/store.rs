@@ -279,7 +279,11 @@ fn import(store: &Arc<Counting>, n: usize) {
         Box::new(move |b: &[Mutation]| {
             a.fetch_add(b.len() as u64, Ordering::Relaxed);
         }),
-        CommitterConfig::default(),
+        CommitterConfig {
+            // Raw throughput: no bound on the wait, only on the queue.
+            max_wait: None,
+            ..CommitterConfig::default()
+        },
     );
     let pregenerated: Option<Vec<Vec<Mutation>>> = (n <= PREGENERATE_MAX).then(|| {
         (0..n)
@@ -315,7 +319,8 @@ fn import(store: &Arc<Counting>, n: usize) {
                         }
                     };
                     // The window below keeps at most 2 x 64 submissions in
-                    // flight, far under the queue bound, so none is refused.
+                    // flight, far under the queue bound, and the committer
+                    // has no bound on the wait, so none is refused.
                     match handle.submit(sub) {
                         Ok(ticket) => inflight.push_back(ticket),
                         Err(e) => panic!("import submission refused: {e}"),
@@ -362,7 +367,11 @@ fn closed_loop_latency(store: &Arc<Counting>, n: usize, phase: Duration) {
     let (handle, join) = Committer::start(
         store.clone(),
         Box::new(|_: &[Mutation]| {}),
-        CommitterConfig::default(),
+        CommitterConfig {
+            // Raw throughput: no bound on the wait, only on the queue.
+            max_wait: None,
+            ..CommitterConfig::default()
+        },
     );
     let syncs0 = store.syncs();
     let t = Instant::now();

@@ -118,8 +118,9 @@ impl Default for CommitterConfig {
 /// Why a submission was not queued. Nothing was changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SubmitError {
-    /// The queue is full: the store is not keeping up. Answer 503.
-    #[error("the store is overloaded: its commit queue is full")]
+    /// The store is not keeping up: the write would wait longer than the
+    /// bound, or the queue is full. Answer 503.
+    #[error("the store is overloaded: a write would wait too long for it")]
     Overloaded,
     /// The committer has shut down (or died).
     #[error("the store is shut down")]
