@@ -1011,23 +1011,9 @@ mod tests {
     /// as root).
     #[test]
     fn a_full_disk_is_survived() {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        let Some(dir) = crate::testing::Tmpfs::mount("2m") else {
             return;
-        }
-        struct Unmount<'a>(&'a Path);
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg(self.0).status();
-            }
-        }
-        let _unmount = Unmount(dir.path());
+        };
         let data = dir.path().join("data");
         let mut model = Model::default();
         let (store, registry, _, _) = reopen(&data, small());

@@ -429,24 +429,9 @@ mod tests {
     /// back. Needs root to mount a small tmpfs (CI runs as root).
     #[test]
     fn a_full_disk_fails_an_append_and_the_log_heals() {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("skipped: cannot mount a tmpfs here (not root)");
+        let Some(dir) = crate::testing::Tmpfs::mount("64k") else {
             return;
-        }
-        /// Unmounts when the test ends, passed or not.
-        struct Unmount<'a>(&'a Path);
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg(self.0).status();
-            }
-        }
-        let _unmount = Unmount(dir.path());
+        };
         let filler = dir.path().join("filler");
         std::fs::write(&filler, vec![7u8; 24 * 1024]).unwrap();
         let logdir = dir.path().join("log");
