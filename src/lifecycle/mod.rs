@@ -1097,6 +1097,38 @@ mod tests {
         }
     }
 
+    /// A lifecycle over `store` and `registry` whose committer queues at
+    /// most `queue` submissions of `batch` mutations, with no bound on the
+    /// wait: the store is full as soon as a sweep gets going.
+    fn small_queue_lifecycle(
+        store: &Arc<dyn Store>,
+        registry: &Arc<Registry>,
+        queue: usize,
+        batch: usize,
+    ) -> (Arc<Lifecycle>, CommitHandle, crate::store::CommitterJoin) {
+        let (reg, reg2) = (registry.clone(), registry.clone());
+        let (commits, join) = Committer::start_with_lookup(
+            store.clone(),
+            Box::new(move |b: &[Mutation]| apply_to_registry(&reg, b)),
+            Box::new(move |id| reg2.get(id.as_str()).map(|r| r.channel_uri)),
+            CommitterConfig {
+                queue_capacity: queue,
+                max_batch_mutations: batch,
+                max_wait: None,
+            },
+        );
+        let settings = Settings::resolve(&Config::default()).unwrap();
+        let lc = Arc::new(Lifecycle::new(
+            settings.refresh.clone(),
+            settings.thresholds,
+            Vec::new(),
+            registry.clone(),
+            store.clone(),
+            commits.clone(),
+        ));
+        (lc, commits, join)
+    }
+
     /// A sweep that opens far more jobs than the store's queue holds slows
     /// down instead of failing, and opens every job exactly once.
     #[test]
@@ -1112,26 +1144,7 @@ mod tests {
             .collect();
         store.apply(&batch).unwrap();
         apply_to_registry(&registry, &batch);
-        let (reg, reg2) = (registry.clone(), registry.clone());
-        let (commits, join) = Committer::start_with_lookup(
-            store.clone(),
-            Box::new(move |b: &[Mutation]| apply_to_registry(&reg, b)),
-            Box::new(move |id| reg2.get(id.as_str()).map(|r| r.channel_uri)),
-            CommitterConfig {
-                queue_capacity: 8,
-                max_batch_mutations: 16,
-                max_wait: None,
-            },
-        );
-        let settings = Settings::resolve(&Config::default()).unwrap();
-        let lc = Lifecycle::new(
-            settings.refresh.clone(),
-            settings.thresholds,
-            Vec::new(),
-            registry.clone(),
-            store.clone(),
-            commits,
-        );
+        let (lc, _, join) = small_queue_lifecycle(&store, &registry, 8, 16);
         let report = lc.sweep(UnixTime(now)).unwrap();
         assert_eq!((report.examined, report.opened), (1000, 1000));
         // A second sweep finds nothing new.
@@ -1161,26 +1174,7 @@ mod tests {
         let batch: Vec<Mutation> = (0..2000).map(|i| Mutation::Put(record(i, old))).collect();
         store.apply(&batch).unwrap();
         apply_to_registry(&registry, &batch);
-        let (reg, reg2) = (registry.clone(), registry.clone());
-        let (commits, join) = Committer::start_with_lookup(
-            store.clone(),
-            Box::new(move |b: &[Mutation]| apply_to_registry(&reg, b)),
-            Box::new(move |id| reg2.get(id.as_str()).map(|r| r.channel_uri)),
-            CommitterConfig {
-                queue_capacity: 4,
-                max_batch_mutations: 8,
-                max_wait: None,
-            },
-        );
-        let settings = Settings::resolve(&Config::default()).unwrap();
-        let lc = Arc::new(Lifecycle::new(
-            settings.refresh.clone(),
-            settings.thresholds,
-            Vec::new(),
-            registry.clone(),
-            store.clone(),
-            commits.clone(),
-        ));
+        let (lc, commits, join) = small_queue_lifecycle(&store, &registry, 4, 8);
         let (done_tx, done_rx) = crossbeam_channel::bounded(1);
         let sweeper = lc.clone();
         std::thread::spawn(move || {

@@ -2,19 +2,12 @@
 //! where loading puts the durable state, both in the registry's own record
 //! encoding, so a restart copies records rather than re-encoding them.
 
+use super::record::write_leb;
 use super::{minute, Bucket, Registry};
 use crate::core::{DeviceId, DeviceRecord};
 use crate::store::{Dictionary, Restore, SnapshotSource};
 use dashmap::mapref::entry::Entry;
 use std::sync::atomic::Ordering;
-
-fn put_leb(out: &mut Vec<u8>, mut v: usize) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
 
 impl SnapshotSource for Registry {
     /// Copies the partition's records shard by shard, each under its read
@@ -31,7 +24,7 @@ impl SnapshotSource for Registry {
                 for bucket in table.iter() {
                     let (rec, _) = bucket.as_ref();
                     let b = rec.as_bytes();
-                    put_leb(out, b.len());
+                    write_leb(out, b.len());
                     out.extend_from_slice(b);
                     n += 1;
                 }

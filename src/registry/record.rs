@@ -512,7 +512,7 @@ impl<'a> Cursor<'a> {
 /// Longest LEB128 encoding of a `usize`.
 const LEB_MAX: usize = 10;
 
-fn write_leb(out: &mut Vec<u8>, mut v: usize) {
+pub(super) fn write_leb(out: &mut Vec<u8>, mut v: usize) {
     while v >= 0x80 {
         out.push(v as u8 | 0x80);
         v >>= 7;
