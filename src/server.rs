@@ -219,9 +219,11 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     if let Some(release) = AFTER_LOAD.get() {
         release();
     }
+    let t_queue = crate::clock::instant();
     let jobs = lifecycle
         .restore(gateway.now())
         .context("cannot load the refresh queue")?;
+    let queue_secs = t_queue.elapsed().as_secs_f64();
     let secs = t.elapsed().as_secs_f64();
     metrics::gauge!(m::RECOVERY_SECONDS).set(secs);
     let nudger = match gateway.settings.nudge_per_second {
@@ -249,6 +251,9 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         replayed_batches = loaded.replayed_batches,
         refresh_jobs = jobs,
         seconds = format!("{secs:.2}"),
+        snapshot_seconds = format!("{:.2}", loaded.snapshot_seconds),
+        replay_seconds = format!("{:.2}", loaded.replay_seconds),
+        queue_seconds = format!("{queue_secs:.2}"),
         wns_apps = s.wns.apps.len(),
         wns_target = if s.wns.connect_to.trim().is_empty() {
             "WNS (notify.windows.com)"

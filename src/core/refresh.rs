@@ -42,6 +42,10 @@ use super::time::UnixTime;
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap};
 
+/// The queue's maps hash with foldhash, seeded per process: device ids come
+/// from clients, and SipHash cost most of a restart's queue load.
+type Hashed = foldhash::fast::RandomState;
+
 /// Identifies a refresh job. Allocated by the queue, increasing, never reused
 /// within a store's life (restored ids keep the counter above them).
 pub type JobId = u64;
@@ -250,8 +254,8 @@ pub fn pfn_to_send(policy: PfnChoice, current: &Pfn, apps: &[Pfn], attempts: u16
 #[derive(Debug)]
 pub struct RefreshQueue {
     policy: RefreshPolicy,
-    jobs: HashMap<JobId, Job>,
-    by_device: HashMap<String, JobId>,
+    jobs: HashMap<JobId, Job, Hashed>,
+    by_device: HashMap<String, JobId, Hashed>,
     /// Queued jobs with `next_at > promoted_to`: (next_at, expired_at, id).
     waiting: BTreeSet<(UnixTime, UnixTime, JobId)>,
     /// Queued jobs with `next_at <= promoted_to`: (expired_at, id).
@@ -275,8 +279,8 @@ impl RefreshQueue {
         let tokens = policy.rate();
         RefreshQueue {
             policy,
-            jobs: HashMap::new(),
-            by_device: HashMap::new(),
+            jobs: HashMap::default(),
+            by_device: HashMap::default(),
             waiting: BTreeSet::new(),
             due: BTreeSet::new(),
             deadlines: BTreeSet::new(),
@@ -313,6 +317,72 @@ impl RefreshQueue {
         }
         self.insert(job);
         None
+    }
+
+    /// Loads every stored job at start, as [`restore`](Self::restore) would
+    /// one by one in id order, but with the ordered indexes built once at
+    /// the end rather than a tree insert per job. On a queue that already
+    /// holds jobs it restores them one by one.
+    pub fn restore_all(&mut self, mut jobs: Vec<Job>) -> Vec<Change> {
+        jobs.sort_unstable_by_key(|j| j.id);
+        // A stored id twice: the later copy replaces the earlier.
+        jobs.reverse();
+        jobs.dedup_by_key(|j| j.id);
+        jobs.reverse();
+        if !self.jobs.is_empty() {
+            return jobs.into_iter().filter_map(|j| self.restore(j)).collect();
+        }
+        self.jobs.reserve(jobs.len());
+        self.by_device.reserve(jobs.len());
+        let mut closed = Vec::new();
+        let (mut waiting, mut due, mut deadlines, mut give_up) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::with_capacity(jobs.len()),
+        );
+        for job in jobs {
+            self.next_id = self.next_id.max(job.id.saturating_add(1));
+            if self.by_device.contains_key(job.device_id.as_str()) {
+                closed.push(Change::Closed {
+                    id: job.id,
+                    device_id: job.device_id,
+                });
+                continue;
+            }
+            let id = job.id;
+            self.by_device.insert(job.device_id.as_str().to_owned(), id);
+            let gu = self.give_up_at(&job);
+            if gu > self.give_up_swept_to {
+                give_up.push((gu, id));
+            }
+            match job.state {
+                JobState::Queued if job.next_at <= self.promoted_to => {
+                    due.push((job.expired_at, id))
+                }
+                JobState::Queued => waiting.push((job.next_at, job.expired_at, id)),
+                JobState::Leased { .. } => {
+                    self.leased += 1;
+                    deadlines.push((job.next_at, id));
+                }
+                JobState::Delivered { .. } => {
+                    self.delivered += 1;
+                    deadlines.push((job.next_at, id));
+                }
+            }
+            self.jobs.insert(id, job);
+        }
+        // From sorted input a set is built in one pass.
+        fn build<T: Ord>(mut v: Vec<T>) -> BTreeSet<T> {
+            v.sort_unstable();
+            v.into_iter().collect()
+        }
+        self.waiting = build(waiting);
+        self.due = build(due);
+        self.deadlines = build(deadlines);
+        self.give_up = build(give_up);
+        self.debug_check();
+        closed
     }
 
     /// Opens a job for a device whose channel died. `None` when the device
@@ -1349,6 +1419,55 @@ mod tests {
             }]
         );
         q.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn restoring_all_at_once_equals_restoring_one_by_one() {
+        let mut q = queue();
+        let a = open(&mut q, 1, T0, T0);
+        open(&mut q, 2, T0, T0);
+        q.lease(1, None, T0);
+        q.check_in("dev-2", T0);
+        open(&mut q, 3, at(1), T0);
+        open(&mut q, 4, at(5 * DAY), at(DAY));
+        let mut jobs: Vec<Job> = q.jobs().cloned().collect();
+        // A second job for a device, and an id stored twice.
+        jobs.push(Job {
+            id: 99,
+            ..a.clone()
+        });
+        jobs.push(Job {
+            attempts: 3,
+            ..jobs[0].clone()
+        });
+        let mut one = queue();
+        let mut by_one: Vec<Change> = Vec::new();
+        let mut sorted = jobs.clone();
+        sorted.sort_by_key(|j| j.id);
+        for j in sorted {
+            by_one.extend(one.restore(j));
+        }
+        let mut all = queue();
+        let by_all = all.restore_all(jobs);
+        all.check_invariants().unwrap();
+        assert_eq!(by_all, by_one);
+        assert_eq!(by_all.len(), 1);
+        for now in [T0, at(DAY), at(20 * DAY)] {
+            assert_eq!(all.stats(now), one.stats(now));
+        }
+        let mut a_jobs: Vec<Job> = all.jobs().cloned().collect();
+        let mut o_jobs: Vec<Job> = one.jobs().cloned().collect();
+        a_jobs.sort_by_key(|j| j.id);
+        o_jobs.sort_by_key(|j| j.id);
+        assert_eq!(a_jobs, o_jobs);
+        assert_eq!(all.next_id, one.next_id);
+        assert_eq!(all.tick(at(20 * DAY)), one.tick(at(20 * DAY)));
+        // Onto a queue that has jobs, one by one.
+        let mut more = queue();
+        open(&mut more, 7, T0, T0);
+        assert!(more.restore_all(all.jobs().cloned().collect()).is_empty());
+        more.check_invariants().unwrap();
+        assert_eq!(more.len(), all.len() + 1);
     }
 
     #[test]

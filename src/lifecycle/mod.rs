@@ -218,12 +218,9 @@ impl Lifecycle {
     pub fn restore(&self, now: UnixTime) -> Result<u64, StoreError> {
         let mut q = self.queue.lock();
         q.ids_from(u64::from(now.0) << 24);
-        let mut fixes = Vec::new();
-        let n = self.store.scan_jobs(&mut |job| {
-            if let Some(c) = q.restore(job) {
-                fixes.push(c);
-            }
-        })?;
+        let mut jobs = Vec::new();
+        let n = self.store.scan_jobs(&mut |job| jobs.push(job))?;
+        let fixes = q.restore_all(jobs);
         let tickets = self.persist_locked(&mut q, fixes, UnixTime(0));
         drop(q);
         for t in tickets {

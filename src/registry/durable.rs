@@ -3,10 +3,10 @@
 //! encoding, so a restart copies records rather than re-encoding them.
 
 use super::record::write_leb;
-use super::{minute, Bucket, Registry};
+use super::{minute, Bucket, Registry, PART_SHARDS};
 use crate::core::{DeviceId, DeviceRecord};
 use crate::store::{Dictionary, Restore, SnapshotSource};
-use dashmap::mapref::entry::Entry;
+use dashmap::SharedValue;
 use std::sync::atomic::Ordering;
 
 impl SnapshotSource for Registry {
@@ -50,42 +50,76 @@ impl Restore for Registry {
             .ok_or_else(|| format!("partition {part} is beyond this registry's"))?;
         let list = crate::store::snapshot::split_records(records, count)
             .ok_or("the record lengths do not add up")?;
+        // Nothing else touches the registry while it loads: each shard of
+        // the partition is locked once, sized for its share at once (no
+        // table doubles while it loads), and records go in with the hash
+        // already computed.
+        let mut shards: Vec<_> = p.shards().iter().map(|s| s.write()).collect();
+        let per_shard = list.len() / PART_SHARDS + list.len() / 16 + 1;
+        for t in &mut shards {
+            t.reserve(per_shard, |(k, _)| p.hash_usize(k) as u64);
+        }
+        // The issued-at index is built once every partition is in (see
+        // `snapshot_restored`); the counts are added once per partition.
         let mut index = Vec::with_capacity(list.len());
+        let mut counted = Vec::with_capacity(list.len());
+        let mut added = 0;
         for bytes in list {
-            let rec = self
+            let r = self
                 .codec
                 .restore(bytes)
                 .ok_or("a record does not check out")?;
+            let key = r.rec.key();
             debug_assert_eq!(
-                rec.key().decode().map(|id| self.partitioning.of(&id)),
+                key.decode().map(|id| self.partitioning.of(&id)),
                 Some(part),
                 "a record stored under another partition"
             );
-            let (to, spread) = (Bucket::of(&rec), rec.key().spread());
-            let hash = p.hash_usize(&rec.key()) as u64;
-            let at = minute(rec.issued_at());
-            let from = match p.entry(rec) {
-                Entry::Occupied(e) => {
+            let (to, spread) = (
+                Bucket::from_marks(r.issued_at, r.dead, r.refresh),
+                key.spread(),
+            );
+            let hash = p.hash_usize(&key) as u64;
+            let at = minute(r.issued_at);
+            let table = &mut shards[p.determine_shard(hash as usize)];
+            match table.find(hash, |(k, _)| k.key() == key) {
+                Some(slot) => {
                     // Not in a well-formed snapshot (a partition lists a
                     // device once); stay exact anyway.
-                    self.issued.extend(std::mem::take(&mut index));
-                    self.issued
-                        .shift(hash, Some(minute(e.key().issued_at())), Some(at));
-                    let (old, _) = e.replace_entry(0);
-                    Some(Bucket::of(&old))
+                    // Safety: the slot was just found in this table, which
+                    // is write-locked.
+                    let (rec, push) = unsafe { slot.as_mut() };
+                    let old = std::mem::replace(rec, r.rec);
+                    *push = SharedValue::new(0);
+                    self.histogram
+                        .shift(spread, Some(Bucket::of(&old)), Some(to));
+                    let mut loading = self.loading.lock();
+                    loading.removed.push((minute(old.issued_at()), hash));
+                    loading.added.push(vec![(at, hash)]);
                 }
-                Entry::Vacant(e) => {
-                    e.insert(0);
-                    self.len.fetch_add(1, Ordering::Relaxed);
+                None => {
+                    table.insert(hash, (r.rec, SharedValue::new(0)), |(k, _)| {
+                        p.hash_usize(k) as u64
+                    });
+                    added += 1;
                     index.push((at, hash));
-                    None
+                    counted.push((spread, to));
                 }
-            };
-            self.histogram.shift(spread, from, Some(to));
+            }
         }
-        let n = count;
-        self.issued.extend(index);
-        Ok(n)
+        drop(shards);
+        self.len.fetch_add(added, Ordering::Relaxed);
+        self.histogram.add_many(counted);
+        self.loading.lock().added.push(index);
+        Ok(count)
+    }
+
+    fn snapshot_restored(&self) {
+        let loading = std::mem::take(&mut *self.loading.lock());
+        self.issued.extend(loading.added);
+        for (minute, hash) in loading.removed {
+            self.issued.shift(hash, Some(minute), None);
+        }
     }
 
     fn put(&self, rec: &DeviceRecord) {

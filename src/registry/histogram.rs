@@ -35,6 +35,21 @@ pub(crate) enum Bucket {
 }
 
 impl Bucket {
+    /// The bucket of a record with these marks.
+    pub(crate) fn from_marks(
+        issued_at: UnixTime,
+        dead: bool,
+        refresh: Option<RefreshState>,
+    ) -> Bucket {
+        match (refresh, dead) {
+            (Some(state), _) => Bucket::Refresh(state),
+            (None, true) => Bucket::Dead,
+            (None, false) => Bucket::Live {
+                minute: issued_at.0 / 60,
+            },
+        }
+    }
+
     pub(crate) fn of(rec: &CompactRecord) -> Bucket {
         if let Some(m) = rec.refresh() {
             return Bucket::Refresh(m.state);
@@ -77,6 +92,17 @@ impl Shard {
     }
 }
 
+impl Shard {
+    fn merge(&mut self, other: Shard) {
+        self.dead += other.dead;
+        self.pending += other.pending;
+        self.unreachable += other.unreachable;
+        for (minute, n) in other.minutes {
+            self.add(Bucket::Live { minute }, n);
+        }
+    }
+}
+
 /// Keeps the line between shards' locks off one cache line each.
 #[repr(align(128))]
 struct Padded(Mutex<Shard>);
@@ -107,6 +133,19 @@ impl Histogram {
         }
         if let Some(b) = to {
             shard.add(b, 1);
+        }
+    }
+
+    /// Counts many devices at once (loading at start): each `(spread,
+    /// bucket)` is added to the shard `shift` would add it to, one lock per
+    /// shard.
+    pub(crate) fn add_many(&self, adds: impl IntoIterator<Item = (u32, Bucket)>) {
+        let mut local: Vec<Shard> = (0..self.shards.len()).map(|_| Shard::default()).collect();
+        for (spread, b) in adds {
+            local[spread as usize % self.shards.len()].add(b, 1);
+        }
+        for (shard, counted) in self.shards.iter().zip(local) {
+            shard.0.lock().merge(counted);
         }
     }
 

@@ -237,7 +237,17 @@ pub struct Registry {
     codec: RecordCodec,
     histogram: Histogram,
     issued: IssuedIndex,
+    /// Issued-at entries gathered while a snapshot loads.
+    loading: parking_lot::Mutex<Loading>,
     len: AtomicUsize,
+}
+
+/// What loading partitions gathers for the issued-at index: the entries
+/// added, a chunk per partition, and those a record met twice replaced.
+#[derive(Default)]
+struct Loading {
+    added: Vec<Vec<(u32, u64)>>,
+    removed: Vec<(u32, u64)>,
 }
 
 impl Registry {
@@ -278,6 +288,7 @@ impl Registry {
             codec,
             histogram: Histogram::new(),
             issued: IssuedIndex::default(),
+            loading: Default::default(),
             len: AtomicUsize::new(0),
         }
     }

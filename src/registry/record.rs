@@ -47,6 +47,15 @@ const INLINE: u16 = u16::MAX - 1;
 const NONE: u16 = u16::MAX;
 const _: () = assert!(DEFAULT_CAPACITY <= INLINE);
 
+/// A record checked and copied by [`RecordCodec::restore`], with what its
+/// fields say about its state, read on the way.
+pub struct Restored {
+    pub rec: CompactRecord,
+    pub issued_at: UnixTime,
+    pub dead: bool,
+    pub refresh: Option<RefreshState>,
+}
+
 /// One device's record, compactly encoded in a single allocation.
 ///
 /// The pointer is thin (8 bytes); the allocation describes its own length.
@@ -389,26 +398,26 @@ impl RecordCodec {
     /// this codec's dictionary, taken as it is after a check of its
     /// structure (lengths, codes, dictionary references; no string is
     /// built). `None` when the bytes are not such a record.
-    pub fn restore(&self, bytes: &[u8]) -> Option<CompactRecord> {
-        if described_len(bytes)? != bytes.len() {
-            return None;
-        }
+    pub fn restore(&self, bytes: &[u8]) -> Option<Restored> {
         let mut c = Cursor(bytes);
         let key_len = c.leb()?;
         let key = RecordKey::from_bytes(c.take(key_len)?);
         if !key.is_well_formed() {
             return None;
         }
-        let _fields_len = c.leb()?;
-        c.u32()?;
-        match c.u8()? {
-            0 => {}
+        if c.leb()? != c.0.len() {
+            return None;
+        }
+        let issued_at = UnixTime(c.u32()?);
+        let dead = match c.u8()? {
+            0 => false,
             code => {
                 DeadReason::from_code(code)?;
                 c.u32()?;
+                true
             }
-        }
-        read_refresh(&mut c)?;
+        };
+        let refresh = read_refresh(&mut c)?.map(|m| m.state);
         let refs = [c.u16()?, c.u16()?, c.u16()?];
         let rest_word = c.leb()?;
         let rest_chars = rest_word >> 1;
@@ -433,7 +442,16 @@ impl RecordCodec {
         if !c.0.is_empty() {
             return None;
         }
-        Some(CompactRecord::from_vec(bytes.to_vec()))
+        let leaked: &'static mut [u8] = Box::leak(Box::from(bytes));
+        Some(Restored {
+            // The bytes describe their own length: checked above.
+            rec: CompactRecord {
+                ptr: NonNull::from(leaked).cast::<u8>(),
+            },
+            issued_at,
+            dead,
+            refresh,
+        })
     }
 
     /// Strings held by the PFN, provider id and URI prefix interners.

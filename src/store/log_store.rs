@@ -489,9 +489,13 @@ impl Store for LogStore {
             return Err(StoreError::Io("the store was loaded already".into()));
         };
         let mut loaded = Loaded::default();
+        let t = crate::clock::instant();
         if let Some(snap) = &opened.snapshot {
             loaded.snapshot_records = self.load_snapshot(snap, threads, into)?;
         }
+        into.snapshot_restored();
+        loaded.snapshot_seconds = t.elapsed().as_secs_f64();
+        let t = crate::clock::instant();
         for (lsn, payload) in &opened.frames {
             let batch = batch_codec::decode(payload).map_err(|e| StoreError::Damaged {
                 file: self.inner.dir.join("log").display().to_string(),
@@ -516,6 +520,7 @@ impl Store for LogStore {
                 }
             }
         }
+        loaded.replay_seconds = t.elapsed().as_secs_f64();
         // The tail replayed counts toward the next cut.
         let tail: u64 = opened.frames.iter().map(|(_, p)| p.len() as u64).sum();
         self.inner.log_bytes.store(tail, Ordering::Relaxed);

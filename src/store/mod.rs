@@ -101,6 +101,10 @@ pub trait Restore: Sync {
     /// wrote them, `count` of them. May be called from several threads at
     /// once, for different partitions.
     fn restore_partition(&self, part: u16, records: &[u8], count: u64) -> Result<u64, String>;
+    /// Called once every partition of the snapshot is restored, before the
+    /// log is replayed: what was gathered over all partitions is put in
+    /// place.
+    fn snapshot_restored(&self) {}
     /// A device written after the snapshot (log replay).
     fn put(&self, rec: &DeviceRecord);
     /// A device deleted after the snapshot (log replay).
@@ -108,13 +112,16 @@ pub trait Restore: Sync {
 }
 
 /// What loading found.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loaded {
     /// Devices read from the snapshot.
     pub snapshot_records: u64,
     /// Log batches replayed after it, and the mutations in them.
     pub replayed_batches: u64,
     pub replayed_mutations: u64,
+    /// Seconds spent loading the snapshot, and replaying the log after it.
+    pub snapshot_seconds: f64,
+    pub replay_seconds: f64,
 }
 
 /// The narrow interface every durable backend implements.
