@@ -46,6 +46,65 @@ use std::collections::{BTreeSet, HashMap};
 /// from clients, and SipHash cost most of a restart's queue load.
 type Hashed = foldhash::fast::RandomState;
 
+/// Open jobs, boxed: a job is larger than a pointer, and a hash table keeps
+/// up to twice its length in slots.
+type Jobs = HashMap<JobId, Box<Job>, Hashed>;
+
+/// Open jobs by device: job ids hashed by their job's device id, so the id
+/// string is stored once, in the job.
+#[derive(Default, Debug)]
+struct ByDevice {
+    table: hashbrown::HashTable<JobId>,
+    hasher: Hashed,
+}
+
+impl ByDevice {
+    fn hash(&self, device_id: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(device_id)
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn get(&self, jobs: &Jobs, device_id: &str) -> Option<JobId> {
+        self.table
+            .find(self.hash(device_id), |id| {
+                jobs.get(id)
+                    .is_some_and(|j| j.device_id.as_str() == device_id)
+            })
+            .copied()
+    }
+
+    /// Adds `id` for `device_id`, which has no entry; every other entry's
+    /// job is in `jobs`.
+    fn insert(&mut self, jobs: &Jobs, device_id: &str, id: JobId) {
+        let h = self.hash(device_id);
+        let hasher = &self.hasher;
+        self.table.insert_unique(h, id, |other| {
+            use std::hash::BuildHasher;
+            jobs.get(other)
+                .map_or(0, |j| hasher.hash_one(j.device_id.as_str()))
+        });
+    }
+
+    fn remove(&mut self, device_id: &str, id: JobId) {
+        if let Ok(e) = self.table.find_entry(self.hash(device_id), |&x| x == id) {
+            e.remove();
+        }
+    }
+
+    fn reserve(&mut self, jobs: &Jobs, n: usize) {
+        let hasher = &self.hasher;
+        self.table.reserve(n, |other| {
+            use std::hash::BuildHasher;
+            jobs.get(other)
+                .map_or(0, |j| hasher.hash_one(j.device_id.as_str()))
+        });
+    }
+}
+
 /// Identifies a refresh job. Allocated by the queue, increasing, never reused
 /// within a store's life (restored ids keep the counter above them).
 pub type JobId = u64;
@@ -254,8 +313,8 @@ pub fn pfn_to_send(policy: PfnChoice, current: &Pfn, apps: &[Pfn], attempts: u16
 #[derive(Debug)]
 pub struct RefreshQueue {
     policy: RefreshPolicy,
-    jobs: HashMap<JobId, Job, Hashed>,
-    by_device: HashMap<String, JobId, Hashed>,
+    jobs: Jobs,
+    by_device: ByDevice,
     /// Queued jobs with `next_at > promoted_to`: (next_at, expired_at, id).
     waiting: BTreeSet<(UnixTime, UnixTime, JobId)>,
     /// Queued jobs with `next_at <= promoted_to`: (expired_at, id).
@@ -279,8 +338,8 @@ impl RefreshQueue {
         let tokens = policy.rate();
         RefreshQueue {
             policy,
-            jobs: HashMap::default(),
-            by_device: HashMap::default(),
+            jobs: Jobs::default(),
+            by_device: ByDevice::default(),
             waiting: BTreeSet::new(),
             due: BTreeSet::new(),
             deadlines: BTreeSet::new(),
@@ -309,7 +368,7 @@ impl RefreshQueue {
         if self.jobs.contains_key(&job.id) {
             self.remove(job.id);
         }
-        if self.by_device.contains_key(job.device_id.as_str()) {
+        if self.job_id_of(job.device_id.as_str()).is_some() {
             return Some(Change::Closed {
                 id: job.id,
                 device_id: job.device_id,
@@ -333,7 +392,7 @@ impl RefreshQueue {
             return jobs.into_iter().filter_map(|j| self.restore(j)).collect();
         }
         self.jobs.reserve(jobs.len());
-        self.by_device.reserve(jobs.len());
+        self.by_device.reserve(&self.jobs, jobs.len());
         let mut closed = Vec::new();
         let (mut waiting, mut due, mut deadlines, mut give_up) = (
             Vec::new(),
@@ -343,7 +402,7 @@ impl RefreshQueue {
         );
         for job in jobs {
             self.next_id = self.next_id.max(job.id.saturating_add(1));
-            if self.by_device.contains_key(job.device_id.as_str()) {
+            if self.job_id_of(job.device_id.as_str()).is_some() {
                 closed.push(Change::Closed {
                     id: job.id,
                     device_id: job.device_id,
@@ -351,7 +410,8 @@ impl RefreshQueue {
                 continue;
             }
             let id = job.id;
-            self.by_device.insert(job.device_id.as_str().to_owned(), id);
+            self.by_device
+                .insert(&self.jobs, job.device_id.as_str(), id);
             let gu = self.give_up_at(&job);
             if gu > self.give_up_swept_to {
                 give_up.push((gu, id));
@@ -370,7 +430,7 @@ impl RefreshQueue {
                     deadlines.push((job.next_at, id));
                 }
             }
-            self.jobs.insert(id, job);
+            self.jobs.insert(id, Box::new(job));
         }
         // From sorted input a set is built in one pass.
         fn build<T: Ord>(mut v: Vec<T>) -> BTreeSet<T> {
@@ -396,7 +456,7 @@ impl RefreshQueue {
         expired_at: UnixTime,
         now: UnixTime,
     ) -> Option<Change> {
-        if self.by_device.contains_key(device_id.as_str()) {
+        if self.job_id_of(device_id.as_str()).is_some() {
             return None;
         }
         let id = self.next_id;
@@ -434,14 +494,18 @@ impl RefreshQueue {
 
     /// The open job of a device.
     pub fn job_for_device(&self, device_id: &str) -> Option<&Job> {
-        self.by_device
-            .get(device_id)
-            .and_then(|id| self.jobs.get(id))
+        self.job_id_of(device_id)
+            .and_then(|id| self.jobs.get(&id))
+            .map(|j| &**j)
+    }
+
+    fn job_id_of(&self, device_id: &str) -> Option<JobId> {
+        self.by_device.get(&self.jobs, device_id)
     }
 
     /// A job by id.
     pub fn get(&self, id: JobId) -> Option<&Job> {
-        self.jobs.get(&id)
+        self.jobs.get(&id).map(|j| &**j)
     }
 
     /// The device opened a session: hand its job out now, whatever its
@@ -457,12 +521,12 @@ impl RefreshQueue {
     /// the check-in. A lease in flight is superseded; its later completion
     /// is accepted as a report on this delivery.
     pub fn check_in(&mut self, device_id: &str, now: UnixTime) -> Option<(Job, Option<Change>)> {
-        let id = *self.by_device.get(device_id)?;
+        let id = self.job_id_of(device_id)?;
         let job = self.jobs.get(&id)?;
         if let JobState::Delivered { .. } = job.state {
             let spent = job.attempts >= self.policy.max_attempts || self.too_old(job, now);
             if now < job.next_at || spent {
-                return Some((job.clone(), None));
+                return Some(((**job).clone(), None));
             }
         }
         let confirm = self.policy.confirm_within;
@@ -687,7 +751,7 @@ impl RefreshQueue {
 
     /// Iterates over all open jobs, in no particular order.
     pub fn jobs(&self) -> impl Iterator<Item = &Job> {
-        self.jobs.values()
+        self.jobs.values().map(|j| &**j)
     }
 
     /// Checks every internal invariant; O(jobs). For tests and debugging.
@@ -712,7 +776,7 @@ impl RefreshQueue {
                     job.id, self.next_id
                 ));
             }
-            if self.by_device.get(job.device_id.as_str()) != Some(id) {
+            if self.job_id_of(job.device_id.as_str()) != Some(*id) {
                 return Err(format!("job {id} missing from the device map"));
             }
             match job.state {
@@ -817,23 +881,24 @@ impl RefreshQueue {
     /// Adds a job and its index entries.
     fn insert(&mut self, job: Job) {
         let id = job.id;
-        self.by_device.insert(job.device_id.as_str().to_owned(), id);
+        self.by_device
+            .insert(&self.jobs, job.device_id.as_str(), id);
         let gu = self.give_up_at(&job);
         if gu > self.give_up_swept_to {
             self.give_up.insert((gu, id));
         }
         self.index(&job);
-        self.jobs.insert(id, job);
+        self.jobs.insert(id, Box::new(job));
     }
 
     /// Removes a job and its index entries.
     fn remove(&mut self, id: JobId) -> Option<Job> {
         let job = self.jobs.remove(&id)?;
         self.unindex(&job);
-        self.by_device.remove(job.device_id.as_str());
+        self.by_device.remove(job.device_id.as_str(), id);
         let gu = self.give_up_at(&job);
         self.give_up.remove(&(gu, id));
-        Some(job)
+        Some(*job)
     }
 
     /// Adds the state-dependent index entries of a job.
@@ -883,7 +948,7 @@ impl RefreshQueue {
         self.unindex(&job);
         f(&mut job);
         self.index(&job);
-        let copy = job.clone();
+        let copy = (*job).clone();
         self.jobs.insert(id, job);
         Some(copy)
     }
@@ -912,7 +977,7 @@ impl RefreshQueue {
     }
 
     fn close(&mut self, device_id: &str) -> Option<Change> {
-        let id = *self.by_device.get(device_id)?;
+        let id = self.job_id_of(device_id)?;
         let job = self.remove(id)?;
         self.debug_check();
         Some(Change::Closed {

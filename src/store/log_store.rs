@@ -185,6 +185,9 @@ fn log_error(e: LogError) -> StoreError {
     }
 }
 
+/// Log batches decoded and applied at a time while the log is replayed.
+const REPLAY_WINDOW: usize = 256;
+
 impl LogStore {
     /// Opens (or creates) the store in directory `path`, reading its
     /// snapshot's header and its log; [`Store::load`] then loads them.
@@ -496,29 +499,72 @@ impl Store for LogStore {
         into.snapshot_restored();
         loaded.snapshot_seconds = t.elapsed().as_secs_f64();
         let t = crate::clock::instant();
-        for (lsn, payload) in &opened.frames {
-            let batch = batch_codec::decode(payload).map_err(|e| StoreError::Damaged {
+        // The log in windows of batches: each window decoded on all
+        // threads, then its device mutations applied on all threads, a
+        // partition's always on the same thread and in log order. Jobs are
+        // applied in order here. A window bounds what is held decoded.
+        let threads = threads.max(1);
+        let partitioning = self.inner.partitioning;
+        for window in opened.frames.chunks(REPLAY_WINDOW) {
+            let decoded = std::thread::scope(|s| {
+                let parts: Vec<_> = window
+                    .chunks(window.len().div_ceil(threads))
+                    .map(|frames| {
+                        s.spawn(move || {
+                            frames
+                                .iter()
+                                .map(|(lsn, payload)| {
+                                    batch_codec::decode(payload).map_err(|e| (*lsn, e))
+                                })
+                                .collect::<Result<Vec<_>, _>>()
+                        })
+                    })
+                    .collect();
+                let mut all = Vec::with_capacity(window.len());
+                for p in parts {
+                    all.extend(p.join().expect("a replay thread panicked")?);
+                }
+                Ok(all)
+            })
+            .map_err(|(lsn, e): (u64, _)| StoreError::Damaged {
                 file: self.inner.dir.join("log").display().to_string(),
                 offset: 0,
                 why: format!("batch {lsn} does not decode: {e}"),
             })?;
-            loaded.replayed_batches += 1;
-            loaded.replayed_mutations += batch.len() as u64;
-            for m in batch {
-                match m {
-                    Mutation::Put(rec) => into.put(&rec),
-                    Mutation::Delete(id) => into.delete(&id),
-                    Mutation::PutJob(job) => {
-                        self.inner
-                            .jobs
-                            .insert(job.id, job_codec::encode(&job).into_boxed_slice());
+            for batch in &decoded {
+                loaded.replayed_batches += 1;
+                loaded.replayed_mutations += batch.len() as u64;
+                for m in batch {
+                    match m {
+                        Mutation::PutJob(job) => {
+                            self.inner
+                                .jobs
+                                .insert(job.id, job_codec::encode(job).into_boxed_slice());
+                        }
+                        Mutation::DeleteJob(id) => {
+                            self.inner.jobs.remove(id);
+                        }
+                        Mutation::Put(_) | Mutation::Delete(_) | Mutation::Guard { .. } => {}
                     }
-                    Mutation::DeleteJob(id) => {
-                        self.inner.jobs.remove(&id);
-                    }
-                    Mutation::Guard { .. } => {}
                 }
             }
+            std::thread::scope(|s| {
+                for t in 0..threads {
+                    let decoded = &decoded;
+                    s.spawn(move || {
+                        let mine = |id: &crate::core::DeviceId| {
+                            usize::from(partitioning.of(id.as_str())) % threads == t
+                        };
+                        for m in decoded.iter().flatten() {
+                            match m {
+                                Mutation::Put(rec) if mine(&rec.device_id) => into.put(rec),
+                                Mutation::Delete(id) if mine(id) => into.delete(id),
+                                _ => {}
+                            }
+                        }
+                    });
+                }
+            });
         }
         loaded.replay_seconds = t.elapsed().as_secs_f64();
         // The tail replayed counts toward the next cut.
