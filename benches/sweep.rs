@@ -27,7 +27,7 @@ use wnsgate::core::{ChannelUri, DeviceId, DeviceRecord, Pfn, UnixTime};
 use wnsgate::lifecycle::Lifecycle;
 use wnsgate::registry::Registry;
 use wnsgate::server::apply_to_registry;
-use wnsgate::store::{Committer, CommitterConfig, FjallOptions, FjallStore, Mutation, Store};
+use wnsgate::store::{Committer, CommitterConfig, LogOptions, LogStore, Mutation, Store};
 
 const DAY: u32 = 86_400;
 
@@ -58,7 +58,7 @@ fn main() {
     let due = (0..n).filter(|&i| issued(i).0 <= now.0 - 30 * DAY).count() as u64;
 
     let store: Arc<dyn Store> = Arc::new(
-        FjallStore::open(dir.path().join("store"), FjallOptions::default()).expect("open store"),
+        LogStore::open(dir.path().join("store"), LogOptions::default()).expect("open store"),
     );
     let registry = Arc::new(Registry::with_capacity(n as usize));
     let t = Instant::now();
