@@ -174,6 +174,11 @@ struct Admission {
     per_mutation_ns: AtomicU64,
     max_batch: u64,
     max_wait_ns: Option<u64>,
+    /// When the batch being applied started, in nanoseconds after `base`
+    /// plus one; 0 while none is. And its mutations.
+    applying_since: AtomicU64,
+    applying_len: AtomicU64,
+    base: std::time::Instant,
 }
 
 /// Batches of at least this many mutations teach the per-mutation cost;
@@ -189,7 +194,28 @@ impl Admission {
             per_mutation_ns: AtomicU64::new(2_000),
             max_batch: max_batch.max(1) as u64,
             max_wait_ns: max_wait.map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64),
+            applying_since: AtomicU64::new(0),
+            applying_len: AtomicU64::new(0),
+            // An origin an hour back, so every offset from it is large
+            // (tests backdate the start of a batch).
+            base: {
+                let now = crate::clock::instant();
+                now.checked_sub(std::time::Duration::from_secs(3600))
+                    .unwrap_or(now)
+            },
         }
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos().min(u128::from(u64::MAX - 1)) as u64 + 1
+    }
+
+    /// The committer starts applying a batch of `n` mutations (`Some`),
+    /// or is done (`None`).
+    fn applying(&self, n: Option<u64>) {
+        self.applying_len.store(n.unwrap_or(0), Ordering::Relaxed);
+        let v = if n.is_some() { self.now_ns() } else { 0 };
+        self.applying_since.store(v, Ordering::Relaxed);
     }
 
     /// Whether a submission of `n` mutations may queue now. Bulk work
@@ -201,17 +227,30 @@ impl Admission {
         };
         let max = if bulk { max / 2 } else { max };
         let queued = self.queued.load(Ordering::Relaxed);
-        if queued == 0 {
+        // A batch being applied for over twice what its size should take
+        // (a stalled disk) is expected to take as long again: what queues
+        // now waits for it first.
+        let since = self.applying_since.load(Ordering::Relaxed);
+        let applying = if since == 0 {
+            0
+        } else {
+            self.now_ns().saturating_sub(since)
+        };
+        let fixed = self.fixed_ns.load(Ordering::Relaxed);
+        let per = self.per_mutation_ns.load(Ordering::Relaxed);
+        let expected =
+            fixed.saturating_add(per.saturating_mul(self.applying_len.load(Ordering::Relaxed)));
+        let stalled = applying > expected.saturating_mul(2);
+        if queued == 0 && !stalled {
             // Nothing waits: the submission goes in the next batch however
             // large it is.
             return true;
         }
         let ahead = queued + n;
-        let fixed = self.fixed_ns.load(Ordering::Relaxed);
-        let per = self.per_mutation_ns.load(Ordering::Relaxed);
         let wait = fixed
             .saturating_mul(ahead / self.max_batch)
-            .saturating_add(per.saturating_mul(ahead));
+            .saturating_add(per.saturating_mul(ahead))
+            .saturating_add(if stalled { applying } else { 0 });
         wait <= max
     }
 
@@ -551,7 +590,9 @@ impl CommitLoop {
             Ok(())
         } else {
             let started = crate::clock::instant();
+            self.pace.applying(Some(self.batch.len() as u64));
             let result = self.store.apply(&self.batch);
+            self.pace.applying(None);
             self.m_sync_seconds.record(started.elapsed().as_secs_f64());
             self.m_batch_mutations.record(self.batch.len() as f64);
             self.m_batches.increment(1);
@@ -925,6 +966,9 @@ mod tests {
         // large, and holds the committer.
         let first = handle.submit(many("a")).unwrap();
         entered.recv().unwrap();
+        // The held batch counts as a sync under way, not a stalled one
+        // (a stall is below), whatever time this test takes.
+        handle.admission.applying(None);
         // At the assumed 2 us per mutation, 1 ms is 500 mutations ahead.
         let mut queued = Vec::new();
         let refused = loop {
@@ -937,8 +981,14 @@ mod tests {
             }
         };
         let waiting = handle.queue_len();
+        // A batch applied for 50 ms: even one mutation waits too long.
+        let a = &handle.admission;
+        a.applying_since
+            .store(a.now_ns().saturating_sub(50_000_000), Ordering::Relaxed);
+        let stalled = handle.submit(vec![put("s")]).err();
         // Let the committer go before anything can fail.
         drop(permit);
+        assert_eq!(stalled, Some(SubmitError::Overloaded));
         assert_eq!(refused, Some(SubmitError::Overloaded));
         assert_eq!(queued.len(), 5, "500 mutations ahead admitted, 600 not");
         // Far below the queue's capacity.
@@ -967,6 +1017,33 @@ mod tests {
         // Nothing queued: always admitted.
         a.queued.store(0, Ordering::Relaxed);
         assert!(a.admits(1_000_000, true));
+        // A batch applied for longer than twice a sync (a stalled disk)
+        // counts as much again: past the bound, even an empty queue refuses.
+        let a = Admission::new(1000, Some(Duration::from_millis(10)));
+        a.applying_since
+            .store(a.now_ns() - 1_500_000, Ordering::Relaxed);
+        assert!(a.admits(1, false));
+        a.applying_since
+            .store(a.now_ns() - 3_000_000, Ordering::Relaxed);
+        assert!(a.admits(1, false));
+        a.applying_since
+            .store(a.now_ns() - 6_000_000, Ordering::Relaxed);
+        assert!(a.admits(1, false));
+        assert!(!a.admits(1, true), "6 ms of stall is past bulk's 5 ms");
+        a.applying_since
+            .store(a.now_ns().saturating_sub(11_000_000), Ordering::Relaxed);
+        assert!(!a.admits(1, false));
+        a.applying(None);
+        assert!(a.admits(1, false));
+        // A large batch takes longer before it counts as stalled: 2000
+        // mutations at 2 us and 1 ms are 5 ms, so 6 ms is not a stall.
+        a.applying(Some(2000));
+        a.applying_since
+            .store(a.now_ns() - 6_000_000, Ordering::Relaxed);
+        assert!(a.admits(1, false));
+        a.applying_since
+            .store(a.now_ns() - 11_000_000, Ordering::Relaxed);
+        assert!(!a.admits(1, false));
         // No bound.
         let free = Admission::new(10, None);
         free.queued.store(1_000_000, Ordering::Relaxed);
