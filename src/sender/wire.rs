@@ -2,11 +2,12 @@
 //! job: many small POSTs to WNS on few connections.
 //!
 //! A request is encoded by the caller, straight into the connection's
-//! output buffer (HEADERS, then one DATA frame), under a short lock; the
-//! connection's task writes whatever accumulated in one TLS write, reads
-//! the answers and hands each to its waiting caller. So a batch of wakes
-//! started in one pass of a shard costs one write, and no request or
-//! header map object is built on the way out.
+//! output buffer (HEADERS, then its body: one DATA frame when the flow
+//! control windows allow, as many as they make necessary otherwise),
+//! under a short lock; the connection's task writes whatever accumulated
+//! in one TLS write, reads the answers and hands each to its waiting
+//! caller. So a batch of wakes started in one pass of a shard costs one
+//! write, and no request or header map object is built on the way out.
 //!
 //! What it does of the protocol: the preface and SETTINGS exchange (it
 //! waits for the server's SETTINGS before the first request, so the
@@ -235,7 +236,8 @@ struct State {
     enc: Encoder,
     /// Frames not yet handed to the connection's task.
     out: Vec<u8>,
-    /// DATA frames waiting for send window: stream id and body.
+    /// Bodies, or what is left of them, waiting for send window: stream
+    /// id and bytes, oldest first.
     blocked: VecDeque<(u32, Bytes)>,
     streams: Streams,
     next_id: u32,
@@ -273,16 +275,20 @@ impl State {
         }
     }
 
-    /// Sends what DATA the windows allow, oldest first.
+    /// Sends what DATA the windows allow, oldest body first.
     ///
-    /// A body waiting for its own stream's window does not hold back the
-    /// bodies behind it; one waiting for the connection's window does
-    /// (they all draw on it, oldest first). A body whose stream ended
-    /// meanwhile (reset, or failed by GOAWAY) is dropped.
+    /// A body goes out in as many DATA frames as the windows and the
+    /// peer's frame size make necessary (RFC 9113 section 6.9): a stream
+    /// whose window is smaller than its body sends what the window allows
+    /// and the rest as WINDOW_UPDATEs come. A body waiting for its own
+    /// stream's window does not hold back the bodies behind it; one
+    /// waiting for the connection's window does (they all draw on it,
+    /// oldest first). A body whose stream ended meanwhile (reset, or
+    /// failed by GOAWAY) is dropped.
     fn flush_blocked(&mut self) {
         let mut i = 0;
-        while i < self.blocked.len() {
-            let (id, len) = (self.blocked[i].0, self.blocked[i].1.len() as i64);
+        while i < self.blocked.len() && self.window > 0 {
+            let id = self.blocked[i].0;
             let stream_window = match self.streams.get(id) {
                 Some(s) if s.done.is_none() => s.window,
                 _ => {
@@ -290,20 +296,26 @@ impl State {
                     continue;
                 }
             };
-            if len > self.window {
-                break;
-            }
-            if len > stream_window {
+            if stream_window <= 0 {
                 i += 1;
                 continue;
             }
+            let left = self.blocked[i].1.len();
+            let n = (left as i64)
+                .min(stream_window)
+                .min(self.window)
+                .min(self.peer.max_frame as i64) as usize;
+            let chunk = self.blocked[i].1.split_to(n);
+            let last = n == left;
             if let Some(s) = self.streams.get(id) {
-                s.window -= len;
+                s.window -= n as i64;
             }
-            self.window -= len;
-            let (_, body) = self.blocked.remove(i).expect("index is in range");
-            self.frame_head(body.len(), DATA, END_STREAM, id);
-            self.out.extend_from_slice(&body);
+            self.window -= n as i64;
+            self.frame_head(n, DATA, if last { END_STREAM } else { 0 }, id);
+            self.out.extend_from_slice(&chunk);
+            if last {
+                self.blocked.remove(i);
+            }
         }
     }
 
@@ -483,7 +495,11 @@ impl H2Client {
         );
         if !req.body.is_empty() {
             let len = req.body.len() as i64;
-            if st.blocked.is_empty() && len <= st.window && len <= window {
+            if st.blocked.is_empty()
+                && len <= st.window
+                && len <= window
+                && req.body.len() <= st.peer.max_frame
+            {
                 // The usual case: nothing waits for a window, so the body
                 // follows its HEADERS at once.
                 st.window -= len;

@@ -796,8 +796,18 @@ async fn rst_stream_fails_only_its_stream() {
     assert!(why.contains("reset"), "{why}");
 }
 
+/// Asserts `f` is a DATA frame of stream `stream` carrying `len` bytes,
+/// ending the stream or not.
+fn assert_data(f: &Frame, stream: u32, len: usize, end: bool) {
+    assert_eq!(
+        (f.kind, f.flags, f.stream, f.payload.len()),
+        (DATA, if end { END_STREAM } else { 0 }, stream, len),
+        "{f:?}"
+    );
+}
+
 #[tokio::test]
-async fn data_waits_for_the_stream_window() {
+async fn a_body_goes_out_as_far_as_the_stream_window_allows_and_the_rest_as_it_opens() {
     let Open {
         client,
         mut srv,
@@ -811,29 +821,125 @@ async fn data_waits_for_the_stream_window() {
     srv.write(&frame(WINDOW_UPDATE, 0, 0, &1000u32.to_be_bytes()))
         .await;
     assert!(srv.barrier().await.is_empty(), "DATA sent without window");
-    srv.write(&frame(WINDOW_UPDATE, 0, 1, &100u32.to_be_bytes()))
+    // 40 bytes of window: 40 bytes go, the stream stays open.
+    srv.write(&frame(WINDOW_UPDATE, 0, 1, &40u32.to_be_bytes()))
         .await;
     let data = srv.frame().await;
-    assert_eq!(
-        (data.kind, data.flags, data.stream, data.payload.len()),
-        (DATA, END_STREAM, 1, 100)
-    );
-    // A new INITIAL_WINDOW_SIZE also opens waiting streams.
+    assert_data(&data, 1, 40, false);
+    assert_eq!(data.payload, [b'a'; 40]);
+    assert!(srv.barrier().await.is_empty(), "DATA beyond the window");
+    srv.write(&frame(WINDOW_UPDATE, 0, 1, &100u32.to_be_bytes()))
+        .await;
+    assert_data(&srv.frame().await, 1, 60, true);
+    // A new INITIAL_WINDOW_SIZE opens waiting streams too, as far as it
+    // goes.
     let f3 = post(&client, "/?token=b", &[b'b'; 50]);
     srv.request_head().await;
     assert!(srv.barrier().await.is_empty(), "DATA sent without window");
+    srv.write(&settings_frame(&[(0x4, 30)])).await;
+    let ack = srv.frame().await;
+    assert_eq!((ack.kind, ack.flags), (SETTINGS, ACK));
+    assert_data(&srv.frame().await, 3, 30, false);
+    assert!(srv.barrier().await.is_empty(), "DATA beyond the window");
     srv.write(&settings_frame(&[(0x4, 50)])).await;
     let ack = srv.frame().await;
     assert_eq!((ack.kind, ack.flags), (SETTINGS, ACK));
-    let data = srv.frame().await;
-    assert_eq!(
-        (data.kind, data.flags, data.stream, data.payload.len()),
-        (DATA, END_STREAM, 3, 50)
-    );
+    assert_data(&srv.frame().await, 3, 20, true);
     for (id, f) in [(1, f1), (3, f3)] {
         srv.write(&answer(id, &[(":status", "200")])).await;
         assert_eq!(ok(within("an answer", f).await).status, 200);
     }
+}
+
+/// A server whose stream window is `window` bytes and which opens it
+/// again only by what it has read, as RFC 9113 allows: two wakes in
+/// flight each send what the window allows, never more, and their bodies
+/// arrive whole.
+async fn tiny_window_reopened_only_as_data_arrives(window: u32) {
+    let Open {
+        client,
+        mut srv,
+        driver: _driver,
+    } = open(&[(0x4, window)]).await;
+    let f1 = post(&client, "/?token=a", b"wake");
+    let f3 = post(&client, "/?token=b", b"WAKE");
+    let mut bodies: [Vec<u8>; 2] = Default::default();
+    let mut frames = [0; 2];
+    let mut ended = [false; 2];
+    let mut heads = Vec::new();
+    while ended != [true, true] {
+        // What the client sent before the barrier: at most one window's
+        // worth per stream, since the server opened nothing since.
+        let sent = srv.barrier().await;
+        assert!(!sent.is_empty(), "the client stalled: {bodies:?}");
+        let mut read = [0u32; 2];
+        for f in sent {
+            if f.kind == HEADERS {
+                heads.push((f.stream, f.flags));
+                continue;
+            }
+            assert_eq!(f.kind, DATA, "{f:?}");
+            let i = (f.stream as usize - 1) / 2;
+            read[i] += f.payload.len() as u32;
+            assert!(read[i] <= window, "{} bytes beyond the window", read[i]);
+            assert!(!ended[i], "DATA after END_STREAM");
+            bodies[i].extend_from_slice(&f.payload);
+            frames[i] += 1;
+            ended[i] = f.flags & END_STREAM != 0;
+        }
+        // Open each stream and the connection by what was read.
+        for (i, n) in read.into_iter().enumerate() {
+            if n > 0 && !ended[i] {
+                let id = 2 * i as u32 + 1;
+                srv.write(&frame(WINDOW_UPDATE, 0, id, &n.to_be_bytes()))
+                    .await;
+            }
+        }
+        let total: u32 = read.iter().sum();
+        if total > 0 {
+            srv.write(&frame(WINDOW_UPDATE, 0, 0, &total.to_be_bytes()))
+                .await;
+        }
+    }
+    assert_eq!(heads, [(1, END_HEADERS), (3, END_HEADERS)]);
+    assert_eq!(bodies, [b"wake".to_vec(), b"WAKE".to_vec()]);
+    let per_body = 4usize.div_ceil(window as usize);
+    assert_eq!(frames, [per_body, per_body]);
+    for (id, f) in [(1, f1), (3, f3)] {
+        srv.write(&answer(id, &[(":status", "200")])).await;
+        assert_eq!(ok(within("an answer", f).await).status, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_one_byte_window_reopened_only_as_data_arrives_carries_whole_bodies() {
+    tiny_window_reopened_only_as_data_arrives(1).await;
+}
+
+#[tokio::test]
+async fn a_two_byte_window_reopened_only_as_data_arrives_carries_whole_bodies() {
+    tiny_window_reopened_only_as_data_arrives(2).await;
+}
+
+#[tokio::test]
+async fn a_body_larger_than_the_peers_frame_size_is_split_into_frames() {
+    let Open {
+        client,
+        mut srv,
+        driver: _driver,
+    } = open(&[]).await;
+    let body: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
+    let f1 = post(&client, "/?token=a", &body);
+    srv.request_head().await;
+    let mut got = Vec::new();
+    for (len, end) in [(16_384, false), (16_384, false), (7_232, true)] {
+        let data = srv.frame().await;
+        assert_data(&data, 1, len, end);
+        got.extend_from_slice(&data.payload);
+    }
+    assert_eq!(got, body);
+    srv.write(&answer(1, &[(":status", "200")])).await;
+    assert_eq!(ok(within("stream 1", f1).await).status, 200);
 }
 
 #[tokio::test]
@@ -843,7 +949,8 @@ async fn data_waits_for_the_connection_window() {
         mut srv,
         driver: _driver,
     } = open(&[]).await;
-    // 4 x 16000 bytes fit the initial 65,535; the fifth does not.
+    // 4 x 16000 bytes fit the initial 65,535; of the fifth, the 1,535
+    // bytes left go at once and the rest waits for the connection.
     let mut futures = Vec::new();
     for i in 0..5 {
         futures.push(post(&client, &format!("/?token={i}"), &[b'x'; 16_000]));
@@ -855,14 +962,12 @@ async fn data_waits_for_the_connection_window() {
     }
     let (head, _) = srv.request_head().await;
     assert_eq!(head.stream, 9);
+    assert_data(&srv.frame().await, 9, 1_535, false);
     assert!(srv.barrier().await.is_empty(), "DATA beyond the window");
+    // The stream's own window has room: only the connection's held it.
     srv.write(&frame(WINDOW_UPDATE, 0, 0, &16_000u32.to_be_bytes()))
         .await;
-    let data = srv.frame().await;
-    assert_eq!(
-        (data.kind, data.flags, data.stream, data.payload.len()),
-        (DATA, END_STREAM, 9, 16_000)
-    );
+    assert_data(&srv.frame().await, 9, 14_465, true);
     for (id, f) in [1, 3, 5, 7, 9].into_iter().zip(futures) {
         srv.write(&answer(id, &[(":status", "200")])).await;
         assert_eq!(ok(within("an answer", f).await).status, 200);
