@@ -63,7 +63,6 @@ const NO_ERROR: u32 = 0x0;
 const PROTOCOL_ERROR: u32 = 0x1;
 const FLOW_CONTROL_ERROR: u32 = 0x3;
 const FRAME_SIZE_ERROR: u32 = 0x6;
-const REFUSED_STREAM: u32 = 0x7;
 const CANCEL: u32 = 0x8;
 const COMPRESSION_ERROR: u32 = 0x9;
 
@@ -111,6 +110,10 @@ struct Stream {
     sink: Option<(Arc<Sink>, u64)>,
     /// Bytes received and not yet returned by WINDOW_UPDATE.
     unacked: u32,
+    /// Where its HEADERS start in everything the connection has queued
+    /// (see [`State::out_taken`]): once the socket took more than this,
+    /// the server may have the request.
+    head_at: u64,
 }
 
 impl Stream {
@@ -236,6 +239,9 @@ struct State {
     enc: Encoder,
     /// Frames not yet handed to the connection's task.
     out: Vec<u8>,
+    /// Bytes handed to the connection's task so far: `out[0]` is byte
+    /// `out_taken` of everything queued on this connection.
+    out_taken: u64,
     /// Bodies, or what is left of them, waiting for send window: stream
     /// id and bytes, oldest first.
     blocked: VecDeque<(u32, Bytes)>,
@@ -320,12 +326,22 @@ impl State {
     }
 
     /// Ends every stream, and the connection for new ones, with `err`.
-    fn fail_all(&mut self, err: ConnError) {
+    ///
+    /// `written`: bytes of this connection's output the socket took. When
+    /// the connection is lost ([`ConnError::Lost`]), a request none of
+    /// which the socket took fails as [`ConnError::Unprocessed`] instead:
+    /// the server cannot have seen it.
+    fn fail_all(&mut self, err: ConnError, written: u64) {
         if self.closed.is_none() {
             self.closed = Some(err.clone());
         }
         for (_, s) in self.streams.iter_mut() {
-            s.finish(Err(err.clone()));
+            match &err {
+                ConnError::Lost(why) if s.head_at >= written => {
+                    s.finish(Err(ConnError::Unprocessed(format!("not written: {why}"))))
+                }
+                _ => s.finish(Err(err.clone())),
+            }
         }
         self.blocked.clear();
     }
@@ -408,17 +424,19 @@ impl H2Client {
     fn start(&self, req: Request<'_>, sink: Option<(Arc<Sink>, u64)>) -> Result<u32, ConnError> {
         let mut st = self.shared.state.lock();
         if let Some(e) = &st.closed {
-            return Err(ConnError::Lost(format!("not sent: {e}")));
+            return Err(ConnError::Unprocessed(format!("not sent: {e}")));
         }
         if st.streams.open >= st.peer.max_streams as usize {
-            return Err(ConnError::Lost(
+            return Err(ConnError::Unprocessed(
                 "not sent: the connection has no free stream".into(),
             ));
         }
         let id = st.next_id;
         if id > MAX_STREAM_ID {
             st.closed = Some(ConnError::Lost("stream ids exhausted".into()));
-            return Err(ConnError::Lost("not sent: stream ids exhausted".into()));
+            return Err(ConnError::Unprocessed(
+                "not sent: stream ids exhausted".into(),
+            ));
         }
         st.next_id += 2;
         let was_empty = st.out.is_empty();
@@ -479,6 +497,7 @@ impl H2Client {
         }
         let window = st.peer.initial_window;
         let opened = crate::clock::tokio_instant();
+        let head_at = st.out_taken + head_at as u64;
         st.streams.insert(
             id,
             Stream {
@@ -491,6 +510,7 @@ impl H2Client {
                 waker: None,
                 sink,
                 unacked: 0,
+                head_at,
             },
         );
         if !req.body.is_empty() {
@@ -637,7 +657,8 @@ where
     hello.extend_from_slice(&H2_STREAM_WINDOW_BYTES.to_be_bytes());
     hello.extend_from_slice(&[0, 0, 4, WINDOW_UPDATE, 0, 0, 0, 0, 0]);
     hello.extend_from_slice(&(H2_CONNECTION_WINDOW_BYTES - 65_535).to_be_bytes());
-    let io_err = |e: std::io::Error| ConnError::Lost(e.to_string());
+    // No request was written yet: none can have been processed.
+    let io_err = |e: std::io::Error| ConnError::Unprocessed(e.to_string());
     io.write_all(&hello).await.map_err(io_err)?;
     io.flush().await.map_err(io_err)?;
     // The server's preface is a SETTINGS frame.
@@ -657,6 +678,7 @@ where
     let mut st = State {
         enc: Encoder::default(),
         out: Vec::with_capacity(H2_READ_CHUNK_BYTES),
+        out_taken: 0,
         blocked: VecDeque::new(),
         streams: Streams::new(),
         next_id: 1,
@@ -682,6 +704,7 @@ where
         rpos: 0,
         wbuf: Vec::with_capacity(H2_READ_CHUNK_BYTES),
         wpos: 0,
+        wbuf_at: 0,
         decoder: Decoder::new(H2_HEADER_LIST_BYTES_MAX),
         values: BytesMut::with_capacity(H2_VALUES_CHUNK_BYTES),
         kept_at: Vec::new(),
@@ -703,9 +726,11 @@ async fn read_more<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut Vec<u8>) -> Res
     let n = io
         .read(&mut chunk)
         .await
-        .map_err(|e| ConnError::Lost(e.to_string()))?;
+        .map_err(|e| ConnError::Unprocessed(e.to_string()))?;
     if n == 0 {
-        return Err(ConnError::Lost("closed during the HTTP/2 handshake".into()));
+        return Err(ConnError::Unprocessed(
+            "closed during the HTTP/2 handshake".into(),
+        ));
     }
     buf.extend_from_slice(&chunk[..n]);
     Ok(())
@@ -767,6 +792,8 @@ pub struct Connection<IO> {
     rpos: usize,
     wbuf: Vec<u8>,
     wpos: usize,
+    /// Where `wbuf` starts in everything queued on this connection.
+    wbuf_at: u64,
     decoder: Decoder,
     /// Where the kept header values of answers are copied (see
     /// `on_headers`), and the current answer's kept headers.
@@ -865,13 +892,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                         return Err(protocol("bad RST_STREAM"));
                     }
                     let code = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+                    // The stream alone ends; the connection goes on.
+                    // REFUSED_STREAM says the server did nothing with it
+                    // (RFC 9113 section 8.7); any other code may come
+                    // after the work was done.
                     if let Some(s) = st.streams.get(stream) {
-                        let why = if code == REFUSED_STREAM {
-                            "stream refused".to_owned()
-                        } else {
-                            format!("stream reset by the server (code {code})")
-                        };
-                        s.finish(Err(ConnError::Lost(why)));
+                        s.finish(Err(ConnError::Reset(code)));
                     }
                 }
                 SETTINGS => {
@@ -913,7 +939,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     // them again elsewhere is safe.
                     for (id, s) in st.streams.iter_mut() {
                         if id > last {
-                            s.finish(Err(ConnError::Lost(why.clone())));
+                            s.finish(Err(ConnError::Unprocessed(format!(
+                                "above the last stream id of a {why}"
+                            ))));
                         }
                     }
                 }
@@ -1056,8 +1084,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
 
     /// Ends the connection for everyone with `err`, queueing a GOAWAY.
     fn fail(&mut self, code: u32, err: ConnError) {
+        let written = self.written();
         let mut st = self.shared.state.lock();
-        st.fail_all(err);
+        st.fail_all(err, written);
         st.goaway(0, code);
     }
 
@@ -1069,6 +1098,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 self.wpos = 0;
                 let mut st = self.shared.state.lock();
                 std::mem::swap(&mut self.wbuf, &mut st.out);
+                self.wbuf_at = st.out_taken;
+                st.out_taken += self.wbuf.len() as u64;
                 if self.wbuf.is_empty() {
                     drop(st);
                     return Pin::new(&mut self.io).poll_flush(cx);
@@ -1083,6 +1114,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+
+    /// Bytes of this connection's output the socket has taken.
+    fn written(&self) -> u64 {
+        self.wbuf_at + self.wpos as u64
     }
 
     /// Reads what the socket has; `Ready(Ok(true))` when something came.
@@ -1128,6 +1164,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             }
             let now = crate::clock::tokio_instant();
             let last_read = self.last_read;
+            let written = self.written();
             let shared = self.shared.clone();
             let mut st = shared.state.lock();
             let mut expired = Vec::new();
@@ -1151,10 +1188,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             }
             if silent {
                 tracing::debug!("WNS h2 connection silent past a request deadline: closing it");
-                st.fail_all(ConnError::Lost(
-                    "the connection went silent: no frame from the server within the request timeout"
-                        .into(),
-                ));
+                st.fail_all(
+                    ConnError::Lost(
+                        "the connection went silent: no frame from the server within the request timeout"
+                            .into(),
+                    ),
+                    written,
+                );
                 st.goaway(0, NO_ERROR);
                 self.timer = None;
                 return true;
@@ -1315,17 +1355,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
                         }
                     }
                     Poll::Ready(Ok(false)) => {
-                        this.shared
-                            .state
-                            .lock()
-                            .fail_all(ConnError::Lost("the server closed the connection".into()));
+                        let written = this.written();
+                        this.shared.state.lock().fail_all(
+                            ConnError::Lost("the server closed the connection".into()),
+                            written,
+                        );
                     }
                     Poll::Ready(Err(e)) => {
                         this.eof = true;
+                        let written = this.written();
                         this.shared
                             .state
                             .lock()
-                            .fail_all(ConnError::Lost(e.to_string()));
+                            .fail_all(ConnError::Lost(e.to_string()), written);
                     }
                     Poll::Pending => {}
                 }
@@ -1334,7 +1376,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => {
                     let e = ConnError::Lost(e.to_string());
-                    this.shared.state.lock().fail_all(e.clone());
+                    let written = this.written();
+                    this.shared.state.lock().fail_all(e.clone(), written);
                     return Poll::Ready(Err(e));
                 }
                 Poll::Pending => {}

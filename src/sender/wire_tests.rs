@@ -7,6 +7,7 @@
 //! ACK (`Server::barrier`); by then the client has processed everything
 //! sent before the PING and written everything that made it queue.
 
+use super::super::conn::REFUSED_STREAM;
 use super::super::hpack::{Decoder, Encoder};
 use super::*;
 use crate::core::wns::headers::{MS_CV, X_WNS_CACHE_POLICY, X_WNS_TYPE};
@@ -245,7 +246,12 @@ struct Open {
 /// Handshakes with a server announcing `settings` and spawns the
 /// connection's driver; the client's SETTINGS ACK is already read.
 async fn open(settings: &[(u16, u32)]) -> Open {
-    let (client_io, server_io) = duplex(1 << 20);
+    open_with(settings, 1 << 20).await
+}
+
+/// [`open`] over a pipe that holds `capacity` bytes each way.
+async fn open_with(settings: &[(u16, u32)], capacity: usize) -> Open {
+    let (client_io, server_io) = duplex(capacity);
     let hs = tokio::spawn(handshake(client_io));
     let mut srv = Server::new(server_io);
     assert_eq!(srv.read_exact(PREFACE.len()).await, PREFACE);
@@ -316,6 +322,21 @@ fn lost(r: Result<Reply, ConnError>) -> String {
     match r {
         Err(ConnError::Lost(why)) => why,
         other => panic!("expected ConnError::Lost, got {other:?}"),
+    }
+}
+
+fn unprocessed(r: Result<Reply, ConnError>) -> String {
+    match r {
+        Err(ConnError::Unprocessed(why)) => why,
+        other => panic!("expected ConnError::Unprocessed, got {other:?}"),
+    }
+}
+
+/// The code of a stream reset by the server.
+fn reset_code(r: Result<Reply, ConnError>) -> u32 {
+    match r {
+        Err(ConnError::Reset(code)) => code,
+        other => panic!("expected ConnError::Reset, got {other:?}"),
     }
 }
 
@@ -405,7 +426,7 @@ async fn handshake_fails_unless_the_server_starts_with_settings() {
             Ok(_) => panic!("first frame {first:?}: the handshake succeeded"),
         }
     }
-    // A server that hangs up before its SETTINGS.
+    // A server that hangs up before its SETTINGS: no request was sent.
     let (client_io, server_io) = duplex(1 << 16);
     let hs = tokio::spawn(handshake(client_io));
     let mut srv = Server::new(server_io);
@@ -413,7 +434,7 @@ async fn handshake_fails_unless_the_server_starts_with_settings() {
     drop(srv);
     assert!(matches!(
         within("the handshake", hs).await.unwrap(),
-        Err(ConnError::Lost(_))
+        Err(ConnError::Unprocessed(_))
     ));
 }
 
@@ -748,11 +769,11 @@ async fn goaway_fails_streams_above_its_last_id_and_lets_the_rest_finish() {
     srv.request().await;
     srv.write(&goaway_frame(1, NO_ERROR)).await;
     assert!(srv.barrier().await.is_empty());
-    let why = lost(ready(&mut f3).expect("stream 3 fails at once"));
+    let why = unprocessed(ready(&mut f3).expect("stream 3 fails at once"));
     assert!(why.contains("GOAWAY"), "{why}");
     assert!(ready(&mut f1).is_none(), "stream 1 was processed: it waits");
     assert!(client.is_closed());
-    let why = lost(within("a refused send", post(&client, "/?token=c", b"x")).await);
+    let why = unprocessed(within("a refused send", post(&client, "/?token=c", b"x")).await);
     assert!(why.starts_with("not sent"), "{why}");
 
     srv.write(&answer(1, &[(":status", "200")])).await;
@@ -781,8 +802,9 @@ async fn rst_stream_fails_only_its_stream() {
     srv.write(&frame(RST_STREAM, 0, 3, &REFUSED_STREAM.to_be_bytes()))
         .await;
     assert!(srv.barrier().await.is_empty(), "no reply to a reset");
-    let why = lost(within("stream 3", f3).await);
-    assert!(why.contains("refused"), "{why}");
+    let refused = within("stream 3", f3).await;
+    assert!(matches!(&refused, Err(e) if !e.may_have_been_processed()));
+    assert_eq!(reset_code(refused), REFUSED_STREAM);
     assert!(ready(&mut f1).is_none());
     assert!(!client.is_closed());
     srv.write(&answer(1, &[(":status", "200")])).await;
@@ -792,8 +814,15 @@ async fn rst_stream_fails_only_its_stream() {
     assert_eq!(srv.request().await.head.stream, 5);
     srv.write(&frame(RST_STREAM, 0, 5, &CANCEL.to_be_bytes()))
         .await;
-    let why = lost(within("stream 5", f5).await);
-    assert!(why.contains("reset"), "{why}");
+    let reset = within("stream 5", f5).await;
+    assert!(matches!(&reset, Err(e) if e.may_have_been_processed()));
+    assert_eq!(reset_code(reset), CANCEL);
+    // Still open: a reset ends its stream only.
+    assert!(!client.is_closed());
+    let f7 = post(&client, "/?token=d", b"four");
+    assert_eq!(srv.request().await.head.stream, 7);
+    srv.write(&answer(7, &[(":status", "200")])).await;
+    assert_eq!(ok(within("stream 7", f7).await).status, 200);
 }
 
 /// Asserts `f` is a DATA frame of stream `stream` carrying `len` bytes,
@@ -1057,7 +1086,7 @@ async fn connection_error(bad: Vec<u8>, code: u32) {
         other => panic!("the driver ended with {other:?}"),
     }
     assert!(client.is_closed());
-    let why = lost(within("a refused send", post(&client, "/?token=c", b"x")).await);
+    let why = unprocessed(within("a refused send", post(&client, "/?token=c", b"x")).await);
     assert!(why.starts_with("not sent"), "{why}");
 }
 
@@ -1111,8 +1140,49 @@ async fn the_server_closing_the_socket_fails_every_open_stream() {
     }
     within("the driver", driver).await.unwrap().unwrap();
     assert!(client.is_closed());
-    let why = lost(within("a refused send", post(&client, "/?token=c", b"x")).await);
+    let why = unprocessed(within("a refused send", post(&client, "/?token=c", b"x")).await);
     assert!(why.starts_with("not sent"), "{why}");
+}
+
+#[tokio::test]
+async fn a_lost_connection_fails_written_requests_as_lost_and_the_rest_as_unprocessed() {
+    let Open {
+        client,
+        mut srv,
+        driver,
+    } = open_with(&[], 1024).await;
+    // Far more than the pipe holds: the server reads the first request's
+    // HEADERS and no more, so the socket takes only the first requests.
+    let futures: Vec<_> = (0..8)
+        .map(|i| post(&client, &format!("/?token={i}"), &[b'x'; 1000]))
+        .collect();
+    assert_eq!(srv.request_head().await.0.stream, 1);
+    drop(srv);
+    let mut results = Vec::new();
+    for f in futures {
+        results.push(within("a failed stream", f).await);
+    }
+    within("the driver", driver).await.unwrap().ok();
+    // What the socket took may have reached the server; what it never
+    // took cannot have.
+    let maybe: Vec<bool> = results
+        .iter()
+        .map(|r| match r {
+            Err(ConnError::Lost(_)) => true,
+            Err(ConnError::Unprocessed(why)) => {
+                assert!(why.starts_with("not written"), "{why}");
+                false
+            }
+            other => panic!("expected Lost or Unprocessed, got {other:?}"),
+        })
+        .collect();
+    assert!(maybe[0], "stream 1 was read by the server: {results:?}");
+    assert!(!maybe[7], "the last cannot have been written: {results:?}");
+    let written = maybe.iter().filter(|m| **m).count();
+    assert!(
+        maybe[..written].iter().all(|m| *m),
+        "written requests are the oldest: {results:?}"
+    );
 }
 
 #[tokio::test]
@@ -1176,7 +1246,7 @@ async fn max_concurrent_streams_bounds_the_open_streams() {
     } = open(&[(0x3, 1)]).await;
     assert_eq!(client.max_streams(), 1);
     let f1 = post(&client, "/?token=a", b"one");
-    let why = lost(within("a refused send", post(&client, "/?token=b", b"two")).await);
+    let why = unprocessed(within("a refused send", post(&client, "/?token=b", b"two")).await);
     assert!(
         why.starts_with("not sent") && why.contains("no free stream"),
         "{why}"
@@ -1267,7 +1337,7 @@ async fn a_body_waiting_for_its_stream_window_does_not_hold_back_the_next() {
         srv.barrier().await.is_empty(),
         "DATA sent on a reset stream"
     );
-    assert!(lost(within("stream 1", f1).await).contains("refused"));
+    assert_eq!(reset_code(within("stream 1", f1).await), REFUSED_STREAM);
     srv.write(&answer(3, &[(":status", "200")])).await;
     assert_eq!(ok(within("stream 3", f3).await).status, 200);
 }
@@ -1299,7 +1369,7 @@ async fn a_connection_silent_past_a_deadline_is_presumed_dead() {
     assert!(lost(within("stream 1", f1).await).contains("silent"));
     assert!(lost(within("stream 3", f3).await).contains("silent"));
     assert!(client.is_closed());
-    assert!(lost(within("a late send", send("/?token=c", 2)).await).contains("not sent"));
+    assert!(unprocessed(within("a late send", send("/?token=c", 2)).await).contains("not sent"));
     let rest = srv.until_closed().await;
     assert_eq!(
         rest.last().map(|f| (f.kind, f.u32_at(4))),
@@ -1359,7 +1429,7 @@ async fn a_sink_gets_the_tags_of_ended_requests_and_each_answer_is_taken_once() 
     assert_eq!(ended(&sink), vec![71, 70]);
     assert!(ended(&sink).is_empty(), "each tag is reported once");
     assert_eq!(ok(b.take().expect("b ended")).status, 410);
-    assert!(lost(a.take().expect("a ended")).contains("refused"));
+    assert_eq!(reset_code(a.take().expect("a ended")), REFUSED_STREAM);
     assert!(matches!(b.take(), Some(Err(ConnError::Protocol(_)))));
 
     // A request dropped before its end resets its stream, and its late
