@@ -1378,6 +1378,45 @@ async fn a_connection_silent_past_a_deadline_is_presumed_dead() {
     within("the driver", driver).await.ok();
 }
 
+#[tokio::test(start_paused = true)]
+async fn requests_before_the_servers_last_frame_time_out_and_those_after_are_lost() {
+    let Open {
+        client,
+        mut srv,
+        driver: _driver,
+    } = open(&[]).await;
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let headers = wake_headers("cv");
+    let send = |path| {
+        client.send(Request {
+            authority: AUTHORITY,
+            path,
+            headers: &headers,
+            body: Bytes::from_static(b"wake"),
+            timeout: Duration::from_secs(2),
+        })
+    };
+    let f1 = send("/?token=a");
+    srv.request().await;
+    // The server shows it is alive after stream 1 went out...
+    tokio::time::advance(Duration::from_millis(1)).await;
+    assert!(srv.barrier().await.is_empty());
+    // ...and sends nothing after stream 3 went out.
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let f3 = send("/?token=b");
+    srv.request().await;
+    // Stream 1 was read by a live server: a final timeout, not resent.
+    let r = within("stream 1", f1).await;
+    assert!(matches!(r, Err(ConnError::Timeout(_))), "{r:?}");
+    assert!(!client.is_closed());
+    // Nothing came since stream 3 was queued: the connection is presumed
+    // dead, and stream 3, which was written, may have been processed.
+    let r = within("stream 3", f3).await;
+    assert!(matches!(&r, Err(e) if e.is_retryable_elsewhere() && e.may_have_been_processed()));
+    assert!(lost(r).contains("silent"));
+    assert!(client.is_closed());
+}
+
 fn post_to(client: &H2Client, path: &str, sink: &Arc<Sink>, tag: u64) -> Sent {
     let headers = wake_headers("cv");
     client
