@@ -9,7 +9,7 @@ mod common;
 use common::Server;
 use serde_json::{json, Value};
 use std::time::Duration;
-use wnsgate::sender::limits::{POOL_CONNECTIONS_MAX, POSSIBLE_DUPLICATES_MAX};
+use wnsgate::sender::limits::{LOST_RESENDS_MAX, POOL_CONNECTIONS_MAX};
 use wnsgate::sim::{Faults, SimConfig, SimStats};
 
 /// Shards of a test gateway (see `common::Server::launch`).
@@ -254,11 +254,11 @@ fn streams_reset_by_code_fail_only_themselves_and_are_resent_by_the_rule() {
         0
     );
     // What each channel saw: every processed push was answered or reset,
-    // and no device was woken more than the duplicate budget allows.
+    // and no device was woken more often than the resend budget allows.
     assert_eq!(st.distinct_channels, DEVICES, "{st:?}");
     assert_eq!(st.pushes_total, received + st.streams_reset, "{st:?}");
     assert!(
-        st.max_pushes_per_channel <= 1 + u64::from(POSSIBLE_DUPLICATES_MAX),
+        st.max_pushes_per_channel <= 1 + u64::from(LOST_RESENDS_MAX),
         "{st:?}"
     );
     assert!(st.max_pushes_per_channel >= 2, "{st:?}");

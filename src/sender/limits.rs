@@ -16,12 +16,9 @@ pub const TLS_HANDSHAKE_MS_MAX: u64 = 5_000;
 /// From sending a request to its answer's head.
 pub const REQUEST_MS_MAX: u64 = 15_000;
 /// Times one push may be sent again because it got no answer (its stream
-/// or connection died first); these resends do not count as attempts.
+/// or connection died first), whether or not the server may have
+/// processed it; these resends do not count as attempts.
 pub const LOST_RESENDS_MAX: u32 = 5;
-/// Of those, resends of a request the server may have processed (a stream
-/// reset with a code other than REFUSED_STREAM, a connection lost after
-/// the request was written): each may wake the device twice.
-pub const POSSIBLE_DUPLICATES_MAX: u32 = 2;
 /// Largest answer body read on HTTP/1.1.
 pub const H1_REPLY_BODY_BYTES_MAX: usize = 64 * 1024;
 /// Our SETTINGS_INITIAL_WINDOW_SIZE: answers are small, but a peer must
@@ -57,5 +54,4 @@ const _: () = {
     // Opening a connection takes no longer than one request may.
     assert!(CONNECT_MS_MAX + TLS_HANDSHAKE_MS_MAX <= REQUEST_MS_MAX);
     assert!(POOL_CONNECTIONS_MAX >= 1 && H2_STREAMS_PER_CONNECTION_MAX >= 1);
-    assert!(POSSIBLE_DUPLICATES_MAX <= LOST_RESENDS_MAX);
 };

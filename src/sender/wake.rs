@@ -155,13 +155,11 @@ pub(super) struct App {
 }
 
 /// How far one wake got: the core's attempt state, and the resends of
-/// requests that got no answer (which do not count as attempts), of which
-/// those that may have been processed.
+/// requests that got no answer (which do not count as attempts).
 #[derive(Debug, Default)]
 pub(super) struct Tries {
     pub(super) attempt: PushAttempt,
     pub(super) lost: u32,
-    pub(super) maybe_processed: u32,
 }
 
 impl Tries {
@@ -453,7 +451,6 @@ impl WnsSender {
                 if e.may_have_been_processed() {
                     // WNS may have taken the first: the device may be
                     // woken twice. Harmless, and counted.
-                    tries.maybe_processed += 1;
                     metrics::counter!(m::PUSH_POSSIBLE_DUPLICATES, "reason" => reason).increment(1);
                 }
                 return Step::Again(None);
@@ -559,27 +556,26 @@ fn log_final(uri: &ChannelUri, pfn: &str, report: &WakeReport) {
 
 /// The resend rule for a request that got no answer.
 ///
-/// - Safe to resend, as often as [`LOST_RESENDS_MAX`] allows: the server
-///   never processed it (a failed connect or TLS handshake, a stream
-///   refused with REFUSED_STREAM, a stream above a GOAWAY's last stream
-///   id, a request never written).
+/// - Safe to resend: the server never processed it (a failed connect or
+///   TLS handshake, a stream refused with REFUSED_STREAM, a stream above a
+///   GOAWAY's last stream id, a request never written).
 /// - Maybe processed (a stream reset with INTERNAL_ERROR, CANCEL or any
 ///   other code, a connection lost after the request was written): resent
 ///   too, since a raw wake is a shoulder tap that a device answers by
 ///   checking in, so a duplicate costs one more OMA-DM session while a
-///   lost wake leaves the device unmanaged until it polls. But at most
-///   [`POSSIBLE_DUPLICATES_MAX`] times per wake, and each such resend is
-///   counted in `wnsgate_push_possible_duplicates_total`.
+///   lost wake leaves the device unmanaged until it polls. Each such
+///   resend is counted in `wnsgate_push_possible_duplicates_total`.
 /// - Not resent: a timeout (the server was seen alive and did not answer
 ///   in time) and a protocol error.
 ///
+/// Both kinds of resend share one budget per wake, [`LOST_RESENDS_MAX`]:
+/// when a front end resets its connections, the resent requests land on
+/// others that may be reset soon after, and a smaller budget for the maybe
+/// processed left devices unwoken.
+///
 /// [`LOST_RESENDS_MAX`]: super::limits::LOST_RESENDS_MAX
-/// [`POSSIBLE_DUPLICATES_MAX`]: super::limits::POSSIBLE_DUPLICATES_MAX
 fn resend_allowed(e: &ConnError, tries: &Tries) -> bool {
-    use super::limits::{LOST_RESENDS_MAX, POSSIBLE_DUPLICATES_MAX};
-    e.is_retryable_elsewhere()
-        && tries.lost < LOST_RESENDS_MAX
-        && (!e.may_have_been_processed() || tries.maybe_processed < POSSIBLE_DUPLICATES_MAX)
+    e.is_retryable_elsewhere() && tries.lost < super::limits::LOST_RESENDS_MAX
 }
 
 /// The `reason` label of a resend after `e` (in `wnsgate_wns_resends_total`,
@@ -607,7 +603,7 @@ fn transport_result(e: &ConnError) -> PushResult {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sender::limits::{LOST_RESENDS_MAX, POSSIBLE_DUPLICATES_MAX};
+    use crate::sender::limits::LOST_RESENDS_MAX;
 
     const INTERNAL_ERROR: u32 = 0x2;
     const CANCEL: u32 = 0x8;
@@ -628,9 +624,10 @@ mod tests {
     }
 
     #[test]
-    fn never_processed_requests_are_resent_up_to_the_lost_budget() {
-        for e in errors().into_iter().take(4) {
-            assert!(!e.may_have_been_processed(), "{e}");
+    fn requests_without_an_answer_are_resent_up_to_the_lost_budget() {
+        // Never processed, then maybe processed.
+        for (i, e) in errors().into_iter().take(8).enumerate() {
+            assert_eq!(e.may_have_been_processed(), i >= 4, "{e}");
             let mut tries = Tries::new();
             let mut resends = 0;
             while resend_allowed(&e, &tries) {
@@ -639,28 +636,6 @@ mod tests {
             }
             assert_eq!(resends, LOST_RESENDS_MAX, "{e}");
         }
-    }
-
-    #[test]
-    fn maybe_processed_requests_are_resent_at_most_the_duplicate_budget() {
-        for e in errors().into_iter().skip(4).take(4) {
-            assert!(e.may_have_been_processed(), "{e}");
-            let mut tries = Tries::new();
-            let mut resends = 0;
-            while resend_allowed(&e, &tries) {
-                tries.lost += 1;
-                tries.maybe_processed += 1;
-                resends += 1;
-            }
-            assert_eq!(resends, POSSIBLE_DUPLICATES_MAX, "{e}");
-        }
-        // Safe resends before do not use up the duplicate budget, but the
-        // budget of all resends still bounds them.
-        let mut tries = Tries::new();
-        tries.lost = LOST_RESENDS_MAX - 1;
-        assert!(resend_allowed(&ConnError::Reset(INTERNAL_ERROR), &tries));
-        tries.lost = LOST_RESENDS_MAX;
-        assert!(!resend_allowed(&ConnError::Reset(INTERNAL_ERROR), &tries));
     }
 
     #[test]
