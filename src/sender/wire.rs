@@ -13,15 +13,19 @@
 //! waits for the server's SETTINGS before the first request, so the
 //! stream limit is known), stream ids, the peer's
 //! SETTINGS_MAX_CONCURRENT_STREAMS, flow control both ways, HPACK with
-//! its dynamic tables, CONTINUATION, padding, PING, RST_STREAM, GOAWAY
-//! (streams above its last id fail as never processed; the rest finish),
-//! and a cancelled request resets its stream. Server push is disabled.
+//! its dynamic tables, CONTINUATION, padding, PING, RST_STREAM (it ends
+//! its stream only, with [`ConnError::Reset`]), GOAWAY (streams above its
+//! last id fail as never processed; the rest finish), and a cancelled
+//! request resets its stream. Server push is disabled.
 //!
 //! Request deadlines share one timer per connection. A request past its
 //! deadline fails with [`ConnError::Timeout`] and its stream is reset;
 //! if the server sent nothing at all since that request was queued, the
 //! connection is presumed dead instead and every stream on it fails as
-//! lost, to be sent again elsewhere.
+//! lost, to be sent again elsewhere. When a connection is lost, a request
+//! none of whose bytes the socket took fails as
+//! [`ConnError::Unprocessed`], the others as [`ConnError::Lost`] (they may
+//! have been processed).
 
 use super::conn::{ConnError, Reply};
 use super::hpack::{Decoder, Encoder, HpackError};
