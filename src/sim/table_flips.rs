@@ -289,11 +289,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for TableFlips<T> {
                 return Poll::Ready(Ok(()));
             }
             if this.eof {
+                if this.raw.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
                 // What is left is not a whole frame: the crate judges it.
-                let rest = std::mem::take(&mut this.raw);
-                let n = rest.len().min(buf.remaining());
-                buf.put_slice(&rest[..n]);
-                return Poll::Ready(Ok(()));
+                this.ready = std::mem::take(&mut this.raw);
+                continue;
             }
             let mut chunk = [0u8; 16 * 1024];
             let mut rb = ReadBuf::new(&mut chunk);
