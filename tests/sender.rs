@@ -162,3 +162,54 @@ fn pools_speak_h2_or_http1_as_the_server_chooses() {
         assert_eq!(s.stats().pushes_total, 20);
     }
 }
+
+/// A stream the server resets, refused or after processing it, fails that
+/// request alone: the pool keeps its one connection and sends the next
+/// requests on it.
+#[test]
+fn a_reset_stream_leaves_its_connection_in_the_pool() {
+    let s = start_sim(Duration::from_secs(3600), sim::Mode::Tls);
+    let tokens = token_source(&s);
+    let pool = pool_to(&s);
+    s.set_faults(sim::Faults {
+        refused_stream_every: Some(2),
+        internal_error_every: Some(3),
+        ..sim::Faults::default()
+    })
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = rt.block_on(async {
+        let token = tokens.token().await.unwrap();
+        let mut results = Vec::new();
+        for i in 0..7 {
+            let r = pool
+                .post(
+                    CHANNEL_PATH,
+                    &headers_for(&token, i),
+                    Bytes::from_static(WAKE_BODY),
+                )
+                .await;
+            results.push(match r {
+                Ok((reply, _)) => format!("{}", reply.status),
+                Err(e) => {
+                    assert!(e.is_retryable_elsewhere(), "{e}");
+                    format!("{e} (maybe processed: {})", e.may_have_been_processed())
+                }
+            });
+        }
+        results
+    });
+    let refused = "stream reset by the server (REFUSED_STREAM) (maybe processed: false)";
+    let internal = "stream reset by the server (INTERNAL_ERROR) (maybe processed: true)";
+    assert_eq!(
+        results,
+        ["200", refused, internal, refused, "200", refused, "200"]
+    );
+    assert_eq!(pool.open_connections(), (1, 0));
+    let st = s.stats();
+    assert_eq!(st.h2_connections, 1, "{st:?}");
+    assert_eq!((st.streams_refused, st.streams_reset), (3, 1), "{st:?}");
+}

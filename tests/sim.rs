@@ -1112,6 +1112,11 @@ async fn stats_are_exact_for_a_known_sequence() {
         untracked_pushes: 0,
         pushes_with_ttl: 0,
         pushes_requesting_status: 0,
+        streams_refused: 0,
+        streams_reset: 0,
+        header_table_flips: 0,
+        table_size_violations: 0,
+        table_flips_signalled: 0,
     };
     assert_eq!(sim.stats(), want);
     // The same over HTTP: control requests are not answers of WNS, only
@@ -1299,4 +1304,91 @@ async fn shutdown_answers_what_it_took_then_closes() {
         .unwrap()
         .expect("with a GOAWAY, not an error");
     stopped.await.unwrap();
+}
+
+/// Pushes to channels `AwYAAADs0`, `AwYAAADs1`, ... one after another on
+/// one h2 connection: the status, or the reset code.
+async fn pushes_in_turn(c: &H2, token: &str, n: usize) -> Vec<Result<u16, h2::Reason>> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let req = Push::new(&channel(&format!("AwYAAADs{i}")), token).build();
+        out.push(match c.send(req, Bytes::from_static(b"wake")).await {
+            Ok(r) => Ok(r.status),
+            Err(e) => Err(e.reason().expect("a stream reset")),
+        });
+    }
+    out
+}
+
+#[tokio::test]
+async fn h2_streams_are_refused_or_reset_by_code_and_the_connection_goes_on() {
+    let sim = start(SimConfig::default());
+    let c = H2::connect(&sim).await;
+    // The token request is the connection's stream 1.
+    let t = c.classic_token().await;
+    sim.set_faults(Faults {
+        refused_stream_every: Some(3),
+        internal_error_every: Some(4),
+        ..Faults::default()
+    })
+    .unwrap();
+    use h2::Reason;
+    assert_eq!(
+        pushes_in_turn(&c, &t, 7).await,
+        [
+            Ok(200),
+            Err(Reason::REFUSED_STREAM),
+            Err(Reason::INTERNAL_ERROR),
+            Ok(200),
+            Err(Reason::REFUSED_STREAM),
+            Ok(200),
+            Err(Reason::INTERNAL_ERROR),
+        ]
+    );
+    let s = sim.stats();
+    assert_eq!((s.streams_refused, s.streams_reset), (2, 2));
+    assert_eq!(s.connections, 1);
+    // The refused pushes never reached a channel; the reset ones did.
+    assert_eq!(s.pushes_total, 5);
+    assert_eq!(s.distinct_channels, 5);
+    assert_eq!(s.requests_received, 8);
+}
+
+#[tokio::test]
+async fn h2_stream_window_of_one_byte_still_carries_whole_requests() {
+    let sim = start(SimConfig {
+        faults: Faults {
+            h2_stream_window: Some(1),
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    });
+    let c = H2::connect(&sim).await;
+    // A token form of 130 bytes and a 4-byte wake, one byte a window.
+    let t = c.classic_token().await;
+    assert_eq!(pushes_in_turn(&c, &t, 3).await, [Ok(200), Ok(200), Ok(200)]);
+    assert_eq!(sim.stats().outcome("received"), 3);
+}
+
+#[tokio::test]
+async fn header_table_flips_are_signalled_by_a_conforming_client() {
+    let sim = start(SimConfig {
+        faults: Faults {
+            header_table_flip_every: Some(2),
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    });
+    let c = H2::connect(&sim).await;
+    let t = c.classic_token().await;
+    // The h2 crate's encoder signals the smallest size, then the last.
+    assert!(pushes_in_turn(&c, &t, 8)
+        .await
+        .iter()
+        .all(|r| *r == Ok(200)));
+    let s = sim.stats();
+    assert_eq!(s.header_table_flips, 4);
+    assert!(s.table_flips_signalled >= 3, "{s:?}");
+    assert_eq!(s.table_size_violations, 0, "{s:?}");
+    assert_eq!(s.connections, 1);
 }

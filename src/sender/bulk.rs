@@ -10,7 +10,7 @@
 //! connection, a connection still to open, HTTP/1.1) goes on as an ordinary
 //! wake future, so the rare paths have one implementation.
 
-use super::conn::{ConnError, Protocol};
+use super::conn::Protocol;
 use super::pool::{AuthorityPool, H2Sent, TryLease};
 use super::wake::{Step, Tries, WakeReport, WnsSender};
 use super::wire::Sink;
@@ -217,9 +217,7 @@ impl<T: WakeTarget> WakeBatch<T> {
             }
         };
         self.free.push(slot);
-        flight
-            .pool
-            .ended(&flight.sent, matches!(result, Err(ConnError::Lost(_))));
+        flight.pool.ended(&flight.sent);
         let sender = self.sender.clone();
         let Some(app) = sender.app(flight.target.pfn()) else {
             // Not reached: the wake was sent with this app's token.

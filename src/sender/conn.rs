@@ -56,6 +56,13 @@ impl Protocol {
 }
 
 /// Why a request got no HTTP answer.
+///
+/// What a resend risks follows from the variant: [`ConnError::Unprocessed`],
+/// a stream refused with REFUSED_STREAM, and a failed connect or TLS
+/// handshake never reached the application, so sending them again is
+/// safe; any other [`ConnError::Reset`], and [`ConnError::Lost`], may have
+/// been processed, so a resend may wake the device twice
+/// ([`ConnError::may_have_been_processed`]).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnError {
     #[error("connect to {0} failed: {1}")]
@@ -64,8 +71,19 @@ pub enum ConnError {
     Tls(String, String),
     #[error("{0} timed out")]
     Timeout(&'static str),
-    /// The connection closed, was reset or sent GOAWAY before answering: the
-    /// request may be sent again on another connection.
+    /// The server did not process the request: its stream was above a
+    /// GOAWAY's last stream id (RFC 9113 section 8.7), or it was never
+    /// written because the connection was closing or lost first.
+    #[error("not processed by the server: {0}")]
+    Unprocessed(String),
+    /// The server reset this request's stream with this HTTP/2 error code.
+    /// REFUSED_STREAM means it was not processed (RFC 9113 section 8.7);
+    /// after any other code it may have been. The connection goes on
+    /// serving other streams.
+    #[error("stream reset by the server ({})", h2_code_name(*.0))]
+    Reset(u32),
+    /// The connection closed, failed or went silent after the request was
+    /// written, before its answer: it may have been processed.
     #[error("connection lost before an answer: {0}")]
     Lost(String),
     #[error("HTTP protocol error: {0}")]
@@ -73,13 +91,60 @@ pub enum ConnError {
 }
 
 impl ConnError {
-    /// True when the request surely or probably never reached the
-    /// application, so resending it does not count as an attempt.
+    /// True when the request may be sent again, on this connection or
+    /// another: it never reached the application ([`ConnError::Connect`],
+    /// [`ConnError::Tls`], [`ConnError::Unprocessed`], a refused stream),
+    /// or it may have and its answer was lost (another
+    /// [`ConnError::Reset`], [`ConnError::Lost`]; see
+    /// [`ConnError::may_have_been_processed`]). A timeout is final: the
+    /// server was seen alive and still did not answer.
     pub fn is_retryable_elsewhere(&self) -> bool {
         matches!(
             self,
-            ConnError::Lost(_) | ConnError::Connect(..) | ConnError::Tls(..)
+            ConnError::Unprocessed(_)
+                | ConnError::Reset(_)
+                | ConnError::Lost(_)
+                | ConnError::Connect(..)
+                | ConnError::Tls(..)
         )
+    }
+
+    /// True when the server may have processed the request although no
+    /// answer came: a resend may then deliver it twice.
+    pub fn may_have_been_processed(&self) -> bool {
+        match self {
+            ConnError::Reset(code) => *code != REFUSED_STREAM,
+            ConnError::Lost(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The HTTP/2 error code a server refuses a stream with, before doing
+/// anything with it (RFC 9113 section 8.7).
+pub const REFUSED_STREAM: u32 = 0x7;
+
+/// The name of an HTTP/2 error code (RFC 9113 section 7).
+pub fn h2_code_name(code: u32) -> std::borrow::Cow<'static, str> {
+    const NAMES: [&str; 14] = [
+        "NO_ERROR",
+        "PROTOCOL_ERROR",
+        "INTERNAL_ERROR",
+        "FLOW_CONTROL_ERROR",
+        "SETTINGS_TIMEOUT",
+        "STREAM_CLOSED",
+        "FRAME_SIZE_ERROR",
+        "REFUSED_STREAM",
+        "CANCEL",
+        "COMPRESSION_ERROR",
+        "CONNECT_ERROR",
+        "ENHANCE_YOUR_CALM",
+        "INADEQUATE_SECURITY",
+        "HTTP_1_1_REQUIRED",
+    ];
+    match NAMES.get(code as usize) {
+        Some(name) => (*name).into(),
+        None => format!("code {code:#x}").into(),
     }
 }
 
@@ -305,9 +370,10 @@ pub async fn post_http1(
     body: Bytes,
     timeout: Duration,
 ) -> Result<Reply, ConnError> {
+    // Closed before anything was written: nothing was processed.
     send.ready()
         .await
-        .map_err(|e| ConnError::Lost(e.to_string()))?;
+        .map_err(|e| ConnError::Unprocessed(e.to_string()))?;
     let mut req = Request::new(Full::new(body));
     *req.method_mut() = http::Method::POST;
     // HTTP/1.1 sends origin-form; Host comes from the authority.
@@ -330,10 +396,18 @@ pub async fn post_http1(
     if let Ok(v) = http::HeaderValue::from_str(&host) {
         req.headers_mut().insert(http::header::HOST, v);
     }
-    let resp = tokio::time::timeout(timeout, send.send_request(req))
+    let resp = tokio::time::timeout(timeout, send.try_send_request(req))
         .await
         .map_err(|_| ConnError::Timeout("WNS request"))?
-        .map_err(|e| ConnError::Lost(e.to_string()))?;
+        .map_err(|e| {
+            // hyper gives the request back when it failed before writing
+            // any of it.
+            let error = e.error().to_string();
+            match e.message() {
+                Some(_) => ConnError::Unprocessed(error),
+                None => ConnError::Lost(error),
+            }
+        })?;
     let (parts, body) = resp.into_parts();
     let body = http_body_util::Limited::new(body, super::limits::H1_REPLY_BODY_BYTES_MAX)
         .collect()

@@ -268,8 +268,17 @@ fn read_str(buf: &[u8], pos: &mut usize, scratch: &mut Vec<u8>) -> Result<Str, H
 /// Encodes one connection's request header blocks, in order.
 pub struct Encoder {
     table: Table,
-    /// A table size update owed at the start of the next block.
-    pending_update: Option<usize>,
+    /// The table size updates owed at the start of the next block: the
+    /// smallest size the table had since the last block, and the size it
+    /// has now (RFC 7541 section 4.2).
+    pending_update: Option<SizeUpdate>,
+}
+
+/// Table size changes since the last header block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SizeUpdate {
+    smallest: usize,
+    last: usize,
 }
 
 impl Default for Encoder {
@@ -284,18 +293,38 @@ impl Default for Encoder {
 impl Encoder {
     /// Applies the peer's SETTINGS_HEADER_TABLE_SIZE. We never use more
     /// than the default, so only a smaller value changes anything.
+    ///
+    /// When it changes more than once before the next header block, that
+    /// block signals the smallest size it went through first, then the
+    /// last (RFC 7541 section 4.2): the peer's decoder evicts as ours did.
     pub fn set_peer_max(&mut self, peer: usize) {
         let max = peer.min(DEFAULT_TABLE_SIZE);
-        if max != self.table.max {
-            self.table.set_max(max);
-            self.pending_update = Some(max);
+        if max == self.table.max {
+            return;
         }
+        // Evicting to each new size as it comes leaves the table as if it
+        // had shrunk to the smallest one: what the peer does on reading
+        // the two updates.
+        self.table.set_max(max);
+        self.pending_update = Some(match self.pending_update {
+            Some(p) => SizeUpdate {
+                smallest: p.smallest.min(max),
+                last: max,
+            },
+            None => SizeUpdate {
+                smallest: max,
+                last: max,
+            },
+        });
     }
 
-    /// Starts a header block: the size update owed, if any.
+    /// Starts a header block: the size updates owed, if any.
     pub fn begin(&mut self, out: &mut Vec<u8>) {
-        if let Some(size) = self.pending_update.take() {
-            write_int(out, 0x20, 5, size);
+        if let Some(u) = self.pending_update.take() {
+            if u.smallest < u.last {
+                write_int(out, 0x20, 5, u.smallest);
+            }
+            write_int(out, 0x20, 5, u.last);
         }
     }
 
@@ -948,12 +977,127 @@ mod tests {
         }
     }
 
+    /// The table size updates at the start of `block`.
+    fn size_updates(block: &[u8]) -> Vec<usize> {
+        let (mut pos, mut sizes) = (0, Vec::new());
+        while pos < block.len() && block[pos] & 0xe0 == 0x20 {
+            sizes.push(read_int(block, &mut pos, 5).unwrap());
+        }
+        sizes
+    }
+
+    /// A block of one repeated field (indexed once it entered the table)
+    /// and one that enters the table on every call.
+    fn some_block(e: &mut Encoder, round: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        e.begin(&mut out);
+        e.indexed(&mut out, b":authority", b"db5.notify.windows.com");
+        e.indexed(
+            &mut out,
+            b"authorization",
+            format!("Bearer t{round}").as_bytes(),
+        );
+        out
+    }
+
+    fn entries(t: &Table) -> Vec<Entry> {
+        t.entries.iter().cloned().collect()
+    }
+
+    #[test]
+    fn a_size_that_went_down_and_up_again_signals_the_smallest_then_the_last() {
+        let (mut e, mut d) = (Encoder::default(), Decoder::new(1 << 16));
+        decode_all(&mut d, &some_block(&mut e, 0));
+        assert_eq!(d.table.entries.len(), 2);
+        // SETTINGS_HEADER_TABLE_SIZE 0, then 4096, before the next block.
+        e.set_peer_max(0);
+        e.set_peer_max(4096);
+        let block = some_block(&mut e, 1);
+        assert_eq!(size_updates(&block), [0, 4096]);
+        let mut want = Vec::new();
+        write_int(&mut want, 0x20, 5, 0);
+        write_int(&mut want, 0x20, 5, 4096);
+        assert_eq!(want, [0x20, 0x3f, 0xe1, 0x1f]);
+        assert!(block.starts_with(&want));
+        // The peer emptied its table as we did, then grew it back: both
+        // hold only what this block entered.
+        let got = decode_all(&mut d, &block);
+        assert_eq!(got[1], ("authorization".into(), "Bearer t1".into()));
+        assert_eq!(entries(&d.table), entries(&e.table));
+        assert_eq!((d.table.max, e.table.max), (4096, 4096));
+        assert_eq!(d.table.entries.len(), 2);
+        // Owed once: the next block starts with a field.
+        assert_eq!(size_updates(&some_block(&mut e, 2)), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn size_changes_signal_the_smallest_size_since_the_last_block_then_the_last() {
+        let mut e = Encoder::default();
+        // One change: one update.
+        e.set_peer_max(100);
+        assert_eq!(size_updates(&some_block(&mut e, 0)), [100]);
+        // Down, up, down again: the smallest, then the last.
+        e.set_peer_max(50);
+        e.set_peer_max(4096);
+        e.set_peer_max(3000);
+        assert_eq!(size_updates(&some_block(&mut e, 1)), [50, 3000]);
+        // Up twice: the smaller of the two, then the last, as nghttp2
+        // signals it too.
+        e.set_peer_max(3500);
+        e.set_peer_max(4000);
+        assert_eq!(size_updates(&some_block(&mut e, 2)), [3500, 4000]);
+        e.set_peer_max(4096);
+        assert_eq!(size_updates(&some_block(&mut e, 3)), [4096]);
+        // Values at or above the size we use change nothing: no update.
+        e.set_peer_max(65_536);
+        e.set_peer_max(4096);
+        assert_eq!(size_updates(&some_block(&mut e, 3)), Vec::<usize>::new());
+        // A change and its reversal still owe both: the peer's table
+        // went through the smaller size.
+        e.set_peer_max(0);
+        e.set_peer_max(4096);
+        assert_eq!(size_updates(&some_block(&mut e, 4)), [0, 4096]);
+    }
+
     proptest! {
         #[test]
         fn huffman_round_trips(s in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut out = Vec::new();
             huffman_decode(&huffman_encode(&s), &mut out).unwrap();
             prop_assert_eq!(out, s);
+        }
+
+        #[test]
+        fn encoder_and_decoder_agree_through_any_size_changes(
+            rounds in proptest::collection::vec(
+                proptest::collection::vec(0usize..5000, 0..4), 1..20)
+        ) {
+            let (mut e, mut d) = (Encoder::default(), Decoder::new(1 << 16));
+            for (round, sizes) in rounds.iter().enumerate() {
+                let before = e.table.max;
+                for &size in sizes {
+                    e.set_peer_max(size);
+                }
+                let block = some_block(&mut e, round);
+                let updates = size_updates(&block);
+                let effective: Vec<usize> =
+                    sizes.iter().map(|s| (*s).min(DEFAULT_TABLE_SIZE)).collect();
+                let last = e.table.max;
+                prop_assert!(updates.len() <= 2, "{:?}", updates);
+                match effective.iter().copied().min() {
+                    // The peer's table had to shrink: the smallest size
+                    // first, and the last.
+                    Some(min) if min < before => {
+                        prop_assert_eq!(updates.first(), Some(&min));
+                        prop_assert_eq!(updates.last(), Some(&last));
+                    }
+                    _ if last != before => prop_assert_eq!(updates.last(), Some(&last)),
+                    _ => {}
+                }
+                decode_all(&mut d, &block);
+                prop_assert_eq!(entries(&d.table), entries(&e.table));
+                prop_assert_eq!(d.table.max, e.table.max);
+            }
         }
 
         #[test]

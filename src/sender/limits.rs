@@ -15,8 +15,9 @@ pub const CONNECT_MS_MAX: u64 = 5_000;
 pub const TLS_HANDSHAKE_MS_MAX: u64 = 5_000;
 /// From sending a request to its answer's head.
 pub const REQUEST_MS_MAX: u64 = 15_000;
-/// Times one push may be sent again because its connection died before
-/// answering; these resends do not count as attempts.
+/// Times one push may be sent again because it got no answer (its stream
+/// or connection died first), whether or not the server may have
+/// processed it; these resends do not count as attempts.
 pub const LOST_RESENDS_MAX: u32 = 5;
 /// Largest answer body read on HTTP/1.1.
 pub const H1_REPLY_BODY_BYTES_MAX: usize = 64 * 1024;

@@ -3,8 +3,11 @@
 //! peer's SETTINGS_MAX_CONCURRENT_STREAMS and our own limit, or HTTP/1.1
 //! keep-alive connections carrying one request at a time.
 //!
-//! A connection that dies (GOAWAY, reset, close) is retired; the requests it
-//! carried fail with [`ConnError::Lost`] so the caller can send them again.
+//! A connection that takes no new streams (GOAWAY, a connection error, a
+//! closed or silent socket) is retired; the requests it carried fail with
+//! the reason, and the caller decides whether to send them again (see
+//! [`ConnError`]). A stream the server resets ends only that request: the
+//! connection stays in the pool and goes on serving the others.
 
 use super::conn::{self, Conn, ConnError, Protocol, Reply, Timeouts};
 use super::wire::{self, H2Client, Sink};
@@ -103,7 +106,7 @@ impl StreamLease {
             }),
             Err(_) => {
                 // Retired if it closed meanwhile.
-                pool.release_h2(self.conn, self.send.is_closed());
+                pool.release_h2(self.conn);
                 None
             }
         }
@@ -236,7 +239,7 @@ impl AuthorityPool {
                         self.timeouts.request,
                     )
                     .await;
-                    self.release_h2(id, matches!(r, Err(ConnError::Lost(_))));
+                    self.release_h2(id);
                     return r.map(|reply| (reply, Protocol::H2));
                 }
                 Lease::Http1(mut send) => {
@@ -332,17 +335,20 @@ impl AuthorityPool {
         })
     }
 
-    /// The answer to `sent` was taken (`lost`: it failed with the
-    /// connection, which is then retired).
-    pub fn ended(&self, sent: &H2Sent, lost: bool) {
-        self.release_h2(sent.conn, lost);
+    /// The answer to `sent` was taken: its stream is free again.
+    pub fn ended(&self, sent: &H2Sent) {
+        self.release_h2(sent.conn);
     }
 
-    fn release_h2(&self, id: u64, lost: bool) {
+    /// A stream of connection `id` ended. The connection is retired when
+    /// it takes no new streams (GOAWAY, a connection error, a lost
+    /// socket); its other streams finish or fail on their own, each with
+    /// its own reason. A stream the server reset leaves the connection
+    /// as it was.
+    fn release_h2(&self, id: u64) {
         let mut g = self.inner.lock();
         if let Some(pos) = g.h2.iter().position(|s| s.id == id) {
-            if lost {
-                // Retire it: every stream still on it fails as lost too.
+            if g.h2[pos].send.is_closed() {
                 g.h2.swap_remove(pos);
             } else {
                 g.h2[pos].inflight -= 1;

@@ -5,7 +5,7 @@
 //! connection pools per shard and authority, so a shard's pushes travel on
 //! connections that shard's runtime drives.
 
-use super::conn::{ConnError, Protocol, Reply, Timeouts};
+use super::conn::{ConnError, Protocol, Reply, Timeouts, REFUSED_STREAM};
 use super::pool::{AuthorityPool, PoolLimits};
 use super::tls::{self, Alpn};
 use super::tokens::{TokenEndpoint, TokenSource};
@@ -154,8 +154,8 @@ pub(super) struct App {
     throttle: Mutex<CredentialThrottle>,
 }
 
-/// How far one wake got: the core's attempt state, and the resends after
-/// lost connections (which do not count as attempts).
+/// How far one wake got: the core's attempt state, and the resends of
+/// requests that got no answer (which do not count as attempts).
 #[derive(Debug, Default)]
 pub(super) struct Tries {
     pub(super) attempt: PushAttempt,
@@ -444,11 +444,15 @@ impl WnsSender {
         let met = self.metrics();
         let (reply, protocol) = match result {
             Ok(r) => r,
-            Err(e)
-                if e.is_retryable_elsewhere() && tries.lost < super::limits::LOST_RESENDS_MAX =>
-            {
+            Err(e) if resend_allowed(&e, tries) => {
                 tries.lost += 1;
-                metrics::counter!(m::WNS_RESENDS, "reason" => "connection_lost").increment(1);
+                let reason = resend_reason(&e);
+                metrics::counter!(m::WNS_RESENDS, "reason" => reason).increment(1);
+                if e.may_have_been_processed() {
+                    // WNS may have taken the first: the device may be
+                    // woken twice. Harmless, and counted.
+                    metrics::counter!(m::PUSH_POSSIBLE_DUPLICATES, "reason" => reason).increment(1);
+                }
                 return Step::Again(None);
             }
             Err(e) => {
@@ -550,12 +554,121 @@ fn log_final(uri: &ChannelUri, pfn: &str, report: &WakeReport) {
     );
 }
 
+/// The resend rule for a request that got no answer.
+///
+/// - Safe to resend: the server never processed it (a failed connect or
+///   TLS handshake, a stream refused with REFUSED_STREAM, a stream above a
+///   GOAWAY's last stream id, a request never written).
+/// - Maybe processed (a stream reset with INTERNAL_ERROR, CANCEL or any
+///   other code, a connection lost after the request was written): resent
+///   too, since a raw wake is a shoulder tap that a device answers by
+///   checking in, so a duplicate costs one more OMA-DM session while a
+///   lost wake leaves the device unmanaged until it polls. Each such
+///   resend is counted in `wnsgate_push_possible_duplicates_total`.
+/// - Not resent: a timeout (the server was seen alive and did not answer
+///   in time) and a protocol error.
+///
+/// Both kinds of resend share one budget per wake, [`LOST_RESENDS_MAX`]:
+/// when a front end resets its connections, the resent requests land on
+/// others that may be reset soon after, and a smaller budget for the maybe
+/// processed left devices unwoken.
+///
+/// [`LOST_RESENDS_MAX`]: super::limits::LOST_RESENDS_MAX
+fn resend_allowed(e: &ConnError, tries: &Tries) -> bool {
+    e.is_retryable_elsewhere() && tries.lost < super::limits::LOST_RESENDS_MAX
+}
+
+/// The `reason` label of a resend after `e` (in `wnsgate_wns_resends_total`,
+/// and in `wnsgate_push_possible_duplicates_total` when it may be one).
+fn resend_reason(e: &ConnError) -> &'static str {
+    match e {
+        ConnError::Reset(code) if *code == REFUSED_STREAM => "stream_refused",
+        ConnError::Reset(_) => "stream_reset",
+        _ => "connection_lost",
+    }
+}
+
 fn transport_result(e: &ConnError) -> PushResult {
     match e {
         ConnError::Connect(..) => PushResult::ConnectFailed,
         ConnError::Tls(..) => PushResult::TlsFailed,
         ConnError::Timeout(_) => PushResult::Timeout,
-        ConnError::Lost(_) => PushResult::ConnectionLost,
+        ConnError::Unprocessed(_) | ConnError::Reset(_) | ConnError::Lost(_) => {
+            PushResult::ConnectionLost
+        }
         ConnError::Protocol(_) => PushResult::ProtocolError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sender::limits::LOST_RESENDS_MAX;
+
+    const INTERNAL_ERROR: u32 = 0x2;
+    const CANCEL: u32 = 0x8;
+
+    fn errors() -> Vec<ConnError> {
+        vec![
+            ConnError::Connect("db5".into(), "refused".into()),
+            ConnError::Tls("db5".into(), "bad certificate".into()),
+            ConnError::Unprocessed("above the last stream id of a GOAWAY".into()),
+            ConnError::Reset(REFUSED_STREAM),
+            ConnError::Reset(INTERNAL_ERROR),
+            ConnError::Reset(CANCEL),
+            ConnError::Reset(0xff),
+            ConnError::Lost("the server closed the connection".into()),
+            ConnError::Timeout("WNS request"),
+            ConnError::Protocol("bad frame".into()),
+        ]
+    }
+
+    #[test]
+    fn requests_without_an_answer_are_resent_up_to_the_lost_budget() {
+        // Never processed, then maybe processed.
+        for (i, e) in errors().into_iter().take(8).enumerate() {
+            assert_eq!(e.may_have_been_processed(), i >= 4, "{e}");
+            let mut tries = Tries::new();
+            let mut resends = 0;
+            while resend_allowed(&e, &tries) {
+                tries.lost += 1;
+                resends += 1;
+            }
+            assert_eq!(resends, LOST_RESENDS_MAX, "{e}");
+        }
+    }
+
+    #[test]
+    fn timeouts_and_protocol_errors_are_final() {
+        for e in errors().into_iter().skip(8) {
+            assert!(!resend_allowed(&e, &Tries::new()), "{e}");
+            assert!(!e.may_have_been_processed(), "{e}");
+        }
+    }
+
+    #[test]
+    fn resend_reasons_name_the_stream_or_the_connection() {
+        let reasons: Vec<&str> = errors().iter().take(8).map(resend_reason).collect();
+        assert_eq!(
+            reasons,
+            [
+                "connection_lost",
+                "connection_lost",
+                "connection_lost",
+                "stream_refused",
+                "stream_reset",
+                "stream_reset",
+                "stream_reset",
+                "connection_lost",
+            ]
+        );
+        assert_eq!(
+            ConnError::Reset(INTERNAL_ERROR).to_string(),
+            "stream reset by the server (INTERNAL_ERROR)"
+        );
+        assert_eq!(
+            ConnError::Reset(0xff).to_string(),
+            "stream reset by the server (code 0xff)"
+        );
     }
 }

@@ -2,25 +2,30 @@
 //! job: many small POSTs to WNS on few connections.
 //!
 //! A request is encoded by the caller, straight into the connection's
-//! output buffer (HEADERS, then one DATA frame), under a short lock; the
-//! connection's task writes whatever accumulated in one TLS write, reads
-//! the answers and hands each to its waiting caller. So a batch of wakes
-//! started in one pass of a shard costs one write, and no request or
-//! header map object is built on the way out.
+//! output buffer (HEADERS, then its body: one DATA frame when the flow
+//! control windows allow, as many as they make necessary otherwise),
+//! under a short lock; the connection's task writes whatever accumulated
+//! in one TLS write, reads the answers and hands each to its waiting
+//! caller. So a batch of wakes started in one pass of a shard costs one
+//! write, and no request or header map object is built on the way out.
 //!
 //! What it does of the protocol: the preface and SETTINGS exchange (it
 //! waits for the server's SETTINGS before the first request, so the
 //! stream limit is known), stream ids, the peer's
 //! SETTINGS_MAX_CONCURRENT_STREAMS, flow control both ways, HPACK with
-//! its dynamic tables, CONTINUATION, padding, PING, RST_STREAM, GOAWAY
-//! (streams above its last id fail as never processed; the rest finish),
-//! and a cancelled request resets its stream. Server push is disabled.
+//! its dynamic tables, CONTINUATION, padding, PING, RST_STREAM (it ends
+//! its stream only, with [`ConnError::Reset`]), GOAWAY (streams above its
+//! last id fail as never processed; the rest finish), and a cancelled
+//! request resets its stream. Server push is disabled.
 //!
 //! Request deadlines share one timer per connection. A request past its
 //! deadline fails with [`ConnError::Timeout`] and its stream is reset;
 //! if the server sent nothing at all since that request was queued, the
 //! connection is presumed dead instead and every stream on it fails as
-//! lost, to be sent again elsewhere.
+//! lost, to be sent again elsewhere. When a connection is lost, a request
+//! none of whose bytes the socket took fails as
+//! [`ConnError::Unprocessed`], the others as [`ConnError::Lost`] (they may
+//! have been processed).
 
 use super::conn::{ConnError, Reply};
 use super::hpack::{Decoder, Encoder, HpackError};
@@ -62,7 +67,6 @@ const NO_ERROR: u32 = 0x0;
 const PROTOCOL_ERROR: u32 = 0x1;
 const FLOW_CONTROL_ERROR: u32 = 0x3;
 const FRAME_SIZE_ERROR: u32 = 0x6;
-const REFUSED_STREAM: u32 = 0x7;
 const CANCEL: u32 = 0x8;
 const COMPRESSION_ERROR: u32 = 0x9;
 
@@ -110,6 +114,10 @@ struct Stream {
     sink: Option<(Arc<Sink>, u64)>,
     /// Bytes received and not yet returned by WINDOW_UPDATE.
     unacked: u32,
+    /// Where its HEADERS start in everything the connection has queued
+    /// (see [`State::out_taken`]): once the socket took more than this,
+    /// the server may have the request.
+    head_at: u64,
 }
 
 impl Stream {
@@ -235,7 +243,11 @@ struct State {
     enc: Encoder,
     /// Frames not yet handed to the connection's task.
     out: Vec<u8>,
-    /// DATA frames waiting for send window: stream id and body.
+    /// Bytes handed to the connection's task so far: `out[0]` is byte
+    /// `out_taken` of everything queued on this connection.
+    out_taken: u64,
+    /// Bodies, or what is left of them, waiting for send window: stream
+    /// id and bytes, oldest first.
     blocked: VecDeque<(u32, Bytes)>,
     streams: Streams,
     next_id: u32,
@@ -273,16 +285,20 @@ impl State {
         }
     }
 
-    /// Sends what DATA the windows allow, oldest first.
+    /// Sends what DATA the windows allow, oldest body first.
     ///
-    /// A body waiting for its own stream's window does not hold back the
-    /// bodies behind it; one waiting for the connection's window does
-    /// (they all draw on it, oldest first). A body whose stream ended
-    /// meanwhile (reset, or failed by GOAWAY) is dropped.
+    /// A body goes out in as many DATA frames as the windows and the
+    /// peer's frame size make necessary (RFC 9113 section 6.9): a stream
+    /// whose window is smaller than its body sends what the window allows
+    /// and the rest as WINDOW_UPDATEs come. A body waiting for its own
+    /// stream's window does not hold back the bodies behind it; one
+    /// waiting for the connection's window does (they all draw on it,
+    /// oldest first). A body whose stream ended meanwhile (reset, or
+    /// failed by GOAWAY) is dropped.
     fn flush_blocked(&mut self) {
         let mut i = 0;
-        while i < self.blocked.len() {
-            let (id, len) = (self.blocked[i].0, self.blocked[i].1.len() as i64);
+        while i < self.blocked.len() && self.window > 0 {
+            let id = self.blocked[i].0;
             let stream_window = match self.streams.get(id) {
                 Some(s) if s.done.is_none() => s.window,
                 _ => {
@@ -290,30 +306,46 @@ impl State {
                     continue;
                 }
             };
-            if len > self.window {
-                break;
-            }
-            if len > stream_window {
+            if stream_window <= 0 {
                 i += 1;
                 continue;
             }
+            let left = self.blocked[i].1.len();
+            let n = (left as i64)
+                .min(stream_window)
+                .min(self.window)
+                .min(self.peer.max_frame as i64) as usize;
+            let chunk = self.blocked[i].1.split_to(n);
+            let last = n == left;
             if let Some(s) = self.streams.get(id) {
-                s.window -= len;
+                s.window -= n as i64;
             }
-            self.window -= len;
-            let (_, body) = self.blocked.remove(i).expect("index is in range");
-            self.frame_head(body.len(), DATA, END_STREAM, id);
-            self.out.extend_from_slice(&body);
+            self.window -= n as i64;
+            self.frame_head(n, DATA, if last { END_STREAM } else { 0 }, id);
+            self.out.extend_from_slice(&chunk);
+            if last {
+                self.blocked.remove(i);
+            }
         }
     }
 
     /// Ends every stream, and the connection for new ones, with `err`.
-    fn fail_all(&mut self, err: ConnError) {
+    ///
+    /// `written`: bytes of this connection's output the socket took. When
+    /// the connection is lost ([`ConnError::Lost`]), a request none of
+    /// which the socket took fails as [`ConnError::Unprocessed`] instead:
+    /// the server cannot have seen it.
+    fn fail_all(&mut self, err: ConnError, written: u64) {
         if self.closed.is_none() {
             self.closed = Some(err.clone());
         }
         for (_, s) in self.streams.iter_mut() {
-            s.finish(Err(err.clone()));
+            match &err {
+                ConnError::Lost(why) if s.head_at >= written => {
+                    s.finish(Err(ConnError::Unprocessed(format!("not written: {why}"))))
+                }
+                _ => s.finish(Err(err.clone())),
+            }
         }
         self.blocked.clear();
     }
@@ -396,17 +428,19 @@ impl H2Client {
     fn start(&self, req: Request<'_>, sink: Option<(Arc<Sink>, u64)>) -> Result<u32, ConnError> {
         let mut st = self.shared.state.lock();
         if let Some(e) = &st.closed {
-            return Err(ConnError::Lost(format!("not sent: {e}")));
+            return Err(ConnError::Unprocessed(format!("not sent: {e}")));
         }
         if st.streams.open >= st.peer.max_streams as usize {
-            return Err(ConnError::Lost(
+            return Err(ConnError::Unprocessed(
                 "not sent: the connection has no free stream".into(),
             ));
         }
         let id = st.next_id;
         if id > MAX_STREAM_ID {
             st.closed = Some(ConnError::Lost("stream ids exhausted".into()));
-            return Err(ConnError::Lost("not sent: stream ids exhausted".into()));
+            return Err(ConnError::Unprocessed(
+                "not sent: stream ids exhausted".into(),
+            ));
         }
         st.next_id += 2;
         let was_empty = st.out.is_empty();
@@ -467,6 +501,7 @@ impl H2Client {
         }
         let window = st.peer.initial_window;
         let opened = crate::clock::tokio_instant();
+        let head_at = st.out_taken + head_at as u64;
         st.streams.insert(
             id,
             Stream {
@@ -479,11 +514,16 @@ impl H2Client {
                 waker: None,
                 sink,
                 unacked: 0,
+                head_at,
             },
         );
         if !req.body.is_empty() {
             let len = req.body.len() as i64;
-            if st.blocked.is_empty() && len <= st.window && len <= window {
+            if st.blocked.is_empty()
+                && len <= st.window
+                && len <= window
+                && req.body.len() <= st.peer.max_frame
+            {
                 // The usual case: nothing waits for a window, so the body
                 // follows its HEADERS at once.
                 st.window -= len;
@@ -621,7 +661,8 @@ where
     hello.extend_from_slice(&H2_STREAM_WINDOW_BYTES.to_be_bytes());
     hello.extend_from_slice(&[0, 0, 4, WINDOW_UPDATE, 0, 0, 0, 0, 0]);
     hello.extend_from_slice(&(H2_CONNECTION_WINDOW_BYTES - 65_535).to_be_bytes());
-    let io_err = |e: std::io::Error| ConnError::Lost(e.to_string());
+    // No request was written yet: none can have been processed.
+    let io_err = |e: std::io::Error| ConnError::Unprocessed(e.to_string());
     io.write_all(&hello).await.map_err(io_err)?;
     io.flush().await.map_err(io_err)?;
     // The server's preface is a SETTINGS frame.
@@ -641,6 +682,7 @@ where
     let mut st = State {
         enc: Encoder::default(),
         out: Vec::with_capacity(H2_READ_CHUNK_BYTES),
+        out_taken: 0,
         blocked: VecDeque::new(),
         streams: Streams::new(),
         next_id: 1,
@@ -666,6 +708,7 @@ where
         rpos: 0,
         wbuf: Vec::with_capacity(H2_READ_CHUNK_BYTES),
         wpos: 0,
+        wbuf_at: 0,
         decoder: Decoder::new(H2_HEADER_LIST_BYTES_MAX),
         values: BytesMut::with_capacity(H2_VALUES_CHUNK_BYTES),
         kept_at: Vec::new(),
@@ -687,9 +730,11 @@ async fn read_more<IO: AsyncRead + Unpin>(io: &mut IO, buf: &mut Vec<u8>) -> Res
     let n = io
         .read(&mut chunk)
         .await
-        .map_err(|e| ConnError::Lost(e.to_string()))?;
+        .map_err(|e| ConnError::Unprocessed(e.to_string()))?;
     if n == 0 {
-        return Err(ConnError::Lost("closed during the HTTP/2 handshake".into()));
+        return Err(ConnError::Unprocessed(
+            "closed during the HTTP/2 handshake".into(),
+        ));
     }
     buf.extend_from_slice(&chunk[..n]);
     Ok(())
@@ -751,6 +796,8 @@ pub struct Connection<IO> {
     rpos: usize,
     wbuf: Vec<u8>,
     wpos: usize,
+    /// Where `wbuf` starts in everything queued on this connection.
+    wbuf_at: u64,
     decoder: Decoder,
     /// Where the kept header values of answers are copied (see
     /// `on_headers`), and the current answer's kept headers.
@@ -849,13 +896,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                         return Err(protocol("bad RST_STREAM"));
                     }
                     let code = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+                    // The stream alone ends; the connection goes on.
+                    // REFUSED_STREAM says the server did nothing with it
+                    // (RFC 9113 section 8.7); any other code may come
+                    // after the work was done.
                     if let Some(s) = st.streams.get(stream) {
-                        let why = if code == REFUSED_STREAM {
-                            "stream refused".to_owned()
-                        } else {
-                            format!("stream reset by the server (code {code})")
-                        };
-                        s.finish(Err(ConnError::Lost(why)));
+                        s.finish(Err(ConnError::Reset(code)));
                     }
                 }
                 SETTINGS => {
@@ -897,7 +943,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                     // them again elsewhere is safe.
                     for (id, s) in st.streams.iter_mut() {
                         if id > last {
-                            s.finish(Err(ConnError::Lost(why.clone())));
+                            s.finish(Err(ConnError::Unprocessed(format!(
+                                "above the last stream id of a {why}"
+                            ))));
                         }
                     }
                 }
@@ -1040,8 +1088,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
 
     /// Ends the connection for everyone with `err`, queueing a GOAWAY.
     fn fail(&mut self, code: u32, err: ConnError) {
+        let written = self.written();
         let mut st = self.shared.state.lock();
-        st.fail_all(err);
+        st.fail_all(err, written);
         st.goaway(0, code);
     }
 
@@ -1053,6 +1102,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 self.wpos = 0;
                 let mut st = self.shared.state.lock();
                 std::mem::swap(&mut self.wbuf, &mut st.out);
+                self.wbuf_at = st.out_taken;
+                st.out_taken += self.wbuf.len() as u64;
                 if self.wbuf.is_empty() {
                     drop(st);
                     return Pin::new(&mut self.io).poll_flush(cx);
@@ -1067,6 +1118,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+
+    /// Bytes of this connection's output the socket has taken.
+    fn written(&self) -> u64 {
+        self.wbuf_at + self.wpos as u64
     }
 
     /// Reads what the socket has; `Ready(Ok(true))` when something came.
@@ -1112,6 +1168,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             }
             let now = crate::clock::tokio_instant();
             let last_read = self.last_read;
+            let written = self.written();
             let shared = self.shared.clone();
             let mut st = shared.state.lock();
             let mut expired = Vec::new();
@@ -1135,10 +1192,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Connection<IO> {
             }
             if silent {
                 tracing::debug!("WNS h2 connection silent past a request deadline: closing it");
-                st.fail_all(ConnError::Lost(
-                    "the connection went silent: no frame from the server within the request timeout"
-                        .into(),
-                ));
+                st.fail_all(
+                    ConnError::Lost(
+                        "the connection went silent: no frame from the server within the request timeout"
+                            .into(),
+                    ),
+                    written,
+                );
                 st.goaway(0, NO_ERROR);
                 self.timer = None;
                 return true;
@@ -1299,17 +1359,19 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
                         }
                     }
                     Poll::Ready(Ok(false)) => {
-                        this.shared
-                            .state
-                            .lock()
-                            .fail_all(ConnError::Lost("the server closed the connection".into()));
+                        let written = this.written();
+                        this.shared.state.lock().fail_all(
+                            ConnError::Lost("the server closed the connection".into()),
+                            written,
+                        );
                     }
                     Poll::Ready(Err(e)) => {
                         this.eof = true;
+                        let written = this.written();
                         this.shared
                             .state
                             .lock()
-                            .fail_all(ConnError::Lost(e.to_string()));
+                            .fail_all(ConnError::Lost(e.to_string()), written);
                     }
                     Poll::Pending => {}
                 }
@@ -1318,7 +1380,8 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for Connection<IO> {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => {
                     let e = ConnError::Lost(e.to_string());
-                    this.shared.state.lock().fail_all(e.clone());
+                    let written = this.written();
+                    this.shared.state.lock().fail_all(e.clone(), written);
                     return Poll::Ready(Err(e));
                 }
                 Poll::Pending => {}

@@ -43,6 +43,18 @@ pub struct SimArgs {
     /// Reset each connection abruptly when its Nth request arrives.
     #[arg(long, value_name = "N")]
     pub reset_every: Option<u64>,
+    /// h2: refuse every Nth stream of a connection with RST_STREAM REFUSED_STREAM, unread.
+    #[arg(long, value_name = "N")]
+    pub refused_stream_every: Option<u64>,
+    /// h2: process every Nth stream of a connection, then reset it with INTERNAL_ERROR instead of answering.
+    #[arg(long, value_name = "N")]
+    pub internal_error_every: Option<u64>,
+    /// h2: advertise this SETTINGS_INITIAL_WINDOW_SIZE (bytes) and open stream windows only by what was read.
+    #[arg(long, value_name = "BYTES")]
+    pub h2_stream_window: Option<u32>,
+    /// h2: after every Nth stream of a connection, send SETTINGS_HEADER_TABLE_SIZE 0 then 4096.
+    #[arg(long, value_name = "N")]
+    pub header_table_flip_every: Option<u64>,
     /// Do not count pushes per channel (for pure throughput runs).
     #[arg(long)]
     pub no_channel_stats: bool,
@@ -67,6 +79,10 @@ impl SimArgs {
                 latency_ms: self.latency_ms,
                 goaway_every: self.goaway_every,
                 reset_every: self.reset_every,
+                refused_stream_every: self.refused_stream_every,
+                internal_error_every: self.internal_error_every,
+                h2_stream_window: self.h2_stream_window,
+                header_table_flip_every: self.header_table_flip_every,
             },
             max_concurrent_streams: self.max_concurrent_streams,
             channel_stats: !self.no_channel_stats,

@@ -1,6 +1,9 @@
-//! Injected faults: server errors, sender throttling, latency and
-//! connection retirement. The decisions are plain functions of their inputs
-//! (a random draw, the current time) so they are tested without a socket.
+//! Injected faults: server errors, sender throttling, latency, connection
+//! retirement, and HTTP/2 behaviours a WNS front end may show (tiny flow
+//! control windows, header table size changes, streams reset by code). The
+//! decisions are plain functions of their inputs (a random draw, the
+//! current time, a request's place on its connection) so they are tested
+//! without a socket.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -12,6 +15,9 @@ pub const MAX_LATENCY_MS: u64 = 60_000;
 /// Senders (app SIDs) whose rate is tracked at once; beyond this the oldest
 /// buckets are forgotten (a forgotten sender starts again with a full bucket).
 pub const MAX_TRACKED_SENDERS: usize = 4096;
+
+/// The largest flow control window HTTP/2 allows (RFC 9113 section 6.9.1).
+pub const MAX_H2_WINDOW: u32 = (1 << 31) - 1;
 
 /// `Retry-After` on injected 500 and 503 answers, in seconds.
 pub const SERVER_ERROR_RETRY_AFTER_SECS: u64 = 1;
@@ -37,6 +43,28 @@ pub struct Faults {
     /// Abruptly close a connection (TCP reset) when its Nth request arrives;
     /// that request and any other in flight stay unanswered.
     pub reset_every: Option<u64>,
+    /// h2 only: refuse every Nth stream of a connection with RST_STREAM
+    /// REFUSED_STREAM before reading it. The push is not processed (the
+    /// channel does not see it); the connection goes on.
+    pub refused_stream_every: Option<u64>,
+    /// h2 only: process every Nth stream of a connection (the channel sees
+    /// the push and the stats count its answer), then reset it with
+    /// RST_STREAM INTERNAL_ERROR instead of answering: an answer lost
+    /// after the work was done. The connection goes on. A stream that is
+    /// also due a refusal is refused.
+    pub internal_error_every: Option<u64>,
+    /// h2 only: the SETTINGS_INITIAL_WINDOW_SIZE advertised (bytes, at
+    /// least 1), so a stream may send only this much before the server
+    /// has read it; the server opens the window again only by what it has
+    /// read. Applies to connections opened after it is set.
+    pub h2_stream_window: Option<u32>,
+    /// h2 only: after every Nth stream of a connection, the server sends
+    /// two SETTINGS frames before its next answer: SETTINGS_HEADER_TABLE_SIZE
+    /// 0, then 4096. The client's next header block must signal both sizes,
+    /// the smallest first (RFC 7541 section 4.2); one that does not is a
+    /// compression error: the server counts it and drops the connection.
+    /// Applies to connections opened after it is set.
+    pub header_table_flip_every: Option<u64>,
 }
 
 impl Faults {
@@ -50,6 +78,18 @@ impl Faults {
         }
         if self.goaway_every == Some(0) || self.reset_every == Some(0) {
             return Err("goaway_every and reset_every must be at least 1".to_owned());
+        }
+        if self.refused_stream_every == Some(0)
+            || self.internal_error_every == Some(0)
+            || self.header_table_flip_every == Some(0)
+        {
+            return Err(
+                "refused_stream_every, internal_error_every and header_table_flip_every must be at least 1"
+                    .to_owned(),
+            );
+        }
+        if self.h2_stream_window == Some(0) || self.h2_stream_window > Some(MAX_H2_WINDOW) {
+            return Err(format!("h2_stream_window must be 1..={MAX_H2_WINDOW}"));
         }
         if let Some(l) = self.latency_ms {
             l.validate()?;
@@ -243,6 +283,45 @@ pub fn conn_action(faults: &Faults, n: u64, goaway_sent: bool) -> ConnAction {
     ConnAction::Serve
 }
 
+/// What an h2 connection does with its `n`th stream (1-based), under the
+/// faults in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamAction {
+    /// Serve it.
+    Serve,
+    /// Reset it with REFUSED_STREAM without reading it.
+    Refuse,
+    /// Serve it, then reset it with INTERNAL_ERROR instead of answering.
+    ServeThenReset,
+}
+
+/// Decides the stream-level fault for the `n`th stream (1-based) of an h2
+/// connection. A refusal wins over an internal error on the same stream.
+pub fn stream_action(faults: &Faults, n: u64) -> StreamAction {
+    if faults
+        .refused_stream_every
+        .is_some_and(|k| n.is_multiple_of(k))
+    {
+        return StreamAction::Refuse;
+    }
+    if faults
+        .internal_error_every
+        .is_some_and(|k| n.is_multiple_of(k))
+    {
+        return StreamAction::ServeThenReset;
+    }
+    StreamAction::Serve
+}
+
+/// Whether the server flips the header table size (see
+/// [`Faults::header_table_flip_every`]) after the `n`th stream (1-based)
+/// of a connection.
+pub fn flips_table_after(faults: &Faults, n: u64) -> bool {
+    faults
+        .header_table_flip_every
+        .is_some_and(|k| n.is_multiple_of(k))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +410,48 @@ mod tests {
             conn_action(&Faults::default(), 1000, false),
             ConnAction::Serve
         );
+    }
+
+    #[test]
+    fn stream_action_refuses_every_nth_and_fails_every_mth_after_serving() {
+        let f = Faults {
+            refused_stream_every: Some(5),
+            internal_error_every: Some(7),
+            ..Faults::default()
+        };
+        let actions: Vec<StreamAction> = (1..=35).map(|n| stream_action(&f, n)).collect();
+        let at = |a| {
+            (1..=35u64)
+                .filter(|&n| actions[n as usize - 1] == a)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(at(StreamAction::Refuse), [5, 10, 15, 20, 25, 30, 35]);
+        assert_eq!(at(StreamAction::ServeThenReset), [7, 14, 21, 28]);
+        assert_eq!(stream_action(&Faults::default(), 35), StreamAction::Serve);
+        assert!(!flips_table_after(&f, 7));
+        let flips = Faults {
+            header_table_flip_every: Some(3),
+            ..Faults::default()
+        };
+        assert!(flips_table_after(&flips, 3) && flips_table_after(&flips, 6));
+        assert!(!flips_table_after(&flips, 4));
+    }
+
+    #[test]
+    fn stream_faults_are_validated() {
+        for bad in [
+            r#"{"refused_stream_every":0}"#,
+            r#"{"internal_error_every":0}"#,
+            r#"{"header_table_flip_every":0}"#,
+            r#"{"h2_stream_window":0}"#,
+            r#"{"h2_stream_window":2147483648}"#,
+        ] {
+            let f: Faults = serde_json::from_str(bad).unwrap();
+            assert!(f.validate().is_err(), "{bad}");
+        }
+        let f: Faults =
+            serde_json::from_str(r#"{"h2_stream_window":2,"refused_stream_every":5}"#).unwrap();
+        assert_eq!(f.validate(), Ok(()));
     }
 
     #[test]

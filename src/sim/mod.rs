@@ -30,6 +30,10 @@
 //!   `X-WNS-Status`, and `X-WNS-DeviceConnectionStatus` when
 //!   `X-WNS-RequestForStatus: true`.
 //!
+//! Connection-level faults ([`Faults`]) act around those rules: GOAWAY
+//! and TCP resets after N requests, and on h2 streams refused or reset by
+//! code, tiny flow control windows and header table size flips.
+//!
 //! Transports ([`Mode`]): TLS with ALPN h2 + http/1.1, TLS with http/1.1
 //! only, or h2c. The CA is generated at start ([`cert`]). h2 is served with
 //! the `h2` crate on a current-thread runtime per thread; HTTP/1.1 with
@@ -52,6 +56,7 @@ mod server_h2;
 mod service;
 mod state;
 pub mod stats;
+mod table_flips;
 pub mod token;
 
 pub use behaviour::Behaviour;

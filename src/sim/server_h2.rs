@@ -1,18 +1,26 @@
 //! The h2 server, on the `h2` crate directly: each connection is one task
 //! that accepts streams and polls their handlers itself (no task per
 //! stream), so many streams share one wake-up and one flush.
+//!
+//! The h2 faults are applied here: streams refused or reset by code,
+//! a small SETTINGS_INITIAL_WINDOW_SIZE (the crate opens a stream's window
+//! again only as its handler reads the body), and header table size flips,
+//! which the `h2` crate cannot send: a [`TableFlips`] layer between the
+//! crate and the socket sends them and checks the client's answer.
 
-use super::faults::{conn_action, ConnAction};
+use super::faults::{conn_action, flips_table_after, stream_action, ConnAction, StreamAction};
 use super::server::{ConnCtl, HANDSHAKE_TIMEOUT};
 use super::service::{self, BodySource, Head};
 use super::state::Worker;
 use super::stats::ConnEvent;
+use super::table_flips::{FlipCtl, TableFlips};
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response};
 use std::future::{poll_fn, Future};
+use std::rc::Rc;
 use std::task::Poll;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -23,8 +31,27 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     w.counters.conn(ConnEvent::H2);
+    let faults = w.faults();
+    if faults.header_table_flip_every.is_some() {
+        let flips = Rc::new(FlipCtl::new(w.counters.clone()));
+        serve_h2(TableFlips::new(io, flips.clone()), w, ctl, Some(&flips)).await;
+        if flips.violation.get() {
+            ctl.reset();
+        }
+    } else {
+        serve_h2(io, w, ctl, None).await;
+    }
+}
+
+async fn serve_h2<T>(io: T, w: &Worker, ctl: &ConnCtl, flips: Option<&FlipCtl>)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
     let mut builder = h2::server::Builder::new();
     builder.max_concurrent_streams(w.shared.max_concurrent_streams);
+    if let Some(window) = w.faults().h2_stream_window {
+        builder.initial_window_size(window);
+    }
     let Ok(Ok(mut conn)) =
         tokio::time::timeout(HANDSHAKE_TIMEOUT, builder.handshake::<_, Bytes>(io)).await
     else {
@@ -45,10 +72,11 @@ where
         }
         loop {
             match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((req, respond)))) => {
+                Poll::Ready(Some(Ok((req, mut respond)))) => {
                     taken += 1;
                     w.counters.conn(ConnEvent::Request);
-                    match conn_action(&w.faults(), taken, goaway_sent) {
+                    let faults = w.faults();
+                    match conn_action(&faults, taken, goaway_sent) {
                         ConnAction::Reset => return Poll::Ready(End::Reset),
                         ConnAction::ServeThenGoAway => {
                             goaway_sent = true;
@@ -57,7 +85,23 @@ where
                         }
                         ConnAction::Serve => {}
                     }
-                    inflight.push(stream(w, req, respond));
+                    if let Some(flips) = flips {
+                        if flips_table_after(&faults, taken) {
+                            w.counters.conn(ConnEvent::TableFlip);
+                            flips.due.set(flips.due.get() + 1);
+                        }
+                    }
+                    match stream_action(&faults, taken) {
+                        StreamAction::Refuse => {
+                            w.counters.conn(ConnEvent::StreamRefused);
+                            respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        }
+                        StreamAction::ServeThenReset => {
+                            w.counters.conn(ConnEvent::StreamReset);
+                            inflight.push(stream(w, req, respond, true));
+                        }
+                        StreamAction::Serve => inflight.push(stream(w, req, respond, false)),
+                    }
                 }
                 // Closed, or a connection error: streams still in flight
                 // die with it.
@@ -87,12 +131,23 @@ enum End {
     Reset,
 }
 
-async fn stream(w: &Worker, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+/// Serves one stream; with `reset`, the answer is dropped and the stream
+/// reset with INTERNAL_ERROR instead.
+async fn stream(
+    w: &Worker,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    reset: bool,
+) {
     let (parts, body) = req.into_parts();
     let head = Head::new(&parts, false);
     let Some(reply) = service::serve(w, &head, &mut H2Body(body)).await else {
         return;
     };
+    if reset {
+        respond.send_reset(h2::Reason::INTERNAL_ERROR);
+        return;
+    }
     let mut resp = Response::new(());
     *resp.status_mut() = reply.status;
     *resp.headers_mut() = reply.headers;

@@ -38,9 +38,20 @@ pub enum ConnEvent {
     Reset,
     /// It took a request (any path; answered or not).
     Request,
+    /// A stream was refused for `refused_stream_every`.
+    StreamRefused,
+    /// A stream was reset with INTERNAL_ERROR for `internal_error_every`.
+    StreamReset,
+    /// The header table size was flipped for `header_table_flip_every`.
+    TableFlip,
+    /// A header block did not signal a table size change as RFC 7541
+    /// requires; the connection was dropped.
+    TableSizeViolation,
+    /// A header block signalled a table size change as RFC 7541 requires.
+    TableFlipSignalled,
 }
 
-const N_CONN: usize = 6;
+const N_CONN: usize = 11;
 
 /// Adds one to a counter that only the calling thread writes: a plain load
 /// and store, no locked instruction.
@@ -296,6 +307,11 @@ impl Stats {
             goaways_sent: d(now.conn[3], base.conn[3]),
             connection_resets: d(now.conn[4], base.conn[4]),
             requests_received: d(now.conn[5], base.conn[5]),
+            streams_refused: d(now.conn[6], base.conn[6]),
+            streams_reset: d(now.conn[7], base.conn[7]),
+            header_table_flips: d(now.conn[8], base.conn[8]),
+            table_size_violations: d(now.conn[9], base.conn[9]),
+            table_flips_signalled: d(now.conn[10], base.conn[10]),
             ..SimStats::default()
         };
         for (code, (a, b)) in now.status.iter().zip(&base.status).enumerate() {
@@ -387,6 +403,27 @@ pub struct SimStats {
     pub deliveries_histogram: BTreeMap<u64, u64>,
     /// Pushes not tracked per channel because the map was full.
     pub untracked_pushes: u64,
+    /// h2 streams refused with REFUSED_STREAM by `refused_stream_every`
+    /// (counted in `requests_received`, not answered).
+    #[serde(default)]
+    pub streams_refused: u64,
+    /// h2 streams processed, then reset with INTERNAL_ERROR by
+    /// `internal_error_every` (their answers are counted as if sent).
+    #[serde(default)]
+    pub streams_reset: u64,
+    /// Header table size flips (SETTINGS 0, then 4096) sent by
+    /// `header_table_flip_every`.
+    #[serde(default)]
+    pub header_table_flips: u64,
+    /// Header blocks that did not signal a flipped table size as RFC 7541
+    /// section 4.2 requires (each dropped its connection).
+    #[serde(default)]
+    pub table_size_violations: u64,
+    /// Header blocks that followed a flip the client acknowledged and
+    /// signalled it as RFC 7541 section 4.2 requires (the smallest size
+    /// first).
+    #[serde(default)]
+    pub table_flips_signalled: u64,
     /// Pushes with valid headers that carried `X-WNS-TTL`.
     #[serde(default)]
     pub pushes_with_ttl: u64,

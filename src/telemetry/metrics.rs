@@ -42,6 +42,9 @@ pub(crate) const WNS_LATENCY: &str = "wnsgate_wns_request_duration_seconds";
 pub(crate) const WNS_INFLIGHT: &str = "wnsgate_wns_inflight_pushes";
 /// Requests sent again, by `reason`.
 pub(crate) const WNS_RESENDS: &str = "wnsgate_wns_resends_total";
+/// Resends of requests WNS may have processed, by `reason` (stream_reset,
+/// connection_lost): each may wake a device twice.
+pub(crate) const PUSH_POSSIBLE_DUPLICATES: &str = "wnsgate_push_possible_duplicates_total";
 /// Open refresh jobs, by `state` (queued, leased, delivered).
 pub(crate) const REFRESH_JOBS: &str = "wnsgate_refresh_jobs";
 /// Queued refresh jobs due now (the backlog the MDM tier has not taken).
@@ -215,6 +218,10 @@ fn describe() {
         WNS_RESENDS,
         "WNS requests sent again, by reason (connection_lost, token_rejected, or the retried outcome)."
     );
+    describe_counter!(
+        PUSH_POSSIBLE_DUPLICATES,
+        "Resends of WNS requests that may have been processed (stream reset, connection lost after writing), by reason: each may wake a device twice."
+    );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     describe_gauge!(READY, "1 when the gateway serves the API.");
 }
@@ -236,6 +243,9 @@ fn init_series() {
         "sender_throttled",
     ] {
         metrics::counter!(WNS_RESENDS, "reason" => reason).increment(0);
+    }
+    for reason in ["stream_reset", "connection_lost"] {
+        metrics::counter!(PUSH_POSSIBLE_DUPLICATES, "reason" => reason).increment(0);
     }
     metrics::gauge!(WNS_INFLIGHT).set(0.0);
     for protocol in ["h2", "http1"] {
