@@ -88,6 +88,9 @@ pub struct StoreConfig {
     pub partitions: u32,
     /// Log MiB since the last snapshot before the next is cut.
     pub snapshot_log_mb: u64,
+    /// MiB a second a snapshot is written at; 0 = as fast as the disk
+    /// takes it.
+    pub snapshot_write_mb_per_s: u64,
     /// Size a log segment file grows to before the next starts, MiB.
     pub log_segment_mb: u64,
     /// Start even when stored data is damaged, losing what follows the
@@ -107,6 +110,8 @@ impl Default for StoreConfig {
             background_threads: 0,
             partitions: 0,
             snapshot_log_mb: crate::store::log_store::SNAPSHOT_LOG_BYTES_DEFAULT >> 20,
+            snapshot_write_mb_per_s: crate::store::log_store::SNAPSHOT_BYTES_PER_SECOND_DEFAULT
+                >> 20,
             log_segment_mb: crate::store::log_store::SEGMENT_BYTES_DEFAULT >> 20,
             accept_damage: false,
         }

@@ -110,7 +110,7 @@ pub fn migrate(
         }
     };
     let snap_dir = staging.join("snapshots");
-    let written = snapshot::write(&snap_dir, 1, partitioning, &registry, &visit_jobs)
+    let written = snapshot::write(&snap_dir, 1, partitioning, &registry, &visit_jobs, None)
         .with_context(|| format!("cannot write the first snapshot in {}", snap_dir.display()))?;
     drop(registry);
     // The count check, on what is on disk.

@@ -120,6 +120,10 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
             // Validated with the configuration.
             partitions: crate::core::Partitioning::new(settings.store.partitions).ok(),
             snapshot_log_bytes: settings.store.snapshot_log_mb.saturating_mul(1 << 20),
+            snapshot_bytes_per_second: match settings.store.snapshot_write_mb_per_s {
+                0 => None,
+                mb => Some(mb.saturating_mul(1 << 20)),
+            },
             segment_bytes: settings.store.log_segment_mb.saturating_mul(1 << 20),
             recovery: if settings.store.accept_damage {
                 crate::store::segments::Recovery::TruncateDamage

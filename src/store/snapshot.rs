@@ -95,6 +95,8 @@ struct Out {
     written: u64,
     synced: u64,
     frame: Vec<u8>,
+    /// The rate to keep, and when writing started.
+    pace: Option<(u64, std::time::Instant)>,
 }
 
 impl Out {
@@ -107,6 +109,12 @@ impl Out {
             self.w.flush()?;
             write_behind(self.w.get_ref(), self.synced, self.written - self.synced)?;
             self.synced = self.written;
+            if let Some((rate, started)) = self.pace {
+                let due = std::time::Duration::from_secs_f64(self.written as f64 / rate as f64);
+                if let Some(ahead) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(ahead);
+                }
+            }
         }
         Ok(())
     }
@@ -148,6 +156,7 @@ pub fn write(
     partitions: Partitioning,
     source: &dyn SnapshotSource,
     jobs: JobsVisit<'_>,
+    bytes_per_second: Option<u64>,
 ) -> std::io::Result<Written> {
     let tmp = dir.join(format!("{replay_from:020}.tmp"));
     let path = dir.join(file_name(replay_from));
@@ -156,6 +165,7 @@ pub fn write(
         written: 0,
         synced: 0,
         frame: Vec::with_capacity(FRAME_FILL_BYTES + 64),
+        pace: bytes_per_second.map(|r| (r.max(1), crate::clock::instant())),
     };
     let mut payload = Vec::with_capacity(FRAME_FILL_BYTES + 64);
     payload.push(KIND_HEADER);
