@@ -383,7 +383,8 @@ impl RefreshQueue {
     /// the end rather than a tree insert per job. On a queue that already
     /// holds jobs it restores them one by one.
     pub fn restore_all(&mut self, mut jobs: Vec<Job>) -> Vec<Change> {
-        jobs.sort_unstable_by_key(|j| j.id);
+        // Stable, so of a stored id given twice the later copy stays.
+        jobs.sort_by_key(|j| j.id);
         // A stored id twice: the later copy replaces the earlier.
         jobs.reverse();
         jobs.dedup_by_key(|j| j.id);

@@ -338,9 +338,17 @@ impl Inner {
             st.log.next_lsn().saturating_sub(1).max(1)
         };
         let snap_dir = self.dir.join("snapshots");
+        // Each job is looked up on its own, so no lock on the job map is
+        // held while the snapshot writes (and paces itself): the committer
+        // writes jobs into that map. A job that comes or goes meanwhile is
+        // in a batch after `replay_from`, which a restart replays.
         let jobs = |visit: &mut dyn FnMut(u64, &[u8])| {
-            for e in self.jobs.iter() {
-                visit(*e.key(), e.value());
+            let ids: Vec<u64> = self.jobs.iter().map(|e| *e.key()).collect();
+            for id in ids {
+                let value = self.jobs.get(&id).map(|e| e.value().clone());
+                if let Some(v) = value {
+                    visit(id, &v);
+                }
             }
         };
         let written = snapshot::write(
