@@ -304,6 +304,11 @@ impl SegmentLog {
         let made = std::thread::Builder::new()
             .name("wnsgate-log-spare".into())
             .spawn(move || {
+                // Never the last free space: the log's own appends need it
+                // more than a spare does.
+                if free_bytes(&dir).is_some_and(|free| free < len.saturating_mul(4)) {
+                    return;
+                }
                 let partial = dir.join(SPARE_PARTIAL);
                 if write_zeros(&partial, len)
                     .and_then(|()| std::fs::rename(&partial, dir.join(SPARE)))
@@ -362,6 +367,23 @@ fn preallocate(file: &File, len: u64) {
     // Safety: a plain system call on a file descriptor this function
     // borrows for its duration; no memory is shared with the kernel.
     let _ = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+}
+
+/// Bytes free for an unprivileged writer on the file system of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // Safety: `path` is a valid C string for the duration of the call, and
+    // `st` is written in full by a successful call before it is read.
+    let st = unsafe {
+        if libc::statvfs(path.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    #[allow(clippy::useless_conversion)] // the field types differ between targets
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
 }
 
 /// Writes `len` zero bytes to a new file at `path` and syncs them.
@@ -564,7 +586,13 @@ mod tests {
         let logdir = dir.path().join("log");
         let (mut log, _) = SegmentLog::open(&logdir, 1 << 20, Recovery::Refuse).unwrap();
         let big = vec![0x5au8; 3000];
-        let mut acked = 0u64;
+        assert_eq!(log.append(&big).unwrap(), 1);
+        // No spare on a disk this small: it would take the log's room.
+        if let Some(t) = log.spare.take() {
+            t.join().unwrap();
+        }
+        assert!(!logdir.join(SPARE).exists() && !logdir.join(SPARE_PARTIAL).exists());
+        let mut acked = 1u64;
         let failed = loop {
             match log.append(&big) {
                 Ok(lsn) => acked = lsn,
