@@ -69,8 +69,10 @@ fn pool_to(s: &sim::SimHandle) -> AuthorityPool {
 }
 
 /// Tokens that live one second, pushes every 10 ms from 4 tasks for 12 s:
-/// no push fails for a stale token, and the simulator issues about one token
-/// per expiry, not one per push.
+/// the pushes go out under many successive tokens, none fails for a stale
+/// one, and the simulator issues about one token per expiry, not one per
+/// push. (How many pushes fit in the 12 s depends on the machine; how many
+/// tokens they went out under does not, beyond one push a second.)
 #[test]
 fn token_renewal_across_many_expiries() {
     let s = start_sim(Duration::from_secs(1), sim::Mode::Tls);
@@ -81,15 +83,17 @@ fn token_renewal_across_many_expiries() {
         .build()
         .unwrap();
     let run = Duration::from_secs(12);
-    let (pushes, failures) = rt.block_on(async {
+    let (pushes, failures, used) = rt.block_on(async {
         let started = Instant::now();
         let mut tasks = Vec::new();
         for t in 0..4u64 {
             let (tokens, pool) = (tokens.clone(), pool.clone());
             tasks.push(tokio::spawn(async move {
                 let (mut n, mut failed) = (0u64, Vec::new());
+                let mut used = std::collections::HashSet::new();
                 while started.elapsed() < run {
                     let token = tokens.token().await.expect("a token");
+                    used.insert(token.secret().to_owned());
                     let (reply, _) = pool
                         .post(
                             CHANNEL_PATH,
@@ -104,20 +108,26 @@ fn token_renewal_across_many_expiries() {
                     n += 1;
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                (n, failed)
+                (n, failed, used)
             }));
         }
         let mut total = 0;
         let mut failures = Vec::new();
+        let mut used = std::collections::HashSet::new();
         for t in tasks {
-            let (n, f) = t.await.unwrap();
+            let (n, f, u) = t.await.unwrap();
             total += n;
             failures.extend(f);
+            used.extend(u);
         }
-        (total, failures)
+        (total, failures, used)
     });
     let stats = s.stats();
-    assert!(pushes > 1000, "only {pushes} pushes");
+    assert!(
+        used.len() >= 8,
+        "{pushes} pushes under only {} tokens",
+        used.len()
+    );
     assert!(failures.is_empty(), "pushes failed with {failures:?}");
     // Refreshed at 80% of a 1 s life over 12 s: about 15 tokens.
     assert!(
