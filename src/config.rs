@@ -77,6 +77,11 @@ pub struct StoreConfig {
     /// pace, before it is refused at once with 503 `store_overloaded`;
     /// 0 = no bound but `queue_capacity`.
     pub max_commit_wait_ms: u64,
+    /// Shortest time between the starts of two syncs of the log, in
+    /// microseconds: a write that comes sooner joins the next batch. Bounds
+    /// syncs a second (1,000 at the default); 0 = a sync starts as soon
+    /// as the last one ends.
+    pub min_sync_interval_us: u64,
     /// Memtable size of the embedded store, MiB (applies when the store is
     /// created).
     pub memtable_mb: u64,
@@ -106,6 +111,7 @@ impl Default for StoreConfig {
             queue_capacity: crate::store::committer::QUEUE_SUBMISSIONS_DEFAULT,
             max_batch_mutations: crate::store::committer::BATCH_MUTATIONS_DEFAULT,
             max_commit_wait_ms: crate::store::committer::COMMIT_WAIT_MS_DEFAULT,
+            min_sync_interval_us: crate::store::committer::SYNC_INTERVAL_US_DEFAULT,
             memtable_mb: 16,
             background_threads: 0,
             partitions: 0,
@@ -696,6 +702,12 @@ impl Settings {
         }
         if cfg.store.snapshot_log_mb == 0 {
             return Err(invalid("store.snapshot_log_mb", "must be positive"));
+        }
+        if cfg.store.min_sync_interval_us > 100_000 {
+            return Err(invalid(
+                "store.min_sync_interval_us",
+                "at most 100000 (0.1 s): every write may wait this long for its sync",
+            ));
         }
         if cfg.store.log_segment_mb == 0 {
             return Err(invalid("store.log_segment_mb", "must be positive"));

@@ -149,6 +149,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
             max_batch_mutations: settings.store.max_batch_mutations,
             max_wait: (settings.store.max_commit_wait_ms > 0)
                 .then(|| Duration::from_millis(settings.store.max_commit_wait_ms)),
+            min_sync_interval: Duration::from_micros(settings.store.min_sync_interval_us),
         },
     );
     let io = backend.name();

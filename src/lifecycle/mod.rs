@@ -1112,6 +1112,7 @@ mod tests {
                 queue_capacity: queue,
                 max_batch_mutations: batch,
                 max_wait: None,
+                min_sync_interval: std::time::Duration::ZERO,
             },
         );
         let settings = Settings::resolve(&Config::default()).unwrap();

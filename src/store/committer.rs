@@ -50,6 +50,10 @@ pub const BATCH_MUTATIONS_DEFAULT: usize = 4_096;
 /// store (`store.max_commit_wait_ms`): past it, `submit` answers
 /// [`SubmitError::Overloaded`] at once rather than queueing.
 pub const COMMIT_WAIT_MS_DEFAULT: u64 = 10;
+/// Default shortest time between the starts of two syncs
+/// (`store.min_sync_interval_us`): at most 1,000 syncs a second, each
+/// write waiting at most this much longer for the batch it joins.
+pub const SYNC_INTERVAL_US_DEFAULT: u64 = 1_000;
 
 /// Suggested histogram buckets for `wnsgate_store_sync_seconds`.
 pub const SYNC_SECONDS_BUCKETS: &[f64] = &[
@@ -103,12 +107,19 @@ pub struct CommitterConfig {
     /// answers [`SubmitError::Overloaded`] at once. `None`: no bound but
     /// `queue_capacity`.
     pub max_wait: Option<std::time::Duration>,
+    /// The shortest time between the starts of two batches: a submission
+    /// that comes sooner after the last batch started waits for the rest
+    /// of it, with whatever else comes meanwhile, and they share one sync.
+    /// A submission after a quiet spell is not delayed. Zero: a batch
+    /// starts as soon as the last one is done.
+    pub min_sync_interval: std::time::Duration,
 }
 
 impl Default for CommitterConfig {
     fn default() -> Self {
         CommitterConfig {
             max_wait: Some(std::time::Duration::from_millis(COMMIT_WAIT_MS_DEFAULT)),
+            min_sync_interval: std::time::Duration::from_micros(SYNC_INTERVAL_US_DEFAULT),
             queue_capacity: QUEUE_SUBMISSIONS_DEFAULT,
             max_batch_mutations: BATCH_MUTATIONS_DEFAULT,
         }
@@ -174,6 +185,9 @@ struct Admission {
     per_mutation_ns: AtomicU64,
     max_batch: u64,
     max_wait_ns: Option<u64>,
+    /// [`CommitterConfig::min_sync_interval`]: the next batch may start
+    /// this much after the last one did.
+    interval_ns: u64,
     /// When the batch being applied started, in nanoseconds after `base`
     /// plus one; 0 while none is. And its mutations.
     applying_since: AtomicU64,
@@ -194,6 +208,7 @@ impl Admission {
             per_mutation_ns: AtomicU64::new(2_000),
             max_batch: max_batch.max(1) as u64,
             max_wait_ns: max_wait.map(|d| d.as_nanos().min(u128::from(u64::MAX)) as u64),
+            interval_ns: 0,
             applying_since: AtomicU64::new(0),
             applying_len: AtomicU64::new(0),
             // An origin an hour back, so every offset from it is large
@@ -248,7 +263,9 @@ impl Admission {
         }
         let ahead = queued + n;
         let wait = fixed
+            .max(self.interval_ns)
             .saturating_mul(ahead / self.max_batch)
+            .saturating_add(self.interval_ns)
             .saturating_add(per.saturating_mul(ahead))
             .saturating_add(if stalled { applying } else { 0 });
         wait <= max
@@ -302,11 +319,17 @@ impl Committer {
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity.max(1));
         let closed = Arc::new(AtomicBool::new(false));
         let max_batch = cfg.max_batch_mutations.max(1);
-        let admission = Arc::new(Admission::new(max_batch, cfg.max_wait));
+        let mut admission = Admission::new(max_batch, cfg.max_wait);
+        admission.interval_ns = cfg.min_sync_interval.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let admission = Arc::new(admission);
         let pace = admission.clone();
         let thread = std::thread::Builder::new()
             .name("wnsgate-store-commit".into())
-            .spawn(move || CommitLoop::new(store, on_durable, lookup, max_batch, pace).run(&rx))
+            .spawn(move || {
+                CommitLoop::new(store, on_durable, lookup, max_batch, pace)
+                    .spaced(cfg.min_sync_interval)
+                    .run(&rx)
+            })
             .expect("spawning the store committer thread");
         (
             CommitHandle {
@@ -486,6 +509,10 @@ struct CommitLoop {
     lookup: Lookup,
     max_batch: usize,
     pace: Arc<Admission>,
+    /// [`CommitterConfig::min_sync_interval`], and when the last batch
+    /// started.
+    min_interval: std::time::Duration,
+    last_start: Option<std::time::Instant>,
     /// A submission taken from the queue that did not fit the last batch.
     carried: Option<Submission>,
     shutting_down: bool,
@@ -513,6 +540,8 @@ impl CommitLoop {
             lookup,
             max_batch,
             pace,
+            min_interval: std::time::Duration::ZERO,
+            last_start: None,
             carried: None,
             shutting_down: false,
             batch: Vec::new(),
@@ -525,8 +554,15 @@ impl CommitLoop {
         }
     }
 
+    /// Sets the shortest time between the starts of two batches.
+    fn spaced(mut self, min_interval: std::time::Duration) -> CommitLoop {
+        self.min_interval = min_interval;
+        self
+    }
+
     fn run(mut self, rx: &Receiver<Msg>) {
         while let Some(first) = self.next_first(rx) {
+            self.space_out();
             self.gather(first, rx);
             self.m_queue_depth.set(rx.len() as f64);
             self.commit();
@@ -552,6 +588,19 @@ impl CommitLoop {
                 Msg::Shutdown => self.shutting_down = true,
             }
         }
+    }
+
+    /// Waits until the minimum interval since the last batch started has
+    /// passed (not while shutting down), so that what comes meanwhile
+    /// shares the next sync; then marks the new batch's start.
+    fn space_out(&mut self) {
+        if let Some(last) = self.last_start {
+            let since = crate::clock::instant().saturating_duration_since(last);
+            if since < self.min_interval && !self.shutting_down {
+                std::thread::sleep(self.min_interval - since);
+            }
+        }
+        self.last_start = Some(crate::clock::instant());
     }
 
     /// Adds queued submissions to `first` while they fit `max_batch`.
@@ -787,7 +836,37 @@ mod tests {
             max_wait: None,
             queue_capacity,
             max_batch_mutations,
+            min_sync_interval: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn writes_that_come_within_the_sync_interval_share_the_next_batch() {
+        let store = Arc::new(TestStore::default());
+        let (log, on_durable) = logging();
+        let config = CommitterConfig {
+            // Long enough that every submission below comes within it.
+            min_sync_interval: Duration::from_secs(2),
+            ..cfg(1000, 1000)
+        };
+        let (handle, join) = Committer::start(store.clone(), on_durable, config);
+        // After a quiet spell the first write goes alone, at once.
+        handle
+            .submit(vec![put("first")])
+            .unwrap()
+            .wait_blocking()
+            .unwrap();
+        // The committer takes the next one, then waits out the interval;
+        // the rest come meanwhile and share its sync.
+        let tickets: Vec<_> = (0..10)
+            .map(|i| handle.submit(vec![put(&format!("d{i}"))]).unwrap())
+            .collect();
+        for t in tickets {
+            t.wait_blocking().unwrap();
+        }
+        join.shutdown().unwrap();
+        assert_eq!(*store.batches.lock().unwrap(), vec![1, 10]);
+        assert_eq!(log.lock().unwrap().len(), 11);
     }
 
     #[test]
