@@ -499,7 +499,7 @@ impl Lifecycle {
                                 Mutation::DeleteJob(id),
                                 Mutation::Put(rec),
                             ];
-                            match self.commits.submit(muts) {
+                            match self.commits.submit_follow_up(muts) {
                                 Ok(t) => tickets.push(t),
                                 Err(_) => plain.push(Mutation::DeleteJob(id)),
                             }
@@ -511,7 +511,7 @@ impl Lifecycle {
             }
         }
         if !plain.is_empty() {
-            match self.commits.submit(plain) {
+            match self.commits.submit_follow_up(plain) {
                 Ok(t) => tickets.push(t),
                 Err(e) => tracing::error!(error = %e, "could not persist refresh queue changes"),
             }

@@ -346,6 +346,19 @@ impl Committer {
     }
 }
 
+/// How a submission is admitted.
+#[derive(Clone, Copy)]
+enum Class {
+    /// An API write: refused when it would wait past the bound.
+    Single,
+    /// An import's or a sweep's: refused at half the bound (it waits for
+    /// room and tries again).
+    Bulk,
+    /// The store side of a change already made in memory: refused only by
+    /// a full queue.
+    FollowUp,
+}
+
 /// Submits mutations to the committer. Cheap to clone; usable from any
 /// thread or task.
 #[derive(Clone)]
@@ -369,7 +382,7 @@ impl CommitHandle {
         &self,
         mutations: Vec<Mutation>,
     ) -> Result<Ticket, (SubmitError, Vec<Mutation>)> {
-        self.try_submit_as(mutations, false)
+        self.try_submit_as(mutations, Class::Single)
     }
 
     /// [`CommitHandle::try_submit`] for bulk work that waits for room when
@@ -379,19 +392,33 @@ impl CommitHandle {
         &self,
         mutations: Vec<Mutation>,
     ) -> Result<Ticket, (SubmitError, Vec<Mutation>)> {
-        self.try_submit_as(mutations, true)
+        self.try_submit_as(mutations, Class::Bulk)
+    }
+
+    /// [`CommitHandle::submit`] for the store side of a change already
+    /// made in memory (the refresh queue's), which must not be lost to the
+    /// wait bound: it is refused only when the queue is full or closed.
+    /// For small, infrequent submissions only: it does not wait its turn.
+    pub fn submit_follow_up(&self, mutations: Vec<Mutation>) -> Result<Ticket, SubmitError> {
+        self.try_submit_as(mutations, Class::FollowUp)
+            .map_err(|(e, _)| e)
     }
 
     fn try_submit_as(
         &self,
         mutations: Vec<Mutation>,
-        bulk: bool,
+        class: Class,
     ) -> Result<Ticket, (SubmitError, Vec<Mutation>)> {
         if self.closed.load(Ordering::Acquire) {
             return Err((SubmitError::Closed, mutations));
         }
         let n = mutations.len() as u64;
-        if !self.admission.admits(n, bulk) {
+        let admitted = match class {
+            Class::Single => self.admission.admits(n, false),
+            Class::Bulk => self.admission.admits(n, true),
+            Class::FollowUp => true,
+        };
+        if !admitted {
             return Err((SubmitError::Overloaded, mutations));
         }
         let (done, rx) = oneshot::channel();
@@ -1065,9 +1092,12 @@ mod tests {
         a.applying_since
             .store(a.now_ns().saturating_sub(50_000_000), Ordering::Relaxed);
         let stalled = handle.submit(vec![put("s")]).err();
+        // The store side of a change already made in memory still goes in.
+        let follow_up = handle.submit_follow_up(vec![put("f")]);
         // Let the committer go before anything can fail.
         drop(permit);
         assert_eq!(stalled, Some(SubmitError::Overloaded));
+        assert!(follow_up.is_ok(), "a follow-up is refused only by a full queue");
         assert_eq!(refused, Some(SubmitError::Overloaded));
         assert_eq!(queued.len(), 5, "500 mutations ahead admitted, 600 not");
         // Far below the queue's capacity.
