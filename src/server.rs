@@ -70,11 +70,12 @@ pub fn apply_to_registry(registry: &Registry, batch: &[Mutation]) {
     }
 }
 
-/// Called once the registry is loaded at start, before the gateway is
-/// ready. The `wnsgate` binary sets it to hand the allocator's free memory
-/// back: loading decodes every record into short-lived buffers beside the
-/// long-lived registry entries, and without a collection the process keeps
-/// those pages (at 2M devices the collection gives back about 150 MB).
+/// Called once the registry and the refresh queue are loaded at start,
+/// before the gateway is ready. The `wnsgate` binary sets it to hand the
+/// allocator's free memory back: loading decodes every record into
+/// short-lived buffers beside the long-lived registry entries and jobs,
+/// and without a collection the process keeps those pages (at 2M devices
+/// the collection gives back about 150 MB).
 pub static AFTER_LOAD: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
 /// Starts a gateway and returns once it is ready (store loaded).
@@ -220,14 +221,16 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let loaded = store
         .load(shard_count, &*registry)
         .context("cannot load the store")?;
-    store.attach(registry.clone());
-    if let Some(release) = AFTER_LOAD.get() {
-        release();
-    }
     let t_queue = crate::clock::instant();
     let jobs = lifecycle
         .restore(gateway.now())
         .context("cannot load the refresh queue")?;
+    if let Some(release) = AFTER_LOAD.get() {
+        release();
+    }
+    // Snapshots are cut from the registry and the refresh queue, once both
+    // hold what was loaded.
+    store.attach(registry.clone(), lifecycle.clone());
     let queue_secs = t_queue.elapsed().as_secs_f64();
     let secs = t.elapsed().as_secs_f64();
     metrics::gauge!(m::RECOVERY_SECONDS).set(secs);

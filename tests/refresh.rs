@@ -289,6 +289,63 @@ fn leases_survive_sigkill_and_expire_afterwards() {
 }
 
 #[test]
+fn snapshots_take_the_jobs_from_the_queue_and_restarts_from_them_keep_every_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let snapshot = |gw: &Server| {
+        let r = gw
+            .client()
+            .request("POST", "/v1/store:snapshot", None, b"")
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let jobs_of = |gw: &Server| -> Vec<(String, String)> {
+        (0..5)
+            .map(|i| {
+                let d = device(gw, &format!("dev-{i}"));
+                assert_eq!(d["state"], "refresh_pending", "{d}");
+                (
+                    d["refresh_job"]["job_id"].as_str().unwrap().to_owned(),
+                    d["refresh_job"]["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect()
+    };
+    let gw = Server::start(&data, FAST);
+    for i in 0..5 {
+        register(
+            &gw,
+            &format!("dev-{i}"),
+            &format!("T{i}"),
+            Some(days_ago(60 - i as u64)),
+        );
+    }
+    for i in 0..5 {
+        wait_state(&gw, &format!("dev-{i}"), "refresh_pending");
+    }
+    let leased = lease(&gw, json!({"max": 1, "lease_seconds": 3600}));
+    assert_eq!(leased.len(), 1);
+    let before = jobs_of(&gw);
+    assert_eq!(snapshot(&gw)["refresh_jobs"], 5);
+    gw.kill();
+    // Twice: the second snapshot is cut from the queue as the first
+    // restart loaded it, and the second restart loads that one alone.
+    let mut gw = Server::start(&data, FAST);
+    for _ in 0..2 {
+        assert_eq!(jobs_of(&gw), before);
+        assert_eq!(snapshot(&gw)["refresh_jobs"], 5);
+        gw.kill();
+        gw = Server::start(&data, FAST);
+    }
+    assert_eq!(jobs_of(&gw), before);
+    assert_eq!(
+        before.iter().filter(|(_, state)| state == "leased").count(),
+        1
+    );
+}
+
+#[test]
 fn wns_410_opens_a_job_with_its_reason_and_the_webhook_delivers_it() {
     // A stand-in MDM webhook: answers 200 and hands back what it got.
     let hook = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -11,8 +11,9 @@
 //! # Consistency
 //!
 //! The device record carries its refresh mark (`refresh_pending` with the
-//! job id, or `unreachable`); the job lives in the store's `jobs` keyspace.
-//! Both change in one durable batch. Every batch that changes a device from
+//! job id, or `unreachable`); the job is a mutation of its own in the
+//! store, and the queue in memory is what snapshots take the jobs from
+//! ([`crate::store::JobSource`]). Both change in one durable batch. Every batch that changes a device from
 //! here is guarded by the channel URI it was computed from
 //! ([`Mutation::Guard`]): if the device registered a new URI meanwhile, the
 //! batch applies nothing and the job opened for it is discarded. Queue
@@ -923,6 +924,26 @@ impl Lifecycle {
             .oldest_expired_at
             .map_or(0.0, |t| f64::from(now.0.saturating_sub(t.0)));
         metrics::gauge!(m::REFRESH_OLDEST_SECONDS).set(if now.0 == 0 { 0.0 } else { oldest });
+    }
+}
+
+/// Jobs copied out of the queue at a time for a snapshot: the queue's lock
+/// is held only while a chunk is copied.
+const SNAPSHOT_JOBS_CHUNK: usize = 1024;
+
+impl crate::store::JobSource for Lifecycle {
+    fn jobs(&self, visit: &mut dyn FnMut(&Job)) {
+        let ids: Vec<JobId> = self.queue.lock().jobs().map(|j| j.id).collect();
+        let mut chunk = Vec::with_capacity(SNAPSHOT_JOBS_CHUNK);
+        for ids in ids.chunks(SNAPSHOT_JOBS_CHUNK) {
+            {
+                let q = self.queue.lock();
+                chunk.extend(ids.iter().filter_map(|id| q.get(*id).cloned()));
+            }
+            for job in chunk.drain(..) {
+                visit(&job);
+            }
+        }
     }
 }
 

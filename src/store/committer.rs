@@ -1097,7 +1097,10 @@ mod tests {
         // Let the committer go before anything can fail.
         drop(permit);
         assert_eq!(stalled, Some(SubmitError::Overloaded));
-        assert!(follow_up.is_ok(), "a follow-up is refused only by a full queue");
+        assert!(
+            follow_up.is_ok(),
+            "a follow-up is refused only by a full queue"
+        );
         assert_eq!(refused, Some(SubmitError::Overloaded));
         assert_eq!(queued.len(), 5, "500 mutations ahead admitted, 600 not");
         // Far below the queue's capacity.

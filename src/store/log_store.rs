@@ -39,13 +39,13 @@
 use super::segments::{LogError, Recovery, SegmentLog};
 use super::snapshot::{self, Snapshot};
 use super::{
-    batch_codec, check_writable, job_codec, Loaded, Mutation, Restore, SnapshotSource, Store,
-    StoreError,
+    batch_codec, check_writable, job_codec, JobSource, Loaded, Mutation, Restore, SnapshotSource,
+    Store, StoreError,
 };
 use crate::core::refresh::Job;
 use crate::core::Partitioning;
-use dashmap::DashMap;
 use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -152,10 +152,12 @@ struct Inner {
     partitioning: Partitioning,
     opts: LogOptions,
     log: Mutex<LogState>,
-    /// Durable refresh jobs by id, in their stored encoding: what a
-    /// snapshot writes.
-    jobs: DashMap<u64, Box<[u8]>>,
-    source: OnceLock<Arc<dyn SnapshotSource>>,
+    /// The refresh jobs loaded at start (the snapshot's, with the log's
+    /// changes after it), until [`Store::scan_jobs`] hands them to the
+    /// refresh queue; `None` after. No copy is kept: snapshots take the
+    /// jobs from the queue.
+    loaded_jobs: Mutex<Option<HashMap<u64, Job>>>,
+    source: OnceLock<Source>,
     opened: Mutex<Option<Opened>>,
     /// Log bytes appended since opening, and their count at the start of
     /// the latest cut.
@@ -279,7 +281,7 @@ impl LogStore {
                 log,
                 scratch: Vec::new(),
             }),
-            jobs: DashMap::new(),
+            loaded_jobs: Mutex::new(Some(HashMap::new())),
             source: OnceLock::new(),
             opened: Mutex::new(Some(Opened { snapshot, frames })),
             log_bytes: AtomicU64::new(0),
@@ -313,7 +315,7 @@ impl LogStore {
     /// is attached yet.
     pub fn cut_snapshot(&self) -> Result<Option<snapshot::Written>, StoreError> {
         match self.inner.source.get() {
-            Some(source) => self.inner.cut(&**source).map(Some),
+            Some(source) => self.inner.cut(source).map(Some),
             None => Ok(None),
         }
     }
@@ -326,7 +328,7 @@ impl LogStore {
 
 impl Inner {
     /// Writes a snapshot of `source` and drops what it covers.
-    fn cut(&self, source: &dyn SnapshotSource) -> Result<snapshot::Written, StoreError> {
+    fn cut(&self, source: &Source) -> Result<snapshot::Written, StoreError> {
         let _one = self.cutting.lock();
         let started = crate::clock::instant();
         // The last appended batch may not be in the registry yet (the
@@ -338,24 +340,28 @@ impl Inner {
             st.log.next_lsn().saturating_sub(1).max(1)
         };
         let snap_dir = self.dir.join("snapshots");
-        // Each job is looked up on its own, so no lock on the job map is
-        // held while the snapshot writes (and paces itself): the committer
-        // writes jobs into that map. A job that comes or goes meanwhile is
-        // in a batch after `replay_from`, which a restart replays.
+        // The jobs come from the refresh queue, which copies them out a
+        // few at a time (no lock held while the snapshot writes and paces
+        // itself). A job that comes or goes meanwhile is in a batch after
+        // `replay_from`, which a restart replays.
+        let Some(job_source) = source.jobs.upgrade() else {
+            return Err(StoreError::Io(
+                "the refresh queue is gone (shutting down): no snapshot is cut".into(),
+            ));
+        };
         let jobs = |visit: &mut dyn FnMut(u64, &[u8])| {
-            let ids: Vec<u64> = self.jobs.iter().map(|e| *e.key()).collect();
-            for id in ids {
-                let value = self.jobs.get(&id).map(|e| e.value().clone());
-                if let Some(v) = value {
-                    visit(id, &v);
-                }
-            }
+            let mut encoded = Vec::with_capacity(256);
+            job_source.jobs(&mut |job| {
+                encoded.clear();
+                job_codec::encode_into(job, &mut encoded);
+                visit(job.id, &encoded);
+            });
         };
         let written = snapshot::write(
             &snap_dir,
             replay_from,
             self.partitioning,
-            source,
+            &*source.devices,
             &jobs,
             self.opts.snapshot_bytes_per_second,
         )
@@ -450,7 +456,7 @@ impl Inner {
                 continue;
             };
             if self.cut_due() && crate::clock::instant() >= next_cut {
-                if let Err(e) = self.cut(&**source) {
+                if let Err(e) = self.cut(source) {
                     tracing::error!(error = %e, "snapshot cut failed; the log is kept and the cut is tried again later");
                     next_cut = crate::clock::instant() + CUT_RETRY_AFTER;
                 }
@@ -490,17 +496,11 @@ impl Store for LogStore {
             }
         };
         inner.set_writable(true);
-        for m in batch {
-            match m {
-                Mutation::PutJob(job) => {
-                    inner
-                        .jobs
-                        .insert(job.id, job_codec::encode(job).into_boxed_slice());
-                }
-                Mutation::DeleteJob(id) => {
-                    inner.jobs.remove(id);
-                }
-                Mutation::Put(_) | Mutation::Delete(_) | Mutation::Guard { .. } => {}
+        // Until the refresh queue has taken the loaded jobs, they follow
+        // the log (a write between loading and taking them).
+        if batch.iter().any(is_job_mutation) {
+            if let Some(jobs) = inner.loaded_jobs.lock().as_mut() {
+                apply_jobs(jobs, batch);
             }
         }
         let total = inner.log_bytes.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
@@ -556,21 +556,13 @@ impl Store for LogStore {
                 offset: 0,
                 why: format!("batch {lsn} does not decode: {e}"),
             })?;
-            for batch in &decoded {
-                loaded.replayed_batches += 1;
-                loaded.replayed_mutations += batch.len() as u64;
-                for m in batch {
-                    match m {
-                        Mutation::PutJob(job) => {
-                            self.inner
-                                .jobs
-                                .insert(job.id, job_codec::encode(job).into_boxed_slice());
-                        }
-                        Mutation::DeleteJob(id) => {
-                            self.inner.jobs.remove(id);
-                        }
-                        Mutation::Put(_) | Mutation::Delete(_) | Mutation::Guard { .. } => {}
-                    }
+            {
+                let mut jobs = self.inner.loaded_jobs.lock();
+                let jobs = jobs.get_or_insert_with(HashMap::new);
+                for batch in &decoded {
+                    loaded.replayed_batches += 1;
+                    loaded.replayed_mutations += batch.len() as u64;
+                    apply_jobs(jobs, batch);
                 }
             }
             std::thread::scope(|s| {
@@ -606,8 +598,9 @@ impl Store for LogStore {
         Some(self.inner.partitioning)
     }
 
-    fn attach(&self, source: Arc<dyn SnapshotSource>) {
-        if self.inner.source.set(source).is_err() {
+    fn attach(&self, devices: Arc<dyn SnapshotSource>, jobs: Arc<dyn JobSource>) {
+        let jobs = Arc::downgrade(&jobs);
+        if self.inner.source.set(Source { devices, jobs }).is_err() {
             return;
         }
         let inner = self.inner.clone();
@@ -631,10 +624,10 @@ impl Store for LogStore {
     }
 
     fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError> {
-        let mut n = 0;
-        for e in self.inner.jobs.iter() {
-            visit(job_codec::decode(&e.key().to_be_bytes(), e.value())?);
-            n += 1;
+        let jobs = self.inner.loaded_jobs.lock().take().unwrap_or_default();
+        let n = jobs.len() as u64;
+        for job in jobs.into_values() {
+            visit(job);
         }
         Ok(n)
     }
@@ -695,11 +688,40 @@ impl LogStore {
         if let Some(e) = failure.into_inner() {
             return Err(e);
         }
+        let mut jobs = self.inner.loaded_jobs.lock();
+        let jobs = jobs.get_or_insert_with(HashMap::new);
+        jobs.reserve(usize::try_from(snap.jobs).unwrap_or(0));
         snap.jobs(&mut |id, value| {
-            self.inner.jobs.insert(id, value.into());
+            jobs.insert(id, job_codec::decode(&id.to_be_bytes(), value)?);
             Ok(())
         })?;
         Ok(total.into_inner())
+    }
+}
+
+/// What snapshots are cut from, once attached. The jobs' source (the
+/// lifecycle) holds the store, so the store holds it weakly.
+struct Source {
+    devices: Arc<dyn SnapshotSource>,
+    jobs: std::sync::Weak<dyn JobSource>,
+}
+
+fn is_job_mutation(m: &Mutation) -> bool {
+    matches!(m, Mutation::PutJob(_) | Mutation::DeleteJob(_))
+}
+
+/// Applies the job mutations of `batch` to `jobs`, in order.
+fn apply_jobs(jobs: &mut HashMap<u64, Job>, batch: &[Mutation]) {
+    for m in batch {
+        match m {
+            Mutation::PutJob(job) => {
+                jobs.insert(job.id, job.clone());
+            }
+            Mutation::DeleteJob(id) => {
+                jobs.remove(id);
+            }
+            Mutation::Put(_) | Mutation::Delete(_) | Mutation::Guard { .. } => {}
+        }
     }
 }
 
@@ -852,15 +874,50 @@ mod tests {
         }
     }
 
-    /// What the store holds, as a model: devices by id, job ids.
-    #[derive(Default, Debug, PartialEq)]
+    /// What the store holds, as a model: devices by id, job ids. `held`
+    /// plays the refresh queue: the jobs in memory that snapshots take.
+    #[derive(Default, Debug)]
     struct Model {
         devices: BTreeMap<String, DeviceRecord>,
         jobs: Vec<u64>,
+        held: Arc<Held>,
+    }
+
+    impl PartialEq for Model {
+        fn eq(&self, other: &Model) -> bool {
+            self.devices == other.devices && self.jobs == other.jobs
+        }
+    }
+
+    /// Open jobs in memory, as the refresh queue holds them.
+    #[derive(Default, Debug)]
+    struct Held(Mutex<BTreeMap<u64, Job>>);
+
+    impl JobSource for Held {
+        fn jobs(&self, visit: &mut dyn FnMut(&Job)) {
+            let jobs: Vec<Job> = self.0.lock().values().cloned().collect();
+            for j in &jobs {
+                visit(j);
+            }
+        }
     }
 
     impl Model {
         fn apply(&mut self, batch: &[Mutation]) {
+            {
+                let mut held = self.held.0.lock();
+                for m in batch {
+                    match m {
+                        Mutation::PutJob(j) => {
+                            held.insert(j.id, j.clone());
+                        }
+                        Mutation::DeleteJob(id) => {
+                            held.remove(id);
+                        }
+                        _ => {}
+                    }
+                }
+            }
             for m in batch {
                 match m {
                     Mutation::Put(r) => {
@@ -897,7 +954,12 @@ mod tests {
                 .devices
                 .insert(r.device_id.as_str().to_owned(), r.clone());
         });
-        store.scan_jobs(&mut |j| model.jobs.push(j.id)).unwrap();
+        store
+            .scan_jobs(&mut |j| {
+                model.jobs.push(j.id);
+                model.held.0.lock().insert(j.id, j);
+            })
+            .unwrap();
         model.jobs.sort_unstable();
         (store, registry, model, loaded)
     }
@@ -972,7 +1034,7 @@ mod tests {
         let mut model = Model::default();
         {
             let (store, registry, _, _) = reopen(dir.path(), small());
-            store.attach(registry.clone());
+            store.attach(registry.clone(), model.held.clone());
             for batch in workload(1) {
                 commit(&store, &registry, &mut model, &batch);
             }
@@ -995,7 +1057,7 @@ mod tests {
         // after it.
         assert_eq!(loaded.replayed_batches, 21);
         // A second cut on the loaded state, then a reopen from it alone.
-        store.attach(registry.clone());
+        store.attach(registry.clone(), back.held.clone());
         store.cut_snapshot().unwrap().unwrap();
         drop(store);
         let snaps = std::fs::read_dir(dir.path().join("snapshots"))
@@ -1013,7 +1075,7 @@ mod tests {
         let mut model = Model::default();
         {
             let (store, registry, _, _) = reopen(dir.path(), small());
-            store.attach(registry.clone());
+            store.attach(registry.clone(), model.held.clone());
             for batch in workload(3) {
                 commit(&store, &registry, &mut model, &batch);
             }
@@ -1093,7 +1155,7 @@ mod tests {
         let data = dir.path().join("data");
         let mut model = Model::default();
         let (store, registry, _, _) = reopen(&data, small());
-        store.attach(registry.clone());
+        store.attach(registry.clone(), model.held.clone());
         let filler = dir.path().join("filler");
         std::fs::write(&filler, vec![7u8; 1800 * 1024]).unwrap();
         let mut n = 0;

@@ -93,6 +93,20 @@ pub trait SnapshotSource: Send + Sync {
     fn dictionary(&self) -> Dictionary;
 }
 
+/// What a backend cuts snapshots' refresh jobs from: the refresh queue,
+/// which holds every open job in memory.
+///
+/// A job the queue holds is written even if its own mutation is not yet
+/// durable: it is in a batch after the snapshot's replay point, or it was
+/// never made durable and the queue had moved on from the store already
+/// (a job opened for a device that changed meanwhile is closed when it is
+/// next handed out, as after any restart).
+pub trait JobSource: Send + Sync {
+    /// Visits every open job. Must not hold a lock the committer needs
+    /// while `visit` runs: a snapshot paces its writes inside it.
+    fn jobs(&self, visit: &mut dyn FnMut(&Job));
+}
+
 /// Where loading puts the durable state: the registry.
 pub trait Restore: Sync {
     /// Called first, once, with the dictionary of the snapshot's records.
@@ -149,10 +163,16 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
-    /// Gives a backend that cuts snapshots the memory to cut them from
-    /// (after `load`). The provided implementation ignores it.
-    fn attach(&self, source: std::sync::Arc<dyn SnapshotSource>) {
-        let _ = source;
+    /// Gives a backend that cuts snapshots the memory to cut them from:
+    /// the devices and the refresh jobs (after `load` and after the jobs
+    /// were taken with [`Store::scan_jobs`]). The provided implementation
+    /// ignores them.
+    fn attach(
+        &self,
+        devices: std::sync::Arc<dyn SnapshotSource>,
+        jobs: std::sync::Arc<dyn JobSource>,
+    ) {
+        let _ = (devices, jobs);
     }
 
     /// Cuts a snapshot now and returns once it is durable (for a backup,
@@ -167,7 +187,10 @@ pub trait Store: Send + Sync + 'static {
         true
     }
 
-    /// Visits every stored refresh job. Returns the count.
+    /// Visits every stored refresh job. Returns the count. A backend that
+    /// cuts snapshots hands the loaded jobs over once, at start, and keeps
+    /// no copy: the refresh queue holds them from then on, and snapshots
+    /// take them from it ([`JobSource`]); later calls visit none.
     fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError>;
 }
 
