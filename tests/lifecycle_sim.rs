@@ -513,7 +513,7 @@ impl World {
     fn check_all(&self, now: u32) {
         self.queue.check_invariants().expect("queue invariants");
         for job in self.queue.jobs() {
-            assert_eq!(self.store.get(&job.id), Some(job), "store lost a change");
+            assert_eq!(self.store.get(&job.id), Some(&job), "store lost a change");
         }
         for (d, dev) in self.devices.iter().enumerate() {
             let job = self.queue.job_for_device(dev.id.as_str());

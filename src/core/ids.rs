@@ -69,6 +69,12 @@ impl DeviceId {
     pub fn into_string(self) -> String {
         self.0
     }
+
+    /// A device id that was a [`DeviceId`] before (kept as text by the
+    /// refresh queue): not checked again.
+    pub(super) fn from_valid(s: String) -> DeviceId {
+        DeviceId(s)
+    }
 }
 
 impl fmt::Display for DeviceId {

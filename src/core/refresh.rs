@@ -48,7 +48,121 @@ type Hashed = foldhash::fast::RandomState;
 
 /// Open jobs, boxed: a job is larger than a pointer, and a hash table keeps
 /// up to twice its length in slots.
-type Jobs = HashMap<JobId, Box<Job>, Hashed>;
+type Jobs = HashMap<JobId, Box<Stored>, Hashed>;
+
+/// A job as the queue keeps it: 56 bytes (see the `stored_job_is_small`
+/// test) and its device id's bytes. The PFN and the provider id, which
+/// many jobs share, are kept once each in the queue ([`Shared`]); a
+/// [`Job`] is made from it when asked for.
+#[derive(Debug)]
+struct Stored {
+    id: JobId,
+    device_id: Box<str>,
+    /// Index in the queue's PFNs.
+    pfn: u32,
+    /// Index in the queue's provider ids; [`NO_PROVIDER`] for none.
+    provider_id: u32,
+    reason: LeaveReason,
+    expired_at: UnixTime,
+    created_at: UnixTime,
+    attempts: u16,
+    state: JobState,
+    next_at: UnixTime,
+}
+
+const NO_PROVIDER: u32 = u32::MAX;
+
+/// Strings many jobs share, each kept once with a count of the jobs that
+/// use it, and dropped with the last of them.
+#[derive(Debug)]
+struct Shared<T> {
+    slots: Vec<Option<(T, u32)>>,
+    ids: HashMap<Box<str>, u32, Hashed>,
+    free: Vec<u32>,
+}
+
+impl<T> Default for Shared<T> {
+    fn default() -> Self {
+        Shared {
+            slots: Vec::new(),
+            ids: HashMap::default(),
+            free: Vec::new(),
+        }
+    }
+}
+
+/// What [`Shared`] keeps: a validated id with its text.
+trait Text: Clone {
+    fn text(&self) -> &str;
+}
+
+impl Text for Pfn {
+    fn text(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Text for ProviderId {
+    fn text(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl<T: Text> Shared<T> {
+    /// Counts one more job using `v`; answers its index.
+    fn add(&mut self, v: &T) -> u32 {
+        if let Some(&i) = self.ids.get(v.text()) {
+            if let Some((_, n)) = &mut self.slots[i as usize] {
+                *n += 1;
+            }
+            return i;
+        }
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some((v.clone(), 1));
+                i
+            }
+            None => {
+                self.slots.push(Some((v.clone(), 1)));
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 distinct strings")
+            }
+        };
+        self.ids.insert(v.text().into(), i);
+        i
+    }
+
+    /// One job fewer uses the string at `i`.
+    fn release(&mut self, i: u32) {
+        let Some(slot) = self.slots.get_mut(i as usize) else {
+            return;
+        };
+        let last = match slot {
+            Some((_, n)) => {
+                *n -= 1;
+                *n == 0
+            }
+            None => false,
+        };
+        if last {
+            if let Some((v, _)) = slot.take() {
+                self.ids.remove(v.text());
+            }
+            self.free.push(i);
+        }
+    }
+
+    fn get(&self, i: u32) -> &T {
+        match &self.slots[i as usize] {
+            Some((v, _)) => v,
+            None => unreachable!("a job refers to a string it holds a count on"),
+        }
+    }
+
+    /// Distinct strings held.
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
 
 /// Open jobs by device: job ids hashed by their job's device id, so the id
 /// string is stored once, in the job.
@@ -71,8 +185,7 @@ impl ByDevice {
     fn get(&self, jobs: &Jobs, device_id: &str) -> Option<JobId> {
         self.table
             .find(self.hash(device_id), |id| {
-                jobs.get(id)
-                    .is_some_and(|j| j.device_id.as_str() == device_id)
+                jobs.get(id).is_some_and(|j| &*j.device_id == device_id)
             })
             .copied()
     }
@@ -85,7 +198,7 @@ impl ByDevice {
         self.table.insert_unique(h, id, |other| {
             use std::hash::BuildHasher;
             jobs.get(other)
-                .map_or(0, |j| hasher.hash_one(j.device_id.as_str()))
+                .map_or(0, |j| hasher.hash_one(&*j.device_id))
         });
     }
 
@@ -100,7 +213,7 @@ impl ByDevice {
         self.table.reserve(n, |other| {
             use std::hash::BuildHasher;
             jobs.get(other)
-                .map_or(0, |j| hasher.hash_one(j.device_id.as_str()))
+                .map_or(0, |j| hasher.hash_one(&*j.device_id))
         });
     }
 }
@@ -137,11 +250,10 @@ pub enum JobState {
 /// One open PFN-replacement job.
 ///
 /// 104 bytes inline on 64-bit targets (see the `job_is_small` test) plus
-/// the heap bytes of the device id, PFN and provider id strings. With the
-/// queue's maps and indexes, a million open jobs (36-character device ids,
-/// a provider id) took about 420 bytes each beyond the device id itself,
-/// measured with a counting allocator: about 420 MB after a mass expiry of
-/// a million devices.
+/// the heap bytes of the device id, PFN and provider id strings. The queue
+/// keeps each open job in a smaller form (`Stored`: 56 bytes and the
+/// device id, the PFN and provider id kept once for all jobs) and makes a
+/// `Job` when one is asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Job {
     pub id: JobId,
@@ -315,6 +427,8 @@ pub struct RefreshQueue {
     policy: RefreshPolicy,
     jobs: Jobs,
     by_device: ByDevice,
+    pfns: Shared<Pfn>,
+    providers: Shared<ProviderId>,
     /// Queued jobs with `next_at > promoted_to`: (next_at, expired_at, id).
     waiting: BTreeSet<(UnixTime, UnixTime, JobId)>,
     /// Queued jobs with `next_at <= promoted_to`: (expired_at, id).
@@ -340,6 +454,8 @@ impl RefreshQueue {
             policy,
             jobs: Jobs::default(),
             by_device: ByDevice::default(),
+            pfns: Shared::default(),
+            providers: Shared::default(),
             waiting: BTreeSet::new(),
             due: BTreeSet::new(),
             deadlines: BTreeSet::new(),
@@ -413,7 +529,7 @@ impl RefreshQueue {
             let id = job.id;
             self.by_device
                 .insert(&self.jobs, job.device_id.as_str(), id);
-            let gu = self.give_up_at(&job);
+            let gu = self.give_up_at(job.created_at);
             if gu > self.give_up_swept_to {
                 give_up.push((gu, id));
             }
@@ -431,7 +547,8 @@ impl RefreshQueue {
                     deadlines.push((job.next_at, id));
                 }
             }
-            self.jobs.insert(id, Box::new(job));
+            let stored = self.keep(job);
+            self.jobs.insert(id, Box::new(stored));
         }
         // From sorted input a set is built in one pass.
         fn build<T: Ord>(mut v: Vec<T>) -> BTreeSet<T> {
@@ -494,10 +611,10 @@ impl RefreshQueue {
     }
 
     /// The open job of a device.
-    pub fn job_for_device(&self, device_id: &str) -> Option<&Job> {
+    pub fn job_for_device(&self, device_id: &str) -> Option<Job> {
         self.job_id_of(device_id)
             .and_then(|id| self.jobs.get(&id))
-            .map(|j| &**j)
+            .map(|j| self.view(j))
     }
 
     fn job_id_of(&self, device_id: &str) -> Option<JobId> {
@@ -505,8 +622,8 @@ impl RefreshQueue {
     }
 
     /// A job by id.
-    pub fn get(&self, id: JobId) -> Option<&Job> {
-        self.jobs.get(&id).map(|j| &**j)
+    pub fn get(&self, id: JobId) -> Option<Job> {
+        self.jobs.get(&id).map(|j| self.view(j))
     }
 
     /// The device opened a session: hand its job out now, whatever its
@@ -525,9 +642,10 @@ impl RefreshQueue {
         let id = self.job_id_of(device_id)?;
         let job = self.jobs.get(&id)?;
         if let JobState::Delivered { .. } = job.state {
-            let spent = job.attempts >= self.policy.max_attempts || self.too_old(job, now);
+            let spent =
+                job.attempts >= self.policy.max_attempts || self.too_old(job.created_at, now);
             if now < job.next_at || spent {
-                return Some(((**job).clone(), None));
+                return Some((self.view(job), None));
             }
         }
         let confirm = self.policy.confirm_within;
@@ -671,7 +789,7 @@ impl RefreshQueue {
                 self.deadlines.pop_first();
                 continue;
             };
-            let old = self.too_old(job, now);
+            let old = self.too_old(job.created_at, now);
             let change = match job.state {
                 JobState::Leased { .. } => {
                     if old {
@@ -751,8 +869,18 @@ impl RefreshQueue {
     }
 
     /// Iterates over all open jobs, in no particular order.
-    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
-        self.jobs.values().map(|j| &**j)
+    pub fn jobs(&self) -> impl Iterator<Item = Job> + '_ {
+        self.jobs.values().map(|j| self.view(j))
+    }
+
+    /// The ids of all open jobs, in no particular order.
+    pub fn job_ids(&self) -> impl Iterator<Item = JobId> + '_ {
+        self.jobs.keys().copied()
+    }
+
+    /// Distinct PFNs and provider ids the open jobs refer to.
+    pub fn shared_strings(&self) -> (usize, usize) {
+        (self.pfns.len(), self.providers.len())
     }
 
     /// Checks every internal invariant; O(jobs). For tests and debugging.
@@ -777,7 +905,7 @@ impl RefreshQueue {
                     job.id, self.next_id
                 ));
             }
-            if self.job_id_of(job.device_id.as_str()) != Some(*id) {
+            if self.job_id_of(&job.device_id) != Some(*id) {
                 return Err(format!("job {id} missing from the device map"));
             }
             match job.state {
@@ -807,7 +935,7 @@ impl RefreshQueue {
                     }
                 }
             }
-            let gu = self.give_up_at(job);
+            let gu = self.give_up_at(job.created_at);
             if gu > self.give_up_swept_to {
                 with_give_up += 1;
                 if !self.give_up.contains(&(gu, *id)) {
@@ -839,13 +967,56 @@ impl RefreshQueue {
         );
     }
 
-    fn give_up_at(&self, job: &Job) -> UnixTime {
-        job.created_at
-            .saturating_add(u64::from(self.policy.give_up_after))
+    fn give_up_at(&self, created_at: UnixTime) -> UnixTime {
+        created_at.saturating_add(u64::from(self.policy.give_up_after))
     }
 
-    fn too_old(&self, job: &Job, now: UnixTime) -> bool {
-        now.saturating_since(job.created_at) >= self.policy.give_up_after
+    fn too_old(&self, created_at: UnixTime, now: UnixTime) -> bool {
+        now.saturating_since(created_at) >= self.policy.give_up_after
+    }
+
+    /// The stored form of `job`, counting its shared strings.
+    fn keep(&mut self, job: Job) -> Stored {
+        Stored {
+            id: job.id,
+            pfn: self.pfns.add(&job.pfn),
+            provider_id: job
+                .provider_id
+                .as_ref()
+                .map_or(NO_PROVIDER, |p| self.providers.add(p)),
+            device_id: job.device_id.into_string().into_boxed_str(),
+            reason: job.reason,
+            expired_at: job.expired_at,
+            created_at: job.created_at,
+            attempts: job.attempts,
+            state: job.state,
+            next_at: job.next_at,
+        }
+    }
+
+    /// The job `s` stands for.
+    fn view(&self, s: &Stored) -> Job {
+        Job {
+            id: s.id,
+            device_id: DeviceId::from_valid(String::from(&*s.device_id)),
+            pfn: self.pfns.get(s.pfn).clone(),
+            provider_id: (s.provider_id != NO_PROVIDER)
+                .then(|| self.providers.get(s.provider_id).clone()),
+            reason: s.reason,
+            expired_at: s.expired_at,
+            created_at: s.created_at,
+            attempts: s.attempts,
+            state: s.state,
+            next_at: s.next_at,
+        }
+    }
+
+    /// Drops `s`'s counts on its shared strings (it is leaving the queue).
+    fn forget(&mut self, s: &Stored) {
+        self.pfns.release(s.pfn);
+        if s.provider_id != NO_PROVIDER {
+            self.providers.release(s.provider_id);
+        }
     }
 
     /// Moves queued jobs whose time has come from `waiting` to `due`.
@@ -884,26 +1055,29 @@ impl RefreshQueue {
         let id = job.id;
         self.by_device
             .insert(&self.jobs, job.device_id.as_str(), id);
-        let gu = self.give_up_at(&job);
+        let gu = self.give_up_at(job.created_at);
         if gu > self.give_up_swept_to {
             self.give_up.insert((gu, id));
         }
-        self.index(&job);
-        self.jobs.insert(id, Box::new(job));
+        let stored = self.keep(job);
+        self.index(&stored);
+        self.jobs.insert(id, Box::new(stored));
     }
 
     /// Removes a job and its index entries.
     fn remove(&mut self, id: JobId) -> Option<Job> {
-        let job = self.jobs.remove(&id)?;
-        self.unindex(&job);
-        self.by_device.remove(job.device_id.as_str(), id);
-        let gu = self.give_up_at(&job);
+        let stored = self.jobs.remove(&id)?;
+        self.unindex(&stored);
+        self.by_device.remove(&stored.device_id, id);
+        let gu = self.give_up_at(stored.created_at);
         self.give_up.remove(&(gu, id));
-        Some(*job)
+        let job = self.view(&stored);
+        self.forget(&stored);
+        Some(job)
     }
 
     /// Adds the state-dependent index entries of a job.
-    fn index(&mut self, job: &Job) {
+    fn index(&mut self, job: &Stored) {
         match job.state {
             JobState::Queued => {
                 if job.next_at <= self.promoted_to {
@@ -924,7 +1098,7 @@ impl RefreshQueue {
     }
 
     /// Removes the state-dependent index entries of a job.
-    fn unindex(&mut self, job: &Job) {
+    fn unindex(&mut self, job: &Stored) {
         match job.state {
             JobState::Queued => {
                 if !self.waiting.remove(&(job.next_at, job.expired_at, job.id)) {
@@ -944,12 +1118,12 @@ impl RefreshQueue {
 
     /// Applies `f` to a job, keeping the indexes in step; answers the
     /// updated job.
-    fn update(&mut self, id: JobId, f: impl FnOnce(&mut Job)) -> Option<Job> {
+    fn update(&mut self, id: JobId, f: impl FnOnce(&mut Stored)) -> Option<Job> {
         let mut job = self.jobs.remove(&id)?;
         self.unindex(&job);
         f(&mut job);
         self.index(&job);
-        let copy = (*job).clone();
+        let copy = self.view(&job);
         self.jobs.insert(id, job);
         Some(copy)
     }
@@ -958,7 +1132,7 @@ impl RefreshQueue {
     /// or give up when the attempt or age budget is spent.
     fn retry_or_give_up(&mut self, id: JobId, now: UnixTime) -> Option<Change> {
         let job = self.jobs.get(&id)?;
-        if job.attempts >= self.policy.max_attempts || self.too_old(job, now) {
+        if job.attempts >= self.policy.max_attempts || self.too_old(job.created_at, now) {
             return self.give_up_job(id);
         }
         let wait = self.policy.backoff(id, job.attempts);
@@ -1036,6 +1210,67 @@ mod tests {
     }
 
     #[test]
+    fn stored_job_is_small() {
+        assert_eq!(std::mem::size_of::<Stored>(), 56);
+    }
+
+    #[test]
+    fn shared_strings_are_kept_once_and_go_with_their_last_job() {
+        let mut q = RefreshQueue::new(RefreshPolicy::default());
+        let pfns = [
+            Pfn::parse("Contoso.MDM_8wekyb3d8bbwe").unwrap(),
+            Pfn::parse("Fabrikam.MDM_8wekyb3d8bbwe").unwrap(),
+        ];
+        let provider = ProviderId::parse("Contoso-MDM").unwrap();
+        for i in 0..10u32 {
+            let opened = q.open(
+                DeviceId::parse(&format!("dev-{i}")).unwrap(),
+                pfns[(i % 2) as usize].clone(),
+                (i < 3).then(|| provider.clone()),
+                LeaveReason::Age,
+                T0,
+                T0,
+            );
+            assert!(opened.is_some());
+        }
+        assert_eq!(q.shared_strings(), (2, 1));
+        let job = q.job_for_device("dev-1").unwrap();
+        assert_eq!(job.pfn, pfns[1]);
+        assert_eq!(job.provider_id, Some(provider.clone()));
+        assert_eq!(q.job_for_device("dev-4").unwrap().provider_id, None);
+        for i in 0..3 {
+            q.registered(&format!("dev-{i}"), T0);
+        }
+        assert_eq!(
+            q.shared_strings(),
+            (2, 0),
+            "the provider id went with its last job"
+        );
+        for i in (3..10).step_by(2) {
+            q.registered(&format!("dev-{i}"), T0);
+        }
+        assert_eq!(
+            q.shared_strings(),
+            (1, 0),
+            "Fabrikam went with its last job"
+        );
+        // A string dropped and used again gets a slot again.
+        q.open(
+            DeviceId::parse("dev-new").unwrap(),
+            pfns[1].clone(),
+            Some(provider.clone()),
+            LeaveReason::Wns410,
+            T0,
+            T0,
+        )
+        .unwrap();
+        assert_eq!(q.shared_strings(), (2, 1));
+        assert_eq!(q.job_for_device("dev-new").unwrap().pfn, pfns[1]);
+        assert_eq!(q.job_for_device("dev-4").unwrap().pfn, pfns[0]);
+        q.check_invariants().unwrap();
+    }
+
+    #[test]
     fn job_is_small() {
         assert_eq!(std::mem::size_of::<Job>(), 104);
     }
@@ -1051,8 +1286,8 @@ mod tests {
             None
         );
         assert_eq!(q.len(), 1);
-        assert_eq!(q.job_for_device("dev-1"), Some(&job));
-        assert_eq!(q.get(job.id), Some(&job));
+        assert_eq!(q.job_for_device("dev-1"), Some(job.clone()));
+        assert_eq!(q.get(job.id), Some(job.clone()));
         q.check_invariants().unwrap();
     }
 
@@ -1496,7 +1731,7 @@ mod tests {
         q.check_in("dev-2", T0);
         open(&mut q, 3, at(1), T0);
         open(&mut q, 4, at(5 * DAY), at(DAY));
-        let mut jobs: Vec<Job> = q.jobs().cloned().collect();
+        let mut jobs: Vec<Job> = q.jobs().collect();
         // A second job for a device, and an id stored twice.
         jobs.push(Job {
             id: 99,
@@ -1521,8 +1756,8 @@ mod tests {
         for now in [T0, at(DAY), at(20 * DAY)] {
             assert_eq!(all.stats(now), one.stats(now));
         }
-        let mut a_jobs: Vec<Job> = all.jobs().cloned().collect();
-        let mut o_jobs: Vec<Job> = one.jobs().cloned().collect();
+        let mut a_jobs: Vec<Job> = all.jobs().collect();
+        let mut o_jobs: Vec<Job> = one.jobs().collect();
         a_jobs.sort_by_key(|j| j.id);
         o_jobs.sort_by_key(|j| j.id);
         assert_eq!(a_jobs, o_jobs);
@@ -1531,7 +1766,7 @@ mod tests {
         // Onto a queue that has jobs, one by one.
         let mut more = queue();
         open(&mut more, 7, T0, T0);
-        assert!(more.restore_all(all.jobs().cloned().collect()).is_empty());
+        assert!(more.restore_all(all.jobs().collect()).is_empty());
         more.check_invariants().unwrap();
         assert_eq!(more.len(), all.len() + 1);
     }
@@ -1544,7 +1779,7 @@ mod tests {
         q.lease(1, None, T0);
         q.check_in("dev-2", T0);
         open(&mut q, 3, at(1), T0);
-        let jobs: Vec<Job> = q.jobs().cloned().collect();
+        let jobs: Vec<Job> = q.jobs().collect();
         let mut r = queue();
         for j in jobs.iter().cloned() {
             assert_eq!(r.restore(j), None);
@@ -1735,7 +1970,7 @@ mod tests {
                 // The store, rebuilt from changes only, is exactly the queue.
                 prop_assert_eq!(store.len(), q.len());
                 for j in q.jobs() {
-                    prop_assert_eq!(store.get(&j.id), Some(j));
+                    prop_assert_eq!(store.get(&j.id), Some(&j));
                 }
             }
         }

@@ -598,7 +598,7 @@ impl Lifecycle {
 
     fn check_in_part(&self, device_id: &str, now: UnixTime) -> (Option<Job>, Vec<Ticket>) {
         let mut q = self.queue.lock();
-        let Some(job) = q.job_for_device(device_id).cloned() else {
+        let Some(job) = q.job_for_device(device_id) else {
             return (None, Vec::new());
         };
         let (valid, tickets) = self.valid_locked(&mut q, &job, now);
@@ -735,7 +735,7 @@ impl Lifecycle {
     /// The open job of a device, if any (no hand-out).
     pub fn job_of(&self, device_id: &str) -> Option<JobView> {
         let q = self.queue.lock();
-        q.job_for_device(device_id).map(|j| self.view(j, 1))
+        q.job_for_device(device_id).map(|j| self.view(&j, 1))
     }
 
     /// True when job `id` existed and is closed (or gave up). Ids from before
@@ -748,7 +748,7 @@ impl Lifecycle {
     /// The job with `id`, if open.
     pub fn job(&self, id: JobId) -> Option<JobView> {
         let q = self.queue.lock();
-        q.get(id).map(|j| self.view(j, 1))
+        q.get(id).map(|j| self.view(&j, 1))
     }
 
     fn view(&self, job: &Job, first_cmd_id: u32) -> JobView {
@@ -933,12 +933,12 @@ const SNAPSHOT_JOBS_CHUNK: usize = 1024;
 
 impl crate::store::JobSource for Lifecycle {
     fn jobs(&self, visit: &mut dyn FnMut(&Job)) {
-        let ids: Vec<JobId> = self.queue.lock().jobs().map(|j| j.id).collect();
+        let ids: Vec<JobId> = self.queue.lock().job_ids().collect();
         let mut chunk = Vec::with_capacity(SNAPSHOT_JOBS_CHUNK);
         for ids in ids.chunks(SNAPSHOT_JOBS_CHUNK) {
             {
                 let q = self.queue.lock();
-                chunk.extend(ids.iter().filter_map(|id| q.get(*id).cloned()));
+                chunk.extend(ids.iter().filter_map(|id| q.get(*id)));
             }
             for job in chunk.drain(..) {
                 visit(&job);
