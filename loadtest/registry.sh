@@ -22,6 +22,8 @@
 #       again: what the same registry costs when loaded from the store);
 #       reference: reading the data directory's bytes once (cold page cache
 #       is not forced; both read the same warm files)
+#       and, afterwards, touching as much fresh memory as the gateway held
+#       once (what the machine takes to hand a new process its pages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-1000000}
@@ -151,3 +153,13 @@ print(f"P3 after the restart: RSS {again/1024:.0f} MiB, {(again-empty)*1024/n:.0
       f"(after the import: {(full-empty)*1024/n:.0f} B/device)")
 PY
 kill -TERM "$PID"; wait "$PID" || true; PID=""
+# A second P5 reference: what this machine takes to hand a new process as
+# much fresh memory as the gateway held after the import, touched once.
+python3 - "$FULL_KB" <<'PY'
+import sys, time
+kb = int(sys.argv[1])
+t = time.monotonic()
+b = bytearray(kb * 1024)
+b[::4096] = b"\x01" * len(range(0, len(b), 4096))
+print(f"P5 reference: touching {kb/1024:.0f} MiB of fresh memory once (the gateway's RSS after the import) took {time.monotonic()-t:.2f} s")
+PY
