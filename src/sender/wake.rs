@@ -469,10 +469,15 @@ impl WnsSender {
         let at = now();
         let outcome = classify::outcome(reply.status, &reply.headers, at);
         met.response(&outcome, reply.status).increment(1);
-        let verdict =
-            tries
-                .attempt
-                .on_outcome(&outcome, &self.policy, crate::clock::random::<u64>());
+        let verdict = tries.attempt.on_outcome(
+            &outcome,
+            &self.policy,
+            crate::core::wns::RetryContext {
+                elapsed: std::time::Duration::ZERO,
+                level: tries.attempt.attempts() + 1,
+                jitter: crate::clock::random::<u64>(),
+            },
+        );
         match verdict.credential {
             Some(CredentialSignal::Throttle { pause }) => {
                 app.throttle
