@@ -614,10 +614,12 @@ impl WnsSender {
         match tries.last.take() {
             Some(last) => {
                 let mut r = *last;
-                let error = r.error.take().unwrap_or_default();
-                r.error = Some(format!(
-                    "not retried: the gateway is shutting down; {error}"
-                ));
+                let why = "not retried: the gateway is shutting down";
+                r.error = Some(match (r.error.take(), r.wns_outcome) {
+                    (Some(e), _) => format!("{why}; last: {e}"),
+                    (None, Some(o)) => format!("{why}; last: WNS answered {}", o.label()),
+                    (None, None) => why.to_owned(),
+                });
                 r.at = now;
                 r
             }
