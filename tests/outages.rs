@@ -18,7 +18,7 @@ use common::Server;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use wnsgate::sender::limits::LOST_RESENDS_MAX;
-use wnsgate::sim::{Faults, SimConfig, SimHandle, SimStats};
+use wnsgate::sim::{Faults, Mode, SimConfig, SimHandle, SimStats};
 
 const AUTHORITY: &str = "db5.notify.windows.com";
 /// The most requests one channel may see for one wake: the first and every
@@ -54,7 +54,16 @@ impl Kind {
 /// connection open before any outage (the simulator also serves the
 /// tokens: a refused port would refuse them too).
 fn start(env: &[(&str, &str)]) -> (tempfile::TempDir, SimHandle, Server) {
-    let (dir, sim, gw) = common::start_with_sim_env(SimConfig::default(), env);
+    start_in(Mode::Tls, env)
+}
+
+/// [`start`] with the simulator speaking `mode`.
+fn start_in(mode: Mode, env: &[(&str, &str)]) -> (tempfile::TempDir, SimHandle, Server) {
+    let cfg = SimConfig {
+        mode,
+        ..SimConfig::default()
+    };
+    let (dir, sim, gw) = common::start_with_sim_env(cfg, env);
     register(&gw, "warm", "AwYAAADwarm");
     let r = push_wait(&gw, "warm");
     assert_eq!(r["result"], "delivered", "{r}");
@@ -186,9 +195,9 @@ fn check_sends(kind: Kind, wakes: u64, st: &SimStats, scrape: &str) {
 const FLEET: u64 = 1_000;
 const SHORT_OUTAGE_MS: u64 = 2_000;
 
-fn bulk_wake_through_a_short_outage(kind: Kind) {
-    let (_dir, sim, gw) = start(&[]);
-    let ids = fleet(&gw, FLEET);
+fn bulk_wake_through_a_short_outage(kind: Kind, mode: Mode, devices: u64) {
+    let (_dir, sim, gw) = start_in(mode, &[]);
+    let ids = fleet(&gw, devices);
     sim.reset_stats();
     let before = metrics(&gw);
     let t0 = Instant::now();
@@ -199,10 +208,11 @@ fn bulk_wake_through_a_short_outage(kind: Kind) {
     let scrape = metrics(&gw);
     let b = breaker(&gw);
     eprintln!(
-        "{kind:?} outage of {SHORT_OUTAGE_MS} ms, bulk wake of {FLEET}: received {}, failed {}, \
+        "{kind:?} outage of {SHORT_OUTAGE_MS} ms ({}), bulk wake of {devices}: received {}, failed {}, \
          done {:.2} s after the outage began ({:+.2} s after it ended); sends per channel: {}; \
          simulator: {} connections reset, {} refused, {} pushes read and left unanswered; \
          breaker opened {} time(s), now {}; resends: {} connection_lost, possible duplicates {}",
+        mode.name(),
         job["received"],
         job["failed"],
         took.as_secs_f64(),
@@ -226,11 +236,11 @@ fn bulk_wake_through_a_short_outage(kind: Kind) {
         ),
     );
     assert_eq!(job["state"], "done", "{job}");
-    assert_eq!(job["total"], FLEET, "{job}");
-    assert_eq!(job["received"], FLEET, "{job}");
+    assert_eq!(job["total"], devices, "{job}");
+    assert_eq!(job["received"], devices, "{job}");
     assert_eq!(job["failed"], 0, "{job}");
-    assert_eq!(st.distinct_channels, FLEET, "{st:?}");
-    check_sends(kind, FLEET, &st, &scrape);
+    assert_eq!(st.distinct_channels, devices, "{st:?}");
+    check_sends(kind, devices, &st, &scrape);
     assert_eq!(b["state"], "closed", "{b}");
     assert_eq!(
         metric(&scrape, &breaker_series("wnsgate_wns_breaker_state")),
@@ -240,12 +250,19 @@ fn bulk_wake_through_a_short_outage(kind: Kind) {
 
 #[test]
 fn a_bulk_wake_through_two_seconds_of_connection_resets_wakes_every_device() {
-    bulk_wake_through_a_short_outage(Kind::Reset);
+    bulk_wake_through_a_short_outage(Kind::Reset, Mode::Tls, FLEET);
 }
 
 #[test]
 fn a_bulk_wake_through_two_seconds_of_refused_connects_wakes_every_device() {
-    bulk_wake_through_a_short_outage(Kind::Refuse);
+    bulk_wake_through_a_short_outage(Kind::Refuse, Mode::Tls, FLEET);
+}
+
+#[test]
+fn a_bulk_wake_over_http1_through_two_seconds_of_connection_resets_wakes_every_device() {
+    // One request per connection at a time: every send in the outage is
+    // a connection of its own that dies.
+    bulk_wake_through_a_short_outage(Kind::Reset, Mode::H1, 300);
 }
 
 fn single_wake_through_a_short_outage(kind: Kind) {
@@ -370,4 +387,60 @@ fn wakes_in_a_long_outage_fail_when_their_window_runs_out_and_the_breaker_opens_
     let log = gw.stderr();
     assert!(log.contains("WNS circuit breaker opened"), "{log}");
     assert!(log.contains("WNS circuit breaker closed"), "{log}");
+}
+
+#[test]
+fn a_bulk_wake_goes_on_with_its_other_devices_while_some_wait_for_their_retry() {
+    // 20 channels WNS throttles (`channelthrottled`: retried after 60 s)
+    // among 500 that it answers: the throttled wakes wait inside the
+    // shard's batch, holding their in-flight permits, and every other
+    // device is woken meanwhile.
+    const WAITING: u64 = 20;
+    const OTHERS: u64 = 500;
+    let (_dir, sim, gw) = start(&[]);
+    let mut ids: Vec<String> = (0..WAITING).map(|i| format!("t{i:03}")).collect();
+    let throttled = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (id.clone(), format!("xthrottle-{i}")));
+    assert_eq!(common::import_tokens(&gw, AUTHORITY, throttled), WAITING);
+    ids.extend(fleet(&gw, OTHERS));
+    sim.reset_stats();
+    let t0 = Instant::now();
+    let r = gw
+        .client()
+        .send_json("POST", "/v1/pushes", &json!({ "device_ids": ids }))
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["job_id"].as_str().unwrap().to_owned();
+    // A hang guard only: the throttled wakes wait a minute, the others are
+    // done long before.
+    let deadline = t0 + Duration::from_secs(50);
+    let job = loop {
+        let job = gw.client().get(&format!("/v1/pushes/{id}")).unwrap().json();
+        if job["received"] == OTHERS {
+            break job;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other devices are not woken: {job}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let st = sim.stats();
+    eprintln!(
+        "bulk wake of {} with {WAITING} throttled channels: the {OTHERS} others received after {:.2} s \
+         while {} wakes wait for their retry; simulator: {} channelthrottled answers",
+        WAITING + OTHERS,
+        t0.elapsed().as_secs_f64(),
+        job["pending"],
+        st.outcome("channel_throttled"),
+    );
+    assert_eq!(job["state"], "running", "{job}");
+    assert_eq!(job["pending"], WAITING, "{job}");
+    assert_eq!(job["failed"], 0, "{job}");
+    // Each throttled channel was sent its wake once, and waits.
+    assert_eq!(st.outcome("channel_throttled"), WAITING, "{st:?}");
+    assert_eq!(st.distinct_channels, WAITING + OTHERS, "{st:?}");
+    assert_eq!(st.max_pushes_per_channel, 1, "{st:?}");
 }
