@@ -1074,12 +1074,19 @@ async fn a_reset_window_reads_pushes_then_drops_their_connections_until_it_ends(
     let c = H2::connect(&sim).await;
     let t = c.classic_token().await;
     let (mut h1, _) = H1::connect(&sim, &[b"http/1.1"]).await;
+    // Through the control API: the window starts with the PUT.
     let set = wnsgate::clock::instant();
-    sim.set_faults(Faults {
-        reset_window_ms: Some("0-1500".parse().unwrap()),
-        ..Faults::default()
-    })
-    .unwrap();
+    let r = c
+        .control(
+            Method::PUT,
+            "/_sim/faults",
+            r#"{"reset_window_ms":"0-1500"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let v = c.control(Method::GET, "/_sim/faults", "").await.json();
+    assert_eq!(v["reset_window_ms"], "0-1500");
+    assert_eq!(v["refuse_window_ms"], serde_json::Value::Null);
     // Token requests are served during the outage; pushes are read and
     // processed, then their connection dies unanswered.
     let c2 = H2::connect(&sim).await;
@@ -1106,7 +1113,7 @@ async fn a_reset_window_reads_pushes_then_drops_their_connections_until_it_ends(
     assert_eq!(s.distinct_channels, s.outage_unanswered_pushes, "{s:?}");
     assert_eq!(s.outage_refusals, 0, "{s:?}");
     // Once the window is over, the same push is answered.
-    until_ms_after(set, 1600).await;
+    until_ms_after(set, 2000).await;
     let c3 = H2::connect(&sim).await;
     assert_eq!(c3.push(&channel("AwYAAADo0"), &t).await.status, 200);
     let (mut h1, _) = H1::connect(&sim, &[b"http/1.1"]).await;
