@@ -536,19 +536,21 @@ impl WnsSender {
     /// Waits until `until`, at most until retries stop (shutdown); with
     /// `on_change`, also until the authority's breaker changes state.
     async fn pause(&self, health: &AuthorityHealth, until: Instant, on_change: bool) -> Waited {
-        let stop = self.stop.notified();
-        let changed = health.changed();
-        let stop_at = self.retries_until();
-        let (until, stopping) = match stop_at {
-            Some(s) if s <= until => (s, true),
-            _ => (until, false),
-        };
-        tokio::select! {
-            biased;
-            _ = stop => Waited::Stopping,
-            _ = changed, if on_change => Waited::Changed,
-            _ = tokio::time::sleep_until(until.into()) => {
-                if stopping { Waited::Stopping } else { Waited::Done }
+        loop {
+            let stop = self.stop.notified();
+            let changed = health.changed();
+            let (end, stopping) = match self.retries_until() {
+                Some(s) if s <= until => (s, true),
+                _ => (until, false),
+            };
+            tokio::select! {
+                biased;
+                // Retries stop from some time on: wait again, up to then.
+                _ = stop => continue,
+                _ = changed, if on_change => return Waited::Changed,
+                _ = tokio::time::sleep_until(end.into()) => {
+                    return if stopping { Waited::Stopping } else { Waited::Done };
+                }
             }
         }
     }
@@ -1015,5 +1017,68 @@ mod tests {
             ConnError::Reset(0xff).to_string(),
             "stream reset by the server (code 0xff)"
         );
+    }
+
+    fn sender() -> WnsSender {
+        let settings = Settings::resolve(&crate::config::Config::default()).unwrap();
+        WnsSender::new(&settings, 1).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_shutdown_a_wait_for_a_retry_ends_when_retries_stop_not_before() {
+        let s = Arc::new(sender());
+        let health = s.health("db5.notify.windows.com");
+        let t0 = crate::clock::instant();
+        let secs = |t: Instant| t.duration_since(t0).as_secs();
+        // Retries stop 8 s from 1 s on, while a 60 s wait is under way: it
+        // ends then, not at once.
+        let waiting = {
+            let (s, h) = (s.clone(), health.clone());
+            tokio::spawn(async move { s.pause(&h, t0 + Duration::from_secs(60), true).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        s.stop_retrying_within(Duration::from_secs(8));
+        assert_eq!(waiting.await.unwrap(), Waited::Stopping);
+        assert_eq!(secs(crate::clock::instant()), 9);
+        // Once they stopped, no wait goes on.
+        let later = crate::clock::instant() + Duration::from_secs(1);
+        assert_eq!(s.pause(&health, later, false).await, Waited::Stopping);
+        assert_eq!(secs(crate::clock::instant()), 9);
+        // A wait that ends before retries stop is not cut short; one that
+        // would end later ends when they stop.
+        let s = sender();
+        let t = crate::clock::instant();
+        s.stop_retrying_within(Duration::from_secs(8));
+        let until = t + Duration::from_secs(2);
+        assert_eq!(s.pause(&health, until, false).await, Waited::Done);
+        assert_eq!(secs(crate::clock::instant()), 11);
+        let until = t + Duration::from_secs(30);
+        assert_eq!(s.pause(&health, until, false).await, Waited::Stopping);
+        assert_eq!(secs(crate::clock::instant()), 17);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_a_retry_ends_when_the_breaker_changes() {
+        let s = Arc::new(sender());
+        let health = s.health("db5.notify.windows.com");
+        let t0 = crate::clock::instant();
+        let waiting = {
+            let (s, h) = (s.clone(), health.clone());
+            tokio::spawn(async move { s.pause(&h, t0 + Duration::from_secs(20), true).await })
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for _ in 0..3 {
+            health.on_connection_failed(monotonic_ms(), "refused");
+        }
+        assert_eq!(waiting.await.unwrap(), Waited::Changed);
+        assert_eq!(crate::clock::instant().duration_since(t0).as_secs(), 3);
+        // Open: a new wake waits for the breaker, then goes as its probe.
+        let window_end = crate::clock::instant() + Duration::from_secs(60);
+        assert_eq!(s.admission(&health, window_end).await, Ok(true));
+        assert_eq!(crate::clock::instant().duration_since(t0).as_secs(), 4);
+        // Half-open, its probe out: another wake waits; the window runs out.
+        let short = crate::clock::instant() + Duration::from_secs(2);
+        assert_eq!(s.admission(&health, short).await, Err(Waited::Done));
+        assert_eq!(crate::clock::instant().duration_since(t0).as_secs(), 6);
     }
 }
