@@ -165,6 +165,18 @@ pub struct WnsConfig {
     /// Ask WNS for the device's connection status
     /// (`X-WNS-RequestForStatus: true`).
     pub request_for_status: bool,
+    /// The time budget of one wake's retries, as a duration such as
+    /// `60s`: no retry goes out later than this after the wake started.
+    pub retry_window: String,
+    /// Connection failures in a row (failed connects, connections that
+    /// died unanswered) that open an authority's circuit breaker; 0 never
+    /// opens it.
+    pub breaker_failures: u32,
+    /// How long an opened breaker stays open before a probe, a duration.
+    pub breaker_open: String,
+    /// The longest it stays open: each failed probe doubles the open
+    /// time up to this, a duration.
+    pub breaker_open_max: String,
     pub apps: Vec<WnsApp>,
 }
 
@@ -178,6 +190,10 @@ impl Default for WnsConfig {
             max_channel_uri_bytes: crate::core::channel_uri::DEFAULT_MAX_URI_LEN,
             ttl: String::new(),
             request_for_status: false,
+            retry_window: "60s".into(),
+            breaker_failures: 3,
+            breaker_open: "1s".into(),
+            breaker_open_max: "5s".into(),
             apps: Vec::new(),
         }
     }
@@ -623,6 +639,11 @@ pub struct Settings {
     pub wns: WnsConfig,
     /// `wns.ttl` in seconds, when set.
     pub wns_ttl_secs: Option<u32>,
+    /// `wns.retry_window`.
+    pub wns_retry_window: std::time::Duration,
+    /// `wns.breaker_failures`, `wns.breaker_open` and
+    /// `wns.breaker_open_max`.
+    pub wns_breaker: crate::core::wns::BreakerPolicy,
     pub refresh: RefreshSettings,
     /// Nudge wakes per second for devices turning `renewal_due`; `None`
     /// when nudges are off.
@@ -749,6 +770,7 @@ impl Settings {
             "" => None,
             ttl => Some(duration_key("wns.ttl", ttl)?),
         };
+        let (wns_retry_window, wns_breaker) = wns_retries(&cfg.wns)?;
 
         let mut known_pfns = Vec::new();
         for (i, app) in cfg.wns.apps.iter().enumerate() {
@@ -823,6 +845,8 @@ impl Settings {
             known_pfns,
             wns: cfg.wns.clone(),
             wns_ttl_secs,
+            wns_retry_window,
+            wns_breaker,
             refresh: cfg.refresh.resolve()?,
             nudge_per_second: match (
                 cfg.lifecycle.nudge_renewal_due,
@@ -849,6 +873,53 @@ impl Settings {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         }
     }
+}
+
+/// Longest `wns.retry_window`, `wns.breaker_open` and
+/// `wns.breaker_open_max`: an hour.
+pub const WNS_RETRY_DURATION_MAX_SECS: u32 = 3_600;
+/// Largest `wns.breaker_failures`.
+pub const WNS_BREAKER_FAILURES_MAX: u32 = 1_000;
+
+/// The retry window and the breaker policy of `[wns]`.
+fn wns_retries(
+    wns: &WnsConfig,
+) -> Result<(std::time::Duration, crate::core::wns::BreakerPolicy), ConfigError> {
+    use std::time::Duration;
+    let bounded = |key: &str, s: &str| {
+        let secs = duration_key(key, s)?;
+        if secs > WNS_RETRY_DURATION_MAX_SECS {
+            return Err(invalid(
+                key,
+                format!("{s:?} is longer than {WNS_RETRY_DURATION_MAX_SECS}s"),
+            ));
+        }
+        Ok(Duration::from_secs(u64::from(secs)))
+    };
+    let window = bounded("wns.retry_window", &wns.retry_window)?;
+    if wns.breaker_failures > WNS_BREAKER_FAILURES_MAX {
+        return Err(invalid(
+            "wns.breaker_failures",
+            format!("must be between 0 (never open) and {WNS_BREAKER_FAILURES_MAX}"),
+        ));
+    }
+    let open_for = bounded("wns.breaker_open", &wns.breaker_open)?;
+    let open_for_max = bounded("wns.breaker_open_max", &wns.breaker_open_max)?;
+    if open_for_max < open_for {
+        return Err(invalid(
+            "wns.breaker_open_max",
+            "must not be shorter than wns.breaker_open",
+        ));
+    }
+    Ok((
+        window,
+        crate::core::wns::BreakerPolicy {
+            failures_to_open: wns.breaker_failures,
+            open_for,
+            open_for_max,
+            ..Default::default()
+        },
+    ))
 }
 
 fn duration_key(key: &str, s: &str) -> Result<u32, ConfigError> {
@@ -985,6 +1056,29 @@ mod tests {
     }
 
     #[test]
+    fn wns_retry_window_and_breaker() {
+        use std::time::Duration;
+        let s = Settings::resolve(&Config::load(None, env(&[])).unwrap()).unwrap();
+        assert_eq!(s.wns_retry_window, Duration::from_secs(60));
+        assert_eq!(s.wns_breaker, crate::core::wns::BreakerPolicy::default());
+        let cfg = Config::load(
+            None,
+            env(&[
+                ("WNSGATE_WNS__RETRY_WINDOW", "5s"),
+                ("WNSGATE_WNS__BREAKER_FAILURES", "0"),
+                ("WNSGATE_WNS__BREAKER_OPEN", "2s"),
+                ("WNSGATE_WNS__BREAKER_OPEN_MAX", "1m"),
+            ]),
+        )
+        .unwrap();
+        let s = Settings::resolve(&cfg).unwrap();
+        assert_eq!(s.wns_retry_window, Duration::from_secs(5));
+        assert_eq!(s.wns_breaker.failures_to_open, 0);
+        assert_eq!(s.wns_breaker.open_for, Duration::from_secs(2));
+        assert_eq!(s.wns_breaker.open_for_max, Duration::from_secs(60));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (&[("WNSGATE_API__LISTEN", "localhost")], "api.listen"),
@@ -1004,6 +1098,26 @@ mod tests {
             (&[("WNSGATE_WNS__TTL", "a while")], "wns.ttl"),
             (&[("WNSGATE_WNS__TTL", "0s")], "wns.ttl"),
             (&[("WNSGATE_WNS__TTL", "200000d")], "wns.ttl"),
+            (&[("WNSGATE_WNS__RETRY_WINDOW", "soon")], "wns.retry_window"),
+            (&[("WNSGATE_WNS__RETRY_WINDOW", "0s")], "wns.retry_window"),
+            (&[("WNSGATE_WNS__RETRY_WINDOW", "2h")], "wns.retry_window"),
+            (
+                &[("WNSGATE_WNS__BREAKER_FAILURES", "1001")],
+                "wns.breaker_failures",
+            ),
+            (
+                &[("WNSGATE_WNS__BREAKER_FAILURES", "-1")],
+                "WNSGATE_WNS__BREAKER_FAILURES",
+            ),
+            (&[("WNSGATE_WNS__BREAKER_OPEN", "0s")], "wns.breaker_open"),
+            (
+                &[("WNSGATE_WNS__BREAKER_OPEN", "10s")],
+                "wns.breaker_open_max",
+            ),
+            (
+                &[("WNSGATE_WNS__BREAKER_OPEN_MAX", "a minute")],
+                "wns.breaker_open_max",
+            ),
             (
                 &[("WNSGATE_WNS__REQUEST_FOR_STATUS", "maybe")],
                 "WNSGATE_WNS__REQUEST_FOR_STATUS",

@@ -26,8 +26,15 @@ use std::time::Duration;
 ///    taken, the lifecycle thread ends its current step.
 pub const STOP_PRODUCERS_MS_MAX: u64 = 4_000;
 /// 3. Drain the wakes in flight: they reach their final result, which is
-///    kept (a dead channel's mark with the store flush).
+///    kept (a dead channel's mark with the store flush). A wake waiting
+///    for a retry (a back-off, its authority's circuit breaker) goes on
+///    waiting only until [`RETRIES_STOP_MS`] into this step, then ends
+///    with its last failure.
 pub const DRAIN_WAKES_MS_MAX: u64 = 10_000;
+/// How far into step 3 wakes may still wait for a retry: early enough that
+/// a request sent then ends (or times out) before the step's budget does
+/// not matter much; what matters is that waiting wakes end within it.
+pub const RETRIES_STOP_MS: u64 = 8_000;
 /// 4. Drain the connections: open ones finish their requests (a
 ///    `?wait=true` push answers with the result of step 3).
 pub const DRAIN_CONNECTIONS_MS_MAX: u64 = 10_000;
@@ -41,6 +48,7 @@ const _: () = assert!(
     STOP_PRODUCERS_MS_MAX + DRAIN_WAKES_MS_MAX + DRAIN_CONNECTIONS_MS_MAX + FLUSH_STORE_MS_MAX
         <= SHUTDOWN_MS_MAX
 );
+const _: () = assert!(RETRIES_STOP_MS < DRAIN_WAKES_MS_MAX);
 
 /// [`SHUTDOWN_MS_MAX`] as a duration.
 pub const SHUTDOWN_LIMIT: Duration = Duration::from_millis(SHUTDOWN_MS_MAX);
@@ -286,7 +294,19 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
 /// directory must be a writable directory. Returns notes for the operator.
 pub fn preflight(settings: &Settings) -> anyhow::Result<Vec<String>> {
     crate::sender::wake::WnsSender::new(settings, 1).context("cannot set up the WNS sender")?;
-    let mut notes = Vec::new();
+    let b = &settings.wns_breaker;
+    let mut notes = vec![format!(
+        "WNS retries: within {} s of a wake's start (wns.retry_window); each authority's circuit breaker {}",
+        settings.wns_retry_window.as_secs(),
+        match b.failures_to_open {
+            0 => "never opens (wns.breaker_failures = 0)".to_owned(),
+            n => format!(
+                "opens after {n} connection failures in a row, for {} s to {} s",
+                b.open_for.as_secs(),
+                b.open_for_max.as_secs()
+            ),
+        }
+    )];
     let path = &settings.store.path;
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_dir() => {
@@ -326,7 +346,11 @@ impl Running {
                 tracing::warn!("the lifecycle thread is still in its step; going on without it");
             }
         }
-        // 3. Drain the wakes in flight.
+        // 3. Drain the wakes in flight; those waiting for a retry wait no
+        // longer than the step allows.
+        wakes
+            .sender()
+            .stop_retrying_within(Duration::from_millis(RETRIES_STOP_MS));
         let inflight = wakes.inflight();
         if inflight > 0 {
             tracing::info!(wakes = inflight, "waiting for wake-ups in flight");

@@ -186,10 +186,12 @@ fn metric(scrape: &str, name: &str) -> f64 {
 }
 
 /// Shutdown while a bulk wake runs, nudges are on and a caller waits for a
-/// wake, none of which can end soon (WNS answers every one `channelthrottled`,
-/// and a throttled channel is retried after a minute): each shutdown step
-/// keeps to its budget, so the process exits 0 within the shutdown limit,
-/// where the watchdog would exit 1.
+/// wake, none of which would end soon (WNS answers every one
+/// `channelthrottled`, and a throttled channel is retried after a minute):
+/// each shutdown step keeps to its budget, so the process exits 0 within
+/// the shutdown limit, where the watchdog would exit 1. The wakes waiting
+/// for their retry stop waiting within the drain's budget and end with
+/// WNS's last answer, which the waiting caller gets.
 #[test]
 fn shutdown_during_a_bulk_wake_with_nudges_on_exits_zero() {
     let env = [
@@ -225,7 +227,9 @@ fn shutdown_during_a_bulk_wake_with_nudges_on_exits_zero() {
     }
     let mut waiting = gw.client();
     let caller = std::thread::spawn(move || {
-        let _ = waiting.request("POST", "/v1/devices/waiter/push?wait=true", None, b"");
+        waiting
+            .request("POST", "/v1/devices/waiter/push?wait=true", None, b"")
+            .map(|r| (r.status, r.text()))
     });
     let bulk = (0..200).map(|i| (format!("bulk-{i}"), format!("xthrottle-bulk{i}")));
     assert_eq!(
@@ -253,13 +257,22 @@ fn shutdown_during_a_bulk_wake_with_nudges_on_exits_zero() {
     send_signal(gw.child.id(), 15);
     let status = wait_exit(&mut gw);
     assert_eq!(status.code(), Some(0), "{}", gw.stderr());
+    let log = gw.stderr();
+    assert!(log.contains("waiting for wake-ups in flight"), "{log}");
     assert!(
-        gw.stderr()
-            .contains("still in flight after the drain budget"),
-        "{}",
-        gw.stderr()
+        !log.contains("still in flight after the drain budget"),
+        "{log}"
     );
-    caller.join().unwrap();
+    let (status, answer) = caller.join().unwrap().expect("the caller's answer");
+    assert_eq!(status, 200, "{answer}");
+    let answer: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(answer["wns_outcome"], "channel_throttled", "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("shutting down")),
+        "{answer}"
+    );
 }
 
 /// `wnsgate import` against a gateway that wants a token: without one, or

@@ -1061,6 +1061,115 @@ async fn reset_every_n_drops_connections_with_requests_unanswered() {
     assert_eq!(sim.stats().connection_resets, 2);
 }
 
+/// Waits (on the real clock, the simulator's) until `ms` milliseconds
+/// have passed since `since`.
+async fn until_ms_after(since: std::time::Instant, ms: u64) {
+    let at = since + Duration::from_millis(ms);
+    tokio::time::sleep_until(at.into()).await;
+}
+
+#[tokio::test]
+async fn a_reset_window_reads_pushes_then_drops_their_connections_until_it_ends() {
+    let sim = start(SimConfig::default());
+    let c = H2::connect(&sim).await;
+    let t = c.classic_token().await;
+    let (mut h1, _) = H1::connect(&sim, &[b"http/1.1"]).await;
+    // Through the control API: the window starts with the PUT.
+    let set = wnsgate::clock::instant();
+    let r = c
+        .control(
+            Method::PUT,
+            "/_sim/faults",
+            r#"{"reset_window_ms":"0-1500"}"#,
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let v = c.control(Method::GET, "/_sim/faults", "").await.json();
+    assert_eq!(v["reset_window_ms"], "0-1500");
+    assert_eq!(v["refuse_window_ms"], serde_json::Value::Null);
+    // Token requests are served during the outage; pushes are read and
+    // processed, then their connection dies unanswered.
+    let c2 = H2::connect(&sim).await;
+    let t2 = c2.classic_token().await;
+    assert!(!t2.is_empty());
+    let results = join_all((0..5).map(|i| {
+        let (c, t) = (c.clone(), t.clone());
+        async move {
+            let req = Push::new(&channel(&format!("AwYAAADo{i}")), &t).build();
+            c.send(req, Bytes::from_static(b"wake")).await
+        }
+    }))
+    .await;
+    assert!(results.iter().all(|r| r.is_err()), "{results:?}");
+    assert!(h1
+        .roundtrip(&h1_push("AwYAAADo9", &t, "", "wake"))
+        .await
+        .is_err());
+    let s = sim.stats();
+    assert_eq!(s.outage_resets, 2, "{s:?}");
+    assert!(s.outage_unanswered_pushes >= 2, "{s:?}");
+    // What was read was processed: each channel saw it.
+    assert_eq!(s.pushes_total, s.outage_unanswered_pushes, "{s:?}");
+    assert_eq!(s.distinct_channels, s.outage_unanswered_pushes, "{s:?}");
+    assert_eq!(s.outage_refusals, 0, "{s:?}");
+    // Once the window is over, the same push is answered.
+    until_ms_after(set, 2000).await;
+    let c3 = H2::connect(&sim).await;
+    assert_eq!(c3.push(&channel("AwYAAADo0"), &t).await.status, 200);
+    let (mut h1, _) = H1::connect(&sim, &[b"http/1.1"]).await;
+    let r = h1
+        .roundtrip(&h1_push("AwYAAADo9", &t, "", "wake"))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(sim.stats().outage_resets, 2);
+}
+
+#[tokio::test]
+async fn a_refuse_window_resets_new_connections_and_requests_unread() {
+    let sim = start(SimConfig::default());
+    let c = H2::connect(&sim).await;
+    let t = c.classic_token().await;
+    sim.set_faults(Faults {
+        refuse_window_ms: Some("0-60000".parse().unwrap()),
+        ..Faults::default()
+    })
+    .unwrap();
+    // A new connection is reset before TLS completes (the connect itself
+    // may see the reset).
+    async fn tls_connect(sim: &SimHandle) -> std::io::Result<()> {
+        let tcp = TcpStream::connect(sim.addr).await?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(sim.ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(ServerName::try_from(HOST.to_owned()).unwrap(), tcp)
+            .await
+            .map(drop)
+    }
+    assert!(tls_connect(&sim).await.is_err(), "a refused connection");
+    // A request on a connection opened before is reset unread.
+    let req = Push::new(&channel("AwYAAADr1"), &t).build();
+    assert!(c.send(req, Bytes::from_static(b"wake")).await.is_err());
+    let s = sim.stats();
+    assert!(s.outage_refusals >= 1, "{s:?}");
+    assert_eq!(s.outage_resets, 1, "{s:?}");
+    assert_eq!((s.pushes_total, s.distinct_channels), (0, 0), "{s:?}");
+    // The outage ends when the faults are replaced.
+    sim.set_faults(Faults::default()).unwrap();
+    let c = H2::connect(&sim).await;
+    assert_eq!(c.push(&channel("AwYAAADr1"), &t).await.status, 200);
+    assert_eq!(sim.stats().outage_refusals, s.outage_refusals);
+}
+
 #[tokio::test]
 async fn stats_are_exact_for_a_known_sequence() {
     let sim = start(SimConfig::default());
@@ -1117,6 +1226,9 @@ async fn stats_are_exact_for_a_known_sequence() {
         header_table_flips: 0,
         table_size_violations: 0,
         table_flips_signalled: 0,
+        outage_resets: 0,
+        outage_refusals: 0,
+        outage_unanswered_pushes: 0,
     };
     assert_eq!(sim.stats(), want);
     // The same over HTTP: control requests are not answers of WNS, only

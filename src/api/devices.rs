@@ -273,6 +273,8 @@ struct StatsView {
     store_queue_depth: usize,
     refresh_queue: RefreshStats,
     ready: bool,
+    /// The circuit breaker of each WNS authority woken since the start.
+    wns_breakers: std::collections::BTreeMap<String, crate::sender::health::HealthView>,
 }
 
 #[derive(Serialize)]
@@ -313,6 +315,7 @@ pub(crate) fn stats(gw: &Gateway) -> Resp {
             store_queue_depth: gw.commits.queue_len(),
             refresh_queue: RefreshStats::from(gw.lifecycle.stats(gw.now()), gw.now()),
             ready: gw.is_ready(),
+            wns_breakers: gw.wakes.sender().breakers(),
         },
     )
 }

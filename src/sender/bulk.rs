@@ -1,18 +1,21 @@
 //! Many wakes driven by one task, without a future per wake: the path of
 //! bulk wakes.
 //!
-//! A wake that can go out at once (the credential not paused, a valid
-//! token, a free HTTP/2 stream) is encoded straight onto a connection with
-//! the batch's [`Sink`] and the wake's slot as its tag. The connection
-//! reports the stream's end to the sink; the batch takes the answer and
-//! judges it exactly as [`WnsSender::wake`] does. Whatever needs waiting
-//! (a retry after a back-off, a token refresh, a resend after a lost
-//! connection, a connection still to open, HTTP/1.1) goes on as an ordinary
-//! wake future, so the rare paths have one implementation.
+//! A wake that can go out at once (its authority's circuit breaker closed,
+//! the credential not paused, a valid token, a free HTTP/2 stream) is
+//! encoded straight onto a connection with the batch's [`Sink`] and the
+//! wake's slot as its tag. The connection reports the stream's end to the
+//! sink; the batch takes the answer and judges it exactly as
+//! [`WnsSender::wake`] does. Whatever needs waiting (a retry after a
+//! back-off, the breaker, a token refresh, a resend after a lost
+//! connection, a connection still to open, HTTP/1.1) goes on as an
+//! ordinary wake future, so the rare paths have one implementation. Those
+//! futures are polled by the batch's task among its other work: a wake
+//! waiting for its retry holds up no other wake of the batch.
 
 use super::conn::Protocol;
 use super::pool::{AuthorityPool, H2Sent, TryLease};
-use super::wake::{Step, Tries, WakeReport, WnsSender};
+use super::wake::{Step, Times, Tries, WakeReport, WnsSender};
 use super::wire::Sink;
 use crate::core::wns::request::{MAX_WAKE_HEADERS, WAKE_BODY};
 use crate::core::wns::AccessToken;
@@ -112,11 +115,12 @@ impl<T: WakeTarget> WakeBatch<T> {
         };
         let path = uri.path_and_query();
         let token = match sender.credential_wait(app) {
-            None if pool.accepts(path) => app.tokens.try_token(),
+            None if pool.accepts(path) && pool.health().is_closed() => app.tokens.try_token(),
             _ => None,
         };
         let Some(token) = token else {
-            // Paused, no token at hand, or a URI the slow path refuses.
+            // Paused, the breaker not closed, no token at hand, or a URI
+            // the slow path refuses.
             sender.begun();
             self.go_slow(target, Tries::new(), None, started);
             return Ok(());
@@ -217,19 +221,25 @@ impl<T: WakeTarget> WakeBatch<T> {
             }
         };
         self.free.push(slot);
-        flight.pool.ended(&flight.sent);
+        flight.pool.ended(&flight.sent, &result);
         let sender = self.sender.clone();
         let Some(app) = sender.app(flight.target.pfn()) else {
             // Not reached: the wake was sent with this app's token.
             return self.go_slow(flight.target, flight.tries, None, flight.started);
         };
         let mut answered = None;
+        let times = Times {
+            started: flight.started,
+            sent: flight.started,
+            got,
+        };
         let step = sender.judge(
             app,
+            flight.pool.health(),
             &mut flight.tries,
             &flight.token,
             result.map(|r| (r, Protocol::H2)),
-            (flight.started, got),
+            times,
             &mut answered,
             &|| at,
         );

@@ -58,11 +58,17 @@ impl Protocol {
 /// Why a request got no HTTP answer.
 ///
 /// What a resend risks follows from the variant: [`ConnError::Unprocessed`],
-/// a stream refused with REFUSED_STREAM, and a failed connect or TLS
-/// handshake never reached the application, so sending them again is
-/// safe; any other [`ConnError::Reset`], and [`ConnError::Lost`], may have
-/// been processed, so a resend may wake the device twice
-/// ([`ConnError::may_have_been_processed`]).
+/// [`ConnError::Unwritten`], a stream refused with REFUSED_STREAM, and a
+/// failed connect or TLS handshake never reached the application, so
+/// sending them again is safe; any other [`ConnError::Reset`], and
+/// [`ConnError::Lost`], may have been processed, so a resend may wake the
+/// device twice ([`ConnError::may_have_been_processed`]).
+///
+/// Whether a resend waits follows from it too: a failed connect or
+/// handshake and a connection that died ([`ConnError::is_connection_failure`])
+/// are signs of a front end in trouble, counted by the authority's circuit
+/// breaker and resent after a back-off; a refused or reset stream, or a
+/// connection going away gracefully, are resent at once.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnError {
     #[error("connect to {0} failed: {1}")]
@@ -73,9 +79,17 @@ pub enum ConnError {
     Timeout(&'static str),
     /// The server did not process the request: its stream was above a
     /// GOAWAY's last stream id (RFC 9113 section 8.7), or it was never
-    /// written because the connection was closing or lost first.
+    /// written because the connection was closing or had no free stream.
     #[error("not processed by the server: {0}")]
     Unprocessed(String),
+    /// The connection died (reset, closed, silent) before any of the
+    /// request was written: not processed, but its front end is failing.
+    #[error("connection lost before the request was written: {0}")]
+    Unwritten(String),
+    /// Not sent: the circuit breaker of this authority is open, and this
+    /// request was not its probe. Nothing was tried.
+    #[error("not sent: the circuit to {0} is open")]
+    CircuitOpen(String),
     /// The server reset this request's stream with this HTTP/2 error code.
     /// REFUSED_STREAM means it was not processed (RFC 9113 section 8.7);
     /// after any other code it may have been. The connection goes on
@@ -102,10 +116,25 @@ impl ConnError {
         matches!(
             self,
             ConnError::Unprocessed(_)
+                | ConnError::Unwritten(_)
                 | ConnError::Reset(_)
                 | ConnError::Lost(_)
                 | ConnError::Connect(..)
                 | ConnError::Tls(..)
+        )
+    }
+
+    /// True when the connection itself failed: it could not be opened
+    /// (connect, TLS or HTTP/2 handshake), or it died with this request
+    /// unanswered. A resend waits a back-off, and the authority's breaker
+    /// counts the connection as failed.
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(
+            self,
+            ConnError::Connect(..)
+                | ConnError::Tls(..)
+                | ConnError::Lost(_)
+                | ConnError::Unwritten(_)
         )
     }
 
@@ -229,6 +258,7 @@ async fn open(
     let name = ServerName::try_from(sni.to_owned())
         .map_err(|e| ConnError::Tls(sni.to_owned(), e.to_string()))?;
     let handshake = Handshake {
+        dial: dial.to_owned(),
         sni: sni.to_owned(),
         name,
         tls,
@@ -237,13 +267,18 @@ async fn open(
     };
     match crate::shard::connect(dial, t.connect, handshake).await {
         Ok(opened) => opened,
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(ConnError::Timeout("connect")),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Err(ConnError::Connect(
+            dial.to_owned(),
+            format!("no connection within {} ms", t.connect.as_millis()),
+        )),
         Err(e) => Err(ConnError::Connect(dial.to_owned(), e.to_string())),
     }
 }
 
 /// TLS and the HTTP handshake on a connected socket, for either backend.
 struct Handshake {
+    /// `host:port` dialled, for errors.
+    dial: String,
     sni: String,
     name: ServerName<'static>,
     tls: Arc<ClientConfig>,
@@ -289,16 +324,44 @@ impl Handshake {
         IO: AsyncRead + AsyncWrite + Unpin + 'static,
     {
         let t = self.timeouts;
+        // A handshake the socket failed (reset, closed, silent) is a
+        // connection that could not be opened; one that TLS itself
+        // refused (a certificate, an alert) is a TLS failure.
         let stream =
             tokio::time::timeout(t.tls, TlsConnector::from(self.tls).connect(self.name, io))
                 .await
-                .map_err(|_| ConnError::Timeout("TLS handshake"))?
-                .map_err(|e| ConnError::Tls(self.sni.clone(), e.to_string()))?;
+                .map_err(|_| {
+                    ConnError::Connect(
+                        self.dial.clone(),
+                        format!("no TLS handshake within {} ms", t.tls.as_millis()),
+                    )
+                })?
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::InvalidData => {
+                        ConnError::Tls(self.sni.clone(), e.to_string())
+                    }
+                    _ => ConnError::Connect(
+                        self.dial.clone(),
+                        format!("during the TLS handshake: {e}"),
+                    ),
+                })?;
         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
         if h2 {
             let (client, conn) = tokio::time::timeout(t.tls, super::wire::handshake(stream))
                 .await
-                .map_err(|_| ConnError::Timeout("HTTP/2 handshake"))??;
+                .map_err(|_| {
+                    ConnError::Connect(
+                        self.dial.clone(),
+                        format!("no HTTP/2 handshake within {} ms", t.tls.as_millis()),
+                    )
+                })?
+                .map_err(|e| match e {
+                    ConnError::Unprocessed(why) | ConnError::Lost(why) => ConnError::Connect(
+                        self.dial.clone(),
+                        format!("during the HTTP/2 handshake: {why}"),
+                    ),
+                    other => other,
+                })?;
             Ok((Conn::H2(client), Driver::H2(conn)))
         } else {
             let (send, conn) = hyper::client::conn::http1::Builder::new()

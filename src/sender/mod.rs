@@ -2,12 +2,14 @@
 //! authority, over TLS with HTTP/2 or HTTP/1.1.
 //!
 //! Owns: TLS configuration, connection establishment, connection pools with
-//! stream permits. Protocol decisions (how to read an answer, whether to
+//! stream permits, and each WNS authority's health (its circuit breaker
+//! and back-off levels, [`health`]). Protocol decisions (how to read an answer, whether to
 //! retry, token lifetimes) live in [`crate::core::wns`]; this layer only
 //! moves requests and answers.
 
 pub mod bulk;
 pub mod conn;
+pub mod health;
 pub mod hpack;
 pub mod limits;
 pub mod pool;

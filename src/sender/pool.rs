@@ -8,8 +8,16 @@
 //! the reason, and the caller decides whether to send them again (see
 //! [`ConnError`]). A stream the server resets ends only that request: the
 //! connection stays in the pool and goes on serving the others.
+//!
+//! Every pool of one authority reports to that authority's
+//! [`AuthorityHealth`]: each answer, each failed connect, and each
+//! connection retired because it died with requests unanswered (once per
+//! connection, however many requests it carried). While the authority's
+//! circuit breaker is not closed, a pool opens a connection only for the
+//! breaker's probe.
 
 use super::conn::{self, Conn, ConnError, Protocol, Reply, Timeouts};
+use super::health::AuthorityHealth;
 use super::wire::{self, H2Client, Sink};
 use bytes::Bytes;
 use http::uri::{Authority, Parts, PathAndQuery, Scheme};
@@ -141,15 +149,37 @@ pub struct AuthorityPool {
     timeouts: Timeouts,
     inner: Mutex<Inner>,
     freed: Notify,
+    health: Arc<AuthorityHealth>,
 }
 
 impl AuthorityPool {
+    /// A pool with a health of its own (default breaker policy, one
+    /// credential): for a pool used alone.
     pub fn new(
         authority: &str,
         dial: &str,
         tls: Arc<ClientConfig>,
         limits: PoolLimits,
         timeouts: Timeouts,
+    ) -> AuthorityPool {
+        let health = Arc::new(AuthorityHealth::new(
+            authority,
+            1,
+            Default::default(),
+            Default::default(),
+        ));
+        AuthorityPool::with_health(authority, dial, tls, limits, timeouts, health)
+    }
+
+    /// A pool reporting to `health`, which the authority's other pools
+    /// share.
+    pub fn with_health(
+        authority: &str,
+        dial: &str,
+        tls: Arc<ClientConfig>,
+        limits: PoolLimits,
+        timeouts: Timeouts,
+        health: Arc<AuthorityHealth>,
     ) -> AuthorityPool {
         AuthorityPool {
             authority: authority.into(),
@@ -160,12 +190,18 @@ impl AuthorityPool {
             timeouts,
             inner: Mutex::new(Inner::default()),
             freed: Notify::new(),
+            health,
         }
     }
 
     /// The host this pool's connections present as SNI and `:authority`.
     pub fn authority(&self) -> &str {
         &self.authority
+    }
+
+    /// The health of this pool's authority, shared with its other pools.
+    pub fn health(&self) -> &Arc<AuthorityHealth> {
+        &self.health
     }
 
     /// True when a request to `path_and_query` on this authority is a
@@ -219,12 +255,27 @@ impl AuthorityPool {
 
     /// POSTs `body` to `uri` with `headers` on some connection of this pool,
     /// opening one when all are busy and the limit allows, otherwise
-    /// waiting for a free stream or connection.
+    /// waiting for a free stream or connection. While the authority's
+    /// breaker is not closed it opens no connection: the request fails
+    /// with [`ConnError::CircuitOpen`] instead of waiting for one.
     pub async fn post(
         &self,
         path_and_query: &str,
         headers: &[(HeaderName, HeaderValue)],
         body: Bytes,
+    ) -> Result<(Reply, Protocol), ConnError> {
+        self.send(path_and_query, headers, body, false).await
+    }
+
+    /// [`AuthorityPool::post`]; with `probe`, the request is the probe the
+    /// authority's breaker admitted, and may open a connection whatever
+    /// the breaker's state.
+    pub async fn send(
+        &self,
+        path_and_query: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        body: Bytes,
+        probe: bool,
     ) -> Result<(Reply, Protocol), ConnError> {
         loop {
             let waiter = self.freed.notified();
@@ -239,6 +290,7 @@ impl AuthorityPool {
                         self.timeouts.request,
                     )
                     .await;
+                    self.report(&r);
                     self.release_h2(id);
                     return r.map(|reply| (reply, Protocol::H2));
                 }
@@ -259,8 +311,19 @@ impl AuthorityPool {
                         self.timeouts.request,
                     ))
                     .await;
+                    self.report(&r);
+                    if matches!(&r, Err(e) if e.is_connection_failure()) {
+                        // One request per HTTP/1.1 connection: this one died.
+                        self.health
+                            .on_connection_failed(crate::clock::monotonic_ms(), &describe(&r));
+                    }
                     self.release_h1(send, r.is_ok());
                     return r.map(|reply| (reply, Protocol::Http1));
+                }
+                Lease::Connect if !probe && !self.health.is_closed() => {
+                    self.inner.lock().connecting -= 1;
+                    self.freed.notify_one();
+                    return Err(ConnError::CircuitOpen(self.authority.to_string()));
                 }
                 Lease::Connect => {
                     // Boxed: connecting (TCP, TLS, HTTP handshakes) is a
@@ -293,6 +356,8 @@ impl AuthorityPool {
                         Err(e) => {
                             drop(g);
                             self.freed.notify_one();
+                            self.health
+                                .on_connection_failed(crate::clock::monotonic_ms(), &e.to_string());
                             return Err(e);
                         }
                     }
@@ -323,7 +388,14 @@ impl AuthorityPool {
         let cap = self.limits.max_streams_per_conn;
         // A connection going away takes no new streams: retire it (its
         // open streams finish on their own).
-        g.h2.retain(|s| !s.send.is_closed());
+        let health = &self.health;
+        g.h2.retain(|s| {
+            let closed = s.send.is_closed();
+            if closed {
+                retired(health, s);
+            }
+            !closed
+        });
         let slot =
             g.h2.iter_mut()
                 .filter(|s| s.inflight < cap.min(s.send.max_streams()).max(1))
@@ -335,9 +407,20 @@ impl AuthorityPool {
         })
     }
 
-    /// The answer to `sent` was taken: its stream is free again.
-    pub fn ended(&self, sent: &H2Sent) {
+    /// The answer to `sent`, `result`, was taken: its stream is free
+    /// again.
+    pub fn ended(&self, sent: &H2Sent, result: &Result<Reply, ConnError>) {
+        self.report(result);
         self.release_h2(sent.conn);
+    }
+
+    /// Tells the authority's health that a request was answered (an HTTP
+    /// answer, or a stream the server reset: it is talking). Connection
+    /// failures are told once per connection, as it is retired.
+    fn report<T>(&self, result: &Result<T, ConnError>) {
+        if matches!(result, Ok(_) | Err(ConnError::Reset(_))) {
+            self.health.on_answer();
+        }
     }
 
     /// A stream of connection `id` ended. The connection is retired when
@@ -349,7 +432,8 @@ impl AuthorityPool {
         let mut g = self.inner.lock();
         if let Some(pos) = g.h2.iter().position(|s| s.id == id) {
             if g.h2[pos].send.is_closed() {
-                g.h2.swap_remove(pos);
+                let slot = g.h2.swap_remove(pos);
+                retired(&self.health, &slot);
             } else {
                 g.h2[pos].inflight -= 1;
             }
@@ -366,5 +450,23 @@ impl AuthorityPool {
         }
         drop(g);
         self.freed.notify_one();
+    }
+}
+
+/// A connection leaves its pool: when it died with requests unanswered,
+/// that is one connection failure of its authority.
+fn retired(health: &AuthorityHealth, slot: &H2Slot) {
+    if slot.send.failed() {
+        health.on_connection_failed(
+            crate::clock::monotonic_ms(),
+            "the connection was lost with requests unanswered",
+        );
+    }
+}
+
+fn describe<T>(r: &Result<T, ConnError>) -> String {
+    match r {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
     }
 }

@@ -1,11 +1,19 @@
 //! Waking one device: token, request, answer, retry, as the core decides.
 //!
 //! [`WnsSender`] is shared by all shards. It owns one [`TokenSource`] per
-//! configured app (PFN), one throttle per credential, and one set of
+//! configured app (PFN), one throttle per credential, one
+//! [`AuthorityHealth`] per WNS authority (its circuit breaker, and the
+//! back-off level of each credential sending to it), and one set of
 //! connection pools per shard and authority, so a shard's pushes travel on
 //! connections that shard's runtime drives.
+//!
+//! A wake waits before a retry (the back-off, a credential pause, its
+//! authority's breaker) within `wns.retry_window` of its start; the waits
+//! are timers of the wake's own future, so a bulk wake's task goes on with
+//! its other wakes meanwhile.
 
 use super::conn::{ConnError, Protocol, Reply, Timeouts, REFUSED_STREAM};
+use super::health::{AuthorityHealth, HealthView};
 use super::pool::{AuthorityPool, PoolLimits};
 use super::tls::{self, Alpn};
 use super::tokens::{TokenEndpoint, TokenSource};
@@ -13,11 +21,13 @@ use crate::clock::monotonic_ms;
 use crate::config::{resolve_secret, Settings};
 use crate::core::wns::request::{new_cv_header, write_wake_headers, MAX_WAKE_HEADERS, WAKE_BODY};
 use crate::core::wns::retry::{
-    CredentialSignal, CredentialThrottle, Decision, PushAttempt, RetryPolicy,
+    CredentialSignal, CredentialThrottle, Decision, NoAnswer, PushAttempt, Resend, RetryContext,
+    RetryPolicy,
 };
 use crate::core::wns::token::TokenFlow;
 use crate::core::wns::AccessToken;
 use crate::core::wns::{classify, Outcome, PushResult, WnsMeta};
+use crate::core::wns::{Admit, BreakerPolicy};
 use crate::core::{ChannelUri, DeadReason, UnixTime};
 use crate::telemetry::metrics as m;
 use anyhow::Context;
@@ -25,10 +35,12 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use metrics::{Counter, Gauge, Histogram};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// What became of one wake-up.
 ///
@@ -152,14 +164,18 @@ impl SenderMetrics {
 pub(super) struct App {
     pub(super) tokens: Arc<TokenSource>,
     throttle: Mutex<CredentialThrottle>,
+    /// Its place in `[[wns.apps]]`: its back-off gate at each authority.
+    index: usize,
 }
 
-/// How far one wake got: the core's attempt state, and the resends of
-/// requests that got no answer (which do not count as attempts).
+/// How far one wake got: the core's attempt state (answered requests,
+/// resends of requests that got no answer), and how it would end if it
+/// were retried no more.
 #[derive(Debug, Default)]
 pub(super) struct Tries {
     pub(super) attempt: PushAttempt,
-    pub(super) lost: u32,
+    /// The last failure, as the wake's report were it the last.
+    last: Option<Box<WakeReport>>,
 }
 
 impl Tries {
@@ -173,6 +189,26 @@ pub(super) enum Step {
     Done(WakeReport),
     /// Send again, after waiting this long if given.
     Again(Option<Duration>),
+}
+
+/// The times of one request: when its wake started, when it was sent,
+/// when its result came.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Times {
+    pub(super) started: Instant,
+    pub(super) sent: Instant,
+    pub(super) got: Instant,
+}
+
+/// Why a wait for a retry ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waited {
+    /// Its time came.
+    Done,
+    /// The authority's breaker changed state: look again now.
+    Changed,
+    /// The gateway is shutting down and retries have stopped.
+    Stopping,
 }
 
 fn no_credentials(pfn: &str, now: UnixTime) -> WakeReport {
@@ -201,8 +237,16 @@ pub struct WnsSender {
     limits: PoolLimits,
     timeouts: Timeouts,
     policy: RetryPolicy,
+    breaker: BreakerPolicy,
     /// Per shard: pools by authority.
     pools: Vec<Mutex<HashMap<String, Arc<AuthorityPool>>>>,
+    /// By authority, shared by every shard's pool for it.
+    healths: Mutex<HashMap<String, Arc<AuthorityHealth>>>,
+    /// [`monotonic_ms`] after which no retry starts or waits: set when the
+    /// gateway shuts down; `u64::MAX` until then.
+    retries_until_ms: AtomicU64,
+    /// Notified when `retries_until_ms` is set.
+    stop: Notify,
     /// `X-WNS-TTL` to send, seconds (`wns.ttl`).
     ttl_secs: Option<u32>,
     /// Send `X-WNS-RequestForStatus: true` (`wns.request_for_status`).
@@ -244,6 +288,7 @@ impl WnsSender {
                 App {
                     tokens,
                     throttle: Mutex::new(CredentialThrottle::new()),
+                    index: i,
                 },
             );
         }
@@ -254,10 +299,25 @@ impl WnsSender {
             connect_to,
             limits: PoolLimits::default(),
             timeouts,
-            policy: RetryPolicy::default(),
+            policy: RetryPolicy {
+                window: settings.wns_retry_window,
+                max_unanswered_resends: super::limits::LOST_RESENDS_MAX,
+                ..RetryPolicy::default()
+            },
+            breaker: BreakerPolicy {
+                probe_timeout: Duration::from_millis(
+                    super::limits::CONNECT_MS_MAX
+                        + super::limits::TLS_HANDSHAKE_MS_MAX
+                        + super::limits::REQUEST_MS_MAX,
+                ),
+                ..settings.wns_breaker
+            },
             pools: (0..shards.max(1))
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
+            healths: Mutex::new(HashMap::new()),
+            retries_until_ms: AtomicU64::new(u64::MAX),
+            stop: Notify::new(),
             ttl_secs: settings.wns_ttl_secs,
             request_status: settings.wns.request_for_status,
             metrics: OnceLock::new(),
@@ -273,15 +333,57 @@ impl WnsSender {
             .connect_to
             .clone()
             .unwrap_or_else(|| format!("{authority}:443"));
-        let pool = Arc::new(AuthorityPool::new(
+        let pool = Arc::new(AuthorityPool::with_health(
             authority,
             &dial,
             self.tls.clone(),
             self.limits,
             self.timeouts,
+            self.health(authority),
         ));
         pools.insert(authority.to_owned(), pool.clone());
         pool
+    }
+
+    /// The health of `authority`, made on first use.
+    fn health(&self, authority: &str) -> Arc<AuthorityHealth> {
+        self.healths
+            .lock()
+            .entry(authority.to_owned())
+            .or_insert_with(|| {
+                Arc::new(AuthorityHealth::new(
+                    authority,
+                    self.apps.len(),
+                    self.breaker,
+                    self.policy.clone(),
+                ))
+            })
+            .clone()
+    }
+
+    /// The circuit breaker of every WNS authority woken so far, by
+    /// authority, for `GET /v1/stats`.
+    pub fn breakers(&self) -> BTreeMap<String, HealthView> {
+        let now = monotonic_ms();
+        self.healths
+            .lock()
+            .iter()
+            .map(|(a, h)| (a.clone(), h.view(now)))
+            .collect()
+    }
+
+    /// The retry policy in force (`wns.retry_window` and the budgets).
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.policy
+    }
+
+    /// Shutdown: no wake starts or goes on waiting for a retry after
+    /// `within` from now; one whose wait would end later ends then with
+    /// its last failure, so that its result is kept.
+    pub fn stop_retrying_within(&self, within: Duration) {
+        let until = monotonic_ms().saturating_add(within.as_millis() as u64);
+        self.retries_until_ms.fetch_min(until, Ordering::AcqRel);
+        self.stop.notify_waiters();
     }
 
     fn metrics(&self) -> &SenderMetrics {
@@ -320,7 +422,7 @@ impl WnsSender {
     ) -> WakeReport {
         let mut answered = None;
         let report = self
-            .attempts(shard, uri, pfn, tries, wait, &mut answered)
+            .attempts(shard, uri, pfn, tries, wait, started, &mut answered)
             .await;
         self.finished(uri, pfn, &report, started, answered);
         report
@@ -345,7 +447,10 @@ impl WnsSender {
         log_final(uri, pfn, report);
     }
 
-    /// The request, answer and retry loop of [`WnsSender::wake`].
+    /// The request, answer and retry loop of [`WnsSender::wake`]: before
+    /// each send, the back-off, the credential's pause and the
+    /// authority's breaker, each waited for within the wake's window.
+    #[allow(clippy::too_many_arguments)]
     async fn attempts(
         &self,
         shard: usize,
@@ -353,6 +458,7 @@ impl WnsSender {
         pfn: &str,
         mut tries: Tries,
         mut wait: Option<Duration>,
+        started: Instant,
         answered: &mut Option<Instant>,
     ) -> WakeReport {
         let now = &crate::clock::now;
@@ -360,29 +466,47 @@ impl WnsSender {
             return no_credentials(pfn, now());
         };
         let pool = self.pool(shard, uri.host());
+        let health = pool.health();
         let target = uri.path_and_query();
         if !pool.accepts(target) {
             return bad_channel_uri(now());
         }
+        let window_end = started + self.policy.window;
         let body = Bytes::from_static(WAKE_BODY);
         let mut headers = Vec::with_capacity(MAX_WAKE_HEADERS);
         loop {
             if let Some(wait) = wait.take() {
                 // Boxed: rare, and every wake in flight would otherwise
-                // carry the timer inline.
-                Box::pin(tokio::time::sleep(wait)).await;
+                // carry the timer inline. The breaker closing ends the
+                // wait early: the authority answers again.
+                let until = crate::clock::instant() + wait;
+                if Box::pin(self.pause(health, until, true)).await == Waited::Stopping {
+                    return self.stopped(&mut tries, health, now());
+                }
             }
             if let Some(wait) = self.credential_wait(app) {
-                if wait > self.policy.max_retry_after {
+                let until = crate::clock::instant().checked_add(wait);
+                if wait > self.policy.max_retry_after || until.is_none_or(|u| u > window_end) {
                     return WakeReport::failed(
                         PushResult::CredentialThrottled,
-                        "the credential is paused by WNS".into(),
+                        "the credential is paused by WNS past the retry window".into(),
                         tries.attempt.attempts(),
                         now(),
                     );
                 }
-                Box::pin(tokio::time::sleep(wait)).await;
+                let until = until.unwrap_or(window_end);
+                if Box::pin(self.pause(health, until, false)).await == Waited::Stopping {
+                    return self.stopped(&mut tries, health, now());
+                }
             }
+            let probe = match Box::pin(self.admission(health, window_end)).await {
+                Ok(probe) => probe,
+                Err(Waited::Stopping) => return self.stopped(&mut tries, health, now()),
+                Err(_) => return self.window_ran_out(&mut tries, health, now()),
+            };
+            // Whatever becomes of it, a probe's end lets the breaker
+            // admit another when no verdict came of it.
+            let _probe = probe.then(|| ProbeEnds(health));
             let token = match app.tokens.token().await {
                 Ok(t) => t,
                 Err(e) => {
@@ -397,12 +521,120 @@ impl WnsSender {
             self.write_headers(&mut headers, &token, body.len());
             *answered = None;
             let sent = crate::clock::instant();
-            let result = pool.post(target, &headers, body.clone()).await;
+            let result = pool.send(target, &headers, body.clone(), probe).await;
             let got = crate::clock::instant();
-            match self.judge(app, &mut tries, &token, result, (sent, got), answered, now) {
+            let times = Times { started, sent, got };
+            match self.judge(
+                app, health, &mut tries, &token, result, times, answered, now,
+            ) {
                 Step::Done(report) => return report,
                 Step::Again(w) => wait = w,
             }
+        }
+    }
+
+    /// Waits until `until`, at most until retries stop (shutdown); with
+    /// `on_change`, also until the authority's breaker changes state.
+    async fn pause(&self, health: &AuthorityHealth, until: Instant, on_change: bool) -> Waited {
+        loop {
+            let stop = self.stop.notified();
+            let changed = health.changed();
+            let (end, stopping) = match self.retries_until() {
+                Some(s) if s <= until => (s, true),
+                _ => (until, false),
+            };
+            tokio::select! {
+                biased;
+                // Retries stop from some time on: wait again, up to then.
+                _ = stop => continue,
+                _ = changed, if on_change => return Waited::Changed,
+                _ = tokio::time::sleep_until(end.into()) => {
+                    return if stopping { Waited::Stopping } else { Waited::Done };
+                }
+            }
+        }
+    }
+
+    /// Waits for the authority's breaker to admit this wake, at most
+    /// until `window_end`: `Ok(true)` when it goes as the breaker's probe,
+    /// `Ok(false)` when the breaker is closed; `Err(Waited::Done)` when the
+    /// window ran out first, `Err(Waited::Stopping)` at shutdown.
+    async fn admission(
+        &self,
+        health: &AuthorityHealth,
+        window_end: Instant,
+    ) -> Result<bool, Waited> {
+        loop {
+            let ms = monotonic_ms();
+            let until_ms = match health.admit(ms) {
+                Admit::Go => return Ok(false),
+                Admit::Probe => return Ok(true),
+                Admit::Wait { until_ms } => until_ms,
+            };
+            let now = crate::clock::instant();
+            if now >= window_end {
+                return Err(Waited::Done);
+            }
+            let until = now
+                .checked_add(Duration::from_millis(until_ms.saturating_sub(ms)))
+                .map_or(window_end, |u| u.min(window_end));
+            match self.pause(health, until, true).await {
+                Waited::Stopping => return Err(Waited::Stopping),
+                Waited::Done | Waited::Changed => {}
+            }
+        }
+    }
+
+    /// When retries stop (shutdown), if they do.
+    fn retries_until(&self) -> Option<Instant> {
+        let until = self.retries_until_ms.load(Ordering::Acquire);
+        (until != u64::MAX).then(|| {
+            let now_ms = monotonic_ms();
+            crate::clock::instant() + Duration::from_millis(until.saturating_sub(now_ms))
+        })
+    }
+
+    /// The report of a wake whose window ran out while it waited to be
+    /// sent (again): its authority's breaker stayed open.
+    fn window_ran_out(
+        &self,
+        tries: &mut Tries,
+        health: &AuthorityHealth,
+        now: UnixTime,
+    ) -> WakeReport {
+        let why = format!(
+            "no retry within wns.retry_window ({} s): the circuit breaker of {} stayed {}",
+            self.policy.window.as_secs(),
+            health.authority(),
+            health.state().label(),
+        );
+        give_up(tries, PushResult::RetryWindowExhausted, why, now)
+    }
+
+    /// The report of a wake whose wait was cut short by the shutdown.
+    fn stopped(&self, tries: &mut Tries, health: &AuthorityHealth, now: UnixTime) -> WakeReport {
+        match tries.last.take() {
+            Some(last) => {
+                let mut r = *last;
+                let why = "not retried: the gateway is shutting down";
+                r.error = Some(match (r.error.take(), r.wns_outcome) {
+                    (Some(e), _) => format!("{why}; last: {e}"),
+                    (None, Some(o)) => format!("{why}; last: WNS answered {}", o.label()),
+                    (None, None) => why.to_owned(),
+                });
+                r.at = now;
+                r
+            }
+            None => WakeReport::failed(
+                PushResult::ConnectFailed,
+                format!(
+                    "not sent: the gateway is shutting down while the circuit breaker of {} is {}",
+                    health.authority(),
+                    health.state().label()
+                ),
+                tries.attempt.attempts(),
+                now,
+            ),
         }
     }
 
@@ -427,25 +659,69 @@ impl WnsSender {
         );
     }
 
-    /// What follows the result of one request sent at `sent` with `token`
-    /// and ended by `got`: the final report, or another try (after a
-    /// wait). Sets `answered` when WNS answered.
+    /// What follows the result of one request sent with `token`: the
+    /// final report, or another try (after a wait). Sets `answered` when
+    /// WNS answered. Feeds the back-off gate of the app at the request's
+    /// authority (`health`): a failure worth backing off for raises it, an
+    /// answer that is not one ends its episode.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn judge(
         &self,
         app: &App,
+        health: &AuthorityHealth,
         tries: &mut Tries,
         token: &AccessToken,
         result: Result<(Reply, Protocol), ConnError>,
-        (sent, got): (Instant, Instant),
+        times: Times,
         answered: &mut Option<Instant>,
         now: &impl Fn() -> UnixTime,
     ) -> Step {
         let met = self.metrics();
+        let elapsed = times.got.saturating_duration_since(times.started);
         let (reply, protocol) = match result {
             Ok(r) => r,
-            Err(e) if resend_allowed(&e, tries) => {
-                tries.lost += 1;
+            // Never tried: the loop waits for the breaker, no budget spent.
+            Err(ConnError::CircuitOpen(_)) => return Step::Again(None),
+            Err(e) if e.is_retryable_elsewhere() => {
+                let why = if e.is_connection_failure() {
+                    NoAnswer::ConnectionFailed
+                } else {
+                    NoAnswer::Retired
+                };
+                let level = match why {
+                    NoAnswer::ConnectionFailed => health.gate_failure(app.index, monotonic_ms()),
+                    NoAnswer::Retired => 0,
+                };
+                let ctx = RetryContext {
+                    elapsed,
+                    level,
+                    jitter: crate::clock::random::<u64>(),
+                };
+                let attempts = tries.attempt.attempts() + 1;
+                let wait = match tries.attempt.on_no_answer(why, &self.policy, ctx) {
+                    Resend::Now => None,
+                    Resend::After(wait) => Some(wait),
+                    Resend::Exhausted => {
+                        return Step::Done(WakeReport::failed(
+                            transport_result(&e),
+                            e.to_string(),
+                            attempts,
+                            now(),
+                        ))
+                    }
+                    Resend::WindowExhausted => {
+                        let why = format!(
+                            "no retry within wns.retry_window ({} s); last: {e}",
+                            self.policy.window.as_secs()
+                        );
+                        return Step::Done(WakeReport::failed(
+                            PushResult::RetryWindowExhausted,
+                            why,
+                            attempts,
+                            now(),
+                        ));
+                    }
+                };
                 let reason = resend_reason(&e);
                 metrics::counter!(m::WNS_RESENDS, "reason" => reason).increment(1);
                 if e.may_have_been_processed() {
@@ -453,7 +729,13 @@ impl WnsSender {
                     // woken twice. Harmless, and counted.
                     metrics::counter!(m::PUSH_POSSIBLE_DUPLICATES, "reason" => reason).increment(1);
                 }
-                return Step::Again(None);
+                tries.last = Some(Box::new(WakeReport::failed(
+                    transport_result(&e),
+                    e.to_string(),
+                    attempts,
+                    now(),
+                )));
+                return Step::Again(wait);
             }
             Err(e) => {
                 return Step::Done(WakeReport::failed(
@@ -464,15 +746,27 @@ impl WnsSender {
                 ))
             }
         };
-        *answered = Some(got);
-        met.latency.record(got.duration_since(sent).as_secs_f64());
+        *answered = Some(times.got);
+        met.latency
+            .record(times.got.duration_since(times.sent).as_secs_f64());
         let at = now();
         let outcome = classify::outcome(reply.status, &reply.headers, at);
         met.response(&outcome, reply.status).increment(1);
-        let verdict =
-            tries
-                .attempt
-                .on_outcome(&outcome, &self.policy, crate::clock::random::<u64>());
+        let level = match outcome {
+            Outcome::ServerError { .. } | Outcome::SenderThrottled { .. } => {
+                health.gate_failure(app.index, monotonic_ms())
+            }
+            _ => {
+                health.gate_success(app.index);
+                0
+            }
+        };
+        let ctx = RetryContext {
+            elapsed,
+            level,
+            jitter: crate::clock::random::<u64>(),
+        };
+        let verdict = tries.attempt.on_outcome(&outcome, &self.policy, ctx);
         match verdict.credential {
             Some(CredentialSignal::Throttle { pause }) => {
                 app.throttle
@@ -499,6 +793,17 @@ impl WnsSender {
             }
             Decision::RetryAfter(wait) => {
                 metrics::counter!(m::WNS_RESENDS, "reason" => outcome.label()).increment(1);
+                tries.last = Some(Box::new(WakeReport {
+                    result: PushResult::AttemptsExhausted,
+                    wns_outcome: Some(outcome),
+                    status: Some(reply.status),
+                    reply: Some(reply.headers),
+                    dead: None,
+                    attempts: tries.attempt.attempts(),
+                    protocol: Some(protocol.label()),
+                    at,
+                    error: None,
+                }));
                 return Step::Again(Some(wait));
             }
         };
@@ -531,6 +836,36 @@ impl WnsSender {
     }
 }
 
+/// Ends the probe a wake was admitted as, when dropped (see
+/// [`AuthorityHealth::probe_ended`]).
+struct ProbeEnds<'a>(&'a AuthorityHealth);
+
+impl Drop for ProbeEnds<'_> {
+    fn drop(&mut self) {
+        self.0.probe_ended();
+    }
+}
+
+/// The report of a wake that stops retrying as `result`, for `why`: its
+/// last failure (WNS's last answer, if any) with the reason added.
+fn give_up(tries: &mut Tries, result: PushResult, why: String, now: UnixTime) -> WakeReport {
+    match tries.last.take() {
+        Some(last) => {
+            let mut r = *last;
+            let error = match (r.error.take(), r.wns_outcome) {
+                (Some(e), _) => format!("{why}; last: {e}"),
+                (None, Some(o)) => format!("{why}; last: WNS answered {}", o.label()),
+                (None, None) => why,
+            };
+            r.result = result;
+            r.error = Some(error);
+            r.at = now;
+            r
+        }
+        None => WakeReport::failed(result, why, tries.attempt.attempts(), now),
+    }
+}
+
 /// Logs a wake's final result at debug level: the diagnostics Microsoft
 /// support asks for, with the channel URI redacted (its token is a
 /// credential for that device) and never the access token.
@@ -554,30 +889,6 @@ fn log_final(uri: &ChannelUri, pfn: &str, report: &WakeReport) {
     );
 }
 
-/// The resend rule for a request that got no answer.
-///
-/// - Safe to resend: the server never processed it (a failed connect or
-///   TLS handshake, a stream refused with REFUSED_STREAM, a stream above a
-///   GOAWAY's last stream id, a request never written).
-/// - Maybe processed (a stream reset with INTERNAL_ERROR, CANCEL or any
-///   other code, a connection lost after the request was written): resent
-///   too, since a raw wake is a shoulder tap that a device answers by
-///   checking in, so a duplicate costs one more OMA-DM session while a
-///   lost wake leaves the device unmanaged until it polls. Each such
-///   resend is counted in `wnsgate_push_possible_duplicates_total`.
-/// - Not resent: a timeout (the server was seen alive and did not answer
-///   in time) and a protocol error.
-///
-/// Both kinds of resend share one budget per wake, [`LOST_RESENDS_MAX`]:
-/// when a front end resets its connections, the resent requests land on
-/// others that may be reset soon after, and a smaller budget for the maybe
-/// processed left devices unwoken.
-///
-/// [`LOST_RESENDS_MAX`]: super::limits::LOST_RESENDS_MAX
-fn resend_allowed(e: &ConnError, tries: &Tries) -> bool {
-    e.is_retryable_elsewhere() && tries.lost < super::limits::LOST_RESENDS_MAX
-}
-
 /// The `reason` label of a resend after `e` (in `wnsgate_wns_resends_total`,
 /// and in `wnsgate_push_possible_duplicates_total` when it may be one).
 fn resend_reason(e: &ConnError) -> &'static str {
@@ -590,12 +901,13 @@ fn resend_reason(e: &ConnError) -> &'static str {
 
 fn transport_result(e: &ConnError) -> PushResult {
     match e {
-        ConnError::Connect(..) => PushResult::ConnectFailed,
+        ConnError::Connect(..) | ConnError::CircuitOpen(_) => PushResult::ConnectFailed,
         ConnError::Tls(..) => PushResult::TlsFailed,
         ConnError::Timeout(_) => PushResult::Timeout,
-        ConnError::Unprocessed(_) | ConnError::Reset(_) | ConnError::Lost(_) => {
-            PushResult::ConnectionLost
-        }
+        ConnError::Unprocessed(_)
+        | ConnError::Unwritten(_)
+        | ConnError::Reset(_)
+        | ConnError::Lost(_) => PushResult::ConnectionLost,
         ConnError::Protocol(_) => PushResult::ProtocolError,
     }
 }
@@ -618,6 +930,7 @@ mod tests {
             ConnError::Reset(CANCEL),
             ConnError::Reset(0xff),
             ConnError::Lost("the server closed the connection".into()),
+            ConnError::Unwritten("connection reset by peer".into()),
             ConnError::Timeout("WNS request"),
             ConnError::Protocol("bad frame".into()),
         ]
@@ -625,13 +938,45 @@ mod tests {
 
     #[test]
     fn requests_without_an_answer_are_resent_up_to_the_lost_budget() {
-        // Never processed, then maybe processed.
-        for (i, e) in errors().into_iter().take(8).enumerate() {
-            assert_eq!(e.may_have_been_processed(), i >= 4, "{e}");
+        // (maybe processed, a connection failure: resent after a back-off)
+        let expected = [
+            (false, true),
+            (false, true),
+            (false, false),
+            (false, false),
+            (true, false),
+            (true, false),
+            (true, false),
+            (true, true),
+            (false, true),
+        ];
+        let policy = RetryPolicy {
+            max_unanswered_resends: LOST_RESENDS_MAX,
+            ..RetryPolicy::default()
+        };
+        for (e, (maybe, connection)) in errors().into_iter().zip(expected) {
+            assert!(e.is_retryable_elsewhere(), "{e}");
+            assert_eq!(e.may_have_been_processed(), maybe, "{e}");
+            assert_eq!(e.is_connection_failure(), connection, "{e}");
+            let why = if connection {
+                NoAnswer::ConnectionFailed
+            } else {
+                NoAnswer::Retired
+            };
             let mut tries = Tries::new();
             let mut resends = 0;
-            while resend_allowed(&e, &tries) {
-                tries.lost += 1;
+            loop {
+                let ctx = RetryContext {
+                    elapsed: Duration::ZERO,
+                    level: 1,
+                    jitter: 0,
+                };
+                match tries.attempt.on_no_answer(why, &policy, ctx) {
+                    Resend::Now => assert!(!connection, "{e}"),
+                    Resend::After(_) => assert!(connection, "{e}"),
+                    Resend::Exhausted => break,
+                    Resend::WindowExhausted => panic!("{e}: no window ran out"),
+                }
                 resends += 1;
             }
             assert_eq!(resends, LOST_RESENDS_MAX, "{e}");
@@ -640,15 +985,16 @@ mod tests {
 
     #[test]
     fn timeouts_and_protocol_errors_are_final() {
-        for e in errors().into_iter().skip(8) {
-            assert!(!resend_allowed(&e, &Tries::new()), "{e}");
+        for e in errors().into_iter().skip(9) {
+            assert!(!e.is_retryable_elsewhere(), "{e}");
             assert!(!e.may_have_been_processed(), "{e}");
         }
+        assert!(!ConnError::CircuitOpen("db5".into()).is_retryable_elsewhere());
     }
 
     #[test]
     fn resend_reasons_name_the_stream_or_the_connection() {
-        let reasons: Vec<&str> = errors().iter().take(8).map(resend_reason).collect();
+        let reasons: Vec<&str> = errors().iter().take(9).map(resend_reason).collect();
         assert_eq!(
             reasons,
             [
@@ -660,6 +1006,7 @@ mod tests {
                 "stream_reset",
                 "stream_reset",
                 "connection_lost",
+                "connection_lost",
             ]
         );
         assert_eq!(
@@ -670,5 +1017,68 @@ mod tests {
             ConnError::Reset(0xff).to_string(),
             "stream reset by the server (code 0xff)"
         );
+    }
+
+    fn sender() -> WnsSender {
+        let settings = Settings::resolve(&crate::config::Config::default()).unwrap();
+        WnsSender::new(&settings, 1).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_shutdown_a_wait_for_a_retry_ends_when_retries_stop_not_before() {
+        let s = Arc::new(sender());
+        let health = s.health("db5.notify.windows.com");
+        let t0 = crate::clock::instant();
+        let secs = |t: Instant| t.duration_since(t0).as_secs();
+        // Retries stop 8 s from 1 s on, while a 60 s wait is under way: it
+        // ends then, not at once.
+        let waiting = {
+            let (s, h) = (s.clone(), health.clone());
+            tokio::spawn(async move { s.pause(&h, t0 + Duration::from_secs(60), true).await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        s.stop_retrying_within(Duration::from_secs(8));
+        assert_eq!(waiting.await.unwrap(), Waited::Stopping);
+        assert_eq!(secs(crate::clock::instant()), 9);
+        // Once they stopped, no wait goes on.
+        let later = crate::clock::instant() + Duration::from_secs(1);
+        assert_eq!(s.pause(&health, later, false).await, Waited::Stopping);
+        assert_eq!(secs(crate::clock::instant()), 9);
+        // A wait that ends before retries stop is not cut short; one that
+        // would end later ends when they stop.
+        let s = sender();
+        let t = crate::clock::instant();
+        s.stop_retrying_within(Duration::from_secs(8));
+        let until = t + Duration::from_secs(2);
+        assert_eq!(s.pause(&health, until, false).await, Waited::Done);
+        assert_eq!(secs(crate::clock::instant()), 11);
+        let until = t + Duration::from_secs(30);
+        assert_eq!(s.pause(&health, until, false).await, Waited::Stopping);
+        assert_eq!(secs(crate::clock::instant()), 17);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_for_a_retry_ends_when_the_breaker_changes() {
+        let s = Arc::new(sender());
+        let health = s.health("db5.notify.windows.com");
+        let t0 = crate::clock::instant();
+        let waiting = {
+            let (s, h) = (s.clone(), health.clone());
+            tokio::spawn(async move { s.pause(&h, t0 + Duration::from_secs(20), true).await })
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        for _ in 0..3 {
+            health.on_connection_failed(monotonic_ms(), "refused");
+        }
+        assert_eq!(waiting.await.unwrap(), Waited::Changed);
+        assert_eq!(crate::clock::instant().duration_since(t0).as_secs(), 3);
+        // Open: a new wake waits for the breaker, then goes as its probe.
+        let window_end = crate::clock::instant() + Duration::from_secs(60);
+        assert_eq!(s.admission(&health, window_end).await, Ok(true));
+        assert_eq!(crate::clock::instant().duration_since(t0).as_secs(), 4);
+        // Half-open, its probe out: another wake waits; the window runs out.
+        let short = crate::clock::instant() + Duration::from_secs(2);
+        assert_eq!(s.admission(&health, short).await, Err(Waited::Done));
+        assert_eq!(crate::clock::instant().duration_since(t0).as_secs(), 6);
     }
 }

@@ -24,8 +24,9 @@
 //! connection is presumed dead instead and every stream on it fails as
 //! lost, to be sent again elsewhere. When a connection is lost, a request
 //! none of whose bytes the socket took fails as
-//! [`ConnError::Unprocessed`], the others as [`ConnError::Lost`] (they may
-//! have been processed).
+//! [`ConnError::Unwritten`], the others as [`ConnError::Lost`] (they may
+//! have been processed); the connection then reads as
+//! [`failed`](H2Client::failed).
 
 use super::conn::{ConnError, Reply};
 use super::hpack::{Decoder, Encoder, HpackError};
@@ -261,6 +262,8 @@ struct State {
     io_waker: Option<Waker>,
     /// No client handle is left: finish the open streams and close.
     released: bool,
+    /// The connection was lost with requests on it.
+    failed: bool,
 }
 
 impl State {
@@ -333,20 +336,25 @@ impl State {
     ///
     /// `written`: bytes of this connection's output the socket took. When
     /// the connection is lost ([`ConnError::Lost`]), a request none of
-    /// which the socket took fails as [`ConnError::Unprocessed`] instead:
-    /// the server cannot have seen it.
+    /// which the socket took fails as [`ConnError::Unwritten`] instead:
+    /// the server cannot have seen it. A connection lost with requests
+    /// still waiting for their answers is marked failed.
     fn fail_all(&mut self, err: ConnError, written: u64) {
         if self.closed.is_none() {
             self.closed = Some(err.clone());
         }
+        let lost = matches!(err, ConnError::Lost(_));
+        let mut unanswered = false;
         for (_, s) in self.streams.iter_mut() {
+            unanswered |= s.done.is_none();
             match &err {
                 ConnError::Lost(why) if s.head_at >= written => {
-                    s.finish(Err(ConnError::Unprocessed(format!("not written: {why}"))))
+                    s.finish(Err(ConnError::Unwritten(why.clone())))
                 }
                 _ => s.finish(Err(err.clone())),
             }
         }
+        self.failed |= lost && unanswered;
         self.blocked.clear();
     }
 
@@ -394,6 +402,14 @@ impl H2Client {
     /// True once the connection takes no new requests.
     pub fn is_closed(&self) -> bool {
         self.shared.state.lock().closed.is_some()
+    }
+
+    /// True when the connection was lost (reset, closed by the server,
+    /// silent past a deadline, a write failed) with requests still
+    /// waiting for their answers: a failure of its front end, not a
+    /// graceful close.
+    pub fn failed(&self) -> bool {
+        self.shared.state.lock().failed
     }
 
     /// Sends a request; the future resolves with the answer's head (the
@@ -695,6 +711,7 @@ where
         closed: None,
         io_waker: None,
         released: false,
+        failed: false,
     };
     apply_settings(&mut st, &rbuf[9..9 + len]).map_err(|Fatal(_, e)| e)?;
     rbuf.drain(..9 + len);

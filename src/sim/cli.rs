@@ -1,7 +1,7 @@
 //! `wnsgate sim`: the command line of the simulator.
 
 use super::config::{AppCredential, Mode, SimConfig};
-use super::faults::{Faults, LatencyRange};
+use super::faults::{Faults, LatencyRange, WindowMs};
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,6 +55,12 @@ pub struct SimArgs {
     /// h2: after every Nth stream of a connection, send SETTINGS_HEADER_TABLE_SIZE 0 then 4096.
     #[arg(long, value_name = "N")]
     pub header_table_flip_every: Option<u64>,
+    /// An outage from FROM to TO ms after start (N: 0-N): every connection carrying a push is reset (TCP RST) after the push was read, before it is answered.
+    #[arg(long, value_name = "FROM-TO")]
+    pub reset_window: Option<WindowMs>,
+    /// An outage from FROM to TO ms after start (N: 0-N): new connections are reset as soon as accepted, requests on open ones reset unread.
+    #[arg(long, value_name = "FROM-TO")]
+    pub refuse_window: Option<WindowMs>,
     /// Do not count pushes per channel (for pure throughput runs).
     #[arg(long)]
     pub no_channel_stats: bool,
@@ -83,6 +89,8 @@ impl SimArgs {
                 internal_error_every: self.internal_error_every,
                 h2_stream_window: self.h2_stream_window,
                 header_table_flip_every: self.header_table_flip_every,
+                reset_window_ms: self.reset_window,
+                refuse_window_ms: self.refuse_window,
             },
             max_concurrent_streams: self.max_concurrent_streams,
             channel_stats: !self.no_channel_stats,

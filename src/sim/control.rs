@@ -7,7 +7,7 @@
 //! | `PUT /_sim/channels` | bind a channel: `{"channel_uri", "behaviour", "app_sid"?}` |
 //! | `DELETE /_sim/channels` | forget every binding |
 //! | `GET /_sim/faults` | the faults in force ([`Faults`]) |
-//! | `PUT /_sim/faults` | replace them (missing fields are off) |
+//! | `PUT /_sim/faults` | replace them (missing fields are off; outage windows count from this request) |
 //!
 //! Changes answer 204; bad input 400 with `{"error": "..."}`. Control
 //! requests are not counted in the stats.

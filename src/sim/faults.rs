@@ -1,9 +1,10 @@
 //! Injected faults: server errors, sender throttling, latency, connection
-//! retirement, and HTTP/2 behaviours a WNS front end may show (tiny flow
-//! control windows, header table size changes, streams reset by code). The
-//! decisions are plain functions of their inputs (a random draw, the
-//! current time, a request's place on its connection) so they are tested
-//! without a socket.
+//! retirement, HTTP/2 behaviours a WNS front end may show (tiny flow
+//! control windows, header table size changes, streams reset by code), and
+//! outages in a window of time (connections reset before answering, or
+//! refused). The decisions are plain functions of their inputs (a random
+//! draw, the time since the faults were set, a request's place on its
+//! connection) so they are tested without a socket.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -21,6 +22,10 @@ pub const MAX_H2_WINDOW: u32 = (1 << 31) - 1;
 
 /// `Retry-After` on injected 500 and 503 answers, in seconds.
 pub const SERVER_ERROR_RETRY_AFTER_SECS: u64 = 1;
+
+/// Latest end of an outage window, in milliseconds after the faults were
+/// set: one day.
+pub const MAX_WINDOW_END_MS: u64 = 86_400_000;
 
 /// The faults in force. Every field off by default. Settable at start, by
 /// [`SimHandle::set_faults`](super::SimHandle::set_faults) and by
@@ -65,6 +70,30 @@ pub struct Faults {
     /// compression error: the server counts it and drops the connection.
     /// Applies to connections opened after it is set.
     pub header_table_flip_every: Option<u64>,
+    /// An outage: from `FROM` to `TO` milliseconds after the faults were
+    /// set (at start for flags given then), every connection that carries
+    /// a push is reset (TCP RST) after the push was read and processed
+    /// (the channel counts it, as received) and before it is answered. A
+    /// front end that dies with wakes it may have delivered. Token and
+    /// control requests are served as usual.
+    pub reset_window_ms: Option<WindowMs>,
+    /// An outage: from `FROM` to `TO` milliseconds after the faults were
+    /// set, connections are refused: each new one is reset (TCP RST) as
+    /// soon as it is accepted, before TLS, and a request on a connection
+    /// opened before is reset unread (token and control requests too: they
+    /// share the port). Nothing is processed. Wins over
+    /// `reset_window_ms` where both are in force.
+    pub refuse_window_ms: Option<WindowMs>,
+}
+
+/// What an outage window does at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outage {
+    /// Connections carrying pushes are reset after reading them, before
+    /// answering.
+    ResetAfterRead,
+    /// Connections are refused, and requests reset unread.
+    Refuse,
 }
 
 impl Faults {
@@ -94,7 +123,30 @@ impl Faults {
         if let Some(l) = self.latency_ms {
             l.validate()?;
         }
+        for w in [self.reset_window_ms, self.refuse_window_ms]
+            .into_iter()
+            .flatten()
+        {
+            w.validate()?;
+        }
         Ok(())
+    }
+
+    /// Whether an outage window is set at all (so the clock needs reading).
+    pub fn has_outage(&self) -> bool {
+        self.reset_window_ms.is_some() || self.refuse_window_ms.is_some()
+    }
+
+    /// The outage in force `since_set` after the faults were set, if any.
+    pub fn outage_at(&self, since_set: Duration) -> Option<Outage> {
+        let ms = u64::try_from(since_set.as_millis()).unwrap_or(u64::MAX);
+        if self.refuse_window_ms.is_some_and(|w| w.contains(ms)) {
+            Some(Outage::Refuse)
+        } else if self.reset_window_ms.is_some_and(|w| w.contains(ms)) {
+            Some(Outage::ResetAfterRead)
+        } else {
+            None
+        }
     }
 
     /// Whether a push is answered with an injected server error, given a
@@ -188,6 +240,83 @@ impl TryFrom<String> for LatencyRange {
 impl From<LatencyRange> for String {
     fn from(r: LatencyRange) -> String {
         format!("{}-{}", r.min_ms, r.max_ms)
+    }
+}
+
+/// A window of time in milliseconds after the faults were set, written
+/// `FROM-TO` (`TO` excluded), or `N` for `0-N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct WindowMs {
+    /// First millisecond in the window.
+    pub from_ms: u64,
+    /// First millisecond after it.
+    pub to_ms: u64,
+}
+
+impl WindowMs {
+    fn validate(&self) -> Result<(), String> {
+        if self.from_ms >= self.to_ms {
+            return Err("an outage window's FROM must be below its TO".to_owned());
+        }
+        if self.to_ms > MAX_WINDOW_END_MS {
+            return Err(format!(
+                "an outage window must end within {MAX_WINDOW_END_MS} ms"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether millisecond `ms` falls in the window.
+    pub fn contains(&self, ms: u64) -> bool {
+        (self.from_ms..self.to_ms).contains(&ms)
+    }
+
+    /// How long the window lasts.
+    pub fn len(&self) -> Duration {
+        Duration::from_millis(self.to_ms.saturating_sub(self.from_ms))
+    }
+
+    /// Whether the window lasts no time (never, once validated).
+    pub fn is_empty(&self) -> bool {
+        self.to_ms <= self.from_ms
+    }
+}
+
+impl std::str::FromStr for WindowMs {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let num = |t: &str| {
+            t.trim().parse::<u64>().map_err(|_| {
+                format!("bad outage window {s:?}: expected FROM-TO in milliseconds, or N for 0-N")
+            })
+        };
+        let w = match s.split_once('-') {
+            Some((a, b)) => WindowMs {
+                from_ms: num(a)?,
+                to_ms: num(b)?,
+            },
+            None => WindowMs {
+                from_ms: 0,
+                to_ms: num(s)?,
+            },
+        };
+        w.validate()?;
+        Ok(w)
+    }
+}
+
+impl TryFrom<String> for WindowMs {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<WindowMs> for String {
+    fn from(w: WindowMs) -> String {
+        format!("{}-{}", w.from_ms, w.to_ms)
     }
 }
 
@@ -452,6 +581,40 @@ mod tests {
         let f: Faults =
             serde_json::from_str(r#"{"h2_stream_window":2,"refused_stream_every":5}"#).unwrap();
         assert_eq!(f.validate(), Ok(()));
+    }
+
+    #[test]
+    fn outage_windows_parse_and_apply_to_their_milliseconds() {
+        assert_eq!(
+            "2000".parse::<WindowMs>(),
+            Ok(WindowMs {
+                from_ms: 0,
+                to_ms: 2000
+            })
+        );
+        let w: WindowMs = "500-2500".parse().unwrap();
+        assert_eq!(w.len(), Duration::from_millis(2000));
+        assert!(!w.contains(499) && w.contains(500) && w.contains(2499) && !w.contains(2500));
+        for bad in ["", "5-5", "9-1", "a", "0-86400001"] {
+            assert!(bad.parse::<WindowMs>().is_err(), "{bad:?}");
+        }
+        let f = Faults {
+            reset_window_ms: Some("0-3000".parse().unwrap()),
+            refuse_window_ms: Some("1000-2000".parse().unwrap()),
+            ..Faults::default()
+        };
+        assert!(f.has_outage() && !Faults::default().has_outage());
+        let at = |ms| f.outage_at(Duration::from_millis(ms));
+        assert_eq!(at(0), Some(Outage::ResetAfterRead));
+        assert_eq!(at(1000), Some(Outage::Refuse));
+        assert_eq!(at(1999), Some(Outage::Refuse));
+        assert_eq!(at(2000), Some(Outage::ResetAfterRead));
+        assert_eq!(at(3000), None);
+        assert_eq!(Faults::default().outage_at(Duration::ZERO), None);
+        let json = serde_json::to_string(&f).unwrap();
+        assert!(json.contains(r#""reset_window_ms":"0-3000""#), "{json}");
+        assert_eq!(serde_json::from_str::<Faults>(&json).unwrap(), f);
+        assert!(serde_json::from_str::<Faults>(r#"{"refuse_window_ms":"3-1"}"#).is_err());
     }
 
     #[test]

@@ -31,8 +31,9 @@
 //!   `X-WNS-RequestForStatus: true`.
 //!
 //! Connection-level faults ([`Faults`]) act around those rules: GOAWAY
-//! and TCP resets after N requests, and on h2 streams refused or reset by
-//! code, tiny flow control windows and header table size flips.
+//! and TCP resets after N requests, outage windows (connections reset
+//! after reading a push, or refused), and on h2 streams refused or reset
+//! by code, tiny flow control windows and header table size flips.
 //!
 //! Transports ([`Mode`]): TLS with ALPN h2 + http/1.1, TLS with http/1.1
 //! only, or h2c. The CA is generated at start ([`cert`]). h2 is served with
@@ -62,7 +63,7 @@ pub mod token;
 pub use behaviour::Behaviour;
 pub use config::{AppCredential, Mode, SimConfig};
 pub use control::ChannelBehaviour;
-pub use faults::{Faults, LatencyRange};
+pub use faults::{Faults, LatencyRange, WindowMs};
 pub use server::SHUTDOWN_DRAIN;
 pub use stats::SimStats;
 
@@ -157,7 +158,7 @@ impl SimHandle {
         self.shared.clear_behaviours()
     }
 
-    /// Replaces the faults in force.
+    /// Replaces the faults in force; their outage windows count from now.
     pub fn set_faults(&self, faults: Faults) -> anyhow::Result<()> {
         self.shared.set_faults(faults).map_err(anyhow::Error::msg)
     }

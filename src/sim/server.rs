@@ -3,6 +3,7 @@
 //! each connection to the h2 or HTTP/1.1 server by ALPN (or, in h2c mode,
 //! by the client's first bytes).
 
+use super::faults::Outage;
 use super::server_h1;
 use super::server_h2;
 use super::state::{Shared, Worker};
@@ -144,6 +145,12 @@ fn run_worker(
                     }
                 }
                 r = listener.accept() => match r {
+                    Ok((tcp, _)) if worker.outage() == Some(Outage::Refuse) => {
+                        // Refused: the close is a reset, before TLS.
+                        worker.counters.conn(ConnEvent::OutageRefused);
+                        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                        drop(tcp);
+                    }
                     Ok((tcp, _)) => {
                         worker.counters.conn(ConnEvent::Accepted);
                         let ctl = ConnCtl::new(&tcp, stop.clone(), live.clone());

@@ -2,9 +2,9 @@
 //! (`X-Wns-Status`), so clients that depend on the case of header names
 //! fail here rather than against WNS.
 
-use super::faults::{conn_action, ConnAction};
+use super::faults::{conn_action, ConnAction, Outage};
 use super::server::ConnCtl;
-use super::service::{self, BodySource, Head, Reply};
+use super::service::{self, BodySource, Head, Reply, Route};
 use super::state::Worker;
 use super::stats::ConnEvent;
 use bytes::Bytes;
@@ -68,6 +68,11 @@ async fn answer(w: &Worker, state: &ConnState, req: Request<Incoming>) -> Respon
     let n = state.taken.get() + 1;
     state.taken.set(n);
     w.counters.conn(ConnEvent::Request);
+    if w.outage() == Some(Outage::Refuse) {
+        w.counters.conn(ConnEvent::OutageReset);
+        state.kill.notify_one();
+        return std::future::pending().await;
+    }
     let action = conn_action(&w.faults(), n, state.goaway_sent.get());
     if action == ConnAction::Reset {
         w.counters.conn(ConnEvent::Reset);
@@ -79,6 +84,12 @@ async fn answer(w: &Worker, state: &ConnState, req: Request<Incoming>) -> Respon
     let reply = service::serve(w, &head, &mut H1Body(body))
         .await
         .unwrap_or_else(|| Reply::empty(StatusCode::BAD_REQUEST));
+    if service::route(head.path) == Route::Push && w.outage() == Some(Outage::ResetAfterRead) {
+        w.counters.conn(ConnEvent::OutageUnanswered);
+        w.counters.conn(ConnEvent::OutageReset);
+        state.kill.notify_one();
+        return std::future::pending().await;
+    }
     let mut resp = Response::new(Full::new(reply.body));
     *resp.status_mut() = reply.status;
     *resp.headers_mut() = reply.headers;

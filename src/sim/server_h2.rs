@@ -2,15 +2,19 @@
 //! that accepts streams and polls their handlers itself (no task per
 //! stream), so many streams share one wake-up and one flush.
 //!
-//! The h2 faults are applied here: streams refused or reset by code,
+//! The h2 faults are applied here: outage windows (a connection reset
+//! after reading a push, or a request reset unread), streams refused or
+//! reset by code,
 //! a small SETTINGS_INITIAL_WINDOW_SIZE (the crate opens a stream's window
 //! again only as its handler reads the body), and header table size flips,
 //! which the `h2` crate cannot send: a [`TableFlips`] layer between the
 //! crate and the socket sends them and checks the client's answer.
 
-use super::faults::{conn_action, flips_table_after, stream_action, ConnAction, StreamAction};
+use super::faults::{
+    conn_action, flips_table_after, stream_action, ConnAction, Outage, StreamAction,
+};
 use super::server::{ConnCtl, HANDSHAKE_TIMEOUT};
-use super::service::{self, BodySource, Head};
+use super::service::{self, BodySource, Head, Route};
 use super::state::Worker;
 use super::stats::ConnEvent;
 use super::table_flips::{FlipCtl, TableFlips};
@@ -19,6 +23,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::RecvStream;
 use http::{Request, Response};
+use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::rc::Rc;
 use std::task::Poll;
@@ -57,6 +62,9 @@ where
     else {
         return;
     };
+    // Set by a stream whose push an outage leaves unanswered: the
+    // connection is then reset.
+    let kill = Cell::new(false);
     let mut inflight = FuturesUnordered::new();
     let mut taken = 0u64;
     let mut goaway_sent = false;
@@ -75,6 +83,9 @@ where
                 Poll::Ready(Some(Ok((req, mut respond)))) => {
                     taken += 1;
                     w.counters.conn(ConnEvent::Request);
+                    if w.outage() == Some(Outage::Refuse) {
+                        return Poll::Ready(End::Outage);
+                    }
                     let faults = w.faults();
                     match conn_action(&faults, taken, goaway_sent) {
                         ConnAction::Reset => return Poll::Ready(End::Reset),
@@ -98,9 +109,9 @@ where
                         }
                         StreamAction::ServeThenReset => {
                             w.counters.conn(ConnEvent::StreamReset);
-                            inflight.push(stream(w, req, respond, true));
+                            inflight.push(stream(w, req, respond, true, &kill));
                         }
-                        StreamAction::Serve => inflight.push(stream(w, req, respond, false)),
+                        StreamAction::Serve => inflight.push(stream(w, req, respond, false, &kill)),
                     }
                 }
                 // Closed, or a connection error: streams still in flight
@@ -113,14 +124,24 @@ where
         while let Poll::Ready(Some(())) = inflight.poll_next_unpin(cx) {
             answered = true;
         }
+        if kill.get() {
+            return Poll::Ready(End::Outage);
+        }
         if !answered {
             return Poll::Pending;
         }
     })
     .await;
-    if end == End::Reset {
-        w.counters.conn(ConnEvent::Reset);
-        ctl.reset();
+    match end {
+        End::Closed => {}
+        End::Reset => {
+            w.counters.conn(ConnEvent::Reset);
+            ctl.reset();
+        }
+        End::Outage => {
+            w.counters.conn(ConnEvent::OutageReset);
+            ctl.reset();
+        }
     }
 }
 
@@ -128,22 +149,32 @@ where
 #[derive(PartialEq, Eq)]
 enum End {
     Closed,
+    /// `reset_every`.
     Reset,
+    /// An outage window.
+    Outage,
 }
 
 /// Serves one stream; with `reset`, the answer is dropped and the stream
-/// reset with INTERNAL_ERROR instead.
+/// reset with INTERNAL_ERROR instead. A push read while `reset_window_ms`
+/// is in force is left unanswered and sets `kill`: its connection is reset.
 async fn stream(
     w: &Worker,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     reset: bool,
+    kill: &Cell<bool>,
 ) {
     let (parts, body) = req.into_parts();
     let head = Head::new(&parts, false);
     let Some(reply) = service::serve(w, &head, &mut H2Body(body)).await else {
         return;
     };
+    if service::route(head.path) == Route::Push && w.outage() == Some(Outage::ResetAfterRead) {
+        w.counters.conn(ConnEvent::OutageUnanswered);
+        kill.set(true);
+        return;
+    }
     if reset {
         respond.send_reset(h2::Reason::INTERNAL_ERROR);
         return;

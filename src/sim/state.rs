@@ -4,7 +4,7 @@
 
 use super::behaviour::{identity_of_uri, Behaviour, Binding, Bindings};
 use super::config::{AppCredential, SimConfig};
-use super::faults::{Faults, SenderLimiter};
+use super::faults::{Faults, Outage, SenderLimiter};
 use super::hash::{hash64, BuildIdentity};
 use super::stats::{Stats, ThreadCounters};
 use super::token::{TokenInfo, TokenStore};
@@ -13,7 +13,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Tokens a worker caches before starting its cache afresh.
 pub(super) const WORKER_TOKEN_CACHE: usize = 1024;
@@ -25,7 +25,9 @@ pub(crate) struct Shared {
     pub max_concurrent_streams: u32,
     /// Bumped whenever faults or bindings change.
     generation: AtomicU64,
-    faults: RwLock<Faults>,
+    /// The faults, and when they were set (outage windows count from
+    /// there).
+    faults: RwLock<(Faults, Instant)>,
     bindings: RwLock<Bindings>,
     limiter: Mutex<SenderLimiter>,
     pub tokens: TokenStore,
@@ -41,7 +43,7 @@ impl Shared {
             apps: cfg.apps.clone(),
             max_concurrent_streams: cfg.max_concurrent_streams,
             generation: AtomicU64::new(1),
-            faults: RwLock::new(cfg.faults),
+            faults: RwLock::new((cfg.faults, crate::clock::instant())),
             bindings: RwLock::new(Bindings::default()),
             limiter: Mutex::new(limiter),
             tokens: TokenStore::default(),
@@ -55,13 +57,18 @@ impl Shared {
 
     /// The faults in force.
     pub(crate) fn faults(&self) -> Faults {
+        self.faults.read().0
+    }
+
+    /// The faults in force and when they were set.
+    fn faults_since(&self) -> (Faults, Instant) {
         *self.faults.read()
     }
 
-    /// Replaces the faults in force.
+    /// Replaces the faults in force; their outage windows count from now.
     pub(crate) fn set_faults(&self, f: Faults) -> Result<(), String> {
         f.validate()?;
-        *self.faults.write() = f;
+        *self.faults.write() = (f, crate::clock::instant());
         self.limiter.lock().set_rate(f.sender_rate);
         self.bump();
         Ok(())
@@ -117,6 +124,8 @@ fn channel_hash_of_identity(identity: &str) -> u64 {
 struct View {
     generation: u64,
     faults: Faults,
+    /// When `faults` were set.
+    since: Instant,
     has_bindings: bool,
     tokens: HashMap<u64, Arc<TokenInfo>, BuildIdentity>,
 }
@@ -138,6 +147,7 @@ impl Worker {
         let view = View {
             generation: 0,
             faults: Faults::default(),
+            since: crate::clock::instant(),
             has_bindings: false,
             tokens: HashMap::default(),
         };
@@ -155,7 +165,7 @@ impl Worker {
         let g = self.shared.generation.load(Ordering::Acquire);
         if v.generation != g {
             v.generation = g;
-            v.faults = self.shared.faults();
+            (v.faults, v.since) = self.shared.faults_since();
             v.has_bindings = !self.shared.bindings.read().is_empty();
         }
         v
@@ -164,6 +174,17 @@ impl Worker {
     /// The faults in force.
     pub(super) fn faults(&self) -> Faults {
         self.view().faults
+    }
+
+    /// The outage in force now, if the faults set one (the clock is read
+    /// only then).
+    pub(super) fn outage(&self) -> Option<Outage> {
+        let v = self.view();
+        if !v.faults.has_outage() {
+            return None;
+        }
+        v.faults
+            .outage_at(crate::clock::instant().saturating_duration_since(v.since))
     }
 
     /// Whether any channel is bound through the control API.

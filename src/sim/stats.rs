@@ -49,9 +49,17 @@ pub enum ConnEvent {
     TableSizeViolation,
     /// A header block signalled a table size change as RFC 7541 requires.
     TableFlipSignalled,
+    /// A connection was reset by an outage window (`reset_window_ms` after
+    /// reading a push, `refuse_window_ms` on a request).
+    OutageReset,
+    /// A new connection was refused (reset at accept) by `refuse_window_ms`.
+    OutageRefused,
+    /// A push was read and processed, then left unanswered because
+    /// `reset_window_ms` reset its connection.
+    OutageUnanswered,
 }
 
-const N_CONN: usize = 11;
+const N_CONN: usize = 14;
 
 /// Adds one to a counter that only the calling thread writes: a plain load
 /// and store, no locked instruction.
@@ -312,6 +320,9 @@ impl Stats {
             header_table_flips: d(now.conn[8], base.conn[8]),
             table_size_violations: d(now.conn[9], base.conn[9]),
             table_flips_signalled: d(now.conn[10], base.conn[10]),
+            outage_resets: d(now.conn[11], base.conn[11]),
+            outage_refusals: d(now.conn[12], base.conn[12]),
+            outage_unanswered_pushes: d(now.conn[13], base.conn[13]),
             ..SimStats::default()
         };
         for (code, (a, b)) in now.status.iter().zip(&base.status).enumerate() {
@@ -430,6 +441,19 @@ pub struct SimStats {
     /// Pushes with valid headers that carried `X-WNS-RequestForStatus: true`.
     #[serde(default)]
     pub pushes_requesting_status: u64,
+    /// Connections reset by an outage window: by `reset_window_ms` after
+    /// reading a push, by `refuse_window_ms` when a request arrived.
+    #[serde(default)]
+    pub outage_resets: u64,
+    /// New connections refused (reset as soon as accepted) by
+    /// `refuse_window_ms`; not in `connections`.
+    #[serde(default)]
+    pub outage_refusals: u64,
+    /// Pushes read and processed, then left unanswered by
+    /// `reset_window_ms` (counted in `pushes_total` and per channel as the
+    /// answer they would have had).
+    #[serde(default)]
+    pub outage_unanswered_pushes: u64,
 }
 
 impl SimStats {

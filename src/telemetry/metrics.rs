@@ -45,6 +45,11 @@ pub(crate) const WNS_RESENDS: &str = "wnsgate_wns_resends_total";
 /// Resends of requests WNS may have processed, by `reason` (stream_reset,
 /// connection_lost): each may wake a device twice.
 pub(crate) const PUSH_POSSIBLE_DUPLICATES: &str = "wnsgate_push_possible_duplicates_total";
+/// The circuit breaker of each WNS authority, by `authority`: 0 closed, 1
+/// half-open, 2 open.
+pub(crate) const WNS_BREAKER_STATE: &str = "wnsgate_wns_breaker_state";
+/// Times each WNS authority's circuit breaker opened, by `authority`.
+pub(crate) const WNS_BREAKER_OPENED: &str = "wnsgate_wns_breaker_opened_total";
 /// Open refresh jobs, by `state` (queued, leased, delivered).
 pub(crate) const REFRESH_JOBS: &str = "wnsgate_refresh_jobs";
 /// Queued refresh jobs due now (the backlog the MDM tier has not taken).
@@ -221,6 +226,14 @@ fn describe() {
     describe_counter!(
         PUSH_POSSIBLE_DUPLICATES,
         "Resends of WNS requests that may have been processed (stream reset, connection lost after writing), by reason: each may wake a device twice."
+    );
+    describe_gauge!(
+        WNS_BREAKER_STATE,
+        "Circuit breaker of each WNS authority: 0 closed, 1 half-open (one probe goes), 2 open (wakes wait)."
+    );
+    describe_counter!(
+        WNS_BREAKER_OPENED,
+        "Times the circuit breaker of each WNS authority opened (after connection failures in a row, or a failed probe)."
     );
     describe_gauge!(BUILD_INFO, "Build information; always 1.");
     describe_gauge!(READY, "1 when the gateway serves the API.");

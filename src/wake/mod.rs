@@ -124,6 +124,11 @@ impl<S: Transport> WakeService<S> {
         }
     }
 
+    /// The transport wakes go through.
+    pub fn sender(&self) -> &Arc<S> {
+        &self.sender
+    }
+
     /// Wakes in flight now, single and bulk.
     pub fn inflight(&self) -> usize {
         self.pending.len()

@@ -6,6 +6,9 @@
 //! - [`classify`](mod@classify): a push response (status + headers) to an [`Outcome`],
 //! - [`retry`]: what to do next with a push, and per-credential throttling
 //!   and pacing,
+//! - [`backoff`]: how long a retry waits, its level shared per WNS
+//!   authority and credential,
+//! - [`breaker`]: the circuit breaker of one WNS authority,
 //! - [`token`]: access-token requests, responses and the per-credential
 //!   token cache,
 //! - [`request`]: the wake-up request's body and headers,
@@ -16,6 +19,8 @@
 
 #![deny(missing_docs)]
 
+pub mod backoff;
+pub mod breaker;
 pub mod classify;
 pub mod headers;
 pub mod request;
@@ -23,6 +28,8 @@ pub mod result;
 pub mod retry;
 pub mod token;
 
+pub use backoff::RetryGate;
+pub use breaker::{Admit, Breaker, BreakerPolicy, BreakerState, Transition};
 pub use classify::{classify, Classified, DeviceConnection, Outcome, WnsMeta};
 pub use request::{
     check_body, new_cv, new_cv_header, wake_headers, write_wake_headers, BodyError, MAX_BODY,
@@ -30,8 +37,8 @@ pub use request::{
 };
 pub use result::PushResult;
 pub use retry::{
-    CredentialSignal, CredentialThrottle, Decision, FinalFailure, Pacer, PushAttempt, RetryPolicy,
-    Verdict,
+    CredentialSignal, CredentialThrottle, Decision, FinalFailure, NoAnswer, Pacer, PushAttempt,
+    Resend, RetryContext, RetryPolicy, Verdict,
 };
 pub use token::{
     parse_token_response, token_request, AccessToken, RefreshTicket, TokenCache, TokenCacheConfig,

@@ -59,11 +59,15 @@ pub enum PushResult {
     ConnectionLost = 18,
     /// WNS broke the HTTP protocol.
     ProtocolError = 19,
+    /// The next retry would have gone out after `wns.retry_window`: WNS
+    /// failed (5xx, 406, lost connections, failed connects, its
+    /// authority's circuit open) for the wake's whole window.
+    RetryWindowExhausted = 20,
 }
 
 impl PushResult {
     /// Every result, in code order.
-    pub const ALL: [PushResult; 20] = [
+    pub const ALL: [PushResult; 21] = [
         PushResult::Delivered,
         PushResult::ChannelDead,
         PushResult::Dropped,
@@ -84,6 +88,7 @@ impl PushResult {
         PushResult::Timeout,
         PushResult::ConnectionLost,
         PushResult::ProtocolError,
+        PushResult::RetryWindowExhausted,
     ];
 
     /// The stable snake_case name: the metric label and the JSON value.
@@ -109,6 +114,7 @@ impl PushResult {
             PushResult::Timeout => "timeout",
             PushResult::ConnectionLost => "connection_lost",
             PushResult::ProtocolError => "protocol_error",
+            PushResult::RetryWindowExhausted => "retry_window_exhausted",
         }
     }
 
@@ -135,6 +141,7 @@ impl PushResult {
             FinalFailure::DomainBlocked => PushResult::DomainBlocked,
             FinalFailure::AttemptsExhausted { .. } => PushResult::AttemptsExhausted,
             FinalFailure::RetryAfterTooLong { .. } => PushResult::RetryAfterTooLong,
+            FinalFailure::RetryWindowExhausted { .. } => PushResult::RetryWindowExhausted,
         }
     }
 }
@@ -180,13 +187,14 @@ mod tests {
             (17, "timeout"),
             (18, "connection_lost"),
             (19, "protocol_error"),
+            (20, "retry_window_exhausted"),
         ];
         assert_eq!(pinned.len(), PushResult::ALL.len());
         for (code, label) in pinned {
             let r = PushResult::from_code(code).expect("a result has this code");
             assert_eq!((r.code(), r.label()), (code, label));
         }
-        assert_eq!(PushResult::from_code(20), None);
+        assert_eq!(PushResult::from_code(21), None);
         assert_eq!(PushResult::from_code(255), None);
     }
 
@@ -216,6 +224,9 @@ mod tests {
             },
             FinalFailure::RetryAfterTooLong {
                 retry_after: Duration::from_secs(9000),
+            },
+            FinalFailure::RetryWindowExhausted {
+                last: "server_error",
             },
         ] {
             assert_eq!(PushResult::from_failure(f).label(), f.label());

@@ -1,19 +1,27 @@
 //! What to do after each WNS answer: retry, back off, give up, or declare the
 //! channel dead (protocol.md section 3, "Gateway action").
 //!
-//! Three independent pieces of state, all fed caller-supplied time and
+//! Independent pieces of state, all fed caller-supplied time and
 //! randomness:
 //!
-//! - [`PushAttempt`]: one push's attempt budget and its single token-refresh
-//!   retry; turns each [`Outcome`] into a [`Verdict`].
+//! - [`PushAttempt`]: one push's budgets (requests answered, requests
+//!   resent without an answer, and the time window they all fall in) and
+//!   its single token-refresh retry; turns each [`Outcome`] into a
+//!   [`Verdict`], and each request without an answer into a [`Resend`].
 //! - [`CredentialThrottle`]: one app credential's pause after 406/429, and
 //!   its stop after 410 Domain Blocked.
 //! - [`Pacer`]: a token bucket for bulk wake-ups, so a fleet-wide wake never
 //!   arrives at WNS (or at the MDM tier it triggers) as one burst.
 //!
+//! The back-off a retry waits comes from the level of the shared
+//! [`RetryGate`](super::backoff::RetryGate) of the push's WNS authority and
+//! credential, handed in with the push's place in its window as a
+//! [`RetryContext`].
+//!
 //! Times for the credential pieces are caller-supplied monotonic
 //! milliseconds (`u64`); the push machine deals only in durations.
 
+use super::backoff::backoff;
 use super::classify::Outcome;
 use crate::core::lifecycle::DeadReason;
 use std::time::Duration;
@@ -26,9 +34,11 @@ pub struct RetryPolicy {
     /// included. Default 4. A value of 0 behaves as 1 (the first request
     /// has already been sent when the machine is first asked).
     pub max_attempts: u32,
-    /// First backoff step after a 5xx. Default 200 ms; doubles per attempt.
+    /// First back-off step after a 5xx, a lost connection or a failed
+    /// connect. Default 200 ms; doubles per level of the authority and
+    /// credential's [`RetryGate`](super::backoff::RetryGate).
     pub base: Duration,
-    /// Cap on the exponential 5xx backoff. Default 30 s. A server's
+    /// Cap on the exponential back-off. Default 30 s. A server's
     /// `Retry-After` may ask for longer, up to `max_retry_after`.
     pub max_backoff: Duration,
     /// How long to leave a channel alone after `channelthrottled`.
@@ -43,6 +53,17 @@ pub struct RetryPolicy {
     /// (against the server's word) or held for a long time (against the
     /// bounded-queue rule); the credential pause still takes the full wait.
     pub max_retry_after: Duration,
+    /// Most times one push is sent again because a request got no answer
+    /// (its stream or connection died first, or its connect failed).
+    /// Default 5. These resends do not count in `max_attempts`.
+    pub max_unanswered_resends: u32,
+    /// The time budget of one push: no retry is sent, and no wait for one
+    /// is begun, that would go out later than this after the push
+    /// started. Default 60 s. Applies to retries after a lost connection,
+    /// a failed connect, a 5xx and a 406; a channel's own throttle
+    /// (`channelthrottled`) keeps `channel_throttle_backoff` under the
+    /// attempt budget alone.
+    pub window: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -54,6 +75,8 @@ impl Default for RetryPolicy {
             channel_throttle_backoff: Duration::from_secs(60),
             sender_throttle_default: Duration::from_secs(60),
             max_retry_after: Duration::from_secs(600),
+            max_unanswered_resends: 5,
+            window: Duration::from_secs(60),
         }
     }
 }
@@ -89,6 +112,12 @@ pub enum FinalFailure {
         /// The wait WNS asked for.
         retry_after: Duration,
     },
+    /// The next retry would go out after [`RetryPolicy::window`]; `last`
+    /// is the label of the final outcome.
+    RetryWindowExhausted {
+        /// [`Outcome::label`] of the last answer.
+        last: &'static str,
+    },
 }
 
 impl FinalFailure {
@@ -104,6 +133,7 @@ impl FinalFailure {
             FinalFailure::DomainBlocked => "domain_blocked",
             FinalFailure::AttemptsExhausted { .. } => "attempts_exhausted",
             FinalFailure::RetryAfterTooLong { .. } => "retry_after_too_long",
+            FinalFailure::RetryWindowExhausted { .. } => "retry_window_exhausted",
         }
     }
 
@@ -181,17 +211,64 @@ impl Verdict {
     }
 }
 
-/// Retry state of one push: how many requests were sent, whether the one
-/// token-refresh retry was used, and whether it is finished.
+/// Where a push stands when a retry is decided: how long ago it started
+/// (its place in [`RetryPolicy::window`]), the back-off level of its WNS
+/// authority and credential, and a random draw for the jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetryContext {
+    /// Time since the push started (its first request, or the wait for
+    /// it).
+    pub elapsed: Duration,
+    /// The level of the push's [`RetryGate`](super::backoff::RetryGate)
+    /// after this failure was recorded (at least 1 for a failure; 0 is
+    /// read as 1).
+    pub level: u32,
+    /// A uniformly random `u64` from the caller (so tests are
+    /// deterministic).
+    pub jitter: u64,
+}
+
+/// Why a request got no answer, as far as the resend rule cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// Its stream was refused or reset, or its connection went away
+    /// gracefully (a GOAWAY) before processing it: the front end is
+    /// working, so it is sent again at once.
+    Retired,
+    /// Its connect failed, or its connection died before answering: the
+    /// front end is in trouble, so it is sent again after a back-off.
+    ConnectionFailed,
+}
+
+/// What to do with a push whose request got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resend {
+    /// Send it again now.
+    Now,
+    /// Send it again after this wait.
+    After(Duration),
+    /// [`RetryPolicy::max_unanswered_resends`] are spent: the push fails.
+    Exhausted,
+    /// The resend would go out after [`RetryPolicy::window`]: the push
+    /// fails.
+    WindowExhausted,
+}
+
+/// Retry state of one push: how many requests were sent and answered, how
+/// many were sent again without an answer, whether the one token-refresh
+/// retry was used, and whether it is finished.
 ///
 /// Guarantees, whatever sequence of outcomes it is fed: permanent outcomes
-/// end the push at once; the number of requests the caller is told to send
-/// (the first plus every retry decision) never exceeds
-/// [`RetryPolicy::max_attempts`]; the token-refresh retry is granted at most
-/// once.
+/// end the push at once; the number of answered requests the caller is told
+/// to send (the first plus every retry decision) never exceeds
+/// [`RetryPolicy::max_attempts`], and the resends after no answer never
+/// exceed [`RetryPolicy::max_unanswered_resends`]; no wait is asked for that
+/// would end past [`RetryPolicy::window`] (but after `channelthrottled`);
+/// the token-refresh retry is granted at most once.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PushAttempt {
     attempts: u32,
+    unanswered: u32,
     token_refreshed: bool,
     finished: bool,
 }
@@ -207,6 +284,11 @@ impl PushAttempt {
         self.attempts
     }
 
+    /// Requests sent again after no answer so far.
+    pub fn unanswered_resends(&self) -> u32 {
+        self.unanswered
+    }
+
     /// Whether the one token-refresh retry has been used.
     pub fn token_refreshed(&self) -> bool {
         self.token_refreshed
@@ -219,27 +301,68 @@ impl PushAttempt {
 
     /// Records the answer to the request just sent and decides what next.
     ///
-    /// `jitter` is a uniformly random `u64` from the caller (so tests are
-    /// deterministic). 5xx waits are "equal jitter": half of
-    /// `min(base * 2^(attempts-1), max_backoff)` fixed plus a random part of
-    /// the other half, so retries spread out but never come back instantly;
-    /// a `Retry-After` is a floor under that wait.
+    /// 5xx waits are "equal jitter" on the level of the authority and
+    /// credential (`ctx.level`): half of
+    /// `min(base * 2^(level-1), max_backoff)` fixed plus a random part of
+    /// the other half, so retries spread out but never come back
+    /// instantly. A `Retry-After` wins over that: WNS's word is the wait.
+    /// A 5xx or 406 retry that would go out after the window fails the
+    /// push instead ([`FinalFailure::RetryWindowExhausted`]).
     ///
     /// Calling this again after a final decision is a caller bug: it answers
     /// `Failed(AttemptsExhausted)` and never asks for another send.
-    pub fn on_outcome(&mut self, outcome: &Outcome, policy: &RetryPolicy, jitter: u64) -> Verdict {
+    pub fn on_outcome(
+        &mut self,
+        outcome: &Outcome,
+        policy: &RetryPolicy,
+        ctx: RetryContext,
+    ) -> Verdict {
         if self.finished {
             return Verdict::push(Decision::Failed(FinalFailure::AttemptsExhausted {
                 last: outcome.label(),
             }));
         }
         self.attempts = self.attempts.saturating_add(1);
-        let verdict = self.decide(outcome, policy, jitter);
+        let verdict = self.decide(outcome, policy, ctx);
         self.finished = !verdict.decision.is_retry();
         verdict
     }
 
-    fn decide(&mut self, outcome: &Outcome, policy: &RetryPolicy, jitter: u64) -> Verdict {
+    /// Records a request that got no answer, for the reason `why`, and
+    /// decides whether and when it is sent again. A resend after a
+    /// connection failure waits the back-off of `ctx.level` (equal
+    /// jitter, as for a 5xx); one after a retired stream goes at once.
+    /// Either must go out within the window, and within
+    /// [`RetryPolicy::max_unanswered_resends`].
+    ///
+    /// After a final decision it answers [`Resend::Exhausted`].
+    pub fn on_no_answer(
+        &mut self,
+        why: NoAnswer,
+        policy: &RetryPolicy,
+        ctx: RetryContext,
+    ) -> Resend {
+        if self.finished || self.unanswered >= policy.max_unanswered_resends {
+            self.finished = true;
+            return Resend::Exhausted;
+        }
+        let wait = match why {
+            NoAnswer::Retired => Duration::ZERO,
+            NoAnswer::ConnectionFailed => backoff(policy, ctx.level.max(1), ctx.jitter),
+        };
+        if !within_window(policy, ctx.elapsed, wait) {
+            self.finished = true;
+            return Resend::WindowExhausted;
+        }
+        self.unanswered += 1;
+        if wait.is_zero() {
+            Resend::Now
+        } else {
+            Resend::After(wait)
+        }
+    }
+
+    fn decide(&mut self, outcome: &Outcome, policy: &RetryPolicy, ctx: RetryContext) -> Verdict {
         use Decision::*;
         let fail = |f| Verdict::push(Failed(f));
         match *outcome {
@@ -273,7 +396,7 @@ impl PushAttempt {
                 let decision = if pause > policy.max_retry_after {
                     Failed(FinalFailure::RetryAfterTooLong { retry_after: pause })
                 } else {
-                    self.retry(outcome, policy, RetryAfter(pause)).decision
+                    self.retry_within(outcome, policy, ctx, pause).decision
                 };
                 Verdict {
                     decision,
@@ -285,9 +408,9 @@ impl PushAttempt {
                     fail(FinalFailure::RetryAfterTooLong { retry_after: ra })
                 }
                 _ => {
-                    let backoff = backoff(policy, self.attempts, jitter);
-                    let wait = backoff.max(retry_after.unwrap_or(Duration::ZERO));
-                    self.retry(outcome, policy, RetryAfter(wait))
+                    let wait = retry_after
+                        .unwrap_or_else(|| backoff(policy, ctx.level.max(1), ctx.jitter));
+                    self.retry_within(outcome, policy, ctx, wait)
                 }
             },
         }
@@ -303,23 +426,31 @@ impl PushAttempt {
             Verdict::push(decision)
         }
     }
+
+    /// A retry after `wait`, if the budget allows one more request and it
+    /// would go out within the window.
+    fn retry_within(
+        &self,
+        outcome: &Outcome,
+        policy: &RetryPolicy,
+        ctx: RetryContext,
+        wait: Duration,
+    ) -> Verdict {
+        let verdict = self.retry(outcome, policy, Decision::RetryAfter(wait));
+        if verdict.decision.is_retry() && !within_window(policy, ctx.elapsed, wait) {
+            Verdict::push(Decision::Failed(FinalFailure::RetryWindowExhausted {
+                last: outcome.label(),
+            }))
+        } else {
+            verdict
+        }
+    }
 }
 
-/// Equal-jitter exponential backoff after `attempts` requests (>= 1).
-fn backoff(policy: &RetryPolicy, attempts: u32, jitter: u64) -> Duration {
-    let shift = attempts.saturating_sub(1).min(31);
-    let exp = policy
-        .base
-        .checked_mul(1u32 << shift)
-        .unwrap_or(policy.max_backoff)
-        .min(policy.max_backoff);
-    let half = exp / 2;
-    let spread = u64::try_from((exp - half).as_nanos()).unwrap_or(u64::MAX);
-    let random = match spread.checked_add(1) {
-        Some(n) => jitter % n,
-        None => jitter,
-    };
-    half + Duration::from_nanos(random)
+/// Whether a request sent after waiting `wait`, `elapsed` into its push,
+/// falls within the push's window.
+fn within_window(policy: &RetryPolicy, elapsed: Duration, wait: Duration) -> bool {
+    elapsed.saturating_add(wait) <= policy.window
 }
 
 /// Per-credential pause state after WNS throttled or blocked the sender.
@@ -467,8 +598,17 @@ mod tests {
         }
     }
 
+    /// A push `level` failures into its gate, early in its window.
+    fn ctx(level: u32, jitter: u64) -> RetryContext {
+        RetryContext {
+            elapsed: Duration::ZERO,
+            level,
+            jitter,
+        }
+    }
+
     fn first(outcome: Outcome) -> Verdict {
-        PushAttempt::new().on_outcome(&outcome, &RetryPolicy::default(), 0)
+        PushAttempt::new().on_outcome(&outcome, &RetryPolicy::default(), ctx(1, 0))
     }
 
     #[test]
@@ -536,51 +676,88 @@ mod tests {
         let p = RetryPolicy::default();
         let mut a = PushAttempt::new();
         assert_eq!(
-            a.on_outcome(&Outcome::TokenRejected, &p, 0).decision,
+            a.on_outcome(&Outcome::TokenRejected, &p, ctx(0, 0))
+                .decision,
             Decision::RefreshTokenThenRetry
         );
         assert!(a.token_refreshed());
-        assert!(a.on_outcome(&server_error(None), &p, 0).decision.is_retry());
+        assert!(a
+            .on_outcome(&server_error(None), &p, ctx(1, 0))
+            .decision
+            .is_retry());
         assert_eq!(
-            a.on_outcome(&Outcome::TokenRejected, &p, 0).decision,
+            a.on_outcome(&Outcome::TokenRejected, &p, ctx(0, 0))
+                .decision,
             Decision::Failed(FinalFailure::TokenRejectedTwice)
         );
         assert!(a.is_finished());
     }
 
     #[test]
-    fn server_errors_back_off_exponentially_within_bounds() {
+    fn server_errors_back_off_by_the_gate_level_within_bounds() {
         let p = RetryPolicy {
             max_attempts: 10,
+            window: S(3600),
             ..RetryPolicy::default()
         };
         let mut a = PushAttempt::new();
         // jitter 0 gives the lower bound (half), u64::MAX-ish the upper.
         let expected_low = [100, 200, 400, 800, 1600, 3200, 6400, 12800, 15000];
-        for low in expected_low {
-            let Decision::RetryAfter(d) = a.on_outcome(&server_error(None), &p, 0).decision else {
+        for (level, low) in (1..).zip(expected_low) {
+            let v = a.on_outcome(&server_error(None), &p, ctx(level, 0));
+            let Decision::RetryAfter(d) = v.decision else {
                 panic!("expected a retry");
             };
             assert_eq!(d, MS(low));
         }
         assert_eq!(
-            a.on_outcome(&server_error(None), &p, 0).decision,
+            a.on_outcome(&server_error(None), &p, ctx(10, 0)).decision,
             Decision::Failed(FinalFailure::AttemptsExhausted {
                 last: "server_error"
             })
         );
         let mut b = PushAttempt::new();
-        let top = b.on_outcome(&server_error(None), &p, 100_000_000).decision;
+        let top = b
+            .on_outcome(&server_error(None), &p, ctx(1, 100_000_000))
+            .decision;
         assert_eq!(top, Decision::RetryAfter(MS(200)));
+        // The level is the gate's, not the push's own count: a push's
+        // first 5xx in a long episode waits long.
+        let mut c = PushAttempt::new();
+        let late = c.on_outcome(&server_error(None), &p, ctx(6, 0)).decision;
+        assert_eq!(late, Decision::RetryAfter(MS(3200)));
     }
 
     #[test]
-    fn retry_after_is_a_floor_for_server_errors() {
+    fn retry_after_wins_for_server_errors() {
+        // Below the back-off: WNS's word is the wait.
+        let v = PushAttempt::new().on_outcome(
+            &server_error(Some(MS(50))),
+            &RetryPolicy::default(),
+            ctx(8, 0),
+        );
+        assert_eq!(v.decision, Decision::RetryAfter(MS(50)));
         let v = first(server_error(Some(S(20))));
         assert_eq!(v.decision, Decision::RetryAfter(S(20)));
-        // Above max_backoff but within max_retry_after: honoured.
-        let v = first(server_error(Some(S(120))));
+        // Above max_backoff but within max_retry_after and the window:
+        // honoured.
+        let v = PushAttempt::new().on_outcome(
+            &server_error(Some(S(120))),
+            &RetryPolicy {
+                window: S(600),
+                ..RetryPolicy::default()
+            },
+            ctx(1, 0),
+        );
         assert_eq!(v.decision, Decision::RetryAfter(S(120)));
+        // Within max_retry_after but past the window: the push fails.
+        let v = first(server_error(Some(S(120))));
+        assert_eq!(
+            v.decision,
+            Decision::Failed(FinalFailure::RetryWindowExhausted {
+                last: "server_error"
+            })
+        );
         // Above max_retry_after: not waited for, not retried early.
         let v = first(server_error(Some(S(3600))));
         assert_eq!(
@@ -608,7 +785,12 @@ mod tests {
             v.credential,
             Some(CredentialSignal::Throttle { pause: S(5) })
         );
-        let v = first(Outcome::SenderThrottled { retry_after: None });
+        let v = PushAttempt::new().on_outcome(
+            &Outcome::SenderThrottled { retry_after: None },
+            &RetryPolicy::default(),
+            ctx(1, 0),
+        );
+        // The default pause fills the whole window: allowed at the start.
         assert_eq!(v.decision, Decision::RetryAfter(S(60)));
         assert_eq!(
             v.credential,
@@ -636,8 +818,11 @@ mod tests {
             max_attempts: 1,
             ..RetryPolicy::default()
         };
-        let v =
-            PushAttempt::new().on_outcome(&Outcome::SenderThrottled { retry_after: None }, &p, 0);
+        let v = PushAttempt::new().on_outcome(
+            &Outcome::SenderThrottled { retry_after: None },
+            &p,
+            ctx(1, 0),
+        );
         assert_eq!(
             v.decision,
             Decision::Failed(FinalFailure::AttemptsExhausted {
@@ -653,7 +838,7 @@ mod tests {
             max_attempts: 0,
             ..RetryPolicy::default()
         };
-        let v = PushAttempt::new().on_outcome(&Outcome::TokenRejected, &p, 0);
+        let v = PushAttempt::new().on_outcome(&Outcome::TokenRejected, &p, ctx(0, 0));
         assert!(!v.decision.is_retry());
     }
 
@@ -662,10 +847,10 @@ mod tests {
         let p = RetryPolicy::default();
         let mut a = PushAttempt::new();
         assert_eq!(
-            a.on_outcome(&Outcome::Received, &p, 0).decision,
+            a.on_outcome(&Outcome::Received, &p, ctx(0, 0)).decision,
             Decision::Delivered
         );
-        let again = a.on_outcome(&server_error(None), &p, 0).decision;
+        let again = a.on_outcome(&server_error(None), &p, ctx(1, 0)).decision;
         assert!(!again.is_retry());
         assert_eq!(a.attempts(), 1);
     }
@@ -726,6 +911,111 @@ mod tests {
         assert_eq!(p.take(11_000), Ok(()));
     }
 
+    #[test]
+    fn no_answer_after_a_connection_failure_waits_the_gate_back_off() {
+        let p = RetryPolicy::default();
+        let mut a = PushAttempt::new();
+        let waits: Vec<Resend> = (1..=5)
+            .map(|level| a.on_no_answer(NoAnswer::ConnectionFailed, &p, ctx(level, 0)))
+            .collect();
+        assert_eq!(
+            waits,
+            [100, 200, 400, 800, 1600].map(|ms| Resend::After(MS(ms)))
+        );
+        // The count is spent.
+        assert_eq!(
+            a.on_no_answer(NoAnswer::ConnectionFailed, &p, ctx(6, 0)),
+            Resend::Exhausted
+        );
+        assert!(a.is_finished());
+        assert_eq!(a.unanswered_resends(), 5);
+    }
+
+    #[test]
+    fn a_retired_stream_is_resent_at_once_within_the_same_count() {
+        let p = RetryPolicy::default();
+        let mut a = PushAttempt::new();
+        for _ in 0..5 {
+            assert_eq!(
+                a.on_no_answer(NoAnswer::Retired, &p, ctx(9, 0)),
+                Resend::Now
+            );
+        }
+        assert_eq!(
+            a.on_no_answer(NoAnswer::Retired, &p, ctx(9, 0)),
+            Resend::Exhausted
+        );
+        // Answered attempts are a budget of their own.
+        let mut b = PushAttempt::new();
+        for _ in 0..5 {
+            let _ = b.on_no_answer(NoAnswer::Retired, &p, ctx(1, 0));
+        }
+        assert_eq!(
+            b.on_outcome(&server_error(None), &p, ctx(1, 0)).decision,
+            Decision::RetryAfter(MS(100))
+        );
+    }
+
+    #[test]
+    fn no_resend_goes_out_past_the_window() {
+        let p = RetryPolicy {
+            window: S(5),
+            ..RetryPolicy::default()
+        };
+        let at = |elapsed_ms, level| RetryContext {
+            elapsed: MS(elapsed_ms),
+            level,
+            jitter: 0,
+        };
+        // 4.9 s in, level 1 (at least 100 ms): it fits exactly.
+        let mut a = PushAttempt::new();
+        assert_eq!(
+            a.on_no_answer(NoAnswer::ConnectionFailed, &p, at(4_900, 1)),
+            Resend::After(MS(100))
+        );
+        // 4.9 s in, level 2 (at least 200 ms): past the window.
+        assert_eq!(
+            a.on_no_answer(NoAnswer::ConnectionFailed, &p, at(4_900, 2)),
+            Resend::WindowExhausted
+        );
+        assert!(a.is_finished());
+        // Even an immediate resend does not go out once the window is over.
+        let mut b = PushAttempt::new();
+        assert_eq!(
+            b.on_no_answer(NoAnswer::Retired, &p, at(5_001, 1)),
+            Resend::WindowExhausted
+        );
+        // Answers too: a 5xx late in the window ends the push.
+        let mut c = PushAttempt::new();
+        assert_eq!(
+            c.on_outcome(&server_error(None), &p, at(4_950, 1)).decision,
+            Decision::Failed(FinalFailure::RetryWindowExhausted {
+                last: "server_error"
+            })
+        );
+        // A 406 whose pause runs past the window: the push ends, the
+        // credential still pauses.
+        let v = PushAttempt::new().on_outcome(
+            &Outcome::SenderThrottled {
+                retry_after: Some(S(10)),
+            },
+            &p,
+            at(0, 1),
+        );
+        assert_eq!(
+            v,
+            Verdict {
+                decision: Decision::Failed(FinalFailure::RetryWindowExhausted {
+                    last: "sender_throttled"
+                }),
+                credential: Some(CredentialSignal::Throttle { pause: S(10) }),
+            }
+        );
+        // A channel's own throttle is not bound by the window.
+        let v = PushAttempt::new().on_outcome(&Outcome::ChannelThrottled, &p, at(4_000, 1));
+        assert_eq!(v.decision, Decision::RetryAfter(S(60)));
+    }
+
     fn any_outcome() -> impl Strategy<Value = Outcome> {
         let ra = proptest::option::of((0u64..4000).prop_map(S));
         prop_oneof![
@@ -761,45 +1051,93 @@ mod tests {
     }
 
     proptest! {
+        /// Answered and unanswered requests mixed, each a step later in
+        /// the window: the budgets in count and in time both hold.
         #[test]
         fn sends_never_exceed_the_budget(
-            outcomes in proptest::collection::vec(any_outcome(), 1..40),
+            steps in proptest::collection::vec(
+                (proptest::option::of(any_outcome()), any::<bool>(), 0u64..20_000, 0u32..12, any::<u64>()),
+                1..40,
+            ),
             max_attempts in 0u32..8,
-            jitters in proptest::collection::vec(any::<u64>(), 40),
+            max_unanswered_resends in 0u32..8,
+            window_secs in 1u64..120,
         ) {
-            let policy = RetryPolicy { max_attempts, ..RetryPolicy::default() };
+            let policy = RetryPolicy {
+                max_attempts,
+                max_unanswered_resends,
+                window: S(window_secs),
+                ..RetryPolicy::default()
+            };
             let mut push = PushAttempt::new();
-            let mut sent = 1u32; // the first request
+            let mut answered = 0u32;
+            let mut resent = 0u32;
             let mut refreshes = 0;
-            for (o, j) in outcomes.iter().zip(jitters) {
-                let v = push.on_outcome(o, &policy, j);
-                if !is_transient(o) {
-                    prop_assert!(!v.decision.is_retry(), "{o:?} retried");
-                }
-                match v.decision {
-                    Decision::RefreshTokenThenRetry => refreshes += 1,
-                    Decision::RetryAfter(d) => {
-                        let bound = policy.max_backoff
-                            .max(policy.channel_throttle_backoff)
-                            .max(policy.sender_throttle_default)
-                            .max(policy.max_retry_after);
-                        prop_assert!(d <= bound);
-                        if let Outcome::ServerError { retry_after: Some(ra), .. } = o {
-                            prop_assert!(d >= *ra);
+            let mut elapsed = Duration::ZERO;
+            for (o, connection, dt, level, jitter) in steps {
+                elapsed += MS(dt);
+                let ctx = RetryContext { elapsed, level, jitter };
+                let wait = match o {
+                    None => {
+                        let why = if connection { NoAnswer::ConnectionFailed } else { NoAnswer::Retired };
+                        match push.on_no_answer(why, &policy, ctx) {
+                            Resend::Now => {
+                                prop_assert_eq!(why, NoAnswer::Retired);
+                                Duration::ZERO
+                            }
+                            Resend::After(d) => {
+                                prop_assert_eq!(why, NoAnswer::ConnectionFailed);
+                                prop_assert!(d >= backoff(&policy, level.max(1), 0));
+                                prop_assert!(d <= policy.max_backoff);
+                                d
+                            }
+                            Resend::Exhausted | Resend::WindowExhausted => {
+                                prop_assert!(push.is_finished());
+                                break;
+                            }
                         }
                     }
-                    _ => {}
+                    Some(o) => {
+                        answered += 1;
+                        let v = push.on_outcome(&o, &policy, ctx);
+                        if !is_transient(&o) {
+                            prop_assert!(!v.decision.is_retry(), "{o:?} retried");
+                        }
+                        match v.decision {
+                            Decision::RefreshTokenThenRetry => {
+                                refreshes += 1;
+                                Duration::ZERO
+                            }
+                            Decision::RetryAfter(d) => {
+                                let bound = policy.max_backoff
+                                    .max(policy.channel_throttle_backoff)
+                                    .max(policy.sender_throttle_default)
+                                    .max(policy.max_retry_after);
+                                prop_assert!(d <= bound);
+                                if let Outcome::ServerError { retry_after: Some(ra), .. } = o {
+                                    prop_assert_eq!(d, ra);
+                                }
+                                if o != Outcome::ChannelThrottled {
+                                    prop_assert!(elapsed + d <= policy.window);
+                                }
+                                d
+                            }
+                            _ => {
+                                prop_assert!(push.is_finished());
+                                break;
+                            }
+                        }
+                    }
+                };
+                if o.is_none() {
+                    resent += 1;
                 }
-                if v.decision.is_retry() {
-                    sent += 1;
-                } else {
-                    prop_assert!(push.is_finished());
-                    break;
-                }
+                elapsed += wait;
             }
-            prop_assert!(sent <= max_attempts.max(1));
+            prop_assert!(answered <= max_attempts.max(1));
+            prop_assert!(resent <= max_unanswered_resends);
+            prop_assert_eq!(push.unanswered_resends(), resent);
             prop_assert!(refreshes <= 1);
-            prop_assert_eq!(push.attempts(), sent.min(outcomes.len() as u32));
         }
 
         #[test]
