@@ -190,7 +190,14 @@ fn a_full_disk_fails_writes_keeps_reads_and_recovers_on_its_own() {
     // Room again: the background probe finds it, with no write from us.
     expect_unready(&mut c, &mut generation);
     std::fs::remove_file(&filler).unwrap();
+    let freed = Instant::now();
     wait_readyz(&mut c, 200, Duration::from_secs(10));
+    eprintln!(
+        "full disk: {} writes acknowledged before it filled, {refused} refused with 503; \
+         ready again {:.2} s after the room came back, with no restart",
+        acked.len(),
+        freed.elapsed().as_secs_f64()
+    );
     for i in 0..4 {
         let dev = format!("after-{i}");
         let u = long_uri(&dev, 0);
