@@ -65,7 +65,7 @@ fn start_in(mode: Mode, env: &[(&str, &str)]) -> (tempfile::TempDir, SimHandle, 
     };
     let (dir, sim, gw) = common::start_with_sim_env(cfg, env);
     register(&gw, "warm", "AwYAAADwarm");
-    let r = push_wait(&gw, "warm");
+    let r = common::push_wait(&gw, "warm");
     assert_eq!(r["result"], "delivered", "{r}");
     (dir, sim, gw)
 }
@@ -82,21 +82,6 @@ fn register(gw: &Server, id: &str, token: &str) {
     assert!(r.status == 201 || r.status == 200, "{}", r.text());
 }
 
-fn push_wait(gw: &Server, id: &str) -> Value {
-    let r = gw
-        .client()
-        .with_timeout(Duration::from_secs(120))
-        .request(
-            "POST",
-            &format!("/v1/devices/{id}/push?wait=true"),
-            None,
-            b"",
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
 /// `n` devices, `o00000`..., registered through the import.
 fn fleet(gw: &Server, n: u64) -> Vec<String> {
     let ids: Vec<String> = (0..n).map(|i| format!("o{i:05}")).collect();
@@ -108,13 +93,18 @@ fn fleet(gw: &Server, n: u64) -> Vec<String> {
     ids
 }
 
-fn bulk(gw: &Server, ids: &[String]) -> Value {
+/// Starts a bulk wake of `ids`; answers its job id.
+fn start_bulk(gw: &Server, ids: &[String]) -> String {
     let r = gw
         .client()
         .send_json("POST", "/v1/pushes", &json!({ "device_ids": ids }))
         .unwrap();
     assert_eq!(r.status, 202, "{}", r.text());
-    let id = r.json()["job_id"].as_str().unwrap().to_owned();
+    r.json()["job_id"].as_str().unwrap().to_owned()
+}
+
+fn bulk(gw: &Server, ids: &[String]) -> Value {
+    let id = start_bulk(gw, ids);
     common::wait_job(gw, &id, Duration::from_secs(180))
 }
 
@@ -271,7 +261,7 @@ fn single_wake_through_a_short_outage(kind: Kind) {
     sim.reset_stats();
     let t0 = Instant::now();
     sim.set_faults(kind.faults(SHORT_OUTAGE_MS)).unwrap();
-    let r = push_wait(&gw, "single");
+    let r = common::push_wait(&gw, "single");
     let took = t0.elapsed();
     let st = sim.stats();
     let scrape = metrics(&gw);
@@ -315,7 +305,7 @@ fn wakes_in_a_long_outage_fail_when_their_window_runs_out_and_the_breaker_opens_
     sim.set_faults(Kind::Reset.faults(OUTAGE_MS)).unwrap();
     let job = bulk(&gw, &ids);
     let job_took = t0.elapsed();
-    let single = push_wait(&gw, "single");
+    let single = common::push_wait(&gw, "single");
     let single_took = t0.elapsed() - job_took;
     let during = breaker(&gw);
     let scrape = metrics(&gw);
@@ -368,7 +358,7 @@ fn wakes_in_a_long_outage_fail_when_their_window_runs_out_and_the_breaker_opens_
     // breaker.
     let end = t0 + Duration::from_millis(OUTAGE_MS);
     std::thread::sleep(end.saturating_duration_since(Instant::now()) + Duration::from_millis(200));
-    let after = push_wait(&gw, "single");
+    let after = common::push_wait(&gw, "single");
     let recovered = end.elapsed();
     let closed = breaker(&gw);
     let scrape = metrics(&gw);
@@ -407,12 +397,7 @@ fn a_bulk_wake_goes_on_with_its_other_devices_while_some_wait_for_their_retry() 
     ids.extend(fleet(&gw, OTHERS));
     sim.reset_stats();
     let t0 = Instant::now();
-    let r = gw
-        .client()
-        .send_json("POST", "/v1/pushes", &json!({ "device_ids": ids }))
-        .unwrap();
-    assert_eq!(r.status, 202, "{}", r.text());
-    let id = r.json()["job_id"].as_str().unwrap().to_owned();
+    let id = start_bulk(&gw, &ids);
     // A hang guard only: the throttled wakes wait a minute, the others are
     // done long before.
     let deadline = t0 + Duration::from_secs(50);

@@ -41,20 +41,6 @@ fn slow_answers(s: &sim::SimHandle, ms: u64) {
     .unwrap();
 }
 
-fn push_wait(gw: &Server, id: &str) -> Value {
-    let r = gw
-        .client()
-        .request(
-            "POST",
-            &format!("/v1/devices/{id}/push?wait=true"),
-            None,
-            b"",
-        )
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
 #[test]
 fn every_wns_answer_lands_on_the_device() {
     let (_d, s, gw) = start();
@@ -103,7 +89,7 @@ fn every_wns_answer_lands_on_the_device() {
     ];
     for (id, token, result, outcome, state, reason) in cases {
         register(&gw, id, token);
-        let r = push_wait(&gw, id);
+        let r = common::push_wait(&gw, id);
         assert_eq!(r["result"], result, "{id}: {r}");
         assert_eq!(r["wns_outcome"], outcome, "{id}: {r}");
         assert_eq!(r["attempts"], 1, "{id}: {r}");
@@ -144,7 +130,7 @@ fn server_errors_are_retried_within_the_attempt_budget() {
         ..Faults::default()
     })
     .unwrap();
-    let r = push_wait(&gw, "flaky");
+    let r = common::push_wait(&gw, "flaky");
     assert_eq!(r["result"], "attempts_exhausted", "{r}");
     assert_eq!(r["attempts"], 4, "{r}");
     assert_eq!(
@@ -153,7 +139,7 @@ fn server_errors_are_retried_within_the_attempt_budget() {
         "sent more often than the retry policy allows"
     );
     s.set_faults(Faults::default()).unwrap();
-    let r = push_wait(&gw, "flaky");
+    let r = common::push_wait(&gw, "flaky");
     assert_eq!(r["result"], "delivered", "{r}");
 }
 
@@ -174,7 +160,7 @@ fn pending_wakes_for_one_device_are_coalesced() {
     assert_eq!(first.json()["coalesced"], false);
     assert_eq!(second.json()["coalesced"], true);
     assert_eq!(first.json()["push_id"], second.json()["push_id"]);
-    let waited = push_wait(&gw, "slow");
+    let waited = common::push_wait(&gw, "slow");
     assert_eq!(waited["push_id"], first.json()["push_id"]);
     assert_eq!(waited["result"], "delivered");
     std::thread::sleep(Duration::from_millis(100));
@@ -212,7 +198,7 @@ fn a_single_wake_joins_the_bulk_wake_pending_for_its_device() {
     }
     let answers: Vec<Value> = std::thread::scope(|scope| {
         let joiners: Vec<_> = ["slow", "slowgone"]
-            .map(|id| scope.spawn(|| push_wait(&gw, id)))
+            .map(|id| scope.spawn(|| common::push_wait(&gw, id)))
             .into_iter()
             .collect();
         joiners.into_iter().map(|j| j.join().unwrap()).collect()
@@ -233,7 +219,7 @@ fn a_single_wake_joins_the_bulk_wake_pending_for_its_device() {
     assert_eq!(s.stats().pushes_total, 2, "a joined wake was sent again");
     // Settled: the next wake is a new one.
     s.set_faults(Faults::default()).unwrap();
-    let again = push_wait(&gw, "slow");
+    let again = common::push_wait(&gw, "slow");
     assert_eq!(again["coalesced"], false, "{again}");
     assert_ne!(again["push_id"], answers[0]["push_id"]);
 }
@@ -402,7 +388,7 @@ fn an_entra_app_gets_its_token_from_the_tenant_endpoint() {
         ],
     );
     register(&gw, "entra", "AwYAAADentra");
-    let r = push_wait(&gw, "entra");
+    let r = common::push_wait(&gw, "entra");
     assert_eq!(r["result"], "delivered", "{r}");
     let st = s.stats();
     assert_eq!((st.token_requests, st.tokens_issued), (1, 1), "{st:?}");
@@ -557,7 +543,7 @@ fn open_wns_connections_are_counted_by_protocol() {
         0.0
     );
     register(&gw, "conn", "AwYAAADconn");
-    push_wait(&gw, "conn");
+    common::push_wait(&gw, "conn");
     assert!(metric(&gw, "wnsgate_wns_connections_open{protocol=\"h2\"}") >= 1.0);
     assert_eq!(
         metric(&gw, "wnsgate_wns_connections_open{protocol=\"http1\"}"),
@@ -575,7 +561,7 @@ fn wns_request_options_reach_wns() {
         ],
     );
     register(&gw, "opt", "AwYAAADopt");
-    let r = push_wait(&gw, "opt");
+    let r = common::push_wait(&gw, "opt");
     assert_eq!(r["result"], "delivered", "{r}");
     // The simulator answers with the connection status only when asked.
     assert_eq!(r["device_connection"], "connected", "{r}");
@@ -587,7 +573,7 @@ fn wns_request_options_reach_wns() {
     // Without them, neither header is sent.
     let (_d2, s2, gw2) = start();
     register(&gw2, "plain", "AwYAAADplain");
-    let r = push_wait(&gw2, "plain");
+    let r = common::push_wait(&gw2, "plain");
     assert_eq!(r["device_connection"], Value::Null, "{r}");
     let st = s2.stats();
     assert_eq!((st.pushes_with_ttl, st.pushes_requesting_status), (0, 0));
@@ -601,7 +587,7 @@ fn final_wns_outcomes_are_logged_with_support_headers_and_no_secrets() {
     );
     let channel_token = "AwYAAADlogged0123456789secretpart";
     register(&gw, "logged", channel_token);
-    let r = push_wait(&gw, "logged");
+    let r = common::push_wait(&gw, "logged");
     let (msg_id, cv) = (r["msg_id"].as_str().unwrap(), r["ms_cv"].as_str().unwrap());
     let logs = gw.stderr();
     let line = logs

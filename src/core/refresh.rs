@@ -159,6 +159,7 @@ impl<T: Text> Shared<T> {
     }
 
     /// Distinct strings held.
+    #[cfg(test)]
     fn len(&self) -> usize {
         self.ids.len()
     }
@@ -879,7 +880,8 @@ impl RefreshQueue {
     }
 
     /// Distinct PFNs and provider ids the open jobs refer to.
-    pub fn shared_strings(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn shared_strings(&self) -> (usize, usize) {
         (self.pfns.len(), self.providers.len())
     }
 

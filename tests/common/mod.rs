@@ -252,6 +252,23 @@ pub fn import_tokens(
 }
 
 /// Polls a bulk wake until it is done or cancelled (at most `limit`).
+/// `POST /v1/devices/{id}/push?wait=true`, which must answer 200 (within
+/// two minutes: a wake may wait out its retries); answers the result.
+pub fn push_wait(gw: &Server, id: &str) -> serde_json::Value {
+    let r = gw
+        .client()
+        .with_timeout(Duration::from_secs(120))
+        .request(
+            "POST",
+            &format!("/v1/devices/{id}/push?wait=true"),
+            None,
+            b"",
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
 pub fn wait_job(gw: &Server, id: &str, limit: Duration) -> serde_json::Value {
     let deadline = Instant::now() + limit;
     loop {
