@@ -27,6 +27,9 @@ pub struct Config {
     pub lifecycle: LifecycleConfig,
     pub refresh: RefreshConfig,
     pub log: LogConfig,
+    /// Cluster mode on NATS JetStream; absent: the embedded store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -649,6 +652,8 @@ pub struct Settings {
     /// when nudges are off.
     pub nudge_per_second: Option<u32>,
     pub log: LogConfig,
+    /// Cluster mode, when the `[cluster]` section is there.
+    pub cluster: Option<ClusterSettings>,
 }
 
 impl Settings {
@@ -862,6 +867,11 @@ impl Settings {
                 }
             },
             log: cfg.log.clone(),
+            cluster: cfg
+                .cluster
+                .as_ref()
+                .map(|c| c.resolve(listen))
+                .transpose()?,
         })
     }
 
@@ -986,6 +996,209 @@ pub fn resolve_secret(key: &str, app: &WnsApp) -> Result<Secret, ConfigError> {
         ));
     }
     Ok(secret)
+}
+
+/// The `[cluster]` section: cluster mode on NATS JetStream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS servers to connect to (`nats://host:port` or `tls://host:port`);
+    /// the client learns the rest of the cluster from them.
+    pub nats_urls: Vec<String>,
+    /// A NATS credentials file (user JWT and nkey seed).
+    pub credentials_file: String,
+    /// A NATS token (or `token_env`, `token_file`); at most one of these
+    /// and `credentials_file`.
+    pub token: Secret,
+    pub token_env: String,
+    pub token_file: String,
+    /// A CA certificate (PEM) that NATS servers' TLS certificates chain to;
+    /// set, the connection must be TLS.
+    pub tls_ca_file: String,
+    /// This node's name in the cluster, unique among its nodes; empty: the
+    /// host name.
+    pub node_id: String,
+    /// How the other nodes reach this node's API (`http://host:port`);
+    /// empty: `http://<host name>:<api port>`.
+    pub advertise_url: String,
+    /// Partitions of new data (1 to 4096); 0 takes the cluster's own count,
+    /// or 1024 for new data. Fixed when the data is created.
+    pub partitions: u32,
+    /// Copies JetStream keeps of every stream (1 to 5; 3 survives the loss
+    /// of one NATS server).
+    pub replicas: u32,
+    /// JetStream streams the partition logs are spread over (each is one
+    /// Raft group); fixed when the data is created.
+    pub stream_count: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats_urls: vec!["nats://127.0.0.1:4222".into()],
+            credentials_file: String::new(),
+            token: Secret::default(),
+            token_env: String::new(),
+            token_file: String::new(),
+            tls_ca_file: String::new(),
+            node_id: String::new(),
+            advertise_url: String::new(),
+            partitions: 0,
+            replicas: 3,
+            stream_count: 4,
+        }
+    }
+}
+
+/// How a node authenticates to NATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    None,
+    Token(Secret),
+    CredentialsFile(PathBuf),
+}
+
+/// `[cluster]`, validated.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub nats_urls: Vec<String>,
+    pub auth: NatsAuth,
+    pub tls_ca_file: Option<PathBuf>,
+    pub node_id: String,
+    pub advertise_url: String,
+    /// `None`: the cluster's own count (or the default for new data).
+    pub partitions: Option<crate::core::Partitioning>,
+    pub replicas: usize,
+    pub stream_count: u16,
+}
+
+/// The host's name, for a default node id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl ClusterConfig {
+    fn resolve(&self, listen: SocketAddr) -> Result<ClusterSettings, ConfigError> {
+        if self.nats_urls.is_empty() {
+            return Err(invalid(
+                "cluster.nats_urls",
+                "name at least one NATS server",
+            ));
+        }
+        for url in &self.nats_urls {
+            let ok = ["nats://", "tls://"].iter().any(|s| {
+                url.strip_prefix(s)
+                    .is_some_and(|rest| !rest.is_empty() && !rest.contains('/'))
+            });
+            if !ok {
+                return Err(invalid(
+                    "cluster.nats_urls",
+                    format!("{url:?} is not nats://host:port or tls://host:port"),
+                ));
+            }
+        }
+        let token_set =
+            !self.token.0.is_empty() || !self.token_env.is_empty() || !self.token_file.is_empty();
+        let auth = match (token_set, self.credentials_file.is_empty()) {
+            (true, false) => {
+                return Err(invalid(
+                    "cluster.credentials_file",
+                    "set a credentials file or a token, not both",
+                ))
+            }
+            (true, true) => NatsAuth::Token(secret_from(
+                "cluster.token",
+                &self.token,
+                &self.token_env,
+                &self.token_file,
+            )?),
+            (false, false) => {
+                let path = PathBuf::from(&self.credentials_file);
+                std::fs::read(&path).map_err(|e| {
+                    invalid(
+                        "cluster.credentials_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                NatsAuth::CredentialsFile(path)
+            }
+            (false, true) => NatsAuth::None,
+        };
+        let tls_ca_file = if self.tls_ca_file.is_empty() {
+            None
+        } else {
+            let path = PathBuf::from(&self.tls_ca_file);
+            std::fs::read(&path).map_err(|e| {
+                invalid(
+                    "cluster.tls_ca_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            Some(path)
+        };
+        let node_id = if self.node_id.is_empty() {
+            host_name()
+        } else {
+            self.node_id.clone()
+        };
+        let node_ok = (1..=64).contains(&node_id.len())
+            && node_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !node_ok {
+            return Err(invalid(
+                "cluster.node_id",
+                format!("{node_id:?} must be 1 to 64 letters, digits, '-' or '_'"),
+            ));
+        }
+        let advertise_url = if self.advertise_url.is_empty() {
+            format!("http://{}:{}", host_name(), listen.port())
+        } else {
+            let u = self.advertise_url.trim_end_matches('/');
+            let ok = ["http://", "https://"].iter().any(|s| {
+                u.strip_prefix(s)
+                    .is_some_and(|r| !r.is_empty() && !r.contains('/'))
+            });
+            if !ok {
+                return Err(invalid(
+                    "cluster.advertise_url",
+                    format!("{:?} is not http://host:port", self.advertise_url),
+                ));
+            }
+            u.to_owned()
+        };
+        let partitions = match self.partitions {
+            0 => None,
+            n => Some(
+                crate::core::Partitioning::new(n)
+                    .map_err(|e| invalid("cluster.partitions", e.to_string()))?,
+            ),
+        };
+        if !(1..=5).contains(&self.replicas) {
+            return Err(invalid("cluster.replicas", "must be 1 to 5"));
+        }
+        let max_streams = partitions.map_or(64, |p| u32::from(p.count()).min(64));
+        if !(1..=max_streams).contains(&self.stream_count) {
+            return Err(invalid(
+                "cluster.stream_count",
+                format!("must be 1 to {max_streams} (and at most the partition count)"),
+            ));
+        }
+        Ok(ClusterSettings {
+            nats_urls: self.nats_urls.clone(),
+            auth,
+            tls_ca_file,
+            node_id,
+            advertise_url,
+            partitions,
+            replicas: self.replicas as usize,
+            stream_count: self.stream_count as u16,
+        })
+    }
 }
 
 #[cfg(test)]

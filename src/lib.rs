@@ -22,6 +22,7 @@ pub(crate) mod api;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod demo;

@@ -86,16 +86,9 @@ pub fn apply_to_registry(registry: &Registry, batch: &[Mutation]) {
 /// the collection gives back about 150 MB).
 pub static AFTER_LOAD: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
 
-/// Starts a gateway and returns once it is ready (store loaded).
-pub fn start(settings: Settings) -> anyhow::Result<Running> {
-    // First, so `--io uring` on a machine without io_uring fails before
-    // anything is opened.
-    let backend = crate::shard::choose_backend(settings.io)?;
-    // Then the listeners: an address in use is refused before the data
-    // directory is created or opened.
-    let bound = ShardSet::bind(settings.listen, settings.shard_count())
-        .context("cannot start the API listeners")?;
-    let metrics = crate::telemetry::metrics::install();
+/// Opens the embedded store in `store.path`, converting a 0.x data
+/// directory first.
+fn open_embedded(settings: &Settings) -> anyhow::Result<crate::store::LogStore> {
     let path = settings.store.path.clone();
     std::fs::create_dir_all(&path)
         .with_context(|| format!("cannot create the data directory {}", path.display()))?;
@@ -123,7 +116,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
             "converted; the 0.x files listed are no longer read"
         );
     }
-    let store = crate::store::LogStore::open(
+    crate::store::LogStore::open(
         &path,
         crate::store::LogOptions {
             // Validated with the configuration.
@@ -141,8 +134,33 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
             },
         },
     )
-    .with_context(|| format!("cannot open the store in {}", path.display()))?;
-    let store: Arc<dyn Store> = Arc::new(store);
+    .with_context(|| format!("cannot open the store in {}", path.display()))
+}
+
+/// Starts a gateway and returns once it is ready (store loaded).
+pub fn start(settings: Settings) -> anyhow::Result<Running> {
+    // First, so `--io uring` on a machine without io_uring fails before
+    // anything is opened.
+    let backend = crate::shard::choose_backend(settings.io)?;
+    // Then the listeners: an address in use is refused before the data
+    // directory is created or opened.
+    let bound = ShardSet::bind(settings.listen, settings.shard_count())
+        .context("cannot start the API listeners")?;
+    let metrics = crate::telemetry::metrics::install();
+    let data = match &settings.cluster {
+        Some(c) => format!("NATS JetStream at {}", c.nats_urls.join(",")),
+        None => settings.store.path.display().to_string(),
+    };
+    let store: Arc<dyn Store> = match &settings.cluster {
+        Some(cluster) => Arc::new(
+            crate::cluster::JetStreamStore::open(
+                cluster,
+                settings.store.snapshot_log_mb.saturating_mul(1 << 20),
+            )
+            .context("cannot open the durable state in NATS JetStream")?,
+        ),
+        None => Arc::new(open_embedded(&settings)?),
+    };
     let registry = Arc::new(Registry::with_partitions(
         store.partitioning().unwrap_or_default(),
         store.approximate_len(),
@@ -223,7 +241,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         .start(Arc::new(api), backend, options)
         .context("cannot start the API listeners")?;
     let local_addr = shards.local_addr;
-    tracing::info!(%local_addr, shards = shard_count, io, data = %path.display(), "listening; loading the store");
+    tracing::info!(%local_addr, shards = shard_count, io, %data, "listening; loading the store");
 
     let t = crate::clock::instant();
     let loaded = store

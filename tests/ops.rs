@@ -462,6 +462,8 @@ fn the_example_config_mentions_every_key() {
         );
     }
     keys.extend(app.keys().map(|k| format!("wns.apps.{k}")));
+    let cluster = toml::Table::try_from(wnsgate::config::ClusterConfig::default()).unwrap();
+    keys.extend(cluster.keys().map(|k| format!("cluster.{k}")));
     keys.push("api.tokens_file".into());
     for key in keys {
         let (_, name) = key.rsplit_once('.').unwrap();

@@ -118,6 +118,12 @@ impl From<crate::registration::WriteError> for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store operation failed");
+        if let StoreError::NotOwner(why) = &e {
+            return ApiError::unavailable(
+                "store_unavailable",
+                format!("{why}; nothing was changed"),
+            );
+        }
         ApiError::unavailable(
             "store_unavailable",
             "the store could not complete the operation; nothing was changed",

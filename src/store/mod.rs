@@ -69,6 +69,11 @@ pub enum StoreError {
     /// A [`Mutation::Guard`] did not hold: the device changed meanwhile.
     #[error("device {0} changed meanwhile; nothing was applied")]
     Conflict(String),
+    /// The batch touched a partition this node may no longer write: another
+    /// node writes it now (cluster mode). Nothing of the batch is answered
+    /// as done.
+    #[error("{0}")]
+    NotOwner(String),
     /// Stored data that does not check out, where it is not a torn tail.
     #[error("{file}: damaged at byte {offset}: {why}")]
     Damaged {

@@ -79,8 +79,9 @@ pub type JobVisitor<'a> = &'a mut dyn FnMut(u64, &[u8]) -> Result<(), StoreError
 /// Visits one records frame of a partition: its records and their count.
 pub type RecordsVisitor<'a> = &'a mut dyn FnMut(&[u8], u64) -> Result<(), String>;
 
-/// What a cut wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a cut wrote (`path`: the file, or empty for a backend that
+/// writes no file).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Written {
     pub path: PathBuf,
     pub bytes: u64,

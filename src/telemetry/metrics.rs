@@ -175,6 +175,7 @@ fn describe() {
     describe_counter!(IMPORT_LINES, "NDJSON import lines, by result.");
     crate::store::committer::describe_metrics();
     crate::store::log_store::describe_metrics();
+    crate::cluster::jetstream::describe_metrics();
     describe_gauge!(
         RECOVERY_SECONDS,
         Unit::Seconds,

@@ -13,6 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use wnsgate::client::Client;
 
+pub mod nats;
+
 pub const PFN: &str = "Contoso.MDM_8wekyb3d8bbwe";
 
 pub fn uri(token: &str) -> String {
