@@ -1019,7 +1019,8 @@ pub struct ClusterConfig {
     /// host name.
     pub node_id: String,
     /// How the other nodes reach this node's API (`http://host:port`);
-    /// empty: `http://<host name>:<api port>`.
+    /// empty: `http://<api.listen's IP, or the host name when that is
+    /// 0.0.0.0 or ::>:<the API's port>`.
     pub advertise_url: String,
     /// Partitions of new data (1 to 4096); 0 takes the cluster's own count,
     /// or 1024 for new data. Fixed when the data is created.
@@ -1030,6 +1031,10 @@ pub struct ClusterConfig {
     /// JetStream streams the partition logs are spread over (each is one
     /// Raft group); fixed when the data is created.
     pub stream_count: u32,
+    /// How long a node's hold on its partitions (and its heartbeat) lasts
+    /// without renewal; renewed every third of it. A dead node's partitions
+    /// move after about this long.
+    pub lease_ttl: String,
 }
 
 impl Default for ClusterConfig {
@@ -1046,6 +1051,7 @@ impl Default for ClusterConfig {
             partitions: 0,
             replicas: 3,
             stream_count: 4,
+            lease_ttl: "10s".into(),
         }
     }
 }
@@ -1065,15 +1071,18 @@ pub struct ClusterSettings {
     pub auth: NatsAuth,
     pub tls_ca_file: Option<PathBuf>,
     pub node_id: String,
-    pub advertise_url: String,
+    /// `None`: `http://<listen IP, or the host name when that is 0.0.0.0
+    /// or ::>:<the port bound>`, known once the API listens.
+    pub advertise_url: Option<String>,
     /// `None`: the cluster's own count (or the default for new data).
     pub partitions: Option<crate::core::Partitioning>,
     pub replicas: usize,
     pub stream_count: u16,
+    pub lease_ttl: std::time::Duration,
 }
 
-/// The host's name, for a default node id.
-fn host_name() -> String {
+/// The host's name, for a default node id and advertised address.
+pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_owned())
@@ -1155,8 +1164,9 @@ impl ClusterConfig {
                 format!("{node_id:?} must be 1 to 64 letters, digits, '-' or '_'"),
             ));
         }
+        let _ = listen;
         let advertise_url = if self.advertise_url.is_empty() {
-            format!("http://{}:{}", host_name(), listen.port())
+            None
         } else {
             let u = self.advertise_url.trim_end_matches('/');
             let ok = ["http://", "https://"].iter().any(|s| {
@@ -1169,7 +1179,7 @@ impl ClusterConfig {
                     format!("{:?} is not http://host:port", self.advertise_url),
                 ));
             }
-            u.to_owned()
+            Some(u.to_owned())
         };
         let partitions = match self.partitions {
             0 => None,
@@ -1188,7 +1198,12 @@ impl ClusterConfig {
                 format!("must be 1 to {max_streams} (and at most the partition count)"),
             ));
         }
+        let lease_ttl = duration_key("cluster.lease_ttl", &self.lease_ttl)?;
+        if !(2..=300).contains(&lease_ttl) {
+            return Err(invalid("cluster.lease_ttl", "must be 2s to 5m"));
+        }
         Ok(ClusterSettings {
+            lease_ttl: std::time::Duration::from_secs(u64::from(lease_ttl)),
             nats_urls: self.nats_urls.clone(),
             auth,
             tls_ca_file,

@@ -61,6 +61,8 @@ pub struct Running {
     committer: CommitterJoin,
     lifecycle: Option<crate::lifecycle::LifecycleThread>,
     nudger: Option<Nudger>,
+    /// Kept alive for the store, which holds it weakly.
+    _host: Arc<dyn crate::store::PartitionHost>,
 }
 
 /// Applies a durable batch to the registry, in order.
@@ -137,6 +139,32 @@ fn open_embedded(settings: &Settings) -> anyhow::Result<crate::store::LogStore> 
     .with_context(|| format!("cannot open the store in {}", path.display()))
 }
 
+/// Where partitions taken over while running go, and where those handed
+/// over leave from (cluster mode): the registry and the refresh queue.
+struct Host {
+    registry: Arc<Registry>,
+    lifecycle: Arc<crate::lifecycle::Lifecycle>,
+}
+
+impl crate::store::PartitionHost for Host {
+    fn as_restore(&self) -> &dyn crate::store::Restore {
+        &*self.registry
+    }
+
+    fn adopt_jobs(&self, jobs: Vec<crate::core::refresh::Job>) {
+        if let Err(e) = self.lifecycle.adopt(jobs) {
+            tracing::error!(error = %e, "the refresh jobs of a partition taken over could not all be settled");
+        }
+    }
+
+    fn drop_partition(&self, part: u16) {
+        let partitioning = self.registry.partitioning();
+        let jobs = self.lifecycle.release(|id| partitioning.of(id) == part);
+        let devices = self.registry.drop_partition(part);
+        tracing::debug!(partition = part, devices, jobs, "partition left memory");
+    }
+}
+
 /// Starts a gateway and returns once it is ready (store loaded).
 pub fn start(settings: Settings) -> anyhow::Result<Running> {
     // First, so `--io uring` on a machine without io_uring fails before
@@ -155,6 +183,17 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         Some(cluster) => Arc::new(
             crate::cluster::JetStreamStore::open(
                 cluster,
+                &cluster.advertise_url.clone().unwrap_or_else(|| {
+                    let ip = bound.local_addr.ip();
+                    let host = if ip.is_unspecified() {
+                        crate::config::host_name()
+                    } else if ip.is_ipv6() {
+                        format!("[{ip}]")
+                    } else {
+                        ip.to_string()
+                    };
+                    format!("http://{host}:{}", bound.local_addr.port())
+                }),
                 settings.store.snapshot_log_mb.saturating_mul(1 << 20),
             )
             .context("cannot open the durable state in NATS JetStream")?,
@@ -257,6 +296,11 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     // Snapshots are cut from the registry and the refresh queue, once both
     // hold what was loaded.
     store.attach(registry.clone(), lifecycle.clone());
+    let host: Arc<dyn crate::store::PartitionHost> = Arc::new(Host {
+        registry: registry.clone(),
+        lifecycle: lifecycle.clone(),
+    });
+    store.attach_host(Arc::downgrade(&host));
     let queue_secs = t_queue.elapsed().as_secs_f64();
     let secs = t.elapsed().as_secs_f64();
     metrics::gauge!(m::RECOVERY_SECONDS).set(secs);
@@ -303,6 +347,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         committer,
         lifecycle: Some(lifecycle_thread),
         nudger,
+        _host: host,
     })
 }
 

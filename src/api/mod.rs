@@ -11,6 +11,7 @@
 pub(crate) mod body;
 pub(crate) mod devices;
 pub(crate) mod error;
+pub(crate) mod forward;
 pub(crate) mod import;
 pub(crate) mod jobs;
 pub(crate) mod limits;
@@ -233,6 +234,13 @@ async fn dispatch(
             "not_ready",
             "the gateway is starting or shutting down",
         ));
+    }
+    // A call for one device goes to the node that serves its partition.
+    if let Route::Device(id) | Route::Channel(id) | Route::Push(id) | Route::CheckIn(id) = &route {
+        if let Some(owner) = forward::owner_of(&gw, id, req.headers())? {
+            let (parts, body) = req.into_parts();
+            return forward::forward(&gw, &owner, parts, body).await;
+        }
     }
     let query = req.uri().query().map(str::to_owned);
     let (parts, body) = req.into_parts();

@@ -35,20 +35,26 @@
 //!   point is kept: it may not be in memory yet when the cut reads the
 //!   partition, and replaying it twice changes nothing. Keeping one message
 //!   also keeps the subject's last sequence, which fencing compares.
-//! - **Loading.** Every partition's snapshot, then each stream's messages
-//!   in order, skipping those a partition's snapshot covers.
+//! - **Loading.** A node loads only the partitions it takes the lease of
+//!   ([`super::leases`]), at start and whenever one moves to it: the
+//!   partition's snapshot (whose records may come from another node, so
+//!   they are read with the snapshot's own dictionary), then the
+//!   partition's log messages after it. A partition that moves away leaves
+//!   memory once its last append is acknowledged.
 
+use super::leases;
 use super::snapshot as psnap;
 use crate::config::{ClusterSettings, NatsAuth};
 use crate::core::refresh::Job;
 use crate::core::Partitioning;
 use crate::store::{
-    batch_codec, job_codec, JobSource, Loaded, Mutation, Restore, SnapshotSource, Store, StoreError,
+    batch_codec, job_codec, JobSource, Loaded, Mutation, PartitionHost, Restore, SnapshotSource,
+    Store, StoreError,
 };
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -74,13 +80,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// JetStream's duplicate window on the log streams: a re-sent append is
 /// recognised within it.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
-/// Snapshot objects fetched at once while loading.
-const FETCH_WINDOW: usize = 16;
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 const CUT_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 const METRIC_APPEND_SECONDS: &str = "wnsgate_cluster_append_seconds";
 const METRIC_APPEND_ERRORS: &str = "wnsgate_cluster_append_errors_total";
+const METRIC_PARTITIONS_OWNED: &str = "wnsgate_cluster_partitions_owned";
+const METRIC_OWNERSHIP_CHANGES: &str = "wnsgate_cluster_ownership_changes_total";
+const METRIC_TAKEOVER_SECONDS: &str = "wnsgate_cluster_takeover_seconds";
 const METRIC_SNAPSHOT_SECONDS: &str = "wnsgate_store_snapshot_seconds";
 const METRIC_SNAPSHOT_BYTES: &str = "wnsgate_store_snapshot_bytes";
 const METRIC_LOG_BYTES: &str = "wnsgate_store_log_bytes";
@@ -89,11 +96,24 @@ const METRIC_WRITABLE: &str = "wnsgate_store_writable";
 /// Registers help texts and units of the backend's own metrics (the
 /// snapshot and log series are shared with the embedded backend).
 pub fn describe_metrics() {
-    use metrics::{describe_counter, describe_histogram, Unit};
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_histogram!(
         METRIC_APPEND_SECONDS,
         Unit::Seconds,
         "Time from a committed batch's first JetStream append to its last acknowledgement"
+    );
+    describe_gauge!(
+        METRIC_PARTITIONS_OWNED,
+        "Partitions this node holds the lease of and serves"
+    );
+    describe_counter!(
+        METRIC_OWNERSHIP_CHANGES,
+        "Partitions taken over, handed over to another node, or lost (a lease not renewed in time), by change"
+    );
+    describe_histogram!(
+        METRIC_TAKEOVER_SECONDS,
+        Unit::Seconds,
+        "Time to load the partitions taken over in one round (snapshot and log tail)"
     );
     describe_counter!(
         METRIC_APPEND_ERRORS,
@@ -104,10 +124,6 @@ pub fn describe_metrics() {
 /// The partition's subject.
 pub fn subject(streams: u16, part: u16) -> String {
     format!("wnsgate.log.{}.{}", part % streams, part)
-}
-
-fn partition_of_subject(subject: &str) -> Option<u16> {
-    subject.rsplit('.').next()?.parse().ok()
 }
 
 fn object_name(part: u16) -> String {
@@ -127,10 +143,6 @@ enum AppendFailure {
     Unanswered(String),
     Refused(String),
 }
-
-/// A snapshot object as fetched: its bytes, or `None` when the partition
-/// has none.
-type Fetched = Result<Option<Vec<u8>>, String>;
 
 struct Source {
     devices: Arc<dyn SnapshotSource>,
@@ -163,9 +175,28 @@ struct Inner {
     cut_at_bytes: AtomicU64,
     snapshot_bytes: AtomicU64,
     loaded: AtomicBool,
+    node_id: String,
+    advertise_url: String,
+    lease_ttl: Duration,
+    nodes_kv: jetstream::kv::Store,
+    leases_kv: jetstream::kv::Store,
+    /// Per partition: served here (its lease held and its state loaded).
+    served: Vec<AtomicBool>,
+    /// The revision of every lease this node holds.
+    held: Mutex<HashMap<u16, u64>>,
+    /// The live nodes of the last round: id -> API address.
+    live: RwLock<HashMap<String, String>>,
+    /// Until when (nanoseconds after `epoch`) the held leases stand.
+    valid_until: AtomicU64,
+    epoch: std::time::Instant,
+    /// Held while a batch is appended, so a partition handed over has no
+    /// append still in flight.
+    apply_lock: Mutex<()>,
+    host: OnceLock<std::sync::Weak<dyn PartitionHost>>,
     cutting: Mutex<()>,
     stop: Mutex<bool>,
     wake: Condvar,
+    wake_leases: Condvar,
 }
 
 /// The cluster [`Store`]: see the module docs.
@@ -173,6 +204,7 @@ pub struct JetStreamStore {
     inner: Arc<Inner>,
     runtime: Option<tokio::runtime::Runtime>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    lease_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn io(what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -237,6 +269,34 @@ struct Opened {
     streams: Vec<jetstream::stream::Stream>,
     snapshots: jetstream::object_store::ObjectStore,
     partitioning: Partitioning,
+    nodes_kv: jetstream::kv::Store,
+    leases_kv: jetstream::kv::Store,
+}
+
+/// A bucket whose keys lapse `ttl` after their last write.
+async fn lapsing_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
+    ttl: Duration,
+    replicas: usize,
+) -> Result<jetstream::kv::Store, String> {
+    use jetstream::{kv, stream};
+    match js.get_key_value(bucket).await {
+        Ok(kv) => Ok(kv),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: bucket.into(),
+                description: description.into(),
+                history: 1,
+                max_age: ttl,
+                num_replicas: replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| format!("cannot create the bucket {bucket}: {e}")),
+    }
 }
 
 /// Connects and makes sure the buckets and streams exist, agreeing on the
@@ -328,12 +388,30 @@ async fn open_async(settings: &ClusterSettings) -> Result<Opened, String> {
             .await
             .map_err(|e| format!("cannot create the object store {SNAPSHOT_BUCKET}: {e}"))?,
     };
+    let nodes_kv = lapsing_bucket(
+        &js,
+        leases::NODES_BUCKET,
+        "wnsgate: live nodes and their API addresses",
+        settings.lease_ttl,
+        replicas,
+    )
+    .await?;
+    let leases_kv = lapsing_bucket(
+        &js,
+        leases::LEASES_BUCKET,
+        "wnsgate: which node serves which partition",
+        settings.lease_ttl,
+        replicas,
+    )
+    .await?;
     Ok(Opened {
         client,
         js,
         streams,
         snapshots,
         partitioning,
+        nodes_kv,
+        leases_kv,
     })
 }
 
@@ -343,6 +421,7 @@ impl JetStreamStore {
     /// leader), and sets up the streams and buckets.
     pub fn open(
         settings: &ClusterSettings,
+        advertise_url: &str,
         snapshot_log_bytes: u64,
     ) -> Result<JetStreamStore, StoreError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -391,9 +470,22 @@ impl JetStreamStore {
             cut_at_bytes: AtomicU64::new(0),
             snapshot_bytes: AtomicU64::new(0),
             loaded: AtomicBool::new(false),
+            node_id: settings.node_id.clone(),
+            advertise_url: advertise_url.to_owned(),
+            lease_ttl: settings.lease_ttl,
+            nodes_kv: o.nodes_kv,
+            leases_kv: o.leases_kv,
+            served: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            held: Mutex::new(HashMap::new()),
+            live: RwLock::new(HashMap::new()),
+            valid_until: AtomicU64::new(0),
+            epoch: crate::clock::instant(),
+            apply_lock: Mutex::new(()),
+            host: OnceLock::new(),
             cutting: Mutex::new(()),
             stop: Mutex::new(false),
             wake: Condvar::new(),
+            wake_leases: Condvar::new(),
         });
         metrics::gauge!(METRIC_WRITABLE).set(1.0);
         let _ = metrics::histogram!(METRIC_APPEND_SECONDS);
@@ -409,6 +501,7 @@ impl JetStreamStore {
             inner,
             runtime: Some(runtime),
             thread: Mutex::new(None),
+            lease_thread: Mutex::new(None),
         })
     }
 
@@ -559,6 +652,7 @@ impl Inner {
         for part in 0..count {
             let p = usize::from(part);
             if self.state[p].load(Ordering::Relaxed) != OPEN
+                || !self.served[p].load(Ordering::Acquire)
                 || replay[p] == 0
                 || replay[p] == self.snapshot_seq[p].load(Ordering::Relaxed)
             {
@@ -642,163 +736,417 @@ impl Inner {
         }
     }
 
-    /// Reads partition snapshots into `into`, [`FETCH_WINDOW`] at a time.
-    fn load_snapshots(&self, into: &dyn Restore) -> Result<u64, StoreError> {
-        use tokio::io::AsyncReadExt;
-        let count = self.partitioning.count();
-        let mut total = 0;
-        let parts: Vec<u16> = (0..count).collect();
-        for window in parts.chunks(FETCH_WINDOW) {
-            let fetched: Vec<(u16, Fetched)> = self.handle.block_on(
-                futures_util::stream::iter(window.iter().copied())
-                    .map(|part| async move {
-                        let got = match self.snapshots.get(object_name(part)).await {
-                            Ok(mut object) => {
-                                let mut bytes = Vec::new();
-                                object
-                                    .read_to_end(&mut bytes)
-                                    .await
-                                    .map(|_| Some(bytes))
-                                    .map_err(|e| e.to_string())
-                            }
-                            Err(e)
-                                if e.kind() == jetstream::object_store::GetErrorKind::NotFound =>
-                            {
-                                Ok(None)
-                            }
-                            Err(e) => Err(e.to_string()),
-                        };
-                        (part, got)
-                    })
-                    .buffered(FETCH_WINDOW)
-                    .collect(),
-            );
-            for (part, got) in fetched {
-                let name = format!("{SNAPSHOT_BUCKET}/{}", object_name(part));
-                let damaged = |why: String| StoreError::Damaged {
-                    file: name.clone(),
-                    offset: 0,
-                    why,
-                };
-                let Some(bytes) = got.map_err(|e| io(&format!("reading {name}"), e))? else {
-                    continue;
-                };
-                let snap = psnap::decode(&bytes).map_err(damaged)?;
-                if snap.partitions != count || snap.partition != part {
-                    return Err(damaged(format!(
-                        "it holds partition {} of {}, not {part} of {count}",
-                        snap.partition, snap.partitions
-                    )));
+    /// The lease thread: a round every third of the lease time.
+    fn run_leases(&self) {
+        let every = self.lease_ttl / 3;
+        let mut wait = every;
+        loop {
+            {
+                let mut stop = self.stop.lock();
+                if !*stop {
+                    self.wake_leases.wait_for(&mut stop, wait);
                 }
-                into.seed(&snap.dictionary).map_err(damaged)?;
-                total += into
-                    .restore_partition(part, snap.records, snap.record_count)
-                    .map_err(damaged)?;
-                let mut jobs = self.loaded_jobs.lock();
-                let jobs = jobs.get_or_insert_with(HashMap::new);
-                let mut job_parts = self.job_parts.lock();
-                for (id, value) in &snap.jobs {
-                    jobs.insert(*id, job_codec::decode(&id.to_be_bytes(), value)?);
-                    job_parts.insert(*id, part);
+                if *stop {
+                    return;
                 }
-                self.snapshot_seq[usize::from(part)].store(snap.replay_from, Ordering::Relaxed);
-                self.last_seq[usize::from(part)].fetch_max(snap.replay_from, Ordering::Relaxed);
-                self.snapshot_bytes
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             }
+            wait = match self.round(None) {
+                Ok(()) => every,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a lease round failed; trying again shortly");
+                    every.min(Duration::from_millis(250))
+                }
+            };
         }
-        Ok(total)
     }
 
-    /// Replays every stream's messages on top of the snapshots.
-    fn replay(&self, into: &dyn Restore, loaded: &mut Loaded) -> Result<(), StoreError> {
+    /// Reads partition `part` as the cluster holds it: its snapshot, and
+    /// the log after it.
+    async fn fetch_partition(&self, part: u16) -> Result<PartitionData, StoreError> {
         use jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
-        for stream in &self.streams {
-            let name = stream.cached_info().config.name.clone();
-            let (messages, last) = self
-                .handle
-                .block_on(stream.get_info())
-                .map(|i| (i.state.messages, i.state.last_sequence))
-                .map_err(|e| io(&format!("reading the stream {name}"), e))?;
-            if messages == 0 {
-                continue;
+        use tokio::io::AsyncReadExt;
+        let name = format!("{SNAPSHOT_BUCKET}/{}", object_name(part));
+        let mut data = PartitionData::default();
+        let bytes = match self.snapshots.get(object_name(part)).await {
+            Ok(mut object) => {
+                let mut bytes = Vec::new();
+                object
+                    .read_to_end(&mut bytes)
+                    .await
+                    .map_err(|e| io(&format!("reading {name}"), e))?;
+                Some(bytes)
             }
-            let mut ordered = self
-                .handle
-                .block_on(async {
-                    stream
-                        .create_consumer(OrderedConfig {
-                            deliver_policy: DeliverPolicy::All,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .messages()
-                        .await
-                        .map_err(|e| e.to_string())
-                })
-                .map_err(|e| io(&format!("reading the stream {name}"), e))?;
-            loop {
-                let next = self
-                    .handle
-                    .block_on(async {
-                        tokio::time::timeout(REQUEST_TIMEOUT * 2, ordered.next()).await
-                    })
-                    .map_err(|_| io(&format!("reading the stream {name}"), "no message came"))?;
-                let Some(msg) = next else {
-                    return Err(io(&format!("reading the stream {name}"), "it ended early"));
-                };
-                let msg = msg.map_err(|e| io(&format!("reading the stream {name}"), e))?;
-                let seq = msg
-                    .info()
-                    .map_err(|e| io(&format!("reading the stream {name}"), e))?
-                    .stream_sequence;
-                let part = partition_of_subject(&msg.subject)
-                    .filter(|&p| p < self.partitioning.count())
-                    .ok_or_else(|| StoreError::Damaged {
-                        file: name.clone(),
-                        offset: seq,
-                        why: format!("subject {} names no partition of this data", msg.subject),
-                    })?;
-                let p = usize::from(part);
-                if seq >= self.snapshot_seq[p].load(Ordering::Relaxed) {
-                    let batch =
-                        batch_codec::decode(&msg.payload).map_err(|e| StoreError::Damaged {
-                            file: name.clone(),
-                            offset: seq,
-                            why: format!("message {seq} does not decode: {e}"),
-                        })?;
-                    loaded.replayed_batches += 1;
-                    loaded.replayed_mutations += batch.len() as u64;
-                    self.log_bytes
-                        .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
-                    let mut jobs = self.loaded_jobs.lock();
-                    let jobs = jobs.get_or_insert_with(HashMap::new);
-                    let mut job_parts = self.job_parts.lock();
-                    for m in &batch {
-                        match m {
-                            Mutation::Put(rec) => into.put(rec),
-                            Mutation::Delete(id) => into.delete(id),
-                            Mutation::PutJob(job) => {
-                                jobs.insert(job.id, job.clone());
-                                job_parts.insert(job.id, part);
-                            }
-                            Mutation::DeleteJob(id) => {
-                                jobs.remove(id);
-                                job_parts.remove(id);
-                            }
-                            Mutation::Guard { .. } => {}
-                        }
+            Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => None,
+            Err(e) => return Err(io(&format!("reading {name}"), e)),
+        };
+        if let Some(bytes) = bytes {
+            let damaged = |why: String| StoreError::Damaged {
+                file: name.clone(),
+                offset: 0,
+                why,
+            };
+            let snap = psnap::decode(&bytes).map_err(damaged)?;
+            let count = self.partitioning.count();
+            if snap.partitions != count || snap.partition != part {
+                return Err(damaged(format!(
+                    "it holds partition {} of {}, not {part} of {count}",
+                    snap.partition, snap.partitions
+                )));
+            }
+            // The snapshot may come from another node, whose dictionary
+            // numbers strings its own way: its records are read with a
+            // codec of their own and handed over as records.
+            let codec = crate::registry::record::RecordCodec::new();
+            codec.seed(&snap.dictionary).map_err(damaged)?;
+            let list = crate::store::snapshot::split_records(snap.records, snap.record_count)
+                .ok_or_else(|| damaged("the record lengths do not add up".into()))?;
+            data.records.reserve(list.len());
+            for bytes in list {
+                let rec = codec
+                    .restore(bytes)
+                    .and_then(|r| codec.decode(&r.rec))
+                    .ok_or_else(|| damaged("a record does not check out".into()))?;
+                data.records.push(rec);
+            }
+            for (id, value) in &snap.jobs {
+                data.jobs
+                    .insert(*id, job_codec::decode(&id.to_be_bytes(), value)?);
+            }
+            data.snapshot_seq = snap.replay_from;
+            data.snapshot_bytes = bytes.len() as u64;
+        }
+        let (last, _) = self
+            .last_message(part)
+            .await
+            .map_err(|e| io(&format!("reading the log of partition {part}"), e))?;
+        data.last_seq = last.max(data.snapshot_seq);
+        let from = data.snapshot_seq.max(1);
+        if last < from {
+            return Ok(data);
+        }
+        let stream = self.stream_of(part);
+        let what = format!("reading the log of partition {part}");
+        let mut ordered = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: subject(self.stream_count, part),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: from,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| io(&what, e))?
+            .messages()
+            .await
+            .map_err(|e| io(&what, e))?;
+        loop {
+            let msg = tokio::time::timeout(REQUEST_TIMEOUT * 2, ordered.next())
+                .await
+                .map_err(|_| io(&what, "no message came"))?
+                .ok_or_else(|| io(&what, "it ended early"))?
+                .map_err(|e| io(&what, e))?;
+            let seq = msg.info().map_err(|e| io(&what, e))?.stream_sequence;
+            let batch = batch_codec::decode(&msg.payload).map_err(|e| StoreError::Damaged {
+                file: subject(self.stream_count, part),
+                offset: seq,
+                why: format!("message {seq} does not decode: {e}"),
+            })?;
+            data.tail_messages += 1;
+            data.tail_bytes += msg.payload.len() as u64;
+            for m in batch {
+                match m {
+                    Mutation::PutJob(job) => {
+                        data.jobs.insert(job.id, job);
                     }
+                    Mutation::DeleteJob(id) => {
+                        data.jobs.remove(&id);
+                    }
+                    Mutation::Guard { .. } => {}
+                    m @ (Mutation::Put(_) | Mutation::Delete(_)) => data.tail.push(m),
                 }
-                self.last_seq[p].fetch_max(seq, Ordering::Relaxed);
-                if seq >= last {
-                    break;
+            }
+            if seq >= last {
+                return Ok(data);
+            }
+        }
+    }
+
+    /// Starts serving partition `part`, whose lease this node holds now:
+    /// loads it into `into` (the registry) and keeps its jobs for the
+    /// refresh queue (`jobs`).
+    fn take(
+        &self,
+        part: u16,
+        into: &dyn Restore,
+        jobs: &mut HashMap<u64, Job>,
+    ) -> Result<(u64, u64, u64), StoreError> {
+        let data = self.handle.block_on(self.fetch_partition(part))?;
+        let p = usize::from(part);
+        for rec in &data.records {
+            into.put(rec);
+        }
+        for m in &data.tail {
+            match m {
+                Mutation::Put(rec) => into.put(rec),
+                Mutation::Delete(id) => into.delete(id),
+                _ => {}
+            }
+        }
+        {
+            let mut job_parts = self.job_parts.lock();
+            for id in data.jobs.keys() {
+                job_parts.insert(*id, part);
+            }
+        }
+        let counts = (
+            data.records.len() as u64,
+            data.tail_messages,
+            data.tail.len() as u64,
+        );
+        jobs.extend(data.jobs);
+        self.snapshot_seq[p].store(data.snapshot_seq, Ordering::Relaxed);
+        self.last_seq[p].store(data.last_seq, Ordering::Relaxed);
+        self.state[p].store(OPEN, Ordering::Relaxed);
+        self.snapshot_bytes
+            .fetch_add(data.snapshot_bytes, Ordering::Relaxed);
+        self.log_bytes.fetch_add(data.tail_bytes, Ordering::Relaxed);
+        self.served[p].store(true, Ordering::Release);
+        Ok(counts)
+    }
+
+    /// Stops serving partition `part`: no new append starts, the one in
+    /// flight ends, and its devices and jobs leave memory.
+    fn leave(&self, part: u16) {
+        let p = usize::from(part);
+        self.served[p].store(false, Ordering::Release);
+        // An append of the partition still in flight ends first.
+        drop(self.apply_lock.lock());
+        if let Some(host) = self.host.get().and_then(|h| h.upgrade()) {
+            host.drop_partition(part);
+        }
+        let mut job_parts = self.job_parts.lock();
+        job_parts.retain(|_, q| *q != part);
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    /// One round of heartbeats and leases (see [`leases`]). At start,
+    /// `initial` is where the partitions taken are loaded; later they go to
+    /// the attached host.
+    fn round(&self, initial: Option<(&dyn Restore, &mut Loaded)>) -> Result<(), String> {
+        let started = self.now_ns();
+        let me = self.node_id.as_str();
+        let live: Result<HashMap<String, String>, String> = self.handle.block_on(async {
+            self.nodes_kv
+                .put(me, Bytes::from(self.advertise_url.clone()))
+                .await
+                .map_err(|e| format!("heartbeat: {e}"))?;
+            let mut keys = self
+                .nodes_kv
+                .keys()
+                .await
+                .map_err(|e| format!("reading the live nodes: {e}"))?;
+            let mut live = HashMap::new();
+            while let Some(k) = keys.next().await {
+                let k = k.map_err(|e| format!("reading the live nodes: {e}"))?;
+                if let Ok(Some(url)) = self.nodes_kv.get(k.as_str()).await {
+                    live.insert(k, String::from_utf8_lossy(&url).into_owned());
+                }
+            }
+            Ok::<_, String>(live)
+        });
+        // Without a fresh view of the live nodes the leases held are still
+        // renewed (they are what keeps this node serving); nothing is
+        // taken or handed over on a stale view.
+        let (live, fresh) = match live {
+            Ok(live) => {
+                *self.live.write() = live.clone();
+                (live, None)
+            }
+            Err(e) => (self.live.read().clone(), Some(e)),
+        };
+        let names: Vec<&str> = live.keys().map(String::as_str).collect();
+        let owner = |p: u16| leases::rendezvous(names.iter().copied(), p);
+        // Renew what this node holds and should keep; let go of what
+        // another live node should own.
+        let held: Vec<(u16, u64)> = self.held.lock().iter().map(|(p, r)| (*p, *r)).collect();
+        let (keep, give): (Vec<_>, Vec<_>) = held
+            .into_iter()
+            .partition(|(p, _)| fresh.is_some() || owner(*p).is_none_or(|o| o == me));
+        let renewed: Vec<(u16, Result<u64, String>)> =
+            self.handle
+                .block_on(futures_util::future::join_all(keep.iter().map(
+                    |&(p, rev)| async move {
+                        let r = self
+                            .leases_kv
+                            .update(leases::lease_key(p), Bytes::from(me.to_owned()), rev)
+                            .await
+                            .map_err(|e| e.to_string());
+                        (p, r)
+                    },
+                )));
+        let mut all_renewed = true;
+        for (p, r) in renewed {
+            match r {
+                Ok(rev) => {
+                    self.held.lock().insert(p, rev);
+                }
+                Err(e) => {
+                    all_renewed = false;
+                    self.held.lock().remove(&p);
+                    tracing::warn!(partition = p, error = %e, "lost the lease of a partition; it is no longer served here");
+                    metrics::counter!(METRIC_OWNERSHIP_CHANGES, "change" => "lost").increment(1);
+                    self.leave(p);
                 }
             }
         }
+        let valid = started + (self.lease_ttl.as_nanos() as u64) * 4 / 5;
+        self.valid_until.store(valid, Ordering::Release);
+        if !all_renewed {
+            tracing::warn!("some leases were lost");
+        }
+        for (p, rev) in give {
+            self.held.lock().remove(&p);
+            self.leave(p);
+            let deleted = self.handle.block_on(
+                self.leases_kv
+                    .delete_expect_revision(leases::lease_key(p), Some(rev)),
+            );
+            if let Err(e) = deleted {
+                tracing::warn!(partition = p, error = %e, "could not give up a lease; it lapses on its own");
+            }
+            metrics::counter!(METRIC_OWNERSHIP_CHANGES, "change" => "released").increment(1);
+            tracing::info!(
+                partition = p,
+                to = owner(p).unwrap_or(""),
+                "partition handed over"
+            );
+        }
+        if let Some(e) = fresh {
+            return Err(e);
+        }
+        // Take what this node should own and nobody holds.
+        let want: Vec<u16> = (0..self.partitioning.count())
+            .filter(|&p| owner(p) == Some(me) && !self.held.lock().contains_key(&p))
+            .collect();
+        let created: Vec<(u16, Option<u64>)> =
+            self.handle
+                .block_on(futures_util::future::join_all(want.iter().map(
+                    |&p| async move {
+                        let key = leases::lease_key(p);
+                        let r = match self
+                            .leases_kv
+                            .create(&key, Bytes::from(me.to_owned()))
+                            .await
+                        {
+                            Ok(rev) => Some(rev),
+                            // Held under this node's own id: an earlier run of this
+                            // node that did not live to let go. Claimed at its
+                            // revision, so only one claim wins.
+                            Err(_) => match self.leases_kv.entry(&key).await {
+                                Ok(Some(e)) if e.value.as_ref() == me.as_bytes() => self
+                                    .leases_kv
+                                    .update(&key, Bytes::from(me.to_owned()), e.revision)
+                                    .await
+                                    .ok(),
+                                _ => None,
+                            },
+                        };
+                        (p, r)
+                    },
+                )));
+        let mut initial = initial;
+        let mut taken = 0u64;
+        let t = crate::clock::instant();
+        let mut adopted = HashMap::new();
+        for (p, rev) in created {
+            let Some(rev) = rev else { continue };
+            self.held.lock().insert(p, rev);
+            let result = match initial.as_mut() {
+                Some((into, loaded)) => {
+                    let r = self.take(p, *into, &mut adopted);
+                    if let Ok((records, batches, mutations)) = r {
+                        loaded.snapshot_records += records;
+                        loaded.replayed_batches += batches;
+                        loaded.replayed_mutations += mutations;
+                    }
+                    r
+                }
+                None => match self.host.get().and_then(|h| h.upgrade()) {
+                    Some(host) => self.take(p, host.as_restore(), &mut adopted),
+                    None => Err(StoreError::Io("the registry is not attached yet".into())),
+                },
+            };
+            match result {
+                Ok(_) => {
+                    taken += 1;
+                    metrics::counter!(METRIC_OWNERSHIP_CHANGES, "change" => "taken").increment(1);
+                }
+                Err(e) => {
+                    tracing::error!(partition = p, error = %e, "cannot load a partition; its lease is given up");
+                    self.held.lock().remove(&p);
+                    self.leave(p);
+                    let _ = self.handle.block_on(
+                        self.leases_kv
+                            .delete_expect_revision(leases::lease_key(p), Some(rev)),
+                    );
+                }
+            }
+        }
+        if taken > 0 {
+            match initial {
+                Some(_) => {
+                    let mut jobs = self.loaded_jobs.lock();
+                    jobs.get_or_insert_with(HashMap::new).extend(adopted);
+                }
+                None => {
+                    if let Some(host) = self.host.get().and_then(|h| h.upgrade()) {
+                        host.adopt_jobs(adopted.into_values().collect());
+                    }
+                }
+            }
+            let seconds = t.elapsed().as_secs_f64();
+            metrics::histogram!(METRIC_TAKEOVER_SECONDS).record(seconds);
+            tracing::info!(partitions = taken, seconds, "took partitions over");
+        }
+        metrics::gauge!(METRIC_PARTITIONS_OWNED).set(self.held.lock().len() as f64);
         Ok(())
     }
+
+    /// Where partition `part` is served, as this node knows it.
+    fn placement(&self, part: u16) -> crate::store::Placement {
+        use crate::store::Placement;
+        let p = usize::from(part);
+        if self.served[p].load(Ordering::Acquire)
+            && self.now_ns() < self.valid_until.load(Ordering::Acquire)
+        {
+            return Placement::Local;
+        }
+        let live = self.live.read();
+        match leases::rendezvous(live.keys().map(String::as_str), part) {
+            Some(node) if node != self.node_id => Placement::Remote {
+                node: node.to_owned(),
+                url: live[node].clone(),
+            },
+            _ => Placement::Unavailable,
+        }
+    }
+}
+
+/// A partition as the cluster holds it.
+#[derive(Default)]
+struct PartitionData {
+    records: Vec<crate::core::DeviceRecord>,
+    /// Device mutations after the snapshot, in order.
+    tail: Vec<Mutation>,
+    jobs: HashMap<u64, Job>,
+    snapshot_seq: u64,
+    last_seq: u64,
+    snapshot_bytes: u64,
+    tail_messages: u64,
+    tail_bytes: u64,
 }
 
 impl Store for JetStreamStore {
@@ -807,6 +1155,7 @@ impl Store for JetStreamStore {
             return Ok(());
         }
         let inner = &*self.inner;
+        let _appending = inner.apply_lock.lock();
         let started = crate::clock::instant();
         // Each partition's share, in batch order.
         let mut index: HashMap<u16, usize> = HashMap::new();
@@ -838,6 +1187,11 @@ impl Store for JetStreamStore {
             }
         }
         for (part, _) in &shares {
+            if !inner.served[usize::from(*part)].load(Ordering::Acquire) {
+                return Err(StoreError::NotOwner(format!(
+                    "partition {part} is not served by this node (it moved, or is being taken over)"
+                )));
+            }
             match inner.state[usize::from(*part)].load(Ordering::Relaxed) {
                 OPEN => {}
                 FENCED => {
@@ -963,14 +1317,51 @@ impl Store for JetStreamStore {
             return Err(StoreError::Io("the store was loaded already".into()));
         }
         let mut loaded = Loaded::default();
-        let t = crate::clock::instant();
-        loaded.snapshot_records = inner.load_snapshots(into)?;
+        // The partitions taken at start go into the registry as records
+        // (their snapshots may come from other nodes): nothing is restored
+        // in the registry's own encoding.
         into.snapshot_restored();
-        loaded.snapshot_seconds = t.elapsed().as_secs_f64();
         let t = crate::clock::instant();
-        inner.replay(into, &mut loaded)?;
-        loaded.replay_seconds = t.elapsed().as_secs_f64();
+        // JetStream may still be electing the leaders of the buckets'
+        // streams (a NATS server that just restarted): the first round is
+        // tried again until the open deadline.
+        let deadline = crate::clock::instant() + OPEN_DEADLINE;
+        loop {
+            match inner.round(Some((into, &mut loaded))) {
+                Ok(()) => break,
+                Err(e) if crate::clock::instant() < deadline => {
+                    tracing::warn!(error = %e, "cannot take this node's partitions yet; trying again");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    return Err(StoreError::Io(format!(
+                        "taking this node's partitions: {e}"
+                    )))
+                }
+            }
+        }
+        loaded.snapshot_seconds = t.elapsed().as_secs_f64();
+        let lease_inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wnsgate-leases".into())
+            .spawn(move || lease_inner.run_leases());
+        match spawned {
+            Ok(t) => *self.lease_thread.lock() = Some(t),
+            Err(e) => {
+                return Err(StoreError::Io(format!(
+                    "cannot start the lease thread: {e}"
+                )))
+            }
+        }
         Ok(loaded)
+    }
+
+    fn placement(&self, part: u16) -> crate::store::Placement {
+        self.inner.placement(part)
+    }
+
+    fn attach_host(&self, host: std::sync::Weak<dyn PartitionHost>) {
+        let _ = self.inner.host.set(host);
     }
 
     fn partitioning(&self) -> Option<Partitioning> {
@@ -1028,7 +1419,11 @@ impl Drop for JetStreamStore {
     fn drop(&mut self) {
         *self.inner.stop.lock() = true;
         self.inner.wake.notify_all();
+        self.inner.wake_leases.notify_all();
         if let Some(t) = self.thread.lock().take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.lease_thread.lock().take() {
             let _ = t.join();
         }
         if let Some(rt) = self.runtime.take() {
@@ -1044,8 +1439,6 @@ mod tests {
     #[test]
     fn subjects_name_their_stream_and_partition() {
         assert_eq!(subject(4, 9), "wnsgate.log.1.9");
-        assert_eq!(partition_of_subject("wnsgate.log.1.9"), Some(9));
-        assert_eq!(partition_of_subject("wnsgate.log.1.x"), None);
         assert_eq!(object_name(7), "p0007");
     }
 

@@ -3,14 +3,19 @@
 //! copy.
 //!
 //! Owns: the JetStream backend of [`crate::store::Store`] ([`jetstream`]),
-//! and the snapshot objects it writes ([`snapshot`]).
-//! Must not touch: the registry or the API; like the embedded backend, it
-//! is handed the registry through the store's traits.
+//! which node serves which partition ([`leases`]), and the snapshot objects
+//! ([`snapshot`]).
+//! Must not touch: the API (it forwards calls by
+//! [`crate::store::Store::placement`]); the registry and the refresh queue
+//! are handed to it through the store's traits
+//! ([`crate::store::Restore`], [`crate::store::PartitionHost`]).
 //!
 //! The layout, the fencing of a stale writer and what an unanswered append
-//! does are in [`jetstream`]'s docs.
+//! does are in [`jetstream`]'s docs; heartbeats, leases and takeover in
+//! [`leases`]'.
 
 pub mod jetstream;
+pub mod leases;
 pub mod snapshot;
 
 pub use jetstream::JetStreamStore;

@@ -495,6 +495,21 @@ impl RefreshQueue {
         None
     }
 
+    /// Lets go of the jobs `leaves` picks by device id, without closing
+    /// them: they stay stored, and the node that takes their devices over
+    /// restores them (cluster mode, a partition moving). Returns how many.
+    pub fn release(&mut self, mut leaves: impl FnMut(&str) -> bool) -> usize {
+        let ids: Vec<JobId> = self
+            .jobs()
+            .filter(|j| leaves(j.device_id.as_str()))
+            .map(|j| j.id)
+            .collect();
+        for &id in &ids {
+            self.remove(id);
+        }
+        ids.len()
+    }
+
     /// Loads every stored job at start, as [`restore`](Self::restore) would
     /// one by one in id order, but with the ordered indexes built once at
     /// the end rather than a tree insert per job. On a queue that already

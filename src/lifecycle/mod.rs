@@ -231,6 +231,30 @@ impl Lifecycle {
         Ok(n)
     }
 
+    /// Takes over stored jobs of devices this node now serves (cluster mode:
+    /// a partition moved here). A device holding a job already keeps it; the
+    /// other is closed, as at start.
+    pub fn adopt(&self, jobs: Vec<Job>) -> Result<(), StoreError> {
+        let mut q = self.queue.lock();
+        let fixes: Vec<_> = jobs.into_iter().filter_map(|j| q.restore(j)).collect();
+        let tickets = self.persist_locked(&mut q, fixes, UnixTime(0));
+        drop(q);
+        for t in tickets {
+            t.wait_blocking()?;
+        }
+        self.publish_stats(UnixTime(0));
+        Ok(())
+    }
+
+    /// Lets go of the jobs of devices `leaves` picks, without closing them
+    /// (cluster mode: their partition moved to another node, which restores
+    /// them). Returns how many.
+    pub fn release(&self, leaves: impl FnMut(&str) -> bool) -> usize {
+        let n = self.queue.lock().release(leaves);
+        self.publish_stats(UnixTime(0));
+        n
+    }
+
     /// Queue counts at `now`.
     pub fn stats(&self, now: UnixTime) -> QueueStats {
         self.queue.lock().stats(now)

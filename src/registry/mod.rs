@@ -500,6 +500,20 @@ impl Registry {
         }
     }
 
+    /// Removes every device of partition `part` from memory (cluster mode:
+    /// the partition moved to another node, which holds it from now on).
+    /// Nothing is written. Returns how many were removed.
+    pub fn drop_partition(&self, part: u16) -> usize {
+        let Some(p) = self.parts.get(usize::from(part)) else {
+            return 0;
+        };
+        let ids: Vec<String> = p
+            .iter()
+            .filter_map(|entry| entry.key().key().decode())
+            .collect();
+        ids.iter().filter(|id| self.remove(id)).count()
+    }
+
     /// Up to `limit` records after `after` that pass `filter`, in listing
     /// order: by partition, then by encoded device id within one. Reads
     /// memory only.

@@ -130,6 +130,31 @@ pub trait Restore: Sync {
     fn delete(&self, id: &DeviceId);
 }
 
+/// Where a partition is served, as this node knows it (cluster mode moves
+/// partitions between nodes; the embedded store serves every one here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// Here.
+    Local,
+    /// On another node, whose API is at `url`.
+    Remote { node: String, url: String },
+    /// Nowhere just now: it is being taken over, or this node's hold on it
+    /// is in doubt. Callers answer 503 and retry.
+    Unavailable,
+}
+
+/// Where a backend that moves partitions in and out while running puts
+/// them: the registry and the refresh queue.
+pub trait PartitionHost: Send + Sync {
+    /// The registry, to load a partition taken over into.
+    fn as_restore(&self) -> &dyn Restore;
+    /// The refresh jobs of the partitions taken over.
+    fn adopt_jobs(&self, jobs: Vec<Job>);
+    /// Forgets partition `part`'s devices and jobs in memory (it moved to
+    /// another node); nothing is written.
+    fn drop_partition(&self, part: u16);
+}
+
 /// What loading found.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Loaded {
@@ -184,6 +209,19 @@ pub trait Store: Send + Sync + 'static {
     /// or before a planned restart); `None` when the backend cuts none.
     fn snapshot_now(&self) -> Result<Option<snapshot::Written>, StoreError> {
         Ok(None)
+    }
+
+    /// Where partition `part` is served. The provided implementation: here.
+    fn placement(&self, part: u16) -> Placement {
+        let _ = part;
+        Placement::Local
+    }
+
+    /// Gives a backend that moves partitions while running the registry
+    /// and refresh queue to move them in and out of (held weakly: they hold
+    /// the store). The provided implementation ignores it.
+    fn attach_host(&self, host: std::sync::Weak<dyn PartitionHost>) {
+        let _ = host;
     }
 
     /// False while writes fail (a full disk): readiness reports it. The

