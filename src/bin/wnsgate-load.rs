@@ -570,13 +570,14 @@ fn register(
 }
 
 /// Counters of one bulk wake, as `GET /v1/pushes/{id}` reports them.
-const JOB_COUNTS: [&str; 6] = [
+const JOB_COUNTS: [&str; 7] = [
     "received",
     "dropped",
     "throttled",
     "expired",
     "failed",
     "not_sent",
+    "skipped_dead",
 ];
 
 /// `bulk`: bulk wakes of at most [`MAX_JOB_IDS`] ids, at most
@@ -673,6 +674,8 @@ fn bulk(
             .sum::<u64>()
     };
     let done = sum("done");
+    // Devices skipped for a dead channel count as done but were not pushed.
+    let pushed = done - sum("skipped_dead");
     let counts: Vec<String> = JOB_COUNTS
         .iter()
         .map(|k| format!("{k} {}", sum(k)))
@@ -680,7 +683,7 @@ fn bulk(
     println!(
         "bulk: {done} of {} devices woken in {secs:.1} s ({:.0} pushes/s) by {} job(s){}: {}",
         sum("total"),
-        done as f64 / secs.max(1e-9),
+        pushed as f64 / secs.max(1e-9),
         finished.len(),
         rate.map_or(String::new(), |r| format!(" paced at {r}/s each")),
         counts.join(", ")
