@@ -45,6 +45,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Registrations must name a configured WNS app; no wake is sent here, so
+# the secret is never used.
+export WNSGATE_WNS__APPS='[{pfn = "Contoso.MDM_8wekyb3d8bbwe", package_sid = "ms-app://S-1-15-2-1", client_secret = "unused"}]'
+
 start_server() {
   "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" >"$WORK/out" 2>"$WORK/err" &
   PID=$!

@@ -258,7 +258,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let s = &gateway.settings;
     if s.wns.apps.is_empty() {
         tracing::warn!(
-            "no [[wns.apps]] configured: registrations are accepted, but every wake will fail with no_credentials"
+            "no [[wns.apps]] configured: every registration is refused with unknown_pfn until one is"
         );
     }
     tracing::info!(
