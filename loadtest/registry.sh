@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Registry, store and restart figures (performance.md P3, P4, P5) on this
+# Registry, store and restart figures (docs/performance.md, P3, P4, P5) on this
 # machine, each with its reference measured in the same run.
 #
 #   loadtest/registry.sh [DEVICES] [PUT_RATE] [PUT_SECONDS]

@@ -19,7 +19,7 @@
 //! Synthetic device `i` is always the same id and channel URI
 //! (`wnsgate::fleet`), so `register`, `push`, `bulk` and `forget` given the
 //! same `--devices` and `--start` work on the same devices.
-//! - `trivial-server`: the reference of performance.md P6, a hyper server
+//! - `trivial-server`: the reference of P6 in `docs/performance.md`, a hyper server
 //!   on one current-thread runtime that answers every request with 202
 //!   (HTTP/1.1 and h2c, the gateway's own builder).
 
