@@ -307,6 +307,12 @@ pub fn preflight(settings: &Settings) -> anyhow::Result<Vec<String>> {
             ),
         }
     )];
+    if settings.wns.apps.is_empty() {
+        notes.push(
+            "no [[wns.apps]] configured: every registration will be refused with unknown_pfn"
+                .to_owned(),
+        );
+    }
     let path = &settings.store.path;
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_dir() => {
