@@ -283,6 +283,26 @@ fn bulk_wake_counts_every_outcome_and_sends_each_device_once() {
     // A dead channel is expired and at once in the refresh queue.
     assert_eq!(stats["by_state"]["refresh_pending"], 15, "{stats}");
     assert_eq!(stats["refresh_queue"]["queued"], 15, "{stats}");
+    // Listed by state, from the index of marked devices, in pages of 4.
+    let mut listed = Vec::new();
+    let mut path = "/v1/devices?state=refresh_pending&limit=4".to_owned();
+    loop {
+        let page = gw.client().get(&path).unwrap().json();
+        let devices = page["devices"].as_array().unwrap();
+        assert!(devices.len() <= 4, "{page}");
+        listed.extend(
+            devices
+                .iter()
+                .map(|d| d["device_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/v1/devices?state=refresh_pending&limit=4&cursor={c}"),
+            None => break,
+        }
+    }
+    listed.sort();
+    let dead: Vec<String> = (0..300).step_by(20).map(|i| format!("b{i:04}")).collect();
+    assert_eq!(listed, dead);
 
     // The failures: the 15 expired and the 15 dropped, each with its
     // outcome, in pages.

@@ -209,7 +209,14 @@ pub(crate) async fn list_devices(
                     == s
             })
         };
-        registry.page(after.as_ref(), limit, LIST_PAGE_SCAN_RECORDS_MAX, &filter)
+        match state {
+            // Only marked devices can be in these states: read the index
+            // of marked devices, not the whole fleet.
+            Some(LifecycleState::RefreshPending | LifecycleState::Unreachable) => {
+                registry.page_marked(after.as_ref(), limit, &filter)
+            }
+            _ => registry.page(after.as_ref(), limit, LIST_PAGE_SCAN_RECORDS_MAX, &filter),
+        }
     })
     .await
     .map_err(|_| ApiError::unavailable("internal", "listing task failed"))?;

@@ -225,12 +225,19 @@ async fn run<S: Transport>(
                                 == s
                         })
                     };
-                    registry.page(
-                        cursor.as_ref(),
-                        PAGE_DEVICES,
-                        PAGE_SCAN_RECORDS_MAX,
-                        &filter,
-                    )
+                    match state {
+                        // As for listings: only marked devices can be in
+                        // these states.
+                        Some(LifecycleState::RefreshPending | LifecycleState::Unreachable) => {
+                            registry.page_marked(cursor.as_ref(), PAGE_DEVICES, &filter)
+                        }
+                        _ => registry.page(
+                            cursor.as_ref(),
+                            PAGE_DEVICES,
+                            PAGE_SCAN_RECORDS_MAX,
+                            &filter,
+                        ),
+                    }
                 })
                 .await;
                 let Ok(page) = page else {
