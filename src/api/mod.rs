@@ -1,4 +1,4 @@
-//! The HTTP API (product.md, "HTTP API").
+//! The HTTP API (the README's "API" section lists every route).
 //!
 //! Owns: routing, authentication, parsing and validation, body limits, JSON
 //! views and errors, request metrics. Each shard serves requests through
