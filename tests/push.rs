@@ -268,6 +268,8 @@ fn bulk_wake_counts_every_outcome_and_sends_each_device_once() {
 
     let r = create_job(&gw, &json!({"all": true}));
     assert_eq!(r.status, 202, "{}", r.text());
+    // Known up front, before any device is selected.
+    assert_eq!(r.json()["expected_total"], 300, "{}", r.text());
     let job = wait_job(&gw, r.json()["job_id"].as_str().unwrap());
     assert_eq!(job["total"], 300, "{job}");
     assert_eq!(job["received"], 270, "{job}");
@@ -342,6 +344,7 @@ fn bulk_wake_counts_every_outcome_and_sends_each_device_once() {
     // By state: only the 15 whose channel died, which WNS already declared
     // dead: skipped unless asked for.
     let r = create_job(&gw, &json!({"state": "refresh_pending"}));
+    assert_eq!(r.json()["expected_total"], 15, "{}", r.text());
     let job = wait_job(&gw, r.json()["job_id"].as_str().unwrap());
     assert_eq!(
         (

@@ -45,6 +45,8 @@ struct JobView<'a> {
     created_at: &'a str,
     rate_per_second: Option<u32>,
     include_dead: bool,
+    /// Devices in the selection when the job started, known up front.
+    expected_total: u64,
     /// Devices selected so far (final once `state` is not `selecting`).
     total: u64,
     pending: u64,
@@ -72,6 +74,7 @@ fn job_view(job: &Job) -> JobView<'_> {
         created_at: job.created_at(),
         rate_per_second: job.rate_per_second(),
         include_dead: job.include_dead(),
+        expected_total: job.expected_total(),
         total: p.total,
         pending: p.pending,
         received: p.received,

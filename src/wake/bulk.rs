@@ -59,7 +59,18 @@ impl<S: Transport> WakeService<S> {
             return Err(StartError::TooManyJobs);
         }
         self.forget_old_jobs();
-        let job = Arc::new(Job::new(rate_per_second, include_dead));
+        let expected = match &selection {
+            Selection::Ids(ids) => ids.len() as u64,
+            Selection::Filter(None) => self.registry.len() as u64,
+            Selection::Filter(Some(state)) => {
+                let counts = self.registry.state_counts(&self.thresholds, clock::now());
+                LifecycleState::ALL
+                    .iter()
+                    .position(|s| s == state)
+                    .map_or(0, |i| counts[i])
+            }
+        };
+        let job = Arc::new(Job::new(rate_per_second, include_dead, expected));
         self.jobs.insert(job.id().to_owned(), job.clone());
         let token = self.inflight.token();
         tokio::spawn(run(self.clone(), shard, job.clone(), selection, token));

@@ -19,6 +19,9 @@ pub struct Job {
     /// Whether devices whose channel WNS declared dead (404, 410) are
     /// woken too; by default they are skipped.
     include_dead: bool,
+    /// Devices the selection held when the job started, known up front:
+    /// the listed ids, or the registry's count of the state (or of all).
+    expected_total: u64,
     pub(super) selected: AtomicU64,
     received: AtomicU64,
     dropped: AtomicU64,
@@ -110,12 +113,17 @@ impl Failure {
 }
 
 impl Job {
-    pub(super) fn new(rate_per_second: Option<u32>, include_dead: bool) -> Job {
+    pub(super) fn new(
+        rate_per_second: Option<u32>,
+        include_dead: bool,
+        expected_total: u64,
+    ) -> Job {
         Job {
             id: format!("j{:x}{:x}", clock::monotonic_ms(), clock::random::<u32>()),
             created_at: clock::now().to_rfc3339(),
             rate_per_second,
             include_dead,
+            expected_total,
             selected: AtomicU64::new(0),
             received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -143,6 +151,12 @@ impl Job {
 
     pub fn rate_per_second(&self) -> Option<u32> {
         self.rate_per_second
+    }
+
+    /// Devices in the selection when the job started. `total` ends near
+    /// it: devices registered, removed or changing state meanwhile move it.
+    pub fn expected_total(&self) -> u64 {
+        self.expected_total
     }
 
     /// Whether devices whose channel WNS declared dead are woken too.

@@ -391,6 +391,7 @@ async fn a_bulk_wake_skips_channels_wns_declared_dead_unless_asked_and_keeps_its
 
     // By default the dead channel is not sent to again.
     let job = rig.wakes.start_job(0, ids(), None, false).unwrap();
+    assert_eq!(job.expected_total(), 3);
     let p = finished(&job).await;
     assert_eq!(rig.transport.sent(), 2, "only dev-live was sent");
     assert_eq!(
