@@ -46,6 +46,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Registrations must name a configured WNS app; no wake is sent here, so
+# the secret is never used.
+export WNSGATE_WNS__APPS='[{pfn = "Contoso.MDM_8wekyb3d8bbwe", package_sid = "ms-app://S-1-15-2-1", client_secret = "unused"}]'
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # start_nats SYNC: three clustered servers with fresh stores; SYNC is

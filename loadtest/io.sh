@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# io_uring vs epoll, side by side in one run (performance.md P6 and P7).
+# io_uring vs epoll, side by side in one run (docs/performance.md, P6 and P7).
 #
 #   loadtest/io.sh [SECONDS] [RUNS] [SENDER_DEVICES]   (defaults: 10, 3, 200000)
 #   SECONDS=0 skips the API part, SENDER_DEVICES=0 the sender part.

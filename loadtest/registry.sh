@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Registry, store and restart figures (performance.md P3, P4, P5) on this
+# Registry, store and restart figures (docs/performance.md, P3, P4, P5) on this
 # machine, each with its reference measured in the same run.
 #
 #   loadtest/registry.sh [DEVICES] [PUT_RATE] [PUT_SECONDS]
@@ -44,6 +44,10 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+
+# Registrations must name a configured WNS app; no wake is sent here, so
+# the secret is never used.
+export WNSGATE_WNS__APPS='[{pfn = "Contoso.MDM_8wekyb3d8bbwe", package_sid = "ms-app://S-1-15-2-1", client_secret = "unused"}]'
 
 start_server() {
   "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" >"$WORK/out" 2>"$WORK/err" &

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sender efficiency (performance.md P1 and P2): gateway CPU per completed
+# Sender efficiency (docs/performance.md, P1 and P2): gateway CPU per completed
 # push during a bulk wake, against the CPU per request of a load tool
 # driving the same WNS stand-in with the same connections and streams.
 #

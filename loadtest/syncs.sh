@@ -34,6 +34,9 @@ metric() { curl -fsS "http://$ADDR/metrics" | awk -v m="$1" '$1 == m {print $2}'
 cpu_line() { head -1 /proc/stat; }
 
 echo "# wnsgate sync spacing: $N devices, $RATE PUTs/s for $SECONDS_EACH s per setting, $(nproc) cores, kernel $(uname -r), $(date -u +%Y-%m-%dT%H:%MZ)"
+# Registrations must name a configured WNS app; no wake is sent here, so
+# the secret is never used.
+export WNSGATE_WNS__APPS='[{pfn = "Contoso.MDM_8wekyb3d8bbwe", package_sid = "ms-app://S-1-15-2-1", client_secret = "unused"}]'
 for interval in 1000 0; do
   rm -rf "$WORK/data"
   WNSGATE_STORE__MIN_SYNC_INTERVAL_US=$interval \

@@ -1,4 +1,5 @@
-//! The commands behind `wnsgate serve` and `wnsgate import`.
+//! The commands behind `wnsgate serve`, `wnsgate import`,
+//! `wnsgate health`, `wnsgate migrate` and `wnsgate check-config --probe-wns`.
 
 use crate::client::Client;
 use crate::config::Settings;
@@ -195,5 +196,41 @@ pub fn migrate(settings: &Settings) -> anyhow::Result<()> {
             old.join(" ")
         );
     }
+    Ok(())
+}
+
+/// `check-config --probe-wns`: fetches an access token for every
+/// `[[wns.apps]]` entry from its token endpoint, printing one line per app.
+/// Fails when any app got none, or when no app is configured: a wrong
+/// secret or an unreachable endpoint shows here instead of at the first
+/// wake.
+pub fn probe_wns(settings: &Settings) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !settings.wns.apps.is_empty(),
+        "--probe-wns: no [[wns.apps]] is configured, so there is no credential to probe"
+    );
+    let sender = crate::sender::wake::WnsSender::new(settings, 1)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start a runtime for the probe")?;
+    let probed = rt.block_on(sender.probe_tokens());
+    let mut failed = 0;
+    for (pfn, got) in probed {
+        match got {
+            Ok(lifetime) => println!(
+                "wns app {pfn}: token OK (valid for {} s)",
+                lifetime.as_secs()
+            ),
+            Err(e) => {
+                failed += 1;
+                println!("wns app {pfn}: no token: {e}");
+            }
+        }
+    }
+    anyhow::ensure!(
+        failed == 0,
+        "--probe-wns: {failed} WNS app(s) got no token (listed above)"
+    );
     Ok(())
 }

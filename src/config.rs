@@ -636,8 +636,8 @@ pub struct Settings {
     pub io: IoBackend,
     pub uri_policy: UriPolicy,
     pub thresholds: Thresholds,
-    /// PFNs of the configured WNS apps; when non-empty, registrations must
-    /// name one of them.
+    /// PFNs of the configured WNS apps; registrations must name one of
+    /// them (with none configured, every registration is refused).
     pub known_pfns: Vec<String>,
     pub wns: WnsConfig,
     /// `wns.ttl` in seconds, when set.

@@ -1,6 +1,6 @@
 //! wnsgate: a push gateway for Windows device management.
 //!
-//! Layers, from the inside out (see `README.md`, "Layout"):
+//! Layers, from the inside out (see `docs/design.md`, "Layout"):
 //! - [`core`]: protocol and lifecycle logic with no I/O and no clock;
 //! - [`registry`]: every device's channel record in memory, shared by all shards;
 //! - [`store`]: durability on disk, group-committed on a dedicated thread;

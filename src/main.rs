@@ -94,6 +94,10 @@ enum Cmd {
     CheckConfig {
         /// The file; without it, the defaults plus the environment are checked.
         file: Option<PathBuf>,
+        /// Also fetch an access token for each [[wns.apps]] entry from its
+        /// token endpoint (needs network access to it).
+        #[arg(long)]
+        probe_wns: bool,
     },
     /// Register devices from an NDJSON file through a running gateway's API.
     Import {
@@ -171,20 +175,24 @@ fn main() -> ExitCode {
             load_settings(config.as_deref(), overrides)
                 .and_then(|s| wnsgate::cli::serve(s, config.as_deref()))
         }
-        Cmd::CheckConfig { file } => load_settings(file.as_deref(), Vec::new()).and_then(|s| {
-            let notes = wnsgate::server::preflight(&s)?;
-            println!(
-                "configuration OK: listen {}, data {}, {} API token(s), {} WNS app(s)",
-                s.listen,
-                s.store.path.display(),
-                s.tokens.len(),
-                s.known_pfns.len()
-            );
-            for note in notes {
-                println!("note: {note}");
-            }
-            Ok(())
-        }),
+        Cmd::CheckConfig { file, probe_wns } => load_settings(file.as_deref(), Vec::new())
+            .and_then(|s| {
+                let notes = wnsgate::server::preflight(&s)?;
+                println!(
+                    "configuration OK: listen {}, data {}, {} API token(s), {} WNS app(s)",
+                    s.listen,
+                    s.store.path.display(),
+                    s.tokens.len(),
+                    s.known_pfns.len()
+                );
+                for note in notes {
+                    println!("note: {note}");
+                }
+                if probe_wns {
+                    wnsgate::cli::probe_wns(&s)?;
+                }
+                Ok(())
+            }),
         Cmd::Import {
             file,
             url,

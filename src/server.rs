@@ -320,7 +320,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let s = &gateway.settings;
     if s.wns.apps.is_empty() {
         tracing::warn!(
-            "no [[wns.apps]] configured: registrations are accepted, but every wake will fail with no_credentials"
+            "no [[wns.apps]] configured: every registration is refused with unknown_pfn until one is"
         );
     }
     tracing::info!(
@@ -370,6 +370,12 @@ pub fn preflight(settings: &Settings) -> anyhow::Result<Vec<String>> {
             ),
         }
     )];
+    if settings.wns.apps.is_empty() {
+        notes.push(
+            "no [[wns.apps]] configured: every registration will be refused with unknown_pfn"
+                .to_owned(),
+        );
+    }
     let path = &settings.store.path;
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_dir() => {

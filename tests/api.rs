@@ -779,3 +779,56 @@ fn a_snapshot_on_demand_holds_every_device_and_a_restart_loads_it() {
         assert_eq!(d["channel_uri"], uri(token));
     }
 }
+
+/// With no `[[wns.apps]]` every PFN is unknown: a registration is refused
+/// as for a PFN missing from a configured list (no device is stored that
+/// no wake could reach), and the start says so.
+#[test]
+fn with_no_wns_app_a_registration_is_refused_as_unknown_pfn() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Server::start(&dir.path().join("data"), &[("WNSGATE_WNS__APPS", "[]")]);
+    let r = gw
+        .client()
+        .send_json(
+            "PUT",
+            "/v1/devices/d1/channel",
+            &channel_body(&uri("AwYAAAD1")),
+        )
+        .unwrap();
+    assert_eq!(r.status, 422, "{}", r.text());
+    let err = r.json();
+    assert_eq!(err["error"]["code"], "unknown_pfn", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("none is configured"),
+        "{err}"
+    );
+    assert_eq!(gw.client().get("/v1/devices/d1").unwrap().status, 404);
+    assert!(
+        gw.stderr().contains("no [[wns.apps]] configured"),
+        "{}",
+        gw.stderr()
+    );
+
+    // With an app, only its PFN is taken.
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Server::start(&dir.path().join("data"), &[]);
+    let r = gw
+        .client()
+        .send_json(
+            "PUT",
+            "/v1/devices/d1/channel",
+            &channel_body(&uri("AwYAAAD1")),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+    let other = json!({"pfn": "Fabrikam.MDM_8wekyb3d8bbwe", "channel_uri": uri("AwYAAAD2")});
+    let r = gw
+        .client()
+        .send_json("PUT", "/v1/devices/d2/channel", &other)
+        .unwrap();
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains(PFN), "{}", r.text());
+}

@@ -776,3 +776,64 @@ fn serve_flags_select_json_logs_and_the_backend() {
     );
     assert!(log.contains("\"io\":\"epoll\""), "{log}");
 }
+
+/// `check-config --probe-wns` fetches a token for each app: a wrong secret
+/// fails there, naming the app and the endpoint's answer, not at the first
+/// wake.
+#[test]
+fn check_config_probe_wns_fetches_a_token_for_each_app() {
+    let s = sim::start(SimConfig {
+        apps: vec!["ms-app://S-1-15-2-7=right-secret".parse().unwrap()],
+        ..SimConfig::default()
+    })
+    .expect("start the simulator");
+    let (token_url, ca) = (s.token_url(), s.ca_pem_path.display().to_string());
+    let probe = |secret: &str| {
+        let apps = app_with("client_secret", secret);
+        wnsgate(
+            &["check-config", "--probe-wns"],
+            &[
+                ("WNSGATE_WNS__TOKEN_URL", token_url.as_str()),
+                ("WNSGATE_WNS__CA_FILE", ca.as_str()),
+                ("WNSGATE_WNS__APPS", apps.as_str()),
+            ],
+        )
+        .output()
+        .expect("run wnsgate check-config --probe-wns")
+    };
+    let ok = probe("right-secret");
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(out.contains(&format!("wns app {PFN}: token OK")), "{out}");
+
+    let wrong = probe("wrong-secret");
+    let out = String::from_utf8_lossy(&wrong.stdout);
+    assert!(!wrong.status.success(), "a wrong secret passed: {out}");
+    assert!(out.contains(&format!("wns app {PFN}: no token")), "{out}");
+    assert!(out.contains("invalid_client"), "{out}");
+    assert!(
+        !out.contains("wrong-secret"),
+        "the secret was printed: {out}"
+    );
+    assert_refused(&wrong, &["1 WNS app(s) got no token"]);
+
+    // Without the flag no token is asked for: the wrong secret passes.
+    let plain = check_config(&[
+        ("WNSGATE_WNS__TOKEN_URL", token_url.as_str()),
+        ("WNSGATE_WNS__CA_FILE", ca.as_str()),
+        (
+            "WNSGATE_WNS__APPS",
+            app_with("client_secret", "wrong-secret").as_str(),
+        ),
+    ]);
+    assert!(plain.status.success());
+    // No app: nothing to probe is an error, not a pass.
+    let none = wnsgate(&["check-config", "--probe-wns"], &[])
+        .output()
+        .unwrap();
+    assert_refused(&none, &["no [[wns.apps]]"]);
+}

@@ -268,6 +268,8 @@ fn bulk_wake_counts_every_outcome_and_sends_each_device_once() {
 
     let r = create_job(&gw, &json!({"all": true}));
     assert_eq!(r.status, 202, "{}", r.text());
+    // Known up front, before any device is selected.
+    assert_eq!(r.json()["expected_total"], 300, "{}", r.text());
     let job = wait_job(&gw, r.json()["job_id"].as_str().unwrap());
     assert_eq!(job["total"], 300, "{job}");
     assert_eq!(job["received"], 270, "{job}");
@@ -283,11 +285,92 @@ fn bulk_wake_counts_every_outcome_and_sends_each_device_once() {
     // A dead channel is expired and at once in the refresh queue.
     assert_eq!(stats["by_state"]["refresh_pending"], 15, "{stats}");
     assert_eq!(stats["refresh_queue"]["queued"], 15, "{stats}");
+    // Listed by state, from the index of marked devices, in pages of 4.
+    let mut listed = Vec::new();
+    let mut path = "/v1/devices?state=refresh_pending&limit=4".to_owned();
+    loop {
+        let page = gw.client().get(&path).unwrap().json();
+        let devices = page["devices"].as_array().unwrap();
+        assert!(devices.len() <= 4, "{page}");
+        listed.extend(
+            devices
+                .iter()
+                .map(|d| d["device_id"].as_str().unwrap().to_owned()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => path = format!("/v1/devices?state=refresh_pending&limit=4&cursor={c}"),
+            None => break,
+        }
+    }
+    listed.sort();
+    let dead: Vec<String> = (0..300).step_by(20).map(|i| format!("b{i:04}")).collect();
+    assert_eq!(listed, dead);
 
-    // By state: only the 15 whose channel died.
+    // The failures: the 15 expired and the 15 dropped, each with its
+    // outcome, in pages.
+    let all_job = job["job_id"].as_str().unwrap().to_owned();
+    let mut failures = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            None => format!("/v1/pushes/{all_job}/failures?limit=20"),
+            Some(c) => format!("/v1/pushes/{all_job}/failures?limit=20&cursor={c}"),
+        };
+        let page = gw.client().get(&path).unwrap();
+        assert_eq!(page.status, 200, "{}", page.text());
+        let page = page.json();
+        assert_eq!(page["failures_not_kept"], 0, "{page}");
+        failures.extend(page["failures"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(failures.len(), 30);
+    let of = |result: &str, outcome: &str, status: u64| {
+        failures
+            .iter()
+            .filter(|f| {
+                f["result"] == result && f["wns_outcome"] == outcome && f["status"] == status
+            })
+            .count()
+    };
+    assert_eq!(of("channel_dead", "channel_expired", 410), 15);
+    assert_eq!(of("dropped", "dropped", 200), 15);
+    assert!(failures
+        .iter()
+        .any(|f| f["device_id"] == "b0000" && f["result"] == "channel_dead"));
+
+    // By state: only the 15 whose channel died, which WNS already declared
+    // dead: skipped unless asked for.
     let r = create_job(&gw, &json!({"state": "refresh_pending"}));
+    assert_eq!(r.json()["expected_total"], 15, "{}", r.text());
     let job = wait_job(&gw, r.json()["job_id"].as_str().unwrap());
-    assert_eq!(job["total"], 15, "{job}");
+    assert_eq!(
+        (
+            job["total"].as_u64(),
+            job["skipped_dead"].as_u64(),
+            job["done"].as_u64()
+        ),
+        (Some(15), Some(15), Some(15)),
+        "{job}"
+    );
+    assert_eq!(s.stats().pushes_total, 300);
+    let r = create_job(
+        &gw,
+        &json!({"state": "refresh_pending", "include_dead": true}),
+    );
+    let job = wait_job(&gw, r.json()["job_id"].as_str().unwrap());
+    assert_eq!(
+        (
+            job["total"].as_u64(),
+            job["skipped_dead"].as_u64(),
+            job["expired"].as_u64()
+        ),
+        (Some(15), Some(0), Some(15)),
+        "{job}"
+    );
+    assert_eq!(job["include_dead"], true, "{job}");
     assert_eq!(s.stats().pushes_total, 315);
 
     // By ids, one of them unknown.
@@ -298,6 +381,27 @@ fn bulk_wake_counts_every_outcome_and_sends_each_device_once() {
         (Some(2), Some(1)),
         "{job}"
     );
+    let id = job["job_id"].as_str().unwrap();
+    let page = gw
+        .client()
+        .get(&format!("/v1/pushes/{id}/failures"))
+        .unwrap()
+        .json();
+    assert_eq!(
+        page["failures"],
+        json!([{"device_id": "nobody", "result": "not_registered", "wns_outcome": null, "status": null}]),
+        "{page}"
+    );
+    assert_eq!(page["next_cursor"], Value::Null, "{page}");
+    for bad in ["limit=0", "limit=1001", "cursor=x", "sort=1"] {
+        let r = gw
+            .client()
+            .get(&format!("/v1/pushes/{id}/failures?{bad}"))
+            .unwrap();
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+    let r = gw.client().get("/v1/pushes/jnope/failures").unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
 }
 
 #[test]

@@ -40,14 +40,20 @@ pub(crate) fn validate_registration(
     let device_id = parse_device_id(device_id)?;
     let pfn =
         Pfn::parse(&body.pfn).map_err(|e| ApiError::unprocessable("invalid_pfn", e.to_string()))?;
+    // A PFN with no [[wns.apps]] entry could never be woken (every wake
+    // would end no_credentials): refused when no app is configured too.
     let known = &gw.settings.known_pfns;
-    if !known.is_empty() && !known.iter().any(|k| k == pfn.as_str()) {
+    if !known.iter().any(|k| k == pfn.as_str()) {
+        let configured = if known.is_empty() {
+            "none is configured: add a [[wns.apps]] entry for it".to_owned()
+        } else {
+            known.join(", ")
+        };
         return Err(ApiError::unprocessable(
             "unknown_pfn",
             format!(
-                "pfn {} is not one of the configured WNS apps ({})",
+                "pfn {} is not one of the configured WNS apps ({configured})",
                 pfn.as_str(),
-                known.join(", ")
             ),
         ));
     }
@@ -203,7 +209,14 @@ pub(crate) async fn list_devices(
                     == s
             })
         };
-        registry.page(after.as_ref(), limit, LIST_PAGE_SCAN_RECORDS_MAX, &filter)
+        match state {
+            // Only marked devices can be in these states: read the index
+            // of marked devices, not the whole fleet.
+            Some(LifecycleState::RefreshPending | LifecycleState::Unreachable) => {
+                registry.page_marked(after.as_ref(), limit, &filter)
+            }
+            _ => registry.page(after.as_ref(), limit, LIST_PAGE_SCAN_RECORDS_MAX, &filter),
+        }
     })
     .await
     .map_err(|_| ApiError::unavailable("internal", "listing task failed"))?;

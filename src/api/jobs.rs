@@ -1,6 +1,6 @@
 //! Bulk wakes: `POST /v1/pushes`, `GET /v1/pushes`, `GET /v1/pushes/{id}`,
-//! `DELETE /v1/pushes/{id}`: the request, its checks and the progress as
-//! JSON. The job itself runs in [`crate::wake::bulk`].
+//! `GET /v1/pushes/{id}/failures`, `DELETE /v1/pushes/{id}`: the request,
+//! its checks, the progress and the failed devices as JSON. The job itself runs in [`crate::wake::bulk`].
 
 use super::body::{read_limited, require_content_type};
 use super::devices::parse_device_id;
@@ -10,6 +10,11 @@ use super::response::{json_response, Resp};
 use crate::core::LifecycleState;
 use crate::gateway::Gateway;
 use crate::wake::limits::JOB_IDS_MAX;
+
+/// Failures per page when no `limit` is given.
+const FAILURES_PAGE_DEFAULT: usize = 100;
+/// Largest `limit` of a failures page.
+const FAILURES_PAGE_MAX: usize = 1000;
 use crate::wake::{Job, Selection, StartError};
 use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
@@ -28,6 +33,9 @@ struct JobRequest {
     all: Option<bool>,
     #[serde(default)]
     rate_per_second: Option<u32>,
+    /// Wake devices whose channel WNS declared dead (404, 410) too.
+    #[serde(default)]
+    include_dead: bool,
 }
 
 #[derive(Serialize)]
@@ -36,6 +44,9 @@ struct JobView<'a> {
     state: &'static str,
     created_at: &'a str,
     rate_per_second: Option<u32>,
+    include_dead: bool,
+    /// Devices in the selection when the job started, known up front.
+    expected_total: u64,
     /// Devices selected so far (final once `state` is not `selecting`).
     total: u64,
     pending: u64,
@@ -45,6 +56,7 @@ struct JobView<'a> {
     expired: u64,
     failed: u64,
     not_sent: u64,
+    skipped_dead: u64,
     done: u64,
     /// Every device is selected: `total` is final.
     selection_done: bool,
@@ -61,6 +73,8 @@ fn job_view(job: &Job) -> JobView<'_> {
         state: p.state.as_str(),
         created_at: job.created_at(),
         rate_per_second: job.rate_per_second(),
+        include_dead: job.include_dead(),
+        expected_total: job.expected_total(),
         total: p.total,
         pending: p.pending,
         received: p.received,
@@ -69,6 +83,7 @@ fn job_view(job: &Job) -> JobView<'_> {
         expired: p.expired,
         failed: p.failed,
         not_sent: p.not_sent,
+        skipped_dead: p.skipped_dead,
         done: p.done,
         selection_done: job.selection_done(),
     }
@@ -138,7 +153,7 @@ pub(crate) async fn create(
     }
     let job = gw
         .wakes
-        .start_job(shard, selection, req.rate_per_second)
+        .start_job(shard, selection, req.rate_per_second, req.include_dead)
         .map_err(|e| match e {
             StartError::TooManyJobs => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -155,6 +170,57 @@ pub(crate) async fn create(
 pub(crate) fn get(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
     let job = gw.wakes.job(id).ok_or_else(|| unknown_job(id))?;
     Ok(view(&job))
+}
+
+/// `GET /v1/pushes/{id}/failures?limit=&cursor=`: the devices whose wake
+/// did not end `received`, in the order their results came, with how each
+/// ended. The cursor is the position to go on from.
+pub(crate) fn failures(gw: &Gateway, id: &str, query: Option<String>) -> Result<Resp, ApiError> {
+    let job = gw.wakes.job(id).ok_or_else(|| unknown_job(id))?;
+    let mut limit = FAILURES_PAGE_DEFAULT;
+    let mut from = 0usize;
+    for (k, v) in super::query_pairs(query.as_deref().unwrap_or("")) {
+        match k.as_str() {
+            "limit" => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=FAILURES_PAGE_MAX).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_limit",
+                            format!("limit must be 1 to {FAILURES_PAGE_MAX}"),
+                        )
+                    })?
+            }
+            "cursor" => {
+                from = v.parse::<usize>().map_err(|_| {
+                    ApiError::bad_request(
+                        "invalid_cursor",
+                        "cursor is not one this gateway returned",
+                    )
+                })?
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "unknown_parameter",
+                    format!("unknown query parameter {other:?}"),
+                ))
+            }
+        }
+    }
+    let (page, kept, not_kept) = job.failures(from, limit);
+    let next = from.saturating_add(page.len());
+    let next_cursor = (!page.is_empty() && next < kept).then(|| next.to_string());
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "job_id": job.id(),
+            "failures": page,
+            "next_cursor": next_cursor,
+            "failures_not_kept": not_kept,
+        }),
+    ))
 }
 
 /// `DELETE /v1/pushes/{id}`: stops sending; wakes in flight finish. A job

@@ -1,4 +1,4 @@
-//! The HTTP API (product.md, "HTTP API").
+//! The HTTP API (the README's "API" section lists every route).
 //!
 //! Owns: routing, authentication, parsing and validation, body limits, JSON
 //! views and errors, request metrics. Each shard serves requests through
@@ -112,6 +112,7 @@ fn route_name(method: &Method, path: &str) -> &'static str {
         (&Method::GET, Route::Jobs) => "list_jobs",
         (_, Route::Jobs) => "create_job",
         (_, Route::Job(_)) => "job",
+        (_, Route::JobFailures(_)) => "job_failures",
         (_, Route::CheckIn(_)) => "refresh_check_in",
         (_, Route::Lease) => "refresh_lease",
         (_, Route::Complete(_)) => "refresh_complete",
@@ -134,6 +135,7 @@ enum Route {
     Push(String),
     Jobs,
     Job(String),
+    JobFailures(String),
     CheckIn(String),
     Lease,
     Complete(String),
@@ -163,7 +165,10 @@ fn split_route(path: &str) -> Route {
         };
     }
     if let Some(id) = path.strip_prefix("/v1/pushes/") {
-        return Route::Job(percent_decode(id));
+        return match id.strip_suffix("/failures") {
+            Some(id) => Route::JobFailures(percent_decode(id)),
+            None => Route::Job(percent_decode(id)),
+        };
     }
     let Some(rest) = path.strip_prefix("/v1/devices/") else {
         return Route::Unknown;
@@ -265,6 +270,8 @@ async fn dispatch(
         (Method::GET, Route::Job(id)) => jobs::get(&gw, &id),
         (Method::DELETE, Route::Job(id)) => jobs::cancel(&gw, &id),
         (_, Route::Job(_)) => Err(method_not_allowed("GET, DELETE")),
+        (Method::GET, Route::JobFailures(id)) => jobs::failures(&gw, &id, query),
+        (_, Route::JobFailures(_)) => Err(method_not_allowed("GET")),
         (Method::GET, Route::CheckIn(id)) => refresh::check_in(gw, id, query).await,
         (_, Route::CheckIn(_)) => Err(method_not_allowed("GET")),
         (Method::POST, Route::Lease) => refresh::lease(gw, parts.headers, body).await,

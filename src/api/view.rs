@@ -1,4 +1,4 @@
-//! The JSON shape of a device record (product.md, `GET /v1/devices/{id}`).
+//! The JSON shape of a device record (`GET /v1/devices/{id}`, the README's API).
 
 use crate::core::lifecycle::LeaveReason;
 use crate::core::wns::PushResult;

@@ -19,7 +19,7 @@
 //! Synthetic device `i` is always the same id and channel URI
 //! (`wnsgate::fleet`), so `register`, `push`, `bulk` and `forget` given the
 //! same `--devices` and `--start` work on the same devices.
-//! - `trivial-server`: the reference of performance.md P6, a hyper server
+//! - `trivial-server`: the reference of P6 in `docs/performance.md`, a hyper server
 //!   on one current-thread runtime that answers every request with 202
 //!   (HTTP/1.1 and h2c, the gateway's own builder).
 
@@ -570,13 +570,14 @@ fn register(
 }
 
 /// Counters of one bulk wake, as `GET /v1/pushes/{id}` reports them.
-const JOB_COUNTS: [&str; 6] = [
+const JOB_COUNTS: [&str; 7] = [
     "received",
     "dropped",
     "throttled",
     "expired",
     "failed",
     "not_sent",
+    "skipped_dead",
 ];
 
 /// `bulk`: bulk wakes of at most [`MAX_JOB_IDS`] ids, at most
@@ -673,6 +674,8 @@ fn bulk(
             .sum::<u64>()
     };
     let done = sum("done");
+    // Devices skipped for a dead channel count as done but were not pushed.
+    let pushed = done - sum("skipped_dead");
     let counts: Vec<String> = JOB_COUNTS
         .iter()
         .map(|k| format!("{k} {}", sum(k)))
@@ -680,7 +683,7 @@ fn bulk(
     println!(
         "bulk: {done} of {} devices woken in {secs:.1} s ({:.0} pushes/s) by {} job(s){}: {}",
         sum("total"),
-        done as f64 / secs.max(1e-9),
+        pushed as f64 / secs.max(1e-9),
         finished.len(),
         rate.map_or(String::new(), |r| format!(" paced at {r}/s each")),
         counts.join(", ")

@@ -1,4 +1,4 @@
-//! Channel URI validation (protocol.md section 2).
+//! Channel URI validation.
 //!
 //! A channel URI is kept byte-exact: WNS answers 404 to a re-encoded or
 //! normalised URI, so nothing here rewrites it. Validation only decides

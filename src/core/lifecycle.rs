@@ -5,7 +5,7 @@ use super::record::{DeadMark, RefreshMark, RefreshState};
 use super::time::UnixTime;
 use serde::Serialize;
 
-/// The lifecycle state of a device's channel (product.md, "Device lifecycle").
+/// The lifecycle state of a device's channel (the README's "Device lifecycle").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
 #[serde(rename_all = "snake_case")]
 pub enum LifecycleState {

@@ -1,6 +1,6 @@
 //! The PFN-refresh queue: one open job per device whose channel died, handed
 //! out to the MDM tier, retried until a new channel URI arrives or the policy
-//! gives up (product.md, "Refresh queue").
+//! gives up (the README's "Refresh queue").
 //!
 //! [`RefreshQueue`] is a plain state machine: every method takes the current
 //! time and returns the store mutations ([`Change`]) the caller must make

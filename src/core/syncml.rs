@@ -1,5 +1,5 @@
 //! The SyncML fragment that replaces a device's push PFN through the DMClient
-//! CSP (protocol.md section 5).
+//! CSP.
 //!
 //! The gateway does not speak OMA-DM: the MDM server pastes this fragment
 //! into the `SyncBody` of the session the device opened. The fragment holds

@@ -3,7 +3,7 @@
 //! encoding, so a restart copies records rather than re-encoding them.
 
 use super::record::write_leb;
-use super::{minute, Bucket, Registry, PART_SHARDS};
+use super::{is_marked, minute, Bucket, Registry, PART_SHARDS};
 use crate::core::{DeviceId, DeviceRecord};
 use crate::store::{Dictionary, Restore, SnapshotSource};
 use dashmap::SharedValue;
@@ -89,6 +89,8 @@ impl Restore for Registry {
                     // Safety: the slot was just found in this table, which
                     // is write-locked.
                     let (rec, push) = unsafe { slot.as_mut() };
+                    self.marked
+                        .shift(usize::from(part), hash, is_marked(rec), is_marked(&r.rec));
                     let old = std::mem::replace(rec, r.rec);
                     *push = SharedValue::new(0);
                     self.histogram
@@ -98,6 +100,8 @@ impl Restore for Registry {
                     loading.added.push(vec![(at, hash)]);
                 }
                 None => {
+                    self.marked
+                        .shift(usize::from(part), hash, false, is_marked(&r.rec));
                     table.insert(hash, (r.rec, SharedValue::new(0)), |(k, _)| {
                         p.hash_usize(k) as u64
                     });

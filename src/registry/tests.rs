@@ -3,7 +3,8 @@
 
 use super::*;
 use crate::core::{
-    ChannelUri, DeadMark, DeadReason, DeviceId, LifecycleState, Pfn, ProviderId, UriPolicy,
+    ChannelUri, DeadMark, DeadReason, DeviceId, LifecycleState, Pfn, ProviderId, RefreshMark,
+    RefreshState, UriPolicy,
 };
 use proptest::prelude::*;
 use std::collections::HashMap;
@@ -25,6 +26,14 @@ fn rec(id: &str, issued_at: u32) -> DeviceRecord {
         dead: None,
         refresh: None,
     }
+}
+
+fn refresh(state: RefreshState, job: u64) -> Option<RefreshMark> {
+    Some(RefreshMark {
+        state,
+        since: UnixTime(T0),
+        job,
+    })
 }
 
 fn dead(at: u32) -> Option<DeadMark> {
@@ -272,6 +281,11 @@ fn heavy_churn_matches_a_model() {
             if (x >> 40).is_multiple_of(7) {
                 r.dead = dead(T0);
             }
+            match (x >> 48) % 16 {
+                0 => r.refresh = refresh(RefreshState::Pending, x >> 50),
+                1 => r.refresh = refresh(RefreshState::Unreachable, x >> 50),
+                _ => {}
+            }
             if (x >> 44).is_multiple_of(2) {
                 r.channel_uri = uri(&format!("https://bn2.notify.windows.com/x?t={x}+y"));
             }
@@ -314,6 +328,54 @@ fn heavy_churn_matches_a_model() {
     let listed = list_all(&reg, 3, 5, &|_| true);
     assert_eq!(sorted(&listed), model_ids(model.values()));
     assert_listing_order(&reg, &listed);
+    // The marked index holds the marked devices, and listings through it
+    // are the scan's, page for page.
+    let marked = model
+        .values()
+        .filter(|r| r.dead.is_some() || r.refresh.is_some());
+    assert_eq!(reg.marked.len(), marked.clone().count());
+    assert!(marked.clone().any(|r| r.refresh.is_some()));
+    assert_marked_listings_match_the_scan(&reg);
+}
+
+/// The listings of marked states (dead, refresh pending, unreachable)
+/// through the marked index equal the scan's, for several page sizes.
+fn assert_marked_listings_match_the_scan(reg: &Registry) {
+    let filters: [&dyn Fn(&Marks) -> bool; 3] = [
+        &|m: &Marks| m.dead.is_some() && m.refresh.is_none(),
+        &|m: &Marks| m.refresh.is_some_and(|r| r.state == RefreshState::Pending),
+        &|m: &Marks| {
+            m.refresh
+                .is_some_and(|r| r.state == RefreshState::Unreachable)
+        },
+    ];
+    for filter in filters {
+        let scanned = list_all(reg, 1000, 1_000_000, filter);
+        assert!(!scanned.is_empty());
+        for limit in [1, 4, 1000] {
+            assert_eq!(
+                list_all_marked(reg, limit, filter),
+                scanned,
+                "limit {limit}"
+            );
+        }
+    }
+}
+
+/// Every page of a listing through the marked index, as device ids.
+fn list_all_marked(reg: &Registry, limit: usize, filter: &dyn Fn(&Marks) -> bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cursor: Option<Cursor> = None;
+    for _ in 0..1_000_000 {
+        let page = reg.page_marked(cursor.as_ref(), limit, filter);
+        assert!(page.records.len() <= limit.max(1));
+        out.extend(page.records.into_iter().map(|r| r.device_id.into_string()));
+        match page.next {
+            Some(c) => cursor = Some(Cursor::from_bytes(&c.to_bytes()).unwrap()),
+            None => return out,
+        }
+    }
+    panic!("the listing did not end");
 }
 
 fn issued_ids(reg: &Registry, from: u32, to: u32, batch: usize) -> Vec<String> {
@@ -690,6 +752,12 @@ fn restored_partitions_match_upserts() {
         if i % 7 == 0 {
             r.dead = dead(T0);
         }
+        // dev-5 is loaded twice, first marked, then not (below).
+        match i % 11 {
+            0 | 5 => r.refresh = refresh(RefreshState::Pending, u64::from(i)),
+            1 => r.refresh = refresh(RefreshState::Unreachable, u64::from(i)),
+            _ => {}
+        }
         src.upsert(&r);
     }
     let dst = Registry::with_partitions(p, 0);
@@ -728,6 +796,14 @@ fn restored_partitions_match_upserts() {
         );
     }
     assert_eq!(issued_ids(&dst, T0 + 1, T0 + 3_600, 16), ["dev-5"]);
+    // dev-5 was loaded marked, then unmarked: the marked index follows,
+    // and lists what the source lists.
+    assert_eq!(dst.marked.len(), src.marked.len());
+    assert_marked_listings_match_the_scan(&dst);
+    let pending = |m: &Marks| m.refresh.is_some();
+    let listed = list_all_marked(&dst, 5, &pending);
+    assert_eq!(listed, list_all_marked(&src, 5, &pending));
+    assert!(!listed.contains(&"dev-5".to_owned()));
     // Replay after the load moves devices as an upsert does.
     dst.upsert(&rec("dev-5", T0 - 10 * DAY));
     assert_eq!(

@@ -25,8 +25,8 @@ use crate::core::wns::retry::{
     RetryPolicy,
 };
 use crate::core::wns::token::TokenFlow;
-use crate::core::wns::AccessToken;
 use crate::core::wns::{classify, Outcome, PushResult, WnsMeta};
+use crate::core::wns::{AccessToken, TokenError};
 use crate::core::wns::{Admit, BreakerPolicy};
 use crate::core::{ChannelUri, DeadReason, UnixTime};
 use crate::telemetry::metrics as m;
@@ -255,6 +255,20 @@ pub struct WnsSender {
 }
 
 impl WnsSender {
+    /// Fetches one access token for each `[[wns.apps]]` entry, in the
+    /// order of the file: its PFN and how long the token is valid, or why
+    /// none was had (`check-config --probe-wns`).
+    pub async fn probe_tokens(&self) -> Vec<(String, Result<Duration, TokenError>)> {
+        let mut apps: Vec<&App> = self.apps.values().collect();
+        apps.sort_by_key(|a| a.index);
+        let mut probed = Vec::with_capacity(apps.len());
+        for app in apps {
+            let got = app.tokens.token().await.map(|t| t.lifetime());
+            probed.push((app.tokens.pfn().to_owned(), got));
+        }
+        probed
+    }
+
     /// Builds the sender from the settings: one token source per
     /// `[[wns.apps]]`, TLS with `wns.ca_file`, pools for `shards` shards.
     pub fn new(settings: &Settings, shards: usize) -> anyhow::Result<WnsSender> {

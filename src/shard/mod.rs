@@ -85,7 +85,7 @@ enum Phase {
 }
 
 /// The backend `--io auto` runs when both are usable: the faster one in
-/// `loadtest/io.sh` on this kind of machine (README, "Performance").
+/// `loadtest/io.sh` on this kind of machine (`docs/performance.md`, P6 and P7).
 pub const AUTO_PREFERS: Backend = Backend::Epoll;
 
 /// Environment variable that makes the io_uring probe fail as if the

@@ -1,5 +1,5 @@
-//! The push endpoint's rules, as WNS enforces them (protocol.md, sections 2
-//! and 3): what a request must carry, and how each outcome is answered.
+//! The push endpoint's rules, as WNS enforces them: what a request must
+//! carry, and how each outcome is answered.
 //! Pure functions of the request and of decisions made elsewhere (token
 //! lookup, behaviour, faults), so every rule is tested without a socket.
 

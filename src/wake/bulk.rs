@@ -45,18 +45,32 @@ pub enum StartError {
 impl<S: Transport> WakeService<S> {
     /// Starts a bulk wake on the calling runtime; `shard` is where its pages
     /// go when no shard has registered its runtime (in-process tests).
+    /// Devices whose channel WNS declared dead (404, 410) are skipped
+    /// unless `include_dead`.
     pub fn start_job(
         self: &Arc<Self>,
         shard: usize,
         selection: Selection,
         rate_per_second: Option<u32>,
+        include_dead: bool,
     ) -> Result<Arc<Job>, StartError> {
         let running = self.jobs.iter().filter(|j| !j.is_finished()).count();
         if running >= JOBS_RUNNING_MAX {
             return Err(StartError::TooManyJobs);
         }
         self.forget_old_jobs();
-        let job = Arc::new(Job::new(rate_per_second));
+        let expected = match &selection {
+            Selection::Ids(ids) => ids.len() as u64,
+            Selection::Filter(None) => self.registry.len() as u64,
+            Selection::Filter(Some(state)) => {
+                let counts = self.registry.state_counts(&self.thresholds, clock::now());
+                LifecycleState::ALL
+                    .iter()
+                    .position(|s| s == state)
+                    .map_or(0, |i| counts[i])
+            }
+        };
+        let job = Arc::new(Job::new(rate_per_second, include_dead, expected));
         self.jobs.insert(job.id().to_owned(), job.clone());
         let token = self.inflight.token();
         tokio::spawn(run(self.clone(), shard, job.clone(), selection, token));
@@ -222,12 +236,19 @@ async fn run<S: Transport>(
                                 == s
                         })
                     };
-                    registry.page(
-                        cursor.as_ref(),
-                        PAGE_DEVICES,
-                        PAGE_SCAN_RECORDS_MAX,
-                        &filter,
-                    )
+                    match state {
+                        // As for listings: only marked devices can be in
+                        // these states.
+                        Some(LifecycleState::RefreshPending | LifecycleState::Unreachable) => {
+                            registry.page_marked(cursor.as_ref(), PAGE_DEVICES, &filter)
+                        }
+                        _ => registry.page(
+                            cursor.as_ref(),
+                            PAGE_DEVICES,
+                            PAGE_SCAN_RECORDS_MAX,
+                            &filter,
+                        ),
+                    }
                 })
                 .await;
                 let Ok(page) = page else {
@@ -263,6 +284,7 @@ async fn run<S: Transport>(
         expired = p.expired,
         failed = p.failed,
         not_sent = p.not_sent,
+        skipped_dead = p.skipped_dead,
         "bulk wake finished"
     );
 }

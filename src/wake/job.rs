@@ -3,9 +3,11 @@
 //! while the job runs ([`super::bulk`]) and its shards send
 //! ([`super::send`]).
 
+use super::limits::JOB_FAILURES_KEPT_MAX;
 use super::WakeReport;
 use crate::clock;
 use crate::core::wns::{Outcome, PushResult};
+use crate::core::DeadReason;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -14,6 +16,12 @@ pub struct Job {
     id: String,
     created_at: String,
     rate_per_second: Option<u32>,
+    /// Whether devices whose channel WNS declared dead (404, 410) are
+    /// woken too; by default they are skipped.
+    include_dead: bool,
+    /// Devices the selection held when the job started, known up front:
+    /// the listed ids, or the registry's count of the state (or of all).
+    expected_total: u64,
     pub(super) selected: AtomicU64,
     received: AtomicU64,
     dropped: AtomicU64,
@@ -22,6 +30,13 @@ pub struct Job {
     failed: AtomicU64,
     /// Selected but not sent because the job was cancelled.
     not_sent: AtomicU64,
+    /// Selected but not sent because WNS already declared the channel dead.
+    skipped_dead: AtomicU64,
+    /// The first [`JOB_FAILURES_KEPT_MAX`] devices whose wake did not end
+    /// `received`, in the order their results came.
+    failures: Mutex<Vec<Failure>>,
+    /// Failures past [`JOB_FAILURES_KEPT_MAX`], counted only.
+    failures_not_kept: AtomicU64,
     pub(super) selection_done: AtomicBool,
     cancelled: AtomicBool,
     finished: AtomicBool,
@@ -68,15 +83,47 @@ pub struct Progress {
     pub expired: u64,
     pub failed: u64,
     pub not_sent: u64,
+    pub skipped_dead: u64,
     pub done: u64,
 }
 
+/// One device of a job whose wake did not end `received`, and why.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub device_id: String,
+    /// How the wake ended: a push result (`dropped`, `channel_dead`,
+    /// `attempts_exhausted`, ...), or `not_registered` for a listed id
+    /// the gateway does not know.
+    pub result: &'static str,
+    /// WNS's last answer, classified (`channel_expired`, `throttled`, ...).
+    pub wns_outcome: Option<&'static str>,
+    /// WNS's last HTTP status.
+    pub status: Option<u16>,
+}
+
+impl Failure {
+    fn new(device_id: &str, report: Option<&WakeReport>) -> Failure {
+        Failure {
+            device_id: device_id.to_owned(),
+            result: report.map_or("not_registered", |r| r.result.label()),
+            wns_outcome: report.and_then(|r| r.wns_outcome.as_ref().map(Outcome::label)),
+            status: report.and_then(|r| r.status),
+        }
+    }
+}
+
 impl Job {
-    pub(super) fn new(rate_per_second: Option<u32>) -> Job {
+    pub(super) fn new(
+        rate_per_second: Option<u32>,
+        include_dead: bool,
+        expected_total: u64,
+    ) -> Job {
         Job {
             id: format!("j{:x}{:x}", clock::monotonic_ms(), clock::random::<u32>()),
             created_at: clock::now().to_rfc3339(),
             rate_per_second,
+            include_dead,
+            expected_total,
             selected: AtomicU64::new(0),
             received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -84,6 +131,9 @@ impl Job {
             expired: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             not_sent: AtomicU64::new(0),
+            skipped_dead: AtomicU64::new(0),
+            failures: Mutex::new(Vec::new()),
+            failures_not_kept: AtomicU64::new(0),
             selection_done: AtomicBool::new(false),
             cancelled: AtomicBool::new(false),
             finished: AtomicBool::new(false),
@@ -101,6 +151,45 @@ impl Job {
 
     pub fn rate_per_second(&self) -> Option<u32> {
         self.rate_per_second
+    }
+
+    /// Devices in the selection when the job started. `total` ends near
+    /// it: devices registered, removed or changing state meanwhile move it.
+    pub fn expected_total(&self) -> u64 {
+        self.expected_total
+    }
+
+    /// Whether devices whose channel WNS declared dead are woken too.
+    pub fn include_dead(&self) -> bool {
+        self.include_dead
+    }
+
+    /// Whether a device marked `dead` is left out of this job: WNS
+    /// answered 404 or 410 for its channel, so a wake would only be
+    /// answered the same (a 403 is the credential's, and is sent again).
+    pub(super) fn skips(&self, dead: Option<crate::core::DeadMark>) -> bool {
+        !self.include_dead
+            && matches!(
+                dead.map(|d| d.reason),
+                Some(DeadReason::Wns404 | DeadReason::Wns410)
+            )
+    }
+
+    /// Counts one device left out because its channel is dead.
+    pub(super) fn count_skipped_dead(&self) {
+        self.skipped_dead.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Up to `limit` failures from position `from`, and how many are kept
+    /// in all and were not kept.
+    pub fn failures(&self, from: usize, limit: usize) -> (Vec<Failure>, usize, u64) {
+        let kept = self.failures.lock();
+        let page = kept.iter().skip(from).take(limit).cloned().collect();
+        (
+            page,
+            kept.len(),
+            self.failures_not_kept.load(Ordering::Acquire),
+        )
     }
 
     /// Every device the job wakes is selected: `total` is final.
@@ -124,7 +213,8 @@ impl Job {
             + get(&self.throttled)
             + get(&self.expired)
             + get(&self.failed)
-            + get(&self.not_sent);
+            + get(&self.not_sent)
+            + get(&self.skipped_dead);
         let total = get(&self.selected);
         let state = if self.finished.load(Ordering::Acquire) {
             if self.is_cancelled() {
@@ -149,6 +239,7 @@ impl Job {
             expired: get(&self.expired),
             failed: get(&self.failed),
             not_sent: get(&self.not_sent),
+            skipped_dead: get(&self.skipped_dead),
             done,
         }
     }
@@ -163,8 +254,17 @@ impl Job {
     }
 
     /// Counts one device's final result (`None`: no result, as for a
-    /// listed id that is not registered or an abandoned wake).
-    pub(super) fn count(&self, report: Option<&WakeReport>) {
+    /// listed id that is not registered or an abandoned wake), and keeps
+    /// it as a failure unless WNS received the push.
+    pub(super) fn count(&self, device_id: &str, report: Option<&WakeReport>) {
+        if !matches!(report.map(|r| r.result), Some(PushResult::Delivered)) {
+            let mut kept = self.failures.lock();
+            if kept.len() < JOB_FAILURES_KEPT_MAX {
+                kept.push(Failure::new(device_id, report));
+            } else {
+                self.failures_not_kept.fetch_add(1, Ordering::AcqRel);
+            }
+        }
         let counter = match report.map(|r| (r.result, r.wns_outcome)) {
             Some((PushResult::Delivered, _)) => &self.received,
             Some((PushResult::Dropped, _)) => &self.dropped,

@@ -8,6 +8,10 @@ pub const JOBS_RUNNING_MAX: usize = 8;
 pub const JOBS_REMEMBERED_MAX: usize = 1000;
 /// Device ids one bulk wake may list.
 pub const JOB_IDS_MAX: usize = 100_000;
+/// Failures (devices whose wake did not end `received`) one bulk wake
+/// keeps for `GET /v1/pushes/{id}/failures`; later ones are only counted.
+/// A kept failure is its device id and about 48 bytes more.
+pub const JOB_FAILURES_KEPT_MAX: usize = 10_000;
 /// Wakes one bulk wake keeps in flight.
 pub const JOB_WAKES_INFLIGHT_MAX: usize = 2048;
 /// Devices read from the store per page, and listed ids per batch: a job

@@ -1,7 +1,8 @@
 //! Nudge wakes: one wake to each device whose channel turns `renewal_due`
 //! (`lifecycle.nudge_renewal_due`), paced at `lifecycle.nudge_per_second`,
 //! so the MDM server gets a session in which to read the renewed channel
-//! URI (protocol.md section 6).
+//! URI (a device renews its channel on its own; the server learns the new
+//! URI only in a session).
 //!
 //! The lifecycle's sweep offers devices over a bounded queue
 //! ([`NUDGE_QUEUE_DEVICES_MAX`]): when it is full the sweep stops advancing

@@ -11,6 +11,7 @@
 use super::pending::{Claim, Settled};
 use super::transport::Transport;
 use super::{WakeReport, WakeService};
+use crate::core::wns::PushResult;
 use crate::registry::{DeviceKey, LastPush};
 
 /// The outcome of a wake as the device record keeps it.
@@ -64,13 +65,14 @@ impl<S: Transport> WakeService<S> {
     /// outcomes of live channels are kept together
     /// ([`crate::registry::Registry::record_pushes`], which overlaps the
     /// lookups' cache misses) and their results handed to `settled` at
-    /// once. Wakes whose channel WNS declared dead are left in `results`,
+    /// once, with the device id when the wake did not end `received`.
+    /// Wakes whose channel WNS declared dead are left in `results`,
     /// for [`WakeService::conclude`]: their mark must be durable first.
     pub(crate) fn conclude_live<C: HoldsClaim>(
         &self,
         results: &mut Vec<(C, WakeReport)>,
         scratch: &mut Vec<(DeviceKey, LastPush)>,
-        mut settled: impl FnMut(Settled),
+        mut settled: impl FnMut(Option<&str>, Settled),
     ) {
         scratch.clear();
         scratch.extend(
@@ -90,7 +92,12 @@ impl<S: Transport> WakeService<S> {
                 continue;
             }
             let (c, report) = results.swap_remove(i);
-            settled(c.into_claim().settle(report));
+            let claim = c.into_claim();
+            // The id is copied only for a wake that did not end `received`:
+            // the one case its caller keeps it.
+            let id =
+                (report.result != PushResult::Delivered).then(|| claim.record().device_id.clone());
+            settled(id.as_ref().map(|id| id.as_str()), claim.settle(report));
         }
     }
 }

@@ -77,10 +77,14 @@ pub(super) async fn send_batches<S: Transport>(
                     let rec = match staged.take() {
                         Some(rec) => rec,
                         None => match current.as_mut().and_then(|(d, _)| d.next(&service)) {
-                            Some(Some(rec)) => rec,
-                            Some(None) => {
+                            Some(Ok(rec)) if job.skips(rec.dead) => {
+                                job.count_skipped_dead();
+                                continue;
+                            }
+                            Some(Ok(rec)) => rec,
+                            Some(Err(id)) => {
                                 // A listed id that is not registered.
-                                job.count(None);
+                                job.count(&id, None);
                                 continue;
                             }
                             None => {
@@ -120,6 +124,8 @@ pub(super) async fn send_batches<S: Transport>(
                             break;
                         }
                     }
+                    // Kept only for a wake joined: a claimed one holds its record.
+                    let id = rec.device_id.clone();
                     match service.pending.claim_quietly(rec) {
                         Ok(claim) => JobWake {
                             claim,
@@ -129,7 +135,7 @@ pub(super) async fn send_batches<S: Transport>(
                             // Joined a wake already pending.
                             let job = job.clone();
                             tokio::spawn(async move {
-                                job.count(pending.result().await);
+                                job.count(id.as_str(), pending.result().await);
                                 drop(permit);
                             });
                             continue;
@@ -149,16 +155,17 @@ pub(super) async fn send_batches<S: Transport>(
         tokio::select! {
             biased;
             _ = wakes.finished(&mut results), if !wakes.is_empty() => {
-                service.conclude_live(&mut results, &mut outcomes, |settled| {
-                    job.count(Some(settled.report()));
+                service.conclude_live(&mut results, &mut outcomes, |id, settled| {
+                    job.count(id.unwrap_or_default(), Some(settled.report()));
                 });
                 for (w, report) in results.drain(..) {
                     let (service, job) = (service.clone(), job.clone());
                     concluding.push(async move {
                         // The permit is held until the result counts.
                         let JobWake { claim, _permit } = w;
+                        let id = claim.record().device_id.clone();
                         let settled = service.conclude(claim, report).await;
-                        job.count(Some(settled.report()));
+                        job.count(id.as_str(), Some(settled.report()));
                     });
                 }
             }
@@ -202,7 +209,7 @@ impl Wait {
 }
 
 /// A batch's devices, in order: records, or listed ids looked up as they
-/// come (`Some(None)` for one not registered).
+/// come (`Some(Err(id))` for one not registered).
 enum Devices {
     Ids(std::vec::IntoIter<String>),
     Records(std::vec::IntoIter<DeviceRecord>),
@@ -216,10 +223,13 @@ impl Devices {
         }
     }
 
-    fn next<S: Transport>(&mut self, service: &WakeService<S>) -> Option<Option<DeviceRecord>> {
+    fn next<S: Transport>(
+        &mut self,
+        service: &WakeService<S>,
+    ) -> Option<Result<DeviceRecord, String>> {
         match self {
-            Devices::Ids(ids) => ids.next().map(|id| service.registry.get(&id)),
-            Devices::Records(recs) => recs.next().map(Some),
+            Devices::Ids(ids) => ids.next().map(|id| service.registry.get(&id).ok_or(id)),
+            Devices::Records(recs) => recs.next().map(Ok),
         }
     }
 }

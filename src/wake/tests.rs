@@ -191,6 +191,7 @@ async fn a_single_wake_joins_a_bulk_claim_and_gets_its_result() {
             0,
             Selection::Ids(vec!["dev-1".into(), "dev-2".into()]),
             None,
+            false,
         )
         .unwrap();
     Rig::settle_tasks().await;
@@ -299,7 +300,7 @@ async fn a_cancelled_bulk_wake_stops_sending_and_counts_the_rest_not_sent() {
     // One wake a second.
     let job = rig
         .wakes
-        .start_job(0, Selection::Ids(ids), Some(1))
+        .start_job(0, Selection::Ids(ids), Some(1), false)
         .unwrap();
     tokio::time::sleep(Duration::from_millis(3500)).await;
     job.cancel();
@@ -346,6 +347,7 @@ async fn a_dead_channel_is_marked_durably_before_its_result_is_published() {
             0,
             Selection::Ids(vec![rec2.device_id.as_str().to_owned()]),
             None,
+            false,
         )
         .unwrap();
     loop {
@@ -358,6 +360,76 @@ async fn a_dead_channel_is_marked_durably_before_its_result_is_published() {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+async fn finished(job: &Job) -> Progress {
+    while !job.is_finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    job.progress()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bulk_wake_skips_channels_wns_declared_dead_unless_asked_and_keeps_its_failures() {
+    let rig = Rig::new();
+    rig.register("dev-live", "AwYAAAD1").await;
+    let dead = rig.register("dev-dead", "x410dead").await;
+    // WNS answers 410 once: the channel is marked dead.
+    let (pending, _) = rig.wakes.start_or_join(0, dead);
+    assert_eq!(
+        pending.result().await.expect("a result").result,
+        PushResult::ChannelDead
+    );
+    assert_eq!(rig.transport.sent(), 1);
+    let ids = || {
+        Selection::Ids(vec![
+            "dev-live".into(),
+            "dev-dead".into(),
+            "dev-nope".into(),
+        ])
+    };
+
+    // By default the dead channel is not sent to again.
+    let job = rig.wakes.start_job(0, ids(), None, false).unwrap();
+    assert_eq!(job.expected_total(), 3);
+    let p = finished(&job).await;
+    assert_eq!(rig.transport.sent(), 2, "only dev-live was sent");
+    assert_eq!(
+        (
+            p.total,
+            p.received,
+            p.skipped_dead,
+            p.failed,
+            p.expired,
+            p.done
+        ),
+        (3, 1, 1, 1, 0, 3)
+    );
+    let (page, kept, not_kept) = job.failures(0, 10);
+    assert_eq!((kept, not_kept), (1, 0));
+    assert_eq!(page[0].device_id, "dev-nope");
+    assert_eq!(page[0].result, "not_registered");
+
+    // Asked to, it is sent again, and its failure says what WNS answered.
+    let job = rig.wakes.start_job(0, ids(), None, true).unwrap();
+    let p = finished(&job).await;
+    assert_eq!(rig.transport.sent(), 4, "dev-live and dev-dead were sent");
+    assert_eq!(
+        (p.received, p.skipped_dead, p.failed, p.expired, p.done),
+        (1, 0, 1, 1, 3)
+    );
+    let (page, kept, _) = job.failures(0, 10);
+    assert_eq!(kept, 2);
+    let dead = page.iter().find(|f| f.device_id == "dev-dead").unwrap();
+    assert_eq!(
+        (dead.result, dead.wns_outcome, dead.status),
+        ("channel_dead", Some("channel_expired"), Some(410))
+    );
+    // Pages: from a position, at most a limit.
+    let (rest, _, _) = job.failures(1, 10);
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].device_id, page[1].device_id);
+    assert!(job.failures(2, 10).0.is_empty());
 }
 
 #[tokio::test(start_paused = true)]

@@ -73,6 +73,16 @@ impl Server {
         {
             cmd.env("WNSGATE_STORE__MAX_COMMIT_WAIT_MS", "2000");
         }
+        // A gateway refuses registrations for a PFN with no [[wns.apps]]
+        // entry. Tests that bring no app of their own get one for [`PFN`]
+        // whose token endpoint refuses connections at once: its wakes end
+        // token_unavailable, without reaching out of the machine.
+        if !env.iter().any(|(k, _)| *k == "WNSGATE_WNS__APPS") {
+            cmd.env("WNSGATE_WNS__APPS", default_apps());
+            if !env.iter().any(|(k, _)| *k == "WNSGATE_WNS__TOKEN_URL") {
+                cmd.env("WNSGATE_WNS__TOKEN_URL", "https://127.0.0.1:9/token");
+            }
+        }
         if let Some(io) = test_io() {
             if !env.iter().any(|(k, _)| *k == "WNSGATE_SERVER__IO") {
                 cmd.env("WNSGATE_SERVER__IO", io);
@@ -172,6 +182,11 @@ fn unsafe_kill(pid: i32, sig: i32) {
         .status()
         .expect("run kill");
     assert!(status.success());
+}
+
+/// `[[wns.apps]]` with one app for [`PFN`], as an environment override.
+pub fn default_apps() -> String {
+    format!("[{{pfn = \"{PFN}\", package_sid = \"ms-app://S-1-15-2-7\", client_secret = \"test-secret\"}}]")
 }
 
 /// A registration body.

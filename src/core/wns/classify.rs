@@ -1,4 +1,4 @@
-//! Reading WNS's answer to a push (protocol.md section 3).
+//! Reading WNS's answer to a push.
 //!
 //! [`classify`] is a total function from a response's status code and headers
 //! to an [`Outcome`] plus the diagnostic headers Microsoft support asks for

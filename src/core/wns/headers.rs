@@ -1,5 +1,4 @@
-//! Names of the WNS request and response headers (protocol.md sections 2
-//! and 3). Header names are case-insensitive on the wire; these are the
+//! Names of the WNS request and response headers. Header names are case-insensitive on the wire; these are the
 //! lowercase forms `http` compares with.
 
 #![allow(missing_docs)]

@@ -1,7 +1,7 @@
 //! The WNS sender's protocol core: no I/O, no clock.
 //!
-//! Owns everything the sender must know about WNS (protocol.md sections 2 to
-//! 4) as plain functions and state machines fed inputs and the current time:
+//! Owns everything the sender must know about WNS (the wake-up request, the
+//! answers to it, access tokens) as plain functions and state machines fed inputs and the current time:
 //!
 //! - [`classify`](mod@classify): a push response (status + headers) to an [`Outcome`],
 //! - [`retry`]: what to do next with a push, and per-credential throttling

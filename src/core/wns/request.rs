@@ -1,4 +1,4 @@
-//! The wake-up request (protocol.md section 2): its body and headers.
+//! The wake-up request: its body and headers.
 //!
 //! A wake-up is a raw notification whose content does not matter: the tap
 //! alone makes the device open an OMA-DM session. The headers are exactly

@@ -1,5 +1,5 @@
 //! What to do after each WNS answer: retry, back off, give up, or declare the
-//! channel dead (protocol.md section 3, "Gateway action").
+//! channel dead, for each answer [`classify`](mod@super::classify) tells apart.
 //!
 //! Independent pieces of state, all fed caller-supplied time and
 //! randomness:

@@ -1,5 +1,5 @@
-//! WNS access tokens (protocol.md section 4): the token request, parsing the
-//! answer, and the per-credential [`TokenCache`] state machine.
+//! WNS access tokens: the token request, parsing the answer, and the
+//! per-credential [`TokenCache`] state machine.
 //!
 //! The cache owns the rules that a well-known .NET sender got wrong: refresh
 //! ahead of expiry (at 80% of the lifetime by default), one refresh in flight
