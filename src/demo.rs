@@ -247,11 +247,8 @@ pub fn run(devices: u64) -> anyhow::Result<()> {
         "a device WNS declared dead, with its refresh job:\n{}",
         serde_json::to_string_pretty(&dead)?
     );
-    let leased = client.send_json(
-        "POST",
-        "/v1/refresh:lease",
-        &serde_json::json!({"max": 5, "lease_seconds": 60}),
-    )?;
+    let lease = serde_json::json!({"max": 5, "lease_seconds": 60});
+    let leased = retry_503(|| client.send_json("POST", "/v1/refresh:lease", &lease))?;
     ensure!(
         leased.status == 200,
         "lease refused: {} {}",
@@ -375,7 +372,7 @@ fn check_in_all(client: &mut Client, pending: u64) -> anyhow::Result<u64> {
                 s.spawn(move || -> anyhow::Result<()> {
                     let mut c = Client::new(base)?.with_timeout(Duration::from_secs(60));
                     for id in part {
-                        let job = c.get(&format!("/v1/devices/{id}/refresh"))?;
+                        let job = retry_503(|| c.get(&format!("/v1/devices/{id}/refresh")))?;
                         ensure!(
                             job.status == 200 && job.json()["syncml"].as_str().is_some(),
                             "no refresh job for {id}: {} {}",
@@ -383,11 +380,10 @@ fn check_in_all(client: &mut Client, pending: u64) -> anyhow::Result<u64> {
                             job.text()
                         );
                         let seed = id.bytes().fold(0u64, |h, b| fleet::mix(h ^ u64::from(b)));
-                        let put = c.send_json(
-                            "PUT",
-                            &format!("/v1/devices/{id}/channel"),
-                            &serde_json::json!({"pfn": fleet::DEMO_PFN, "channel_uri": fleet::channel_uri(seed, 1)}),
-                        )?;
+                        let body = serde_json::json!({"pfn": fleet::DEMO_PFN, "channel_uri": fleet::channel_uri(seed, 1)});
+                        let put = retry_503(|| {
+                            c.send_json("PUT", &format!("/v1/devices/{id}/channel"), &body)
+                        })?;
                         ensure!(put.status == 200, "re-registration of {id} failed: {}", put.text());
                         renewed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         progress.inc(1);
@@ -404,4 +400,20 @@ fn check_in_all(client: &mut Client, pending: u64) -> anyhow::Result<u64> {
     })?;
     progress.finish_and_clear();
     Ok(renewed.into_inner())
+}
+
+/// Sends a request again, as an MDM server does, while the gateway answers
+/// 503 (its store is not keeping up for a moment): every 100 ms, for up to
+/// 60 s in all.
+fn retry_503(
+    mut send: impl FnMut() -> std::io::Result<crate::client::HttpResponse>,
+) -> std::io::Result<crate::client::HttpResponse> {
+    let deadline = crate::clock::instant() + Duration::from_secs(60);
+    loop {
+        let r = send()?;
+        if r.status != 503 || crate::clock::instant() >= deadline {
+            return Ok(r);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

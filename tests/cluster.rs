@@ -214,6 +214,37 @@ fn three_gateways_share_the_partitions_and_take_over_a_killed_one() {
         gateway(dir.path(), &nats, "gw-2"),
     ];
     wait_balanced(&[&gws[0], &gws[1], &gws[2]]);
+    // An import through one gateway sends each other gateway its devices;
+    // the report counts them all and names bad lines by the caller's
+    // numbering.
+    let mut ndjson = String::new();
+    for i in 0..60 {
+        ndjson.push_str(
+            &serde_json::json!({"device_id": format!("imp-{i:03}"), "pfn": common::PFN,
+                "channel_uri": uri(&format!("i{i}"))})
+            .to_string(),
+        );
+        ndjson.push('\n');
+        if i == 41 {
+            ndjson.push_str("{\"device_id\": \"bad\"}\n");
+        }
+    }
+    let r = gws[1]
+        .client()
+        .request(
+            "POST",
+            "/v1/devices:import",
+            Some("application/x-ndjson"),
+            ndjson.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let report = r.json();
+    assert_eq!(report["accepted"].as_u64(), Some(60), "{report}");
+    assert_eq!(report["rejected"].as_u64(), Some(1), "{report}");
+    assert_eq!(report["errors"][0]["line"].as_u64(), Some(43), "{report}");
+    let imported: Vec<String> = (0..60).map(|i| format!("imp-{i:03}")).collect();
+    assert_eq!(bodies(&gws[2], &imported).len(), 60);
     // Any gateway takes any registration: calls for another's partition
     // are forwarded to it.
     let ids: Vec<String> = (0..120).map(|i| format!("dev-{i:04}")).collect();
@@ -225,6 +256,19 @@ fn three_gateways_share_the_partitions_and_take_over_a_killed_one() {
         assert_eq!(bodies(gw, &ids), seen, "every gateway answers the same");
     }
     assert!(metric(&gws[0], "wnsgate_cluster_forwarded_total") > 0.0);
+    // Stats from any node cover the whole fleet, and say what each holds.
+    for gw in &gws {
+        let stats = gw.client().get("/v1/stats").unwrap().json();
+        assert_eq!(stats["devices"].as_u64(), Some(180), "{stats}");
+        let nodes = stats["nodes"].as_object().expect("nodes");
+        assert_eq!(nodes.len(), 3, "{stats}");
+        let held: u64 = nodes.values().map(|n| n["devices"].as_u64().unwrap()).sum();
+        assert_eq!(held, 180);
+        assert!(
+            nodes.values().all(|n| n["devices"].as_u64() < Some(180)),
+            "{stats}"
+        );
+    }
     // gw-1 dies; the others take its partitions over within about the
     // lease time, and nothing acknowledged is lost.
     let [g0, g1, g2] = gws;
@@ -244,6 +288,8 @@ fn three_gateways_share_the_partitions_and_take_over_a_killed_one() {
         assert_eq!(put(&g2, id, &format!("b{i}")), 200, "{id}");
     }
     wait_balanced(&[&g0, &g2]);
+    let stats = g2.client().get("/v1/stats").unwrap().json();
+    assert_eq!(stats["devices"].as_u64(), Some(180), "{stats}");
     let after = bodies(&g2, &ids);
     assert_eq!(bodies(&g0, &ids), after);
     assert_eq!(

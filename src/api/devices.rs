@@ -313,29 +313,121 @@ impl RefreshStats {
 }
 
 /// `GET /v1/stats`.
-pub(crate) fn stats(gw: &Gateway) -> Resp {
+fn local_stats(gw: &Gateway) -> StatsView {
     let counts = gw.registry.state_counts(&gw.settings.thresholds, gw.now());
     let by_state = LifecycleState::ALL
         .iter()
         .zip(counts)
         .map(|(s, n)| (s.as_str(), n))
         .collect();
-    json_response(
-        StatusCode::OK,
-        &StatsView {
-            devices: gw.registry.len() as u64,
-            by_state,
-            store_queue_depth: gw.commits.queue_len(),
-            refresh_queue: RefreshStats::from(gw.lifecycle.stats(gw.now()), gw.now()),
-            ready: gw.is_ready(),
-            wns_breakers: gw.wakes.sender().breakers(),
-        },
-    )
+    StatsView {
+        devices: gw.registry.len() as u64,
+        by_state,
+        store_queue_depth: gw.commits.queue_len(),
+        refresh_queue: RefreshStats::from(gw.lifecycle.stats(gw.now()), gw.now()),
+        ready: gw.is_ready(),
+        wns_breakers: gw.wakes.sender().breakers(),
+    }
+}
+
+/// `GET /v1/stats`. In cluster mode the other live nodes are asked for
+/// their share and the answers are added up (a call forwarded by another
+/// node answers for this node only); `nodes` then says what each node
+/// holds, or why it did not answer.
+pub(crate) async fn stats(gw: &Gateway, headers: &http::HeaderMap) -> Resp {
+    let mine = serde_json::to_value(local_stats(gw)).expect("stats serialize");
+    if headers.contains_key(super::forward::FORWARDED) || gw.store.peers().is_empty() {
+        return json_response(StatusCode::OK, &mine);
+    }
+    let node = gw
+        .settings
+        .cluster
+        .as_ref()
+        .map_or_else(String::new, |c| c.node_id.clone());
+    let mut answers = vec![(node, Ok(mine))];
+    answers.extend(super::forward::ask_peers(gw, "/v1/stats", headers).await);
+    json_response(StatusCode::OK, &merge_stats(answers))
+}
+
+/// Adds up the stats of several nodes: counts are summed, the oldest due
+/// age is the largest, `ready` holds when every node answered ready.
+fn merge_stats(answers: Vec<(String, Result<serde_json::Value, String>)>) -> serde_json::Value {
+    use serde_json::{json, Map, Value};
+    fn add(into: &mut Value, from: &Value) {
+        match (into, from) {
+            (Value::Object(a), Value::Object(b)) => {
+                for (k, v) in b {
+                    match a.get_mut(k) {
+                        Some(mine) => add(mine, v),
+                        None => {
+                            a.insert(k.clone(), v.clone());
+                        }
+                    }
+                }
+            }
+            (a @ Value::Number(_), Value::Number(b)) => {
+                let sum = a.as_u64().unwrap_or(0) + b.as_u64().unwrap_or(0);
+                *a = json!(sum);
+            }
+            _ => {}
+        }
+    }
+    let mut total = Value::Object(Map::new());
+    let mut nodes = Map::new();
+    let mut ready = true;
+    let mut oldest: Option<u64> = None;
+    for (node, answer) in answers {
+        match answer {
+            Ok(v) => {
+                ready &= v["ready"].as_bool().unwrap_or(false);
+                if let Some(age) = v["refresh_queue"]["oldest_due_age_seconds"].as_u64() {
+                    oldest = Some(oldest.map_or(age, |o| o.max(age)));
+                }
+                nodes.insert(node, json!({"devices": v["devices"]}));
+                add(&mut total, &v);
+            }
+            Err(why) => {
+                ready = false;
+                nodes.insert(node, json!({"error": why}));
+            }
+        }
+    }
+    total["ready"] = json!(ready);
+    if total.get("refresh_queue").is_some() {
+        total["refresh_queue"]["oldest_due_age_seconds"] = json!(oldest);
+    }
+    total["nodes"] = Value::Object(nodes);
+    total
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stats_of_several_nodes_add_up() {
+        let a = serde_json::json!({"devices": 3, "by_state": {"active": 2, "expired": 1},
+            "store_queue_depth": 0, "ready": true, "wns_breakers": {},
+            "refresh_queue": {"queued": 1, "due_now": 0, "leased": 0, "delivered": 0, "oldest_due_age_seconds": 50}});
+        let b = serde_json::json!({"devices": 4, "by_state": {"active": 4, "expired": 0},
+            "store_queue_depth": 2, "ready": true, "wns_breakers": {},
+            "refresh_queue": {"queued": 2, "due_now": 1, "leased": 0, "delivered": 0, "oldest_due_age_seconds": 70}});
+        let m = merge_stats(vec![("n1".into(), Ok(a.clone())), ("n2".into(), Ok(b))]);
+        assert_eq!(m["devices"], 7);
+        assert_eq!(m["by_state"]["active"], 6);
+        assert_eq!(m["store_queue_depth"], 2);
+        assert_eq!(m["refresh_queue"]["queued"], 3);
+        assert_eq!(m["refresh_queue"]["oldest_due_age_seconds"], 70);
+        assert_eq!(m["ready"], true);
+        assert_eq!(m["nodes"]["n2"]["devices"], 4);
+        let partial = merge_stats(vec![
+            ("n1".into(), Ok(a)),
+            ("n2".into(), Err("down".into())),
+        ]);
+        assert_eq!(partial["devices"], 3);
+        assert_eq!(partial["ready"], false);
+        assert_eq!(partial["nodes"]["n2"]["error"], "down");
+    }
 
     #[test]
     fn cursors_round_trip_and_bad_ones_are_refused() {

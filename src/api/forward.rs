@@ -31,6 +31,9 @@ const POOL_PER_OWNER: usize = 16;
 /// out its retries).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(150);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The longest a peer may take to answer its share of a call that spans
+/// the fleet.
+const FAN_OUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 use crate::telemetry::metrics::CLUSTER_FORWARDED as METRIC_FORWARDED;
 
@@ -82,6 +85,125 @@ async fn connect(authority: &str) -> Result<SendRequest<Full<Bytes>>, String> {
     Ok(sender)
 }
 
+/// Sends `req` to `authority` over a pooled connection and reads the whole
+/// answer.
+async fn exchange(
+    authority: &str,
+    req: Request<Full<Bytes>>,
+) -> Result<(http::response::Parts, Bytes), String> {
+    let pooled = POOL.with(|p| p.borrow_mut().get_mut(authority).and_then(Vec::pop));
+    let mut sender = match pooled {
+        Some(s) if !s.is_closed() => s,
+        _ => connect(authority).await?,
+    };
+    if sender.ready().await.is_err() {
+        sender = connect(authority).await?;
+    }
+    let answer = tokio::time::timeout(FORWARD_TIMEOUT, async {
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let (head, body) = resp.into_parts();
+        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok::<_, String>((head, body))
+    })
+    .await
+    .map_err(|_| format!("no answer within {FORWARD_TIMEOUT:?}"))??;
+    if !sender.is_closed() {
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            let idle = p.entry(authority.to_owned()).or_default();
+            if idle.len() < POOL_PER_OWNER {
+                idle.push(sender);
+            }
+        });
+    }
+    Ok(answer)
+}
+
+/// `GET path` on every peer (the other live nodes), marked as forwarded so
+/// each answers for itself only, with the caller's token. Answers each
+/// peer's node id and its JSON body, or why it gave none.
+pub(crate) async fn ask_peers(
+    gw: &Gateway,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> Vec<(String, Result<serde_json::Value, String>)> {
+    let peers = gw.store.peers();
+    let asks = peers.into_iter().map(|(node, url)| {
+        let auth = headers.get(http::header::AUTHORIZATION).cloned();
+        async move {
+            let r = async {
+                let authority = authority(&url).ok_or_else(|| format!("{url} is not http://"))?;
+                let mut req = Request::builder()
+                    .method(http::Method::GET)
+                    .uri(path)
+                    .body(Full::new(Bytes::new()))
+                    .map_err(|e| e.to_string())?;
+                if let Some(a) = auth {
+                    req.headers_mut().insert(http::header::AUTHORIZATION, a);
+                }
+                req.headers_mut().insert(
+                    http::header::HOST,
+                    HeaderValue::from_str(authority).map_err(|e| e.to_string())?,
+                );
+                req.headers_mut()
+                    .insert(FORWARDED, HeaderValue::from_static("1"));
+                let (head, body) = tokio::time::timeout(FAN_OUT_TIMEOUT, exchange(authority, req))
+                    .await
+                    .map_err(|_| format!("no answer within {FAN_OUT_TIMEOUT:?}"))??;
+                if head.status != StatusCode::OK {
+                    return Err(format!("answered {}", head.status));
+                }
+                serde_json::from_slice(&body).map_err(|e| e.to_string())
+            }
+            .await;
+            (node, r)
+        }
+    });
+    futures_util::future::join_all(asks).await
+}
+
+/// `POST path` with `body` to the node at `url`, marked as forwarded, with
+/// the caller's token: its status and body.
+pub(crate) async fn post_to(
+    url: &str,
+    path: &str,
+    content_type: &'static str,
+    body: Bytes,
+    headers: &http::HeaderMap,
+) -> Result<(StatusCode, Bytes), ApiError> {
+    let unreachable = |why: String| {
+        metrics::counter!(METRIC_FORWARDED, "result" => "unreachable").increment(1);
+        tracing::warn!(owner = url, error = %why, "a call could not be forwarded");
+        ApiError::unavailable(
+            "owner_unreachable",
+            "a node that serves some of these devices cannot be reached just now; retry shortly",
+        )
+    };
+    let authority = authority(url).ok_or_else(|| unreachable(format!("{url} is not http://")))?;
+    let mut req = Request::builder()
+        .method(http::Method::POST)
+        .uri(path)
+        .body(Full::new(body))
+        .map_err(|e| unreachable(e.to_string()))?;
+    if let Some(a) = headers.get(http::header::AUTHORIZATION) {
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, a.clone());
+    }
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    req.headers_mut().insert(
+        http::header::HOST,
+        HeaderValue::from_str(authority).map_err(|e| unreachable(e.to_string()))?,
+    );
+    req.headers_mut()
+        .insert(FORWARDED, HeaderValue::from_static("1"));
+    let (head, body) = exchange(authority, req).await.map_err(&unreachable)?;
+    metrics::counter!(METRIC_FORWARDED, "result" => "answered").increment(1);
+    Ok((head.status, body))
+}
+
 /// Sends the call to the node at `url` and answers what it answers.
 pub(crate) async fn forward(
     gw: &Gateway,
@@ -128,33 +250,7 @@ pub(crate) async fn forward(
     );
     req.headers_mut()
         .insert(FORWARDED, HeaderValue::from_static("1"));
-    let pooled = POOL.with(|p| p.borrow_mut().get_mut(authority).and_then(Vec::pop));
-    let mut sender = match pooled {
-        Some(s) if !s.is_closed() => s,
-        _ => connect(authority).await.map_err(&unreachable)?,
-    };
-    if sender.ready().await.is_err() {
-        sender = connect(authority).await.map_err(&unreachable)?;
-    }
-    let answer = tokio::time::timeout(FORWARD_TIMEOUT, async {
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let (head, body) = resp.into_parts();
-        let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok::<_, String>((head, body))
-    })
-    .await
-    .map_err(|_| unreachable(format!("no answer within {FORWARD_TIMEOUT:?}")))?
-    .map_err(&unreachable)?;
-    if !sender.is_closed() {
-        POOL.with(|p| {
-            let mut p = p.borrow_mut();
-            let idle = p.entry(authority.to_owned()).or_default();
-            if idle.len() < POOL_PER_OWNER {
-                idle.push(sender);
-            }
-        });
-    }
-    let (head, body) = answer;
+    let (head, body) = exchange(authority, req).await.map_err(&unreachable)?;
     metrics::counter!(METRIC_FORWARDED, "result" => "answered").increment(1);
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = head.status;

@@ -4,6 +4,11 @@
 //! handed to the store in chunks with a bounded number of chunks awaiting
 //! their sync, bad ones are counted and the first of them reported by line
 //! number. Memory stays bounded whatever the body size.
+//!
+//! In cluster mode, lines for devices of another node's partitions are
+//! gathered per owner and sent to it as imports of their own (marked as
+//! forwarded, [`FORWARD_LINES`] at a time); its report is merged into this
+//! one, with its line numbers turned back into the caller's.
 
 use super::body::{check_declared_length, next_chunk, require_content_type};
 use super::devices::{validate_registration, ChannelBody};
@@ -19,9 +24,21 @@ use crate::telemetry::metrics as m;
 use http::{HeaderMap, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Lines for another node sent to it in one forwarded import.
+const FORWARD_LINES: usize = 4096;
+
+/// Lines gathered for one other node: the body of its import, and the
+/// caller's line number of each.
+#[derive(Default)]
+struct Remote {
+    body: Vec<u8>,
+    lines: Vec<u64>,
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,14 +52,14 @@ struct ImportLine {
     provider_id: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct LineError {
     line: u64,
-    code: &'static str,
+    code: std::borrow::Cow<'static, str>,
     message: String,
 }
 
-#[derive(Debug, Serialize, Default)]
+#[derive(Debug, Serialize, Deserialize, Default)]
 struct ImportReport {
     accepted: u64,
     rejected: u64,
@@ -57,6 +74,13 @@ struct Importer {
     /// Durable registrations counted in the metrics so far.
     counted: u64,
     line_no: u64,
+    /// The caller's headers (its token goes with forwarded lines); a call
+    /// forwarded by another node is never forwarded again.
+    headers: HeaderMap,
+    /// Lines for other nodes, by their API address.
+    remote: HashMap<String, Remote>,
+    /// Registrations other nodes stored for this import.
+    remote_accepted: u64,
 }
 
 impl Importer {
@@ -65,7 +89,7 @@ impl Importer {
         if self.report.errors.len() < IMPORT_ERRORS_REPORTED_MAX {
             self.report.errors.push(LineError {
                 line: self.line_no,
-                code: err.code,
+                code: err.code.into(),
                 message: err.message,
             });
         } else {
@@ -93,6 +117,28 @@ impl Importer {
             issued_at: parsed.issued_at,
             provider_id: parsed.provider_id,
         };
+        match super::forward::owner_of(&self.gw, &parsed.device_id, &self.headers) {
+            Ok(None) => {}
+            Ok(Some(owner)) => {
+                let r = self.remote.entry(owner.clone()).or_default();
+                r.body.extend_from_slice(raw);
+                r.body.push(b'\n');
+                r.lines.push(self.line_no);
+                if r.lines.len() >= FORWARD_LINES {
+                    self.flush_remote(&owner).await?;
+                }
+                return Ok(());
+            }
+            Err(mut e) => {
+                e.message = format!(
+                    "{}; {} registrations before line {} were stored",
+                    e.message,
+                    self.registrations.accepted() + self.remote_accepted,
+                    self.line_no
+                );
+                return Err(e);
+            }
+        }
         match validate_registration(&self.gw, &parsed.device_id, body, now) {
             Ok(reg) => {
                 let added = self.registrations.add(reg, now).await;
@@ -110,7 +156,7 @@ impl Importer {
         metrics::counter!(m::IMPORT_LINES, "result" => "accepted")
             .increment(accepted - self.counted);
         self.counted = accepted;
-        self.report.accepted = accepted;
+        self.report.accepted = accepted + self.remote_accepted;
     }
 
     /// A write error, with how far the import got.
@@ -119,10 +165,76 @@ impl Importer {
         err.message = format!(
             "{}; {} registrations before line {} were stored",
             err.message,
-            self.registrations.accepted(),
+            self.registrations.accepted() + self.remote_accepted,
             self.line_no
         );
         err
+    }
+
+    /// Sends the lines gathered for the node at `owner` to it as an import
+    /// of their own and merges its report.
+    async fn flush_remote(&mut self, owner: &str) -> Result<(), ApiError> {
+        let Some(r) = self.remote.remove(owner) else {
+            return Ok(());
+        };
+        if r.lines.is_empty() {
+            return Ok(());
+        }
+        let answer = super::forward::post_to(
+            owner,
+            "/v1/devices:import",
+            "application/x-ndjson",
+            bytes::Bytes::from(r.body),
+            &self.headers,
+        )
+        .await;
+        let report: ImportReport = match answer {
+            Ok((StatusCode::OK, body)) => serde_json::from_slice(&body).map_err(|e| {
+                ApiError::unavailable(
+                    "owner_unreachable",
+                    format!("node {owner} answered an import with {e}"),
+                )
+            })?,
+            Ok((status, body)) => {
+                let why = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| status.to_string());
+                let mut err = ApiError::unavailable(
+                    "store_unavailable",
+                    format!(
+                        "node {owner}, which serves some of these devices, refused them: {why}"
+                    ),
+                );
+                err.message = format!(
+                    "{}; {} registrations before line {} were stored",
+                    err.message,
+                    self.registrations.accepted() + self.remote_accepted,
+                    r.lines.first().copied().unwrap_or(self.line_no)
+                );
+                return Err(err);
+            }
+            Err(e) => return Err(e),
+        };
+        self.remote_accepted += report.accepted;
+        self.report.accepted = self.registrations.accepted() + self.remote_accepted;
+        self.report.rejected += report.rejected;
+        for mut e in report.errors {
+            let at = usize::try_from(e.line).unwrap_or(0);
+            e.line = at
+                .checked_sub(1)
+                .and_then(|i| r.lines.get(i))
+                .copied()
+                .unwrap_or(0);
+            if self.report.errors.len() < IMPORT_ERRORS_REPORTED_MAX {
+                self.report.errors.push(e);
+            } else {
+                self.report.errors_truncated = true;
+            }
+        }
+        self.report.errors_truncated |= report.errors_truncated;
+        self.report.errors.sort_by_key(|e| e.line);
+        Ok(())
     }
 
     /// A complete line, refused when over [`IMPORT_LINE_BYTES_MAX`].
@@ -138,6 +250,10 @@ impl Importer {
     /// Makes everything added durable and closes the refresh jobs the new
     /// channels end.
     async fn finish(mut self) -> Result<ImportReport, ApiError> {
+        let owners: Vec<String> = self.remote.keys().cloned().collect();
+        for owner in owners {
+            self.flush_remote(&owner).await?;
+        }
         let finished = self.registrations.finish(self.gw.now()).await;
         self.count_accepted();
         finished.map_err(|e| self.stored_before(e))?;
@@ -172,6 +288,9 @@ pub(crate) async fn import(
         report: ImportReport::default(),
         counted: 0,
         line_no: 0,
+        headers: headers.clone(),
+        remote: HashMap::new(),
+        remote_accepted: 0,
     };
     let mut carry: Vec<u8> = Vec::new();
     let mut skipping_long_line = false;

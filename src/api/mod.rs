@@ -250,7 +250,7 @@ async fn dispatch(
     let query = req.uri().query().map(str::to_owned);
     let (parts, body) = req.into_parts();
     match (parts.method, route) {
-        (Method::GET, Route::Stats) => Ok(devices::stats(&gw)),
+        (Method::GET, Route::Stats) => Ok(devices::stats(&gw, &parts.headers).await),
         (Method::GET, Route::Devices) => devices::list_devices(gw, query).await,
         (Method::POST, Route::Import) => import::import(gw, parts.headers, body).await,
         (Method::GET, Route::Device(id)) => devices::get_device(&gw, &id),

@@ -1360,6 +1360,17 @@ impl Store for JetStreamStore {
         self.inner.placement(part)
     }
 
+    fn peers(&self) -> Vec<(String, String)> {
+        let live = self.inner.live.read();
+        let mut peers: Vec<(String, String)> = live
+            .iter()
+            .filter(|(node, _)| **node != self.inner.node_id)
+            .map(|(n, u)| (n.clone(), u.clone()))
+            .collect();
+        peers.sort();
+        peers
+    }
+
     fn attach_host(&self, host: std::sync::Weak<dyn PartitionHost>) {
         let _ = self.inner.host.set(host);
     }

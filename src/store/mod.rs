@@ -217,6 +217,13 @@ pub trait Store: Send + Sync + 'static {
         Placement::Local
     }
 
+    /// The other live nodes that serve partitions of the same data, as
+    /// (node id, API address): calls that span the fleet ask them too. The
+    /// provided implementation: none.
+    fn peers(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// Gives a backend that moves partitions while running the registry
     /// and refresh queue to move them in and out of (held weakly: they hold
     /// the store). The provided implementation ignores it.
