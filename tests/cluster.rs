@@ -256,6 +256,43 @@ fn three_gateways_share_the_partitions_and_take_over_a_killed_one() {
         assert_eq!(bodies(gw, &ids), seen, "every gateway answers the same");
     }
     assert!(metric(&gws[0], "wnsgate_cluster_forwarded_total") > 0.0);
+    // A listing from any node pages through the whole fleet, each device
+    // once, in the same order.
+    let mut orders = Vec::new();
+    for gw in &gws {
+        let mut seen_ids: Vec<String> = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..1000 {
+            let path = match &cursor {
+                Some(c) => format!("/v1/devices?limit=7&cursor={c}"),
+                None => "/v1/devices?limit=7".to_owned(),
+            };
+            let page = gw.client().get(&path).unwrap();
+            assert_eq!(page.status, 200, "{}", page.text());
+            let page = page.json();
+            let devices = page["devices"].as_array().unwrap();
+            assert!(devices.len() <= 7);
+            seen_ids.extend(
+                devices
+                    .iter()
+                    .map(|d| d["device_id"].as_str().unwrap().to_owned()),
+            );
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        let mut sorted = seen_ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), seen_ids.len(), "a device listed twice");
+        assert_eq!(seen_ids.len(), 180);
+        orders.push(seen_ids);
+    }
+    assert!(
+        orders.windows(2).all(|w| w[0] == w[1]),
+        "every node lists in the same order"
+    );
     // Stats from any node cover the whole fleet, and say what each holds.
     for gw in &gws {
         let stats = gw.client().get("/v1/stats").unwrap().json();

@@ -157,13 +157,22 @@ struct PageView<'a> {
 }
 
 /// `GET /v1/devices?state=&limit=&cursor=`: pages in device-id order.
+///
+/// In cluster mode the listing walks the partitions in order across the
+/// nodes: a run of partitions served here is read from memory, a run
+/// served by another node is asked of it (bounded to the run), until the
+/// page is full. A page may end early at the end of a run; the cursor
+/// goes on from there.
 pub(crate) async fn list_devices(
     gw: Arc<Gateway>,
     query: Option<String>,
+    headers: &HeaderMap,
 ) -> Result<Resp, ApiError> {
+    let forwarded = headers.contains_key(super::forward::FORWARDED);
     let mut state = None;
     let mut limit = LIST_PAGE_DEVICES_DEFAULT;
     let mut after = None;
+    let mut until = usize::from(gw.registry.partitioning().count());
     for (k, v) in super::query_pairs(query.as_deref().unwrap_or("")) {
         match k.as_str() {
             "state" => {
@@ -190,6 +199,12 @@ pub(crate) async fn list_devices(
                     })?
             }
             "cursor" => after = Some(decode_cursor(&v)?),
+            // A run of partitions another node asks this one for.
+            "until" if forwarded => {
+                until = v.parse().map_err(|_| {
+                    ApiError::bad_request("invalid_parameter", "until is a partition number")
+                })?
+            }
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_parameter",
@@ -198,10 +213,36 @@ pub(crate) async fn list_devices(
             }
         }
     }
+    if !forwarded && !gw.store.peers().is_empty() {
+        return list_across(gw, state, limit, after, headers).await;
+    }
+    let page = local_page(&gw, state, limit, after, until).await?;
+    let th = gw.settings.thresholds;
+    let now = gw.now();
+    let view = PageView {
+        devices: page
+            .records
+            .iter()
+            .map(|r| DeviceView::new(r, &th, now))
+            .collect(),
+        next_cursor: page.next.as_ref().map(encode_cursor),
+    };
+    Ok(json_response(StatusCode::OK, &view))
+}
+
+/// A page of the devices served here, from `after`, stopping before
+/// partition `until`.
+async fn local_page(
+    gw: &Arc<Gateway>,
+    state: Option<LifecycleState>,
+    limit: usize,
+    after: Option<Cursor>,
+    until: usize,
+) -> Result<crate::registry::Page, ApiError> {
     let now = gw.now();
     let th = gw.settings.thresholds;
     let registry = gw.registry.clone();
-    let page = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let filter = move |m: &Marks| {
             state.is_none_or(|s| {
                 th.state_with_refresh(m.issued_at, m.dead, m.refresh, now)
@@ -213,22 +254,110 @@ pub(crate) async fn list_devices(
             // Only marked devices can be in these states: read the index
             // of marked devices, not the whole fleet.
             Some(LifecycleState::RefreshPending | LifecycleState::Unreachable) => {
-                registry.page_marked(after.as_ref(), limit, &filter)
+                registry.page_marked_until(after.as_ref(), limit, until, &filter)
             }
-            _ => registry.page(after.as_ref(), limit, LIST_PAGE_SCAN_RECORDS_MAX, &filter),
+            _ => registry.page_until(
+                after.as_ref(),
+                limit,
+                LIST_PAGE_SCAN_RECORDS_MAX,
+                until,
+                &filter,
+            ),
         }
     })
     .await
-    .map_err(|_| ApiError::unavailable("internal", "listing task failed"))?;
-    let view = PageView {
-        devices: page
-            .records
-            .iter()
-            .map(|r| DeviceView::new(r, &th, now))
-            .collect(),
-        next_cursor: page.next.as_ref().map(encode_cursor),
-    };
-    Ok(json_response(StatusCode::OK, &view))
+    .map_err(|_| ApiError::unavailable("internal", "listing task failed"))
+}
+
+/// Runs of partitions a listing page reads at most, so one page's
+/// latency stays bounded however the partitions interleave.
+const LIST_RUNS_PER_PAGE_MAX: usize = 64;
+
+/// A listing page across the cluster's nodes (see [`list_devices`]).
+async fn list_across(
+    gw: Arc<Gateway>,
+    state: Option<LifecycleState>,
+    limit: usize,
+    after: Option<Cursor>,
+    headers: &HeaderMap,
+) -> Result<Resp, ApiError> {
+    use crate::store::Placement;
+    let count = gw.registry.partitioning().count();
+    let th = gw.settings.thresholds;
+    let now = gw.now();
+    let mut cursor = after.unwrap_or_else(|| Cursor::start_of(0));
+    let mut devices: Vec<serde_json::Value> = Vec::new();
+    let mut next: Option<Cursor> = None;
+    for _ in 0..LIST_RUNS_PER_PAGE_MAX {
+        let p = cursor.part();
+        if p >= count || devices.len() >= limit {
+            break;
+        }
+        let placement = gw.store.placement(p);
+        let mut end = p + 1;
+        while end < count && gw.store.placement(end) == placement {
+            end += 1;
+        }
+        let want = limit - devices.len();
+        let run_next: Option<Cursor> = match placement {
+            Placement::Local => {
+                let page =
+                    local_page(&gw, state, want, Some(cursor.clone()), usize::from(end)).await?;
+                devices.extend(page.records.iter().map(|r| {
+                    serde_json::to_value(DeviceView::new(r, &th, now)).expect("views serialize")
+                }));
+                page.next
+            }
+            Placement::Remote { url, node } => {
+                let mut path = format!(
+                    "/v1/devices?limit={want}&cursor={}&until={end}",
+                    encode_cursor(&cursor)
+                );
+                if let Some(s) = state {
+                    path.push_str(&format!("&state={}", s.as_str()));
+                }
+                let answer = super::forward::get_json(&url, &path, headers)
+                    .await
+                    .map_err(|why| {
+                        ApiError::unavailable(
+                            "owner_unreachable",
+                            format!("node {node}, which serves partitions {p} to {}, did not answer: {why}; retry shortly", end - 1),
+                        )
+                    })?;
+                if let Some(list) = answer["devices"].as_array() {
+                    devices.extend(list.iter().cloned());
+                }
+                match answer["next_cursor"].as_str() {
+                    Some(c) => Some(decode_cursor(c)?),
+                    None => None,
+                }
+            }
+            Placement::Unavailable => {
+                return Err(ApiError::unavailable(
+                    "partition_unavailable",
+                    format!("partition {p} is being taken over; retry shortly"),
+                ))
+            }
+        };
+        match run_next {
+            // The run is not finished: the page is full inside it.
+            Some(c) if c.part() < end => {
+                next = Some(c);
+                break;
+            }
+            _ => cursor = Cursor::start_of(end),
+        }
+    }
+    if next.is_none() && cursor.part() < count {
+        next = Some(cursor);
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "devices": devices,
+            "next_cursor": next.as_ref().map(encode_cursor),
+        }),
+    ))
 }
 
 /// Cursors are the hex of where the listing stopped (a partition and the

@@ -119,6 +119,42 @@ async fn exchange(
     Ok(answer)
 }
 
+/// `GET path` on the node at `url`, marked as forwarded, with the caller's
+/// token: its JSON body, or why there is none.
+pub(crate) async fn get_json(
+    url: &str,
+    path: &str,
+    headers: &http::HeaderMap,
+) -> Result<serde_json::Value, String> {
+    let authority = authority(url).ok_or_else(|| format!("{url} is not http://"))?;
+    let mut req = Request::builder()
+        .method(http::Method::GET)
+        .uri(path)
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    if let Some(a) = headers.get(http::header::AUTHORIZATION) {
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, a.clone());
+    }
+    req.headers_mut().insert(
+        http::header::HOST,
+        HeaderValue::from_str(authority).map_err(|e| e.to_string())?,
+    );
+    req.headers_mut()
+        .insert(FORWARDED, HeaderValue::from_static("1"));
+    let (head, body) = tokio::time::timeout(FAN_OUT_TIMEOUT, exchange(authority, req))
+        .await
+        .map_err(|_| format!("no answer within {FAN_OUT_TIMEOUT:?}"))??;
+    if head.status != StatusCode::OK {
+        return Err(format!(
+            "answered {}: {}",
+            head.status,
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
+}
+
 /// `GET path` on every peer (the other live nodes), marked as forwarded so
 /// each answers for itself only, with the caller's token. Answers each
 /// peer's node id and its JSON body, or why it gave none.
@@ -127,37 +163,9 @@ pub(crate) async fn ask_peers(
     path: &str,
     headers: &http::HeaderMap,
 ) -> Vec<(String, Result<serde_json::Value, String>)> {
-    let peers = gw.store.peers();
-    let asks = peers.into_iter().map(|(node, url)| {
-        let auth = headers.get(http::header::AUTHORIZATION).cloned();
-        async move {
-            let r = async {
-                let authority = authority(&url).ok_or_else(|| format!("{url} is not http://"))?;
-                let mut req = Request::builder()
-                    .method(http::Method::GET)
-                    .uri(path)
-                    .body(Full::new(Bytes::new()))
-                    .map_err(|e| e.to_string())?;
-                if let Some(a) = auth {
-                    req.headers_mut().insert(http::header::AUTHORIZATION, a);
-                }
-                req.headers_mut().insert(
-                    http::header::HOST,
-                    HeaderValue::from_str(authority).map_err(|e| e.to_string())?,
-                );
-                req.headers_mut()
-                    .insert(FORWARDED, HeaderValue::from_static("1"));
-                let (head, body) = tokio::time::timeout(FAN_OUT_TIMEOUT, exchange(authority, req))
-                    .await
-                    .map_err(|_| format!("no answer within {FAN_OUT_TIMEOUT:?}"))??;
-                if head.status != StatusCode::OK {
-                    return Err(format!("answered {}", head.status));
-                }
-                serde_json::from_slice(&body).map_err(|e| e.to_string())
-            }
-            .await;
-            (node, r)
-        }
+    let asks = gw.store.peers().into_iter().map(|(node, url)| async move {
+        let r = get_json(&url, path, headers).await;
+        (node, r)
     });
     futures_util::future::join_all(asks).await
 }

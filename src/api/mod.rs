@@ -251,7 +251,7 @@ async fn dispatch(
     let (parts, body) = req.into_parts();
     match (parts.method, route) {
         (Method::GET, Route::Stats) => Ok(devices::stats(&gw, &parts.headers).await),
-        (Method::GET, Route::Devices) => devices::list_devices(gw, query).await,
+        (Method::GET, Route::Devices) => devices::list_devices(gw, query, &parts.headers).await,
         (Method::POST, Route::Import) => import::import(gw, parts.headers, body).await,
         (Method::GET, Route::Device(id)) => devices::get_device(&gw, &id),
         (Method::DELETE, Route::Device(id)) => devices::delete_device(gw, id).await,

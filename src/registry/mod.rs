@@ -546,6 +546,22 @@ impl Registry {
         budget: usize,
         filter: &dyn Fn(&Marks) -> bool,
     ) -> Page {
+        self.page_until(after, limit, budget, self.parts.len(), filter)
+    }
+
+    /// [`Registry::page`] that stops before partition `until`: its `next`
+    /// is then a cursor at the start of `until` (or `None` when that is the
+    /// last partition's end). Cluster mode lists a run of partitions served
+    /// here this way, and asks other nodes for theirs.
+    pub fn page_until(
+        &self,
+        after: Option<&Cursor>,
+        limit: usize,
+        budget: usize,
+        until: usize,
+        filter: &dyn Fn(&Marks) -> bool,
+    ) -> Page {
+        let until = until.min(self.parts.len());
         let (limit, budget) = (limit.max(1), budget.max(1));
         let (mut p, mut after_key) = match after {
             Some(c) => (usize::from(c.part), c.key.clone()),
@@ -553,7 +569,7 @@ impl Registry {
         };
         let mut page = Page::default();
         let mut examined = 0;
-        while p < self.parts.len() {
+        while p < until {
             let need = limit - page.records.len();
             let (keys, more, seen) = self.smallest_keys_after(p, &after_key, need, filter);
             examined += seen;
@@ -601,6 +617,19 @@ impl Registry {
         limit: usize,
         filter: &dyn Fn(&Marks) -> bool,
     ) -> Page {
+        self.page_marked_until(after, limit, self.parts.len(), filter)
+    }
+
+    /// [`Registry::page_marked`] that stops before partition `until`, as
+    /// [`Registry::page_until`] does.
+    pub fn page_marked_until(
+        &self,
+        after: Option<&Cursor>,
+        limit: usize,
+        until: usize,
+        filter: &dyn Fn(&Marks) -> bool,
+    ) -> Page {
+        let until = until.min(self.parts.len());
         let limit = limit.max(1);
         let (mut p, mut after_key) = match after {
             Some(c) => (usize::from(c.part), c.key.clone()),
@@ -608,7 +637,7 @@ impl Registry {
         };
         let mut page = Page::default();
         let mut hashes = Vec::new();
-        while p < self.parts.len() {
+        while p < until {
             hashes.clear();
             self.marked.hashes(p, &mut hashes);
             let mut found = self.marked_in(p, &hashes, &after_key, filter);
@@ -774,6 +803,19 @@ pub struct Cursor {
 }
 
 impl Cursor {
+    /// Where partition `part`'s listing starts.
+    pub fn start_of(part: u16) -> Cursor {
+        Cursor {
+            part,
+            key: Vec::new(),
+        }
+    }
+
+    /// The partition the cursor is in.
+    pub fn part(&self) -> u16 {
+        self.part
+    }
+
     /// Two bytes of partition (big-endian), then the key.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(2 + self.key.len());
