@@ -400,3 +400,76 @@ fn a_paused_gateway_is_fenced_answers_nothing_stale_and_rejoins() {
         assert_eq!(body, &fresh[id], "{id}");
     }
 }
+
+/// Below the leases, JetStream itself refuses a stale writer: a node that
+/// serves a partition another node has appended to since it loaded it
+/// gets its append refused (the expected last subject sequence), stops
+/// writing that partition, and nothing it sent lands.
+#[test]
+fn jetstream_refuses_an_append_from_a_writer_that_lost_the_partition() {
+    use wnsgate::config::{ClusterSettings, NatsAuth};
+    use wnsgate::core::{ChannelUri, DeviceId, DeviceRecord, Pfn, UnixTime, UriPolicy};
+    use wnsgate::store::{Mutation, Store, StoreError};
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(dir.path(), 1);
+    let settings = |node: &str| ClusterSettings {
+        nats_urls: vec![format!("nats://127.0.0.1:{}", nats.nodes[0].port)],
+        auth: NatsAuth::None,
+        tls_ca_file: None,
+        node_id: node.to_owned(),
+        advertise_url: None,
+        partitions: Some(wnsgate::core::Partitioning::new(4).unwrap()),
+        replicas: 1,
+        stream_count: 1,
+        lease_ttl: Duration::from_secs(30),
+    };
+    let record = |token: &str| DeviceRecord {
+        device_id: DeviceId::parse("dev-1").unwrap(),
+        pfn: Pfn::parse(common::PFN).unwrap(),
+        channel_uri: ChannelUri::parse(&uri(token), &UriPolicy::default()).unwrap(),
+        provider_id: None,
+        issued_at: UnixTime(1_800_000_000),
+        dead: None,
+        refresh: None,
+    };
+    let part = wnsgate::core::Partitioning::new(4).unwrap().of("dev-1");
+    // Node a takes every partition and writes the device.
+    let a = wnsgate::cluster::JetStreamStore::open(&settings("a"), "http://127.0.0.1:1", 1 << 30)
+        .unwrap();
+    let reg_a = wnsgate::registry::Registry::new();
+    a.load(1, &reg_a).unwrap();
+    a.apply(&[Mutation::Put(record("from-a"))]).unwrap();
+    // Node b, wrongly believing the partition is its own, loads and writes it.
+    let b = wnsgate::cluster::JetStreamStore::open(&settings("b"), "http://127.0.0.1:2", 1 << 30)
+        .unwrap();
+    let reg_b = wnsgate::registry::Registry::new();
+    b.serve_without_lease(part, &reg_b).unwrap();
+    assert_eq!(
+        reg_b.get("dev-1").unwrap().channel_uri.as_str(),
+        uri("from-a"),
+        "b loaded what a wrote"
+    );
+    b.apply(&[Mutation::Put(record("from-b"))]).unwrap();
+    // a's next append to that partition is refused by JetStream.
+    let refused = a.apply(&[Mutation::Put(record("stale-a"))]);
+    assert!(
+        matches!(refused, Err(StoreError::NotOwner(_))),
+        "{refused:?}"
+    );
+    assert_eq!(a.fenced_partitions(), vec![part]);
+    assert!(!a.writable());
+    // And stays refused, without reaching JetStream again.
+    assert!(matches!(
+        a.apply(&[Mutation::Put(record("stale-a-2"))]),
+        Err(StoreError::NotOwner(_))
+    ));
+    // What the partition holds is b's write: a third reader sees it.
+    let c = wnsgate::cluster::JetStreamStore::open(&settings("c"), "http://127.0.0.1:3", 1 << 30)
+        .unwrap();
+    let reg_c = wnsgate::registry::Registry::new();
+    c.serve_without_lease(part, &reg_c).unwrap();
+    assert_eq!(
+        reg_c.get("dev-1").unwrap().channel_uri.as_str(),
+        uri("from-b")
+    );
+}
