@@ -1,12 +1,20 @@
 //! Operations files checked against the real thing: the metrics catalogue
 //! in the README, the alert rules and the dashboard against a live
 //! `/metrics` scrape of a gateway that has woken devices through the
-//! simulator; promtool on the rules and the scrape; systemd-analyze on the
-//! unit; check-config on the shipped configurations.
+//! simulator, and of two gateways in cluster mode on a one-server NATS;
+//! promtool on the rules and the scrapes; systemd-analyze on the unit;
+//! check-config on the shipped configurations; the local 3 + 3 cluster
+//! script's own check.
 //!
-//! promtool and systemd-analyze are skipped with a note on a workstation
-//! without them; with `CI=true` a missing tool fails the test (`.ci/run`
-//! installs both).
+//! promtool, systemd-analyze and nats-server are skipped with a note on a
+//! workstation without them; with `CI=true` a missing tool fails the test
+//! (`.ci/run` installs them). kubectl, which renders the cluster overlay,
+//! is optional everywhere.
+
+// The cluster scrape waits for partitions to settle on the real clock; the
+// rule that time is read only through `wnsgate::clock` (clippy.toml) is the
+// gateway's.
+#![allow(clippy::disallowed_methods)]
 
 mod common;
 
@@ -14,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use wnsgate::sim::SimConfig;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -88,6 +96,103 @@ fn scrape() -> &'static str {
         assert_eq!(r.status, 200);
         r.text()
     })
+}
+
+/// A `/metrics` scrape of a gateway in cluster mode: two gateways on a
+/// one-server NATS JetStream share 16 partitions, and devices of both are
+/// registered through the first, so its appends are timed and some calls
+/// are forwarded. `None` (after a note) where nats-server is missing
+/// outside CI.
+fn cluster_scrape() -> Option<&'static str> {
+    static SCRAPE: OnceLock<Option<String>> = OnceLock::new();
+    SCRAPE
+        .get_or_init(|| {
+            if std::env::var_os("WNSGATE_NATS_SERVER").is_none() {
+                tool("nats-server")?;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let nats = common::nats::NatsCluster::start(dir.path(), 1);
+            let urls = nats.urls_toml();
+            let gateway = |node: &str| {
+                common::Server::start(
+                    &dir.path().join(node),
+                    &[
+                        ("WNSGATE_CLUSTER__NATS_URLS", urls.as_str()),
+                        ("WNSGATE_CLUSTER__NODE_ID", node),
+                        ("WNSGATE_CLUSTER__REPLICAS", "1"),
+                        ("WNSGATE_CLUSTER__PARTITIONS", "16"),
+                        ("WNSGATE_CLUSTER__STREAM_COUNT", "1"),
+                        ("WNSGATE_CLUSTER__LEASE_TTL", "2s"),
+                    ],
+                )
+            };
+            let a = gateway("ops-a");
+            let b = gateway("ops-b");
+            // Until b has taken its share from a.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let owned: Vec<f64> = [&a, &b]
+                    .iter()
+                    .map(|g| {
+                        sample_sum(
+                            &g.client().get("/metrics").unwrap().text(),
+                            "wnsgate_cluster_partitions_owned",
+                        )
+                    })
+                    .collect();
+                if owned.iter().all(|&n| n > 0.0) && owned.iter().sum::<f64>() == 16.0 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "partitions never settled: {owned:?}"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let mut c = a.client();
+            for i in 0..16 {
+                let (id, token) = (format!("c{i}"), format!("AwYAAADc{i}"));
+                // A partition still moving answers 503 for a moment.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    let r = c
+                        .send_json(
+                            "PUT",
+                            &format!("/v1/devices/{id}/channel"),
+                            &common::channel_body(&common::uri(&token)),
+                        )
+                        .unwrap();
+                    if r.status == 201 {
+                        break;
+                    }
+                    assert!(
+                        r.status == 503 && Instant::now() < deadline,
+                        "{}: {}",
+                        r.status,
+                        r.text()
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            let r = c.get("/metrics").unwrap();
+            assert_eq!(r.status, 200);
+            let text = r.text();
+            assert!(
+                sample_sum(&text, "wnsgate_cluster_forwarded_total") > 0.0,
+                "no call was forwarded:\n{text}"
+            );
+            drop((a, b, nats));
+            Some(text)
+        })
+        .as_deref()
+}
+
+/// The sum of the samples of `name` (every label set) in an exposition.
+fn sample_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Metric families of an exposition: name -> (type, label names, `le`
@@ -188,9 +293,8 @@ fn sample_names(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
-#[test]
-fn the_scrape_passes_promtool_check_metrics() {
-    let text = scrape();
+/// `promtool check metrics` on an exposition.
+fn promtool_check_metrics(text: &str) {
     let Some(promtool) = tool("promtool") else {
         return;
     };
@@ -215,6 +319,19 @@ fn the_scrape_passes_promtool_check_metrics() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_scrape_passes_promtool_check_metrics() {
+    promtool_check_metrics(scrape());
+}
+
+#[test]
+fn the_cluster_scrape_passes_promtool_check_metrics() {
+    let Some(text) = cluster_scrape() else {
+        return;
+    };
+    promtool_check_metrics(text);
 }
 
 #[test]
@@ -243,9 +360,28 @@ fn the_alert_rules_pass_promtool_check_and_their_unit_tests() {
 
 #[test]
 fn alert_rules_and_the_dashboard_use_only_exported_metrics() {
-    // Sample names (`_bucket` ...) in queries, family names in prose.
+    // Sample names (`_bucket` ...) in queries, family names in prose; of
+    // the embedded gateway and of one in cluster mode. A counter with a
+    // label appears once incremented: the cluster ones no scrape shows
+    // are taken from the README's cluster metrics table.
     let mut exported = sample_names(scrape());
     exported.extend(families(scrape()).into_keys());
+    match cluster_scrape() {
+        Some(text) => {
+            exported.extend(sample_names(text));
+            let live = families(text);
+            exported.extend(live.keys().cloned());
+            exported.extend(
+                cluster_documented_metrics()
+                    .into_iter()
+                    .filter(|(name, doc)| {
+                        !live.contains_key(name) && doc.kind == "counter" && !doc.labels.is_empty()
+                    })
+                    .map(|(name, _)| name),
+            );
+        }
+        None => exported.extend(cluster_documented_metrics().into_keys()),
+    }
     for file in [
         "deploy/prometheus/alerts.yml",
         "deploy/grafana/wnsgate.json",
@@ -314,12 +450,33 @@ fn the_dashboard_queries_are_valid_promql() {
     );
 }
 
-/// The README's metrics table: name -> (type, labels, buckets).
+/// The README's metrics catalogue (the `## Metrics` table): name ->
+/// (type, labels, buckets).
 fn documented_metrics() -> BTreeMap<String, Family> {
+    metrics_table(&readme_section("\n## Metrics\n", "\n## "))
+}
+
+/// The README's cluster metrics table (in "Cluster mode", under Operate).
+fn cluster_documented_metrics() -> BTreeMap<String, Family> {
+    let table = metrics_table(&readme_section("\n### Cluster mode", "\n##"));
+    assert!(table.len() >= 6, "the cluster metrics table: {table:?}");
+    table
+}
+
+/// The README from the heading `start` to the next line starting with
+/// `next`.
+fn readme_section(start: &str, next: &str) -> String {
     let readme = repo_file("README.md");
-    let start = readme.find("\n## Metrics\n").expect("a Metrics section");
-    let section = &readme[start + 1..];
-    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
+    let at = readme
+        .find(start)
+        .unwrap_or_else(|| panic!("the README has no {start:?}"));
+    let section = &readme[at + 1..];
+    let end = section[3..].find(next).map_or(section.len(), |i| i + 3);
+    section[..end].to_owned()
+}
+
+/// The rows of the metrics tables in `section`.
+fn metrics_table(section: &str) -> BTreeMap<String, Family> {
     let mut out = BTreeMap::new();
     for row in section.lines().filter(|l| l.starts_with("| `wnsgate_")) {
         let cols: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
@@ -353,6 +510,20 @@ fn documented_metrics() -> BTreeMap<String, Family> {
     out
 }
 
+/// A documented metric against its live family: type, labels, buckets,
+/// and the `_total` naming rule.
+fn assert_matches(name: &str, doc: &Family, live: &Family) {
+    assert_eq!(doc.kind, live.kind, "{name}: type");
+    assert_eq!(doc.labels, live.labels, "{name}: labels");
+    let mut live_buckets = live.buckets.clone();
+    live_buckets.sort_by(f64::total_cmp);
+    assert_eq!(doc.buckets, live_buckets, "{name}: buckets");
+    assert!(
+        name.ends_with("_total") == (live.kind == "counter"),
+        "{name}: counters and only counters end in _total"
+    );
+}
+
 #[test]
 fn the_readme_metrics_catalogue_matches_a_live_scrape() {
     let exported = families(scrape());
@@ -370,17 +541,60 @@ fn the_readme_metrics_catalogue_matches_a_live_scrape() {
         "in the README's metrics table but not exported: {absent:?}"
     );
     for (name, doc) in &documented {
-        let live = &exported[name];
-        assert_eq!(doc.kind, live.kind, "{name}: type");
-        assert_eq!(doc.labels, live.labels, "{name}: labels");
-        let mut live_buckets = live.buckets.clone();
-        live_buckets.sort_by(f64::total_cmp);
-        assert_eq!(doc.buckets, live_buckets, "{name}: buckets");
+        assert_matches(name, doc, &exported[name]);
+    }
+}
+
+#[test]
+fn the_readme_cluster_metrics_table_matches_a_cluster_scrape() {
+    let cluster = cluster_documented_metrics();
+    let Some(text) = cluster_scrape() else {
+        return;
+    };
+    let exported = families(text);
+    let main = documented_metrics();
+    // Everything a gateway in cluster mode exports is documented, in the
+    // catalogue or in the cluster table.
+    let undocumented: Vec<_> = exported
+        .keys()
+        .filter(|n| !main.contains_key(*n) && !cluster.contains_key(*n))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "exported in cluster mode but in neither README metrics table: {undocumented:?}"
+    );
+    for (name, doc) in &cluster {
+        assert!(!main.contains_key(name), "{name} is in both metrics tables");
+        match exported.get(name) {
+            Some(live) => assert_matches(name, doc, live),
+            // Only a counter with a label may be missing: its series appear
+            // at the first increment.
+            None => assert!(
+                doc.kind == "counter" && !doc.labels.is_empty(),
+                "in the README's cluster metrics table but not exported in cluster mode: {name}"
+            ),
+        }
+    }
+    for must in [
+        "wnsgate_cluster_append_seconds",
+        "wnsgate_cluster_partitions_owned",
+        "wnsgate_cluster_ownership_changes_total",
+        "wnsgate_cluster_takeover_seconds",
+        "wnsgate_cluster_forwarded_total",
+        "wnsgate_store_writable",
+    ] {
         assert!(
-            name.ends_with("_total") == (live.kind == "counter"),
-            "{name}: counters and only counters end in _total"
+            exported.contains_key(must),
+            "the cluster scrape lacks {must}"
         );
     }
+    // Cluster series are the cluster mode's only.
+    let embedded = families(scrape());
+    let leaked: Vec<_> = cluster
+        .keys()
+        .filter(|n| embedded.contains_key(*n))
+        .collect();
+    assert!(leaked.is_empty(), "exported in embedded mode: {leaked:?}");
 }
 
 #[test]
