@@ -622,18 +622,23 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     );
 }
 
-#[test]
-fn the_kubernetes_config_passes_check_config() {
-    let manifest = repo_file("deploy/kubernetes/configmap.yaml");
+/// The `wnsgate.toml` of a ConfigMap manifest.
+fn configmap_toml(rel: &str) -> String {
+    let manifest = repo_file(rel);
     let start = manifest
         .find("wnsgate.toml: |\n")
-        .expect("the ConfigMap holds wnsgate.toml");
-    let toml: String = manifest[start..]
+        .unwrap_or_else(|| panic!("{rel}: the ConfigMap holds no wnsgate.toml"));
+    manifest[start..]
         .lines()
         .skip(1)
         .take_while(|l| l.is_empty() || l.starts_with("    "))
         .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
-        .collect();
+        .collect()
+}
+
+/// `wnsgate check-config` on `toml` with the Secret's files in place and
+/// `env` set; its standard output.
+fn check_config(toml: &str, env: &[(&str, &str)]) -> String {
     assert!(toml.contains("[[wns.apps]]"), "{toml}");
     let dir = tempfile::tempdir().unwrap();
     let secrets = dir.path().join("secrets");
@@ -650,6 +655,7 @@ fn the_kubernetes_config_passes_check_config() {
         .arg("check-config")
         .arg(&file)
         .env("WNSGATE_STORE__PATH", dir.path().join("data"))
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(
@@ -657,7 +663,111 @@ fn the_kubernetes_config_passes_check_config() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 API token(s), 1 WNS app(s)"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("1 API token(s), 1 WNS app(s)"), "{stdout}");
+    stdout
+}
+
+#[test]
+fn the_kubernetes_config_passes_check_config() {
+    check_config(&configmap_toml("deploy/kubernetes/configmap.yaml"), &[]);
+}
+
+/// The value of the container environment variable `name` in a manifest.
+fn manifest_env(manifest: &str, name: &str) -> String {
+    let at = manifest
+        .find(&format!("- name: {name}\n"))
+        .unwrap_or_else(|| panic!("no environment variable {name}"));
+    let value = manifest[at..]
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().strip_prefix("value: "))
+        .unwrap_or_else(|| panic!("{name} has no value"));
+    value.trim_matches('"').to_owned()
+}
+
+#[test]
+fn the_kubernetes_cluster_config_passes_check_config() {
+    let toml = configmap_toml("deploy/kubernetes-cluster/configmap.yaml");
+    let table: toml::Table = toml.parse().unwrap();
+    let cluster = table["cluster"].as_table().expect("a [cluster] section");
+    assert!(cluster["nats_urls"]
+        .as_array()
+        .is_some_and(|u| !u.is_empty()));
+    // What the StatefulSet gives the first pod: its name as the node id,
+    // its stable DNS name under the headless Service as the address.
+    let sts = repo_file("deploy/kubernetes-cluster/statefulset.yaml");
+    assert!(
+        sts.contains("- name: WNSGATE_CLUSTER__NODE_ID\n              valueFrom:\n                fieldRef:\n                  fieldPath: metadata.name\n"),
+        "the node id is not the pod's name"
+    );
+    let advertise = manifest_env(&sts, "WNSGATE_CLUSTER__ADVERTISE_URL")
+        .replace("$(WNSGATE_CLUSTER__NODE_ID)", "wnsgate-0")
+        .replace("$(POD_NAMESPACE)", "wnsgate");
+    assert_eq!(
+        advertise,
+        "http://wnsgate-0.wnsgate-headless.wnsgate.svc.cluster.local:8080"
+    );
+    check_config(
+        &toml,
+        &[
+            ("WNSGATE_CLUSTER__NODE_ID", "wnsgate-0"),
+            ("WNSGATE_CLUSTER__ADVERTISE_URL", advertise.as_str()),
+        ],
+    );
+    // A wrong address is refused, so the check above checked it.
+    let bad = Command::new(env!("CARGO_BIN_EXE_wnsgate"))
+        .arg("check-config")
+        .env("WNSGATE_CLUSTER__NATS_URLS", r#"["nats://nats:4222"]"#)
+        .env("WNSGATE_CLUSTER__ADVERTISE_URL", "wnsgate-0:8080")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("cluster.advertise_url"));
+}
+
+/// `kubectl kustomize` of the cluster overlay (kubectl is optional: the
+/// check is skipped with a note where it is missing, CI included).
+#[test]
+fn the_kubernetes_cluster_overlay_renders_three_named_replicas() {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("kubectl"))
+            .find(|p| p.is_file())
+    });
+    let Some(kubectl) = found else {
+        eprintln!("NOTE: kubectl is not installed; the overlay was not rendered");
+        return;
+    };
+    let out = Command::new(kubectl)
+        .args(["kustomize", "deploy/kubernetes-cluster"])
+        .current_dir(ROOT)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let docs: Vec<&str> = text.split("\n---\n").collect();
+    let find = |kind: &str| {
+        docs.iter()
+            .find(|d| {
+                d.contains(&format!("\nkind: {kind}\n"))
+                    || d.starts_with(&format!("kind: {kind}\n"))
+            })
+            .unwrap_or_else(|| panic!("no {kind} in:\n{text}"))
+    };
+    let sts = find("StatefulSet");
+    assert!(sts.contains("\n  replicas: 3\n"), "{sts}");
+    assert!(sts.contains("fieldPath: metadata.name"), "{sts}");
+    assert!(sts.contains("serviceName: wnsgate-headless"), "{sts}");
+    assert!(!sts.contains("volumeClaimTemplates"), "{sts}");
+    assert!(!sts.contains("mountPath: /var/lib/wnsgate"), "{sts}");
+    assert!(find("PodDisruptionBudget").contains("maxUnavailable: 1"));
+    assert!(find("ConfigMap").contains("[cluster]"));
+    assert!(find("Service").contains("name: wnsgate"));
 }
 
 #[test]
