@@ -848,3 +848,28 @@ fn the_container_build_copies_every_cargo_target() {
     }
     assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains("USER 65532"));
 }
+
+/// `deploy/local-cluster.sh --check`: 3 NATS servers and 3 gateways come
+/// up on loopback, a registration through one is read through the others,
+/// and everything stops.
+#[test]
+fn the_local_cluster_script_check_passes() {
+    if std::env::var_os("WNSGATE_NATS_SERVER").is_none() && tool("nats-server").is_none() {
+        return;
+    }
+    let out = Command::new("bash")
+        .args(["deploy/local-cluster.sh", "--check"])
+        .current_dir(ROOT)
+        .env("WNSGATE_BIN", env!("CARGO_BIN_EXE_wnsgate"))
+        .env_remove("WNSGATE_WNS__APPS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("\ngateway gw-").count(), 3, "{stdout}");
+    assert!(stdout.contains("check: registered through"), "{stdout}");
+}
