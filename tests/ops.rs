@@ -150,7 +150,7 @@ fn cluster_scrape() -> Option<&'static str> {
                 std::thread::sleep(Duration::from_millis(100));
             }
             let mut c = a.client();
-            for i in 0..16 {
+            for i in 0..48 {
                 let (id, token) = (format!("c{i}"), format!("AwYAAADc{i}"));
                 // A partition still moving answers 503 for a moment.
                 let deadline = Instant::now() + Duration::from_secs(30);
