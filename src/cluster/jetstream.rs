@@ -81,6 +81,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// recognised within it.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Partitions read from JetStream at once while taking them over.
+const TAKE_WINDOW: usize = 32;
 const CUT_RETRY_AFTER: Duration = Duration::from_secs(30);
 
 const METRIC_APPEND_SECONDS: &str = "wnsgate_cluster_append_seconds";
@@ -517,7 +519,11 @@ impl JetStreamStore {
     #[doc(hidden)]
     pub fn serve_without_lease(&self, part: u16, into: &dyn Restore) -> Result<(), StoreError> {
         let mut jobs = HashMap::new();
-        self.inner.take(part, into, &mut jobs).map(|_| ())
+        let data = self
+            .inner
+            .handle
+            .block_on(self.inner.fetch_partition(part))?;
+        self.inner.take(part, data, into, &mut jobs).map(|_| ())
     }
 }
 
@@ -886,10 +892,10 @@ impl Inner {
     fn take(
         &self,
         part: u16,
+        data: PartitionData,
         into: &dyn Restore,
         jobs: &mut HashMap<u64, Job>,
     ) -> Result<(u64, u64, u64), StoreError> {
-        let data = self.handle.block_on(self.fetch_partition(part))?;
         let p = usize::from(part);
         for rec in &data.records {
             into.put(rec);
@@ -930,6 +936,9 @@ impl Inner {
         self.served[p].store(false, Ordering::Release);
         // An append of the partition still in flight ends first.
         drop(self.apply_lock.lock());
+        // A fenced or doubtful partition that left is no concern of this
+        // node's any more: taken again, it is loaded afresh.
+        self.state[p].store(OPEN, Ordering::Relaxed);
         if let Some(host) = self.host.get().and_then(|h| h.upgrade()) {
             host.drop_partition(part);
         }
@@ -1070,37 +1079,55 @@ impl Inner {
         let mut taken = 0u64;
         let t = crate::clock::instant();
         let mut adopted = HashMap::new();
-        for (p, rev) in created {
-            let Some(rev) = rev else { continue };
+        let acquired: Vec<(u16, u64)> = created
+            .into_iter()
+            .filter_map(|(p, rev)| rev.map(|r| (p, r)))
+            .collect();
+        for &(p, rev) in &acquired {
             self.held.lock().insert(p, rev);
-            let result = match initial.as_mut() {
-                Some((into, loaded)) => {
-                    let r = self.take(p, *into, &mut adopted);
-                    if let Ok((records, batches, mutations)) = r {
-                        loaded.snapshot_records += records;
-                        loaded.replayed_batches += batches;
-                        loaded.replayed_mutations += mutations;
+        }
+        // Partitions are read from JetStream a window at a time, the
+        // window's reads at once (each is a few round trips), then put in
+        // memory one by one.
+        let host = self.host.get().and_then(|h| h.upgrade());
+        for window in acquired.chunks(TAKE_WINDOW) {
+            let fetched: Vec<(u16, Result<PartitionData, StoreError>)> =
+                self.handle.block_on(futures_util::future::join_all(
+                    window
+                        .iter()
+                        .map(|&(p, _)| async move { (p, self.fetch_partition(p).await) }),
+                ));
+            for ((p, data), &(_, rev)) in fetched.into_iter().zip(window) {
+                let result = data.and_then(|data| match initial.as_mut() {
+                    Some((into, loaded)) => {
+                        let r = self.take(p, data, *into, &mut adopted);
+                        if let Ok((records, batches, mutations)) = r {
+                            loaded.snapshot_records += records;
+                            loaded.replayed_batches += batches;
+                            loaded.replayed_mutations += mutations;
+                        }
+                        r
                     }
-                    r
-                }
-                None => match self.host.get().and_then(|h| h.upgrade()) {
-                    Some(host) => self.take(p, host.as_restore(), &mut adopted),
-                    None => Err(StoreError::Io("the registry is not attached yet".into())),
-                },
-            };
-            match result {
-                Ok(_) => {
-                    taken += 1;
-                    metrics::counter!(METRIC_OWNERSHIP_CHANGES, "change" => "taken").increment(1);
-                }
-                Err(e) => {
-                    tracing::error!(partition = p, error = %e, "cannot load a partition; its lease is given up");
-                    self.held.lock().remove(&p);
-                    self.leave(p);
-                    let _ = self.handle.block_on(
-                        self.leases_kv
-                            .delete_expect_revision(leases::lease_key(p), Some(rev)),
-                    );
+                    None => match &host {
+                        Some(host) => self.take(p, data, host.as_restore(), &mut adopted),
+                        None => Err(StoreError::Io("the registry is not attached yet".into())),
+                    },
+                });
+                match result {
+                    Ok(_) => {
+                        taken += 1;
+                        metrics::counter!(METRIC_OWNERSHIP_CHANGES, "change" => "taken")
+                            .increment(1);
+                    }
+                    Err(e) => {
+                        tracing::error!(partition = p, error = %e, "cannot load a partition; its lease is given up");
+                        self.held.lock().remove(&p);
+                        self.leave(p);
+                        let _ = self.handle.block_on(
+                            self.leases_kv
+                                .delete_expect_revision(leases::lease_key(p), Some(rev)),
+                        );
+                    }
                 }
             }
         }
