@@ -119,6 +119,36 @@ async fn exchange(
     Ok(answer)
 }
 
+/// A call marked as forwarded, for the node at `authority`: `method path`
+/// with `body`, and of `headers` those named in `keep` (the caller's token
+/// and content type).
+fn outbound(
+    authority: &str,
+    method: http::Method,
+    path: &str,
+    body: Bytes,
+    headers: &http::HeaderMap,
+    keep: &[http::header::HeaderName],
+) -> Result<Request<Full<Bytes>>, String> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    for name in keep {
+        if let Some(v) = headers.get(name) {
+            req.headers_mut().insert(name.clone(), v.clone());
+        }
+    }
+    req.headers_mut().insert(
+        http::header::HOST,
+        HeaderValue::from_str(authority).map_err(|e| e.to_string())?,
+    );
+    req.headers_mut()
+        .insert(FORWARDED, HeaderValue::from_static("1"));
+    Ok(req)
+}
+
 /// `GET path` on the node at `url`, marked as forwarded, with the caller's
 /// token: its JSON body, or why there is none.
 pub(crate) async fn get_json(
@@ -127,21 +157,14 @@ pub(crate) async fn get_json(
     headers: &http::HeaderMap,
 ) -> Result<serde_json::Value, String> {
     let authority = authority(url).ok_or_else(|| format!("{url} is not http://"))?;
-    let mut req = Request::builder()
-        .method(http::Method::GET)
-        .uri(path)
-        .body(Full::new(Bytes::new()))
-        .map_err(|e| e.to_string())?;
-    if let Some(a) = headers.get(http::header::AUTHORIZATION) {
-        req.headers_mut()
-            .insert(http::header::AUTHORIZATION, a.clone());
-    }
-    req.headers_mut().insert(
-        http::header::HOST,
-        HeaderValue::from_str(authority).map_err(|e| e.to_string())?,
-    );
-    req.headers_mut()
-        .insert(FORWARDED, HeaderValue::from_static("1"));
+    let req = outbound(
+        authority,
+        http::Method::GET,
+        path,
+        Bytes::new(),
+        headers,
+        &[http::header::AUTHORIZATION],
+    )?;
     let (head, body) = tokio::time::timeout(FAN_OUT_TIMEOUT, exchange(authority, req))
         .await
         .map_err(|_| format!("no answer within {FAN_OUT_TIMEOUT:?}"))??;
@@ -188,25 +211,20 @@ pub(crate) async fn post_to(
         )
     };
     let authority = authority(url).ok_or_else(|| unreachable(format!("{url} is not http://")))?;
-    let mut req = Request::builder()
-        .method(http::Method::POST)
-        .uri(path)
-        .body(Full::new(body))
-        .map_err(|e| unreachable(e.to_string()))?;
-    if let Some(a) = headers.get(http::header::AUTHORIZATION) {
-        req.headers_mut()
-            .insert(http::header::AUTHORIZATION, a.clone());
-    }
-    req.headers_mut().insert(
+    let mut with_type = headers.clone();
+    with_type.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static(content_type),
     );
-    req.headers_mut().insert(
-        http::header::HOST,
-        HeaderValue::from_str(authority).map_err(|e| unreachable(e.to_string()))?,
-    );
-    req.headers_mut()
-        .insert(FORWARDED, HeaderValue::from_static("1"));
+    let req = outbound(
+        authority,
+        http::Method::POST,
+        path,
+        body,
+        &with_type,
+        &[http::header::AUTHORIZATION, http::header::CONTENT_TYPE],
+    )
+    .map_err(&unreachable)?;
     let (head, body) = exchange(authority, req).await.map_err(&unreachable)?;
     metrics::counter!(METRIC_FORWARDED, "result" => "answered").increment(1);
     Ok((head.status, body))
@@ -238,26 +256,19 @@ pub(crate) async fn forward(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let mut req = Request::builder()
-        .method(parts.method.clone())
-        .uri(&path)
-        .body(Full::new(bytes))
-        .map_err(|e| unreachable(e.to_string()))?;
-    for name in [
-        http::header::AUTHORIZATION,
-        http::header::CONTENT_TYPE,
-        http::header::ACCEPT,
-    ] {
-        if let Some(v) = parts.headers.get(&name) {
-            req.headers_mut().insert(name, v.clone());
-        }
-    }
-    req.headers_mut().insert(
-        http::header::HOST,
-        HeaderValue::from_str(authority).map_err(|e| unreachable(e.to_string()))?,
-    );
-    req.headers_mut()
-        .insert(FORWARDED, HeaderValue::from_static("1"));
+    let req = outbound(
+        authority,
+        parts.method.clone(),
+        &path,
+        bytes,
+        &parts.headers,
+        &[
+            http::header::AUTHORIZATION,
+            http::header::CONTENT_TYPE,
+            http::header::ACCEPT,
+        ],
+    )
+    .map_err(&unreachable)?;
     let (head, body) = exchange(authority, req).await.map_err(&unreachable)?;
     metrics::counter!(METRIC_FORWARDED, "result" => "answered").increment(1);
     let mut resp = Response::new(Full::new(body));
