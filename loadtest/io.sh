@@ -153,6 +153,8 @@ if any("too short to measure" in open(f).read() for f in sys.argv[1:3]):
     print("(sender runs too short to measure: the CPU figures below are whole clock ticks; use more devices)")
 for p in sorted(e):
     if p in u:
+        # A run so short the gateway used no whole clock tick has no ratio.
+        ratio = f"{u[p][0]/e[p][0]:.2f}" if e[p][0] > 0 else "n/a (epoll used no measurable CPU)"
         print(f"{p} sender: epoll {e[p][0]:.2f} us CPU/push ({e[p][1]:,.0f}/s), uring {u[p][0]:.2f} us CPU/push "
-              f"({u[p][1]:,.0f}/s); CPU per push uring/epoll {u[p][0]/e[p][0]:.2f}")
+              f"({u[p][1]:,.0f}/s); CPU per push uring/epoll {ratio}")
 PY
