@@ -49,7 +49,7 @@ use crate::core::refresh::Job;
 use crate::core::Partitioning;
 use crate::store::{
     batch_codec, job_codec, JobSource, Loaded, Mutation, PartitionHost, Restore, SnapshotSource,
-    Store, StoreError,
+    Sources, Store, StoreError,
 };
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use bytes::Bytes;
@@ -146,11 +146,6 @@ enum AppendFailure {
     Refused(String),
 }
 
-struct Source {
-    devices: Arc<dyn SnapshotSource>,
-    jobs: std::sync::Weak<dyn JobSource>,
-}
-
 struct Inner {
     handle: tokio::runtime::Handle,
     client: async_nats::Client,
@@ -171,7 +166,7 @@ struct Inner {
     /// the job).
     job_parts: Mutex<HashMap<u64, u16>>,
     loaded_jobs: Mutex<Option<HashMap<u64, Job>>>,
-    source: OnceLock<Source>,
+    source: OnceLock<Sources>,
     snapshot_log_bytes: u64,
     log_bytes: AtomicU64,
     cut_at_bytes: AtomicU64,
@@ -639,7 +634,7 @@ impl Inner {
     }
 
     /// Cuts a snapshot of every partition written since its last one.
-    fn cut(&self, source: &Source) -> Result<crate::store::snapshot::Written, StoreError> {
+    fn cut(&self, source: &Sources) -> Result<crate::store::snapshot::Written, StoreError> {
         let _one = self.cutting.lock();
         let started = crate::clock::instant();
         let replay: Vec<u64> = self
@@ -1325,17 +1320,7 @@ impl Store for JetStreamStore {
             .any(|m| matches!(m, Mutation::PutJob(_) | Mutation::DeleteJob(_)))
         {
             if let Some(jobs) = inner.loaded_jobs.lock().as_mut() {
-                for m in batch {
-                    match m {
-                        Mutation::PutJob(job) => {
-                            jobs.insert(job.id, job.clone());
-                        }
-                        Mutation::DeleteJob(id) => {
-                            jobs.remove(id);
-                        }
-                        _ => {}
-                    }
-                }
+                crate::store::apply_jobs(jobs, batch);
             }
         }
         let total = inner.log_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
@@ -1417,19 +1402,15 @@ impl Store for JetStreamStore {
 
     fn attach(&self, devices: Arc<dyn SnapshotSource>, jobs: Arc<dyn JobSource>) {
         let jobs = Arc::downgrade(&jobs);
-        if self.inner.source.set(Source { devices, jobs }).is_err() {
+        if self.inner.source.set(Sources { devices, jobs }).is_err() {
             return;
         }
         let inner = self.inner.clone();
-        let spawned = std::thread::Builder::new()
-            .name("wnsgate-snapshot".into())
-            .spawn(move || inner.run());
-        match spawned {
-            Ok(t) => *self.thread.lock() = Some(t),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the snapshot thread; no snapshot will be cut")
-            }
-        }
+        *self.thread.lock() = crate::store::spawn_background(
+            "wnsgate-snapshot",
+            "no snapshot will be cut",
+            move || inner.run(),
+        );
     }
 
     fn snapshot_now(&self) -> Result<Option<crate::store::snapshot::Written>, StoreError> {
@@ -1444,12 +1425,7 @@ impl Store for JetStreamStore {
     }
 
     fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError> {
-        let jobs = self.inner.loaded_jobs.lock().take().unwrap_or_default();
-        let n = jobs.len() as u64;
-        for job in jobs.into_values() {
-            visit(job);
-        }
-        Ok(n)
+        Ok(crate::store::hand_over_jobs(&self.inner.loaded_jobs, visit))
     }
 }
 

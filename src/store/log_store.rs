@@ -39,8 +39,8 @@
 use super::segments::{LogError, Recovery, SegmentLog};
 use super::snapshot::{self, Snapshot};
 use super::{
-    batch_codec, check_writable, job_codec, JobSource, Loaded, Mutation, Restore, SnapshotSource,
-    Store, StoreError,
+    apply_jobs, batch_codec, check_writable, job_codec, JobSource, Loaded, Mutation, Restore,
+    SnapshotSource, Sources, Store, StoreError,
 };
 use crate::core::refresh::Job;
 use crate::core::Partitioning;
@@ -157,7 +157,7 @@ struct Inner {
     /// refresh queue; `None` after. No copy is kept: snapshots take the
     /// jobs from the queue.
     loaded_jobs: Mutex<Option<HashMap<u64, Job>>>,
-    source: OnceLock<Source>,
+    source: OnceLock<Sources>,
     opened: Mutex<Option<Opened>>,
     /// Log bytes appended since opening, and their count at the start of
     /// the latest cut.
@@ -328,7 +328,7 @@ impl LogStore {
 
 impl Inner {
     /// Writes a snapshot of `source` and drops what it covers.
-    fn cut(&self, source: &Source) -> Result<snapshot::Written, StoreError> {
+    fn cut(&self, source: &Sources) -> Result<snapshot::Written, StoreError> {
         let _one = self.cutting.lock();
         let started = crate::clock::instant();
         // The last appended batch may not be in the registry yet (the
@@ -600,19 +600,14 @@ impl Store for LogStore {
 
     fn attach(&self, devices: Arc<dyn SnapshotSource>, jobs: Arc<dyn JobSource>) {
         let jobs = Arc::downgrade(&jobs);
-        if self.inner.source.set(Source { devices, jobs }).is_err() {
+        if self.inner.source.set(Sources { devices, jobs }).is_err() {
             return;
         }
         let inner = self.inner.clone();
-        let spawned = std::thread::Builder::new()
-            .name("wnsgate-snapshot".into())
-            .spawn(move || inner.run());
-        match spawned {
-            Ok(t) => *self.thread.lock() = Some(t),
-            Err(e) => {
-                tracing::error!(error = %e, "cannot start the snapshot thread; no snapshot will be cut")
-            }
-        }
+        *self.thread.lock() =
+            super::spawn_background("wnsgate-snapshot", "no snapshot will be cut", move || {
+                inner.run()
+            });
     }
 
     fn writable(&self) -> bool {
@@ -624,12 +619,7 @@ impl Store for LogStore {
     }
 
     fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError> {
-        let jobs = self.inner.loaded_jobs.lock().take().unwrap_or_default();
-        let n = jobs.len() as u64;
-        for job in jobs.into_values() {
-            visit(job);
-        }
-        Ok(n)
+        Ok(super::hand_over_jobs(&self.inner.loaded_jobs, visit))
     }
 }
 
@@ -699,30 +689,8 @@ impl LogStore {
     }
 }
 
-/// What snapshots are cut from, once attached. The jobs' source (the
-/// lifecycle) holds the store, so the store holds it weakly.
-struct Source {
-    devices: Arc<dyn SnapshotSource>,
-    jobs: std::sync::Weak<dyn JobSource>,
-}
-
 fn is_job_mutation(m: &Mutation) -> bool {
     matches!(m, Mutation::PutJob(_) | Mutation::DeleteJob(_))
-}
-
-/// Applies the job mutations of `batch` to `jobs`, in order.
-fn apply_jobs(jobs: &mut HashMap<u64, Job>, batch: &[Mutation]) {
-    for m in batch {
-        match m {
-            Mutation::PutJob(job) => {
-                jobs.insert(job.id, job.clone());
-            }
-            Mutation::DeleteJob(id) => {
-                jobs.remove(id);
-            }
-            Mutation::Put(_) | Mutation::Delete(_) | Mutation::Guard { .. } => {}
-        }
-    }
 }
 
 impl Drop for LogStore {

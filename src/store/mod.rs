@@ -244,6 +244,59 @@ pub trait Store: Send + Sync + 'static {
     fn scan_jobs(&self, visit: &mut dyn FnMut(Job)) -> Result<u64, StoreError>;
 }
 
+/// What a backend cuts snapshots from, once attached. The jobs' source (the
+/// lifecycle) holds the store, so the store holds it weakly.
+pub(crate) struct Sources {
+    pub(crate) devices: std::sync::Arc<dyn SnapshotSource>,
+    pub(crate) jobs: std::sync::Weak<dyn JobSource>,
+}
+
+/// Applies the job mutations of `batch` to `jobs`, in order (loaded jobs
+/// follow the log until the refresh queue takes them).
+pub(crate) fn apply_jobs(jobs: &mut std::collections::HashMap<u64, Job>, batch: &[Mutation]) {
+    for m in batch {
+        match m {
+            Mutation::PutJob(job) => {
+                jobs.insert(job.id, job.clone());
+            }
+            Mutation::DeleteJob(id) => {
+                jobs.remove(id);
+            }
+            Mutation::Put(_) | Mutation::Delete(_) | Mutation::Guard { .. } => {}
+        }
+    }
+}
+
+/// Hands the jobs loaded at start to `visit`, once ([`Store::scan_jobs`]);
+/// nothing is kept.
+pub(crate) fn hand_over_jobs(
+    loaded: &parking_lot::Mutex<Option<std::collections::HashMap<u64, Job>>>,
+    visit: &mut dyn FnMut(Job),
+) -> u64 {
+    let jobs = loaded.lock().take().unwrap_or_default();
+    let n = jobs.len() as u64;
+    for job in jobs.into_values() {
+        visit(job);
+    }
+    n
+}
+
+/// Starts a backend's background thread `name`; logs, and answers `None`,
+/// when it cannot (`what` says what is then not done).
+pub(crate) fn spawn_background(
+    name: &str,
+    what: &str,
+    run: impl FnOnce() + Send + 'static,
+) -> Option<std::thread::JoinHandle<()>> {
+    match std::thread::Builder::new().name(name.into()).spawn(run) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::error!(error = %e, thread = name, "cannot start a thread; {what}");
+            None
+        }
+    }
+}
+
 /// Creates and removes a probe file so an unwritable directory fails here,
 /// with its path, rather than deep inside a backend.
 pub(crate) fn check_writable(dir: &std::path::Path) -> Result<(), StoreError> {
