@@ -1035,6 +1035,10 @@ pub struct ClusterConfig {
     /// without renewal; renewed every third of it. A dead node's partitions
     /// move after about this long.
     pub lease_ttl: String,
+    /// How often a running bulk wake records how far it got; a node that
+    /// takes over its partitions goes on from there, so a device may be
+    /// woken twice across a failover, at most this long's worth.
+    pub checkpoint_every: String,
 }
 
 impl Default for ClusterConfig {
@@ -1052,6 +1056,7 @@ impl Default for ClusterConfig {
             replicas: 3,
             stream_count: 4,
             lease_ttl: "10s".into(),
+            checkpoint_every: "2s".into(),
         }
     }
 }
@@ -1079,6 +1084,7 @@ pub struct ClusterSettings {
     pub replicas: usize,
     pub stream_count: u16,
     pub lease_ttl: std::time::Duration,
+    pub checkpoint_every: std::time::Duration,
 }
 
 /// The host's name, for a default node id and advertised address.
@@ -1202,8 +1208,13 @@ impl ClusterConfig {
         if !(2..=300).contains(&lease_ttl) {
             return Err(invalid("cluster.lease_ttl", "must be 2s to 5m"));
         }
+        let checkpoint_every = duration_key("cluster.checkpoint_every", &self.checkpoint_every)?;
+        if !(1..=300).contains(&checkpoint_every) {
+            return Err(invalid("cluster.checkpoint_every", "must be 1s to 5m"));
+        }
         Ok(ClusterSettings {
             lease_ttl: std::time::Duration::from_secs(u64::from(lease_ttl)),
+            checkpoint_every: std::time::Duration::from_secs(u64::from(checkpoint_every)),
             nats_urls: self.nats_urls.clone(),
             auth,
             tls_ca_file,

@@ -165,6 +165,29 @@ impl crate::store::PartitionHost for Host {
     }
 }
 
+/// How often a running bulk wake is checkpointed in embedded mode.
+const CHECKPOINT_EVERY_EMBEDDED: Duration = Duration::from_secs(2);
+
+/// Where bulk wakes are kept: files in the data directory in embedded
+/// mode, the backend's own place in cluster mode (none yet: jobs there
+/// are not kept).
+#[allow(clippy::type_complexity)]
+fn job_book(
+    settings: &Settings,
+    store: &dyn Store,
+) -> anyhow::Result<Option<(Arc<dyn crate::core::bulk::JobBook>, Duration)>> {
+    Ok(match &settings.cluster {
+        None => Some((
+            Arc::new(
+                crate::store::bulk_jobs::FileJobBook::open(&settings.store.path)
+                    .context("cannot open the bulk wakes' directory")?,
+            ),
+            CHECKPOINT_EVERY_EMBEDDED,
+        )),
+        Some(c) => store.job_book().map(|b| (b, c.checkpoint_every)),
+    })
+}
+
 /// Starts a gateway and returns once it is ready (store loaded).
 pub fn start(settings: Settings) -> anyhow::Result<Running> {
     // First, so `--io uring` on a machine without io_uring fails before
@@ -316,6 +339,20 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     };
     let lifecycle_thread = crate::lifecycle::LifecycleThread::start(lifecycle, crate::clock::now)
         .context("cannot start the lifecycle thread")?;
+    let resumed_jobs = match job_book(&gateway.settings, &*store)? {
+        Some((book, every)) => {
+            gateway.wakes.attach_book(book, every);
+            let rt = gateway
+                .wakes
+                .shard_runtime(0)
+                .context("no shard runtime to resume bulk wakes on")?;
+            gateway
+                .wakes
+                .restore_jobs(&rt)
+                .context("cannot load the bulk wakes")?
+        }
+        None => 0,
+    };
     gateway.set_ready();
     let s = &gateway.settings;
     if s.wns.apps.is_empty() {
@@ -332,6 +369,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         snapshot_seconds = format!("{:.2}", loaded.snapshot_seconds),
         replay_seconds = format!("{:.2}", loaded.replay_seconds),
         queue_seconds = format!("{queue_secs:.2}"),
+        resumed_bulk_wakes = resumed_jobs,
         wns_apps = s.wns.apps.len(),
         wns_target = if s.wns.connect_to.trim().is_empty() {
             "WNS (notify.windows.com)"
@@ -405,7 +443,7 @@ impl Running {
         self.shards.stop_accepting();
         // 2. Stop the producers.
         let wakes = self.gateway.wakes.clone();
-        wakes.cancel_jobs();
+        wakes.stop_jobs();
         if let Some(n) = &self.nudger {
             n.stop_taking();
         }

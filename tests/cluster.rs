@@ -422,6 +422,7 @@ fn jetstream_refuses_an_append_from_a_writer_that_lost_the_partition() {
         replicas: 1,
         stream_count: 1,
         lease_ttl: Duration::from_secs(30),
+        checkpoint_every: Duration::from_secs(2),
     };
     let record = |token: &str| DeviceRecord {
         device_id: DeviceId::parse("dev-1").unwrap(),

@@ -1,6 +1,7 @@
 //! SIGKILL at an arbitrary moment loses no acknowledged registration: not
 //! while writes flow, not while snapshots are cut, not while the log
-//! rotates to a new segment.
+//! rotates to a new segment. A bulk wake goes on from its checkpoint after
+//! SIGKILL or SIGTERM.
 
 // Measures its own waits and hang guards on the real clock; the rule that
 // time is read only through `wnsgate::clock` (clippy.toml) is the gateway's.
@@ -321,5 +322,65 @@ fn every_acknowledged_registration_survives_sigkill_during_log_rotation() {
             "round {round}: only {} log segment(s) before the kill; the log did not rotate",
             s.log_segments
         );
+    }
+}
+
+/// A bulk wake goes on from its checkpoint after the gateway is killed
+/// (SIGKILL) and after it is stopped (SIGTERM): every device is woken at
+/// least once and at most twice, and the job, known by the same id, ends
+/// counting each device once.
+#[test]
+fn a_bulk_wake_goes_on_after_sigkill_and_after_sigterm() {
+    const DEVICES: u64 = 4000;
+    for kill in [true, false] {
+        let (dir, sim, gw) = common::start_with_sim(wnsgate::sim::SimConfig::default());
+        let list = (0..DEVICES).map(|i| (format!("b{i:05}"), format!("AwYAAADb{i}")));
+        assert_eq!(
+            common::import_tokens(&gw, "db5.notify.windows.com", list),
+            DEVICES
+        );
+        let r = gw
+            .client()
+            .send_json(
+                "POST",
+                "/v1/pushes",
+                &serde_json::json!({"all": true, "rate_per_second": 800}),
+            )
+            .unwrap();
+        assert_eq!(r.status, 202, "{}", r.text());
+        let id = r.json()["job_id"].as_str().unwrap().to_owned();
+        // Stopped once a good part is done, with more to go.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let v = gw.client().get(&format!("/v1/pushes/{id}")).unwrap().json();
+            if v["done"].as_u64().unwrap_or(0) >= DEVICES / 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{v}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if kill {
+            gw.kill();
+        } else {
+            assert!(gw.terminate().success());
+        }
+        let sent_before = sim.stats().pushes_total;
+        let gw = common::start_for_sim(&sim, &dir.path().join("data"), &[], Server::start);
+        let job = common::wait_job(&gw, &id, Duration::from_secs(60));
+        assert_eq!(job["state"], "done", "{job}");
+        assert_eq!(job["total"], DEVICES, "{job}");
+        assert_eq!(job["received"], DEVICES, "{job}");
+        assert_eq!(job["done"], DEVICES, "{job}");
+        let st = sim.stats();
+        assert_eq!(st.delivered_channels, DEVICES, "{st:?}");
+        assert!(st.max_deliveries_per_channel <= 2, "{st:?}");
+        eprintln!(
+            "{}: {} pushes before the stop, {} in all for {DEVICES} devices",
+            if kill { "SIGKILL" } else { "SIGTERM" },
+            sent_before,
+            st.pushes_total
+        );
+        drop(gw);
+        drop(dir);
     }
 }

@@ -558,7 +558,12 @@ fn a_cancelled_bulk_wake_starts_no_more_wakes() {
 #[test]
 fn a_bulk_wake_is_sent_from_every_shard_including_one_that_served_no_request() {
     const DEVICES: usize = 5_000;
-    let batches = DEVICES.div_ceil(wnsgate::wake::limits::PAGE_DEVICES);
+    // Pages of the registry, each dealt as batches.
+    let (page, deal) = (
+        wnsgate::wake::limits::PAGE_DEVICES,
+        wnsgate::wake::limits::DEAL_DEVICES,
+    );
+    let batches = DEVICES / page * page.div_ceil(deal) + (DEVICES % page).div_ceil(deal);
     assert!(batches >= 2, "enough devices for a batch per shard");
     let (_d, s, gw) =
         common::launch_with_sim_env(SimConfig::default(), &[("WNSGATE_SERVER__SHARDS", "2")]);

@@ -154,12 +154,14 @@ pub(crate) async fn create(
     let job = gw
         .wakes
         .start_job(shard, selection, req.rate_per_second, req.include_dead)
+        .await
         .map_err(|e| match e {
             StartError::TooManyJobs => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_jobs",
                 e.to_string(),
             ),
+            StartError::NotRecorded(_) => ApiError::unavailable("store_unavailable", e.to_string()),
         })?;
     let mut resp = view(&job);
     *resp.status_mut() = StatusCode::ACCEPTED;

@@ -5,6 +5,7 @@
 //! module may read the system clock, touch the network or the disk, or spawn
 //! tasks.
 
+pub mod bulk;
 pub mod channel_uri;
 pub mod ids;
 pub mod lifecycle;

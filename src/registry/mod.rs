@@ -307,6 +307,16 @@ impl Registry {
         self.partitioning
     }
 
+    /// The listing cursor that stands just after `device_id` (the next
+    /// page starts after it); `None` when no device can have that id.
+    pub fn cursor_after(&self, device_id: &str) -> Option<Cursor> {
+        let key = self.key(device_id)?;
+        Some(Cursor {
+            part: key.part,
+            key: key.key.as_key().as_bytes().to_vec(),
+        })
+    }
+
     /// The map key of `device_id`; `None` when no device can have that id.
     pub fn key(&self, device_id: &str) -> Option<DeviceKey> {
         Some(DeviceKey {
@@ -814,6 +824,12 @@ impl Cursor {
     /// The partition the cursor is in.
     pub fn part(&self) -> u16 {
         self.part
+    }
+
+    /// The key the cursor stands after in its partition; empty at the
+    /// partition's start.
+    pub fn key_bytes(&self) -> &[u8] {
+        &self.key
     }
 
     /// Two bytes of partition (big-endian), then the key.

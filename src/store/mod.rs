@@ -19,6 +19,7 @@
 //! mutations as one frame's payload).
 
 pub mod batch_codec;
+pub mod bulk_jobs;
 pub mod codec;
 pub mod committer;
 pub mod fjall_store;
@@ -222,6 +223,12 @@ pub trait Store: Send + Sync + 'static {
     /// provided implementation: none.
     fn peers(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    /// Where this backend keeps bulk wakes, when it keeps them. The
+    /// provided implementation: nowhere.
+    fn job_book(&self) -> Option<std::sync::Arc<dyn crate::core::bulk::JobBook>> {
+        None
     }
 
     /// Gives a backend that moves partitions while running the registry

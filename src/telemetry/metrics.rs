@@ -30,6 +30,8 @@ pub(crate) const WNS_CONNECTIONS_OPEN: &str = "wnsgate_wns_connections_open";
 pub(crate) const BULK_JOBS_RUNNING: &str = "wnsgate_bulk_jobs_running";
 /// Batches of bulk wakes each shard took on to send, by `shard` (its index).
 pub(crate) const BULK_BATCHES: &str = "wnsgate_bulk_batches_total";
+/// Bulk wake checkpoints written, by `result` (ok, error).
+pub(crate) const BULK_CHECKPOINTS: &str = "wnsgate_bulk_checkpoints_total";
 /// WNS token refreshes, by `result` (ok, or the error kind).
 pub(crate) const WNS_TOKEN_REFRESHES: &str = "wnsgate_wns_token_refreshes_total";
 /// Wake-ups finished, by `result` (delivered, channel_dead, dropped, ...).
@@ -204,6 +206,10 @@ fn describe() {
         "Batches of bulk wakes (one store page or one page of listed ids each) taken on to send, by shard."
     );
     describe_counter!(
+        BULK_CHECKPOINTS,
+        "Bulk wake checkpoints written durably, by result (ok, error)."
+    );
+    describe_counter!(
         WNS_TOKEN_REFRESHES,
         "WNS access token requests, by result (ok or the error kind)."
     );
@@ -272,6 +278,9 @@ fn init_series() {
         metrics::gauge!(WNS_CONNECTIONS_OPEN, "protocol" => protocol).set(0.0);
     }
     metrics::gauge!(BULK_JOBS_RUNNING).set(0.0);
+    for result in ["ok", "error"] {
+        metrics::counter!(BULK_CHECKPOINTS, "result" => result).increment(0);
+    }
     metrics::gauge!(READY).set(0.0);
 }
 

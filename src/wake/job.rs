@@ -6,10 +6,13 @@
 use super::limits::JOB_FAILURES_KEPT_MAX;
 use super::WakeReport;
 use crate::clock;
+use crate::core::bulk::{Checkpoint, Counts, JobDef, Position};
 use crate::core::wns::{Outcome, PushResult};
 use crate::core::DeadReason;
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// One bulk wake, running or finished: its progress is read while it runs.
 pub struct Job {
@@ -39,7 +42,14 @@ pub struct Job {
     failures_not_kept: AtomicU64,
     pub(super) selection_done: AtomicBool,
     cancelled: AtomicBool,
+    /// Told to stop because the gateway shuts down: it stops sending, and
+    /// is resumed from its checkpoint at the next start.
+    stopping: AtomicBool,
     finished: AtomicBool,
+    /// How far the job got, in the order it selected its devices.
+    tracker: Mutex<Tracker>,
+    /// Held while a checkpoint is written; set once the last one was.
+    pub(super) written_final: Mutex<bool>,
     /// Held while cancelling and while finishing, so a job is either
     /// cancelled before it finished or answered as it finished.
     ending: Mutex<()>,
@@ -113,30 +123,57 @@ impl Failure {
 }
 
 impl Job {
+    /// A new job with a fresh id.
     pub(super) fn new(
         rate_per_second: Option<u32>,
         include_dead: bool,
         expected_total: u64,
     ) -> Job {
+        Job::from_def(
+            &JobDef {
+                id: format!("j{:x}{:x}", clock::monotonic_ms(), clock::random::<u32>()),
+                created_at: clock::now().to_rfc3339(),
+                selection: crate::core::bulk::SelectionDef::All,
+                rate_per_second,
+                include_dead,
+                expected_total,
+            },
+            None,
+        )
+    }
+
+    /// The job `def` describes, going on from `checkpoint` (its counts and
+    /// position) when one was written.
+    pub(super) fn from_def(def: &JobDef, checkpoint: Option<Checkpoint>) -> Job {
+        let checkpoint = checkpoint.unwrap_or_default();
+        let c = checkpoint.counts;
         Job {
-            id: format!("j{:x}{:x}", clock::monotonic_ms(), clock::random::<u32>()),
-            created_at: clock::now().to_rfc3339(),
-            rate_per_second,
-            include_dead,
-            expected_total,
-            selected: AtomicU64::new(0),
-            received: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            throttled: AtomicU64::new(0),
-            expired: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            not_sent: AtomicU64::new(0),
-            skipped_dead: AtomicU64::new(0),
+            id: def.id.clone(),
+            created_at: def.created_at.clone(),
+            rate_per_second: def.rate_per_second,
+            include_dead: def.include_dead,
+            expected_total: def.expected_total,
+            selected: AtomicU64::new(checkpoint.selected),
+            received: AtomicU64::new(c.received),
+            dropped: AtomicU64::new(c.dropped),
+            throttled: AtomicU64::new(c.throttled),
+            expired: AtomicU64::new(c.expired),
+            failed: AtomicU64::new(c.failed),
+            not_sent: AtomicU64::new(c.not_sent),
+            skipped_dead: AtomicU64::new(c.skipped_dead),
             failures: Mutex::new(Vec::new()),
             failures_not_kept: AtomicU64::new(0),
-            selection_done: AtomicBool::new(false),
-            cancelled: AtomicBool::new(false),
-            finished: AtomicBool::new(false),
+            selection_done: AtomicBool::new(checkpoint.finished),
+            cancelled: AtomicBool::new(checkpoint.cancelled),
+            stopping: AtomicBool::new(false),
+            finished: AtomicBool::new(checkpoint.finished),
+            tracker: Mutex::new(Tracker {
+                dealt: 0,
+                folded: 0,
+                completed: BTreeMap::new(),
+                checkpoint,
+            }),
+            written_final: Mutex::new(false),
             ending: Mutex::new(()),
         }
     }
@@ -175,9 +212,17 @@ impl Job {
             )
     }
 
-    /// Counts one device left out because its channel is dead.
-    pub(super) fn count_skipped_dead(&self) {
+    /// Counts one device of `page` left out because its channel is dead.
+    pub(super) fn count_skipped_dead(&self, page: &Arc<PageTrack>) {
         self.skipped_dead.fetch_add(1, Ordering::AcqRel);
+        page.counts.lock().skipped_dead += 1;
+        self.page_counted(page);
+    }
+
+    fn page_counted(&self, page: &Arc<PageTrack>) {
+        if page.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.page_finished(page);
+        }
     }
 
     /// Up to `limit` failures from position `from`, and how many are kept
@@ -203,6 +248,103 @@ impl Job {
 
     pub(super) fn is_cancelled(&self) -> bool {
         self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Whether the job sends no more: cancelled, or stopping with the
+    /// gateway.
+    pub(super) fn is_halted(&self) -> bool {
+        self.is_cancelled() || self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Whether the job stopped with the gateway rather than ending: it is
+    /// resumed at the next start.
+    pub(super) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire) && !self.is_cancelled()
+    }
+
+    /// Stops sending because the gateway shuts down; the job is resumed
+    /// from its checkpoint at the next start.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// A page of `selected` devices, dealt after every page before it (the
+    /// caller counts them into the job's `selected`).
+    /// Once it and every page before it have their results, partitions
+    /// `done_from..done_to` are done and the walk stands at `at`.
+    pub(super) fn new_page(
+        self: &Arc<Self>,
+        selected: usize,
+        done_from: u16,
+        done_to: u16,
+        at: Option<Position>,
+    ) -> Arc<PageTrack> {
+        let seq = {
+            let mut t = self.tracker.lock();
+            t.dealt += 1;
+            t.dealt - 1
+        };
+        let page = Arc::new(PageTrack {
+            seq,
+            done_from,
+            done_to,
+            at,
+            selected: selected as u64,
+            remaining: AtomicUsize::new(selected),
+            counts: Mutex::new(Counts::default()),
+        });
+        if selected == 0 {
+            self.page_finished(&page);
+        }
+        page
+    }
+
+    /// Folds the pages that have all their results, in the order they were
+    /// dealt, into the checkpoint.
+    fn page_finished(&self, page: &Arc<PageTrack>) {
+        let mut t = self.tracker.lock();
+        t.completed.insert(page.seq, page.clone());
+        loop {
+            let next = t.folded;
+            let Some(p) = t.completed.remove(&next) else {
+                break;
+            };
+            let counts = *p.counts.lock();
+            let cp = &mut t.checkpoint;
+            cp.counts.add(&counts);
+            cp.selected += p.selected;
+            cp.mark_done(p.done_from, p.done_to);
+            cp.at = p.at.clone();
+            t.folded += 1;
+        }
+    }
+
+    /// What a checkpoint written now says.
+    pub(super) fn checkpoint(&self) -> Checkpoint {
+        let mut cp = self.tracker.lock().checkpoint.clone();
+        cp.cancelled = self.is_cancelled();
+        if self.is_finished() && !self.is_stopping() {
+            // Ended: the counts are final, whatever was folded.
+            let p = self.progress();
+            cp.finished = true;
+            cp.selected = p.total;
+            cp.counts = Counts {
+                received: p.received,
+                dropped: p.dropped,
+                throttled: p.throttled,
+                expired: p.expired,
+                failed: p.failed,
+                not_sent: p.not_sent,
+                skipped_dead: p.skipped_dead,
+            };
+        }
+        cp
+    }
+
+    /// Where a resumed walk goes on from: the done partitions and the
+    /// position.
+    pub(super) fn resume_point(&self) -> Checkpoint {
+        self.tracker.lock().checkpoint.clone()
     }
 
     /// The job's progress now.
@@ -256,7 +398,12 @@ impl Job {
     /// Counts one device's final result (`None`: no result, as for a
     /// listed id that is not registered or an abandoned wake), and keeps
     /// it as a failure unless WNS received the push.
-    pub(super) fn count(&self, device_id: &str, report: Option<&WakeReport>) {
+    pub(super) fn count(
+        &self,
+        page: &Arc<PageTrack>,
+        device_id: &str,
+        report: Option<&WakeReport>,
+    ) {
         if !matches!(report.map(|r| r.result), Some(PushResult::Delivered)) {
             let mut kept = self.failures.lock();
             if kept.len() < JOB_FAILURES_KEPT_MAX {
@@ -265,20 +412,25 @@ impl Job {
                 self.failures_not_kept.fetch_add(1, Ordering::AcqRel);
             }
         }
-        let counter = match report.map(|r| (r.result, r.wns_outcome)) {
-            Some((PushResult::Delivered, _)) => &self.received,
-            Some((PushResult::Dropped, _)) => &self.dropped,
+        let mut counts = page.counts.lock();
+        let (counter, count) = match report.map(|r| (r.result, r.wns_outcome)) {
+            Some((PushResult::Delivered, _)) => (&self.received, &mut counts.received),
+            Some((PushResult::Dropped, _)) => (&self.dropped, &mut counts.dropped),
             Some((_, Some(Outcome::ChannelThrottled | Outcome::SenderThrottled { .. }))) => {
-                &self.throttled
+                (&self.throttled, &mut counts.throttled)
             }
-            Some((PushResult::ChannelDead, _)) => &self.expired,
-            _ => &self.failed,
+            Some((PushResult::ChannelDead, _)) => (&self.expired, &mut counts.expired),
+            _ => (&self.failed, &mut counts.failed),
         };
         counter.fetch_add(1, Ordering::AcqRel);
+        *count += 1;
+        drop(counts);
+        self.page_counted(page);
     }
 
     /// Marks the job finished; a cancelled job counts what it did not
-    /// send.
+    /// send (one that stops with the gateway does not: it goes on at the
+    /// next start).
     pub(super) fn finish(&self) {
         let _ending = self.ending.lock();
         if self.is_cancelled() {
@@ -287,4 +439,29 @@ impl Job {
         }
         self.finished.store(true, Ordering::Release);
     }
+}
+
+/// One page of a job: its devices counted as their results come, and what
+/// the checkpoint gains once it and every page before it are counted.
+pub(super) struct PageTrack {
+    seq: u64,
+    done_from: u16,
+    done_to: u16,
+    at: Option<Position>,
+    selected: u64,
+    /// Devices without their result yet.
+    remaining: AtomicUsize,
+    counts: Mutex<Counts>,
+}
+
+/// A job's pages in the order they were dealt, folded into its checkpoint
+/// as the ones at the front complete.
+struct Tracker {
+    /// Pages dealt.
+    dealt: u64,
+    /// Pages folded: every page before this one.
+    folded: u64,
+    /// Pages complete but behind one that is not.
+    completed: BTreeMap<u64, Arc<PageTrack>>,
+    checkpoint: Checkpoint,
 }

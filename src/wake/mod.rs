@@ -62,6 +62,9 @@ pub struct WakeService<S = WnsSender> {
     /// Held by every task that has wakes in flight: shutdown waits for it
     /// to empty.
     inflight: TaskTracker,
+    /// Where bulk wakes are kept durably, and how often a running one is
+    /// checkpointed; none in in-process tests.
+    book: OnceLock<(Arc<dyn crate::core::bulk::JobBook>, Duration)>,
 }
 
 impl<S: Transport> WakeService<S> {
@@ -82,6 +85,7 @@ impl<S: Transport> WakeService<S> {
             jobs: DashMap::new(),
             shard_runtimes: (0..shards).map(|_| OnceLock::new()).collect(),
             inflight: TaskTracker::new(),
+            book: OnceLock::new(),
         }
     }
 
@@ -90,6 +94,11 @@ impl<S: Transport> WakeService<S> {
     pub fn register_shard_runtime(&self, shard: usize, rt: Handle) {
         let slot = &self.shard_runtimes[shard];
         assert!(slot.set(rt).is_ok(), "shard {shard} registered twice");
+    }
+
+    /// Shard `shard`'s runtime, once registered.
+    pub fn shard_runtime(&self, shard: usize) -> Option<Handle> {
+        self.shard_runtimes.get(shard)?.get().cloned()
     }
 
     /// The shards whose runtime is registered, with their handles.

@@ -24,19 +24,23 @@ pub(crate) fn last_push(report: &WakeReport) -> LastPush {
     )
 }
 
-/// Something that holds a claimed wake, and gives it up to be settled.
+/// Something that holds a claimed wake, and gives it up to be settled
+/// with what its caller keeps beside it (its tag).
 pub(crate) trait HoldsClaim {
+    type Tag;
     fn claim(&self) -> &Claim;
-    fn into_claim(self) -> Claim;
+    fn into_parts(self) -> (Claim, Self::Tag);
 }
 
 impl HoldsClaim for Claim {
+    type Tag = ();
+
     fn claim(&self) -> &Claim {
         self
     }
 
-    fn into_claim(self) -> Claim {
-        self
+    fn into_parts(self) -> (Claim, ()) {
+        (self, ())
     }
 }
 
@@ -65,14 +69,15 @@ impl<S: Transport> WakeService<S> {
     /// outcomes of live channels are kept together
     /// ([`crate::registry::Registry::record_pushes`], which overlaps the
     /// lookups' cache misses) and their results handed to `settled` at
-    /// once, with the device id when the wake did not end `received`.
+    /// once, with the wake's tag and the device id when the wake did not
+    /// end `received`.
     /// Wakes whose channel WNS declared dead are left in `results`,
     /// for [`WakeService::conclude`]: their mark must be durable first.
     pub(crate) fn conclude_live<C: HoldsClaim>(
         &self,
         results: &mut Vec<(C, WakeReport)>,
         scratch: &mut Vec<(DeviceKey, LastPush)>,
-        mut settled: impl FnMut(Option<&str>, Settled),
+        mut settled: impl FnMut(C::Tag, Option<&str>, Settled),
     ) {
         scratch.clear();
         scratch.extend(
@@ -92,12 +97,12 @@ impl<S: Transport> WakeService<S> {
                 continue;
             }
             let (c, report) = results.swap_remove(i);
-            let claim = c.into_claim();
+            let (claim, tag) = c.into_parts();
             // The id is copied only for a wake that did not end `received`:
             // the one case its caller keeps it.
             let id =
                 (report.result != PushResult::Delivered).then(|| claim.record().device_id.clone());
-            settled(id.as_ref().map(|id| id.as_str()), claim.settle(report));
+            settled(tag, id.as_ref().map(|id| id.as_str()), claim.settle(report));
         }
     }
 }

@@ -7,7 +7,7 @@
 //! ([`WakeService::conclude_live`]); a dead channel's wake is concluded on
 //! its own, its mark durable before its result counts.
 
-use super::job::Job;
+use super::job::{Job, PageTrack};
 use super::outcome::HoldsClaim;
 use super::pending::Claim;
 use super::transport::{Batch as _, Transport, WakeTarget};
@@ -32,8 +32,14 @@ pub(super) struct Sending<S> {
     pub(super) pacer: Option<Mutex<Pacer>>,
 }
 
-/// A batch of a job's devices, handed to one shard to send.
-pub(super) enum Batch {
+/// A batch of a job's devices, handed to one shard to send: one page.
+pub(super) struct Batch {
+    pub(super) devices: Selected,
+    pub(super) page: Arc<PageTrack>,
+}
+
+/// A page's devices.
+pub(super) enum Selected {
     Ids(Vec<String>),
     Records(Vec<DeviceRecord>),
 }
@@ -53,7 +59,7 @@ pub(super) async fn send_batches<S: Transport>(
     let job = sending.job.clone();
     let mut wakes = service.sender.batch::<JobWake>(shard);
     // The batch being started, with its page.
-    let mut current: Option<(Devices, OwnedSemaphorePermit)> = None;
+    let mut current: Option<(Devices, Arc<PageTrack>, OwnedSemaphorePermit)> = None;
     let mut dealing = true;
     let mut results = Vec::new();
     let mut outcomes = Vec::new();
@@ -61,12 +67,13 @@ pub(super) async fn send_batches<S: Transport>(
     let mut concluding = FuturesUnordered::new();
     // A claimed wake waiting for a free stream.
     let mut parked: Option<JobWake> = None;
-    // A device waiting for an in-flight permit or for the pace.
-    let mut staged: Option<DeviceRecord> = None;
+    // A device waiting for an in-flight permit or for the pace, with its
+    // page.
+    let mut staged: Option<(DeviceRecord, Arc<PageTrack>)> = None;
     // An in-flight permit taken while the pace said wait.
     let mut held: Option<OwnedSemaphorePermit> = None;
     loop {
-        let cancelled = job.is_cancelled();
+        let cancelled = job.is_halted();
         // Start every wake that may start now.
         let mut wait = Wait::Nothing;
         loop {
@@ -74,17 +81,20 @@ pub(super) async fn send_batches<S: Transport>(
                 Some(w) => w,
                 None if cancelled => break,
                 None => {
-                    let rec = match staged.take() {
-                        Some(rec) => rec,
-                        None => match current.as_mut().and_then(|(d, _)| d.next(&service)) {
-                            Some(Ok(rec)) if job.skips(rec.dead) => {
-                                job.count_skipped_dead();
+                    let (rec, page) = match staged.take() {
+                        Some(staged) => staged,
+                        None => match current
+                            .as_mut()
+                            .and_then(|(d, page, _)| Some((d.next(&service)?, page)))
+                        {
+                            Some((Ok(rec), page)) if job.skips(rec.dead) => {
+                                job.count_skipped_dead(page);
                                 continue;
                             }
-                            Some(Ok(rec)) => rec,
-                            Some(Err(id)) => {
+                            Some((Ok(rec), page)) => (rec, page.clone()),
+                            Some((Err(id), page)) => {
                                 // A listed id that is not registered.
-                                job.count(&id, None);
+                                job.count(page, &id, None);
                                 continue;
                             }
                             None => {
@@ -92,9 +102,10 @@ pub(super) async fn send_batches<S: Transport>(
                                 // back, and the next one comes.
                                 current = None;
                                 match batches.try_recv() {
-                                    Ok((batch, page)) => {
+                                    Ok((batch, permit)) => {
                                         batches_counter.increment(1);
-                                        current = Some((Devices::new(batch), page));
+                                        current =
+                                            Some((Devices::new(batch.devices), batch.page, permit));
                                         continue;
                                     }
                                     Err(mpsc::error::TryRecvError::Empty) => {
@@ -112,14 +123,14 @@ pub(super) async fn send_batches<S: Transport>(
                         .take()
                         .or_else(|| sending.permits.clone().try_acquire_owned().ok())
                     else {
-                        staged = Some(rec);
+                        staged = Some((rec, page));
                         wait = Wait::Permit;
                         break;
                     };
                     if let Some(p) = &sending.pacer {
                         if let Err(ms) = p.lock().take(clock::monotonic_ms()) {
                             held = Some(permit);
-                            staged = Some(rec);
+                            staged = Some((rec, page));
                             wait = Wait::Pace(Duration::from_millis(ms));
                             break;
                         }
@@ -129,13 +140,14 @@ pub(super) async fn send_batches<S: Transport>(
                     match service.pending.claim_quietly(rec) {
                         Ok(claim) => JobWake {
                             claim,
+                            page,
                             _permit: permit,
                         },
                         Err(pending) => {
                             // Joined a wake already pending.
                             let job = job.clone();
                             tokio::spawn(async move {
-                                job.count(id.as_str(), pending.result().await);
+                                job.count(&page, id.as_str(), pending.result().await);
                                 drop(permit);
                             });
                             continue;
@@ -155,17 +167,17 @@ pub(super) async fn send_batches<S: Transport>(
         tokio::select! {
             biased;
             _ = wakes.finished(&mut results), if !wakes.is_empty() => {
-                service.conclude_live(&mut results, &mut outcomes, |id, settled| {
-                    job.count(id.unwrap_or_default(), Some(settled.report()));
+                service.conclude_live(&mut results, &mut outcomes, |page, id, settled| {
+                    job.count(&page, id.unwrap_or_default(), Some(settled.report()));
                 });
                 for (w, report) in results.drain(..) {
                     let (service, job) = (service.clone(), job.clone());
                     concluding.push(async move {
                         // The permit is held until the result counts.
-                        let JobWake { claim, _permit } = w;
+                        let JobWake { claim, page, _permit } = w;
                         let id = claim.record().device_id.clone();
                         let settled = service.conclude(claim, report).await;
-                        job.count(id.as_str(), Some(settled.report()));
+                        job.count(&page, id.as_str(), Some(settled.report()));
                     });
                 }
             }
@@ -177,9 +189,9 @@ pub(super) async fn send_batches<S: Transport>(
             }
             _ = async { tokio::time::sleep(wait.pace()).await }, if matches!(wait, Wait::Pace(_)) => {}
             b = batches.recv(), if matches!(wait, Wait::Batch) => match b {
-                Some((batch, page)) => {
+                Some((batch, permit)) => {
                     batches_counter.increment(1);
-                    current = Some((Devices::new(batch), page));
+                    current = Some((Devices::new(batch.devices), batch.page, permit));
                 }
                 None => dealing = false,
             },
@@ -216,10 +228,10 @@ enum Devices {
 }
 
 impl Devices {
-    fn new(batch: Batch) -> Devices {
-        match batch {
-            Batch::Ids(ids) => Devices::Ids(ids.into_iter()),
-            Batch::Records(recs) => Devices::Records(recs.into_iter()),
+    fn new(devices: Selected) -> Devices {
+        match devices {
+            Selected::Ids(ids) => Devices::Ids(ids.into_iter()),
+            Selected::Records(recs) => Devices::Records(recs.into_iter()),
         }
     }
 
@@ -234,21 +246,24 @@ impl Devices {
     }
 }
 
-/// One device of a batch, from its claimed wake to the result counted;
-/// its in-flight permit is released with it, and its claim ends as
-/// abandoned if it was never settled (the batch's task was dropped).
+/// One device of a batch, from its claimed wake to the result counted in
+/// its page; its in-flight permit is released with it, and its claim ends
+/// as abandoned if it was never settled (the batch's task was dropped).
 struct JobWake {
     claim: Claim,
+    page: Arc<PageTrack>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl HoldsClaim for JobWake {
+    type Tag = Arc<PageTrack>;
+
     fn claim(&self) -> &Claim {
         &self.claim
     }
 
-    fn into_claim(self) -> Claim {
-        self.claim
+    fn into_parts(self) -> (Claim, Arc<PageTrack>) {
+        (self.claim, self.page)
     }
 }
 

@@ -4,6 +4,7 @@
 //! its result is published. The registry, store, committer and lifecycle
 //! are the real ones, on a temporary directory.
 
+use super::limits::JOB_WAKES_INFLIGHT_MAX;
 use super::transport::{Batch, Transport, WakeTarget};
 use super::*;
 use crate::core::wns::{Outcome, PushResult};
@@ -193,6 +194,7 @@ async fn a_single_wake_joins_a_bulk_claim_and_gets_its_result() {
             None,
             false,
         )
+        .await
         .unwrap();
     Rig::settle_tasks().await;
     assert_eq!(rig.wakes.inflight(), 2, "the job claimed both devices");
@@ -301,6 +303,7 @@ async fn a_cancelled_bulk_wake_stops_sending_and_counts_the_rest_not_sent() {
     let job = rig
         .wakes
         .start_job(0, Selection::Ids(ids), Some(1), false)
+        .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(3500)).await;
     job.cancel();
@@ -349,6 +352,7 @@ async fn a_dead_channel_is_marked_durably_before_its_result_is_published() {
             None,
             false,
         )
+        .await
         .unwrap();
     loop {
         let p = job.progress();
@@ -390,7 +394,7 @@ async fn a_bulk_wake_skips_channels_wns_declared_dead_unless_asked_and_keeps_its
     };
 
     // By default the dead channel is not sent to again.
-    let job = rig.wakes.start_job(0, ids(), None, false).unwrap();
+    let job = rig.wakes.start_job(0, ids(), None, false).await.unwrap();
     assert_eq!(job.expected_total(), 3);
     let p = finished(&job).await;
     assert_eq!(rig.transport.sent(), 2, "only dev-live was sent");
@@ -411,7 +415,7 @@ async fn a_bulk_wake_skips_channels_wns_declared_dead_unless_asked_and_keeps_its
     assert_eq!(page[0].result, "not_registered");
 
     // Asked to, it is sent again, and its failure says what WNS answered.
-    let job = rig.wakes.start_job(0, ids(), None, true).unwrap();
+    let job = rig.wakes.start_job(0, ids(), None, true).await.unwrap();
     let p = finished(&job).await;
     assert_eq!(rig.transport.sent(), 4, "dev-live and dev-dead were sent");
     assert_eq!(
@@ -440,4 +444,171 @@ async fn drain_ends_when_the_last_wake_in_flight_ends() {
     assert!(!rig.wakes.drain(ANSWER_AFTER / 2).await, "still in flight");
     assert!(rig.wakes.drain(ANSWER_AFTER).await);
     assert!(pending.result().await.is_some());
+}
+
+/// Bulk wakes kept in memory, as a backend keeps them durably.
+#[derive(Default)]
+struct MemBook {
+    jobs: Mutex<std::collections::BTreeMap<String, crate::core::bulk::StoredJob>>,
+}
+
+impl crate::core::bulk::JobBook for MemBook {
+    fn create(
+        &self,
+        def: &crate::core::bulk::JobDef,
+        ids: &[String],
+    ) -> Result<(), crate::core::bulk::BookError> {
+        let job = crate::core::bulk::StoredJob {
+            def: def.clone(),
+            ids: ids.to_vec(),
+            checkpoint: None,
+        };
+        self.jobs.lock().insert(def.id.clone(), job);
+        Ok(())
+    }
+
+    fn checkpoint(
+        &self,
+        id: &str,
+        checkpoint: &crate::core::bulk::Checkpoint,
+    ) -> Result<(), crate::core::bulk::BookError> {
+        let mut jobs = self.jobs.lock();
+        let job = jobs
+            .get_mut(id)
+            .ok_or_else(|| crate::core::bulk::BookError(format!("no job {id}")))?;
+        job.checkpoint = Some(checkpoint.clone());
+        Ok(())
+    }
+
+    fn load(&self) -> Result<Vec<crate::core::bulk::StoredJob>, crate::core::bulk::BookError> {
+        Ok(self.jobs.lock().values().cloned().collect())
+    }
+
+    fn forget(&self, id: &str) -> Result<(), crate::core::bulk::BookError> {
+        self.jobs.lock().remove(id);
+        Ok(())
+    }
+}
+
+/// Starts a bulk wake of `selection` at 400 wakes a second with `book`
+/// attached, stops it with the gateway after 4 s, and resumes it in a
+/// new wake service over the same registry and transport. Returns the
+/// checkpoint it stopped at, the resumed job, and the wakes sent to each
+/// channel token.
+async fn stop_and_resume(
+    rig: &Rig,
+    selection: Selection,
+) -> (
+    crate::core::bulk::Checkpoint,
+    Arc<Job>,
+    std::collections::HashMap<String, usize>,
+) {
+    let book = Arc::new(MemBook::default());
+    rig.wakes.attach_book(book.clone(), Duration::from_secs(1));
+    let job = rig
+        .wakes
+        .start_job(0, selection, Some(400), false)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    rig.wakes.stop_jobs();
+    while !job.is_finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Its last checkpoint is written off the runtime.
+    let stopped = loop {
+        let cp = book.jobs.lock()[job.id()].checkpoint.clone();
+        if let Some(cp) = cp.filter(|c| !c.done.is_empty() || c.at.is_some()) {
+            if *job.written_final.lock() {
+                break cp;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let again = Arc::new(WakeService::new(
+        rig.transport.clone(),
+        rig.registry.clone(),
+        rig.lifecycle.clone(),
+        rig.services.settings.thresholds,
+        1,
+    ));
+    again.attach_book(book.clone(), Duration::from_secs(1));
+    assert_eq!(again.restore_jobs(&Handle::current()).unwrap(), 1);
+    let resumed = again.job(job.id()).expect("the job is known again");
+    while !resumed.is_finished() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while !book.jobs.lock()[job.id()]
+        .checkpoint
+        .as_ref()
+        .is_some_and(|c| c.finished)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut sends = std::collections::HashMap::new();
+    for uri in rig.transport.sent.lock().iter() {
+        let token = uri.rsplit("token=").next().unwrap_or_default().to_owned();
+        *sends.entry(token).or_insert(0) += 1;
+    }
+    (stopped, resumed, sends)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bulk_wake_stopped_with_the_gateway_goes_on_from_its_checkpoint() {
+    let rig = Rig::new();
+    const N: usize = 3000;
+    for i in 0..N {
+        rig.register(&format!("dev-{i}"), &format!("AwYAAAD{i}"))
+            .await;
+    }
+    let (stopped, job, sends) = stop_and_resume(&rig, Selection::Filter(None)).await;
+    // The checkpoint counts exactly the devices before its position.
+    assert!(!stopped.finished && !stopped.cancelled);
+    assert_eq!(stopped.counts.done(), stopped.selected);
+    assert!(
+        stopped.selected > 0 && (stopped.selected as usize) < N,
+        "{stopped:?}"
+    );
+    // Every device woken at least once and at most twice; the resumed job
+    // counts each once.
+    assert_eq!(sends.len(), N, "every device was woken");
+    let twice = sends.values().filter(|&&n| n == 2).count();
+    assert!(sends.values().all(|&n| (1..=2).contains(&n)));
+    let p = job.progress();
+    assert_eq!(p.state, JobState::Done);
+    assert_eq!(
+        (p.total, p.received, p.done),
+        (N as u64, N as u64, N as u64)
+    );
+    // At 400 a second, the wakes after the position were at most the ones
+    // in flight or not yet checkpointed: a few seconds' worth.
+    assert!(
+        twice <= 2 * 400 + JOB_WAKES_INFLIGHT_MAX,
+        "{twice} woken twice"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bulk_wake_of_listed_ids_goes_on_from_its_checkpoint() {
+    let rig = Rig::new();
+    const N: usize = 2500;
+    let mut ids = Vec::new();
+    for i in 0..N {
+        let id = format!("dev-{i}");
+        rig.register(&id, &format!("AwYAAAD{i}")).await;
+        ids.push(id);
+    }
+    for i in 0..5 {
+        ids.push(format!("unknown-{i}"));
+    }
+    let (stopped, job, sends) = stop_and_resume(&rig, Selection::Ids(ids)).await;
+    assert!(!stopped.finished && !stopped.cancelled);
+    assert_eq!(stopped.counts.done(), stopped.selected);
+    assert!(stopped.at.is_some() || !stopped.done.is_empty());
+    assert_eq!(sends.len(), N, "every registered device was woken");
+    assert!(sends.values().all(|&n| (1..=2).contains(&n)));
+    let p = job.progress();
+    assert_eq!(p.state, JobState::Done);
+    assert_eq!(p.total, N as u64 + 5);
+    assert_eq!((p.received, p.failed, p.done), (N as u64, 5, N as u64 + 5));
 }

@@ -226,6 +226,19 @@ fn with_sim(
 ) -> (tempfile::TempDir, wnsgate::sim::SimHandle, Server) {
     let dir = tempfile::tempdir().expect("temp dir");
     let s = wnsgate::sim::start(cfg).expect("start the simulator");
+    let gw = start_for_sim(&s, &dir.path().join("data"), extra, start);
+    (dir, s, gw)
+}
+
+/// A gateway on `data` sending to the simulator `s` (token URL,
+/// connect-to, CA, one app for [`PFN`]), started by `start`: again after a
+/// kill, on the same data.
+pub fn start_for_sim(
+    s: &wnsgate::sim::SimHandle,
+    data: &Path,
+    extra: &[(&str, &str)],
+    start: fn(&Path, &[(&str, &str)]) -> Server,
+) -> Server {
     let apps = format!("[{{pfn = \"{PFN}\", package_sid = \"ms-app://S-1-15-2-7\", client_secret = \"sim-secret\"}}]");
     let (token_url, connect_to, ca) = (
         s.token_url(),
@@ -239,8 +252,7 @@ fn with_sim(
         ("WNSGATE_WNS__APPS", apps.as_str()),
     ];
     env.extend_from_slice(extra);
-    let gw = start(&dir.path().join("data"), &env);
-    (dir, s, gw)
+    start(data, &env)
 }
 
 /// Registers `(device_id, channel token)` pairs through the NDJSON import

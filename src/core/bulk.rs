@@ -1,0 +1,225 @@
+//! A bulk wake as it is kept durably, so that it survives a restart (and,
+//! in cluster mode, the death of the node running it): what it selects,
+//! and how far it got.
+//!
+//! A job walks its devices partition by partition, in the order listings
+//! use. Its checkpoint says which partitions are done (every device has
+//! its result), where the walk stands inside the partition it is in, and
+//! what the devices before that point came to. A job resumed from a
+//! checkpoint starts at that point with those counts: the devices after
+//! it that had already been woken are woken again (at most one checkpoint
+//! interval's worth), and none is skipped or counted twice.
+//!
+//! Where the records live is the backend's business ([`JobBook`]): files
+//! beside the embedded store, a KV bucket in cluster mode.
+
+use serde::{Deserialize, Serialize};
+
+/// What a bulk wake was asked to do; written once, when it starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobDef {
+    pub id: String,
+    pub created_at: String,
+    pub selection: SelectionDef,
+    pub rate_per_second: Option<u32>,
+    pub include_dead: bool,
+    pub expected_total: u64,
+}
+
+/// Which devices a stored job wakes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectionDef {
+    /// The ids stored beside the definition ([`StoredJob::ids`]).
+    Ids,
+    /// Every device in this lifecycle state (its name) when its page is
+    /// read.
+    State(String),
+    /// Every device.
+    All,
+}
+
+/// How the devices a job has counted ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub received: u64,
+    pub dropped: u64,
+    pub throttled: u64,
+    pub expired: u64,
+    pub failed: u64,
+    pub not_sent: u64,
+    pub skipped_dead: u64,
+}
+
+impl Counts {
+    /// Every device counted.
+    pub fn done(&self) -> u64 {
+        self.received
+            + self.dropped
+            + self.throttled
+            + self.expired
+            + self.failed
+            + self.not_sent
+            + self.skipped_dead
+    }
+
+    /// Adds `other` in.
+    pub fn add(&mut self, other: &Counts) {
+        self.received += other.received;
+        self.dropped += other.dropped;
+        self.throttled += other.throttled;
+        self.expired += other.expired;
+        self.failed += other.failed;
+        self.not_sent += other.not_sent;
+        self.skipped_dead += other.skipped_dead;
+    }
+}
+
+/// Where a walk stands inside a partition that is not done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub part: u16,
+    #[serde(flatten)]
+    pub within: Within,
+}
+
+/// The point inside a partition after which the walk goes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Within {
+    /// After this registry key (hex), for a selection by state or of all.
+    Key { after_key: String },
+    /// At this index of the partition's listed ids, for a selection by ids.
+    Index { next_index: u64 },
+}
+
+/// How far a job got: everything up to its position has its result.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Cancelled through the API: it is not resumed.
+    pub cancelled: bool,
+    /// Every partition it covers is done (or it was cancelled and its
+    /// wakes in flight ended): it is not resumed.
+    pub finished: bool,
+    /// Devices selected up to the position.
+    pub selected: u64,
+    /// How the devices up to the position ended.
+    pub counts: Counts,
+    /// Partitions whose every selected device has its result, as
+    /// inclusive ranges in ascending order.
+    pub done: Vec<(u16, u16)>,
+    /// Where the walk stands inside a partition it has begun.
+    pub at: Option<Position>,
+}
+
+impl Checkpoint {
+    /// Whether partition `part` is done.
+    pub fn is_done(&self, part: u16) -> bool {
+        self.done.iter().any(|&(a, b)| (a..=b).contains(&part))
+    }
+
+    /// Marks partitions `from..to` (exclusive) done, keeping the ranges
+    /// sorted and merged.
+    pub fn mark_done(&mut self, from: u16, to: u16) {
+        if from >= to {
+            return;
+        }
+        self.done.push((from, to - 1));
+        self.done.sort_unstable();
+        let mut merged: Vec<(u16, u16)> = Vec::with_capacity(self.done.len());
+        for &(a, b) in &self.done {
+            match merged.last_mut() {
+                Some(last) if u32::from(a) <= u32::from(last.1) + 1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        self.done = merged;
+    }
+}
+
+/// A job as it was loaded: its definition, its listed ids (for a selection
+/// by ids) and its last checkpoint, if one was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredJob {
+    pub def: JobDef,
+    pub ids: Vec<String>,
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Why a job could not be written or read.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BookError(pub String);
+
+/// Where bulk wakes are kept durably. Calls block; callers run them off
+/// the runtimes that serve requests.
+pub trait JobBook: Send + Sync + 'static {
+    /// Records a new job and its listed ids; returns once it is durable.
+    fn create(&self, def: &JobDef, ids: &[String]) -> Result<(), BookError>;
+
+    /// Replaces job `id`'s checkpoint; returns once it is durable.
+    fn checkpoint(&self, id: &str, checkpoint: &Checkpoint) -> Result<(), BookError>;
+
+    /// Every job kept, in no particular order.
+    fn load(&self) -> Result<Vec<StoredJob>, BookError>;
+
+    /// Drops job `id` (it is no longer remembered).
+    fn forget(&self, id: &str) -> Result<(), BookError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_ranges_merge_and_answer() {
+        let mut c = Checkpoint::default();
+        c.mark_done(5, 8);
+        c.mark_done(0, 2);
+        c.mark_done(2, 5);
+        c.mark_done(10, 10);
+        assert_eq!(c.done, vec![(0, 7)]);
+        c.mark_done(9, 12);
+        assert_eq!(c.done, vec![(0, 7), (9, 11)]);
+        assert!(c.is_done(0) && c.is_done(7) && c.is_done(11));
+        assert!(!c.is_done(8) && !c.is_done(12));
+        c.mark_done(8, 9);
+        assert_eq!(c.done, vec![(0, 11)]);
+        c.mark_done(65534, 65535);
+        assert!(c.is_done(65534) && !c.is_done(65535));
+    }
+
+    #[test]
+    fn a_checkpoint_reads_back_as_written() {
+        let c = Checkpoint {
+            cancelled: false,
+            finished: false,
+            selected: 9,
+            counts: Counts {
+                received: 7,
+                failed: 2,
+                ..Counts::default()
+            },
+            done: vec![(0, 3)],
+            at: Some(Position {
+                part: 4,
+                within: Within::Key {
+                    after_key: "0a0b".into(),
+                },
+            }),
+        };
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains("\"after_key\":\"0a0b\""), "{json}");
+        assert_eq!(serde_json::from_str::<Checkpoint>(&json).unwrap(), c);
+        let ids = Checkpoint {
+            at: Some(Position {
+                part: 1,
+                within: Within::Index { next_index: 3 },
+            }),
+            ..c
+        };
+        let json = serde_json::to_string(&ids).unwrap();
+        assert_eq!(serde_json::from_str::<Checkpoint>(&json).unwrap(), ids);
+        assert_eq!(ids.counts.done(), 9);
+    }
+}
