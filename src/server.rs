@@ -169,22 +169,25 @@ impl crate::store::PartitionHost for Host {
 const CHECKPOINT_EVERY_EMBEDDED: Duration = Duration::from_secs(2);
 
 /// Where bulk wakes are kept: files in the data directory in embedded
-/// mode, the backend's own place in cluster mode (none yet: jobs there
-/// are not kept).
-#[allow(clippy::type_complexity)]
+/// mode, the backend's own place in cluster mode.
 fn job_book(
     settings: &Settings,
     store: &dyn Store,
-) -> anyhow::Result<Option<(Arc<dyn crate::core::bulk::JobBook>, Duration)>> {
+) -> anyhow::Result<Option<crate::wake::Attached>> {
     Ok(match &settings.cluster {
-        None => Some((
-            Arc::new(
+        None => Some(crate::wake::Attached {
+            book: Arc::new(
                 crate::store::bulk_jobs::FileJobBook::open(&settings.store.path)
                     .context("cannot open the bulk wakes' directory")?,
             ),
-            CHECKPOINT_EVERY_EMBEDDED,
-        )),
-        Some(c) => store.job_book().map(|b| (b, c.checkpoint_every)),
+            every: CHECKPOINT_EVERY_EMBEDDED,
+            owner: None,
+        }),
+        Some(c) => store.job_book().map(|(book, owner)| crate::wake::Attached {
+            book,
+            every: c.checkpoint_every,
+            owner: Some(owner),
+        }),
     })
 }
 
@@ -340,8 +343,8 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     let lifecycle_thread = crate::lifecycle::LifecycleThread::start(lifecycle, crate::clock::now)
         .context("cannot start the lifecycle thread")?;
     let resumed_jobs = match job_book(&gateway.settings, &*store)? {
-        Some((book, every)) => {
-            gateway.wakes.attach_book(book, every);
+        Some(attached) => {
+            gateway.wakes.attach_book(attached);
             let rt = gateway
                 .wakes
                 .shard_runtime(0)

@@ -3,7 +3,8 @@
 //! from snapshots and log tails; writes go on while one NATS server is
 //! down; three gateways share the partitions, answer for each other's
 //! devices and take a killed one's partitions over; a paused gateway is
-//! fenced, answers nothing from stale state, and rejoins.
+//! fenced, answers nothing from stale state, and rejoins; a bulk wake runs
+//! on every gateway and survives the SIGKILL of one of them.
 
 // Measures its own waits and hang guards on the real clock; the rule that
 // time is read only through `wnsgate::clock` (clippy.toml) is the gateway's.
@@ -35,6 +36,31 @@ fn gateway(dir: &Path, nats: &NatsCluster, node: &str) -> Server {
             ("WNSGATE_CLUSTER__REPLICAS", "3"),
             ("WNSGATE_CLUSTER__LEASE_TTL", ttl.as_str()),
         ],
+    )
+}
+
+/// [`gateway`], sending its wakes to the simulator `sim`.
+fn gateway_with_sim(
+    dir: &Path,
+    nats: &NatsCluster,
+    node: &str,
+    sim: &wnsgate::sim::SimHandle,
+) -> Server {
+    let urls = nats.urls_toml();
+    let ttl = format!("{LEASE_TTL_SECS}s");
+    common::start_for_sim(
+        sim,
+        &dir.join(node),
+        &[
+            ("WNSGATE_CLUSTER__NATS_URLS", urls.as_str()),
+            ("WNSGATE_CLUSTER__NODE_ID", node),
+            ("WNSGATE_CLUSTER__PARTITIONS", "16"),
+            ("WNSGATE_CLUSTER__STREAM_COUNT", "2"),
+            ("WNSGATE_CLUSTER__REPLICAS", "3"),
+            ("WNSGATE_CLUSTER__LEASE_TTL", ttl.as_str()),
+            ("WNSGATE_CLUSTER__CHECKPOINT_EVERY", "1s"),
+        ],
+        Server::start,
     )
 }
 
@@ -472,5 +498,93 @@ fn jetstream_refuses_an_append_from_a_writer_that_lost_the_partition() {
     assert_eq!(
         reg_c.get("dev-1").unwrap().channel_uri.as_str(),
         uri("from-b")
+    );
+}
+
+/// A bulk wake started on one gateway runs on all three, each over the
+/// partitions it owns, at the job's pace shared between them. One of them
+/// is killed (SIGKILL) in the middle: the others take its partitions and go
+/// on from its last checkpoint. Every device is woken at least once and at
+/// most twice, and the job, read from any survivor, counts each once.
+#[test]
+fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
+    const DEVICES: u64 = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(dir.path(), 3);
+    let sim = wnsgate::sim::start(wnsgate::sim::SimConfig::default()).unwrap();
+    let mut gws: Vec<Server> = ["gw-0", "gw-1", "gw-2"]
+        .iter()
+        .map(|n| gateway_with_sim(dir.path(), &nats, n, &sim))
+        .collect();
+    wait_balanced(&[&gws[0], &gws[1], &gws[2]]);
+    let list = (0..DEVICES).map(|i| (format!("bw-{i:05}"), format!("AwYAAADbw{i}")));
+    assert_eq!(
+        common::import_tokens(&gws[0], "db5.notify.windows.com", list),
+        DEVICES
+    );
+    let r = gws[0]
+        .client()
+        .send_json(
+            "POST",
+            "/v1/pushes",
+            &serde_json::json!({"all": true, "rate_per_second": 600}),
+        )
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    let job = r.json();
+    assert_eq!(
+        job["expected_total"], DEVICES,
+        "counted on every node: {job}"
+    );
+    let id = job["job_id"].as_str().unwrap().to_owned();
+    // Every gateway runs it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for gw in &gws[1..] {
+        loop {
+            let r = gw.client().get(&format!("/v1/pushes/{id}")).unwrap();
+            if r.status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}: {}", r.status, r.text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    // Killed once a good part is done, with more to go.
+    loop {
+        let v = gws[0]
+            .client()
+            .get(&format!("/v1/pushes/{id}"))
+            .unwrap()
+            .json();
+        if v["done"].as_u64().unwrap_or(0) >= DEVICES / 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    gws.pop().unwrap().kill();
+    let before = sim.stats().pushes_total;
+    assert!(before < DEVICES, "killed before the end: {before}");
+    let done = common::wait_job(&gws[0], &id, Duration::from_secs(120));
+    assert_eq!(done["state"], "done", "{done}");
+    let st = sim.stats();
+    assert_eq!(st.delivered_channels, DEVICES, "{st:?}");
+    assert!(st.max_deliveries_per_channel <= 2, "{st:?}");
+    // Each device counted once, read from either survivor (the other's
+    // share as its last checkpoint says, so wait for it to settle).
+    for gw in &gws {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = gw.client().get(&format!("/v1/pushes/{id}")).unwrap().json();
+            if v["state"] == "done" && v["received"] == DEVICES && v["total"] == DEVICES {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    eprintln!(
+        "{before} pushes before the kill, {} in all for {DEVICES} devices",
+        st.pushes_total
     );
 }

@@ -62,12 +62,13 @@ struct JobView<'a> {
     selection_done: bool,
 }
 
-fn view(job: &Job) -> Resp {
-    json_response(StatusCode::OK, &job_view(job))
+fn view(gw: &Gateway, job: &Job) -> Resp {
+    json_response(StatusCode::OK, &job_view(gw, job))
 }
 
-fn job_view(job: &Job) -> JobView<'_> {
-    let p = job.progress();
+/// A job as the API shows it: in cluster mode with every node's share.
+fn job_view<'a>(gw: &Gateway, job: &'a Job) -> JobView<'a> {
+    let p = gw.wakes.progress(job);
     JobView {
         job_id: job.id(),
         state: p.state.as_str(),
@@ -92,7 +93,7 @@ fn job_view(job: &Job) -> JobView<'_> {
 /// `GET /v1/pushes`: every bulk wake running or remembered, newest first.
 pub(crate) fn list(gw: &Gateway) -> Resp {
     let jobs = gw.wakes.jobs();
-    let views: Vec<JobView<'_>> = jobs.iter().map(|j| job_view(j)).collect();
+    let views: Vec<JobView<'_>> = jobs.iter().map(|j| job_view(gw, j)).collect();
     json_response(StatusCode::OK, &serde_json::json!({ "jobs": views }))
 }
 
@@ -151,9 +152,31 @@ pub(crate) async fn create(
             "rate_per_second must be positive",
         ));
     }
+    // In cluster mode the devices a selection holds are counted on every
+    // node; a node that does not answer counts none.
+    let elsewhere = match &selection {
+        Selection::Filter(state) if !gw.store.peers().is_empty() => {
+            let answers = super::forward::ask_peers(&gw, "/v1/stats", &headers).await;
+            answers
+                .iter()
+                .filter_map(|(_, a)| a.as_ref().ok())
+                .map(|v| match state {
+                    None => v["devices"].as_u64().unwrap_or(0),
+                    Some(s) => v["by_state"][s.as_str()].as_u64().unwrap_or(0),
+                })
+                .sum()
+        }
+        _ => 0,
+    };
     let job = gw
         .wakes
-        .start_job(shard, selection, req.rate_per_second, req.include_dead)
+        .start_job(
+            shard,
+            selection,
+            req.rate_per_second,
+            req.include_dead,
+            elsewhere,
+        )
         .await
         .map_err(|e| match e {
             StartError::TooManyJobs => ApiError::new(
@@ -163,7 +186,7 @@ pub(crate) async fn create(
             ),
             StartError::NotRecorded(_) => ApiError::unavailable("store_unavailable", e.to_string()),
         })?;
-    let mut resp = view(&job);
+    let mut resp = view(&gw, &job);
     *resp.status_mut() = StatusCode::ACCEPTED;
     Ok(resp)
 }
@@ -171,7 +194,7 @@ pub(crate) async fn create(
 /// `GET /v1/pushes/{id}`.
 pub(crate) fn get(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
     let job = gw.wakes.job(id).ok_or_else(|| unknown_job(id))?;
-    Ok(view(&job))
+    Ok(view(gw, &job))
 }
 
 /// `GET /v1/pushes/{id}/failures?limit=&cursor=`: the devices whose wake
@@ -225,12 +248,16 @@ pub(crate) fn failures(gw: &Gateway, id: &str, query: Option<String>) -> Result<
     ))
 }
 
-/// `DELETE /v1/pushes/{id}`: stops sending; wakes in flight finish. A job
-/// that already finished is answered as it is.
-pub(crate) fn cancel(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
-    let job = gw.wakes.job(id).ok_or_else(|| unknown_job(id))?;
-    job.cancel();
-    Ok(view(&job))
+/// `DELETE /v1/pushes/{id}`: stops sending (on every node, in cluster
+/// mode); wakes in flight finish. A job that already finished is answered
+/// as it is.
+pub(crate) async fn cancel(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
+    let job = gw
+        .wakes
+        .cancel_job(id)
+        .await
+        .ok_or_else(|| unknown_job(id))?;
+    Ok(view(gw, &job))
 }
 
 fn unknown_job(id: &str) -> ApiError {

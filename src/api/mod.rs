@@ -268,7 +268,7 @@ async fn dispatch(
         (Method::GET, Route::Jobs) => Ok(jobs::list(&gw)),
         (_, Route::Jobs) => Err(method_not_allowed("GET, POST")),
         (Method::GET, Route::Job(id)) => jobs::get(&gw, &id),
-        (Method::DELETE, Route::Job(id)) => jobs::cancel(&gw, &id),
+        (Method::DELETE, Route::Job(id)) => jobs::cancel(&gw, &id).await,
         (_, Route::Job(_)) => Err(method_not_allowed("GET, DELETE")),
         (Method::GET, Route::JobFailures(id)) => jobs::failures(&gw, &id, query),
         (_, Route::JobFailures(_)) => Err(method_not_allowed("GET")),

@@ -179,6 +179,8 @@ struct Inner {
     leases_kv: jetstream::kv::Store,
     /// Per partition: served here (its lease held and its state loaded).
     served: Vec<AtomicBool>,
+    /// Counts the partitions taken and left (for bulk wakes' walks).
+    ownership: AtomicU64,
     /// The revision of every lease this node holds.
     held: Mutex<HashMap<u16, u64>>,
     /// The live nodes of the last round: id -> API address.
@@ -199,6 +201,7 @@ struct Inner {
 /// The cluster [`Store`]: see the module docs.
 pub struct JetStreamStore {
     inner: Arc<Inner>,
+    jobs: Arc<super::jobs::KvJobBook>,
     runtime: Option<tokio::runtime::Runtime>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     lease_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -441,6 +444,14 @@ impl JetStreamStore {
             }
         });
         let o = opened.map_err(StoreError::Io)?;
+        let jobs = runtime
+            .block_on(super::jobs::KvJobBook::open(
+                &o.js,
+                o.snapshots.clone(),
+                settings.replicas,
+                runtime.handle().clone(),
+            ))
+            .map_err(StoreError::Io)?;
         let n = usize::from(o.partitioning.count());
         let instance = format!(
             "{}.{:016x}",
@@ -473,6 +484,7 @@ impl JetStreamStore {
             nodes_kv: o.nodes_kv,
             leases_kv: o.leases_kv,
             served: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            ownership: AtomicU64::new(0),
             held: Mutex::new(HashMap::new()),
             live: RwLock::new(HashMap::new()),
             valid_until: AtomicU64::new(0),
@@ -496,6 +508,7 @@ impl JetStreamStore {
         );
         Ok(JetStreamStore {
             inner,
+            jobs: Arc::new(jobs),
             runtime: Some(runtime),
             thread: Mutex::new(None),
             lease_thread: Mutex::new(None),
@@ -921,6 +934,7 @@ impl Inner {
             .fetch_add(data.snapshot_bytes, Ordering::Relaxed);
         self.log_bytes.fetch_add(data.tail_bytes, Ordering::Relaxed);
         self.served[p].store(true, Ordering::Release);
+        self.ownership.fetch_add(1, Ordering::AcqRel);
         Ok(counts)
     }
 
@@ -929,6 +943,7 @@ impl Inner {
     fn leave(&self, part: u16) {
         let p = usize::from(part);
         self.served[p].store(false, Ordering::Release);
+        self.ownership.fetch_add(1, Ordering::AcqRel);
         // An append of the partition still in flight ends first.
         drop(self.apply_lock.lock());
         // A fenced or doubtful partition that left is no concern of this
@@ -1166,6 +1181,26 @@ impl Inner {
     }
 }
 
+/// The partitions this node serves, for bulk wakes' walks.
+struct Ownership(Arc<Inner>);
+
+impl crate::core::bulk::Owner for Ownership {
+    fn owns(&self, part: u16) -> bool {
+        self.0
+            .served
+            .get(usize::from(part))
+            .is_some_and(|s| s.load(Ordering::Acquire))
+    }
+
+    fn epoch(&self) -> u64 {
+        self.0.ownership.load(Ordering::Acquire)
+    }
+
+    fn instance(&self) -> String {
+        super::jobs::key_safe(&self.0.instance)
+    }
+}
+
 /// A partition as the cluster holds it.
 #[derive(Default)]
 struct PartitionData {
@@ -1394,6 +1429,15 @@ impl Store for JetStreamStore {
 
     fn attach_host(&self, host: std::sync::Weak<dyn PartitionHost>) {
         let _ = self.inner.host.set(host);
+    }
+
+    fn job_book(
+        &self,
+    ) -> Option<(
+        Arc<dyn crate::core::bulk::JobBook>,
+        Arc<dyn crate::core::bulk::Owner>,
+    )> {
+        Some((self.jobs.clone(), Arc::new(Ownership(self.inner.clone()))))
     }
 
     fn partitioning(&self) -> Option<Partitioning> {

@@ -3,8 +3,8 @@
 //! copy.
 //!
 //! Owns: the JetStream backend of [`crate::store::Store`] ([`jetstream`]),
-//! which node serves which partition ([`leases`]), and the snapshot objects
-//! ([`snapshot`]).
+//! which node serves which partition ([`leases`]), the snapshot objects
+//! ([`snapshot`]), and bulk wakes shared by the nodes ([`jobs`]).
 //! Must not touch: the API (it forwards calls by
 //! [`crate::store::Store::placement`]); the registry and the refresh queue
 //! are handed to it through the store's traits
@@ -15,6 +15,7 @@
 //! [`leases`]'.
 
 pub mod jetstream;
+pub mod jobs;
 pub mod leases;
 pub mod snapshot;
 

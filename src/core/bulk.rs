@@ -30,7 +30,7 @@ pub struct JobDef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SelectionDef {
-    /// The ids stored beside the definition ([`StoredJob::ids`]).
+    /// The ids stored beside the definition ([`JobBook::ids`]).
     Ids,
     /// Every device in this lifecycle state (its name) when its page is
     /// read.
@@ -137,13 +137,72 @@ impl Checkpoint {
     }
 }
 
-/// A job as it was loaded: its definition, its listed ids (for a selection
-/// by ids) and its last checkpoint, if one was written.
+/// A job as it was loaded: its definition, whether it was cancelled, and
+/// the last checkpoint of each walk over its partitions (one walk in
+/// embedded mode; in cluster mode one per node and partition set that ran
+/// it, named after them). Listed ids are read with [`JobBook::ids`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredJob {
     pub def: JobDef,
-    pub ids: Vec<String>,
-    pub checkpoint: Option<Checkpoint>,
+    pub cancelled: bool,
+    pub walks: Vec<(String, Checkpoint)>,
+}
+
+impl StoredJob {
+    /// Whether a walk wrote its last checkpoint as the job ended.
+    pub fn finished(&self) -> bool {
+        self.walks.iter().any(|(_, c)| c.finished)
+    }
+}
+
+/// Where walks over a job go on from: the partitions some walk finished,
+/// and in each partition begun and not done, the furthest position any
+/// walk reached; with every walk's counts added up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    pub done: Checkpoint,
+    pub at: std::collections::BTreeMap<u16, Within>,
+    pub selected: u64,
+    pub counts: Counts,
+}
+
+impl Resume {
+    /// The walks' checkpoints merged.
+    pub fn merge<'a>(walks: impl IntoIterator<Item = &'a Checkpoint>) -> Resume {
+        let mut r = Resume::default();
+        for c in walks {
+            for &(a, b) in &c.done {
+                // Partitions number at most 4096: `b + 1` fits.
+                r.done.mark_done(a, b.saturating_add(1));
+            }
+            r.selected += c.selected;
+            r.counts.add(&c.counts);
+            if let Some(p) = &c.at {
+                let further = match (r.at.get(&p.part), &p.within) {
+                    (None, _) => true,
+                    (Some(Within::Key { after_key: old }), Within::Key { after_key: new }) => {
+                        new > old
+                    }
+                    (
+                        Some(Within::Index { next_index: old }),
+                        Within::Index { next_index: new },
+                    ) => new > old,
+                    _ => false,
+                };
+                if further {
+                    r.at.insert(p.part, p.within.clone());
+                }
+            }
+        }
+        let done = r.done.clone();
+        r.at.retain(|part, _| !done.is_done(*part));
+        r
+    }
+
+    /// Whether partition `part` is done.
+    pub fn is_done(&self, part: u16) -> bool {
+        self.done.is_done(part)
+    }
 }
 
 /// Why a job could not be written or read.
@@ -157,14 +216,51 @@ pub trait JobBook: Send + Sync + 'static {
     /// Records a new job and its listed ids; returns once it is durable.
     fn create(&self, def: &JobDef, ids: &[String]) -> Result<(), BookError>;
 
-    /// Replaces job `id`'s checkpoint; returns once it is durable.
-    fn checkpoint(&self, id: &str, checkpoint: &Checkpoint) -> Result<(), BookError>;
+    /// Replaces the checkpoint of job `id`'s walk `walk`; returns once it
+    /// is durable.
+    fn checkpoint(&self, id: &str, walk: &str, checkpoint: &Checkpoint) -> Result<(), BookError>;
 
     /// Every job kept, in no particular order.
     fn load(&self) -> Result<Vec<StoredJob>, BookError>;
 
+    /// Job `id` as kept, if it is. The provided implementation looks
+    /// through [`JobBook::load`].
+    fn job(&self, id: &str) -> Result<Option<StoredJob>, BookError> {
+        Ok(self.load()?.into_iter().find(|j| j.def.id == id))
+    }
+
+    /// Job `id`'s listed ids, in the order given.
+    fn ids(&self, id: &str) -> Result<Vec<String>, BookError>;
+
+    /// Records that job `id` was cancelled, for every node running it.
+    /// The provided implementation records nothing: the job's own last
+    /// checkpoint says so.
+    fn cancel(&self, id: &str) -> Result<(), BookError> {
+        let _ = id;
+        Ok(())
+    }
+
     /// Drops job `id` (it is no longer remembered).
     fn forget(&self, id: &str) -> Result<(), BookError>;
+
+    /// Whether several nodes run the jobs of this book, each over the
+    /// partitions it owns ([`Owner`]). The provided implementation: no.
+    fn shared(&self) -> bool {
+        false
+    }
+}
+
+/// Which partitions this node serves, for jobs shared between nodes.
+pub trait Owner: Send + Sync + 'static {
+    /// Whether this node serves partition `part` now.
+    fn owns(&self, part: u16) -> bool;
+
+    /// A number that changes whenever this node takes or leaves a
+    /// partition.
+    fn epoch(&self) -> u64;
+
+    /// A name for this node's run, unique to the process.
+    fn instance(&self) -> String;
 }
 
 #[cfg(test)]
@@ -187,6 +283,52 @@ mod tests {
         assert_eq!(c.done, vec![(0, 11)]);
         c.mark_done(65534, 65535);
         assert!(c.is_done(65534) && !c.is_done(65535));
+    }
+
+    #[test]
+    fn walks_merge_into_the_furthest_point_of_each_partition() {
+        let key = |part, k: &str| Position {
+            part,
+            within: Within::Key {
+                after_key: k.into(),
+            },
+        };
+        let a = Checkpoint {
+            selected: 10,
+            counts: Counts {
+                received: 10,
+                ..Counts::default()
+            },
+            done: vec![(0, 2)],
+            at: Some(key(3, "0a")),
+            ..Checkpoint::default()
+        };
+        let b = Checkpoint {
+            selected: 5,
+            counts: Counts {
+                failed: 5,
+                ..Counts::default()
+            },
+            done: vec![(5, 6)],
+            at: Some(key(3, "0b01")),
+            ..Checkpoint::default()
+        };
+        let c = Checkpoint {
+            done: vec![(7, 7)],
+            at: Some(key(6, "ff")),
+            ..Checkpoint::default()
+        };
+        let r = Resume::merge([&a, &b, &c]);
+        assert_eq!(r.done.done, vec![(0, 2), (5, 7)]);
+        assert_eq!(r.at.len(), 1, "a position in a done partition is dropped");
+        assert_eq!(
+            r.at[&3],
+            Within::Key {
+                after_key: "0b01".into()
+            }
+        );
+        assert_eq!((r.selected, r.counts.done()), (15, 15));
+        assert!(r.is_done(6) && !r.is_done(3) && !r.is_done(4));
     }
 
     #[test]

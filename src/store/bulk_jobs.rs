@@ -1,7 +1,9 @@
 //! Bulk wakes kept beside the embedded store: one directory, `bulk-jobs`,
 //! in the data directory, with for each job `<id>.json` (its definition
 //! and last checkpoint, replaced atomically) and, for a selection by ids,
-//! `<id>.ids` (one id per line, written once).
+//! `<id>.ids` (one id per line, written once). One gateway runs every
+//! job, in one walk over all partitions: the file keeps that walk's
+//! checkpoint.
 //!
 //! A file is replaced by writing a temporary file, syncing it, renaming it
 //! over the old one and syncing the directory, so a crash leaves the old
@@ -16,6 +18,8 @@ use std::path::{Path, PathBuf};
 
 /// The directory under the data directory.
 pub const JOBS_DIR: &str = "bulk-jobs";
+/// The name of a job's one walk.
+const WALK: &str = "main";
 
 /// One job file: the definition and the last checkpoint.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -114,7 +118,7 @@ impl JobBook for FileJobBook {
         self.write(&self.path(&def.id, "json")?, &file)
     }
 
-    fn checkpoint(&self, id: &str, checkpoint: &Checkpoint) -> Result<(), BookError> {
+    fn checkpoint(&self, id: &str, _walk: &str, checkpoint: &Checkpoint) -> Result<(), BookError> {
         let _w = self.lock.lock();
         let path = self.path(id, "json")?;
         let mut file = Self::read(&path).map_err(|e| err("read", &path, e))?;
@@ -144,25 +148,29 @@ impl JobBook for FileJobBook {
                     continue;
                 }
             };
-            let ids = if file.def.selection == crate::core::bulk::SelectionDef::Ids {
+            if file.def.selection == crate::core::bulk::SelectionDef::Ids {
                 let ids_path = self.path(&file.def.id, "ids")?;
-                match fs::read_to_string(&ids_path) {
-                    Ok(text) => text.lines().map(str::to_owned).collect(),
-                    Err(e) => {
-                        Self::set_aside(&path, &format!("{}: {e}", ids_path.display()));
-                        continue;
-                    }
+                if let Err(e) = fs::metadata(&ids_path) {
+                    Self::set_aside(&path, &format!("{}: {e}", ids_path.display()));
+                    continue;
                 }
-            } else {
-                Vec::new()
-            };
+            }
             jobs.push(StoredJob {
+                cancelled: file.checkpoint.as_ref().is_some_and(|c| c.cancelled),
+                walks: file
+                    .checkpoint
+                    .map(|c| vec![(WALK.to_owned(), c)])
+                    .unwrap_or_default(),
                 def: file.def,
-                ids,
-                checkpoint: file.checkpoint,
             });
         }
         Ok(jobs)
+    }
+
+    fn ids(&self, id: &str) -> Result<Vec<String>, BookError> {
+        let path = self.path(id, "ids")?;
+        let text = fs::read_to_string(&path).map_err(|e| err("read", &path, e))?;
+        Ok(text.lines().map(str::to_owned).collect())
     }
 
     fn forget(&self, id: &str) -> Result<(), BookError> {
@@ -211,15 +219,15 @@ mod tests {
             done: vec![(0, 4)],
             ..Checkpoint::default()
         };
-        book.checkpoint("j2", &cp).unwrap();
+        book.checkpoint("j2", WALK, &cp).unwrap();
         let book = FileJobBook::open(dir.path()).unwrap();
         let mut jobs = book.load().unwrap();
         jobs.sort_by(|a, b| a.def.id.cmp(&b.def.id));
         assert_eq!(jobs.len(), 2);
         assert_eq!(jobs[0].def, def("j1", SelectionDef::Ids));
-        assert_eq!(jobs[0].ids, ids);
-        assert_eq!(jobs[0].checkpoint, None);
-        assert_eq!(jobs[1].checkpoint, Some(cp));
+        assert_eq!(book.ids("j1").unwrap(), ids);
+        assert_eq!(jobs[0].walks, vec![]);
+        assert_eq!(jobs[1].walks, vec![(WALK.to_owned(), cp)]);
         book.forget("j1").unwrap();
         book.forget("j1").unwrap();
         assert_eq!(book.load().unwrap().len(), 1);
@@ -246,6 +254,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let book = FileJobBook::open(dir.path()).unwrap();
         assert!(book.forget("../x").is_err());
-        assert!(book.checkpoint("a/b", &Checkpoint::default()).is_err());
+        assert!(book
+            .checkpoint("a/b", WALK, &Checkpoint::default())
+            .is_err());
     }
 }

@@ -225,9 +225,16 @@ pub trait Store: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// Where this backend keeps bulk wakes, when it keeps them. The
-    /// provided implementation: nowhere.
-    fn job_book(&self) -> Option<std::sync::Arc<dyn crate::core::bulk::JobBook>> {
+    /// Where this backend keeps bulk wakes shared between nodes, and which
+    /// partitions this node owns, when it keeps them. The provided
+    /// implementation: nowhere.
+    #[allow(clippy::type_complexity)]
+    fn job_book(
+        &self,
+    ) -> Option<(
+        std::sync::Arc<dyn crate::core::bulk::JobBook>,
+        std::sync::Arc<dyn crate::core::bulk::Owner>,
+    )> {
         None
     }
 

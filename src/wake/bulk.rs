@@ -2,24 +2,32 @@
 //! all), paces itself, keeps a bounded number of wakes in flight, and counts
 //! outcomes. Memory does not grow with the number of devices selected.
 //!
-//! The job streams through the store in device-id order a page at a time
-//! (or through the ids it was given) and deals the pages to the shards in
-//! turn ([`Dealer`]); each shard sends its share from one task for the
-//! whole job ([`super::send`]).
+//! The job walks its partitions in listing order a page at a time (or
+//! through the ids it was given, [`super::walk`]) and deals batches to the
+//! shards in turn ([`Dealer`]); each shard sends its share from one task
+//! for the whole job ([`super::send`]).
+//!
+//! With a [`JobBook`] attached, jobs are durable: recorded before they are
+//! answered, checkpointed as they go, and resumed from their checkpoints
+//! at the next start. A book shared between nodes (cluster mode) has every
+//! node run every job over the partitions it owns, and walk again from the
+//! merged checkpoints whenever that set changes.
 
 use super::job::Job;
+use super::job::Progress;
 use super::limits::{
-    BATCHES_AHEAD_MAX, DEAL_DEVICES, JOBS_REMEMBERED_MAX, JOBS_RUNNING_MAX, JOB_WAKES_INFLIGHT_MAX,
-    PAGE_DEVICES, PAGE_SCAN_RECORDS_MAX,
+    BATCHES_AHEAD_MAX, JOBS_REMEMBERED_MAX, JOBS_RUNNING_MAX, JOB_WAKES_INFLIGHT_MAX,
 };
-use super::send::{send_batches, Batch, Selected, Sending};
+use super::send::{send_batches, Batch, Sending};
 use super::transport::Transport;
+use super::walk::{deal_filter, deal_ids, group_ids};
 use super::WakeService;
 use crate::clock;
-use crate::core::bulk::{BookError, Checkpoint, JobBook, JobDef, Position, SelectionDef, Within};
+use crate::core::bulk::{
+    BookError, Checkpoint, JobBook, JobDef, Owner, Resume, SelectionDef, StoredJob,
+};
 use crate::core::wns::retry::Pacer;
-use crate::core::{DeviceRecord, LifecycleState};
-use crate::registry::{Cursor, Marks};
+use crate::core::LifecycleState;
 use crate::telemetry::metrics as m;
 use parking_lot::Mutex;
 use std::sync::atomic::Ordering;
@@ -58,24 +66,50 @@ pub enum StartError {
     NotRecorded(String),
 }
 
+/// A book attached to the wake service: where jobs are kept, how often a
+/// running one is checkpointed, and for a shared book, which partitions
+/// this node owns.
+pub struct Attached {
+    pub book: Arc<dyn JobBook>,
+    pub every: Duration,
+    pub owner: Option<Arc<dyn Owner>>,
+}
+
+/// How often a node looks for jobs started on other nodes, and for
+/// cancels, in cluster mode; and how often an idle walk looks again at the
+/// partitions it owns.
+const SHARED_POLL: Duration = Duration::from_millis(250);
+
 impl<S: Transport> WakeService<S> {
-    /// Keeps bulk wakes in `book` from now on, checkpointing each running
-    /// one every `every`; jobs started before are not kept.
-    pub fn attach_book(&self, book: Arc<dyn JobBook>, every: Duration) {
-        let _ = self.book.set((book, every));
+    /// Keeps bulk wakes in `attached.book` from now on; jobs started
+    /// before are not kept.
+    pub fn attach_book(&self, attached: Attached) {
+        let _ = self.book.set(attached);
+    }
+
+    fn owner(&self) -> Option<&Arc<dyn Owner>> {
+        self.book.get()?.owner.as_ref()
+    }
+
+    fn shared(&self) -> bool {
+        self.book
+            .get()
+            .is_some_and(|b| b.book.shared() && b.owner.is_some())
     }
 
     /// Starts a bulk wake on the calling runtime; `shard` is where its pages
     /// go when no shard has registered its runtime (in-process tests).
     /// Devices whose channel WNS declared dead (404, 410) are skipped
     /// unless `include_dead`. With a book attached, the job is durable
-    /// before this returns.
+    /// before this returns. `elsewhere` is how many devices of the
+    /// selection other nodes hold (cluster mode), for the expected total.
     pub async fn start_job(
         self: &Arc<Self>,
         shard: usize,
         selection: Selection,
         rate_per_second: Option<u32>,
         include_dead: bool,
+        elsewhere: u64,
     ) -> Result<Arc<Job>, StartError> {
         let running = self.jobs.iter().filter(|j| !j.is_finished()).count();
         if running >= JOBS_RUNNING_MAX {
@@ -93,26 +127,27 @@ impl<S: Transport> WakeService<S> {
                     .map_or(0, |i| counts[i])
             }
         };
-        let job = Arc::new(Job::new(rate_per_second, include_dead, expected));
-        if let Some((book, _)) = self.book.get() {
-            let def = JobDef {
-                id: job.id().to_owned(),
-                created_at: job.created_at().to_owned(),
-                selection: selection.def(),
-                rate_per_second,
-                include_dead,
-                expected_total: expected,
-            };
+        let def = JobDef {
+            id: Job::new_id(),
+            created_at: clock::now().to_rfc3339(),
+            selection: selection.def(),
+            rate_per_second,
+            include_dead,
+            expected_total: expected + elsewhere,
+        };
+        let shared = self.shared();
+        if let Some(attached) = self.book.get() {
             let ids = match &selection {
                 Selection::Ids(ids) => ids.clone(),
                 Selection::Filter(_) => Vec::new(),
             };
-            let book = book.clone();
-            tokio::task::spawn_blocking(move || book.create(&def, &ids))
+            let (book, d) = (attached.book.clone(), def.clone());
+            tokio::task::spawn_blocking(move || book.create(&d, &ids))
                 .await
                 .map_err(|e| StartError::NotRecorded(e.to_string()))?
                 .map_err(|e| StartError::NotRecorded(e.to_string()))?;
         }
+        let job = Arc::new(Job::from_def(&def, None, shared));
         self.jobs.insert(job.id().to_owned(), job.clone());
         let token = self.inflight.token();
         tokio::spawn(run(self.clone(), shard, job.clone(), selection, token));
@@ -120,65 +155,129 @@ impl<S: Transport> WakeService<S> {
     }
 
     /// Loads the jobs kept in the attached book: finished ones are
-    /// remembered, the others go on from their checkpoints, on `rt`. Returns
-    /// how many were resumed.
+    /// remembered, the others go on from their checkpoints, on `rt`. With
+    /// a shared book, also looks for jobs started or cancelled on other
+    /// nodes from now on. Returns how many were resumed.
     pub fn restore_jobs(self: &Arc<Self>, rt: &Handle) -> Result<usize, BookError> {
-        let Some((book, _)) = self.book.get() else {
+        let Some(attached) = self.book.get() else {
             return Ok(0);
         };
+        let book = attached.book.clone();
         let mut stored = book.load()?;
         stored.sort_by(|a, b| (&a.def.created_at, &a.def.id).cmp(&(&b.def.created_at, &b.def.id)));
         // The oldest finished ones beyond what is remembered are dropped.
-        let finished = stored
-            .iter()
-            .filter(|j| j.checkpoint.as_ref().is_some_and(|c| c.finished))
-            .count();
+        let finished = stored.iter().filter(|j| j.finished()).count();
         let mut excess = (finished + JOBS_RUNNING_MAX).saturating_sub(JOBS_REMEMBERED_MAX);
         let mut resumed = 0;
         for job in stored {
-            let done = job.checkpoint.as_ref().is_some_and(|c| c.finished);
-            if done && excess > 0 {
+            if job.finished() && excess > 0 {
                 excess -= 1;
                 if let Err(e) = book.forget(&job.def.id) {
                     tracing::warn!(job = %job.def.id, error = %e, "cannot drop a finished bulk wake");
                 }
                 continue;
             }
-            let selection = match &job.def.selection {
-                SelectionDef::Ids => Selection::Ids(job.ids),
-                SelectionDef::All => Selection::Filter(None),
-                SelectionDef::State(s) => match LifecycleState::parse(s) {
-                    Some(state) => Selection::Filter(Some(state)),
-                    None => {
-                        tracing::error!(job = %job.def.id, state = %s, "a kept bulk wake selects an unknown state; it is not resumed");
+            if self.adopt(&job, rt) {
+                resumed += 1;
+            }
+        }
+        if self.shared() {
+            let me = self.clone();
+            rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(SHARED_POLL).await;
+                    let (book, rt) = (book.clone(), Handle::current());
+                    let Ok(Ok(stored)) = tokio::task::spawn_blocking(move || book.load()).await
+                    else {
                         continue;
+                    };
+                    for job in stored {
+                        me.adopt(&job, &rt);
                     }
-                },
-            };
-            let cancelled = job.checkpoint.as_ref().is_some_and(|c| c.cancelled);
-            let j = Arc::new(Job::from_def(&job.def, job.checkpoint));
-            self.jobs.insert(j.id().to_owned(), j.clone());
-            if done {
-                continue;
-            }
-            if cancelled {
-                // Cancelled, and stopped before its wakes in flight ended.
-                j.finish();
-                self.spawn_final_checkpoint(&j);
-                continue;
-            }
-            let p = j.progress();
-            tracing::info!(
-                job = %j.id(),
-                done = p.done,
-                expected_total = j.expected_total(),
-                "resuming a bulk wake from its checkpoint"
-            );
-            let token = self.inflight.token();
-            rt.spawn(run(self.clone(), 0, j, selection, token));
-            resumed += 1;
+                }
+            });
         }
         Ok(resumed)
+    }
+
+    /// Takes up `stored` if this node does not know it yet: remembers it,
+    /// and unless it ended, runs it from its checkpoints on `rt`. A known
+    /// job that was cancelled elsewhere is cancelled here. Returns whether
+    /// a run started.
+    fn adopt(self: &Arc<Self>, stored: &StoredJob, rt: &Handle) -> bool {
+        let shared = self.shared();
+        if let Some(known) = self.jobs.get(&stored.def.id) {
+            if stored.cancelled {
+                known.cancel();
+            }
+            return false;
+        }
+        let selection = match &stored.def.selection {
+            SelectionDef::Ids => None,
+            SelectionDef::All => Some(Selection::Filter(None)),
+            SelectionDef::State(s) => match LifecycleState::parse(s) {
+                Some(state) => Some(Selection::Filter(Some(state))),
+                None => {
+                    tracing::error!(job = %stored.def.id, state = %s, "a kept bulk wake selects an unknown state; it is not resumed");
+                    return false;
+                }
+            },
+        };
+        // Embedded: the one walk goes on with its counts. Shared: this
+        // process's walks start from nothing; the others are read back.
+        let base = if shared {
+            Checkpoint {
+                finished: stored.finished(),
+                cancelled: stored.cancelled,
+                ..Checkpoint::default()
+            }
+        } else {
+            stored
+                .walks
+                .first()
+                .map(|(_, c)| c.clone())
+                .unwrap_or_default()
+        };
+        let ended = base.finished;
+        let j = Arc::new(Job::from_def(&stored.def, Some(base), shared));
+        self.jobs.insert(j.id().to_owned(), j.clone());
+        if ended {
+            return false;
+        }
+        if stored.cancelled {
+            // Cancelled, and stopped before its wakes in flight ended.
+            j.finish();
+            self.spawn_final_checkpoint(&j);
+            return false;
+        }
+        let p = j.progress();
+        tracing::info!(
+            job = %j.id(),
+            done = p.done,
+            expected_total = j.expected_total(),
+            "taking up a bulk wake from its checkpoints"
+        );
+        let (me, book) = (self.clone(), self.book.get().map(|b| b.book.clone()));
+        let token = self.inflight.token();
+        let id = j.id().to_owned();
+        rt.spawn(async move {
+            let selection = match selection {
+                Some(s) => s,
+                None => {
+                    let Some(book) = book else { return };
+                    match tokio::task::spawn_blocking(move || book.ids(&id)).await {
+                        Ok(Ok(ids)) => Selection::Ids(ids),
+                        Ok(Err(e)) => {
+                            tracing::error!(job = %j.id(), error = %e, "cannot read a bulk wake's ids; it is not resumed");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            };
+            run(me, 0, j, selection, token).await;
+        });
+        true
     }
 
     /// Every bulk wake running or remembered, newest first.
@@ -191,6 +290,54 @@ impl<S: Transport> WakeService<S> {
     /// The bulk wake `id`, running or remembered.
     pub fn job(&self, id: &str) -> Option<Arc<Job>> {
         self.jobs.get(id).map(|j| j.clone())
+    }
+
+    /// `job`'s progress: in cluster mode, this node's walks added to the
+    /// other nodes' as their last checkpoints say.
+    pub fn progress(&self, job: &Job) -> Progress {
+        let mut p = job.progress();
+        let (Some(attached), Some(owner)) = (self.book.get(), self.owner()) else {
+            return p;
+        };
+        if !job.shared {
+            return p;
+        }
+        let Ok(Some(stored)) = attached.book.job(job.id()) else {
+            return p;
+        };
+        let me = owner.instance();
+        for (walk, c) in &stored.walks {
+            if walk.starts_with(&me) {
+                continue;
+            }
+            let n = &c.counts;
+            p.total += c.selected;
+            p.received += n.received;
+            p.dropped += n.dropped;
+            p.throttled += n.throttled;
+            p.expired += n.expired;
+            p.failed += n.failed;
+            p.not_sent += n.not_sent;
+            p.skipped_dead += n.skipped_dead;
+            p.done += n.done();
+        }
+        p.pending = p.total.saturating_sub(p.done);
+        p
+    }
+
+    /// Cancels bulk wake `id` (on every node, in cluster mode); `None` when
+    /// it is unknown.
+    pub async fn cancel_job(&self, id: &str) -> Option<Arc<Job>> {
+        let job = self.job(id)?;
+        job.cancel();
+        if let Some(attached) = self.book.get() {
+            let (book, id) = (attached.book.clone(), id.to_owned());
+            let cancelled = tokio::task::spawn_blocking(move || book.cancel(&id)).await;
+            if let Ok(Err(e)) = cancelled {
+                tracing::error!(job = %job.id(), error = %e, "cannot record a bulk wake's cancel for the other nodes");
+            }
+        }
+        Some(job)
     }
 
     /// Stops every running bulk wake because the gateway shuts down: each
@@ -219,8 +366,8 @@ impl<S: Transport> WakeService<S> {
             self.jobs.remove(&id);
             gone.push(id);
         }
-        if let Some((book, _)) = self.book.get() {
-            let book = book.clone();
+        if let Some(attached) = self.book.get() {
+            let book = attached.book.clone();
             tokio::task::spawn_blocking(move || {
                 for id in gone {
                     if let Err(e) = book.forget(&id) {
@@ -231,18 +378,23 @@ impl<S: Transport> WakeService<S> {
         }
     }
 
-    /// Writes `job`'s checkpoint now, unless its last one was written.
-    /// `last` makes this its last one.
+    /// Writes the checkpoint of `job`'s walk under way now, unless the
+    /// job's last one was written. `last` makes this its last one.
     fn write_checkpoint(&self, job: &Job, last: bool) {
-        let Some((book, _)) = self.book.get() else {
+        let Some(attached) = self.book.get() else {
             return;
         };
         let mut written_final = job.written_final.lock();
         if *written_final {
             return;
         }
-        let cp = job.checkpoint();
-        match book.checkpoint(job.id(), &cp) {
+        let (walk, cp) = job.checkpoint();
+        if walk.is_empty() {
+            // No walk began: nothing to record.
+            *written_final = last;
+            return;
+        }
+        match attached.book.checkpoint(job.id(), &walk, &cp) {
             Ok(()) => metrics::counter!(m::BULK_CHECKPOINTS, "result" => "ok").increment(1),
             Err(e) => {
                 metrics::counter!(m::BULK_CHECKPOINTS, "result" => "error").increment(1);
@@ -259,6 +411,29 @@ impl<S: Transport> WakeService<S> {
         }
         let (me, job) = (self.clone(), job.clone());
         std::thread::spawn(move || me.write_checkpoint(&job, true));
+    }
+
+    /// What a job's senders share, for a walk that stops sending once
+    /// `halted` says so and sends at most `rate` wakes a second.
+    fn sending(
+        self: &Arc<Self>,
+        job: &Arc<Job>,
+        rate: Option<u32>,
+        halted: Arc<dyn Fn() -> bool + Send + Sync>,
+    ) -> Arc<Sending<S>> {
+        Arc::new(Sending {
+            wakes: self.clone(),
+            job: job.clone(),
+            permits: Arc::new(Semaphore::new(JOB_WAKES_INFLIGHT_MAX)),
+            pacer: rate.map(|r| {
+                Mutex::new(Pacer::new(
+                    r,
+                    (r / 10).clamp(1, 1000),
+                    clock::monotonic_ms(),
+                ))
+            }),
+            halted,
+        })
     }
 }
 
@@ -280,7 +455,7 @@ impl Drop for RunningGauge {
 
 /// Hands a job's batches to the shards in turn, at most
 /// [`BATCHES_AHEAD_MAX`] not yet taken up.
-struct Dealer<S> {
+pub(super) struct Dealer<S> {
     sending: Arc<Sending<S>>,
     shards: Vec<mpsc::Sender<(Batch, OwnedSemaphorePermit)>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -289,7 +464,7 @@ struct Dealer<S> {
 }
 
 impl<S: Transport> Dealer<S> {
-    fn new(sending: Arc<Sending<S>>, runtimes: Vec<(usize, Handle)>) -> Dealer<S> {
+    pub(super) fn new(sending: Arc<Sending<S>>, runtimes: Vec<(usize, Handle)>) -> Dealer<S> {
         let (mut shards, mut tasks) = (Vec::new(), Vec::new());
         for (shard, rt) in runtimes {
             let (tx, rx) = mpsc::channel(BATCHES_AHEAD_MAX);
@@ -306,7 +481,7 @@ impl<S: Transport> Dealer<S> {
         }
     }
 
-    async fn deal(&mut self, batch: Batch) {
+    pub(super) async fn deal(&mut self, batch: Batch) {
         let Ok(permit) = self.pages.clone().acquire_owned().await else {
             return;
         };
@@ -318,7 +493,7 @@ impl<S: Transport> Dealer<S> {
     }
 
     /// Waits until every batch is sent and every wake has its result.
-    async fn finish(self) {
+    pub(super) async fn finish(self) {
         drop(self.shards);
         for task in self.tasks {
             let _ = task.await;
@@ -333,7 +508,7 @@ impl<S: Transport> Dealer<S> {
 
 /// Writes `job`'s checkpoint every checkpoint interval until it ends.
 async fn checkpoint_while_running<S: Transport>(wakes: Arc<WakeService<S>>, job: Arc<Job>) {
-    let Some((_, every)) = wakes.book.get().map(|(b, e)| (b.clone(), *e)) else {
+    let Some(every) = wakes.book.get().map(|b| b.every) else {
         return;
     };
     loop {
@@ -343,265 +518,6 @@ async fn checkpoint_while_running<S: Transport>(wakes: Arc<WakeService<S>>, job:
         }
         let (w, j) = (wakes.clone(), job.clone());
         let _ = tokio::task::spawn_blocking(move || w.write_checkpoint(&j, false)).await;
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-/// Where a walk over partitions `from..to` (none of them done) starts:
-/// the checkpoint's position when it lies there, else `from`'s start.
-fn start_cursor(resume: &Checkpoint, from: u16, to: u16) -> Cursor {
-    match &resume.at {
-        Some(Position {
-            part,
-            within: Within::Key { after_key },
-        }) if (from..to).contains(part) => {
-            let mut bytes = part.to_be_bytes().to_vec();
-            bytes.extend(unhex(after_key).unwrap_or_default());
-            Cursor::from_bytes(&bytes).unwrap_or_else(|| Cursor::start_of(*part))
-        }
-        _ => Cursor::start_of(from),
-    }
-}
-
-/// The runs of consecutive partitions, `0..count`, that `resume` does not
-/// count as done.
-fn runs_not_done(resume: &Checkpoint, count: u16) -> Vec<(u16, u16)> {
-    let mut runs = Vec::new();
-    let mut p = 0u16;
-    while p < count {
-        if resume.is_done(p) {
-            p += 1;
-            continue;
-        }
-        let from = p;
-        while p < count && !resume.is_done(p) {
-            p += 1;
-        }
-        runs.push((from, p));
-    }
-    runs
-}
-
-/// Deals the pages of a selection by state (or of all), partition by
-/// partition from the resume point.
-async fn deal_filter<S: Transport>(
-    wakes: &Arc<WakeService<S>>,
-    job: &Arc<Job>,
-    dealer: &mut Dealer<S>,
-    state: Option<LifecycleState>,
-) {
-    let th = wakes.thresholds;
-    let resume = job.resume_point();
-    let count = wakes.registry.partitioning().count();
-    for (from, to) in runs_not_done(&resume, count) {
-        let mut cursor = start_cursor(&resume, from, to);
-        loop {
-            if job.is_halted() {
-                return;
-            }
-            let now = clock::now();
-            let registry = wakes.registry.clone();
-            let after = cursor.clone();
-            let page = tokio::task::spawn_blocking(move || {
-                let filter = move |m: &Marks| {
-                    state.is_none_or(|s| {
-                        th.state_with_refresh(m.issued_at, m.dead, m.refresh, now)
-                            .state
-                            == s
-                    })
-                };
-                let until = usize::from(to);
-                match state {
-                    // As for listings: only marked devices can be in
-                    // these states.
-                    Some(LifecycleState::RefreshPending | LifecycleState::Unreachable) => {
-                        registry.page_marked_until(Some(&after), PAGE_DEVICES, until, &filter)
-                    }
-                    _ => registry.page_until(
-                        Some(&after),
-                        PAGE_DEVICES,
-                        PAGE_SCAN_RECORDS_MAX,
-                        until,
-                        &filter,
-                    ),
-                }
-            })
-            .await;
-            let Ok(page) = page else {
-                tracing::error!(job = %job.id(), "bulk wake stopped: its selection task failed");
-                job.cancel();
-                return;
-            };
-            // Once this page is counted, the partitions it passed are done
-            // and the walk stands where it ends.
-            let next = page.next.filter(|c| c.part() < to);
-            let (done_to, at) = match &next {
-                Some(c) if c.key_bytes().is_empty() => (c.part(), None),
-                Some(c) => (
-                    c.part(),
-                    Some(Position {
-                        part: c.part(),
-                        within: Within::Key {
-                            after_key: hex(c.key_bytes()),
-                        },
-                    }),
-                ),
-                None => (to, None),
-            };
-            job.selected
-                .fetch_add(page.records.len() as u64, Ordering::AcqRel);
-            // Dealt a batch at a time; a batch's checkpoint stands after
-            // its last device, the page's last one where the page ends.
-            let mut records = page.records.into_iter().peekable();
-            let mut from = cursor.part();
-            loop {
-                let batch: Vec<DeviceRecord> = records.by_ref().take(DEAL_DEVICES).collect();
-                let track = if records.peek().is_none() {
-                    job.new_page(batch.len(), from, done_to, at.clone())
-                } else {
-                    let last = batch.last().map(|r| r.device_id.as_str());
-                    match last.and_then(|id| wakes.registry.cursor_after(id)) {
-                        Some(c) => {
-                            let at = Position {
-                                part: c.part(),
-                                within: Within::Key {
-                                    after_key: hex(c.key_bytes()),
-                                },
-                            };
-                            let track = job.new_page(batch.len(), from, c.part(), Some(at));
-                            from = c.part();
-                            track
-                        }
-                        // Never for a registered id; a position at the
-                        // partition's start wakes again, never skips.
-                        None => job.new_page(batch.len(), from, from, None),
-                    }
-                };
-                if batch.is_empty() {
-                    break;
-                }
-                dealer
-                    .deal(Batch {
-                        devices: Selected::Records(batch),
-                        page: track,
-                    })
-                    .await;
-                if records.peek().is_none() {
-                    break;
-                }
-            }
-            match next {
-                Some(c) => cursor = c,
-                None => break,
-            }
-        }
-    }
-}
-
-/// Deals the pages of a selection by ids: grouped by partition, in the
-/// given order within each, from the resume point.
-async fn deal_ids<S: Transport>(
-    wakes: &Arc<WakeService<S>>,
-    job: &Arc<Job>,
-    dealer: &mut Dealer<S>,
-    ids: Vec<String>,
-) {
-    let resume = job.resume_point();
-    job.selected.store(ids.len() as u64, Ordering::Release);
-    let partitioning = wakes.registry.partitioning();
-    let mut groups: std::collections::BTreeMap<u16, Vec<String>> = Default::default();
-    for id in ids {
-        groups.entry(partitioning.of(&id)).or_default().push(id);
-    }
-    // The ids not yet walked, as (partition, index of the first, ids).
-    let mut left: Vec<(u16, usize, Vec<String>)> = Vec::new();
-    for (part, list) in groups {
-        if resume.is_done(part) {
-            continue;
-        }
-        let first = match &resume.at {
-            Some(Position {
-                part: p,
-                within: Within::Index { next_index },
-            }) if *p == part => usize::try_from(*next_index)
-                .unwrap_or(usize::MAX)
-                .min(list.len()),
-            _ => 0,
-        };
-        left.push((part, first, list));
-    }
-    job.selection_done.store(true, Ordering::Release);
-    let count = partitioning.count();
-    let mut page: Vec<String> = Vec::with_capacity(DEAL_DEVICES);
-    // The partition the page being filled starts in.
-    let mut page_from: Option<u16> = None;
-    for (g, (part, first, list)) in left.iter().enumerate() {
-        let mut i = *first;
-        while i < list.len() {
-            if job.is_halted() {
-                return;
-            }
-            page_from.get_or_insert(*part);
-            let take = (DEAL_DEVICES - page.len()).min(list.len() - i);
-            page.extend_from_slice(&list[i..i + take]);
-            i += take;
-            if page.len() < DEAL_DEVICES {
-                continue;
-            }
-            // Full: it ends inside this partition, or at its end (then the
-            // partitions up to the next one with ids are done too).
-            let (done_to, at) = if i < list.len() {
-                let within = Within::Index {
-                    next_index: i as u64,
-                };
-                (
-                    *part,
-                    Some(Position {
-                        part: *part,
-                        within,
-                    }),
-                )
-            } else {
-                (left.get(g + 1).map_or(count, |next| next.0), None)
-            };
-            let from = page_from.take().unwrap_or(*part);
-            let track = job.new_page(page.len(), from, done_to, at);
-            let ids = std::mem::replace(&mut page, Vec::with_capacity(DEAL_DEVICES));
-            dealer
-                .deal(Batch {
-                    devices: Selected::Ids(ids),
-                    page: track,
-                })
-                .await;
-        }
-    }
-    if let Some(from) = page_from {
-        let track = job.new_page(page.len(), from, count, None);
-        dealer
-            .deal(Batch {
-                devices: Selected::Ids(page),
-                page: track,
-            })
-            .await;
     }
 }
 
@@ -618,34 +534,18 @@ async fn run<S: Transport>(
     if shards.is_empty() {
         shards.push((shard, Handle::current()));
     }
-    let sending = Arc::new(Sending {
-        wakes: wakes.clone(),
-        job: job.clone(),
-        permits: Arc::new(Semaphore::new(JOB_WAKES_INFLIGHT_MAX)),
-        pacer: job.rate_per_second().map(|r| {
-            Mutex::new(Pacer::new(
-                r,
-                (r / 10).clamp(1, 1000),
-                clock::monotonic_ms(),
-            ))
-        }),
-    });
-    let mut dealer = Dealer::new(sending, shards);
-    match selection {
-        Selection::Ids(ids) => deal_ids(&wakes, &job, &mut dealer, ids).await,
-        Selection::Filter(state) => deal_filter(&wakes, &job, &mut dealer, state).await,
+    match wakes.owner().filter(|_| job.shared).cloned() {
+        None => walk_everything(&wakes, &job, selection, shards).await,
+        Some(owner) => walk_owned(&wakes, &job, selection, shards, owner).await,
     }
-    job.selection_done.store(true, Ordering::Release);
-    dealer.finish().await;
     // Counted out before the job shows as finished, so a scrape after
     // `GET /v1/pushes/{id}` says finished never counts it as running.
     drop(running);
     job.finish();
     checkpoints.abort();
-    let w = wakes.clone();
-    let j = job.clone();
+    let (w, j) = (wakes.clone(), job.clone());
     let _ = tokio::task::spawn_blocking(move || w.write_checkpoint(&j, true)).await;
-    let p = job.progress();
+    let p = wakes.progress(&job);
     tracing::info!(
         job = %job.id(),
         state = if job.is_stopping() { "stopped" } else { p.state.as_str() },
@@ -659,4 +559,132 @@ async fn run<S: Transport>(
         skipped_dead = p.skipped_dead,
         "bulk wake finished"
     );
+}
+
+/// One walk over every partition, from the job's own checkpoint (embedded
+/// mode, and in-process tests).
+async fn walk_everything<S: Transport>(
+    wakes: &Arc<WakeService<S>>,
+    job: &Arc<Job>,
+    selection: Selection,
+    shards: Vec<(usize, Handle)>,
+) {
+    let base = job.base();
+    let resume = Resume::merge([&base]);
+    job.begin_walk("main".into(), base);
+    let j = job.clone();
+    let rate = job.rate_per_second();
+    let mut dealer = Dealer::new(
+        wakes.sending(job, rate, Arc::new(move || j.is_halted())),
+        shards,
+    );
+    let halted = || job.is_halted();
+    match selection {
+        Selection::Ids(ids) => {
+            job.selected.store(ids.len() as u64, Ordering::Release);
+            job.selection_done.store(true, Ordering::Release);
+            let groups = group_ids(ids, wakes.registry.partitioning());
+            deal_ids(
+                job,
+                &mut dealer,
+                &groups,
+                &|_| true,
+                &resume,
+                &halted,
+                false,
+            )
+            .await;
+        }
+        Selection::Filter(state) => {
+            let count = wakes.registry.partitioning().count();
+            let parts: Vec<u16> = (0..count).filter(|p| !resume.is_done(*p)).collect();
+            deal_filter(wakes, job, &mut dealer, state, &parts, &resume, &halted).await;
+        }
+    }
+    job.selection_done.store(true, Ordering::Release);
+    dealer.finish().await;
+}
+
+/// Walks over the partitions this node owns, from the merged checkpoints
+/// of every walk so far, again whenever the owned set changes, until every
+/// partition with work is done (on any node) or the job is halted.
+async fn walk_owned<S: Transport>(
+    wakes: &Arc<WakeService<S>>,
+    job: &Arc<Job>,
+    selection: Selection,
+    shards: Vec<(usize, Handle)>,
+    owner: Arc<dyn Owner>,
+) {
+    let Some(book) = wakes.book.get().map(|b| b.book.clone()) else {
+        return;
+    };
+    let partitioning = wakes.registry.partitioning();
+    let (state, groups) = match selection {
+        Selection::Ids(ids) => (None, Some(group_ids(ids, partitioning))),
+        Selection::Filter(state) => (state, None),
+    };
+    let work: Vec<u16> = match &groups {
+        Some(g) => g.keys().copied().collect(),
+        None => (0..partitioning.count()).collect(),
+    };
+    // This process's walks, as they ended: newer than the book's view may
+    // be yet.
+    let mut mine: Vec<Checkpoint> = Vec::new();
+    let instance = owner.instance();
+    for n in 0.. {
+        if job.is_halted() {
+            break;
+        }
+        let epoch = owner.epoch();
+        let b = book.clone();
+        let id = job.id().to_owned();
+        let stored = tokio::task::spawn_blocking(move || b.job(&id))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        let walks = stored.iter().flat_map(|s| s.walks.iter().map(|(_, c)| c));
+        let resume = Resume::merge(walks.chain(mine.iter()));
+        if work.iter().all(|p| resume.is_done(*p)) {
+            break;
+        }
+        let parts: Vec<u16> = work
+            .iter()
+            .copied()
+            .filter(|p| owner.owns(*p) && !resume.is_done(*p))
+            .collect();
+        if parts.is_empty() {
+            tokio::time::sleep(SHARED_POLL).await;
+            continue;
+        }
+        job.begin_walk(format!("{instance}-{n}"), Checkpoint::default());
+        let (j, o) = (job.clone(), owner.clone());
+        let halted: Arc<dyn Fn() -> bool + Send + Sync> =
+            Arc::new(move || j.is_halted() || o.epoch() != epoch);
+        // The job's pace is the cluster's: each node takes its share, as
+        // the partitions it walks are of all those with work.
+        let rate = job.rate_per_second().map(|r| {
+            let share = u64::from(r) * parts.len() as u64 / work.len().max(1) as u64;
+            u32::try_from(share).unwrap_or(r).max(1)
+        });
+        let mut dealer = Dealer::new(wakes.sending(job, rate, halted.clone()), shards.clone());
+        match &groups {
+            Some(groups) => {
+                let mine_now = |p: u16| parts.binary_search(&p).is_ok();
+                deal_ids(job, &mut dealer, groups, &mine_now, &resume, &*halted, true).await;
+            }
+            None => deal_filter(wakes, job, &mut dealer, state, &parts, &resume, &*halted).await,
+        }
+        dealer.finish().await;
+        // The walk's end is recorded before the next one reads the book.
+        let (w, j) = (wakes.clone(), job.clone());
+        let _ = tokio::task::spawn_blocking(move || w.write_checkpoint(&j, false)).await;
+        mine.push(job.checkpoint().1);
+        job.settle_walk();
+    }
+    job.selection_done.store(true, Ordering::Release);
+    // The job's end, under a walk of its own with nothing counted.
+    if !job.is_stopping() {
+        job.begin_walk(format!("{instance}-end"), Checkpoint::default());
+    }
 }

@@ -42,12 +42,18 @@ pub struct Job {
     failures_not_kept: AtomicU64,
     pub(super) selection_done: AtomicBool,
     cancelled: AtomicBool,
+    /// Run by several nodes, each over the partitions it owns: its counts
+    /// here are this process's walks' only.
+    pub(super) shared: bool,
     /// Told to stop because the gateway shuts down: it stops sending, and
     /// is resumed from its checkpoint at the next start.
     stopping: AtomicBool,
     finished: AtomicBool,
     /// How far the job got, in the order it selected its devices.
     tracker: Mutex<Tracker>,
+    /// What this process's ended walks of a shared job counted, and
+    /// selected.
+    prior: Mutex<(Counts, u64)>,
     /// Held while a checkpoint is written; set once the last one was.
     pub(super) written_final: Mutex<bool>,
     /// Held while cancelling and while finishing, so a job is either
@@ -123,28 +129,14 @@ impl Failure {
 }
 
 impl Job {
-    /// A new job with a fresh id.
-    pub(super) fn new(
-        rate_per_second: Option<u32>,
-        include_dead: bool,
-        expected_total: u64,
-    ) -> Job {
-        Job::from_def(
-            &JobDef {
-                id: format!("j{:x}{:x}", clock::monotonic_ms(), clock::random::<u32>()),
-                created_at: clock::now().to_rfc3339(),
-                selection: crate::core::bulk::SelectionDef::All,
-                rate_per_second,
-                include_dead,
-                expected_total,
-            },
-            None,
-        )
+    /// A fresh job id.
+    pub(super) fn new_id() -> String {
+        format!("j{:x}{:x}", clock::monotonic_ms(), clock::random::<u32>())
     }
 
     /// The job `def` describes, going on from `checkpoint` (its counts and
     /// position) when one was written.
-    pub(super) fn from_def(def: &JobDef, checkpoint: Option<Checkpoint>) -> Job {
+    pub(super) fn from_def(def: &JobDef, checkpoint: Option<Checkpoint>, shared: bool) -> Job {
         let checkpoint = checkpoint.unwrap_or_default();
         let c = checkpoint.counts;
         Job {
@@ -167,12 +159,15 @@ impl Job {
             cancelled: AtomicBool::new(checkpoint.cancelled),
             stopping: AtomicBool::new(false),
             finished: AtomicBool::new(checkpoint.finished),
+            shared,
             tracker: Mutex::new(Tracker {
+                walk: String::new(),
                 dealt: 0,
                 folded: 0,
                 completed: BTreeMap::new(),
                 checkpoint,
             }),
+            prior: Mutex::new((Counts::default(), 0)),
             written_final: Mutex::new(false),
             ending: Mutex::new(()),
         }
@@ -269,14 +264,14 @@ impl Job {
     }
 
     /// A page of `selected` devices, dealt after every page before it (the
-    /// caller counts them into the job's `selected`).
-    /// Once it and every page before it have their results, partitions
-    /// `done_from..done_to` are done and the walk stands at `at`.
+    /// caller counts them into the job's `selected`) in the walk under
+    /// way. Once it and every page before it have their results, the
+    /// partitions in the ranges `done` (`from..to`) are done and the walk
+    /// stands at `at`.
     pub(super) fn new_page(
         self: &Arc<Self>,
         selected: usize,
-        done_from: u16,
-        done_to: u16,
+        done: Vec<(u16, u16)>,
         at: Option<Position>,
     ) -> Arc<PageTrack> {
         let seq = {
@@ -286,8 +281,7 @@ impl Job {
         };
         let page = Arc::new(PageTrack {
             seq,
-            done_from,
-            done_to,
+            done,
             at,
             selected: selected as u64,
             remaining: AtomicUsize::new(selected),
@@ -313,17 +307,37 @@ impl Job {
             let cp = &mut t.checkpoint;
             cp.counts.add(&counts);
             cp.selected += p.selected;
-            cp.mark_done(p.done_from, p.done_to);
+            for &(from, to) in &p.done {
+                cp.mark_done(from, to);
+            }
             cp.at = p.at.clone();
             t.folded += 1;
         }
     }
 
-    /// What a checkpoint written now says.
-    pub(super) fn checkpoint(&self) -> Checkpoint {
-        let mut cp = self.tracker.lock().checkpoint.clone();
+    /// Starts walk `name` from `base` (its counts and position so far):
+    /// the pages dealt from now on are its own.
+    pub(super) fn begin_walk(&self, name: String, base: Checkpoint) {
+        let mut t = self.tracker.lock();
+        t.walk = name;
+        t.dealt = 0;
+        t.folded = 0;
+        t.completed.clear();
+        t.checkpoint = base;
+    }
+
+    /// The walk under way and what a checkpoint of it written now says.
+    /// A job shared between nodes keeps the walk's own counts; otherwise
+    /// the last one, as the job ends, has the job's final counts.
+    pub(super) fn checkpoint(&self) -> (String, Checkpoint) {
+        let (walk, mut cp) = {
+            let t = self.tracker.lock();
+            (t.walk.clone(), t.checkpoint.clone())
+        };
         cp.cancelled = self.is_cancelled();
-        if self.is_finished() && !self.is_stopping() {
+        if self.is_finished() && !self.is_stopping() && self.shared {
+            cp.finished = true;
+        } else if self.is_finished() && !self.is_stopping() {
             // Ended: the counts are final, whatever was folded.
             let p = self.progress();
             cp.finished = true;
@@ -338,12 +352,30 @@ impl Job {
                 skipped_dead: p.skipped_dead,
             };
         }
-        cp
+        (walk, cp)
     }
 
-    /// Where a resumed walk goes on from: the done partitions and the
-    /// position.
-    pub(super) fn resume_point(&self) -> Checkpoint {
+    /// Ends a walk of a shared job: its counts become what its checkpoint
+    /// folded, added to the walks before it. Devices it dealt but did not
+    /// start, or counted past its position, are the next walk's.
+    pub(super) fn settle_walk(&self) {
+        let t = self.tracker.lock();
+        let mut prior = self.prior.lock();
+        prior.0.add(&t.checkpoint.counts);
+        prior.1 += t.checkpoint.selected;
+        let (c, selected) = *prior;
+        self.selected.store(selected, Ordering::Release);
+        self.received.store(c.received, Ordering::Release);
+        self.dropped.store(c.dropped, Ordering::Release);
+        self.throttled.store(c.throttled, Ordering::Release);
+        self.expired.store(c.expired, Ordering::Release);
+        self.failed.store(c.failed, Ordering::Release);
+        self.not_sent.store(c.not_sent, Ordering::Release);
+        self.skipped_dead.store(c.skipped_dead, Ordering::Release);
+    }
+
+    /// The checkpoint the job was loaded with, in embedded mode.
+    pub(super) fn base(&self) -> Checkpoint {
         self.tracker.lock().checkpoint.clone()
     }
 
@@ -445,8 +477,7 @@ impl Job {
 /// the checkpoint gains once it and every page before it are counted.
 pub(super) struct PageTrack {
     seq: u64,
-    done_from: u16,
-    done_to: u16,
+    done: Vec<(u16, u16)>,
     at: Option<Position>,
     selected: u64,
     /// Devices without their result yet.
@@ -457,6 +488,8 @@ pub(super) struct PageTrack {
 /// A job's pages in the order they were dealt, folded into its checkpoint
 /// as the ones at the front complete.
 struct Tracker {
+    /// The walk's name (see [`crate::core::bulk::StoredJob`]).
+    walk: String,
     /// Pages dealt.
     dealt: u64,
     /// Pages folded: every page before this one.

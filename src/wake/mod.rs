@@ -28,9 +28,10 @@ mod send;
 #[cfg(test)]
 mod tests;
 pub mod transport;
+mod walk;
 
 pub use crate::sender::wake::WakeReport;
-pub use bulk::{Selection, StartError};
+pub use bulk::{Attached, Selection, StartError};
 pub use job::{Job, JobState, Progress};
 pub use pending::{PendingWake, PushId};
 
@@ -64,7 +65,7 @@ pub struct WakeService<S = WnsSender> {
     inflight: TaskTracker,
     /// Where bulk wakes are kept durably, and how often a running one is
     /// checkpointed; none in in-process tests.
-    book: OnceLock<(Arc<dyn crate::core::bulk::JobBook>, Duration)>,
+    book: OnceLock<bulk::Attached>,
 }
 
 impl<S: Transport> WakeService<S> {

@@ -30,6 +30,10 @@ pub(super) struct Sending<S> {
     /// [`JOB_WAKES_INFLIGHT_MAX`](super::limits::JOB_WAKES_INFLIGHT_MAX) permits; one held by each wake in flight.
     pub(super) permits: Arc<Semaphore>,
     pub(super) pacer: Option<Mutex<Pacer>>,
+    /// Whether the walk these senders serve stops sending: the job was
+    /// cancelled or stops with the gateway, or (cluster mode) the
+    /// partitions this node owns changed.
+    pub(super) halted: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// A batch of a job's devices, handed to one shard to send: one page.
@@ -73,7 +77,7 @@ pub(super) async fn send_batches<S: Transport>(
     // An in-flight permit taken while the pace said wait.
     let mut held: Option<OwnedSemaphorePermit> = None;
     loop {
-        let cancelled = job.is_halted();
+        let cancelled = (sending.halted)();
         // Start every wake that may start now.
         let mut wait = Wait::Nothing;
         loop {

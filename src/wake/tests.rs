@@ -193,6 +193,7 @@ async fn a_single_wake_joins_a_bulk_claim_and_gets_its_result() {
             Selection::Ids(vec!["dev-1".into(), "dev-2".into()]),
             None,
             false,
+            0,
         )
         .await
         .unwrap();
@@ -302,7 +303,7 @@ async fn a_cancelled_bulk_wake_stops_sending_and_counts_the_rest_not_sent() {
     // One wake a second.
     let job = rig
         .wakes
-        .start_job(0, Selection::Ids(ids), Some(1), false)
+        .start_job(0, Selection::Ids(ids), Some(1), false, 0)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(3500)).await;
@@ -351,6 +352,7 @@ async fn a_dead_channel_is_marked_durably_before_its_result_is_published() {
             Selection::Ids(vec![rec2.device_id.as_str().to_owned()]),
             None,
             false,
+            0,
         )
         .await
         .unwrap();
@@ -394,7 +396,7 @@ async fn a_bulk_wake_skips_channels_wns_declared_dead_unless_asked_and_keeps_its
     };
 
     // By default the dead channel is not sent to again.
-    let job = rig.wakes.start_job(0, ids(), None, false).await.unwrap();
+    let job = rig.wakes.start_job(0, ids(), None, false, 0).await.unwrap();
     assert_eq!(job.expected_total(), 3);
     let p = finished(&job).await;
     assert_eq!(rig.transport.sent(), 2, "only dev-live was sent");
@@ -415,7 +417,7 @@ async fn a_bulk_wake_skips_channels_wns_declared_dead_unless_asked_and_keeps_its
     assert_eq!(page[0].result, "not_registered");
 
     // Asked to, it is sent again, and its failure says what WNS answered.
-    let job = rig.wakes.start_job(0, ids(), None, true).await.unwrap();
+    let job = rig.wakes.start_job(0, ids(), None, true, 0).await.unwrap();
     let p = finished(&job).await;
     assert_eq!(rig.transport.sent(), 4, "dev-live and dev-dead were sent");
     assert_eq!(
@@ -446,47 +448,85 @@ async fn drain_ends_when_the_last_wake_in_flight_ends() {
     assert!(pending.result().await.is_some());
 }
 
-/// Bulk wakes kept in memory, as a backend keeps them durably.
+/// Bulk wakes kept in memory, as a backend keeps them durably; `shared`
+/// as in cluster mode.
 #[derive(Default)]
 struct MemBook {
-    jobs: Mutex<std::collections::BTreeMap<String, crate::core::bulk::StoredJob>>,
+    shared: bool,
+    jobs: Mutex<std::collections::BTreeMap<String, (StoredJob, Vec<String>)>>,
 }
 
-impl crate::core::bulk::JobBook for MemBook {
-    fn create(
-        &self,
-        def: &crate::core::bulk::JobDef,
-        ids: &[String],
-    ) -> Result<(), crate::core::bulk::BookError> {
-        let job = crate::core::bulk::StoredJob {
+use crate::core::bulk::{BookError, Checkpoint as Cp, JobBook, JobDef, StoredJob};
+
+impl MemBook {
+    /// Job `id`'s walk `walk`'s last checkpoint.
+    fn walk(&self, id: &str, walk: &str) -> Option<Cp> {
+        let jobs = self.jobs.lock();
+        let (job, _) = jobs.get(id)?;
+        job.walks
+            .iter()
+            .find(|(w, _)| w == walk)
+            .map(|(_, c)| c.clone())
+    }
+}
+
+impl JobBook for MemBook {
+    fn create(&self, def: &JobDef, ids: &[String]) -> Result<(), BookError> {
+        let job = StoredJob {
             def: def.clone(),
-            ids: ids.to_vec(),
-            checkpoint: None,
+            cancelled: false,
+            walks: Vec::new(),
         };
-        self.jobs.lock().insert(def.id.clone(), job);
+        self.jobs.lock().insert(def.id.clone(), (job, ids.to_vec()));
         Ok(())
     }
 
-    fn checkpoint(
-        &self,
-        id: &str,
-        checkpoint: &crate::core::bulk::Checkpoint,
-    ) -> Result<(), crate::core::bulk::BookError> {
+    fn checkpoint(&self, id: &str, walk: &str, checkpoint: &Cp) -> Result<(), BookError> {
         let mut jobs = self.jobs.lock();
-        let job = jobs
+        let (job, _) = jobs
             .get_mut(id)
-            .ok_or_else(|| crate::core::bulk::BookError(format!("no job {id}")))?;
-        job.checkpoint = Some(checkpoint.clone());
+            .ok_or_else(|| BookError(format!("no job {id}")))?;
+        job.walks.retain(|(w, _)| w != walk);
+        job.walks.push((walk.to_owned(), checkpoint.clone()));
+        job.cancelled |= checkpoint.cancelled;
         Ok(())
     }
 
-    fn load(&self) -> Result<Vec<crate::core::bulk::StoredJob>, crate::core::bulk::BookError> {
-        Ok(self.jobs.lock().values().cloned().collect())
+    fn load(&self) -> Result<Vec<StoredJob>, BookError> {
+        Ok(self.jobs.lock().values().map(|(j, _)| j.clone()).collect())
     }
 
-    fn forget(&self, id: &str) -> Result<(), crate::core::bulk::BookError> {
+    fn ids(&self, id: &str) -> Result<Vec<String>, BookError> {
+        Ok(self
+            .jobs
+            .lock()
+            .get(id)
+            .map(|(_, ids)| ids.clone())
+            .unwrap_or_default())
+    }
+
+    fn cancel(&self, id: &str) -> Result<(), BookError> {
+        if let Some((job, _)) = self.jobs.lock().get_mut(id) {
+            job.cancelled = true;
+        }
+        Ok(())
+    }
+
+    fn forget(&self, id: &str) -> Result<(), BookError> {
         self.jobs.lock().remove(id);
         Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        self.shared
+    }
+}
+
+fn attached(book: &Arc<MemBook>, owner: Option<Arc<dyn crate::core::bulk::Owner>>) -> Attached {
+    Attached {
+        book: book.clone(),
+        every: Duration::from_secs(1),
+        owner,
     }
 }
 
@@ -504,10 +544,10 @@ async fn stop_and_resume(
     std::collections::HashMap<String, usize>,
 ) {
     let book = Arc::new(MemBook::default());
-    rig.wakes.attach_book(book.clone(), Duration::from_secs(1));
+    rig.wakes.attach_book(attached(&book, None));
     let job = rig
         .wakes
-        .start_job(0, selection, Some(400), false)
+        .start_job(0, selection, Some(400), false, 0)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -517,7 +557,7 @@ async fn stop_and_resume(
     }
     // Its last checkpoint is written off the runtime.
     let stopped = loop {
-        let cp = book.jobs.lock()[job.id()].checkpoint.clone();
+        let cp = book.walk(job.id(), "main");
         if let Some(cp) = cp.filter(|c| !c.done.is_empty() || c.at.is_some()) {
             if *job.written_final.lock() {
                 break cp;
@@ -532,17 +572,13 @@ async fn stop_and_resume(
         rig.services.settings.thresholds,
         1,
     ));
-    again.attach_book(book.clone(), Duration::from_secs(1));
+    again.attach_book(attached(&book, None));
     assert_eq!(again.restore_jobs(&Handle::current()).unwrap(), 1);
     let resumed = again.job(job.id()).expect("the job is known again");
     while !resumed.is_finished() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    while !book.jobs.lock()[job.id()]
-        .checkpoint
-        .as_ref()
-        .is_some_and(|c| c.finished)
-    {
+    while !book.walk(job.id(), "main").is_some_and(|c| c.finished) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut sends = std::collections::HashMap::new();
@@ -611,4 +647,103 @@ async fn a_bulk_wake_of_listed_ids_goes_on_from_its_checkpoint() {
     assert_eq!(p.state, JobState::Done);
     assert_eq!(p.total, N as u64 + 5);
     assert_eq!((p.received, p.failed, p.done), (N as u64, 5, N as u64 + 5));
+}
+
+/// Owns the partitions of one parity, or all of them once told to.
+struct Parity {
+    name: &'static str,
+    odd: bool,
+    all: std::sync::atomic::AtomicBool,
+    epoch: std::sync::atomic::AtomicU64,
+}
+
+impl Parity {
+    fn new(name: &'static str, odd: bool) -> Arc<Parity> {
+        Arc::new(Parity {
+            name,
+            odd,
+            all: Default::default(),
+            epoch: Default::default(),
+        })
+    }
+
+    fn take_all(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.all.store(true, SeqCst);
+        self.epoch.fetch_add(1, SeqCst);
+    }
+}
+
+impl crate::core::bulk::Owner for Parity {
+    fn owns(&self, part: u16) -> bool {
+        self.all.load(std::sync::atomic::Ordering::SeqCst) || (part % 2 == 1) == self.odd
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn instance(&self) -> String {
+        self.name.to_owned()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_bulk_wake_runs_on_every_owner_and_the_survivor_finishes_it() {
+    let rig = Rig::new();
+    const N: usize = 3000;
+    for i in 0..N {
+        rig.register(&format!("dev-{i}"), &format!("AwYAAAD{i}"))
+            .await;
+    }
+    let book = Arc::new(MemBook {
+        shared: true,
+        ..MemBook::default()
+    });
+    let (even, odd) = (Parity::new("a", false), Parity::new("b", true));
+    rig.wakes.attach_book(attached(&book, Some(even.clone())));
+    rig.wakes.restore_jobs(&Handle::current()).unwrap();
+    let other = Arc::new(WakeService::new(
+        rig.transport.clone(),
+        rig.registry.clone(),
+        rig.lifecycle.clone(),
+        rig.services.settings.thresholds,
+        1,
+    ));
+    other.attach_book(attached(&book, Some(odd.clone())));
+    other.restore_jobs(&Handle::current()).unwrap();
+    let job = rig
+        .wakes
+        .start_job(0, Selection::Filter(None), Some(100), false, 0)
+        .await
+        .unwrap();
+    // The other node takes the job up and walks its own partitions (the
+    // stand-in answers after 5 s).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let theirs = other.job(job.id()).expect("the other node runs the job");
+    assert!(theirs.progress().done > 0, "{:?}", theirs.progress());
+    // The first node goes away; the other takes its partitions over.
+    rig.wakes.stop_jobs();
+    while !job.is_finished() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    odd.take_all();
+    while !theirs.is_finished() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut sends = std::collections::HashMap::new();
+    for uri in rig.transport.sent.lock().iter() {
+        *sends.entry(uri.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(sends.len(), N, "every device was woken");
+    assert!(sends.values().all(|&n| (1..=2).contains(&n)));
+    // Counted once each: this node's walks and the first node's, as its
+    // checkpoints say.
+    let p = other.progress(&theirs);
+    assert_eq!(p.state, JobState::Done);
+    assert_eq!(
+        (p.total, p.received, p.done),
+        (N as u64, N as u64, N as u64)
+    );
+    assert!(book.jobs.lock()[job.id()].0.finished());
 }
