@@ -313,6 +313,12 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         .load(shard_count, &*registry)
         .context("cannot load the store")?;
     let t_queue = crate::clock::instant();
+    if let Some((_, owner)) = store.job_book() {
+        // Cluster mode: refresh job ids name their partition, and the
+        // refresh pace is this node's share.
+        lifecycle.set_ids_carry_partitions();
+        lifecycle.set_owner(owner);
+    }
     let jobs = lifecycle
         .restore(gateway.now())
         .context("cannot load the refresh queue")?;

@@ -49,7 +49,15 @@ pub(crate) fn owner_of(
     device_id: &str,
     headers: &http::HeaderMap,
 ) -> Result<Option<String>, ApiError> {
-    let part = gw.registry.partitioning().of(device_id);
+    owner_of_part(gw, gw.registry.partitioning().of(device_id), headers)
+}
+
+/// Where a call for partition `part` is answered, as [`owner_of`].
+pub(crate) fn owner_of_part(
+    gw: &Gateway,
+    part: u16,
+    headers: &http::HeaderMap,
+) -> Result<Option<String>, ApiError> {
     match gw.store.placement(part) {
         Placement::Local => Ok(None),
         Placement::Remote { url, .. } if !headers.contains_key(FORWARDED) => Ok(Some(url)),

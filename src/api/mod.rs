@@ -247,6 +247,14 @@ async fn dispatch(
             return forward::forward(&gw, &owner, parts, body).await;
         }
     }
+    // So does a call for one refresh job: in cluster mode its id carries
+    // its device's partition.
+    if let Route::Complete(id) | Route::RefreshJob(id) = &route {
+        if let Some(owner) = refresh::owner_of_job(&gw, id, req.headers())? {
+            let (parts, body) = req.into_parts();
+            return forward::forward(&gw, &owner, parts, body).await;
+        }
+    }
     let query = req.uri().query().map(str::to_owned);
     let (parts, body) = req.into_parts();
     match (parts.method, route) {

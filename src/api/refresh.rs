@@ -88,7 +88,29 @@ struct LeaseRequest {
     lease_seconds: Option<u32>,
 }
 
-/// `POST /v1/refresh:lease`.
+/// Where a call for refresh job `job_id` is answered in cluster mode: the
+/// owner of the partition its id carries (`None`: here).
+pub(crate) fn owner_of_job(
+    gw: &Gateway,
+    job_id: &str,
+    headers: &HeaderMap,
+) -> Result<Option<String>, ApiError> {
+    if gw.settings.cluster.is_none() {
+        return Ok(None);
+    }
+    let Some(id) = parse_job_id(job_id) else {
+        return Ok(None);
+    };
+    let part = crate::core::refresh::partition_of_id(id);
+    if part >= gw.registry.partitioning().count() {
+        return Ok(None);
+    }
+    super::forward::owner_of_part(gw, part, headers)
+}
+
+/// `POST /v1/refresh:lease`. In cluster mode, jobs due on this node come
+/// first, and the other nodes are asked in turn for the rest (each within
+/// its share of the pace).
 pub(crate) async fn lease(
     gw: Arc<Gateway>,
     headers: HeaderMap,
@@ -128,6 +150,43 @@ pub(crate) async fn lease(
         .lifecycle
         .lease(max, req.lease_seconds, Handout::Lease, gw.now())
         .await?;
+    let mut jobs: Vec<serde_json::Value> = jobs
+        .into_iter()
+        .map(|j| serde_json::to_value(j).expect("a job serializes"))
+        .collect();
+    if !headers.contains_key(super::forward::FORWARDED) {
+        for (node, url) in gw.store.peers() {
+            let want = max as usize - jobs.len();
+            if want == 0 {
+                break;
+            }
+            let mut ask = serde_json::json!({ "max": want });
+            if let Some(s) = req.lease_seconds {
+                ask["lease_seconds"] = s.into();
+            }
+            let answer = super::forward::post_to(
+                &url,
+                "/v1/refresh:lease",
+                "application/json",
+                bytes::Bytes::from(ask.to_string()),
+                &headers,
+            )
+            .await;
+            match answer {
+                Ok((StatusCode::OK, body)) => {
+                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    if let Some(more) = v["jobs"].as_array() {
+                        jobs.extend(more.iter().take(want).cloned());
+                    }
+                }
+                Ok((status, _)) => {
+                    tracing::warn!(node = %node, %status, "a node did not lease its refresh jobs");
+                }
+                // Its jobs wait for the next lease.
+                Err(_) => {}
+            }
+        }
+    }
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({ "jobs": jobs }),

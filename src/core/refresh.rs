@@ -350,6 +350,15 @@ impl RefreshPolicy {
     }
 }
 
+/// Bits of a job id that carry its partition, when ids carry partitions
+/// ([`RefreshQueue::ids_carry_partitions`]): partitions number at most 4096.
+pub const PARTITION_BITS: u32 = 12;
+
+/// The partition a job id carries, when ids carry partitions.
+pub fn partition_of_id(id: JobId) -> u16 {
+    (id & ((1 << PARTITION_BITS) - 1)) as u16
+}
+
 /// A store mutation the caller must make durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -441,11 +450,20 @@ pub struct RefreshQueue {
     give_up: BTreeSet<(UnixTime, JobId)>,
     promoted_to: UnixTime,
     give_up_swept_to: UnixTime,
+    /// The next id's counter (the id itself unless ids carry partitions).
     next_id: JobId,
+    /// When set, an id carries its device's partition in its low
+    /// [`PARTITION_BITS`] bits above a counter (cluster mode: any node
+    /// routes a call for a job to its partition's owner, and the owners'
+    /// counters never collide).
+    id_partitions: Option<crate::core::Partitioning>,
     leased: u64,
     delivered: u64,
     tokens: u64,
     refilled_at: Option<UnixTime>,
+    /// This queue's share of the pace, `(numerator, denominator)`: the
+    /// share of the partitions its node serves (cluster mode); `(1, 1)`.
+    pace_share: (u32, u32),
 }
 
 impl RefreshQueue {
@@ -464,6 +482,8 @@ impl RefreshQueue {
             promoted_to: UnixTime(0),
             give_up_swept_to: UnixTime(0),
             next_id: 1,
+            id_partitions: None,
+            pace_share: (1, 1),
             leased: 0,
             delivered: 0,
             tokens,
@@ -481,7 +501,7 @@ impl RefreshQueue {
     /// other is answered as a [`Change::Closed`] for the caller to delete.
     /// Restoring an id twice replaces the earlier copy.
     pub fn restore(&mut self, job: Job) -> Option<Change> {
-        self.next_id = self.next_id.max(job.id.saturating_add(1));
+        self.next_id = self.next_id.max(self.counter_of(job.id).saturating_add(1));
         if self.jobs.contains_key(&job.id) {
             self.remove(job.id);
         }
@@ -534,7 +554,7 @@ impl RefreshQueue {
             Vec::with_capacity(jobs.len()),
         );
         for job in jobs {
-            self.next_id = self.next_id.max(job.id.saturating_add(1));
+            self.next_id = self.next_id.max(self.counter_of(job.id).saturating_add(1));
             if self.job_id_of(job.device_id.as_str()).is_some() {
                 closed.push(Change::Closed {
                     id: job.id,
@@ -593,7 +613,10 @@ impl RefreshQueue {
         if self.job_id_of(device_id.as_str()).is_some() {
             return None;
         }
-        let id = self.next_id;
+        let id = match self.id_partitions {
+            Some(p) => (self.next_id << PARTITION_BITS) | u64::from(p.of(device_id.as_str())),
+            None => self.next_id,
+        };
         self.next_id += 1;
         let job = Job {
             id,
@@ -620,10 +643,24 @@ impl RefreshQueue {
         self.next_id = self.next_id.max(floor);
     }
 
+    /// From now on, ids carry their device's partition (see
+    /// [`partition_of_id`]); set before any job is opened or restored.
+    pub fn ids_carry_partitions(&mut self, partitioning: crate::core::Partitioning) {
+        self.id_partitions = Some(partitioning);
+    }
+
+    /// The counter part of `id`.
+    fn counter_of(&self, id: JobId) -> JobId {
+        match self.id_partitions {
+            Some(_) => id >> PARTITION_BITS,
+            None => id,
+        }
+    }
+
     /// True when `id` was allocated by this queue (or restored) and is no
     /// longer open: the job closed or gave up.
     pub fn was_closed(&self, id: JobId) -> bool {
-        id >= 1 && id < self.next_id && !self.jobs.contains_key(&id)
+        id >= 1 && self.counter_of(id) < self.next_id && !self.jobs.contains_key(&id)
     }
 
     /// The open job of a device.
@@ -916,7 +953,7 @@ impl RefreshQueue {
         let (mut leased, mut delivered, mut queued, mut with_deadline, mut with_give_up) =
             (0u64, 0u64, 0usize, 0usize, 0usize);
         for (id, job) in &self.jobs {
-            if *id != job.id || *id >= self.next_id {
+            if *id != job.id || self.counter_of(*id) >= self.next_id {
                 return Err(format!(
                     "job {id} has id {} (next {})",
                     job.id, self.next_id
@@ -1051,8 +1088,22 @@ impl RefreshQueue {
         }
     }
 
+    /// Sets the share of `refresh.jobs_per_second` this queue hands out:
+    /// `owned` of `all` partitions (at least one job a second while it owns
+    /// any).
+    pub fn set_pace_share(&mut self, owned: u32, all: u32) {
+        self.pace_share = (owned, all.max(1));
+        self.tokens = self.tokens.min(self.rate());
+    }
+
+    /// Hand-outs a second, this queue's share.
+    fn rate(&self) -> u64 {
+        let (owned, all) = self.pace_share;
+        (self.policy.rate() * u64::from(owned) / u64::from(all)).max(1)
+    }
+
     fn refill(&mut self, now: UnixTime) {
-        let rate = self.policy.rate();
+        let rate = self.rate();
         match self.refilled_at {
             Some(at) if now > at => {
                 let add = u64::from(now.saturating_since(at)).saturating_mul(rate);
@@ -1224,6 +1275,52 @@ mod tests {
             Some(Change::Put(job)) => job,
             other => panic!("expected a Put, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn ids_carry_partitions_and_the_pace_is_a_share() {
+        let parts = crate::core::Partitioning::new(16).unwrap();
+        let mut a = queue();
+        a.ids_carry_partitions(parts);
+        a.ids_from(u64::from(T0.0) << 20);
+        let mut b = queue();
+        b.ids_carry_partitions(parts);
+        b.ids_from(u64::from(T0.0) << 20);
+        let mut ids = std::collections::BTreeSet::new();
+        for n in 0..200 {
+            // Two nodes started the same second, each with its devices.
+            let q = if parts.of(dev(n).as_str()) < 8 {
+                &mut a
+            } else {
+                &mut b
+            };
+            let job = open(q, n, T0, T0);
+            assert_eq!(partition_of_id(job.id), parts.of(dev(n).as_str()));
+            assert!(ids.insert(job.id), "id {} given twice", job.id);
+        }
+        // A job moved to the other node keeps its id, and that node's
+        // next ids stay above it.
+        let moved = (0..200)
+            .find_map(|n| a.job_for_device(dev(n).as_str()))
+            .unwrap();
+        b.restore(moved.clone());
+        let next = open(&mut b, 1000, T0, T0);
+        assert!(next.id >> PARTITION_BITS > moved.id >> PARTITION_BITS);
+        a.registered(moved.device_id.as_str(), T0);
+        assert!(a.was_closed(moved.id));
+        b.check_invariants().unwrap();
+        // A node serving a quarter of the partitions hands out a quarter
+        // of the pace.
+        let mut q = RefreshQueue::new(RefreshPolicy {
+            jobs_per_second: 40,
+            ..RefreshPolicy::default()
+        });
+        q.set_pace_share(4, 16);
+        for n in 0..100 {
+            open(&mut q, n, T0, T0);
+        }
+        let (jobs, _) = q.lease(100, None, at(1));
+        assert_eq!(jobs.len(), 10);
     }
 
     #[test]

@@ -104,6 +104,14 @@ pub struct Lifecycle {
     nudges: Mutex<Option<tokio::sync::mpsc::Sender<DeviceId>>>,
     /// Devices issued before this time have been offered a nudge.
     nudged_to: AtomicU32,
+    /// Cluster mode: job ids carry their partition
+    /// ([`RefreshQueue::ids_carry_partitions`]).
+    ids_carry_partitions: std::sync::atomic::AtomicBool,
+    /// Cluster mode: which partitions this node serves, so that its pace
+    /// is its share of `refresh.jobs_per_second`; with the ownership epoch
+    /// the share was last worked out at.
+    owner: std::sync::OnceLock<Arc<dyn crate::core::bulk::Owner>>,
+    share_epoch: std::sync::atomic::AtomicU64,
 }
 
 /// The lowest job id any run issues: a run's ids start at its start time
@@ -143,7 +151,39 @@ impl Lifecycle {
             rewind_to: AtomicU32::new(u32::MAX),
             nudges: Mutex::new(None),
             nudged_to: AtomicU32::new(0),
+            ids_carry_partitions: std::sync::atomic::AtomicBool::new(false),
+            owner: std::sync::OnceLock::new(),
+            share_epoch: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Cluster mode: job ids carry their partition, so any node routes a
+    /// call for a job to its owner; set before [`Lifecycle::restore`].
+    pub fn set_ids_carry_partitions(&self) {
+        self.ids_carry_partitions
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Cluster mode: lease and webhook hand-outs are paced at this node's
+    /// share of `refresh.jobs_per_second`, the share of the partitions it
+    /// serves, so that the nodes together keep the configured pace.
+    pub fn set_owner(&self, owner: Arc<dyn crate::core::bulk::Owner>) {
+        let _ = self.owner.set(owner);
+    }
+
+    /// Brings the queue's pace share up to date with the partitions served.
+    fn update_share(&self, q: &mut RefreshQueue) {
+        use std::sync::atomic::Ordering;
+        let Some(owner) = self.owner.get() else {
+            return;
+        };
+        let epoch = owner.epoch();
+        if self.share_epoch.swap(epoch, Ordering::AcqRel) == epoch {
+            return;
+        }
+        let all = self.registry.partitioning().count();
+        let owned = (0..all).filter(|p| owner.owns(*p)).count();
+        q.set_pace_share(owned as u32, u32::from(all));
     }
 
     /// Turns nudge wakes on: devices are offered on `queue`. Devices that
@@ -218,7 +258,17 @@ impl Lifecycle {
     /// reused across restarts even when no job survived to be restored.
     pub fn restore(&self, now: UnixTime) -> Result<u64, StoreError> {
         let mut q = self.queue.lock();
-        q.ids_from(u64::from(now.0) << 24);
+        if self
+            .ids_carry_partitions
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            // About a million ids per second of wall time, above the
+            // partition's bits.
+            q.ids_carry_partitions(self.registry.partitioning());
+            q.ids_from(u64::from(now.0) << 20);
+        } else {
+            q.ids_from(u64::from(now.0) << 24);
+        }
         let mut jobs = Vec::new();
         let n = self.store.scan_jobs(&mut |job| jobs.push(job))?;
         let fixes = q.restore_all(jobs);
@@ -664,6 +714,7 @@ impl Lifecycle {
         now: UnixTime,
     ) -> (Vec<Job>, Vec<Ticket>) {
         let mut q = self.queue.lock();
+        self.update_share(&mut q);
         let (jobs, changes) = q.lease_via(via, max, lease_secs, now);
         let mut tickets = self.persist_locked(&mut q, changes, now);
         let mut valid = Vec::with_capacity(jobs.len());
