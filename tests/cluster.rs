@@ -4,7 +4,9 @@
 //! down; three gateways share the partitions, answer for each other's
 //! devices and take a killed one's partitions over; a paused gateway is
 //! fenced, answers nothing from stale state, and rejoins; a bulk wake runs
-//! on every gateway and survives the SIGKILL of one of them.
+//! on every gateway and survives the SIGKILL of one of them, with one
+//! refresh job per dead channel, and the whole cluster restarts with
+//! everything back.
 
 // Measures its own waits and hang guards on the real clock; the rule that
 // time is read only through `wnsgate::clock` (clippy.toml) is the gateway's.
@@ -502,23 +504,30 @@ fn jetstream_refuses_an_append_from_a_writer_that_lost_the_partition() {
     );
 }
 
-/// A bulk wake started on one gateway runs on all three, each over the
-/// partitions it owns, at the job's pace shared between them. One of them
-/// is killed (SIGKILL) in the middle: the others take its partitions and go
-/// on from its last checkpoint. Every device is woken at least once and at
-/// most twice, and the job, read from any survivor, counts each once. The
-/// channels WNS declared dead have exactly one refresh job each, leased
-/// through one gateway from all of them, and completed through a gateway
-/// that does not serve the job's device.
+/// A bulk wake of 20,000 devices started on one gateway runs on all
+/// three, each over the partitions it owns, at the job's pace shared
+/// between them, while registrations stream in. One gateway is killed
+/// (SIGKILL) in the middle: the others take its partitions and go on from
+/// its last checkpoint.
+/// - Every acknowledged registration is there, as acknowledged.
+/// - Every device is woken at least once and at most twice, and the job,
+///   read from any survivor, counts each once.
+/// - The channels WNS declared dead have exactly one refresh job each,
+///   leased through one gateway from all of them, and completed through a
+///   gateway that does not serve the job's device.
+/// - After a restart of the whole cluster (gateways and NATS), the
+///   devices, the refresh jobs and the finished job are all there.
 #[test]
 fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
-    const DEVICES: u64 = 3000;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const DEVICES: u64 = 20_000;
     // Every 50th channel answers 410.
     const DEAD: u64 = DEVICES / 50;
     let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(dir.path(), 3);
+    let mut nats = NatsCluster::start(dir.path(), 3);
     let sim = wnsgate::sim::start(wnsgate::sim::SimConfig::default()).unwrap();
-    let mut gws: Vec<Server> = ["gw-0", "gw-1", "gw-2"]
+    let names = ["gw-0", "gw-1", "gw-2"];
+    let mut gws: Vec<Server> = names
         .iter()
         .map(|n| gateway_with_sim(dir.path(), &nats, n, &sim))
         .collect();
@@ -540,7 +549,7 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
         .send_json(
             "POST",
             "/v1/pushes",
-            &serde_json::json!({"all": true, "rate_per_second": 600}),
+            &serde_json::json!({"all": true, "rate_per_second": 4000}),
         )
         .unwrap();
     assert_eq!(r.status, 202, "{}", r.text());
@@ -550,6 +559,31 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
         "counted on every node: {job}"
     );
     let id = job["job_id"].as_str().unwrap().to_owned();
+    // Registrations stream in through a survivor, for every partition.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let mut client = gws[1].client();
+        std::thread::spawn(move || {
+            let mut acked: BTreeMap<String, String> = BTreeMap::new();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let (id, u) = (format!("put-{i:05}"), uri(&format!("p{i}")));
+                let r = client.send_json(
+                    "PUT",
+                    &format!("/v1/devices/{id}/channel"),
+                    &channel_body(&u),
+                );
+                if let Ok(r) = r {
+                    if r.status == 200 || r.status == 201 {
+                        acked.insert(id, u);
+                    }
+                }
+                i += 1;
+            }
+            acked
+        })
+    };
     // Every gateway runs it.
     let deadline = Instant::now() + Duration::from_secs(30);
     for gw in &gws[1..] {
@@ -580,12 +614,23 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
     assert!(before < DEVICES, "killed before the end: {before}");
     let done = common::wait_job(&gws[0], &id, Duration::from_secs(120));
     assert_eq!(done["state"], "done", "{done}");
+    stop.store(true, Ordering::Release);
+    let acked = writer.join().unwrap();
+    assert!(
+        acked.len() > 100,
+        "{} registrations acknowledged",
+        acked.len()
+    );
+    // The job selects devices registered while it runs too, when its walk
+    // reaches them: `extra` of those registered meanwhile.
+    let extra = done["total"].as_u64().unwrap() - DEVICES;
+    assert!(extra <= acked.len() as u64, "{done}");
     let st = sim.stats();
-    assert_eq!(st.delivered_channels, DEVICES - DEAD, "{st:?}");
+    assert_eq!(st.delivered_channels, DEVICES - DEAD + extra, "{st:?}");
     assert!(st.max_pushes_per_channel <= 2, "{st:?}");
     // Each device counted once, read from either survivor (the other's
     // share as its last checkpoint says, so wait for it to settle).
-    for gw in &gws {
+    let settled = |gw: &Server| {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let v = gw.client().get(&format!("/v1/pushes/{id}")).unwrap().json();
@@ -593,24 +638,34 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
             // it is skipped the second time.
             let dead = v["expired"].as_u64().unwrap_or(0) + v["skipped_dead"].as_u64().unwrap_or(0);
             if v["state"] == "done"
-                && v["received"] == DEVICES - DEAD
+                && v["received"] == DEVICES - DEAD + extra
                 && dead == DEAD
-                && v["total"] == DEVICES
+                && v["total"] == DEVICES + extra
             {
-                break;
+                return;
             }
             assert!(Instant::now() < deadline, "{v}");
             std::thread::sleep(Duration::from_millis(100));
         }
-    }
+    };
+    gws.iter().for_each(settled);
+    // Every acknowledged registration, as acknowledged.
+    let check_acked = |gw: &Server| {
+        for (dev, u) in &acked {
+            let (status, body) = get_settled(gw, dev);
+            assert_eq!(status, 200, "{dev}: {body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["channel_uri"], u.as_str(), "{dev}");
+        }
+    };
+    check_acked(&gws[0]);
     // One refresh job per dead channel, across the takeover.
-    let stats = gws[1].client().get("/v1/stats").unwrap().json();
-    let q = &stats["refresh_queue"];
-    assert_eq!(
-        q["queued"].as_u64().unwrap() + q["leased"].as_u64().unwrap(),
-        DEAD,
-        "{stats}"
-    );
+    let queued = |gw: &Server| {
+        let stats = gw.client().get("/v1/stats").unwrap().json();
+        let q = &stats["refresh_queue"];
+        q["queued"].as_u64().unwrap() + q["leased"].as_u64().unwrap()
+    };
+    assert_eq!(queued(&gws[1]), DEAD);
     // One lease through one gateway hands out every node's jobs.
     let r = gws[1]
         .client()
@@ -632,8 +687,8 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
         .parse::<u64>()
         .unwrap()
         .is_multiple_of(50)));
-    // Any gateway completes any job: the id names its partition.
-    for job in &leased {
+    // Any gateway answers for any job: the id names its partition.
+    for job in leased.iter().take(20) {
         let jid = job["job_id"].as_str().unwrap();
         for gw in &gws {
             let r = gw.client().get(&format!("/v1/refresh/{jid}")).unwrap();
@@ -651,7 +706,39 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     eprintln!(
-        "{before} pushes before the kill, {} in all for {DEVICES} devices",
-        st.pushes_total
+        "{before} pushes before the kill, {} in all for {DEVICES} devices; {} registrations acknowledged meanwhile",
+        st.pushes_total,
+        acked.len()
     );
+    // The whole cluster restarts: everything comes back.
+    for gw in gws.drain(..) {
+        assert!(gw.terminate().success());
+    }
+    for i in 0..3 {
+        nats.stop(i);
+    }
+    for i in 0..3 {
+        nats.restart(i);
+    }
+    let gws: Vec<Server> = names
+        .iter()
+        .map(|n| gateway_with_sim(dir.path(), &nats, n, &sim))
+        .collect();
+    wait_balanced(&[&gws[0], &gws[1], &gws[2]]);
+    let stats = gws[2].client().get("/v1/stats").unwrap().json();
+    assert_eq!(stats["devices"], DEVICES + acked.len() as u64, "{stats}");
+    assert_eq!(queued(&gws[2]), DEAD);
+    check_acked(&gws[2]);
+    for gw in &gws {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = gw.client().get(&format!("/v1/pushes/{id}")).unwrap();
+            if r.status == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{}: {}", r.status, r.text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        settled(gw);
+    }
 }

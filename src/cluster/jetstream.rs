@@ -613,9 +613,14 @@ impl Inner {
         Ok(last)
     }
 
+    /// Connected to NATS, no partition fenced or in doubt, and the leases
+    /// this node holds still stand (a node whose renewals failed for most
+    /// of `cluster.lease_ttl` serves nothing, and says so on `/readyz`).
     fn writable(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
             && self.state.iter().all(|s| s.load(Ordering::Relaxed) == OPEN)
+            && (self.held.lock().is_empty()
+                || self.now_ns() < self.valid_until.load(Ordering::Acquire))
     }
 
     /// Clears partitions whose unanswered append turned out never to have

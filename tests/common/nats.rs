@@ -98,6 +98,17 @@ impl NatsCluster {
         }
     }
 
+    /// Stops server `i` with SIGTERM (it flushes its stores) and waits for
+    /// it to exit.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+
     /// Starts server `i` again on its ports and store.
     pub fn restart(&mut self, i: usize) {
         let routes: Vec<String> = self
