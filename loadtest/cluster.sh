@@ -13,7 +13,9 @@
 #                       syncs before it acknowledges)
 # and reports for each: the durable NDJSON import rate of DEVICES (default
 # 200,000), single-PUT latency at PUT_RATE/s (default 5000) for PUT_SECONDS
-# (default 30), and the restart time until /readyz answers 200.
+# (default 30), the rate of a bulk wake of every device (unpaced, against
+# the WNS simulator, `wnsgate sim`, on the same machine), and the restart
+# time until /readyz answers 200.
 # Reference, same run: GET /healthz at PUT_RATE/s with the same tool.
 # Then three gateways on one JetStream cluster share the DEVICES; one is
 # killed with SIGKILL, and the script reports how long until the other two
@@ -45,17 +47,40 @@ stop_nats() {
   for p in "${NATS_PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   NATS_PIDS=()
 }
+SIM_PIDS=()
 cleanup() {
   [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null || true
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}" "${SIM_PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   stop_nats
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-# Registrations must name a configured WNS app; no wake is sent here, so
-# the secret is never used.
-export WNSGATE_WNS__APPS='[{pfn = "Contoso.MDM_8wekyb3d8bbwe", package_sid = "ms-app://S-1-15-2-1", client_secret = "unused"}]'
+# Wakes go to the WNS simulator.
+"$BIN" sim --listen 127.0.0.1:0 --ca-out "$WORK/ca.pem" --no-channel-stats >"$WORK/sim.out" 2>"$WORK/sim.err" &
+SIM_PIDS+=($!); disown "$!"
+for _ in $(seq 1 500); do
+  SIM_ADDR=$(sed -n 's/^sim listening on \([^ ]*\).*/\1/p' "$WORK/sim.out" 2>/dev/null | head -1 || true)
+  [ -n "$SIM_ADDR" ] && break
+  sleep 0.01
+done
+[ -n "$SIM_ADDR" ] || { cat "$WORK/sim.err"; exit 1; }
+export WNSGATE_WNS__TOKEN_URL="https://$SIM_ADDR/accesstoken.srf" WNSGATE_WNS__CONNECT_TO="$SIM_ADDR" WNSGATE_WNS__CA_FILE="$WORK/ca.pem"
+export WNSGATE_WNS__APPS='[{pfn = "Contoso.MDM_8wekyb3d8bbwe", package_sid = "ms-app://S-1-15-2-1", client_secret = "s"}]'
+
+# bulk_wake ADDR: wakes every device and prints "<devices> devices in <s> s (<rate>/s)".
+bulk_wake() {
+  local job t0 t1 state
+  t0=$(date +%s.%N)
+  job=$(curl -fsS -X POST -H 'content-type: application/json' -d '{"all": true}' "http://$1/v1/pushes" | python3 -c 'import json,sys; print(json.load(sys.stdin)["job_id"])')
+  while :; do
+    state=$(curl -fsS "http://$1/v1/pushes/$job")
+    echo "$state" | grep -q '"state":"done"' && break
+    sleep 0.05
+  done
+  t1=$(date +%s.%N)
+  python3 -c "import json,sys; v=json.loads(sys.argv[3]); s=float(sys.argv[2])-float(sys.argv[1]); print(f'{v[\"total\"]} devices in {s:.2f} s ({v[\"total\"]/s:,.0f}/s, {v[\"received\"]} received)')" "$t0" "$t1" "$state"
+}
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
@@ -120,10 +145,11 @@ run() {
   if [ "$mode" = cluster ]; then start_nats "$sync"; fi
   start_server "$mode"
   wait_ready
-  local import put get t0 t1
+  local import put get wake t0 t1
   import=$("$BIN" import "$WORK/fleet.ndjson" --url "http://$ADDR" | sed -n 's/.*(\([0-9]*\) devices\/s).*/\1/p')
   get=$("$LOAD" get --url "http://$ADDR" --path /healthz --rate "$PUT_RATE" --duration "$PUT_SECONDS" --connections 64)
   put=$("$LOAD" put --url "http://$ADDR" --rate "$PUT_RATE" --duration "$PUT_SECONDS" --connections 64 --devices "$N")
+  wake=$(bulk_wake "$ADDR")
   kill -TERM "$PID"; wait "$PID" || true; PID=""
   t0=$(date +%s.%N)
   start_server "$mode"
@@ -134,6 +160,7 @@ run() {
   echo "$label: import $import devices/s durable"
   echo "$label: PUT at $PUT_RATE/s: $put"
   echo "$label: reference, GET /healthz at $PUT_RATE/s: $get"
+  echo "$label: bulk wake of every device: $wake"
   python3 -c "import sys; print(f'$label: restart to ready {float(sys.argv[2])-float(sys.argv[1]):.2f} s with $N devices')" "$t0" "$t1"
 }
 
@@ -173,6 +200,6 @@ PY
 for a in "${ADDRS[0]}" "${ADDRS[2]}"; do
   echo "takeover: $a loaded partitions in $(metric_sum "$a" wnsgate_cluster_takeover_seconds_count) rounds, $(metric_sum "$a" wnsgate_cluster_takeover_seconds_sum) s in all (before the kill: $LOAD0 rounds on both)"
 done
+echo "two of three gateways after the takeover, bulk wake of every device through one: $(bulk_wake "${ADDRS[0]}")"
 for p in "${PIDS[0]}" "${PIDS[2]}"; do kill -TERM "$p"; wait "$p" || true; done
 stop_nats
-echo "not measured here yet: bulk wake rate in cluster mode (bulk wakes cover the node they reach only)"

@@ -185,6 +185,20 @@ fn main() -> ExitCode {
                     s.tokens.len(),
                     s.known_pfns.len()
                 );
+                if let Some(c) = &s.cluster {
+                    println!(
+                        "cluster mode: NATS {}, node {}, advertised as {}, partitions {}, {} replica(s), {} stream(s), lease_ttl {:?}, checkpoint_every {:?}",
+                        c.nats_urls.join(","),
+                        c.node_id,
+                        c.advertise_url.as_deref().unwrap_or("(the API's address)"),
+                        c.partitions
+                            .map_or_else(|| "(the cluster's own)".to_owned(), |p| p.count().to_string()),
+                        c.replicas,
+                        c.stream_count,
+                        c.lease_ttl,
+                        c.checkpoint_every
+                    );
+                }
                 for note in notes {
                     println!("note: {note}");
                 }

@@ -649,6 +649,24 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
         }
     };
     gws.iter().for_each(settled);
+    // The failures of both survivors, paged through one of them: dead
+    // channels only, each once (the killed node's went with it).
+    let mut failed = std::collections::BTreeSet::new();
+    let mut cursor = String::new();
+    loop {
+        let path = format!("/v1/pushes/{id}/failures?limit=37{cursor}");
+        let v = gws[1].client().get(&path).unwrap().json();
+        for f in v["failures"].as_array().unwrap() {
+            let dev = f["device_id"].as_str().unwrap().to_owned();
+            assert_eq!(f["result"], "channel_dead", "{f}");
+            assert!(failed.insert(dev.clone()), "{dev} listed twice");
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert!(!failed.is_empty() && failed.len() as u64 <= DEAD, "{failed:?}");
     // Every acknowledged registration, as acknowledged.
     let check_acked = |gw: &Server| {
         for (dev, u) in &acked {

@@ -708,12 +708,20 @@ fn the_kubernetes_cluster_config_passes_check_config() {
         advertise,
         "http://wnsgate-0.wnsgate-headless.wnsgate.svc.cluster.local:8080"
     );
-    check_config(
+    let said = check_config(
         &toml,
         &[
             ("WNSGATE_CLUSTER__NODE_ID", "wnsgate-0"),
             ("WNSGATE_CLUSTER__ADVERTISE_URL", advertise.as_str()),
         ],
+    );
+    // It says how the node joins the cluster.
+    assert!(
+        said.contains("cluster mode: NATS ")
+            && said.contains(", node wnsgate-0, ")
+            && said.contains(&format!("advertised as {advertise}, "))
+            && said.contains(", checkpoint_every "),
+        "{said}"
     );
     // A wrong address is refused, so the check above checked it.
     let bad = Command::new(env!("CARGO_BIN_EXE_wnsgate"))

@@ -199,11 +199,18 @@ pub(crate) fn get(gw: &Gateway, id: &str) -> Result<Resp, ApiError> {
 
 /// `GET /v1/pushes/{id}/failures?limit=&cursor=`: the devices whose wake
 /// did not end `received`, in the order their results came, with how each
-/// ended. The cursor is the position to go on from.
-pub(crate) fn failures(gw: &Gateway, id: &str, query: Option<String>) -> Result<Resp, ApiError> {
+/// ended. The cursor is the position to go on from. In cluster mode the
+/// nodes are walked in the order of their ids, each node's failures in
+/// turn: the cursor is then `<node index>.<position>`.
+pub(crate) async fn failures(
+    gw: &Gateway,
+    id: &str,
+    query: Option<String>,
+    headers: &HeaderMap,
+) -> Result<Resp, ApiError> {
     let job = gw.wakes.job(id).ok_or_else(|| unknown_job(id))?;
     let mut limit = FAILURES_PAGE_DEFAULT;
-    let mut from = 0usize;
+    let mut cursor: Option<String> = None;
     for (k, v) in super::query_pairs(query.as_deref().unwrap_or("")) {
         match k.as_str() {
             "limit" => {
@@ -218,14 +225,7 @@ pub(crate) fn failures(gw: &Gateway, id: &str, query: Option<String>) -> Result<
                         )
                     })?
             }
-            "cursor" => {
-                from = v.parse::<usize>().map_err(|_| {
-                    ApiError::bad_request(
-                        "invalid_cursor",
-                        "cursor is not one this gateway returned",
-                    )
-                })?
-            }
+            "cursor" => cursor = Some(v),
             other => {
                 return Err(ApiError::bad_request(
                     "unknown_parameter",
@@ -234,9 +234,88 @@ pub(crate) fn failures(gw: &Gateway, id: &str, query: Option<String>) -> Result<
             }
         }
     }
-    let (page, kept, not_kept) = job.failures(from, limit);
-    let next = from.saturating_add(page.len());
-    let next_cursor = (!page.is_empty() && next < kept).then(|| next.to_string());
+    let bad_cursor =
+        || ApiError::bad_request("invalid_cursor", "cursor is not one this gateway returned");
+    let peers = gw.store.peers();
+    if headers.contains_key(super::forward::FORWARDED) || peers.is_empty() {
+        let from = match &cursor {
+            Some(c) => c.parse::<usize>().map_err(|_| bad_cursor())?,
+            None => 0,
+        };
+        let (page, kept, not_kept) = job.failures(from, limit);
+        let next = from.saturating_add(page.len());
+        let next_cursor = (!page.is_empty() && next < kept).then(|| next.to_string());
+        return Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({
+                "job_id": job.id(),
+                "failures": page,
+                "next_cursor": next_cursor,
+                "failures_not_kept": not_kept,
+            }),
+        ));
+    }
+    // Every node, in the order of their ids; `None` is this one.
+    let me = gw
+        .settings
+        .cluster
+        .as_ref()
+        .map_or_else(String::new, |c| c.node_id.clone());
+    let mut nodes: Vec<(String, Option<String>)> = peers
+        .into_iter()
+        .map(|(node, url)| (node, Some(url)))
+        .collect();
+    nodes.push((me, None));
+    nodes.sort();
+    let (node, from) = match &cursor {
+        None => (0usize, 0usize),
+        Some(c) => {
+            let (n, f) = c.split_once('.').ok_or_else(bad_cursor)?;
+            (
+                n.parse().map_err(|_| bad_cursor())?,
+                f.parse().map_err(|_| bad_cursor())?,
+            )
+        }
+    };
+    let mut page: Vec<serde_json::Value> = Vec::new();
+    let mut not_kept = 0u64;
+    let mut next_cursor: Option<String> = None;
+    // Every node is asked, for its count of failures not kept; the nodes
+    // from the cursor's on fill the page, and the first one with more
+    // gives the next cursor.
+    for (i, (_, url)) in nodes.iter().enumerate() {
+        let filling = i >= node && next_cursor.is_none() && page.len() < limit;
+        let want = if filling { limit - page.len() } else { 1 };
+        let at = if filling && i == node { from } else { 0 };
+        let answer = match url {
+            None => {
+                let (p, kept, nk) = job.failures(at, want);
+                let next = at + p.len();
+                serde_json::json!({
+                    "failures": p,
+                    "next_cursor": (!p.is_empty() && next < kept).then(|| next.to_string()),
+                    "failures_not_kept": nk,
+                })
+            }
+            Some(url) => {
+                let path = format!("/v1/pushes/{id}/failures?limit={want}&cursor={at}");
+                // A node that does not know the job (yet) has no failures.
+                super::forward::get_json(url, &path, headers)
+                    .await
+                    .unwrap_or_default()
+            }
+        };
+        not_kept += answer["failures_not_kept"].as_u64().unwrap_or(0);
+        let got = answer["failures"].as_array().cloned().unwrap_or_default();
+        if filling {
+            page.extend(got.into_iter().take(want));
+            if let Some(next) = answer["next_cursor"].as_str() {
+                next_cursor = Some(format!("{i}.{next}"));
+            }
+        } else if i >= node && next_cursor.is_none() && !got.is_empty() {
+            next_cursor = Some(format!("{i}.0"));
+        }
+    }
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({

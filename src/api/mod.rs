@@ -278,7 +278,9 @@ async fn dispatch(
         (Method::GET, Route::Job(id)) => jobs::get(&gw, &id),
         (Method::DELETE, Route::Job(id)) => jobs::cancel(&gw, &id).await,
         (_, Route::Job(_)) => Err(method_not_allowed("GET, DELETE")),
-        (Method::GET, Route::JobFailures(id)) => jobs::failures(&gw, &id, query),
+        (Method::GET, Route::JobFailures(id)) => {
+            jobs::failures(&gw, &id, query, &parts.headers).await
+        }
         (_, Route::JobFailures(_)) => Err(method_not_allowed("GET")),
         (Method::GET, Route::CheckIn(id)) => refresh::check_in(gw, id, query).await,
         (_, Route::CheckIn(_)) => Err(method_not_allowed("GET")),
