@@ -666,7 +666,10 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
             None => break,
         }
     }
-    assert!(!failed.is_empty() && failed.len() as u64 <= DEAD, "{failed:?}");
+    assert!(
+        !failed.is_empty() && failed.len() as u64 <= DEAD,
+        "{failed:?}"
+    );
     // Every acknowledged registration, as acknowledged.
     let check_acked = |gw: &Server| {
         for (dev, u) in &acked {
