@@ -136,19 +136,26 @@ impl<S: Transport> WakeService<S> {
             expected_total: expected + elsewhere,
         };
         let shared = self.shared();
+        // Known here before it is recorded: a shared book's other readers
+        // (this node's own look for new jobs among them) must find it
+        // taken up already.
+        let job = Arc::new(Job::from_def(&def, None, shared));
+        self.jobs.insert(job.id().to_owned(), job.clone());
         if let Some(attached) = self.book.get() {
             let ids = match &selection {
                 Selection::Ids(ids) => ids.clone(),
                 Selection::Filter(_) => Vec::new(),
             };
             let (book, d) = (attached.book.clone(), def.clone());
-            tokio::task::spawn_blocking(move || book.create(&d, &ids))
+            let recorded = tokio::task::spawn_blocking(move || book.create(&d, &ids))
                 .await
-                .map_err(|e| StartError::NotRecorded(e.to_string()))?
-                .map_err(|e| StartError::NotRecorded(e.to_string()))?;
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            if let Err(e) = recorded {
+                self.jobs.remove(job.id());
+                return Err(StartError::NotRecorded(e));
+            }
         }
-        let job = Arc::new(Job::from_def(&def, None, shared));
-        self.jobs.insert(job.id().to_owned(), job.clone());
         let token = self.inflight.token();
         tokio::spawn(run(self.clone(), shard, job.clone(), selection, token));
         Ok(job)
