@@ -581,7 +581,7 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
                 }
                 i += 1;
             }
-            acked
+            (acked, i)
         })
     };
     // Every gateway runs it.
@@ -615,7 +615,9 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
     let done = common::wait_job(&gws[0], &id, Duration::from_secs(120));
     assert_eq!(done["state"], "done", "{done}");
     stop.store(true, Ordering::Release);
-    let acked = writer.join().unwrap();
+    // A registration whose answer was lost (a 503 while its partition
+    // moved, after the write reached JetStream) may be there too.
+    let (acked, attempted) = writer.join().unwrap();
     assert!(
         acked.len() > 100,
         "{} registrations acknowledged",
@@ -623,8 +625,24 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
     );
     // The job selects devices registered while it runs too, when its walk
     // reaches them: `extra` of those registered meanwhile.
-    let extra = done["total"].as_u64().unwrap() - DEVICES;
-    assert!(extra <= acked.len() as u64, "{done}");
+    // The other nodes' shares arrive with their last checkpoints: the
+    // total is read once it holds still.
+    let mut total = done["total"].as_u64().unwrap();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(500));
+        let v = gws[0]
+            .client()
+            .get(&format!("/v1/pushes/{id}"))
+            .unwrap()
+            .json();
+        let now = v["total"].as_u64().unwrap();
+        if now == total {
+            break;
+        }
+        total = now;
+    }
+    let extra = total - DEVICES;
+    assert!(extra <= attempted, "{done}");
     let st = sim.stats();
     assert_eq!(st.delivered_channels, DEVICES - DEAD + extra, "{st:?}");
     assert!(st.max_pushes_per_channel <= 2, "{st:?}");
@@ -747,7 +765,12 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
         .collect();
     wait_balanced(&[&gws[0], &gws[1], &gws[2]]);
     let stats = gws[2].client().get("/v1/stats").unwrap().json();
-    assert_eq!(stats["devices"], DEVICES + acked.len() as u64, "{stats}");
+    let devices = stats["devices"].as_u64().unwrap();
+    assert!(
+        (DEVICES + acked.len() as u64..=DEVICES + attempted).contains(&devices),
+        "{} acknowledged of {attempted}: {stats}",
+        acked.len()
+    );
     assert_eq!(queued(&gws[2]), DEAD);
     check_acked(&gws[2]);
     for gw in &gws {

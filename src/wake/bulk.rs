@@ -75,6 +75,11 @@ pub struct Attached {
     pub owner: Option<Arc<dyn Owner>>,
 }
 
+/// How long what a node serves must hold still before a walk starts again
+/// (cluster mode), and at most how many such waits.
+const SETTLE: Duration = Duration::from_millis(500);
+const SETTLE_ROUNDS_MAX: usize = 20;
+
 /// How often a node looks for jobs started on other nodes, and for
 /// cancels, in cluster mode; and how often an idle walk looks again at the
 /// partitions it owns.
@@ -420,14 +425,16 @@ impl<S: Transport> WakeService<S> {
         std::thread::spawn(move || me.write_checkpoint(&job, true));
     }
 
-    /// What a job's senders share, for a walk that stops sending once
-    /// `halted` says so and sends at most `rate` wakes a second.
+    /// What a job's senders share, for a walk that sends at most `rate`
+    /// wakes a second, takes no new batch once `closing` says so, and
+    /// stops sending once the job is halted.
     fn sending(
         self: &Arc<Self>,
         job: &Arc<Job>,
         rate: Option<u32>,
-        halted: Arc<dyn Fn() -> bool + Send + Sync>,
+        closing: Arc<dyn Fn() -> bool + Send + Sync>,
     ) -> Arc<Sending<S>> {
+        let j = job.clone();
         Arc::new(Sending {
             wakes: self.clone(),
             job: job.clone(),
@@ -439,7 +446,8 @@ impl<S: Transport> WakeService<S> {
                     clock::monotonic_ms(),
                 ))
             }),
-            halted,
+            halted: Arc::new(move || j.is_halted()),
+            closing,
         })
     }
 }
@@ -642,7 +650,20 @@ async fn walk_owned<S: Transport>(
         if job.is_halted() {
             break;
         }
-        let epoch = owner.epoch();
+        // Partitions move a window at a time: a walk starts once what this
+        // node serves has held still for a moment, so one takeover ends at
+        // most one walk.
+        let mut epoch = owner.epoch();
+        if n > 0 {
+            for _ in 0..SETTLE_ROUNDS_MAX {
+                tokio::time::sleep(SETTLE).await;
+                let now = owner.epoch();
+                if now == epoch || job.is_halted() {
+                    break;
+                }
+                epoch = now;
+            }
+        }
         let b = book.clone();
         let id = job.id().to_owned();
         let stored = tokio::task::spawn_blocking(move || b.job(&id))

@@ -30,10 +30,14 @@ pub(super) struct Sending<S> {
     /// [`JOB_WAKES_INFLIGHT_MAX`](super::limits::JOB_WAKES_INFLIGHT_MAX) permits; one held by each wake in flight.
     pub(super) permits: Arc<Semaphore>,
     pub(super) pacer: Option<Mutex<Pacer>>,
-    /// Whether the walk these senders serve stops sending: the job was
-    /// cancelled or stops with the gateway, or (cluster mode) the
-    /// partitions this node owns changed.
+    /// Whether the walk these senders serve stops sending at once: the
+    /// job was cancelled or stops with the gateway.
     pub(super) halted: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Whether the senders take no further batch, but finish the one each
+    /// is in (cluster mode: the partitions this node owns changed; a
+    /// batch once begun ends, so its devices count in the checkpoint and
+    /// the next walk does not wake them again).
+    pub(super) closing: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
 /// A batch of a job's devices, handed to one shard to send: one page.
@@ -105,6 +109,10 @@ pub(super) async fn send_batches<S: Transport>(
                                 // The batch is all started: its page goes
                                 // back, and the next one comes.
                                 current = None;
+                                if (sending.closing)() {
+                                    dealing = false;
+                                    break;
+                                }
                                 match batches.try_recv() {
                                     Ok((batch, permit)) => {
                                         batches_counter.increment(1);
@@ -192,7 +200,7 @@ pub(super) async fn send_batches<S: Transport>(
                 held = p.ok();
             }
             _ = async { tokio::time::sleep(wait.pace()).await }, if matches!(wait, Wait::Pace(_)) => {}
-            b = batches.recv(), if matches!(wait, Wait::Batch) => match b {
+            b = batches.recv(), if matches!(wait, Wait::Batch) && !(sending.closing)() => match b {
                 Some((batch, permit)) => {
                     batches_counter.increment(1);
                     current = Some((Devices::new(batch.devices), batch.page, permit));
