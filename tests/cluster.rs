@@ -24,47 +24,39 @@ use std::time::{Duration, Instant};
 /// after about this long.
 const LEASE_TTL_SECS: u64 = 3;
 
-/// A gateway in cluster mode on `nats`, as node `node`.
-fn gateway(dir: &Path, nats: &NatsCluster, node: &str) -> Server {
-    let urls = nats.urls_toml();
-    let ttl = format!("{LEASE_TTL_SECS}s");
-    Server::start(
-        &dir.join(node),
-        &[
-            ("WNSGATE_CLUSTER__NATS_URLS", urls.as_str()),
-            ("WNSGATE_CLUSTER__NODE_ID", node),
-            ("WNSGATE_CLUSTER__PARTITIONS", "16"),
-            ("WNSGATE_CLUSTER__STREAM_COUNT", "2"),
-            ("WNSGATE_CLUSTER__REPLICAS", "3"),
-            ("WNSGATE_CLUSTER__LEASE_TTL", ttl.as_str()),
-        ],
-    )
+/// The `[cluster]` section of a test gateway on `nats` as node `node`, as
+/// environment overrides.
+fn cluster_env(nats: &NatsCluster, node: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("WNSGATE_CLUSTER__NATS_URLS", nats.urls_toml()),
+        ("WNSGATE_CLUSTER__NODE_ID", node.to_owned()),
+        ("WNSGATE_CLUSTER__PARTITIONS", "16".into()),
+        ("WNSGATE_CLUSTER__STREAM_COUNT", "2".into()),
+        ("WNSGATE_CLUSTER__REPLICAS", "3".into()),
+        ("WNSGATE_CLUSTER__LEASE_TTL", format!("{LEASE_TTL_SECS}s")),
+    ]
 }
 
-/// [`gateway`], sending its wakes to the simulator `sim`.
+/// A gateway in cluster mode on `nats`, as node `node`.
+fn gateway(dir: &Path, nats: &NatsCluster, node: &str) -> Server {
+    let env = cluster_env(nats, node);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Server::start(&dir.join(node), &env)
+}
+
+/// [`gateway`], sending its wakes to the simulator `sim`, checkpointing
+/// bulk wakes every second and leasing refresh jobs unpaced.
 fn gateway_with_sim(
     dir: &Path,
     nats: &NatsCluster,
     node: &str,
     sim: &wnsgate::sim::SimHandle,
 ) -> Server {
-    let urls = nats.urls_toml();
-    let ttl = format!("{LEASE_TTL_SECS}s");
-    common::start_for_sim(
-        sim,
-        &dir.join(node),
-        &[
-            ("WNSGATE_CLUSTER__NATS_URLS", urls.as_str()),
-            ("WNSGATE_CLUSTER__NODE_ID", node),
-            ("WNSGATE_CLUSTER__PARTITIONS", "16"),
-            ("WNSGATE_CLUSTER__STREAM_COUNT", "2"),
-            ("WNSGATE_CLUSTER__REPLICAS", "3"),
-            ("WNSGATE_CLUSTER__LEASE_TTL", ttl.as_str()),
-            ("WNSGATE_CLUSTER__CHECKPOINT_EVERY", "1s"),
-            ("WNSGATE_REFRESH__JOBS_PER_SECOND", "10000"),
-        ],
-        Server::start,
-    )
+    let mut env = cluster_env(nats, node);
+    env.push(("WNSGATE_CLUSTER__CHECKPOINT_EVERY", "1s".into()));
+    env.push(("WNSGATE_REFRESH__JOBS_PER_SECOND", "10000".into()));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    common::start_for_sim(sim, &dir.join(node), &env, Server::start)
 }
 
 /// Waits (at most 30 s) until every one of `gws` serves some partitions

@@ -242,17 +242,9 @@ pub(crate) async fn failures(
             Some(c) => c.parse::<usize>().map_err(|_| bad_cursor())?,
             None => 0,
         };
-        let (page, kept, not_kept) = job.failures(from, limit);
-        let next = from.saturating_add(page.len());
-        let next_cursor = (!page.is_empty() && next < kept).then(|| next.to_string());
         return Ok(json_response(
             StatusCode::OK,
-            &serde_json::json!({
-                "job_id": job.id(),
-                "failures": page,
-                "next_cursor": next_cursor,
-                "failures_not_kept": not_kept,
-            }),
+            &local_failures(&job, from, limit),
         ));
     }
     // Every node, in the order of their ids; `None` is this one.
@@ -288,15 +280,7 @@ pub(crate) async fn failures(
         let want = if filling { limit - page.len() } else { 1 };
         let at = if filling && i == node { from } else { 0 };
         let answer = match url {
-            None => {
-                let (p, kept, nk) = job.failures(at, want);
-                let next = at + p.len();
-                serde_json::json!({
-                    "failures": p,
-                    "next_cursor": (!p.is_empty() && next < kept).then(|| next.to_string()),
-                    "failures_not_kept": nk,
-                })
-            }
+            None => local_failures(&job, at, want),
             Some(url) => {
                 let path = format!("/v1/pushes/{id}/failures?limit={want}&cursor={at}");
                 // A node that does not know the job (yet) has no failures.
@@ -325,6 +309,18 @@ pub(crate) async fn failures(
             "failures_not_kept": not_kept,
         }),
     ))
+}
+
+/// This node's page of `job`'s failures: `limit` from position `from`.
+fn local_failures(job: &Job, from: usize, limit: usize) -> serde_json::Value {
+    let (page, kept, not_kept) = job.failures(from, limit);
+    let next = from.saturating_add(page.len());
+    serde_json::json!({
+        "job_id": job.id(),
+        "failures": page,
+        "next_cursor": (!page.is_empty() && next < kept).then(|| next.to_string()),
+        "failures_not_kept": not_kept,
+    })
 }
 
 /// `DELETE /v1/pushes/{id}`: stops sending (on every node, in cluster

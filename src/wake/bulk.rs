@@ -322,18 +322,8 @@ impl<S: Transport> WakeService<S> {
             if walk.starts_with(&me) {
                 continue;
             }
-            let n = &c.counts;
-            p.total += c.selected;
-            p.received += n.received;
-            p.dropped += n.dropped;
-            p.throttled += n.throttled;
-            p.expired += n.expired;
-            p.failed += n.failed;
-            p.not_sent += n.not_sent;
-            p.skipped_dead += n.skipped_dead;
-            p.done += n.done();
+            p.add(c.selected, &c.counts);
         }
-        p.pending = p.total.saturating_sub(p.done);
         p
     }
 

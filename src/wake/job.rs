@@ -103,6 +103,36 @@ pub struct Progress {
     pub done: u64,
 }
 
+impl Progress {
+    /// The outcome counts.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            received: self.received,
+            dropped: self.dropped,
+            throttled: self.throttled,
+            expired: self.expired,
+            failed: self.failed,
+            not_sent: self.not_sent,
+            skipped_dead: self.skipped_dead,
+        }
+    }
+
+    /// Adds `selected` devices that ended as `c` says (another node's
+    /// share of the job).
+    pub(super) fn add(&mut self, selected: u64, c: &Counts) {
+        self.total += selected;
+        self.received += c.received;
+        self.dropped += c.dropped;
+        self.throttled += c.throttled;
+        self.expired += c.expired;
+        self.failed += c.failed;
+        self.not_sent += c.not_sent;
+        self.skipped_dead += c.skipped_dead;
+        self.done += c.done();
+        self.pending = self.total.saturating_sub(self.done);
+    }
+}
+
 /// One device of a job whose wake did not end `received`, and why.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Failure {
@@ -342,15 +372,7 @@ impl Job {
             let p = self.progress();
             cp.finished = true;
             cp.selected = p.total;
-            cp.counts = Counts {
-                received: p.received,
-                dropped: p.dropped,
-                throttled: p.throttled,
-                expired: p.expired,
-                failed: p.failed,
-                not_sent: p.not_sent,
-                skipped_dead: p.skipped_dead,
-            };
+            cp.counts = p.counts();
         }
         (walk, cp)
     }
