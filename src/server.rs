@@ -313,7 +313,8 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
         .load(shard_count, &*registry)
         .context("cannot load the store")?;
     let t_queue = crate::clock::instant();
-    if let Some((_, owner)) = store.job_book() {
+    let attached = job_book(&gateway.settings, &*store)?;
+    if let Some(owner) = attached.as_ref().and_then(|a| a.owner.clone()) {
         // Cluster mode: refresh job ids name their partition, and the
         // refresh pace is this node's share.
         lifecycle.set_ids_carry_partitions();
@@ -348,7 +349,7 @@ pub fn start(settings: Settings) -> anyhow::Result<Running> {
     };
     let lifecycle_thread = crate::lifecycle::LifecycleThread::start(lifecycle, crate::clock::now)
         .context("cannot start the lifecycle thread")?;
-    let resumed_jobs = match job_book(&gateway.settings, &*store)? {
+    let resumed_jobs = match attached {
         Some(attached) => {
             gateway.wakes.attach_book(attached);
             let rt = gateway

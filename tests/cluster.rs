@@ -59,6 +59,19 @@ fn gateway_with_sim(
     common::start_for_sim(sim, &dir.join(node), &env, Server::start)
 }
 
+/// Waits (at most `limit`) until `gw` knows bulk wake `id`.
+fn wait_known(gw: &Server, id: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let r = gw.client().get(&format!("/v1/pushes/{id}")).unwrap();
+        if r.status == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{}: {}", r.status, r.text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits (at most 30 s) until every one of `gws` serves some partitions
 /// and together they serve all 16, each once.
 fn wait_balanced(gws: &[&Server]) {
@@ -577,17 +590,10 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
         })
     };
     // Every gateway runs it.
-    let deadline = Instant::now() + Duration::from_secs(30);
     for gw in &gws[1..] {
-        loop {
-            let r = gw.client().get(&format!("/v1/pushes/{id}")).unwrap();
-            if r.status == 200 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{}: {}", r.status, r.text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_known(gw, &id, Duration::from_secs(30));
     }
+    let deadline = Instant::now() + Duration::from_secs(30);
     // Killed once a good part is done, with more to go.
     loop {
         let v = gws[0]
@@ -766,15 +772,7 @@ fn a_bulk_wake_runs_on_every_gateway_and_survives_the_sigkill_of_one() {
     assert_eq!(queued(&gws[2]), DEAD);
     check_acked(&gws[2]);
     for gw in &gws {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let r = gw.client().get(&format!("/v1/pushes/{id}")).unwrap();
-            if r.status == 200 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{}: {}", r.status, r.text());
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_known(gw, &id, Duration::from_secs(10));
         settled(gw);
     }
 }

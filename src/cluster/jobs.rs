@@ -222,6 +222,15 @@ impl JobBook for KvJobBook {
             .collect())
     }
 
+    fn ids_cancelled(&self) -> Result<Vec<(String, bool)>, BookError> {
+        let view = self.view.read();
+        Ok(view
+            .keys()
+            .filter_map(|k| k.strip_suffix(".def"))
+            .map(|id| (id.to_owned(), view.contains_key(&format!("{id}.cancel"))))
+            .collect())
+    }
+
     fn job(&self, id: &str) -> Result<Option<StoredJob>, BookError> {
         Ok(Self::stored(&self.view.read(), id))
     }

@@ -229,6 +229,17 @@ pub trait JobBook: Send + Sync + 'static {
         Ok(self.load()?.into_iter().find(|j| j.def.id == id))
     }
 
+    /// The id of every job kept, and whether it was cancelled: what a node
+    /// looking for jobs started or cancelled elsewhere reads often. The
+    /// provided implementation looks through [`JobBook::load`].
+    fn ids_cancelled(&self) -> Result<Vec<(String, bool)>, BookError> {
+        Ok(self
+            .load()?
+            .into_iter()
+            .map(|j| (j.def.id, j.cancelled))
+            .collect())
+    }
+
     /// Job `id`'s listed ids, in the order given.
     fn ids(&self, id: &str) -> Result<Vec<String>, BookError>;
 

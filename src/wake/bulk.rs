@@ -198,14 +198,23 @@ impl<S: Transport> WakeService<S> {
             rt.spawn(async move {
                 loop {
                     tokio::time::sleep(SHARED_POLL).await;
-                    let (book, rt) = (book.clone(), Handle::current());
-                    let Ok(Ok(stored)) = tokio::task::spawn_blocking(move || book.load()).await
-                    else {
-                        continue;
-                    };
-                    for job in stored {
-                        me.adopt(&job, &rt);
-                    }
+                    let (w, b, rt) = (me.clone(), book.clone(), Handle::current());
+                    // Only a job not known here yet is read whole.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for (id, cancelled) in b.ids_cancelled().unwrap_or_default() {
+                            let known = w.jobs.get(&id).map(|j| j.clone());
+                            match known {
+                                Some(known) if cancelled => known.cancel(),
+                                Some(_) => {}
+                                None => {
+                                    if let Ok(Some(stored)) = b.job(&id) {
+                                        w.adopt(&stored, &rt);
+                                    }
+                                }
+                            }
+                        }
+                    })
+                    .await;
                 }
             });
         }
